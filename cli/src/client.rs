@@ -1,0 +1,127 @@
+//! A small typed client for `/api/v2`; API errors become readable messages.
+
+use anyhow::{Context, anyhow};
+use devmesh_shared::api;
+use reqwest::{Method, StatusCode};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// A client for one deployment, optionally signed in.
+#[derive(Debug, Clone)]
+pub(crate) struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: Option<String>,
+}
+
+impl Client {
+    pub(crate) fn new(base: &str, token: Option<String>) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("devmesh-cli/", env!("CARGO_PKG_VERSION")))
+            .timeout(std::time::Duration::from_secs(60))
+            .build()?;
+        Ok(Self {
+            http,
+            base: base.trim_end_matches('/').to_owned(),
+            token,
+        })
+    }
+
+    pub(crate) fn base(&self) -> &str {
+        &self.base
+    }
+
+    async fn send<B: Serialize>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> anyhow::Result<reqwest::Response> {
+        let url = format!("{}/api/v2{path}", self.base);
+        let mut req = self.http.request(method, &url);
+        if let Some(t) = &self.token {
+            req = req.header("Devmesh-Session-Token", t);
+        }
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {}", self.base))?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        Err(match serde_json::from_str::<api::Error>(&text) {
+            Ok(e) => {
+                let mut msg = e.message;
+                if !e.validations.is_empty() {
+                    for v in e.validations {
+                        msg.push_str(&format!("\n  {}: {}", v.field, v.detail));
+                    }
+                } else if !e.detail.is_empty() {
+                    msg.push_str(&format!(" ({})", e.detail));
+                }
+                if status == StatusCode::UNAUTHORIZED && self.token.is_some() {
+                    msg.push_str("\nRun `devmesh login` to sign in again.");
+                }
+                anyhow!(msg)
+            }
+            Err(_) => anyhow!("{status} from {}: {}", self.base, text.trim()),
+        })
+    }
+
+    pub(crate) async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        Ok(self
+            .send::<()>(Method::GET, path, None)
+            .await?
+            .json()
+            .await?)
+    }
+
+    pub(crate) async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
+        Ok(self
+            .send(Method::POST, path, Some(body))
+            .await?
+            .json()
+            .await?)
+    }
+
+    pub(crate) async fn put<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        Ok(self
+            .send::<()>(Method::PUT, path, None)
+            .await?
+            .json()
+            .await?)
+    }
+
+    pub(crate) async fn patch<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
+        Ok(self
+            .send(Method::PATCH, path, Some(body))
+            .await?
+            .json()
+            .await?)
+    }
+
+    pub(crate) async fn delete(&self, path: &str) -> anyhow::Result<()> {
+        self.send::<()>(Method::DELETE, path, None).await?;
+        Ok(())
+    }
+
+    /// POST with an empty body, ignoring the response body.
+    pub(crate) async fn post_empty(&self, path: &str) -> anyhow::Result<()> {
+        self.send(Method::POST, path, Some(&serde_json::json!({})))
+            .await?;
+        Ok(())
+    }
+}

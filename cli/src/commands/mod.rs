@@ -1,0 +1,50 @@
+//! One module per command group.
+
+pub(crate) mod auth;
+pub(crate) mod edges;
+pub(crate) mod keys;
+pub(crate) mod server;
+pub(crate) mod users;
+
+use anyhow::Context;
+
+use crate::client::Client;
+use crate::output::Format;
+use crate::session;
+
+/// Flags every client command accepts.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct Global {
+    /// Deployment URL (overrides the stored session's).
+    #[arg(long, global = true, env = "DEVMESH_URL")]
+    pub(crate) url: Option<String>,
+    /// Session token or API key (overrides the stored session's).
+    #[arg(
+        long,
+        global = true,
+        env = "DEVMESH_SESSION_TOKEN",
+        hide_env_values = true
+    )]
+    pub(crate) token: Option<String>,
+    /// Output format of list commands.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t)]
+    pub(crate) output: Format,
+}
+
+impl Global {
+    /// A signed-in client, from flags or the stored session.
+    pub(crate) fn client(&self) -> anyhow::Result<Client> {
+        let stored = session::load()?;
+        let url = self
+            .url
+            .clone()
+            .or_else(|| stored.as_ref().map(|s| s.url.clone()))
+            .context("not signed in: run `devmesh login <url>` first")?;
+        let token = self
+            .token
+            .clone()
+            .or_else(|| stored.map(|s| s.token))
+            .context("not signed in: run `devmesh login <url>` first")?;
+        Client::new(&url, Some(token))
+    }
+}

@@ -1,0 +1,112 @@
+//! `devmesh`: one binary for the server and the user's terminal workflow.
+//! Parse, validate, run; the logic lives in the libraries and the command
+//! modules.
+
+#![forbid(unsafe_code)]
+
+mod client;
+mod commands;
+mod output;
+mod session;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exit code for bad configuration or usage (EX_USAGE).
+const EXIT_USAGE: u8 = 64;
+
+/// Remote development workspaces with a multi-region edge mesh.
+#[derive(Debug, Parser)]
+#[command(name = "devmesh", version, about)]
+struct Cli {
+    #[command(flatten)]
+    global: commands::Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the primary server (API, embedded PostgreSQL by default).
+    Server(devmesh_primary::ServerArgs),
+    /// Sign in to a deployment (creates the first user on a new one).
+    Login(commands::auth::LoginArgs),
+    /// Sign out and forget the stored session.
+    Logout,
+    /// Show who you are signed in as.
+    Whoami,
+    /// Manage users (owners).
+    #[command(subcommand)]
+    Users(commands::users::UsersCommand),
+    /// Manage your API keys.
+    #[command(subcommand)]
+    Keys(commands::keys::KeysCommand),
+    /// Manage regional edge proxies (owners).
+    #[command(subcommand)]
+    Edges(commands::edges::EdgesCommand),
+    /// List regions and their health.
+    Regions,
+}
+
+fn main() -> ExitCode {
+    devmesh_shared::runtime::install_crypto_provider();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!("{first} (see devmesh --help)");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let code = if e
+                .downcast_ref::<devmesh_primary::config::ConfigError>()
+                .is_some()
+            {
+                EXIT_USAGE
+            } else {
+                1
+            };
+            eprintln!("error: {e:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let g = cli.global;
+    match cli.command {
+        Command::Server(args) => commands::server::run(args).await,
+        Command::Login(args) => commands::auth::login(&g, args).await,
+        Command::Logout => commands::auth::logout(&g).await,
+        Command::Whoami => commands::auth::whoami(&g).await,
+        Command::Users(c) => commands::users::run(&g, c).await,
+        Command::Keys(c) => commands::keys::run(&g, c).await,
+        Command::Edges(c) => commands::edges::run(&g, c).await,
+        Command::Regions => commands::edges::regions(&g).await,
+    }
+}

@@ -1,0 +1,276 @@
+//! The `/api/v2` HTTP API: routing, shared state, middleware and the audit
+//! log helper. Handlers live in one submodule per resource.
+
+mod edges;
+pub mod error;
+pub mod extract;
+mod meta;
+mod templates;
+mod users;
+mod workspaces;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderName, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use sqlx::PgPool;
+use tower::ServiceBuilder;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+use uuid::Uuid;
+
+use crate::auth::{KeyValidator, Principal};
+use crate::config::ServerConfig;
+use crate::metrics::{HttpLabels, Metrics, RouteLabels};
+use crate::ratelimit::RateLimiter;
+use error::{ApiError, DbUnavailable};
+
+/// Largest request body the API accepts.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// Everything handlers share.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// The database.
+    pub db: PgPool,
+    /// Validated configuration.
+    pub config: Arc<ServerConfig>,
+    /// API key validation and cache.
+    pub keys: KeyValidator,
+    /// Metrics registry.
+    pub metrics: Arc<Metrics>,
+    /// Login attempts per client IP.
+    pub login_per_ip: Arc<RateLimiter>,
+    /// Login attempts per email or username.
+    pub login_per_user: Arc<RateLimiter>,
+}
+
+impl AppState {
+    /// State over a connected, migrated database.
+    pub fn new(db: PgPool, config: ServerConfig) -> Self {
+        let metrics = Arc::new(Metrics::new());
+        Self {
+            keys: KeyValidator::new(db.clone(), metrics.clone()),
+            db,
+            config: Arc::new(config),
+            metrics,
+            login_per_ip: Arc::new(RateLimiter::new(30, Duration::from_secs(60))),
+            login_per_user: Arc::new(RateLimiter::new(10, Duration::from_secs(60))),
+        }
+    }
+}
+
+/// The whole HTTP application.
+pub fn router(state: AppState) -> Router {
+    let x_request_id = HeaderName::from_static("x-request-id");
+    let api = Router::new()
+        .route("/buildinfo", get(meta::buildinfo))
+        .route("/regions", get(edges::regions))
+        .route("/audit", get(meta::audit))
+        .route(
+            "/users/first",
+            get(users::has_first_user).post(users::create_first_user),
+        )
+        .route("/users/login", post(users::login))
+        .route("/users/logout", post(users::logout))
+        .route("/users/me", get(users::me))
+        .route(
+            "/users/me/keys",
+            get(users::list_keys).post(users::create_key),
+        )
+        .route(
+            "/users/me/keys/{id}",
+            get(users::get_key).delete(users::delete_key),
+        )
+        .route("/users", get(users::list_users).post(users::create_user))
+        .route(
+            "/users/{user}",
+            get(users::get_user).delete(users::delete_user),
+        )
+        .route("/users/{user}/status/{status}", put(users::set_status))
+        .route(
+            "/users/{user}/workspaces/{name}",
+            get(workspaces::get_by_name),
+        )
+        .route("/templates", get(templates::list).post(templates::create))
+        .route(
+            "/templates/{template}",
+            get(templates::get).delete(templates::delete),
+        )
+        .route(
+            "/templates/{template}/versions",
+            get(templates::versions).post(templates::create_version),
+        )
+        .route(
+            "/workspaces",
+            get(workspaces::list).post(workspaces::create),
+        )
+        .route("/workspaces/{id}", get(workspaces::get))
+        .route("/workspaces/{id}/builds", post(workspaces::build))
+        .route("/edges", get(edges::list).post(edges::create))
+        .route(
+            "/edges/{edge}",
+            get(edges::get).patch(edges::update).delete(edges::delete),
+        )
+        .route("/edges/{edge}/token", post(edges::regenerate_token))
+        .fallback(api_not_found);
+
+    Router::new()
+        .nest("/api/v2", api)
+        .route("/healthz", get(meta::healthz))
+        .route("/metrics", get(meta::metrics))
+        .route("/", get(meta::root))
+        .fallback(api_not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), record_metrics))
+        .layer(
+            ServiceBuilder::new()
+                .layer(SetRequestIdLayer::new(x_request_id.clone(), MakeRequestUuid))
+                .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+                    let id = req
+                        .headers()
+                        .get("x-request-id")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default();
+                    tracing::info_span!("http", request.id = %id, http.method = %req.method(), http.path = %req.uri().path())
+                }))
+                .layer(PropagateRequestIdLayer::new(x_request_id))
+                .layer(CatchPanicLayer::custom(|_| {
+                    ApiError::internal("handler panicked").into_response()
+                }))
+                .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES)),
+        )
+        .with_state(state)
+}
+
+async fn api_not_found() -> ApiError {
+    ApiError::not_found("No such route.")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "This route does not accept that method.",
+    )
+}
+
+async fn record_metrics(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".into());
+    let method = req.method().to_string();
+    let start = tokio::time::Instant::now();
+    let resp = next.run(req).await;
+    let m = &state.metrics;
+    m.http_duration
+        .get_or_create(&RouteLabels {
+            route: route.clone(),
+        })
+        .observe(start.elapsed().as_secs_f64());
+    m.http_requests
+        .get_or_create(&HttpLabels {
+            method,
+            route,
+            status: resp.status().as_u16().to_string(),
+        })
+        .inc();
+    if resp.extensions().get::<DbUnavailable>().is_some() {
+        m.db_unavailable.inc();
+    }
+    resp
+}
+
+// === Audit log ===
+
+/// One audit record being written.
+#[derive(Debug)]
+pub struct Audit {
+    action: &'static str,
+    resource_type: &'static str,
+    resource_id: String,
+    resource_name: String,
+    user: Option<(Uuid, String)>,
+    ip: Option<String>,
+    details: serde_json::Value,
+}
+
+impl Audit {
+    /// `action` done to a `resource_type`.
+    pub fn new(action: &'static str, resource_type: &'static str) -> Self {
+        Self {
+            action,
+            resource_type,
+            resource_id: String::new(),
+            resource_name: String::new(),
+            user: None,
+            ip: None,
+            details: serde_json::json!({}),
+        }
+    }
+
+    /// Which resource.
+    pub fn resource(mut self, id: impl ToString, name: impl Into<String>) -> Self {
+        self.resource_id = id.to_string();
+        self.resource_name = name.into();
+        self
+    }
+
+    /// Who did it.
+    pub fn by(mut self, p: &Principal) -> Self {
+        self.user = Some((p.user_id, p.username.clone()));
+        self
+    }
+
+    /// Who did it, by id and name.
+    pub fn by_user(mut self, id: Uuid, name: &str) -> Self {
+        self.user = Some((id, name.to_owned()));
+        self
+    }
+
+    /// From where.
+    pub fn ip(mut self, ip: &str) -> Self {
+        self.ip = Some(ip.to_owned());
+        self
+    }
+
+    /// Anything else.
+    pub fn details(mut self, details: serde_json::Value) -> Self {
+        self.details = details;
+        self
+    }
+
+    /// Writes the record. Failures are logged, not returned: the action
+    /// itself already happened.
+    pub async fn write<'e, E: sqlx::PgExecutor<'e>>(self, db: E) {
+        let result = sqlx::query(
+            "INSERT INTO audit_log (user_id, username, ip, action, resource_type, resource_id, resource_name, details)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(self.user.as_ref().map(|u| u.0))
+        .bind(self.user.as_ref().map(|u| u.1.clone()))
+        .bind(&self.ip)
+        .bind(self.action)
+        .bind(self.resource_type)
+        .bind(&self.resource_id)
+        .bind(&self.resource_name)
+        .bind(&self.details)
+        .execute(db)
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(error = %e, action = self.action, "could not write the audit log");
+        }
+    }
+}
+
+/// Parses a path segment as a UUID, or `None`.
+fn parse_uuid(s: &str) -> Option<Uuid> {
+    Uuid::parse_str(s).ok()
+}

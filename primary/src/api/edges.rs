@@ -1,0 +1,270 @@
+//! Edges (regional proxies) and the region list. Owners create edges and
+//! receive each edge's token once; only its hash is stored.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use chrono::{DateTime, Utc};
+use devmesh_shared::api::{
+    CreateEdgeRequest, CreateEdgeResponse, Edge, EdgesResponse, Region, RegionsResponse,
+    UpdateEdgeRequest,
+};
+use devmesh_shared::names::validate_region_name;
+use devmesh_shared::token::new_edge_token;
+use uuid::Uuid;
+
+use super::error::{ApiError, ApiResult, Validator};
+use super::extract::{ApiJson, Authed, ClientIp};
+use super::{AppState, Audit, parse_uuid};
+
+/// An edge that has not heartbeated for this long is `unreachable`.
+const HEARTBEAT_TIMEOUT_SECS: i64 = 30;
+
+#[derive(sqlx::FromRow)]
+struct EdgeRow {
+    id: Uuid,
+    name: String,
+    display_name: String,
+    access_url: Option<String>,
+    wildcard_hostname: Option<String>,
+    relay_address: Option<String>,
+    last_heartbeat_at: Option<DateTime<Utc>>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+const EDGE_COLUMNS: &str = "id, name, display_name, access_url, wildcard_hostname, relay_address, last_heartbeat_at, created_at, updated_at";
+
+impl EdgeRow {
+    fn status(&self) -> &'static str {
+        match self.last_heartbeat_at {
+            None => "unregistered",
+            Some(t) if (Utc::now() - t).num_seconds() > HEARTBEAT_TIMEOUT_SECS => "unreachable",
+            Some(_) => "ok",
+        }
+    }
+}
+
+impl From<EdgeRow> for Edge {
+    fn from(r: EdgeRow) -> Self {
+        let status = r.status();
+        Edge {
+            id: r.id,
+            name: r.name,
+            display_name: r.display_name,
+            status: status.into(),
+            healthy: status == "ok",
+            access_url: r.access_url,
+            wildcard_hostname: r.wildcard_hostname,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        }
+    }
+}
+
+fn validate_display_name(v: &mut Validator, d: &str) {
+    if d.trim().is_empty() || d.chars().count() > 64 {
+        v.add("display_name", "must be 1-64 characters");
+    }
+}
+
+async fn find(state: &AppState, edge: &str) -> ApiResult<EdgeRow> {
+    let row: Option<EdgeRow> = sqlx::query_as(&format!(
+        "SELECT {EDGE_COLUMNS} FROM edges WHERE id = $1 OR name = $2"
+    ))
+    .bind(parse_uuid(edge).unwrap_or_default())
+    .bind(edge)
+    .fetch_optional(&state.db)
+    .await?;
+    row.ok_or_else(|| ApiError::not_found(format!("No edge {edge:?}.")))
+}
+
+fn name_conflict(e: sqlx::Error, name: &str) -> ApiError {
+    if crate::db::is_unique_violation(&e) {
+        ApiError::conflict(format!("An edge named {name:?} already exists."))
+    } else {
+        e.into()
+    }
+}
+
+pub(super) async fn create(
+    State(state): State<AppState>,
+    auth: Authed,
+    ClientIp(ip): ClientIp,
+    ApiJson(req): ApiJson<CreateEdgeRequest>,
+) -> ApiResult<(StatusCode, Json<CreateEdgeResponse>)> {
+    auth.require_owner()?;
+    let display_name = req.display_name.clone().unwrap_or_else(|| req.name.clone());
+    let mut v = Validator::default();
+    v.check("name", validate_region_name(&req.name));
+    validate_display_name(&mut v, &display_name);
+    v.finish()?;
+    let id = Uuid::new_v4();
+    let token = new_edge_token(id);
+    let row: EdgeRow = sqlx::query_as(&format!(
+        "INSERT INTO edges (id, name, display_name, token_hash) VALUES ($1, $2, $3, $4) RETURNING {EDGE_COLUMNS}"
+    ))
+    .bind(id)
+    .bind(&req.name)
+    .bind(&display_name)
+    .bind(token.hashed_secret.as_slice())
+    .fetch_one(&state.db)
+    .await
+    .map_err(|e| name_conflict(e, &req.name))?;
+    Audit::new("create", "edge")
+        .resource(id, &req.name)
+        .by(&auth.0)
+        .ip(&ip)
+        .write(&state.db)
+        .await;
+    Ok((
+        StatusCode::CREATED,
+        Json(CreateEdgeResponse {
+            edge: row.into(),
+            edge_token: token.token.expose().to_owned(),
+        }),
+    ))
+}
+
+pub(super) async fn list(
+    State(state): State<AppState>,
+    auth: Authed,
+) -> ApiResult<Json<EdgesResponse>> {
+    auth.require_owner()?;
+    let rows: Vec<EdgeRow> =
+        sqlx::query_as(&format!("SELECT {EDGE_COLUMNS} FROM edges ORDER BY name"))
+            .fetch_all(&state.db)
+            .await?;
+    Ok(Json(EdgesResponse {
+        edges: rows.into_iter().map(Edge::from).collect(),
+    }))
+}
+
+pub(super) async fn get(
+    State(state): State<AppState>,
+    auth: Authed,
+    Path(edge): Path<String>,
+) -> ApiResult<Json<Edge>> {
+    auth.require_owner()?;
+    Ok(Json(find(&state, &edge).await?.into()))
+}
+
+pub(super) async fn update(
+    State(state): State<AppState>,
+    auth: Authed,
+    ClientIp(ip): ClientIp,
+    Path(edge): Path<String>,
+    ApiJson(req): ApiJson<UpdateEdgeRequest>,
+) -> ApiResult<Json<Edge>> {
+    auth.require_owner()?;
+    let mut v = Validator::default();
+    if let Some(name) = &req.name {
+        v.check("name", validate_region_name(name));
+    }
+    if let Some(d) = &req.display_name {
+        validate_display_name(&mut v, d);
+    }
+    v.finish()?;
+    let current = find(&state, &edge).await?;
+    let name = req.name.clone().unwrap_or(current.name.clone());
+    let row: EdgeRow = sqlx::query_as(&format!(
+        "UPDATE edges SET name = $2, display_name = $3, updated_at = now() WHERE id = $1 RETURNING {EDGE_COLUMNS}"
+    ))
+    .bind(current.id)
+    .bind(&name)
+    .bind(req.display_name.unwrap_or(current.display_name.clone()))
+    .fetch_one(&state.db)
+    .await
+    .map_err(|e| name_conflict(e, &name))?;
+    Audit::new("update", "edge")
+        .resource(row.id, &row.name)
+        .by(&auth.0)
+        .ip(&ip)
+        .details(serde_json::json!({"old_name": current.name}))
+        .write(&state.db)
+        .await;
+    Ok(Json(row.into()))
+}
+
+pub(super) async fn delete(
+    State(state): State<AppState>,
+    auth: Authed,
+    ClientIp(ip): ClientIp,
+    Path(edge): Path<String>,
+) -> ApiResult<StatusCode> {
+    auth.require_owner()?;
+    let row = find(&state, &edge).await?;
+    sqlx::query("DELETE FROM edges WHERE id = $1")
+        .bind(row.id)
+        .execute(&state.db)
+        .await?;
+    Audit::new("delete", "edge")
+        .resource(row.id, &row.name)
+        .by(&auth.0)
+        .ip(&ip)
+        .write(&state.db)
+        .await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub(super) async fn regenerate_token(
+    State(state): State<AppState>,
+    auth: Authed,
+    ClientIp(ip): ClientIp,
+    Path(edge): Path<String>,
+) -> ApiResult<Json<CreateEdgeResponse>> {
+    auth.require_owner()?;
+    let row = find(&state, &edge).await?;
+    let token = new_edge_token(row.id);
+    let row: EdgeRow = sqlx::query_as(&format!(
+        "UPDATE edges SET token_hash = $2, updated_at = now() WHERE id = $1 RETURNING {EDGE_COLUMNS}"
+    ))
+    .bind(row.id)
+    .bind(token.hashed_secret.as_slice())
+    .fetch_one(&state.db)
+    .await?;
+    Audit::new("regenerate_token", "edge")
+        .resource(row.id, &row.name)
+        .by(&auth.0)
+        .ip(&ip)
+        .write(&state.db)
+        .await;
+    Ok(Json(CreateEdgeResponse {
+        edge: row.into(),
+        edge_token: token.token.expose().to_owned(),
+    }))
+}
+
+pub(super) async fn regions(
+    State(state): State<AppState>,
+    _auth: Authed,
+) -> ApiResult<Json<RegionsResponse>> {
+    let rows: Vec<EdgeRow> =
+        sqlx::query_as(&format!("SELECT {EDGE_COLUMNS} FROM edges ORDER BY name"))
+            .fetch_all(&state.db)
+            .await?;
+    let mut regions = vec![Region {
+        id: Uuid::nil(),
+        name: "primary".into(),
+        display_name: "Primary".into(),
+        healthy: true,
+        status: "ok".into(),
+        access_url: Some(state.config.access_url.clone()),
+        wildcard_hostname: state.config.wildcard_access_url.clone(),
+        relay_address: None,
+    }];
+    regions.extend(rows.into_iter().map(|r| {
+        let status = r.status();
+        Region {
+            id: r.id,
+            name: r.name,
+            display_name: r.display_name,
+            healthy: status == "ok",
+            status: status.into(),
+            access_url: r.access_url,
+            wildcard_hostname: r.wildcard_hostname,
+            relay_address: r.relay_address,
+        }
+    }));
+    Ok(Json(RegionsResponse { regions }))
+}

@@ -1,0 +1,168 @@
+//! The one error type of the API. Every failure becomes JSON
+//! `{message, detail, validations}` with the right status; database outages
+//! are 503s, and nothing a user sends can produce a bare 500.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use devmesh_shared::api;
+
+/// Marks a response that failed because the database was unavailable, for
+/// the metrics middleware.
+#[derive(Debug, Clone, Copy)]
+pub struct DbUnavailable;
+
+/// An API error response.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    body: api::Error,
+    retry_after: Option<u64>,
+    db_unavailable: bool,
+}
+
+/// Handler result.
+pub type ApiResult<T> = Result<T, ApiError>;
+
+impl ApiError {
+    /// An error with a status and a message.
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            body: api::Error {
+                message: message.into(),
+                detail: String::new(),
+                validations: Vec::new(),
+            },
+            retry_after: None,
+            db_unavailable: false,
+        }
+    }
+
+    /// 400.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+    /// 401.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, message)
+    }
+    /// 403.
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, message)
+    }
+    /// 404.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, message)
+    }
+    /// 409.
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, message)
+    }
+    /// 429 with `Retry-After`.
+    pub fn too_many_requests(retry_after_secs: u64) -> Self {
+        let mut e = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "Too many attempts; try again later.",
+        );
+        e.body.detail = format!("retry after {retry_after_secs} seconds");
+        e.retry_after = Some(retry_after_secs);
+        e
+    }
+    /// 500 for a failure that is ours, not the user's; logged.
+    pub fn internal(err: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %err, "internal error");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "An internal error occurred.",
+        )
+    }
+
+    /// Adds a detail.
+    pub fn detail(mut self, detail: impl Into<String>) -> Self {
+        self.body.detail = detail.into();
+        self
+    }
+
+    /// A 400 for invalid fields.
+    pub fn validation(validations: Vec<api::Validation>) -> Self {
+        let mut e = Self::bad_request("Validation failed.");
+        e.body.detail = validations
+            .iter()
+            .map(|v| format!("{}: {}", v.field, v.detail))
+            .collect::<Vec<_>>()
+            .join("; ");
+        e.body.validations = validations;
+        e
+    }
+
+    /// The status code.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        if crate::db::is_unavailable(&e) {
+            tracing::warn!(error = %e, "database unavailable");
+            let mut err = Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "The database is unavailable; try again shortly.",
+            );
+            err.db_unavailable = true;
+            err.retry_after = Some(5);
+            return err;
+        }
+        Self::internal(format!("database: {e}"))
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> Self {
+        Self::internal(format!("{e:#}"))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (self.status, axum::Json(self.body)).into_response();
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if self.db_unavailable {
+            resp.extensions_mut().insert(DbUnavailable);
+        }
+        resp
+    }
+}
+
+/// Collects field problems while validating a request.
+#[derive(Debug, Default)]
+pub struct Validator(Vec<api::Validation>);
+
+impl Validator {
+    /// Records a problem with `field`.
+    pub fn add(&mut self, field: impl Into<String>, detail: impl std::fmt::Display) {
+        self.0.push(api::Validation {
+            field: field.into(),
+            detail: detail.to_string(),
+        });
+    }
+
+    /// Records `result`'s error, if any, against `field`.
+    pub fn check<E: std::fmt::Display>(&mut self, field: impl Into<String>, result: Result<(), E>) {
+        if let Err(e) = result {
+            self.add(field, e);
+        }
+    }
+
+    /// `Err` with every problem recorded, or `Ok`.
+    pub fn finish(self) -> ApiResult<()> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(ApiError::validation(self.0))
+        }
+    }
+}

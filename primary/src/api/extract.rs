@@ -1,0 +1,147 @@
+//! Request extractors: JSON bodies whose rejections are API errors, the
+//! authenticated caller, and the client address.
+
+use std::net::SocketAddr;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use devmesh_shared::api::KeyScope;
+use serde::de::DeserializeOwned;
+
+use super::AppState;
+use super::error::ApiError;
+use crate::auth::{KeyError, Principal};
+
+/// The header clients send their session token in.
+pub const SESSION_HEADER: &str = "devmesh-session-token";
+/// The cookie the dashboard keeps its session in.
+pub const SESSION_COOKIE: &str = "devmesh_session_token";
+
+/// A JSON request body; malformed, oversized or mistyped bodies become
+/// JSON API errors.
+#[derive(Debug)]
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(Self(v)),
+            Err(rejection) => Err(json_rejection(rejection)),
+        }
+    }
+}
+
+fn json_rejection(r: JsonRejection) -> ApiError {
+    let detail = r.body_text();
+    match r.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "The request body is too large.",
+        )
+        .detail(detail),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Send the body as JSON (Content-Type: application/json).",
+        ),
+        _ => ApiError::bad_request("The request body is not valid.").detail(detail),
+    }
+}
+
+/// The token a request carries, from the session header, a bearer
+/// `Authorization`, or the session cookie, in that order.
+pub fn request_token(parts: &Parts) -> Option<String> {
+    let headers = &parts.headers;
+    if let Some(v) = headers.get(SESSION_HEADER).and_then(|v| v.to_str().ok()) {
+        return Some(v.trim().to_owned());
+    }
+    if let Some(v) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        && let Some(t) = v
+            .strip_prefix("Bearer ")
+            .or_else(|| v.strip_prefix("bearer "))
+    {
+        return Some(t.trim().to_owned());
+    }
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| {
+            c.trim()
+                .strip_prefix(SESSION_COOKIE)?
+                .strip_prefix('=')
+                .map(str::to_owned)
+        })
+}
+
+/// The authenticated caller, with a key of scope `all`.
+#[derive(Debug, Clone)]
+pub struct Authed(pub Principal);
+
+impl FromRequestParts<AppState> for Authed {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let Some(token) = request_token(parts) else {
+            return Err(ApiError::unauthorized("You must be signed in.").detail(
+                "send a key in the Devmesh-Session-Token header, as a Bearer token, or sign in",
+            ));
+        };
+        let principal = match state.keys.validate(&token).await? {
+            Ok(p) => p,
+            Err(e @ (KeyError::Invalid | KeyError::Expired | KeyError::Suspended)) => {
+                return Err(ApiError::unauthorized(capitalise(&e.to_string())));
+            }
+        };
+        if principal.scope != KeyScope::All {
+            return Err(ApiError::forbidden(
+                "This key may only open workspace apps.",
+            ));
+        }
+        Ok(Self(principal))
+    }
+}
+
+impl Authed {
+    /// Refuses callers that are not owners.
+    pub fn require_owner(&self) -> Result<(), ApiError> {
+        if self.0.is_owner() {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden("Only owners may do this."))
+        }
+    }
+}
+
+fn capitalise(s: &str) -> String {
+    let mut c = s.chars();
+    c.next()
+        .map(|f| f.to_uppercase().chain(c).collect::<String>() + ".")
+        .unwrap_or_default()
+}
+
+/// The client's address (the TCP peer).
+#[derive(Debug, Clone)]
+pub struct ClientIp(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientIp {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let ip = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|ConnectInfo(a)| a.ip().to_string())
+            .unwrap_or_else(|| "unknown".into());
+        Ok(Self(ip))
+    }
+}

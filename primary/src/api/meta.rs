@@ -1,0 +1,112 @@
+//! Build info, health, metrics, the audit log and the root page.
+
+use std::collections::HashMap;
+
+use axum::Json;
+use axum::extract::{Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use chrono::{DateTime, Utc};
+use devmesh_shared::api::{AuditEntry, AuditResponse, BuildInfo};
+use uuid::Uuid;
+
+use super::AppState;
+use super::error::{ApiError, ApiResult};
+use super::extract::Authed;
+
+pub(super) async fn buildinfo(State(state): State<AppState>) -> Json<BuildInfo> {
+    Json(BuildInfo {
+        version: devmesh_shared::VERSION.into(),
+        access_url: state.config.access_url.clone(),
+    })
+}
+
+/// 200 while the database answers, 503 otherwise.
+pub(super) async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
+    match sqlx::query("SELECT 1").execute(&state.db).await {
+        Ok(_) => (StatusCode::OK, "ok"),
+        Err(e) => {
+            tracing::warn!(error = %e, "health check: database unavailable");
+            (StatusCode::SERVICE_UNAVAILABLE, "database unavailable")
+        }
+    }
+}
+
+pub(super) async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.encode(),
+    )
+}
+
+pub(super) async fn root(State(state): State<AppState>) -> impl IntoResponse {
+    let body = format!(
+        "devmesh {} is running.\n\nAPI: {}/api/v2\nSign in from a terminal: devmesh login {}\n",
+        devmesh_shared::VERSION,
+        state.config.access_url,
+        state.config.access_url
+    );
+    ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body)
+}
+
+#[derive(sqlx::FromRow)]
+struct AuditRow {
+    id: i64,
+    time: DateTime<Utc>,
+    user_id: Option<Uuid>,
+    username: Option<String>,
+    ip: Option<String>,
+    action: String,
+    resource_type: String,
+    resource_id: String,
+    resource_name: String,
+    details: serde_json::Value,
+}
+
+/// `GET /api/v2/audit?limit=N&before=ID&action=A`: newest first.
+pub(super) async fn audit(
+    State(state): State<AppState>,
+    auth: Authed,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Json<AuditResponse>> {
+    auth.require_owner()?;
+    let parse = |k: &str, default: i64| -> ApiResult<i64> {
+        q.get(k)
+            .map(|v| {
+                v.parse::<i64>()
+                    .map_err(|_| ApiError::bad_request(format!("{k} must be an integer")))
+            })
+            .transpose()
+            .map(|v| v.unwrap_or(default))
+    };
+    let limit = parse("limit", 100)?.clamp(1, 1000);
+    let before = parse("before", i64::MAX)?;
+    let rows: Vec<AuditRow> = sqlx::query_as(
+        "SELECT id, time, user_id, username, ip, action, resource_type, resource_id, resource_name, details
+         FROM audit_log WHERE id < $1 AND ($2::text IS NULL OR action = $2) ORDER BY id DESC LIMIT $3",
+    )
+    .bind(before)
+    .bind(q.get("action"))
+    .bind(limit)
+    .fetch_all(&state.db)
+    .await?;
+    let entries = rows
+        .into_iter()
+        .map(|r| AuditEntry {
+            id: r.id,
+            time: r.time,
+            user_id: r.user_id,
+            username: r.username,
+            ip: r.ip,
+            action: r.action,
+            resource_type: r.resource_type,
+            resource_id: r.resource_id,
+            resource_name: r.resource_name,
+            details: r.details,
+        })
+        .collect();
+    Ok(Json(AuditResponse { entries }))
+}

@@ -1,0 +1,366 @@
+//! Templates and their versions. Owners create them; everyone signed in
+//! may read them. The `external` kind declares agents and apps in JSON.
+
+use std::collections::HashSet;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use chrono::{DateTime, Utc};
+use devmesh_shared::api::{
+    CreateTemplateRequest, CreateTemplateVersionRequest, ExternalDefinition, Template,
+    TemplateKind, TemplateVersion, TemplateVersionsResponse, TemplatesResponse,
+};
+use devmesh_shared::names::validate_name;
+use uuid::Uuid;
+
+use super::error::{ApiError, ApiResult, Validator};
+use super::extract::{ApiJson, Authed, ClientIp};
+use super::{AppState, Audit, parse_uuid};
+
+/// Checks an external definition, recording problems under `prefix`.
+pub(super) fn validate_definition(v: &mut Validator, prefix: &str, def: &ExternalDefinition) {
+    if def.agents.is_empty() {
+        v.add(format!("{prefix}.agents"), "declare at least one agent");
+    }
+    if def.agents.len() > 16 {
+        v.add(format!("{prefix}.agents"), "at most 16 agents");
+    }
+    let mut agent_names = HashSet::new();
+    for (i, agent) in def.agents.iter().enumerate() {
+        let at = format!("{prefix}.agents[{i}]");
+        v.check(format!("{at}.name"), validate_name(&agent.name));
+        if !agent_names.insert(&agent.name) {
+            v.add(format!("{at}.name"), "agent names must be unique");
+        }
+        for key in agent.env.keys() {
+            if key.is_empty() || key.contains('=') || key.contains('\0') {
+                v.add(
+                    format!("{at}.env"),
+                    format!("{key:?} is not a valid variable name"),
+                );
+            }
+        }
+        let mut slugs = HashSet::new();
+        for (j, app) in agent.apps.iter().enumerate() {
+            let at = format!("{at}.apps[{j}]");
+            v.check(format!("{at}.slug"), validate_name(&app.slug));
+            if !slugs.insert(&app.slug) {
+                v.add(format!("{at}.slug"), "app slugs must be unique per agent");
+            }
+            match (&app.port, &app.url) {
+                (Some(_), Some(_)) => v.add(&at, "give either port or url, not both"),
+                (None, None) => v.add(&at, "give the app's port or url"),
+                (Some(0), None) => v.add(format!("{at}.port"), "must be 1-65535"),
+                (None, Some(url)) if !is_http_url(url) => {
+                    v.add(format!("{at}.url"), "must be an http:// or https:// URL")
+                }
+                _ => {}
+            }
+            if app
+                .display_name
+                .as_ref()
+                .is_some_and(|d| d.chars().count() > 64)
+            {
+                v.add(
+                    format!("{at}.display_name"),
+                    "must be at most 64 characters",
+                );
+            }
+            if let Some(hc) = &app.healthcheck {
+                if !is_http_url(&hc.url) {
+                    v.add(
+                        format!("{at}.healthcheck.url"),
+                        "must be an http:// or https:// URL",
+                    );
+                }
+                if hc.interval_seconds == 0 || hc.interval_seconds > 3600 {
+                    v.add(
+                        format!("{at}.healthcheck.interval_seconds"),
+                        "must be 1-3600",
+                    );
+                }
+                if hc.threshold == 0 || hc.threshold > 100 {
+                    v.add(format!("{at}.healthcheck.threshold"), "must be 1-100");
+                }
+            }
+        }
+        for (j, script) in agent.scripts.iter().enumerate() {
+            let at = format!("{at}.scripts[{j}]");
+            if script.name.is_empty() || script.name.chars().count() > 64 {
+                v.add(format!("{at}.name"), "must be 1-64 characters");
+            }
+            if script.script.len() > 64 * 1024 {
+                v.add(format!("{at}.script"), "must be at most 64 KiB");
+            }
+            if script.timeout_seconds == 0 || script.timeout_seconds > 86_400 {
+                v.add(format!("{at}.timeout_seconds"), "must be 1-86400");
+            }
+        }
+    }
+}
+
+fn is_http_url(url: &str) -> bool {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"));
+    rest.is_some_and(|r| !r.is_empty() && !r.starts_with('/') && !r.contains(char::is_whitespace))
+}
+
+// === Rows ===
+
+#[derive(sqlx::FromRow)]
+pub(super) struct VersionRow {
+    pub(super) id: Uuid,
+    number: i32,
+    pub(super) definition: sqlx::types::Json<ExternalDefinition>,
+    message: String,
+    created_at: DateTime<Utc>,
+}
+
+impl From<VersionRow> for TemplateVersion {
+    fn from(r: VersionRow) -> Self {
+        TemplateVersion {
+            id: r.id,
+            number: r.number,
+            kind: TemplateKind::External,
+            definition: r.definition.0,
+            message: r.message,
+            created_at: r.created_at,
+        }
+    }
+}
+
+const VERSION_COLUMNS: &str = "id, number, definition, message, created_at";
+
+#[derive(sqlx::FromRow)]
+pub(super) struct TemplateRow {
+    pub(super) id: Uuid,
+    pub(super) name: String,
+    description: String,
+    pub(super) active_version_id: Uuid,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+const TEMPLATE_COLUMNS: &str = "id, name, description, active_version_id, created_at, updated_at";
+
+/// Finds a live template by id or name.
+pub(super) async fn find_template(state: &AppState, template: &str) -> ApiResult<TemplateRow> {
+    let sql = format!(
+        "SELECT {TEMPLATE_COLUMNS} FROM templates WHERE NOT deleted AND (id = $1 OR name = $2)"
+    );
+    let row: Option<TemplateRow> = sqlx::query_as(&sql)
+        .bind(parse_uuid(template).unwrap_or_default())
+        .bind(template)
+        .fetch_optional(&state.db)
+        .await?;
+    row.ok_or_else(|| ApiError::not_found(format!("No template {template:?}.")))
+}
+
+/// Loads a version by id.
+pub(super) async fn load_version<'e, E: sqlx::PgExecutor<'e>>(
+    db: E,
+    id: Uuid,
+) -> ApiResult<VersionRow> {
+    Ok(sqlx::query_as(&format!(
+        "SELECT {VERSION_COLUMNS} FROM template_versions WHERE id = $1"
+    ))
+    .bind(id)
+    .fetch_one(db)
+    .await?)
+}
+
+async fn to_api(state: &AppState, row: TemplateRow) -> ApiResult<Template> {
+    let version = load_version(&state.db, row.active_version_id).await?;
+    Ok(Template {
+        id: row.id,
+        name: row.name,
+        description: row.description,
+        active_version: version.into(),
+        created_at: row.created_at,
+        updated_at: row.updated_at,
+    })
+}
+
+// === Handlers ===
+
+pub(super) async fn create(
+    State(state): State<AppState>,
+    auth: Authed,
+    ClientIp(ip): ClientIp,
+    ApiJson(req): ApiJson<CreateTemplateRequest>,
+) -> ApiResult<(StatusCode, Json<Template>)> {
+    auth.require_owner()?;
+    let mut v = Validator::default();
+    v.check("name", validate_name(&req.name));
+    if req.description.chars().count() > 1024 {
+        v.add("description", "must be at most 1024 characters");
+    }
+    validate_definition(&mut v, "definition", &req.definition);
+    v.finish()?;
+    let (id, version_id) = (Uuid::new_v4(), Uuid::new_v4());
+    let mut tx = state.db.begin().await?;
+    let inserted = sqlx::query(
+        "INSERT INTO templates (id, name, description, created_by, active_version_id) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(id)
+    .bind(&req.name)
+    .bind(&req.description)
+    .bind(auth.0.user_id)
+    .bind(version_id)
+    .execute(&mut *tx)
+    .await;
+    match inserted {
+        Err(e) if crate::db::is_unique_violation(&e) => {
+            return Err(ApiError::conflict(format!(
+                "A template named {:?} already exists.",
+                req.name
+            )));
+        }
+        other => {
+            other?;
+        }
+    }
+    sqlx::query(
+        "INSERT INTO template_versions (id, template_id, number, kind, definition, created_by) VALUES ($1, $2, 1, 'external', $3, $4)",
+    )
+    .bind(version_id)
+    .bind(id)
+    .bind(sqlx::types::Json(&req.definition))
+    .bind(auth.0.user_id)
+    .execute(&mut *tx)
+    .await?;
+    Audit::new("create", "template")
+        .resource(id, &req.name)
+        .by(&auth.0)
+        .ip(&ip)
+        .write(&mut *tx)
+        .await;
+    tx.commit().await?;
+    let row = find_template(&state, &id.to_string()).await?;
+    Ok((StatusCode::CREATED, Json(to_api(&state, row).await?)))
+}
+
+pub(super) async fn list(
+    State(state): State<AppState>,
+    _auth: Authed,
+) -> ApiResult<Json<TemplatesResponse>> {
+    let rows: Vec<TemplateRow> = sqlx::query_as(&format!(
+        "SELECT {TEMPLATE_COLUMNS} FROM templates WHERE NOT deleted ORDER BY name"
+    ))
+    .fetch_all(&state.db)
+    .await?;
+    let mut templates = Vec::with_capacity(rows.len());
+    for row in rows {
+        templates.push(to_api(&state, row).await?);
+    }
+    Ok(Json(TemplatesResponse { templates }))
+}
+
+pub(super) async fn get(
+    State(state): State<AppState>,
+    _auth: Authed,
+    Path(template): Path<String>,
+) -> ApiResult<Json<Template>> {
+    let row = find_template(&state, &template).await?;
+    Ok(Json(to_api(&state, row).await?))
+}
+
+pub(super) async fn versions(
+    State(state): State<AppState>,
+    _auth: Authed,
+    Path(template): Path<String>,
+) -> ApiResult<Json<TemplateVersionsResponse>> {
+    let row = find_template(&state, &template).await?;
+    let versions: Vec<VersionRow> = sqlx::query_as(&format!(
+        "SELECT {VERSION_COLUMNS} FROM template_versions WHERE template_id = $1 ORDER BY number DESC"
+    ))
+    .bind(row.id)
+    .fetch_all(&state.db)
+    .await?;
+    Ok(Json(TemplateVersionsResponse {
+        versions: versions.into_iter().map(Into::into).collect(),
+    }))
+}
+
+pub(super) async fn create_version(
+    State(state): State<AppState>,
+    auth: Authed,
+    ClientIp(ip): ClientIp,
+    Path(template): Path<String>,
+    ApiJson(req): ApiJson<CreateTemplateVersionRequest>,
+) -> ApiResult<(StatusCode, Json<Template>)> {
+    auth.require_owner()?;
+    let mut v = Validator::default();
+    validate_definition(&mut v, "definition", &req.definition);
+    v.finish()?;
+    let row = find_template(&state, &template).await?;
+    let mut tx = state.db.begin().await?;
+    // Lock the template so concurrent versions get distinct numbers.
+    sqlx::query("SELECT 1 FROM templates WHERE id = $1 FOR UPDATE")
+        .bind(row.id)
+        .execute(&mut *tx)
+        .await?;
+    let version_id = Uuid::new_v4();
+    let number: i32 = sqlx::query_scalar(
+        "INSERT INTO template_versions (id, template_id, number, kind, definition, message, created_by)
+         SELECT $1, $2, coalesce(max(number), 0) + 1, 'external', $3, $4, $5 FROM template_versions WHERE template_id = $2
+         RETURNING number",
+    )
+    .bind(version_id)
+    .bind(row.id)
+    .bind(sqlx::types::Json(&req.definition))
+    .bind(&req.message)
+    .bind(auth.0.user_id)
+    .fetch_one(&mut *tx)
+    .await?;
+    sqlx::query("UPDATE templates SET active_version_id = $2, updated_at = now() WHERE id = $1")
+        .bind(row.id)
+        .bind(version_id)
+        .execute(&mut *tx)
+        .await?;
+    Audit::new("create", "template_version")
+        .resource(version_id, &row.name)
+        .by(&auth.0)
+        .ip(&ip)
+        .details(serde_json::json!({"number": number}))
+        .write(&mut *tx)
+        .await;
+    tx.commit().await?;
+    let row = find_template(&state, &row.id.to_string()).await?;
+    Ok((StatusCode::CREATED, Json(to_api(&state, row).await?)))
+}
+
+pub(super) async fn delete(
+    State(state): State<AppState>,
+    auth: Authed,
+    ClientIp(ip): ClientIp,
+    Path(template): Path<String>,
+) -> ApiResult<StatusCode> {
+    auth.require_owner()?;
+    let row = find_template(&state, &template).await?;
+    let in_use: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM workspaces WHERE template_id = $1 AND NOT deleted",
+    )
+    .bind(row.id)
+    .fetch_one(&state.db)
+    .await?;
+    if in_use > 0 {
+        return Err(ApiError::conflict(format!(
+            "{in_use} workspace(s) still use template {:?}.",
+            row.name
+        )));
+    }
+    sqlx::query("UPDATE templates SET deleted = true, updated_at = now() WHERE id = $1")
+        .bind(row.id)
+        .execute(&state.db)
+        .await?;
+    Audit::new("delete", "template")
+        .resource(row.id, &row.name)
+        .by(&auth.0)
+        .ip(&ip)
+        .write(&state.db)
+        .await;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,562 @@
+//! Workspaces and their builds. For `external` templates a build completes
+//! at once: a start build creates the declared agents and apps and returns
+//! each agent's token once; stop and delete builds take them down.
+
+use std::collections::HashMap;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use chrono::{DateTime, Utc};
+use devmesh_shared::api::{
+    AgentToken, CreateBuildRequest, CreateWorkspaceRequest, ExternalDefinition, HealthcheckSpec,
+    SharingLevel, Transition, Workspace, WorkspaceAgent, WorkspaceApp, WorkspaceBuild,
+    WorkspaceBuildResponse, WorkspacesResponse,
+};
+use devmesh_shared::names::validate_name;
+use devmesh_shared::secret::{random_alphanumeric, sha256};
+use uuid::Uuid;
+
+use super::error::{ApiError, ApiResult, Validator};
+use super::extract::{ApiJson, Authed, ClientIp};
+use super::templates::{find_template, load_version};
+use super::users::find_user;
+use super::{AppState, Audit, parse_uuid};
+
+/// An agent whose last heartbeat is older than this is `timeout`.
+const AGENT_TIMEOUT_SECS: i64 = 60;
+
+// === Loading ===
+
+#[derive(sqlx::FromRow)]
+struct WorkspaceRow {
+    id: Uuid,
+    name: String,
+    owner_id: Uuid,
+    owner_name: String,
+    template_id: Uuid,
+    template_name: String,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+#[derive(sqlx::FromRow)]
+struct BuildRow {
+    id: Uuid,
+    build_number: i32,
+    transition: String,
+    status: String,
+    template_version_id: Uuid,
+    created_at: DateTime<Utc>,
+    completed_at: Option<DateTime<Utc>>,
+}
+
+#[derive(sqlx::FromRow)]
+struct AgentRow {
+    id: Uuid,
+    name: String,
+    lifecycle_state: String,
+    first_connected_at: Option<DateTime<Utc>>,
+    last_connected_at: Option<DateTime<Utc>>,
+    disconnected_at: Option<DateTime<Utc>>,
+}
+
+#[derive(sqlx::FromRow)]
+struct AppRow {
+    id: Uuid,
+    agent_id: Uuid,
+    slug: String,
+    display_name: String,
+    url: String,
+    subdomain: bool,
+    sharing_level: String,
+    healthcheck_url: Option<String>,
+    healthcheck_interval: Option<i32>,
+    healthcheck_threshold: Option<i32>,
+    health: String,
+}
+
+fn transition(s: &str) -> Transition {
+    match s {
+        "stop" => Transition::Stop,
+        "delete" => Transition::Delete,
+        _ => Transition::Start,
+    }
+}
+
+fn sharing_level(s: &str) -> SharingLevel {
+    match s {
+        "public" => SharingLevel::Public,
+        "authenticated" => SharingLevel::Authenticated,
+        _ => SharingLevel::Owner,
+    }
+}
+
+/// An agent's connection status, derived from its timestamps.
+pub(super) fn agent_status(
+    first: Option<DateTime<Utc>>,
+    last: Option<DateTime<Utc>>,
+    disconnected: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> &'static str {
+    match (first, last) {
+        (None, _) | (_, None) => "connecting",
+        (Some(_), Some(last)) if disconnected.is_some_and(|d| d >= last) => "disconnected",
+        (Some(_), Some(last)) if (now - last).num_seconds() > AGENT_TIMEOUT_SECS => "timeout",
+        _ => "connected",
+    }
+}
+
+const WORKSPACE_SELECT: &str =
+    "SELECT w.id, w.name, w.owner_id, u.username AS owner_name, w.template_id,
+    t.name AS template_name, w.created_at, w.updated_at
+    FROM workspaces w JOIN users u ON u.id = w.owner_id JOIN templates t ON t.id = w.template_id";
+
+async fn load(state: &AppState, row: WorkspaceRow) -> ApiResult<Workspace> {
+    let build: BuildRow = sqlx::query_as(
+        "SELECT id, build_number, transition, status, template_version_id, created_at, completed_at
+         FROM workspace_builds WHERE workspace_id = $1 ORDER BY build_number DESC LIMIT 1",
+    )
+    .bind(row.id)
+    .fetch_one(&state.db)
+    .await?;
+    let mut agents = Vec::new();
+    if build.transition == "start" {
+        let agent_rows: Vec<AgentRow> = sqlx::query_as(
+            "SELECT id, name, lifecycle_state, first_connected_at, last_connected_at, disconnected_at
+             FROM workspace_agents WHERE build_id = $1 ORDER BY name",
+        )
+        .bind(build.id)
+        .fetch_all(&state.db)
+        .await?;
+        let app_rows: Vec<AppRow> = sqlx::query_as(
+            "SELECT a.id, a.agent_id, a.slug, a.display_name, a.url, a.subdomain, a.sharing_level,
+                    a.healthcheck_url, a.healthcheck_interval, a.healthcheck_threshold, a.health
+             FROM workspace_apps a JOIN workspace_agents g ON g.id = a.agent_id
+             WHERE g.build_id = $1 ORDER BY a.slug",
+        )
+        .bind(build.id)
+        .fetch_all(&state.db)
+        .await?;
+        let mut apps: HashMap<Uuid, Vec<WorkspaceApp>> = HashMap::new();
+        for a in app_rows {
+            let healthcheck = a.healthcheck_url.map(|url| HealthcheckSpec {
+                url,
+                interval_seconds: a.healthcheck_interval.unwrap_or(5) as u32,
+                threshold: a.healthcheck_threshold.unwrap_or(3) as u32,
+            });
+            apps.entry(a.agent_id).or_default().push(WorkspaceApp {
+                id: a.id,
+                slug: a.slug,
+                display_name: a.display_name,
+                url: a.url,
+                subdomain: a.subdomain,
+                sharing_level: sharing_level(&a.sharing_level),
+                health: a.health,
+                healthcheck,
+            });
+        }
+        let now = Utc::now();
+        agents = agent_rows
+            .into_iter()
+            .map(|g| WorkspaceAgent {
+                status: agent_status(
+                    g.first_connected_at,
+                    g.last_connected_at,
+                    g.disconnected_at,
+                    now,
+                )
+                .into(),
+                apps: apps.remove(&g.id).unwrap_or_default(),
+                id: g.id,
+                name: g.name,
+                lifecycle_state: g.lifecycle_state,
+                first_connected_at: g.first_connected_at,
+                last_connected_at: g.last_connected_at,
+                disconnected_at: g.disconnected_at,
+            })
+            .collect();
+    }
+    Ok(Workspace {
+        id: row.id,
+        name: row.name,
+        owner_id: row.owner_id,
+        owner_name: row.owner_name,
+        template_id: row.template_id,
+        template_name: row.template_name,
+        latest_build: WorkspaceBuild {
+            id: build.id,
+            build_number: build.build_number,
+            transition: transition(&build.transition),
+            status: build.status,
+            template_version_id: build.template_version_id,
+            created_at: build.created_at,
+            completed_at: build.completed_at,
+        },
+        agents,
+        created_at: row.created_at,
+        updated_at: row.updated_at,
+    })
+}
+
+/// Finds a workspace the caller may see. Others' workspaces are "not
+/// found" to members, so names do not leak.
+async fn find_visible(
+    state: &AppState,
+    auth: &Authed,
+    id: Uuid,
+    include_deleted: bool,
+) -> ApiResult<WorkspaceRow> {
+    let deleted = if include_deleted {
+        ""
+    } else {
+        "AND NOT w.deleted"
+    };
+    let row: Option<WorkspaceRow> =
+        sqlx::query_as(&format!("{WORKSPACE_SELECT} WHERE w.id = $1 {deleted}"))
+            .bind(id)
+            .fetch_optional(&state.db)
+            .await?;
+    match row {
+        Some(r) if r.owner_id == auth.0.user_id || auth.0.is_owner() => Ok(r),
+        _ => Err(ApiError::not_found("No such workspace.")),
+    }
+}
+
+// === Building ===
+
+/// Creates the declared agents and apps for a start build; returns tokens.
+async fn create_agents(
+    tx: &mut sqlx::PgConnection,
+    workspace_id: Uuid,
+    build_id: Uuid,
+    def: &ExternalDefinition,
+) -> ApiResult<Vec<AgentToken>> {
+    let mut tokens = Vec::with_capacity(def.agents.len());
+    for agent in &def.agents {
+        let agent_id = Uuid::new_v4();
+        let token = random_alphanumeric(32);
+        sqlx::query(
+            "INSERT INTO workspace_agents (id, build_id, workspace_id, name, token_hash, directory, env, scripts)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(agent_id)
+        .bind(build_id)
+        .bind(workspace_id)
+        .bind(&agent.name)
+        .bind(sha256(token.as_bytes()).as_slice())
+        .bind(&agent.directory)
+        .bind(sqlx::types::Json(&agent.env))
+        .bind(sqlx::types::Json(&agent.scripts))
+        .execute(&mut *tx)
+        .await?;
+        for app in &agent.apps {
+            let url = app
+                .url
+                .clone()
+                .unwrap_or_else(|| format!("http://127.0.0.1:{}", app.port.unwrap_or(80)));
+            let hc = app.healthcheck.as_ref();
+            sqlx::query(
+                "INSERT INTO workspace_apps (id, agent_id, slug, display_name, url, subdomain, sharing_level,
+                     healthcheck_url, healthcheck_interval, healthcheck_threshold, health)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            )
+            .bind(Uuid::new_v4())
+            .bind(agent_id)
+            .bind(&app.slug)
+            .bind(app.display_name.clone().unwrap_or_else(|| app.slug.clone()))
+            .bind(url)
+            .bind(app.subdomain)
+            .bind(app.sharing_level.as_str())
+            .bind(hc.map(|h| h.url.clone()))
+            .bind(hc.map(|h| h.interval_seconds as i32))
+            .bind(hc.map(|h| h.threshold as i32))
+            .bind(if hc.is_some() { "initializing" } else { "disabled" })
+            .execute(&mut *tx)
+            .await?;
+        }
+        tokens.push(AgentToken {
+            agent_id,
+            agent_name: agent.name.clone(),
+            token,
+        });
+    }
+    Ok(tokens)
+}
+
+/// Records a build (complete at once for external templates).
+async fn insert_build(
+    tx: &mut sqlx::PgConnection,
+    workspace_id: Uuid,
+    version_id: Uuid,
+    transition: Transition,
+    initiator: Uuid,
+) -> ApiResult<Uuid> {
+    let id = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO workspace_builds (id, workspace_id, template_version_id, build_number, transition, status, initiator_id, completed_at)
+         SELECT $1, $2, $3, coalesce(max(build_number), 0) + 1, $4, 'succeeded', $5, now()
+         FROM workspace_builds WHERE workspace_id = $2",
+    )
+    .bind(id)
+    .bind(workspace_id)
+    .bind(version_id)
+    .bind(transition.as_str())
+    .bind(initiator)
+    .execute(&mut *tx)
+    .await?;
+    Ok(id)
+}
+
+/// Refuses workspaces whose app or dev-URL hostnames would not fit in one
+/// DNS label.
+fn check_hostnames(v: &mut Validator, def: &ExternalDefinition, workspace: &str, owner: &str) {
+    for agent in &def.agents {
+        let slugs: Vec<Option<&str>> = if agent.apps.is_empty() {
+            vec![None]
+        } else {
+            agent.apps.iter().map(|a| Some(a.slug.as_str())).collect()
+        };
+        for slug in slugs {
+            if let Err(e) = devmesh_shared::apphost::check_fits(slug, &agent.name, workspace, owner)
+            {
+                v.add("name", e);
+                return;
+            }
+        }
+    }
+}
+
+// === Handlers ===
+
+pub(super) async fn create(
+    State(state): State<AppState>,
+    auth: Authed,
+    ClientIp(ip): ClientIp,
+    ApiJson(req): ApiJson<CreateWorkspaceRequest>,
+) -> ApiResult<(StatusCode, Json<WorkspaceBuildResponse>)> {
+    let mut v = Validator::default();
+    v.check("name", validate_name(&req.name));
+    v.finish()?;
+    let (owner_id, owner_name) = match &req.owner {
+        Some(o) if o != "me" && o != &auth.0.username && *o != auth.0.user_id.to_string() => {
+            auth.require_owner()?;
+            let u = find_user(&state, o).await?;
+            (u.id, u.username)
+        }
+        _ => (auth.0.user_id, auth.0.username.clone()),
+    };
+    let template = find_template(&state, &req.template).await?;
+    let version = load_version(&state.db, template.active_version_id).await?;
+    let mut v = Validator::default();
+    check_hostnames(&mut v, &version.definition, &req.name, &owner_name);
+    v.finish()?;
+
+    let id = Uuid::new_v4();
+    let mut tx = state.db.begin().await?;
+    let inserted = sqlx::query(
+        "INSERT INTO workspaces (id, owner_id, template_id, name) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(id)
+    .bind(owner_id)
+    .bind(template.id)
+    .bind(&req.name)
+    .execute(&mut *tx)
+    .await;
+    match inserted {
+        Err(e) if crate::db::is_unique_violation(&e) => {
+            return Err(ApiError::conflict(format!(
+                "{owner_name} already has a workspace named {:?}.",
+                req.name
+            )));
+        }
+        other => {
+            other?;
+        }
+    }
+    let build_id = insert_build(&mut tx, id, version.id, Transition::Start, auth.0.user_id).await?;
+    let agent_tokens = create_agents(&mut tx, id, build_id, &version.definition).await?;
+    Audit::new("create", "workspace")
+        .resource(id, format!("{owner_name}/{}", req.name))
+        .by(&auth.0)
+        .ip(&ip)
+        .details(serde_json::json!({"template": template.name}))
+        .write(&mut *tx)
+        .await;
+    tx.commit().await?;
+    let row = find_visible(&state, &auth, id, false).await?;
+    let workspace = load(&state, row).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(WorkspaceBuildResponse {
+            workspace,
+            agent_tokens,
+        }),
+    ))
+}
+
+pub(super) async fn list(
+    State(state): State<AppState>,
+    auth: Authed,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Json<WorkspacesResponse>> {
+    let owner = q.get("owner").map(String::as_str).unwrap_or("me");
+    let rows: Vec<WorkspaceRow> = match owner {
+        "me" => {
+            sqlx::query_as(&format!(
+                "{WORKSPACE_SELECT} WHERE NOT w.deleted AND w.owner_id = $1 ORDER BY w.name"
+            ))
+            .bind(auth.0.user_id)
+            .fetch_all(&state.db)
+            .await?
+        }
+        "all" => {
+            auth.require_owner()?;
+            sqlx::query_as(&format!(
+                "{WORKSPACE_SELECT} WHERE NOT w.deleted ORDER BY u.username, w.name"
+            ))
+            .fetch_all(&state.db)
+            .await?
+        }
+        other => {
+            let user = find_user(&state, other).await?;
+            if user.id != auth.0.user_id {
+                auth.require_owner()?;
+            }
+            sqlx::query_as(&format!(
+                "{WORKSPACE_SELECT} WHERE NOT w.deleted AND w.owner_id = $1 ORDER BY w.name"
+            ))
+            .bind(user.id)
+            .fetch_all(&state.db)
+            .await?
+        }
+    };
+    let mut workspaces = Vec::with_capacity(rows.len());
+    for row in rows {
+        workspaces.push(load(&state, row).await?);
+    }
+    Ok(Json(WorkspacesResponse { workspaces }))
+}
+
+pub(super) async fn get(
+    State(state): State<AppState>,
+    auth: Authed,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Workspace>> {
+    let id = parse_uuid(&id).ok_or_else(|| ApiError::not_found("No such workspace."))?;
+    let row = find_visible(&state, &auth, id, false).await?;
+    Ok(Json(load(&state, row).await?))
+}
+
+pub(super) async fn get_by_name(
+    State(state): State<AppState>,
+    auth: Authed,
+    Path((user, name)): Path<(String, String)>,
+) -> ApiResult<Json<Workspace>> {
+    let user = if user == "me" {
+        auth.0.user_id.to_string()
+    } else {
+        user
+    };
+    let owner = find_user(&state, &user).await?;
+    let id: Option<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM workspaces WHERE owner_id = $1 AND name = $2 AND NOT deleted",
+    )
+    .bind(owner.id)
+    .bind(&name)
+    .fetch_optional(&state.db)
+    .await?;
+    let id = id.ok_or_else(|| ApiError::not_found("No such workspace."))?;
+    let row = find_visible(&state, &auth, id, false).await?;
+    Ok(Json(load(&state, row).await?))
+}
+
+pub(super) async fn build(
+    State(state): State<AppState>,
+    auth: Authed,
+    ClientIp(ip): ClientIp,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<CreateBuildRequest>,
+) -> ApiResult<(StatusCode, Json<WorkspaceBuildResponse>)> {
+    let id = parse_uuid(&id).ok_or_else(|| ApiError::not_found("No such workspace."))?;
+    let row = find_visible(&state, &auth, id, false).await?;
+    let mut tx = state.db.begin().await?;
+    // One build at a time per workspace.
+    sqlx::query("SELECT 1 FROM workspaces WHERE id = $1 FOR UPDATE")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    let (latest, latest_version): (String, Uuid) = sqlx::query_as(
+        "SELECT transition, template_version_id FROM workspace_builds WHERE workspace_id = $1
+         ORDER BY build_number DESC LIMIT 1",
+    )
+    .bind(id)
+    .fetch_one(&mut *tx)
+    .await?;
+    let mut agent_tokens = Vec::new();
+    match (transition(&latest), req.transition) {
+        (Transition::Start, Transition::Start) => {
+            return Err(ApiError::conflict("The workspace is already started."));
+        }
+        (Transition::Stop, Transition::Stop) => {
+            return Err(ApiError::conflict("The workspace is already stopped."));
+        }
+        (_, Transition::Start) => {
+            let template = find_template(&state, &row.template_id.to_string()).await?;
+            let version = load_version(&mut *tx, template.active_version_id).await?;
+            let build_id =
+                insert_build(&mut tx, id, version.id, Transition::Start, auth.0.user_id).await?;
+            agent_tokens = create_agents(&mut tx, id, build_id, &version.definition).await?;
+        }
+        (_, t) => {
+            insert_build(&mut tx, id, latest_version, t, auth.0.user_id).await?;
+            if t == Transition::Delete {
+                sqlx::query(
+                    "UPDATE workspaces SET deleted = true, updated_at = now() WHERE id = $1",
+                )
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+    }
+    sqlx::query("UPDATE workspaces SET updated_at = now() WHERE id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    Audit::new(req.transition.as_str(), "workspace")
+        .resource(id, format!("{}/{}", row.owner_name, row.name))
+        .by(&auth.0)
+        .ip(&ip)
+        .write(&mut *tx)
+        .await;
+    tx.commit().await?;
+    let row = find_visible(&state, &auth, id, true).await?;
+    let workspace = load(&state, row).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(WorkspaceBuildResponse {
+            workspace,
+            agent_tokens,
+        }),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Duration;
+
+    #[test]
+    fn agent_status_follows_heartbeats() {
+        let now = Utc::now();
+        assert_eq!(agent_status(None, None, None, now), "connecting");
+        assert_eq!(agent_status(Some(now), Some(now), None, now), "connected");
+        let old = now - Duration::seconds(120);
+        assert_eq!(agent_status(Some(old), Some(old), None, now), "timeout");
+        assert_eq!(
+            agent_status(Some(old), Some(old), Some(now), now),
+            "disconnected"
+        );
+    }
+}

@@ -1,0 +1,250 @@
+//! Passwords and API keys.
+//!
+//! Passwords are hashed with argon2id on the blocking pool, never on the
+//! async runtime. API keys are `id-secret`; only `sha256(secret)` is stored,
+//! compared in constant time. Validated keys are cached (moka) for a short
+//! while; revoking a key, or suspending or deleting a user, invalidates the
+//! cache at once on this replica.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use argon2::Argon2;
+use argon2::password_hash::rand_core::OsRng;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use chrono::{DateTime, Utc};
+use devmesh_shared::api::{KeyScope, Role, UserStatus};
+use devmesh_shared::secret::{constant_time_eq, sha256};
+use devmesh_shared::token::parse_api_key;
+use moka::future::Cache;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::metrics::Metrics;
+
+/// How long a validated key is trusted without asking the database.
+const CACHE_TTL: Duration = Duration::from_secs(30);
+
+/// Hashes a password with argon2id (PHC string).
+pub async fn hash_password(password: String) -> anyhow::Result<String> {
+    tokio::task::spawn_blocking(move || {
+        let salt = SaltString::generate(&mut OsRng);
+        Argon2::default()
+            .hash_password(password.as_bytes(), &salt)
+            .map(|h| h.to_string())
+            .map_err(|e| anyhow::anyhow!("hashing password: {e}"))
+    })
+    .await?
+}
+
+/// Checks a password against a stored hash. With no hash (unknown user) it
+/// still does the work of a check, so timing does not reveal which users exist.
+pub async fn verify_password(password: String, hash: Option<String>) -> bool {
+    tokio::task::spawn_blocking(move || {
+        static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        let dummy = DUMMY.get_or_init(|| {
+            let salt = SaltString::generate(&mut OsRng);
+            Argon2::default()
+                .hash_password(b"not a real password", &salt)
+                .map(|h| h.to_string())
+                .unwrap_or_default()
+        });
+        let known = hash.is_some();
+        let hash = hash.unwrap_or_else(|| dummy.clone());
+        let Ok(parsed) = PasswordHash::new(&hash) else {
+            return false;
+        };
+        Argon2::default()
+            .verify_password(password.as_bytes(), &parsed)
+            .is_ok()
+            && known
+    })
+    .await
+    .unwrap_or(false)
+}
+
+/// The identity behind a valid key.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    /// The key's id.
+    pub key_id: String,
+    /// What the key may do.
+    pub scope: KeyScope,
+    /// The user's id.
+    pub user_id: Uuid,
+    /// Their username.
+    pub username: String,
+    /// Their roles.
+    pub roles: Vec<Role>,
+}
+
+impl Principal {
+    /// Whether the user is an owner.
+    pub fn is_owner(&self) -> bool {
+        self.roles.contains(&Role::Owner)
+    }
+}
+
+/// Why a key was refused. Every variant becomes a 401 whose message names
+/// the reason; none reveals whether the key id exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    /// Not `id-secret` or no such key or wrong secret.
+    #[error("the API key is invalid")]
+    Invalid,
+    /// Past its expiry.
+    #[error("the API key has expired")]
+    Expired,
+    /// Its user is suspended.
+    #[error("the account is suspended")]
+    Suspended,
+}
+
+#[derive(Debug, Clone)]
+struct CachedKey {
+    hashed_secret: Vec<u8>,
+    expires_at: DateTime<Utc>,
+    status: UserStatus,
+    principal: Principal,
+}
+
+/// Validates keys, caching the database rows behind them.
+#[derive(Clone)]
+pub struct KeyValidator {
+    db: PgPool,
+    cache: Cache<String, Arc<CachedKey>>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for KeyValidator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KeyValidator")
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct KeyRow {
+    hashed_secret: Vec<u8>,
+    scope: String,
+    expires_at: DateTime<Utc>,
+    user_id: Uuid,
+    username: String,
+    roles: Vec<String>,
+    status: String,
+}
+
+impl KeyValidator {
+    /// A validator over `db`.
+    pub fn new(db: PgPool, metrics: Arc<Metrics>) -> Self {
+        let cache = Cache::builder()
+            .max_capacity(100_000)
+            .time_to_live(CACHE_TTL)
+            .build();
+        Self { db, cache, metrics }
+    }
+
+    /// Validates `token`. `Ok(None)` never happens: a missing key is the
+    /// caller's concern. Database failures are returned as `Err(Err(..))`.
+    pub async fn validate(&self, token: &str) -> Result<Result<Principal, KeyError>, sqlx::Error> {
+        let Some((id, secret)) = parse_api_key(token) else {
+            Metrics::count(&self.metrics.key_checks, "invalid");
+            return Ok(Err(KeyError::Invalid));
+        };
+        let cached = match self.cache.get(id).await {
+            Some(c) => {
+                Metrics::count(&self.metrics.key_checks, "cache_hit");
+                c
+            }
+            None => {
+                Metrics::count(&self.metrics.key_checks, "cache_miss");
+                let row: Option<KeyRow> = sqlx::query_as(
+                    "SELECT k.hashed_secret, k.scope, k.expires_at, u.id AS user_id, u.username, u.roles, u.status
+                     FROM api_keys k JOIN users u ON u.id = k.user_id
+                     WHERE k.id = $1 AND NOT u.deleted",
+                )
+                .bind(id)
+                .fetch_optional(&self.db)
+                .await?;
+                let Some(row) = row else {
+                    // Hash anyway so a missing id costs the same as a wrong secret.
+                    let _ = constant_time_eq(&sha256(secret.as_bytes()), &[0u8; 32]);
+                    return Ok(Err(KeyError::Invalid));
+                };
+                let c = Arc::new(CachedKey {
+                    hashed_secret: row.hashed_secret,
+                    expires_at: row.expires_at,
+                    status: if row.status == "suspended" {
+                        UserStatus::Suspended
+                    } else {
+                        UserStatus::Active
+                    },
+                    principal: Principal {
+                        key_id: id.to_owned(),
+                        scope: if row.scope == "application_connect" {
+                            KeyScope::ApplicationConnect
+                        } else {
+                            KeyScope::All
+                        },
+                        user_id: row.user_id,
+                        username: row.username,
+                        roles: parse_roles(&row.roles),
+                    },
+                });
+                self.cache.insert(id.to_owned(), c.clone()).await;
+                c
+            }
+        };
+        if !constant_time_eq(&sha256(secret.as_bytes()), &cached.hashed_secret) {
+            return Ok(Err(KeyError::Invalid));
+        }
+        if cached.expires_at <= Utc::now() {
+            return Ok(Err(KeyError::Expired));
+        }
+        if cached.status == UserStatus::Suspended {
+            return Ok(Err(KeyError::Suspended));
+        }
+        Ok(Ok(cached.principal.clone()))
+    }
+
+    /// Forgets one key (it was revoked).
+    pub async fn forget_key(&self, id: &str) {
+        self.cache.invalidate(id).await;
+    }
+
+    /// Forgets every key (a user was suspended, deleted or changed role).
+    pub fn forget_all(&self) {
+        self.cache.invalidate_all();
+    }
+}
+
+/// Roles as stored (`text[]`), always including `member`.
+pub fn parse_roles(stored: &[String]) -> Vec<Role> {
+    let mut roles = vec![Role::Member];
+    if stored.iter().any(|r| r == "owner") {
+        roles.insert(0, Role::Owner);
+    }
+    roles
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn passwords_verify_only_against_their_hash() {
+        let h = hash_password("correct horse".into()).await.unwrap();
+        assert!(h.starts_with("$argon2id$"));
+        assert!(verify_password("correct horse".into(), Some(h.clone())).await);
+        assert!(!verify_password("wrong horse".into(), Some(h)).await);
+        assert!(!verify_password("correct horse".into(), None).await);
+    }
+
+    #[test]
+    fn roles_always_include_member() {
+        assert_eq!(parse_roles(&[]), vec![Role::Member]);
+        assert_eq!(
+            parse_roles(&["owner".into()]),
+            vec![Role::Owner, Role::Member]
+        );
+    }
+}

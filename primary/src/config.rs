@@ -1,0 +1,328 @@
+//! `devmesh server` configuration: flags with `DEVMESH_*` environment twins,
+//! an optional TOML file under them, and a `validate()` step that runs before
+//! anything binds. Precedence: flag or environment, then file, then default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use devmesh_shared::runtime::LogFormat;
+use devmesh_shared::secret::Secret;
+use serde::Deserialize;
+use thiserror::Error;
+
+/// A configuration problem; the binary prints it on one line and exits 64.
+#[derive(Debug, Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// Flags of `devmesh server`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ServerArgs {
+    /// TOML file with any of the settings below (kebab-case keys).
+    #[arg(long, env = "DEVMESH_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address the HTTP API listens on [default: 127.0.0.1:3000].
+    #[arg(long, env = "DEVMESH_HTTP_ADDRESS")]
+    pub http_address: Option<String>,
+    /// URL users and agents reach this server at [default: http://<http-address>].
+    #[arg(long, env = "DEVMESH_ACCESS_URL")]
+    pub access_url: Option<String>,
+    /// Wildcard hostname for apps and dev URLs, like `*.apps.example.com`.
+    #[arg(long, env = "DEVMESH_WILDCARD_ACCESS_URL")]
+    pub wildcard_access_url: Option<String>,
+    /// Where devmesh keeps its state, including the embedded database
+    /// [default: $XDG_DATA_HOME/devmesh, or /var/lib/devmesh as root].
+    #[arg(long, env = "DEVMESH_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// External PostgreSQL (13+) URL; without it devmesh runs an embedded one.
+    #[arg(long, env = "DEVMESH_POSTGRES_URL", hide_env_values = true)]
+    pub postgres_url: Option<String>,
+    /// Log format: text or json [default: text].
+    #[arg(long, env = "DEVMESH_LOG_FORMAT")]
+    pub log_format: Option<String>,
+}
+
+/// The same settings as a TOML file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileConfig {
+    http_address: Option<String>,
+    access_url: Option<String>,
+    wildcard_access_url: Option<String>,
+    data_dir: Option<PathBuf>,
+    postgres_url: Option<String>,
+    log_format: Option<String>,
+}
+
+/// Validated configuration of a primary.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Where the API listens (port 0 picks a free one).
+    pub http_address: SocketAddr,
+    /// How users reach it, without a trailing slash.
+    pub access_url: String,
+    /// `*.apps.example.com`, if apps get subdomains.
+    pub wildcard_access_url: Option<String>,
+    /// State directory.
+    pub data_dir: PathBuf,
+    /// External database, or `None` for the embedded one.
+    pub postgres_url: Option<Secret>,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+impl ServerArgs {
+    /// Merges flags, file and defaults, and validates the result.
+    pub fn resolve(self) -> Result<ServerConfig, ConfigError> {
+        let file = match &self.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let http_address = self
+            .http_address
+            .or(file.http_address)
+            .unwrap_or_else(|| "127.0.0.1:3000".into());
+        let http_address: SocketAddr = http_address.parse().map_err(|_| {
+            ConfigError(format!(
+                "--http-address {http_address:?} is not an address like 127.0.0.1:3000"
+            ))
+        })?;
+        let access_url = match self.access_url.or(file.access_url) {
+            Some(u) => validate_url("--access-url", &u)?,
+            None => format!("http://{http_address}"),
+        };
+        let wildcard_access_url = self
+            .wildcard_access_url
+            .or(file.wildcard_access_url)
+            .map(|w| validate_wildcard(&w))
+            .transpose()?;
+        let data_dir = match self.data_dir.or(file.data_dir) {
+            Some(d) if d.as_os_str().is_empty() => {
+                return Err(ConfigError("--data-dir must not be empty".into()));
+            }
+            Some(d) => absolute(&d)?,
+            None => default_data_dir()?,
+        };
+        let postgres_url = self
+            .postgres_url
+            .or(file.postgres_url)
+            .filter(|u| !u.is_empty());
+        if let Some(url) = &postgres_url
+            && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
+        {
+            return Err(ConfigError(
+                "--postgres-url must start with postgres:// or postgresql://".into(),
+            ));
+        }
+        let log_format = self
+            .log_format
+            .or(file.log_format)
+            .map(|f| f.parse().map_err(ConfigError))
+            .transpose()?
+            .unwrap_or_default();
+        Ok(ServerConfig {
+            http_address,
+            access_url,
+            wildcard_access_url,
+            data_dir,
+            postgres_url: postgres_url.map(Secret::new),
+            log_format,
+        })
+    }
+}
+
+impl ServerConfig {
+    /// A configuration for tests and embedding: loopback on a free port,
+    /// the given database.
+    pub fn for_tests(postgres_url: Secret, data_dir: PathBuf) -> Self {
+        Self {
+            http_address: "127.0.0.1:0".parse().expect("valid address"),
+            access_url: "http://127.0.0.1".into(),
+            wildcard_access_url: None,
+            data_dir,
+            postgres_url: Some(postgres_url),
+            log_format: LogFormat::Text,
+        }
+    }
+
+    /// Whether cookies must carry `Secure`.
+    pub fn secure_cookies(&self) -> bool {
+        self.access_url.starts_with("https://")
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
+    toml::from_str(&text).map_err(|e| {
+        let msg = e.message().to_owned();
+        ConfigError(format!("config file {}: {msg}", path.display()))
+    })
+}
+
+fn validate_url(flag: &str, url: &str) -> Result<String, ConfigError> {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or_else(|| {
+            ConfigError(format!(
+                "{flag} {url:?} must start with http:// or https://"
+            ))
+        })?;
+    let host = rest.split('/').next().unwrap_or_default();
+    if host.is_empty() || host.contains(char::is_whitespace) {
+        return Err(ConfigError(format!("{flag} {url:?} has no host")));
+    }
+    Ok(url.trim_end_matches('/').to_owned())
+}
+
+fn validate_wildcard(w: &str) -> Result<String, ConfigError> {
+    let rest = w.strip_prefix("*.").ok_or_else(|| {
+        ConfigError(format!(
+            "--wildcard-access-url {w:?} must look like *.apps.example.com"
+        ))
+    })?;
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (rest, None),
+    };
+    let labels_ok = !host.is_empty()
+        && host.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    let port_ok = port.is_none_or(|p| p.parse::<u16>().is_ok());
+    if !labels_ok || !port_ok {
+        return Err(ConfigError(format!(
+            "--wildcard-access-url {w:?} must look like *.apps.example.com"
+        )));
+    }
+    Ok(w.to_ascii_lowercase())
+}
+
+fn absolute(p: &Path) -> Result<PathBuf, ConfigError> {
+    std::path::absolute(p).map_err(|e| ConfigError(format!("--data-dir {}: {e}", p.display())))
+}
+
+/// `$XDG_DATA_HOME/devmesh` for users; `/var/lib/devmesh` for root, whose
+/// home the unprivileged database user cannot enter.
+fn default_data_dir() -> Result<PathBuf, ConfigError> {
+    if nix::unistd::Uid::effective().is_root() {
+        return Ok(PathBuf::from("/var/lib/devmesh"));
+    }
+    dirs::data_dir().map(|d| d.join("devmesh")).ok_or_else(|| {
+        ConfigError("cannot find a data directory ($HOME unset): pass --data-dir".into())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> ServerArgs {
+        ServerArgs {
+            data_dir: Some("/tmp/x".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn defaults_are_loopback() {
+        let c = args().resolve().unwrap();
+        assert_eq!(c.http_address.to_string(), "127.0.0.1:3000");
+        assert_eq!(c.access_url, "http://127.0.0.1:3000");
+        assert!(c.postgres_url.is_none());
+        assert!(!c.secure_cookies());
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_flag_named() {
+        let cases = [
+            (
+                ServerArgs {
+                    http_address: Some("nope".into()),
+                    ..args()
+                },
+                "--http-address",
+            ),
+            (
+                ServerArgs {
+                    access_url: Some("ftp://x".into()),
+                    ..args()
+                },
+                "--access-url",
+            ),
+            (
+                ServerArgs {
+                    wildcard_access_url: Some("apps.example.com".into()),
+                    ..args()
+                },
+                "--wildcard-access-url",
+            ),
+            (
+                ServerArgs {
+                    wildcard_access_url: Some("*.a..b".into()),
+                    ..args()
+                },
+                "--wildcard-access-url",
+            ),
+            (
+                ServerArgs {
+                    postgres_url: Some("mysql://x".into()),
+                    ..args()
+                },
+                "--postgres-url",
+            ),
+            (
+                ServerArgs {
+                    log_format: Some("xml".into()),
+                    ..args()
+                },
+                "log format",
+            ),
+        ];
+        for (a, needle) in cases {
+            let err = a.resolve().unwrap_err().to_string();
+            assert!(err.contains(needle), "{err}");
+            assert!(!err.contains('\n'));
+        }
+    }
+
+    #[test]
+    fn file_settings_apply_under_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "http-address = \"127.0.0.1:4000\"\naccess-url = \"https://dev.example.com/\"\n",
+        )
+        .unwrap();
+        let c = ServerArgs {
+            config: Some(path.clone()),
+            ..args()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(c.http_address.port(), 4000);
+        assert_eq!(c.access_url, "https://dev.example.com");
+        assert!(c.secure_cookies());
+        let c = ServerArgs {
+            config: Some(path.clone()),
+            http_address: Some("127.0.0.1:5000".into()),
+            ..args()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(c.http_address.port(), 5000);
+        std::fs::write(&path, "http-adress = \"x\"\n").unwrap();
+        let err = ServerArgs {
+            config: Some(path),
+            ..args()
+        }
+        .resolve()
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("unknown field"), "{err}");
+    }
+}

@@ -1,0 +1,63 @@
+//! The database: connecting (external URL or the embedded cluster) and
+//! applying the embedded migrations under an advisory lock, so primaries
+//! that start together never race on the schema.
+
+pub mod embedded;
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Connection, PgPool};
+
+/// The embedded schema migrations (`primary/migrations`).
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Advisory lock key held while migrating ("devmesh" in ASCII).
+const MIGRATION_LOCK: i64 = 0x0064_6576_6d65_7368;
+
+/// Opens a pool. The pool reconnects by itself, so a database restart
+/// costs the requests in flight, not the server.
+pub async fn connect(options: PgConnectOptions) -> Result<PgPool, sqlx::Error> {
+    PgPoolOptions::new()
+        .max_connections(16)
+        .min_connections(1)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(options.application_name("devmesh-primary"))
+        .await
+}
+
+/// Applies pending migrations while holding a session advisory lock.
+pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    let mut conn = pool.acquire().await?;
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(MIGRATION_LOCK)
+        .execute(&mut *conn)
+        .await?;
+    let result = MIGRATOR.run(&mut *conn).await;
+    let unlock = sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(MIGRATION_LOCK)
+        .execute(&mut *conn)
+        .await;
+    if unlock.is_err() {
+        // A connection that may still hold the lock must not go back to the pool.
+        let _ = conn.detach().close().await;
+    }
+    result
+}
+
+/// Whether an error means "the database is unreachable" rather than "the
+/// query was wrong": those become 503s.
+pub fn is_unavailable(e: &sqlx::Error) -> bool {
+    matches!(
+        e,
+        sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_)
+    ) || matches!(e, sqlx::Error::Database(d) if d.code().is_some_and(|c| c.starts_with("57P") || c.starts_with("08")))
+}
+
+/// Whether an error is a unique-constraint violation.
+pub fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.code().as_deref() == Some("23505"))
+}

@@ -1,0 +1,15 @@
+//! The devmesh primary: the one component that talks to PostgreSQL. It owns
+//! users and keys, templates, workspaces, edges and the audit log, and
+//! serves `/api/v2`. `devmesh server` is a thin wrapper around [`server::start`];
+//! tests start primaries in-process the same way.
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod db;
+pub mod metrics;
+pub mod ratelimit;
+pub mod server;
+
+pub use config::{ServerArgs, ServerConfig};
+pub use server::{RunningServer, start};

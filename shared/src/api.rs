@@ -1,0 +1,732 @@
+//! The JSON shapes of `/api/v2`, shared by the primary (which serves them),
+//! the CLI and tests (which consume them). Requests reject unknown fields so
+//! a typo is an error, not a silently ignored setting.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+// === Errors ===
+
+/// Every non-2xx response body.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Error {
+    /// One sentence for a person.
+    pub message: String,
+    /// More context, possibly empty.
+    #[serde(default)]
+    pub detail: String,
+    /// Per-field problems with the request.
+    #[serde(default)]
+    pub validations: Vec<Validation>,
+}
+
+/// One field's problem.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Validation {
+    /// The request field, dotted for nested ones (`agents.0.name`).
+    pub field: String,
+    /// What is wrong with it.
+    pub detail: String,
+}
+
+// === Users and sessions ===
+
+/// A user's role.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// May do everything: manage users, templates, edges, read the audit log.
+    Owner,
+    /// May use templates to run their own workspaces.
+    Member,
+}
+
+impl Role {
+    /// The name stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Owner => "owner",
+            Role::Member => "member",
+        }
+    }
+}
+
+/// A user as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct User {
+    /// Stable id.
+    pub id: Uuid,
+    /// Unique, hostname-safe name.
+    pub username: String,
+    /// Unique email address.
+    pub email: String,
+    /// Always includes `member`.
+    pub roles: Vec<Role>,
+    /// `active` or `suspended`.
+    pub status: UserStatus,
+    /// When the user was created.
+    pub created_at: DateTime<Utc>,
+}
+
+/// Whether a user may sign in.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum UserStatus {
+    /// May sign in and use keys.
+    Active,
+    /// Every key is refused.
+    Suspended,
+}
+
+/// `POST /api/v2/users/first`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateFirstUserRequest {
+    /// Email address.
+    pub email: String,
+    /// Username.
+    pub username: String,
+    /// Password, 8 characters or more.
+    pub password: String,
+}
+
+/// `GET /api/v2/users/first`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FirstUserStatus {
+    /// Whether the deployment already has its first user.
+    pub has_first_user: bool,
+}
+
+/// `POST /api/v2/users`: an owner creates a user.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateUserRequest {
+    /// Email address.
+    pub email: String,
+    /// Username.
+    pub username: String,
+    /// Password, 8 characters or more.
+    pub password: String,
+    /// Extra roles (`member` is implied).
+    #[serde(default)]
+    pub roles: Vec<Role>,
+}
+
+/// `POST /api/v2/users/login`. `email` may also hold a username.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoginRequest {
+    /// Email address or username.
+    pub email: String,
+    /// Password.
+    pub password: String,
+}
+
+/// A new session.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LoginResponse {
+    /// An `id-secret` key with scope `all`.
+    pub session_token: String,
+}
+
+/// `GET /api/v2/users`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UsersResponse {
+    /// Every user that is not deleted.
+    pub users: Vec<User>,
+}
+
+// === API keys ===
+
+/// What a key may be used for.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyScope {
+    /// The whole API.
+    #[default]
+    All,
+    /// Only opening workspace apps.
+    ApplicationConnect,
+}
+
+impl KeyScope {
+    /// The name stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyScope::All => "all",
+            KeyScope::ApplicationConnect => "application_connect",
+        }
+    }
+}
+
+/// `POST /api/v2/users/me/keys`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateKeyRequest {
+    /// A label to recognise the key by.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Defaults to `all`.
+    #[serde(default)]
+    pub scope: Option<KeyScope>,
+    /// Defaults to 30 days; at most 365 days.
+    #[serde(default)]
+    pub lifetime_seconds: Option<i64>,
+}
+
+/// A created key, shown once.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateKeyResponse {
+    /// The whole `id-secret` key.
+    pub key: String,
+    /// The key's description.
+    #[serde(flatten)]
+    pub info: ApiKey,
+}
+
+/// A key as listed (never its secret).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ApiKey {
+    /// The public id, the part before the `-`.
+    pub id: String,
+    /// The label.
+    pub name: String,
+    /// `password` for login sessions, `token` for created keys.
+    pub login_type: String,
+    /// What it may do.
+    pub scope: KeyScope,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// After this it is refused.
+    pub expires_at: DateTime<Utc>,
+    /// Last time it authenticated a request (updated at most once a minute).
+    pub last_used_at: DateTime<Utc>,
+}
+
+/// `GET /api/v2/users/me/keys`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KeysResponse {
+    /// The caller's keys.
+    pub keys: Vec<ApiKey>,
+}
+
+// === Templates ===
+
+/// Who may open an app.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SharingLevel {
+    /// Only the workspace owner.
+    #[default]
+    Owner,
+    /// Any signed-in user.
+    Authenticated,
+    /// Anyone, signed in or not.
+    Public,
+}
+
+impl SharingLevel {
+    /// The name stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SharingLevel::Owner => "owner",
+            SharingLevel::Authenticated => "authenticated",
+            SharingLevel::Public => "public",
+        }
+    }
+}
+
+/// The kind of a template version.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TemplateKind {
+    /// Bring your own machine: agents and apps declared in JSON, started by
+    /// running `devmesh agent` anywhere with the token a build returns.
+    #[default]
+    External,
+}
+
+/// An external template's declaration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ExternalDefinition {
+    /// At least one agent.
+    pub agents: Vec<AgentSpec>,
+}
+
+/// One agent of an external template.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSpec {
+    /// Hostname-safe, unique in the workspace.
+    pub name: String,
+    /// Working directory for scripts and terminals.
+    #[serde(default)]
+    pub directory: Option<String>,
+    /// Extra environment for scripts and sessions.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Web apps the agent serves.
+    #[serde(default)]
+    pub apps: Vec<AppSpec>,
+    /// Startup and stop scripts.
+    #[serde(default)]
+    pub scripts: Vec<ScriptSpec>,
+}
+
+/// A web app served by an agent.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AppSpec {
+    /// Hostname-safe, unique per agent.
+    pub slug: String,
+    /// Shown in the dashboard; defaults to the slug.
+    #[serde(default)]
+    pub display_name: Option<String>,
+    /// A local port (`http://127.0.0.1:<port>`); give this or `url`.
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// The upstream URL as the agent reaches it.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Served on its own subdomain (default) or under a path.
+    #[serde(default = "yes")]
+    pub subdomain: bool,
+    /// Who may open it.
+    #[serde(default)]
+    pub sharing_level: SharingLevel,
+    /// Optional health check.
+    #[serde(default)]
+    pub healthcheck: Option<HealthcheckSpec>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// How an agent checks an app's health.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HealthcheckSpec {
+    /// URL the agent polls; any 2xx or 3xx is healthy.
+    pub url: String,
+    /// Seconds between checks.
+    #[serde(default = "default_interval")]
+    pub interval_seconds: u32,
+    /// Consecutive failures before `unhealthy`.
+    #[serde(default = "default_threshold")]
+    pub threshold: u32,
+}
+
+fn default_interval() -> u32 {
+    5
+}
+fn default_threshold() -> u32 {
+    3
+}
+
+/// When a script runs.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ScriptTrigger {
+    /// When the agent starts.
+    #[default]
+    Start,
+    /// When the agent shuts down.
+    Stop,
+}
+
+/// A startup or stop script.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ScriptSpec {
+    /// Shown in logs.
+    pub name: String,
+    /// Run with `sh -c`.
+    pub script: String,
+    /// When it runs.
+    #[serde(default)]
+    pub run_on: ScriptTrigger,
+    /// Killed after this many seconds.
+    #[serde(default = "default_script_timeout")]
+    pub timeout_seconds: u32,
+}
+
+fn default_script_timeout() -> u32 {
+    300
+}
+
+/// `POST /api/v2/templates`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTemplateRequest {
+    /// Hostname-safe unique name.
+    pub name: String,
+    /// Free text.
+    #[serde(default)]
+    pub description: String,
+    /// Defaults to `external`.
+    #[serde(default)]
+    pub kind: TemplateKind,
+    /// The declaration for `external` templates.
+    pub definition: ExternalDefinition,
+}
+
+/// `POST /api/v2/templates/{name}/versions`: a new active version.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTemplateVersionRequest {
+    /// Defaults to `external`.
+    #[serde(default)]
+    pub kind: TemplateKind,
+    /// The new declaration.
+    pub definition: ExternalDefinition,
+    /// What changed.
+    #[serde(default)]
+    pub message: String,
+}
+
+/// A template.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Template {
+    /// Stable id.
+    pub id: Uuid,
+    /// Unique name.
+    pub name: String,
+    /// Free text.
+    pub description: String,
+    /// The version new workspaces and builds use.
+    pub active_version: TemplateVersion,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// One version of a template.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TemplateVersion {
+    /// Stable id.
+    pub id: Uuid,
+    /// 1, 2, 3… per template.
+    pub number: i32,
+    /// How workspaces of it are built.
+    pub kind: TemplateKind,
+    /// The declaration.
+    pub definition: ExternalDefinition,
+    /// What changed.
+    pub message: String,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+}
+
+/// `GET /api/v2/templates`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TemplatesResponse {
+    /// Every template.
+    pub templates: Vec<Template>,
+}
+
+/// `GET /api/v2/templates/{name}/versions`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TemplateVersionsResponse {
+    /// Newest first.
+    pub versions: Vec<TemplateVersion>,
+}
+
+// === Workspaces ===
+
+/// What a build does to a workspace.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Transition {
+    /// Bring the workspace up (new agents, new tokens).
+    Start,
+    /// Take it down.
+    Stop,
+    /// Remove it.
+    Delete,
+}
+
+impl Transition {
+    /// The name stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transition::Start => "start",
+            Transition::Stop => "stop",
+            Transition::Delete => "delete",
+        }
+    }
+}
+
+/// `POST /api/v2/workspaces`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateWorkspaceRequest {
+    /// Hostname-safe, unique per owner.
+    pub name: String,
+    /// Template name or id.
+    pub template: String,
+    /// Owners may create workspaces for another user (username or id).
+    #[serde(default)]
+    pub owner: Option<String>,
+}
+
+/// `POST /api/v2/workspaces/{id}/builds`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateBuildRequest {
+    /// What to do.
+    pub transition: Transition,
+}
+
+/// A workspace.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Workspace {
+    /// Stable id.
+    pub id: Uuid,
+    /// Unique per owner.
+    pub name: String,
+    /// The owner's id.
+    pub owner_id: Uuid,
+    /// The owner's username.
+    pub owner_name: String,
+    /// The template's id.
+    pub template_id: Uuid,
+    /// The template's name.
+    pub template_name: String,
+    /// The most recent build.
+    pub latest_build: WorkspaceBuild,
+    /// The agents of the latest start build (empty when stopped).
+    pub agents: Vec<WorkspaceAgent>,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A build of a workspace.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WorkspaceBuild {
+    /// Stable id.
+    pub id: Uuid,
+    /// 1, 2, 3… per workspace.
+    pub build_number: i32,
+    /// What it did.
+    pub transition: Transition,
+    /// `pending`, `running`, `succeeded`, `failed`.
+    pub status: String,
+    /// The template version it used.
+    pub template_version_id: Uuid,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// When it finished.
+    pub completed_at: Option<DateTime<Utc>>,
+}
+
+/// An agent of a workspace.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WorkspaceAgent {
+    /// Stable id.
+    pub id: Uuid,
+    /// Unique in the workspace.
+    pub name: String,
+    /// `created`, `starting`, `ready`, `start_error`, … `off`.
+    pub lifecycle_state: String,
+    /// `connecting`, `connected`, `disconnected`, `timeout`.
+    pub status: String,
+    /// First time it connected.
+    pub first_connected_at: Option<DateTime<Utc>>,
+    /// Last heartbeat.
+    pub last_connected_at: Option<DateTime<Utc>>,
+    /// When it went away.
+    pub disconnected_at: Option<DateTime<Utc>>,
+    /// Its web apps.
+    pub apps: Vec<WorkspaceApp>,
+}
+
+/// A web app of an agent.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WorkspaceApp {
+    /// Stable id.
+    pub id: Uuid,
+    /// Unique per agent.
+    pub slug: String,
+    /// Shown in the dashboard.
+    pub display_name: String,
+    /// Upstream URL as the agent reaches it.
+    pub url: String,
+    /// Subdomain or path routing.
+    pub subdomain: bool,
+    /// Who may open it.
+    pub sharing_level: SharingLevel,
+    /// `disabled`, `initializing`, `healthy`, `unhealthy`.
+    pub health: String,
+    /// The check, if any.
+    pub healthcheck: Option<HealthcheckSpec>,
+}
+
+/// An agent token, returned once by a start build.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AgentToken {
+    /// The agent's id.
+    pub agent_id: Uuid,
+    /// The agent's name.
+    pub agent_name: String,
+    /// Pass as `DEVMESH_AGENT_TOKEN` to `devmesh agent`.
+    pub token: String,
+}
+
+/// Answer to creating a workspace or a build.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkspaceBuildResponse {
+    /// The workspace after the build.
+    pub workspace: Workspace,
+    /// New agent tokens (start builds only), shown once.
+    pub agent_tokens: Vec<AgentToken>,
+}
+
+/// `GET /api/v2/workspaces`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkspacesResponse {
+    /// The caller's workspaces (an owner's `?owner=all`: everyone's).
+    pub workspaces: Vec<Workspace>,
+}
+
+// === Edges and regions ===
+
+/// `POST /api/v2/edges`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateEdgeRequest {
+    /// Region name: hostname-safe, not `primary`.
+    pub name: String,
+    /// Shown to users; defaults to the name.
+    #[serde(default)]
+    pub display_name: Option<String>,
+}
+
+/// `PATCH /api/v2/edges/{edge}`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateEdgeRequest {
+    /// New region name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// New display name.
+    #[serde(default)]
+    pub display_name: Option<String>,
+}
+
+/// An edge (one region's proxy, possibly several replicas).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Edge {
+    /// Stable id; the first part of its token.
+    pub id: Uuid,
+    /// Region name.
+    pub name: String,
+    /// Shown to users.
+    pub display_name: String,
+    /// `ok`, `unhealthy`, `unreachable`, `unregistered`.
+    pub status: String,
+    /// Whether it serves traffic.
+    pub healthy: bool,
+    /// The region's base URL, once registered.
+    pub access_url: Option<String>,
+    /// The region's app wildcard, once registered.
+    pub wildcard_hostname: Option<String>,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A created edge with its token, shown once.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateEdgeResponse {
+    /// The edge.
+    pub edge: Edge,
+    /// `<edge-id>:<secret>`: pass as `--edge-token` to `devmesh edge`.
+    pub edge_token: String,
+}
+
+/// `GET /api/v2/edges`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EdgesResponse {
+    /// Every edge.
+    pub edges: Vec<Edge>,
+}
+
+/// A region: the primary's own, or an edge's.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Region {
+    /// The edge id (nil for the primary).
+    pub id: Uuid,
+    /// `primary` or the edge's name.
+    pub name: String,
+    /// Shown to users.
+    pub display_name: String,
+    /// Whether it serves traffic.
+    pub healthy: bool,
+    /// `ok`, `unhealthy`, `unreachable`, `unregistered`.
+    pub status: String,
+    /// Base URL.
+    pub access_url: Option<String>,
+    /// App wildcard (`*.apps.example.com`).
+    pub wildcard_hostname: Option<String>,
+    /// QUIC relay address, once known.
+    pub relay_address: Option<String>,
+}
+
+/// `GET /api/v2/regions`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegionsResponse {
+    /// The primary first, then edges by name.
+    pub regions: Vec<Region>,
+}
+
+// === Meta ===
+
+/// `GET /api/v2/buildinfo`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BuildInfo {
+    /// Semantic version.
+    pub version: String,
+    /// The access URL users reach the primary at.
+    pub access_url: String,
+}
+
+/// One audit log entry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// Increasing id.
+    pub id: i64,
+    /// When.
+    pub time: DateTime<Utc>,
+    /// Who (absent for anonymous or failed logins).
+    pub user_id: Option<Uuid>,
+    /// Their username at the time.
+    pub username: Option<String>,
+    /// Client address.
+    pub ip: Option<String>,
+    /// `login`, `login_failed`, `create`, `delete`, …
+    pub action: String,
+    /// `user`, `api_key`, `edge`, `workspace`, `template`, …
+    pub resource_type: String,
+    /// The resource's id.
+    pub resource_id: String,
+    /// Its name.
+    pub resource_name: String,
+    /// Anything else worth keeping.
+    pub details: serde_json::Value,
+}
+
+/// `GET /api/v2/audit`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuditResponse {
+    /// Newest first.
+    pub entries: Vec<AuditEntry>,
+}

@@ -1,0 +1,17 @@
+//! Code every devmesh component shares: the JSON shapes of `/api/v2`, the
+//! naming rules that keep names hostname-safe, token formats, secrets
+//! handling, and process-wide setup (crypto provider, logging).
+//!
+//! Nothing here owns sockets or policy that belongs to one component.
+
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod apphost;
+pub mod names;
+pub mod runtime;
+pub mod secret;
+pub mod token;
+
+/// The version every component reports and compares.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
