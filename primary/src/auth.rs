@@ -150,6 +150,7 @@ impl KeyValidator {
             Metrics::count(&self.metrics.key_checks, "invalid");
             return Ok(Err(KeyError::Invalid));
         };
+        let mut from_db = false;
         let cached = match self.cache.get(id).await {
             Some(c) => {
                 Metrics::count(&self.metrics.key_checks, "cache_hit");
@@ -191,6 +192,7 @@ impl KeyValidator {
                     },
                 });
                 self.cache.insert(id.to_owned(), c.clone()).await;
+                from_db = true;
                 c
             }
         };
@@ -202,6 +204,18 @@ impl KeyValidator {
         }
         if cached.status == UserStatus::Suspended {
             return Ok(Err(KeyError::Suspended));
+        }
+        if from_db {
+            // Keys are re-read at most once per cache lifetime, which bounds
+            // how often last_used_at is written; the request does not wait.
+            let db = self.db.clone();
+            let id = id.to_owned();
+            tokio::spawn(async move {
+                let _ = sqlx::query("UPDATE api_keys SET last_used_at = now() WHERE id = $1")
+                    .bind(id)
+                    .execute(&db)
+                    .await;
+            });
         }
         Ok(Ok(cached.principal.clone()))
     }

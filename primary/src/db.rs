@@ -45,16 +45,30 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     result
 }
 
-/// Whether an error means "the database is unreachable" rather than "the
-/// query was wrong": those become 503s.
+/// Whether an error means "the database is unavailable" rather than "the
+/// query was wrong": those become 503s. Connection-level failures are I/O
+/// errors, pool timeouts, and server errors of severity FATAL (the server
+/// refused or dropped the session: shutdown, restart, connections not
+/// allowed) or of classes 08 (connection), 53 (resources) and 57P (operator
+/// intervention).
 pub fn is_unavailable(e: &sqlx::Error) -> bool {
-    matches!(
-        e,
+    use sqlx::postgres::{PgDatabaseError, PgSeverity};
+    match e {
         sqlx::Error::Io(_)
-            | sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::Tls(_)
-    ) || matches!(e, sqlx::Error::Database(d) if d.code().is_some_and(|c| c.starts_with("57P") || c.starts_with("08")))
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Tls(_) => true,
+        sqlx::Error::Database(d) => {
+            let fatal = d
+                .try_downcast_ref::<PgDatabaseError>()
+                .is_some_and(|pg| matches!(pg.severity(), PgSeverity::Fatal | PgSeverity::Panic));
+            fatal
+                || d.code().is_some_and(|c| {
+                    c.starts_with("08") || c.starts_with("53") || c.starts_with("57P")
+                })
+        }
+        _ => false,
+    }
 }
 
 /// Whether an error is a unique-constraint violation.

@@ -202,7 +202,7 @@ pub struct ApiKey {
     pub created_at: DateTime<Utc>,
     /// After this it is refused.
     pub expires_at: DateTime<Utc>,
-    /// Last time it authenticated a request (updated at most once a minute).
+    /// Last time it authenticated a request (written at most every 30 seconds).
     pub last_used_at: DateTime<Utc>,
 }
 

@@ -1,1 +1,8 @@
+//! Whole-system tests: real PostgreSQL (one cluster for the run, a database
+//! per test), primaries in-process and as the real `devmesh` binary, and
+//! the real CLI.
 
+mod api_resources;
+mod api_users;
+mod binary;
+mod robustness;

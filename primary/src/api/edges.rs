@@ -2,7 +2,7 @@
 //! receive each edge's token once; only its hash is stored.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use devmesh_shared::api::{
@@ -14,7 +14,7 @@ use devmesh_shared::token::new_edge_token;
 use uuid::Uuid;
 
 use super::error::{ApiError, ApiResult, Validator};
-use super::extract::{ApiJson, Authed, ClientIp};
+use super::extract::{ApiJson, ApiPath, Authed, ClientIp};
 use super::{AppState, Audit, parse_uuid};
 
 /// An edge that has not heartbeated for this long is `unreachable`.
@@ -143,7 +143,7 @@ pub(super) async fn list(
 pub(super) async fn get(
     State(state): State<AppState>,
     auth: Authed,
-    Path(edge): Path<String>,
+    ApiPath(edge): ApiPath<String>,
 ) -> ApiResult<Json<Edge>> {
     auth.require_owner()?;
     Ok(Json(find(&state, &edge).await?.into()))
@@ -153,7 +153,7 @@ pub(super) async fn update(
     State(state): State<AppState>,
     auth: Authed,
     ClientIp(ip): ClientIp,
-    Path(edge): Path<String>,
+    ApiPath(edge): ApiPath<String>,
     ApiJson(req): ApiJson<UpdateEdgeRequest>,
 ) -> ApiResult<Json<Edge>> {
     auth.require_owner()?;
@@ -190,7 +190,7 @@ pub(super) async fn delete(
     State(state): State<AppState>,
     auth: Authed,
     ClientIp(ip): ClientIp,
-    Path(edge): Path<String>,
+    ApiPath(edge): ApiPath<String>,
 ) -> ApiResult<StatusCode> {
     auth.require_owner()?;
     let row = find(&state, &edge).await?;
@@ -211,7 +211,7 @@ pub(super) async fn regenerate_token(
     State(state): State<AppState>,
     auth: Authed,
     ClientIp(ip): ClientIp,
-    Path(edge): Path<String>,
+    ApiPath(edge): ApiPath<String>,
 ) -> ApiResult<Json<CreateEdgeResponse>> {
     auth.require_owner()?;
     let row = find(&state, &edge).await?;

@@ -145,3 +145,37 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientIp {
         Ok(Self(ip))
     }
 }
+
+/// Path parameters; malformed ones (invalid UTF-8, say) become JSON errors.
+#[derive(Debug)]
+pub struct ApiPath<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(v)) => Ok(Self(v)),
+            Err(r) => {
+                Err(ApiError::bad_request("The URL path is not valid.").detail(r.body_text()))
+            }
+        }
+    }
+}
+
+/// Query parameters; malformed ones become JSON errors.
+#[derive(Debug)]
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => Ok(Self(v)),
+            Err(r) => {
+                Err(ApiError::bad_request("The query string is not valid.").detail(r.body_text()))
+            }
+        }
+    }
+}

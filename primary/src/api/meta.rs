@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use axum::Json;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use chrono::{DateTime, Utc};
@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::AppState;
 use super::error::{ApiError, ApiResult};
-use super::extract::Authed;
+use super::extract::{ApiQuery, Authed};
 
 pub(super) async fn buildinfo(State(state): State<AppState>) -> Json<BuildInfo> {
     Json(BuildInfo {
@@ -70,7 +70,7 @@ struct AuditRow {
 pub(super) async fn audit(
     State(state): State<AppState>,
     auth: Authed,
-    Query(q): Query<HashMap<String, String>>,
+    ApiQuery(q): ApiQuery<HashMap<String, String>>,
 ) -> ApiResult<Json<AuditResponse>> {
     auth.require_owner()?;
     let parse = |k: &str, default: i64| -> ApiResult<i64> {

@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use devmesh_shared::api::{
@@ -15,7 +15,7 @@ use devmesh_shared::names::validate_name;
 use uuid::Uuid;
 
 use super::error::{ApiError, ApiResult, Validator};
-use super::extract::{ApiJson, Authed, ClientIp};
+use super::extract::{ApiJson, ApiPath, Authed, ClientIp};
 use super::{AppState, Audit, parse_uuid};
 
 /// Checks an external definition, recording problems under `prefix`.
@@ -261,7 +261,7 @@ pub(super) async fn list(
 pub(super) async fn get(
     State(state): State<AppState>,
     _auth: Authed,
-    Path(template): Path<String>,
+    ApiPath(template): ApiPath<String>,
 ) -> ApiResult<Json<Template>> {
     let row = find_template(&state, &template).await?;
     Ok(Json(to_api(&state, row).await?))
@@ -270,7 +270,7 @@ pub(super) async fn get(
 pub(super) async fn versions(
     State(state): State<AppState>,
     _auth: Authed,
-    Path(template): Path<String>,
+    ApiPath(template): ApiPath<String>,
 ) -> ApiResult<Json<TemplateVersionsResponse>> {
     let row = find_template(&state, &template).await?;
     let versions: Vec<VersionRow> = sqlx::query_as(&format!(
@@ -288,7 +288,7 @@ pub(super) async fn create_version(
     State(state): State<AppState>,
     auth: Authed,
     ClientIp(ip): ClientIp,
-    Path(template): Path<String>,
+    ApiPath(template): ApiPath<String>,
     ApiJson(req): ApiJson<CreateTemplateVersionRequest>,
 ) -> ApiResult<(StatusCode, Json<Template>)> {
     auth.require_owner()?;
@@ -336,7 +336,7 @@ pub(super) async fn delete(
     State(state): State<AppState>,
     auth: Authed,
     ClientIp(ip): ClientIp,
-    Path(template): Path<String>,
+    ApiPath(template): ApiPath<String>,
 ) -> ApiResult<StatusCode> {
     auth.require_owner()?;
     let row = find_template(&state, &template).await?;

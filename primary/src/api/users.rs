@@ -1,7 +1,7 @@
 //! Users, sessions and API keys.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::IntoResponse;
 use chrono::{DateTime, Duration, Utc};
@@ -15,7 +15,7 @@ use devmesh_shared::token::new_api_key;
 use uuid::Uuid;
 
 use super::error::{ApiError, ApiResult, Validator};
-use super::extract::{ApiJson, Authed, ClientIp, SESSION_COOKIE};
+use super::extract::{ApiJson, ApiPath, Authed, ClientIp, SESSION_COOKIE};
 use super::{AppState, Audit, parse_uuid};
 use crate::auth::{hash_password, parse_roles, verify_password};
 use crate::metrics::Metrics;
@@ -357,7 +357,7 @@ pub(super) async fn create_user(
 pub(super) async fn get_user(
     State(state): State<AppState>,
     auth: Authed,
-    Path(user): Path<String>,
+    ApiPath(user): ApiPath<String>,
 ) -> ApiResult<Json<User>> {
     let row = find_user(&state, &user).await?;
     if row.id != auth.0.user_id {
@@ -370,7 +370,7 @@ pub(super) async fn set_status(
     State(state): State<AppState>,
     auth: Authed,
     ClientIp(ip): ClientIp,
-    Path((user, status)): Path<(String, String)>,
+    ApiPath((user, status)): ApiPath<(String, String)>,
 ) -> ApiResult<Json<User>> {
     auth.require_owner()?;
     let (new_status, action) = match status.as_str() {
@@ -407,7 +407,7 @@ pub(super) async fn delete_user(
     State(state): State<AppState>,
     auth: Authed,
     ClientIp(ip): ClientIp,
-    Path(user): Path<String>,
+    ApiPath(user): ApiPath<String>,
 ) -> ApiResult<StatusCode> {
     auth.require_owner()?;
     let row = find_user(&state, &user).await?;
@@ -556,7 +556,7 @@ pub(super) async fn list_keys(
 pub(super) async fn get_key(
     State(state): State<AppState>,
     auth: Authed,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<ApiKey>> {
     let row: Option<KeyRow> = sqlx::query_as(&format!(
         "SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1 AND user_id = $2"
@@ -573,7 +573,7 @@ pub(super) async fn delete_key(
     State(state): State<AppState>,
     auth: Authed,
     ClientIp(ip): ClientIp,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<StatusCode> {
     let deleted = sqlx::query("DELETE FROM api_keys WHERE id = $1 AND user_id = $2")
         .bind(&id)

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use devmesh_shared::api::{
@@ -18,7 +18,7 @@ use devmesh_shared::secret::{random_alphanumeric, sha256};
 use uuid::Uuid;
 
 use super::error::{ApiError, ApiResult, Validator};
-use super::extract::{ApiJson, Authed, ClientIp};
+use super::extract::{ApiJson, ApiPath, ApiQuery, Authed, ClientIp};
 use super::templates::{find_template, load_version};
 use super::users::find_user;
 use super::{AppState, Audit, parse_uuid};
@@ -398,7 +398,7 @@ pub(super) async fn create(
 pub(super) async fn list(
     State(state): State<AppState>,
     auth: Authed,
-    Query(q): Query<HashMap<String, String>>,
+    ApiQuery(q): ApiQuery<HashMap<String, String>>,
 ) -> ApiResult<Json<WorkspacesResponse>> {
     let owner = q.get("owner").map(String::as_str).unwrap_or("me");
     let rows: Vec<WorkspaceRow> = match owner {
@@ -441,7 +441,7 @@ pub(super) async fn list(
 pub(super) async fn get(
     State(state): State<AppState>,
     auth: Authed,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<Workspace>> {
     let id = parse_uuid(&id).ok_or_else(|| ApiError::not_found("No such workspace."))?;
     let row = find_visible(&state, &auth, id, false).await?;
@@ -451,7 +451,7 @@ pub(super) async fn get(
 pub(super) async fn get_by_name(
     State(state): State<AppState>,
     auth: Authed,
-    Path((user, name)): Path<(String, String)>,
+    ApiPath((user, name)): ApiPath<(String, String)>,
 ) -> ApiResult<Json<Workspace>> {
     let user = if user == "me" {
         auth.0.user_id.to_string()
@@ -475,7 +475,7 @@ pub(super) async fn build(
     State(state): State<AppState>,
     auth: Authed,
     ClientIp(ip): ClientIp,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<CreateBuildRequest>,
 ) -> ApiResult<(StatusCode, Json<WorkspaceBuildResponse>)> {
     let id = parse_uuid(&id).ok_or_else(|| ApiError::not_found("No such workspace."))?;
