@@ -56,7 +56,7 @@ mod tests {
         assert_eq!(check_fits(Some("code"), "main", "dev", "alice"), Ok(()));
         let long = "x".repeat(20);
         let err = check_fits(Some("code"), &long, &long, &long).unwrap_err();
-        assert_eq!(err.len, 4 + 2 + 20 * 3 + 6);
+        assert_eq!(err.len, 4 + 3 * 2 + 20 * 3);
         assert!(err.to_string().contains("at most 63"));
         // The dev-URL prefix alone can overflow even without apps.
         let n = "y".repeat(18);
