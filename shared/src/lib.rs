@@ -1,6 +1,7 @@
 //! Code every devmesh component shares: the JSON shapes of `/api/v2`, the
 //! naming rules that keep names hostname-safe, token formats, secrets
-//! handling, and process-wide setup (crypto provider, logging).
+//! handling, the agent↔relay tunnel codecs, signed tickets and tokens, and
+//! process-wide setup (crypto provider, logging).
 //!
 //! Nothing here owns sockets or policy that belongs to one component.
 
@@ -11,7 +12,9 @@ pub mod apphost;
 pub mod names;
 pub mod runtime;
 pub mod secret;
+pub mod signing;
 pub mod token;
+pub mod tunnel;
 
 /// The version every component reports and compares.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
