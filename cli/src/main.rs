@@ -12,6 +12,7 @@ mod session;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use devmesh_shared::api::Transition;
 
 /// Exit code for bad configuration or usage (EX_USAGE).
 const EXIT_USAGE: u8 = 64;
@@ -47,6 +48,49 @@ enum Command {
     Edges(commands::edges::EdgesCommand),
     /// List regions and their health.
     Regions,
+    /// Manage templates.
+    #[command(subcommand)]
+    Templates(commands::workspaces::TemplatesCommand),
+    /// Create a workspace from a template; prints each agent's token.
+    Create {
+        /// Workspace name.
+        name: String,
+        /// Template name.
+        #[arg(long, short)]
+        template: String,
+    },
+    /// List your workspaces.
+    #[command(alias = "ls")]
+    List {
+        /// Everyone's workspaces (owners).
+        #[arg(long)]
+        all: bool,
+    },
+    /// Start a stopped workspace (new agent tokens are printed).
+    Start {
+        /// Workspace name, or owner/name.
+        name: String,
+    },
+    /// Stop a workspace.
+    Stop {
+        /// Workspace name, or owner/name.
+        name: String,
+    },
+    /// Delete a workspace.
+    Delete {
+        /// Workspace name, or owner/name.
+        name: String,
+    },
+    /// Show a workspace's startup script output.
+    Logs {
+        /// Workspace name, or owner/name.
+        name: String,
+        /// Keep following while scripts run.
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Run the workspace agent (inside the workspace).
+    Agent(devmesh_agent::AgentArgs),
 }
 
 fn main() -> ExitCode {
@@ -108,5 +152,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Keys(c) => commands::keys::run(&g, c).await,
         Command::Edges(c) => commands::edges::run(&g, c).await,
         Command::Regions => commands::edges::regions(&g).await,
+        Command::Templates(c) => commands::workspaces::templates(&g, c).await,
+        Command::Create { name, template } => {
+            commands::workspaces::create(&g, name, template).await
+        }
+        Command::List { all } => commands::workspaces::list(&g, all).await,
+        Command::Start { name } => {
+            commands::workspaces::transition(&g, name, Transition::Start).await
+        }
+        Command::Stop { name } => {
+            commands::workspaces::transition(&g, name, Transition::Stop).await
+        }
+        Command::Delete { name } => {
+            commands::workspaces::transition(&g, name, Transition::Delete).await
+        }
+        Command::Logs { name, follow } => commands::workspaces::logs(&g, name, follow).await,
+        Command::Agent(args) => commands::agent::run(args).await,
     }
 }

@@ -1,5 +1,2 @@
-//! `devmesh-loadtest`: whole topologies on one machine, WAN emulation and
-//! side-by-side baselines. Its implementation arrives with the loadtest
-//! issue.
-
+//! Library part of the load-test tool (topologies and scenarios arrive with the loadtest issue).
 #![forbid(unsafe_code)]

@@ -1,6 +1,8 @@
 //! The `/api/v2` HTTP API: routing, shared state, middleware and the audit
 //! log helper. Handlers live in one submodule per resource.
 
+mod agents;
+pub(crate) mod apps;
 mod edges;
 pub mod error;
 pub mod extract;
@@ -27,8 +29,10 @@ use uuid::Uuid;
 
 use crate::auth::{KeyValidator, Principal};
 use crate::config::ServerConfig;
+use crate::mesh::{MeshCa, Sealer, Signer};
 use crate::metrics::{HttpLabels, Metrics, RouteLabels};
 use crate::ratelimit::RateLimiter;
+use crate::relay::Relay;
 use error::{ApiError, DbUnavailable};
 
 /// Largest request body the API accepts.
@@ -49,11 +53,38 @@ pub struct AppState {
     pub login_per_ip: Arc<RateLimiter>,
     /// Login attempts per email or username.
     pub login_per_user: Arc<RateLimiter>,
+    /// Signs attach tickets and app tokens.
+    pub signer: Signer,
+    /// Seals one-time app keys for the auth redirect.
+    pub sealer: Sealer,
+    /// The mesh CA.
+    pub ca: Arc<MeshCa>,
+    /// The primary's relay.
+    pub relay: Relay,
+    /// The relay's address as agents should dial it.
+    pub relay_address: String,
+    /// One-time app keys already exchanged.
+    pub used_nonces: moka::future::Cache<String, ()>,
+}
+
+/// The primary's keys and relay, created at start.
+#[derive(Debug)]
+pub struct Parts {
+    /// Signing keys.
+    pub signer: Signer,
+    /// Sealing key.
+    pub sealer: Sealer,
+    /// Mesh CA.
+    pub ca: Arc<MeshCa>,
+    /// The relay.
+    pub relay: Relay,
+    /// Its advertised address.
+    pub relay_address: String,
 }
 
 impl AppState {
     /// State over a connected, migrated database.
-    pub fn new(db: PgPool, config: ServerConfig) -> Self {
+    pub fn new(db: PgPool, config: ServerConfig, parts: Parts) -> Self {
         let metrics = Arc::new(Metrics::new());
         Self {
             keys: KeyValidator::new(db.clone(), metrics.clone()),
@@ -62,6 +93,12 @@ impl AppState {
             metrics,
             login_per_ip: Arc::new(RateLimiter::new(30, Duration::from_secs(60))),
             login_per_user: Arc::new(RateLimiter::new(10, Duration::from_secs(60))),
+            signer: parts.signer,
+            sealer: parts.sealer,
+            ca: parts.ca,
+            relay: parts.relay,
+            relay_address: parts.relay_address,
+            used_nonces: apps::used_nonce_cache(),
         }
     }
 }
@@ -119,6 +156,20 @@ pub fn router(state: AppState) -> Router {
             get(edges::get).patch(edges::update).delete(edges::delete),
         )
         .route("/edges/{edge}/token", post(edges::regenerate_token))
+        .route("/workspaceagents/me/manifest", get(agents::manifest))
+        .route(
+            "/workspaceagents/me/attach-ticket",
+            post(agents::attach_ticket),
+        )
+        .route("/workspaceagents/me/lifecycle", post(agents::lifecycle))
+        .route("/workspaceagents/me/logs", post(agents::post_logs))
+        .route("/workspaceagents/me/app-health", post(agents::app_health))
+        .route("/workspaceagents/{id}/logs", get(agents::get_logs))
+        .route(
+            "/workspaces/{id}/port-shares",
+            get(workspaces::list_port_shares).post(workspaces::set_port_share),
+        )
+        .route("/applications/auth-redirect", get(apps::auth_redirect))
         .fallback(api_not_found);
 
     Router::new()
@@ -126,8 +177,10 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(meta::healthz))
         .route("/metrics", get(meta::metrics))
         .route("/", get(meta::root))
+        .route("/login", get(apps::login_form).post(apps::login_submit))
         .fallback(api_not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), apps::route_apps))
         .layer(middleware::from_fn_with_state(state.clone(), record_metrics))
         .layer(
             ServiceBuilder::new()

@@ -27,7 +27,8 @@ pub struct ServerArgs {
     /// URL users and agents reach this server at [default: http://<http-address>].
     #[arg(long, env = "DEVMESH_ACCESS_URL")]
     pub access_url: Option<String>,
-    /// Wildcard hostname for apps and dev URLs, like `*.apps.example.com`.
+    /// Wildcard hostname for apps and dev URLs, like `*.apps.example.com`
+    /// [default on a loopback access URL: *.apps.localhost].
     #[arg(long, env = "DEVMESH_WILDCARD_ACCESS_URL")]
     pub wildcard_access_url: Option<String>,
     /// Where devmesh keeps its state, including the embedded database
@@ -40,6 +41,18 @@ pub struct ServerArgs {
     /// Log format: text or json [default: text].
     #[arg(long, env = "DEVMESH_LOG_FORMAT")]
     pub log_format: Option<String>,
+    /// UDP address of the relay agents attach to over QUIC [default: 127.0.0.1:3001].
+    #[arg(long, env = "DEVMESH_RELAY_ADDRESS")]
+    pub relay_address: Option<String>,
+    /// PEM certificate chain to serve HTTPS with (wildcards welcome); reloaded when it changes.
+    #[arg(long, env = "DEVMESH_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "DEVMESH_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Serve HTTPS with a generated local CA (for trials; prints the CA's path for curl --cacert).
+    #[arg(long, env = "DEVMESH_TLS_SELF_SIGNED", conflicts_with = "tls_cert")]
+    pub tls_self_signed: bool,
 }
 
 /// The same settings as a TOML file.
@@ -52,6 +65,10 @@ struct FileConfig {
     data_dir: Option<PathBuf>,
     postgres_url: Option<String>,
     log_format: Option<String>,
+    relay_address: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_self_signed: Option<bool>,
 }
 
 /// Validated configuration of a primary.
@@ -69,6 +86,26 @@ pub struct ServerConfig {
     pub postgres_url: Option<Secret>,
     /// Log format.
     pub log_format: LogFormat,
+    /// Where the relay binds (UDP).
+    pub relay_address: SocketAddr,
+    /// How HTTPS is served, if at all.
+    pub tls: Tls,
+}
+
+/// The primary's TLS mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tls {
+    /// Plain HTTP (behind a TLS-terminating proxy, or local use).
+    Off,
+    /// These PEM files.
+    Files {
+        /// Certificate chain.
+        cert: PathBuf,
+        /// Private key.
+        key: PathBuf,
+    },
+    /// A generated local CA under `<data-dir>/tls`.
+    SelfSigned,
 }
 
 impl ServerArgs {
@@ -87,15 +124,34 @@ impl ServerArgs {
                 "--http-address {http_address:?} is not an address like 127.0.0.1:3000"
             ))
         })?;
+        let tls = match (
+            self.tls_cert.or(file.tls_cert),
+            self.tls_key.or(file.tls_key),
+        ) {
+            (Some(cert), Some(key)) => Tls::Files { cert, key },
+            (None, None) if self.tls_self_signed || file.tls_self_signed == Some(true) => {
+                Tls::SelfSigned
+            }
+            (None, None) => Tls::Off,
+            _ => return Err(ConfigError("--tls-cert and --tls-key go together".into())),
+        };
+        let scheme = if tls == Tls::Off { "http" } else { "https" };
         let access_url = match self.access_url.or(file.access_url) {
             Some(u) => validate_url("--access-url", &u)?,
-            None => format!("http://{http_address}"),
+            None => format!("{scheme}://{http_address}"),
         };
         let wildcard_access_url = self
             .wildcard_access_url
             .or(file.wildcard_access_url)
             .map(|w| validate_wildcard(&w))
             .transpose()?;
+        // On a loopback trial, apps work out of the box: browsers resolve
+        // every *.localhost name to the loopback address.
+        let wildcard_access_url = wildcard_access_url.or_else(|| {
+            let host = access_url.split("://").nth(1)?.split(['/', ':']).next()?;
+            matches!(host, "127.0.0.1" | "localhost" | "[::1]")
+                .then(|| "*.apps.localhost".to_owned())
+        });
         let data_dir = match self.data_dir.or(file.data_dir) {
             Some(d) if d.as_os_str().is_empty() => {
                 return Err(ConfigError("--data-dir must not be empty".into()));
@@ -120,7 +176,18 @@ impl ServerArgs {
             .map(|f| f.parse().map_err(ConfigError))
             .transpose()?
             .unwrap_or_default();
+        let relay_address = self
+            .relay_address
+            .or(file.relay_address)
+            .unwrap_or_else(|| "127.0.0.1:3001".into());
+        let relay_address: SocketAddr = relay_address.parse().map_err(|_| {
+            ConfigError(format!(
+                "--relay-address {relay_address:?} is not an address like 127.0.0.1:3001"
+            ))
+        })?;
         Ok(ServerConfig {
+            tls,
+            relay_address,
             http_address,
             access_url,
             wildcard_access_url,
@@ -142,6 +209,8 @@ impl ServerConfig {
             data_dir,
             postgres_url: Some(postgres_url),
             log_format: LogFormat::Text,
+            relay_address: "127.0.0.1:0".parse().expect("valid address"),
+            tls: Tls::Off,
         }
     }
 
@@ -233,6 +302,11 @@ mod tests {
         assert_eq!(c.http_address.to_string(), "127.0.0.1:3000");
         assert_eq!(c.access_url, "http://127.0.0.1:3000");
         assert!(c.postgres_url.is_none());
+        assert_eq!(
+            c.wildcard_access_url.as_deref(),
+            Some("*.apps.localhost"),
+            "apps work on a loopback trial"
+        );
         assert!(!c.secure_cookies());
     }
 

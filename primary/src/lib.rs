@@ -7,9 +7,12 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod db;
+pub mod mesh;
 pub mod metrics;
 pub mod ratelimit;
+pub mod relay;
 pub mod server;
+pub mod tls;
 
 pub use config::{ServerArgs, ServerConfig};
 pub use server::{RunningServer, start};

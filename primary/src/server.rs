@@ -11,9 +11,16 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{AppState, router};
-use crate::config::ServerConfig;
+use std::sync::Arc;
+
+use tokio_util::task::TaskTracker;
+
+use crate::api::{AppState, Parts, router};
+use crate::config::{ServerConfig, Tls};
 use crate::db::{self, embedded::EmbeddedOptions, embedded::EmbeddedPostgres};
+use crate::mesh::{MeshCa, Sealer, Signer};
+use crate::relay::{Relay, RelayDeps};
+use crate::tls;
 
 /// How long in-flight requests get to finish on shutdown.
 const GRACE_PERIOD: Duration = Duration::from_secs(10);
@@ -24,6 +31,8 @@ const GRACE_PERIOD: Duration = Duration::from_secs(10);
 pub struct RunningServer {
     /// Where the HTTP API listens.
     pub local_addr: SocketAddr,
+    /// `http` or `https`.
+    pub scheme: &'static str,
     /// The database pool (tests inspect state through it).
     pub db: PgPool,
     shutdown: CancellationToken,
@@ -34,7 +43,7 @@ pub struct RunningServer {
 impl RunningServer {
     /// The base URL of the HTTP API on loopback.
     pub fn url(&self) -> String {
-        format!("http://{}", self.local_addr)
+        format!("{}://{}", self.scheme, self.local_addr)
     }
 
     /// Resolves when the server has been asked to stop.
@@ -74,12 +83,20 @@ impl Drop for RunningServer {
 }
 
 /// Starts a primary: database, migrations, listener.
-pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
+pub async fn start(mut config: ServerConfig) -> anyhow::Result<RunningServer> {
     // Bind first: a busy port fails fast, before the database starts.
     let listener = TcpListener::bind(config.http_address)
         .await
         .with_context(|| format!("cannot listen on {}", config.http_address))?;
     let local_addr = listener.local_addr()?;
+    // A defaulted access URL on port 0 names the port actually bound.
+    if config.http_address.port() == 0 && config.access_url.ends_with(":0") {
+        config.access_url = format!(
+            "{}{}",
+            config.access_url.trim_end_matches('0'),
+            local_addr.port()
+        );
+    }
 
     let (options, embedded) = match &config.postgres_url {
         Some(url) => {
@@ -111,27 +128,190 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         .fetch_one(&pool)
         .await?;
     let access_url = config.access_url.clone();
-    let state = AppState::new(pool.clone(), config);
-    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    let tls_mode = config.tls.clone();
+    let wildcard = config.wildcard_access_url.clone();
+    let data_dir = config.data_dir.clone();
     let shutdown = CancellationToken::new();
-    let signal = shutdown.clone();
-    let task = tokio::spawn(async move {
-        let result = axum::serve(listener, app)
-            .with_graceful_shutdown(signal.cancelled_owned())
-            .await;
-        if let Err(e) = result {
-            tracing::error!(error = %e, "HTTP server failed");
+    let tracker = TaskTracker::new();
+    let ca = Arc::new(
+        MeshCa::load_or_create(&pool)
+            .await
+            .context("loading the mesh CA")?,
+    );
+    let signer = Signer::load_or_create(&pool)
+        .await
+        .context("loading the signing keys")?;
+    let sealer = Sealer::load_or_create(&pool)
+        .await
+        .context("loading the app encryption key")?;
+    let relay = Relay::start(
+        config.relay_address,
+        RelayDeps {
+            db: pool.clone(),
+            signer: signer.clone(),
+            ca: ca.clone(),
+        },
+        shutdown.clone(),
+        &tracker,
+    )
+    .with_context(|| format!("cannot start the relay on {}", config.relay_address))?;
+    let relay_address = advertised_relay_address(relay.local_addr, &config.access_url);
+    let parts = Parts {
+        signer,
+        sealer,
+        ca,
+        relay,
+        relay_address,
+    };
+    let state = AppState::new(pool.clone(), config, parts);
+    let tls_config = match &tls_mode {
+        Tls::Off => None,
+        Tls::Files { cert, key } => Some(tls::server_config(
+            cert.clone(),
+            key.clone(),
+            shutdown.clone(),
+        )?),
+        Tls::SelfSigned => {
+            let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+            if let Some(host) = url::Url::parse(&access_url)
+                .ok()
+                .and_then(|u| u.host_str().map(str::to_owned))
+            {
+                names.insert(0, host);
+            }
+            if let Some(w) = &wildcard {
+                names.push(w.split(':').next().unwrap_or(w).to_owned());
+            }
+            names.dedup();
+            let (ca, cert, key) = tls::self_signed(&data_dir.join("tls"), &names)?;
+            tracing::info!(ca = %ca.display(), "serving HTTPS with a self-signed certificate; trust it with: curl --cacert {}", ca.display());
+            Some(tls::server_config(cert, key, shutdown.clone())?)
         }
-    });
+    };
+    let scheme = if tls_config.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let app = router(state);
+    let signal = shutdown.clone();
+    let task = match tls_config {
+        None => tokio::spawn(async move {
+            let app = app.into_make_service_with_connect_info::<SocketAddr>();
+            if let Err(e) = axum::serve(listener, app)
+                .with_graceful_shutdown(signal.cancelled_owned())
+                .await
+            {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        }),
+        Some(tls) => tokio::spawn(serve_tls(listener, app, tls, signal)),
+    };
     tracing::info!(version = devmesh_shared::VERSION, http.address = %local_addr, access_url = %access_url, "devmesh primary started");
     if !has_users {
         tracing::info!("no users yet: create the first one with `devmesh login {access_url}`");
     }
     Ok(RunningServer {
         local_addr,
+        scheme,
         db: pool,
         shutdown,
         task: Some(task),
         embedded,
     })
 }
+
+/// The relay address agents should dial: the bound address, or, when bound
+/// to all interfaces, the access URL's host with the bound port.
+fn advertised_relay_address(bound: SocketAddr, access_url: &str) -> String {
+    if !bound.ip().is_unspecified() {
+        return bound.to_string();
+    }
+    let host = url::Url::parse(access_url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_owned));
+    match host {
+        Some(h) if h.contains(':') => format!("[{h}]:{}", bound.port()),
+        Some(h) => format!("{h}:{}", bound.port()),
+        None => bound.to_string(),
+    }
+}
+
+/// Serves the app over TLS: one task per connection, the handshake under a
+/// timeout inside it (never in the accept loop), HTTP/1.1 or HTTP/2 by ALPN,
+/// and a graceful drain on shutdown.
+async fn serve_tls(
+    listener: TcpListener,
+    app: axum::Router,
+    tls: Arc<rustls::ServerConfig>,
+    shutdown: CancellationToken,
+) {
+    use axum::extract::ConnectInfo;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tower::ServiceExt;
+
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let (tcp, remote) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::warn!(client.addr = %remote, "connection limit reached; dropping a connection");
+            continue;
+        };
+        let (acceptor, app, builder, watcher) = (
+            acceptor.clone(),
+            app.clone(),
+            builder.clone(),
+            graceful.watcher(),
+        );
+        tokio::spawn(async move {
+            let _permit = permit;
+            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(client.addr = %remote, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(client.addr = %remote, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let service = hyper::service::service_fn(
+                move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(ConnectInfo(remote));
+                    app.clone().oneshot(req.map(axum::body::Body::new))
+                },
+            );
+            let conn = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .into_owned();
+            if let Err(e) = watcher.watch(conn).await {
+                tracing::debug!(client.addr = %remote, error = %e, "connection ended");
+            }
+        });
+    }
+    if tokio::time::timeout(GRACE_PERIOD, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after {GRACE_PERIOD:?}; closing them");
+    }
+}
+
+/// Most concurrent HTTPS connections.
+const MAX_CONNECTIONS: usize = 50_000;
+/// How long a client has to finish the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

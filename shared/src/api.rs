@@ -730,3 +730,214 @@ pub struct AuditResponse {
     /// Newest first.
     pub entries: Vec<AuditEntry>,
 }
+
+// === Agents (`/api/v2/workspaceagents/me/...`, authenticated by the agent token) ===
+
+/// The header an agent sends its token in.
+pub const AGENT_TOKEN_HEADER: &str = "Devmesh-Agent-Token";
+
+/// `GET /api/v2/workspaceagents/me/manifest`: what an agent needs to run.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AgentManifest {
+    /// The agent's id.
+    pub agent_id: Uuid,
+    /// Its name in the workspace.
+    pub agent_name: String,
+    /// The workspace's id.
+    pub workspace_id: Uuid,
+    /// The workspace's name.
+    pub workspace_name: String,
+    /// The owner's username.
+    pub owner_name: String,
+    /// Working directory for scripts.
+    pub directory: Option<String>,
+    /// Extra environment for scripts.
+    pub env: BTreeMap<String, String>,
+    /// Apps the agent serves (for health checks).
+    pub apps: Vec<ManifestApp>,
+    /// Startup and stop scripts.
+    pub scripts: Vec<ScriptSpec>,
+    /// Relays the agent may attach to, nearest-first candidates.
+    pub relays: Vec<RelayInfo>,
+    /// PEM of the mesh CA: the only root the agent trusts for relays.
+    pub mesh_ca_pem: String,
+}
+
+/// An app as the agent sees it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ManifestApp {
+    /// Slug.
+    pub slug: String,
+    /// Upstream URL.
+    pub url: String,
+    /// Health check, if any.
+    pub healthcheck: Option<HealthcheckSpec>,
+}
+
+/// A relay an agent can attach to.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RelayInfo {
+    /// Region name (`primary` or an edge's).
+    pub region: String,
+    /// UDP `host:port` of its QUIC endpoint.
+    pub address: String,
+    /// TLS server name on its mesh certificate.
+    pub server_name: String,
+}
+
+/// `POST /api/v2/workspaceagents/me/attach-ticket`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AttachTicketResponse {
+    /// Ed25519-signed ticket to present on the control stream.
+    pub ticket: String,
+    /// When it stops being accepted.
+    pub expires_at: DateTime<Utc>,
+}
+
+/// An agent's lifecycle state.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LifecycleState {
+    /// Not started yet.
+    Created,
+    /// Running startup scripts.
+    Starting,
+    /// Startup scripts finished.
+    Ready,
+    /// A startup script failed.
+    StartError,
+    /// A startup script timed out.
+    StartTimeout,
+    /// Running stop scripts.
+    ShuttingDown,
+    /// Stopped cleanly.
+    Off,
+    /// A stop script failed.
+    ShutdownError,
+    /// A stop script timed out.
+    ShutdownTimeout,
+}
+
+impl LifecycleState {
+    /// The name stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Created => "created",
+            Self::Starting => "starting",
+            Self::Ready => "ready",
+            Self::StartError => "start_error",
+            Self::StartTimeout => "start_timeout",
+            Self::ShuttingDown => "shutting_down",
+            Self::Off => "off",
+            Self::ShutdownError => "shutdown_error",
+            Self::ShutdownTimeout => "shutdown_timeout",
+        }
+    }
+}
+
+/// `POST /api/v2/workspaceagents/me/lifecycle`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LifecycleRequest {
+    /// The new state.
+    pub state: LifecycleState,
+}
+
+/// One line (or chunk) of script output.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AgentLogEntry {
+    /// The script's name (or `agent`).
+    pub source: String,
+    /// `info` or `error` (stderr).
+    #[serde(default = "info")]
+    pub level: String,
+    /// The text, without a trailing newline.
+    pub output: String,
+}
+
+fn info() -> String {
+    "info".into()
+}
+
+/// `POST /api/v2/workspaceagents/me/logs`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentLogsRequest {
+    /// A batch, oldest first.
+    pub logs: Vec<AgentLogEntry>,
+}
+
+/// Answer to a log batch.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentLogsAccepted {
+    /// Entries stored.
+    pub accepted: usize,
+    /// The agent's 1 MiB of logs is full; stop sending.
+    pub overflowed: bool,
+}
+
+/// A stored log entry, as users read it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AgentLog {
+    /// Increasing id; pass the last as `?after=` to follow.
+    pub id: i64,
+    /// Script name.
+    pub source: String,
+    /// `info` or `error`.
+    pub level: String,
+    /// The text.
+    pub output: String,
+    /// When it was stored.
+    pub created_at: DateTime<Utc>,
+}
+
+/// `GET /api/v2/workspaceagents/{id}/logs?after=N`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentLogsResponse {
+    /// Entries after `after`, oldest first.
+    pub logs: Vec<AgentLog>,
+    /// Whether later output was dropped (1 MiB per agent).
+    pub overflowed: bool,
+    /// The agent's lifecycle state now.
+    pub lifecycle_state: String,
+}
+
+/// An app's health as the agent reports it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AppHealth {
+    /// No check result yet.
+    Initializing,
+    /// The last check passed.
+    Healthy,
+    /// `threshold` checks in a row failed.
+    Unhealthy,
+}
+
+/// `POST /api/v2/workspaceagents/me/app-health`: changed apps only.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppHealthRequest {
+    /// Slug → health.
+    pub health: BTreeMap<String, AppHealth>,
+}
+
+/// A port shared beyond the workspace owner (dev URLs).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PortShare {
+    /// The agent serving the port.
+    pub agent_name: String,
+    /// The port.
+    pub port: u16,
+    /// Who may open it; `owner` removes the share.
+    pub sharing_level: SharingLevel,
+}
+
+/// `GET /api/v2/workspaces/{id}/port-shares`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PortSharesResponse {
+    /// Current shares.
+    pub shares: Vec<PortShare>,
+}

@@ -23,6 +23,18 @@ pub const MAX_FRAME_LEN: usize = 16 * 1024;
 /// Bytes before a frame's body: version, kind and body length.
 pub const PREFIX_LEN: usize = 4;
 
+/// After reading a [`StreamHeader`], the agent answers with one status byte
+/// before any raw bytes, so the relay can tell "the app refused" from "the
+/// app closed". The relay may pipeline its first bytes without waiting.
+pub mod status {
+    /// Connected; raw bytes follow.
+    pub const OK: u8 = 0x00;
+    /// Nothing listens on the port (or it refused).
+    pub const REFUSED: u8 = 0x01;
+    /// The header kind is not served by this agent.
+    pub const UNSUPPORTED: u8 = 0x02;
+}
+
 // Stream headers and control messages use disjoint kind ranges so a frame
 // read on the wrong kind of stream fails as `UnknownKind` instead of being
 // misread as something else.

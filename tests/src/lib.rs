@@ -10,6 +10,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod upstream;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::OnceLock;

@@ -1,114 +1,13 @@
 //! The real `devmesh` binary: configuration errors, the embedded database
 //! across restarts and crashes, and the CLI a new user follows.
 
-use std::path::{Path, PathBuf};
-use std::process::{Output, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use devmesh_tests::{fresh_database, shared_tempdir};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
-const BIN: &str = env!("CARGO_BIN_EXE_devmesh");
-
-/// A `devmesh server` process, killed on drop.
-struct ServerProcess {
-    child: Child,
-    url: String,
-    log: PathBuf,
-}
-
-impl ServerProcess {
-    async fn start(args: &[&str], env: &[(&str, &str)], log_dir: &Path) -> Self {
-        let log = log_dir.join(format!("server-{}.log", uuid::Uuid::new_v4().simple()));
-        let mut cmd = Command::new(BIN);
-        cmd.arg("server")
-            .args(["--http-address", "127.0.0.1:0"])
-            .args(args)
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .kill_on_drop(true);
-        let mut child = cmd.spawn().expect("spawn devmesh server");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let url = tokio::time::timeout(Duration::from_secs(90), async {
-            while let Some(line) = lines.next_line().await.unwrap() {
-                if let Some(url) = line.strip_prefix("Started HTTP listener at ") {
-                    return Some(url.to_owned());
-                }
-            }
-            None
-        })
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| {
-            panic!(
-                "server did not start:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            )
-        });
-        // Keep draining stdout so the server never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Self { child, url, log }
-    }
-
-    fn signal(&self, sig: Signal) {
-        kill(Pid::from_raw(self.child.id().expect("running") as i32), sig).expect("signal server");
-    }
-
-    /// SIGTERM and wait for a clean exit.
-    async fn stop(mut self) {
-        self.signal(Signal::SIGTERM);
-        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
-            .await
-            .expect("stops in time")
-            .unwrap();
-        assert!(
-            status.success(),
-            "exit {status}:\n{}",
-            std::fs::read_to_string(&self.log).unwrap_or_default()
-        );
-    }
-
-    /// SIGKILL, as a crash would.
-    async fn crash(mut self) {
-        self.signal(Signal::SIGKILL);
-        let _ = self.child.wait().await;
-    }
-}
-
-/// Runs the CLI with its own config directory.
-async fn cli(config: &Path, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .env("DEVMESH_CONFIG_DIR", config)
-        .env_remove("DEVMESH_URL")
-        .env_remove("DEVMESH_SESSION_TOKEN")
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .expect("run devmesh")
-}
-
-#[track_caller]
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "exit {}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
+use crate::support::{BIN, ServerProcess, cli, ok, stderr};
 
 #[tokio::test]
 async fn bad_configuration_exits_64_with_one_clear_line() {
@@ -435,4 +334,126 @@ async fn as_root_a_data_directory_the_database_user_cannot_enter_is_refused() {
         err.contains("cannot reach") && err.contains("/var/lib/devmesh"),
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn the_bring_your_own_workspace_workflow_from_the_cli() {
+    let db = fresh_database().await;
+    let config = tempfile::tempdir().unwrap();
+    let cfg = config.path();
+    let url_secret = db.url();
+    let server = ServerProcess::start(
+        &["--relay-address", "127.0.0.1:0"],
+        &[("DEVMESH_POSTGRES_URL", url_secret.expose())],
+        cfg,
+    )
+    .await;
+    let url = server.url.clone();
+    ok(&cli(
+        cfg,
+        &[
+            "login",
+            &url,
+            "--username",
+            "me",
+            "--email",
+            "me@example.com",
+            "--password",
+            "me-password",
+        ],
+    )
+    .await);
+
+    let file = cfg.join("byo.json");
+    std::fs::write(
+        &file,
+        r#"{"agents": [{"name": "main", "apps": [{"slug": "web", "port": 9}],
+            "scripts": [{"name": "hello", "script": "echo line one; echo line two"}]}]}"#,
+    )
+    .unwrap();
+    let out = ok(&cli(
+        cfg,
+        &[
+            "templates",
+            "create",
+            "byo",
+            "--file",
+            file.to_str().unwrap(),
+        ],
+    )
+    .await);
+    assert!(out.contains("Created template byo"), "{out}");
+    let bad = cfg.join("bad.json");
+    std::fs::write(&bad, r#"{"agents": [{"name": "Main"}]}"#).unwrap();
+    let out = cli(
+        cfg,
+        &[
+            "templates",
+            "create",
+            "bad",
+            "--file",
+            bad.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert!(
+        stderr(&out).contains("definition.agents[0].name"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = ok(&cli(cfg, &["create", "dev", "--template", "byo"]).await);
+    let command = out
+        .lines()
+        .find(|l| l.contains("devmesh agent"))
+        .unwrap_or_else(|| panic!("{out}"))
+        .trim()
+        .to_owned();
+    assert!(
+        command.starts_with(&format!("DEVMESH_URL={url} DEVMESH_AGENT_TOKEN=")),
+        "{command}"
+    );
+    let token = command
+        .split("DEVMESH_AGENT_TOKEN=")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+
+    // The printed command, run as printed.
+    let agent = crate::support::AgentProcess::start(&url, &token, cfg);
+    let logs = crate::support::eventually(30, "script output via devmesh logs", || async {
+        let out = ok(&cli(cfg, &["logs", "dev"]).await);
+        out.contains("[hello] line two").then_some(out)
+    })
+    .await;
+    assert!(
+        logs.contains("[hello] line one\n[hello] line two"),
+        "{logs}"
+    );
+    let list = crate::support::eventually(30, "agent ready in devmesh list", || async {
+        let out = ok(&cli(cfg, &["list"]).await);
+        out.contains("main (connected, ready)").then_some(out)
+    })
+    .await;
+    assert!(
+        list.contains("me/dev") && list.contains("started"),
+        "{list}"
+    );
+
+    assert!(ok(&cli(cfg, &["stop", "dev"]).await).contains("Stopped dev"));
+    let list = ok(&cli(cfg, &["list"]).await);
+    assert!(list.contains("stopped"), "{list}");
+    let out = ok(&cli(cfg, &["start", "dev"]).await);
+    assert!(
+        out.contains("DEVMESH_AGENT_TOKEN=") && !out.contains(&token),
+        "a start prints a new token: {out}"
+    );
+    assert!(ok(&cli(cfg, &["delete", "dev"]).await).contains("Deleted dev"));
+    let out = cli(cfg, &["logs", "dev"]).await;
+    assert!(!out.status.success());
+    agent.kill().await;
+    server.stop().await;
 }

@@ -4,5 +4,8 @@
 
 mod api_resources;
 mod api_users;
+mod apps;
 mod binary;
 mod robustness;
+mod support;
+mod tls;

@@ -99,6 +99,11 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         self.status
     }
+
+    /// The message for a person.
+    pub fn message(&self) -> String {
+        self.body.message.clone()
+    }
 }
 
 impl From<sqlx::Error> for ApiError {

@@ -45,6 +45,12 @@ pub(super) fn validate_definition(v: &mut Validator, prefix: &str, def: &Externa
         for (j, app) in agent.apps.iter().enumerate() {
             let at = format!("{at}.apps[{j}]");
             v.check(format!("{at}.slug"), validate_name(&app.slug));
+            if devmesh_shared::apphost::looks_like_port(&app.slug) {
+                v.add(
+                    format!("{at}.slug"),
+                    "must not look like a port number (those are dev URLs)",
+                );
+            }
             if !slugs.insert(&app.slug) {
                 v.add(format!("{at}.slug"), "app slugs must be unique per agent");
             }
@@ -55,6 +61,10 @@ pub(super) fn validate_definition(v: &mut Validator, prefix: &str, def: &Externa
                 (None, Some(url)) if !is_http_url(url) => {
                     v.add(format!("{at}.url"), "must be an http:// or https:// URL")
                 }
+                (None, Some(url)) if upstream(url).is_none() => v.add(
+                    format!("{at}.url"),
+                    "must point at the agent's own machine (localhost, 127.0.0.1 or [::1])",
+                ),
                 _ => {}
             }
             if app
@@ -98,6 +108,29 @@ pub(super) fn validate_definition(v: &mut Validator, prefix: &str, def: &Externa
             }
         }
     }
+}
+
+/// Where an app URL points inside the workspace: `(port, https, path)`.
+/// Agents only connect to their own loopback interface.
+pub(crate) fn upstream(url: &str) -> Option<(u16, bool, String)> {
+    let u = url::Url::parse(url).ok()?;
+    let https = match u.scheme() {
+        "http" => false,
+        "https" => true,
+        _ => return None,
+    };
+    let local = match u.host()? {
+        url::Host::Domain(d) => d.eq_ignore_ascii_case("localhost"),
+        url::Host::Ipv4(ip) => ip.is_loopback(),
+        url::Host::Ipv6(ip) => ip.is_loopback(),
+    };
+    local.then(|| {
+        (
+            u.port_or_known_default().unwrap_or(80),
+            https,
+            u.path().to_owned(),
+        )
+    })
 }
 
 fn is_http_url(url: &str) -> bool {

@@ -201,10 +201,28 @@ pub(super) async fn login(
     ClientIp(ip): ClientIp,
     ApiJson(req): ApiJson<LoginRequest>,
 ) -> ApiResult<impl IntoResponse> {
-    let ident = req.email.trim().to_lowercase();
+    let (token, cookie) = password_login(&state, &ip, &req.email, req.password).await?;
+    Ok((
+        StatusCode::CREATED,
+        [(header::SET_COOKIE, cookie)],
+        Json(LoginResponse {
+            session_token: token,
+        }),
+    ))
+}
+
+/// Checks a password login (rate limits, audit, suspension) and creates a
+/// session; returns the token and the `Set-Cookie` value for it.
+pub(super) async fn password_login(
+    state: &AppState,
+    ip: &str,
+    email: &str,
+    password: String,
+) -> ApiResult<(String, HeaderValue)> {
+    let ident = email.trim().to_lowercase();
     let limited = state
         .login_per_ip
-        .check(&ip)
+        .check(ip)
         .and_then(|()| state.login_per_user.check(&ident));
     if let Err(wait) = limited {
         Metrics::count(&state.metrics.logins, "rate_limited");
@@ -218,16 +236,12 @@ pub(super) async fn login(
     .bind(&ident)
     .fetch_optional(&state.db)
     .await?;
-    let ok = verify_password(
-        req.password,
-        row.as_ref().map(|r| r.hashed_password.clone()),
-    )
-    .await;
+    let ok = verify_password(password, row.as_ref().map(|r| r.hashed_password.clone())).await;
     let Some(user) = row.filter(|_| ok) else {
         Metrics::count(&state.metrics.logins, "failure");
         Audit::new("login_failed", "user")
             .resource("", &ident)
-            .ip(&ip)
+            .ip(ip)
             .write(&state.db)
             .await;
         return Err(ApiError::unauthorized("Incorrect email or password."));
@@ -252,7 +266,7 @@ pub(super) async fn login(
     Audit::new("login", "user")
         .resource(user.id, &user.username)
         .by_user(user.id, &user.username)
-        .ip(&ip)
+        .ip(ip)
         .write(&state.db)
         .await;
     let token = key.token.expose().to_owned();
@@ -261,13 +275,7 @@ pub(super) async fn login(
         SESSION_LIFETIME.num_seconds(),
         state.config.secure_cookies(),
     );
-    Ok((
-        StatusCode::CREATED,
-        [(header::SET_COOKIE, cookie)],
-        Json(LoginResponse {
-            session_token: token,
-        }),
-    ))
+    Ok((token, cookie))
 }
 
 fn session_cookie(value: &str, max_age: i64, secure: bool) -> HeaderValue {

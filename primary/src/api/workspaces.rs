@@ -10,8 +10,8 @@ use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use devmesh_shared::api::{
     AgentToken, CreateBuildRequest, CreateWorkspaceRequest, ExternalDefinition, HealthcheckSpec,
-    SharingLevel, Transition, Workspace, WorkspaceAgent, WorkspaceApp, WorkspaceBuild,
-    WorkspaceBuildResponse, WorkspacesResponse,
+    PortShare, PortSharesResponse, SharingLevel, Transition, Workspace, WorkspaceAgent,
+    WorkspaceApp, WorkspaceBuild, WorkspaceBuildResponse, WorkspacesResponse,
 };
 use devmesh_shared::names::validate_name;
 use devmesh_shared::secret::{random_alphanumeric, sha256};
@@ -540,6 +540,76 @@ pub(super) async fn build(
             agent_tokens,
         }),
     ))
+}
+
+pub(super) async fn list_port_shares(
+    State(state): State<AppState>,
+    auth: Authed,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<Json<PortSharesResponse>> {
+    let id = parse_uuid(&id).ok_or_else(|| ApiError::not_found("No such workspace."))?;
+    find_visible(&state, &auth, id, false).await?;
+    let rows: Vec<(String, i32, String)> =
+        sqlx::query_as("SELECT agent_name, port, sharing_level FROM port_shares WHERE workspace_id = $1 ORDER BY agent_name, port")
+            .bind(id)
+            .fetch_all(&state.db)
+            .await?;
+    let shares = rows
+        .into_iter()
+        .map(|(agent_name, port, level)| PortShare {
+            agent_name,
+            port: port as u16,
+            sharing_level: sharing_level(&level),
+        })
+        .collect();
+    Ok(Json(PortSharesResponse { shares }))
+}
+
+/// Shares a port (`authenticated` or `public`), or unshares it (`owner`).
+pub(super) async fn set_port_share(
+    State(state): State<AppState>,
+    auth: Authed,
+    ClientIp(ip): ClientIp,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(req): ApiJson<PortShare>,
+) -> ApiResult<Json<PortShare>> {
+    let id = parse_uuid(&id).ok_or_else(|| ApiError::not_found("No such workspace."))?;
+    let row = find_visible(&state, &auth, id, false).await?;
+    let mut v = Validator::default();
+    v.check("agent_name", validate_name(&req.agent_name));
+    if req.port == 0 {
+        v.add("port", "must be 1-65535");
+    }
+    v.finish()?;
+    if req.sharing_level == SharingLevel::Owner {
+        sqlx::query(
+            "DELETE FROM port_shares WHERE workspace_id = $1 AND agent_name = $2 AND port = $3",
+        )
+        .bind(id)
+        .bind(&req.agent_name)
+        .bind(i32::from(req.port))
+        .execute(&state.db)
+        .await?;
+    } else {
+        sqlx::query(
+            "INSERT INTO port_shares (workspace_id, agent_name, port, sharing_level) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (workspace_id, agent_name, port) DO UPDATE SET sharing_level = EXCLUDED.sharing_level",
+        )
+        .bind(id)
+        .bind(&req.agent_name)
+        .bind(i32::from(req.port))
+        .bind(req.sharing_level.as_str())
+        .execute(&state.db)
+        .await?;
+    }
+    Audit::new("share_port", "workspace")
+        .resource(id, format!("{}/{}", row.owner_name, row.name))
+        .by(&auth.0)
+        .ip(&ip)
+        .details(serde_json::json!({"agent": req.agent_name, "port": req.port, "sharing_level": req.sharing_level}))
+        .write(&state.db)
+        .await;
+    Ok(Json(req))
 }
 
 #[cfg(test)]

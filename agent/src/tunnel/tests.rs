@@ -1,0 +1,286 @@
+//! The tunnel against a real QUIC relay with a test mesh CA.
+
+use devmesh_shared::tunnel::{StreamHeader, status};
+use quinn::{ConnectionError, ReadError, ReadToEndError};
+use tokio::task::JoinHandle;
+
+use super::*;
+use crate::testutil::{
+    RelayConn, RelayOptions, TestCa, TestRelay, banner_server, closed_port, echo_server,
+    header_bytes, open_stream, within,
+};
+
+/// A serving agent, stopped on drop.
+struct Agent {
+    cancel: CancellationToken,
+    task: JoinHandle<End>,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+async fn attached_agent(relay: &mut TestRelay, timing: Timing) -> (RelayConn, Agent) {
+    let config = client_config(&relay.ca.pem).unwrap();
+    let attached = attach(&relay.info(), &config, "ticket-1", &timing)
+        .await
+        .unwrap();
+    assert_eq!(attached.relay_name, "test-relay");
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn({
+        let cancel = cancel.clone();
+        async move { attached.serve("agent-1".into(), &timing, &cancel).await }
+    });
+    let conn = relay.next_attached().await;
+    assert_eq!(conn.ticket, "ticket-1");
+    (conn, Agent { cancel, task })
+}
+
+async fn read_all(recv: &mut RecvStream) -> Vec<u8> {
+    within("the stream to finish", recv.read_to_end(16 << 20))
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn tcp_stream_gets_ok_and_echo_and_relay_half_close_reaches_the_app() {
+    let mut relay = TestRelay::start(RelayOptions::default()).await;
+    let (rc, _agent) = attached_agent(&mut relay, Timing::default()).await;
+    let mut echo = echo_server().await;
+
+    let header = header_bytes(&StreamHeader::Tcp { port: echo.port });
+    let (mut send, mut recv) = open_stream(&rc.conn, &header).await;
+    // Enough to need flow control on the way, written while reading.
+    let payload: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+    let writer = tokio::spawn({
+        let payload = payload.clone();
+        async move {
+            send.write_all(&payload).await.unwrap();
+            // Half-close: the app must see EOF, and still answer.
+            send.finish().unwrap();
+            send
+        }
+    });
+    let got = read_all(&mut recv).await;
+    assert_eq!(got[0], status::OK);
+    assert_eq!(got[1..], payload[..]);
+    within("the echo server's EOF", echo.eofs.recv())
+        .await
+        .unwrap();
+    drop(writer.await.unwrap());
+}
+
+#[tokio::test]
+async fn app_half_close_finishes_the_stream_and_the_relay_can_still_send() {
+    let mut relay = TestRelay::start(RelayOptions::default()).await;
+    let (rc, _agent) = attached_agent(&mut relay, Timing::default()).await;
+    let mut banner = banner_server(b"SSH-2.0-test\r\n").await;
+
+    let header = header_bytes(&StreamHeader::Tcp { port: banner.port });
+    let (mut send, mut recv) = open_stream(&rc.conn, &header).await;
+    // The app half-closed after its banner: the stream finishes...
+    let got = read_all(&mut recv).await;
+    assert_eq!(got, b"\x00SSH-2.0-test\r\n");
+    // ...while the other direction still flows.
+    send.write_all(b"late bytes").await.unwrap();
+    send.finish().unwrap();
+    let received = within("the app to read", banner.received.recv())
+        .await
+        .unwrap();
+    assert_eq!(received, b"late bytes");
+}
+
+#[tokio::test]
+async fn nothing_listening_gives_refused() {
+    let mut relay = TestRelay::start(RelayOptions::default()).await;
+    let (rc, _agent) = attached_agent(&mut relay, Timing::default()).await;
+    let port = closed_port().await;
+
+    let (_send, mut recv) = open_stream(&rc.conn, &header_bytes(&StreamHeader::Tcp { port })).await;
+    assert_eq!(read_all(&mut recv).await, [status::REFUSED]);
+}
+
+#[tokio::test]
+async fn ssh_and_pty_are_unsupported_for_now() {
+    let mut relay = TestRelay::start(RelayOptions::default()).await;
+    let (rc, _agent) = attached_agent(&mut relay, Timing::default()).await;
+    for header in [
+        StreamHeader::Ssh,
+        StreamHeader::Pty {
+            cols: 80,
+            rows: 24,
+            command: String::new(),
+        },
+    ] {
+        let (_send, mut recv) = open_stream(&rc.conn, &header_bytes(&header)).await;
+        assert_eq!(
+            read_all(&mut recv).await,
+            [status::UNSUPPORTED],
+            "{header:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn garbage_headers_reset_their_stream_and_the_connection_lives_on() {
+    let mut relay = TestRelay::start(RelayOptions::default()).await;
+    let (rc, _agent) = attached_agent(&mut relay, Timing::default()).await;
+
+    let mut ping = Vec::new();
+    Control::Ping { nonce: 7 }.encode(&mut ping);
+    let garbage: [&[u8]; 3] = [
+        b"\xff\xff\xff\xffnot a header",
+        // A control frame on a data stream.
+        &ping,
+        // A valid prefix announcing more than ever arrives.
+        &[tunnel::VERSION, 0x01, 0x00, 0x02, 0x1f],
+    ];
+    for bytes in garbage {
+        let (mut send, mut recv) = open_stream(&rc.conn, bytes).await;
+        let _ = send.finish();
+        let err = within("the stream to be reset", recv.read_to_end(1024))
+            .await
+            .unwrap_err();
+        let code = match &err {
+            ReadToEndError::Read(ReadError::Reset(code)) => Some(*code),
+            _ => None,
+        };
+        let reset = code == Some(stream_code::BAD_HEADER);
+        assert!(reset, "{err:?}");
+    }
+
+    assert!(rc.conn.close_reason().is_none());
+    let mut echo = echo_server().await;
+    let (mut send, mut recv) = open_stream(
+        &rc.conn,
+        &header_bytes(&StreamHeader::Tcp { port: echo.port }),
+    )
+    .await;
+    send.write_all(b"still here").await.unwrap();
+    send.finish().unwrap();
+    assert_eq!(read_all(&mut recv).await, b"\x00still here");
+    within("echo EOF", echo.eofs.recv()).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_relay_outside_the_mesh_ca_is_not_trusted() {
+    let relay = TestRelay::start(RelayOptions::default()).await;
+    let other = TestCa::new("some other CA");
+    let config = client_config(&other.pem).unwrap();
+    let err = attach(&relay.info(), &config, "ticket-1", &Timing::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            TunnelError::Connection(ConnectionError::TransportError(_))
+        ),
+        "{err:?}"
+    );
+    assert!(
+        relay.tickets().is_empty(),
+        "no ticket goes to an untrusted relay"
+    );
+}
+
+#[tokio::test]
+async fn a_refused_ticket_is_reported() {
+    let relay = TestRelay::start(RelayOptions {
+        refuse_first: 1,
+        ..RelayOptions::default()
+    })
+    .await;
+    let config = client_config(&relay.ca.pem).unwrap();
+    let err = attach(&relay.info(), &config, "ticket-1", &Timing::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, TunnelError::Refused(reason) if reason == "ticket expired"),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn missing_pongs_mean_a_dead_connection() {
+    let mut relay = TestRelay::start(RelayOptions {
+        answer_pings: false,
+        ..RelayOptions::default()
+    })
+    .await;
+    let timing = Timing {
+        ping_interval: Duration::from_millis(50),
+        dead_after: Duration::from_millis(300),
+        ..Timing::default()
+    };
+    let (rc, mut agent) = attached_agent(&mut relay, timing).await;
+    let end = within("the agent to give up", &mut agent.task)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&end, End::Lost(r) if r.contains("no pong")),
+        "{end:?}"
+    );
+    let closed = within("the relay to see the close", rc.conn.closed()).await;
+    assert!(
+        matches!(&closed, ConnectionError::ApplicationClosed(c) if c.error_code == close::LOST),
+        "{closed:?}"
+    );
+}
+
+#[tokio::test]
+async fn answered_pings_keep_the_connection_and_shutdown_closes_with_code_0() {
+    let mut relay = TestRelay::start(RelayOptions::default()).await;
+    let timing = Timing {
+        ping_interval: Duration::from_millis(50),
+        dead_after: Duration::from_millis(200),
+        ..Timing::default()
+    };
+    let (rc, mut agent) = attached_agent(&mut relay, timing).await;
+    // Several dead_after periods pass: the pongs must keep it alive.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(!agent.task.is_finished());
+    assert!(rc.conn.close_reason().is_none());
+
+    agent.cancel.cancel();
+    let end = within("the agent to stop", &mut agent.task).await.unwrap();
+    assert_eq!(end, End::Shutdown);
+    let closed = within("the relay to see the close", rc.conn.closed()).await;
+    assert!(
+        matches!(&closed, ConnectionError::ApplicationClosed(c)
+            if c.error_code == close::SHUTDOWN && &c.reason[..] == b"shutdown"),
+        "{closed:?}"
+    );
+}
+
+#[test]
+fn a_mesh_ca_without_certificates_is_rejected() {
+    for pem in [
+        "",
+        "not pem at all",
+        "-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n",
+    ] {
+        assert!(
+            matches!(client_config(pem), Err(TunnelError::MeshCa(_))),
+            "{pem:?}"
+        );
+    }
+}
+
+#[test]
+fn candidates_keep_the_manifest_order_for_now() {
+    let relays: Vec<RelayInfo> = ["a", "b", "c"]
+        .into_iter()
+        .map(|r| RelayInfo {
+            region: r.into(),
+            address: format!("{r}.test:443"),
+            server_name: format!("{r}.test"),
+        })
+        .collect();
+    let order: Vec<&str> = order_candidates(&relays)
+        .into_iter()
+        .map(|r| r.region.as_str())
+        .collect();
+    assert_eq!(order, ["a", "b", "c"]);
+}

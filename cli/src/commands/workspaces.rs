@@ -1,0 +1,243 @@
+//! `devmesh templates create`, `create`, `list`, `start`, `stop`, `delete`,
+//! `logs`: the bring-your-own workspace workflow.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use devmesh_shared::api::{
+    AgentLogsResponse, CreateBuildRequest, CreateTemplateRequest, ExternalDefinition, Template,
+    TemplateKind, TemplatesResponse, Transition, Workspace, WorkspaceBuildResponse,
+    WorkspacesResponse,
+};
+
+use super::Global;
+use crate::output::{Format, json, table};
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub(crate) enum TemplatesCommand {
+    /// Create a template from a JSON (or TOML) file declaring agents, apps and scripts.
+    Create {
+        /// Template name.
+        name: String,
+        /// The declaration: `{"agents": [{"name": ..., "apps": [...], "scripts": [...]}]}`.
+        #[arg(long, short)]
+        file: PathBuf,
+        /// Description.
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// List templates.
+    List,
+}
+
+pub(crate) async fn templates(g: &Global, cmd: TemplatesCommand) -> anyhow::Result<()> {
+    let client = g.client()?;
+    match cmd {
+        TemplatesCommand::Create {
+            name,
+            file,
+            description,
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let definition: ExternalDefinition = if file.extension().is_some_and(|e| e == "toml") {
+                toml_like(&text)?
+            } else {
+                serde_json::from_str(&text)
+                    .with_context(|| format!("{} is not a valid definition", file.display()))?
+            };
+            let t: Template = client
+                .post(
+                    "/templates",
+                    &CreateTemplateRequest {
+                        name,
+                        description,
+                        kind: TemplateKind::External,
+                        definition,
+                    },
+                )
+                .await?;
+            println!(
+                "Created template {} (version {}).",
+                t.name, t.active_version.number
+            );
+        }
+        TemplatesCommand::List => {
+            let resp: TemplatesResponse = client.get("/templates").await?;
+            if g.output == Format::Json {
+                return json(&resp.templates);
+            }
+            table(
+                &["NAME", "VERSION", "AGENTS", "DESCRIPTION"],
+                resp.templates
+                    .iter()
+                    .map(|t| {
+                        let agents: Vec<&str> = t
+                            .active_version
+                            .definition
+                            .agents
+                            .iter()
+                            .map(|a| a.name.as_str())
+                            .collect();
+                        vec![
+                            t.name.clone(),
+                            t.active_version.number.to_string(),
+                            agents.join(","),
+                            t.description.clone(),
+                        ]
+                    })
+                    .collect(),
+            );
+        }
+    }
+    Ok(())
+}
+
+fn toml_like(_: &str) -> anyhow::Result<ExternalDefinition> {
+    anyhow::bail!("template files are JSON (name them *.json)")
+}
+
+/// Prints new agent tokens with the exact command to start each agent.
+fn print_tokens(base: &str, resp: &WorkspaceBuildResponse) {
+    for t in &resp.agent_tokens {
+        println!("Agent {} token: {}", t.agent_name, t.token);
+        println!("  Start it on the workspace's machine with:");
+        println!(
+            "  DEVMESH_URL={base} DEVMESH_AGENT_TOKEN={} devmesh agent",
+            t.token
+        );
+    }
+}
+
+async fn find(client: &crate::client::Client, name: &str) -> anyhow::Result<Workspace> {
+    let (owner, ws) = name.split_once('/').unwrap_or(("me", name));
+    client.get(&format!("/users/{owner}/workspaces/{ws}")).await
+}
+
+pub(crate) async fn create(g: &Global, name: String, template: String) -> anyhow::Result<()> {
+    let client = g.client()?;
+    let resp: WorkspaceBuildResponse = client
+        .post(
+            "/workspaces",
+            &devmesh_shared::api::CreateWorkspaceRequest {
+                name,
+                template,
+                owner: None,
+            },
+        )
+        .await?;
+    if g.output == Format::Json {
+        return json(&resp);
+    }
+    println!("Created workspace {}.", resp.workspace.name);
+    print_tokens(client.base(), &resp);
+    Ok(())
+}
+
+pub(crate) async fn list(g: &Global, all: bool) -> anyhow::Result<()> {
+    let client = g.client()?;
+    let resp: WorkspacesResponse = client
+        .get(if all {
+            "/workspaces?owner=all"
+        } else {
+            "/workspaces"
+        })
+        .await?;
+    if g.output == Format::Json {
+        return json(&resp.workspaces);
+    }
+    table(
+        &["WORKSPACE", "TEMPLATE", "STATE", "AGENTS"],
+        resp.workspaces
+            .iter()
+            .map(|w| {
+                let agents: Vec<String> = w
+                    .agents
+                    .iter()
+                    .map(|a| format!("{} ({}, {})", a.name, a.status, a.lifecycle_state))
+                    .collect();
+                let state = match w.latest_build.transition {
+                    Transition::Start => "started",
+                    Transition::Stop => "stopped",
+                    Transition::Delete => "deleted",
+                };
+                vec![
+                    format!("{}/{}", w.owner_name, w.name),
+                    w.template_name.clone(),
+                    state.into(),
+                    agents.join(", "),
+                ]
+            })
+            .collect(),
+    );
+    Ok(())
+}
+
+pub(crate) async fn transition(
+    g: &Global,
+    name: String,
+    transition: Transition,
+) -> anyhow::Result<()> {
+    let client = g.client()?;
+    let ws = find(&client, &name).await?;
+    let resp: WorkspaceBuildResponse = client
+        .post(
+            &format!("/workspaces/{}/builds", ws.id),
+            &CreateBuildRequest { transition },
+        )
+        .await?;
+    match transition {
+        Transition::Start => {
+            println!("Started {name}.");
+            print_tokens(client.base(), &resp);
+        }
+        Transition::Stop => println!("Stopped {name}."),
+        Transition::Delete => println!("Deleted {name}."),
+    }
+    Ok(())
+}
+
+pub(crate) async fn logs(g: &Global, name: String, follow: bool) -> anyhow::Result<()> {
+    let client = g.client()?;
+    let ws = find(&client, &name).await?;
+    anyhow::ensure!(!ws.agents.is_empty(), "{name} has no running agents");
+    let mut after = vec![0i64; ws.agents.len()];
+    loop {
+        let mut settled = true;
+        for (i, agent) in ws.agents.iter().enumerate() {
+            let resp: AgentLogsResponse = client
+                .get(&format!(
+                    "/workspaceagents/{}/logs?after={}",
+                    agent.id, after[i]
+                ))
+                .await?;
+            for l in &resp.logs {
+                let prefix = if ws.agents.len() > 1 {
+                    format!("{}/{}", agent.name, l.source)
+                } else {
+                    l.source.clone()
+                };
+                if l.level == "error" {
+                    eprintln!("[{prefix}] {}", l.output);
+                } else {
+                    println!("[{prefix}] {}", l.output);
+                }
+                after[i] = l.id;
+            }
+            if resp.overflowed && resp.logs.is_empty() && !follow {
+                eprintln!("(later output was dropped: the 1 MiB log limit was reached)");
+            }
+            if matches!(
+                resp.lifecycle_state.as_str(),
+                "created" | "starting" | "shutting_down"
+            ) {
+                settled = false;
+            }
+        }
+        if !follow || settled {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

@@ -1,0 +1,290 @@
+//! `devmesh-loadtest`: measurements with their baselines in the same run.
+//!
+//! `devmesh-loadtest tunnel` starts a real `devmesh server` (embedded
+//! PostgreSQL in a temporary directory) and a real `devmesh agent`, serves
+//! an upstream app from this process, and measures, side by side:
+//! * the throughput of one large download straight from the app on loopback
+//!   and through primary → QUIC tunnel → agent → app;
+//! * the latency of small keep-alive requests both ways (p50, p99).
+
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::time::Instant;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "devmesh-loadtest",
+    about = "devmesh measurements with side-by-side baselines"
+)]
+enum Cli {
+    /// Tunnel throughput and added latency against a direct loopback baseline.
+    Tunnel(TunnelArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct TunnelArgs {
+    /// The devmesh binary [default: `devmesh` next to this executable].
+    #[arg(long)]
+    devmesh: Option<PathBuf>,
+    /// Size of the large download in MiB.
+    #[arg(long, default_value_t = 1024)]
+    size_mib: u64,
+    /// Small requests per side.
+    #[arg(long, default_value_t = 2000)]
+    requests: usize,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    devmesh_shared::runtime::install_crypto_provider();
+    match Cli::parse() {
+        Cli::Tunnel(args) => tunnel(args).await,
+    }
+}
+
+async fn upstream() -> anyhow::Result<u16> {
+    use axum::body::{Body, Bytes};
+    use axum::extract::Path;
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route("/small", get(|| async { vec![b'x'; 1024] }))
+        .route(
+            "/bytes/{n}",
+            get(|Path(n): Path<u64>| async move {
+                let block = Bytes::from(vec![0xA5u8; 256 * 1024]);
+                let stream = futures_util::stream::unfold(0u64, move |sent| {
+                    let block = block.clone();
+                    async move {
+                        (sent < n).then(|| {
+                            let len = (n - sent).min(block.len() as u64);
+                            (
+                                Ok::<_, std::io::Error>(block.slice(..len as usize)),
+                                sent + len,
+                            )
+                        })
+                    }
+                });
+                (
+                    [("content-length", n.to_string())],
+                    Body::from_stream(stream),
+                )
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(port)
+}
+
+struct Proc(tokio::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.start_kill();
+    }
+}
+
+async fn tunnel(args: TunnelArgs) -> anyhow::Result<()> {
+    let devmesh = match args.devmesh {
+        Some(p) => p,
+        None => std::env::current_exe()?.with_file_name("devmesh"),
+    };
+    anyhow::ensure!(
+        devmesh.exists(),
+        "{} not found: build it (cargo build --release --bin devmesh) or pass --devmesh",
+        devmesh.display()
+    );
+    let data = tempfile::Builder::new()
+        .prefix("devmesh-bench-")
+        .tempdir()?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(data.path(), std::fs::Permissions::from_mode(0o755))?;
+    }
+    eprintln!(
+        "starting devmesh server (embedded PostgreSQL in {})",
+        data.path().display()
+    );
+    let mut server = tokio::process::Command::new(&devmesh)
+        .args([
+            "server",
+            "--http-address",
+            "127.0.0.1:0",
+            "--relay-address",
+            "127.0.0.1:0",
+        ])
+        .args(["--wildcard-access-url", "*.apps.localhost"])
+        .arg("--data-dir")
+        .arg(data.path().join("data"))
+        .env("DEVMESH_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = BufReader::new(server.stdout.take().context("stdout")?).lines();
+    let base = loop {
+        let line = lines.next_line().await?.context("server exited")?;
+        if let Some(url) = line.strip_prefix("Started HTTP listener at ") {
+            break url.to_owned();
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let _server = Proc(server);
+    let port: u16 = base.rsplit(':').next().context("port")?.parse()?;
+
+    let http = reqwest::Client::new();
+    let api = |path: &str| format!("{base}/api/v2{path}");
+    let post = |path: &str, token: Option<&str>, body: Value| {
+        let mut req = http.post(api(path)).json(&body);
+        if let Some(t) = token {
+            req = req.header("Devmesh-Session-Token", t);
+        }
+        async move {
+            let resp = req.send().await?;
+            let status = resp.status();
+            let v: Value = resp.json().await?;
+            if !status.is_success() {
+                bail!("{status}: {v}");
+            }
+            anyhow::Ok(v)
+        }
+    };
+    post(
+        "/users/first",
+        None,
+        json!({"email": "bench@example.com", "username": "bench", "password": "bench-password"}),
+    )
+    .await?;
+    let token = post(
+        "/users/login",
+        None,
+        json!({"email": "bench", "password": "bench-password"}),
+    )
+    .await?["session_token"]
+        .as_str()
+        .context("token")?
+        .to_owned();
+    let up = upstream().await?;
+    post("/templates", Some(&token), json!({"name": "bench", "definition": {"agents": [{"name": "main", "apps": [{"slug": "app", "port": up}]}]}})).await?;
+    let ws = post(
+        "/workspaces",
+        Some(&token),
+        json!({"name": "bench", "template": "bench"}),
+    )
+    .await?;
+    let agent_token = ws["agent_tokens"][0]["token"]
+        .as_str()
+        .context("agent token")?
+        .to_owned();
+    let agent = tokio::process::Command::new(&devmesh)
+        .arg("agent")
+        .env("DEVMESH_URL", &base)
+        .env("DEVMESH_AGENT_TOKEN", &agent_token)
+        .env("DEVMESH_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()?;
+    let _agent = Proc(agent);
+
+    let tunnel_base = format!("http://app--main--bench--bench.apps.localhost:{port}");
+    let direct_base = format!("http://127.0.0.1:{up}");
+    let client = reqwest::Client::builder()
+        .resolve(
+            "app--main--bench--bench.apps.localhost",
+            ([127, 0, 0, 1], port).into(),
+        )
+        .build()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = client
+            .get(format!("{tunnel_base}/small"))
+            .header("Devmesh-Session-Token", &token)
+            .send()
+            .await;
+        if r.is_ok_and(|r| r.status().is_success()) {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the agent did not attach within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let size = args.size_mib * 1024 * 1024;
+    let mut rows = Vec::new();
+    for (name, url, auth) in [
+        ("direct", &direct_base, false),
+        ("tunnel", &tunnel_base, true),
+    ] {
+        let get = |path: String| {
+            let mut r = client.get(path);
+            if auth {
+                r = r.header("Devmesh-Session-Token", &token);
+            }
+            r
+        };
+        // Warm up the keep-alive connection and the tunnel stream path.
+        for _ in 0..50 {
+            get(format!("{url}/small")).send().await?.bytes().await?;
+        }
+        let mut lat = Vec::with_capacity(args.requests);
+        for _ in 0..args.requests {
+            let t = Instant::now();
+            let body = get(format!("{url}/small")).send().await?.bytes().await?;
+            lat.push(t.elapsed());
+            anyhow::ensure!(body.len() == 1024, "short body");
+        }
+        lat.sort();
+        let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+        let t = Instant::now();
+        let mut resp = get(format!("{url}/bytes/{size}")).send().await?;
+        let mut got = 0u64;
+        while let Some(chunk) = resp.chunk().await? {
+            got += chunk.len() as u64;
+        }
+        let secs = t.elapsed().as_secs_f64();
+        anyhow::ensure!(got == size, "{name}: got {got} of {size} bytes");
+        rows.push((
+            name,
+            size as f64 / secs / 1024.0 / 1024.0,
+            pct(0.5),
+            pct(0.99),
+        ));
+    }
+    let (d, t) = (&rows[0], &rows[1]);
+    println!(
+        "devmesh-loadtest tunnel: {} MiB download, {} small keep-alive requests per side",
+        args.size_mib, args.requests
+    );
+    println!("| path | download MiB/s | small p50 | small p99 |");
+    println!("|---|---|---|---|");
+    for (name, mibs, p50, p99) in &rows {
+        println!(
+            "| {name} | {mibs:.0} | {:.0} µs | {:.0} µs |",
+            p50.as_secs_f64() * 1e6,
+            p99.as_secs_f64() * 1e6
+        );
+    }
+    println!(
+        "| tunnel ÷ direct | {:.2} | {:.2} | {:.2} |",
+        t.1 / d.1,
+        t.2.as_secs_f64() / d.2.as_secs_f64(),
+        t.3.as_secs_f64() / d.3.as_secs_f64()
+    );
+    println!(
+        "added latency through the tunnel: p50 +{:.0} µs, p99 +{:.0} µs",
+        (t.2.as_secs_f64() - d.2.as_secs_f64()) * 1e6,
+        (t.3.as_secs_f64() - d.3.as_secs_f64()) * 1e6
+    );
+    Ok(())
+}

@@ -1,0 +1,795 @@
+//! Workspace apps and dev URLs on the primary's wildcard domain.
+//!
+//! A request to `<slug|port>--[agent--]<workspace>--<user>.<apps domain>`
+//! goes through named phases: parse the host → exchange a one-time key from
+//! the auth redirect → resolve the route in the database → authenticate
+//! (app token cookie, session header or bearer key, app-domain key cookie,
+//! or anonymous for public apps) → authorise against the sharing level →
+//! open a stream to the agent → forward.
+//!
+//! The apps domain never sees the dashboard's session cookie. Browsers
+//! without credentials are sent to `/api/v2/applications/auth-redirect` on
+//! the primary, which (after login) returns them with a short-lived, sealed,
+//! single-use `application_connect` key; it becomes a cookie on the apps
+//! domain, and each app host then gets its own Ed25519 app token cookie that
+//! later requests verify locally.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::middleware::Next;
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use chrono::Utc;
+use devmesh_shared::api::SharingLevel;
+use devmesh_shared::apphost::{AppHost, AppTarget, parse_label, wildcard_label};
+use devmesh_shared::secret::{constant_time_eq, random_alphanumeric};
+use devmesh_shared::signing::AppToken;
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::AppState;
+use super::error::ApiResult;
+use super::extract::{ApiQuery, SESSION_COOKIE, request_token};
+use crate::relay::OpenError;
+
+/// Query parameter carrying the sealed one-time key back to the app host.
+const KEY_PARAM: &str = "devmesh_app_key";
+/// How long the sealed key in the redirect is accepted.
+const SEALED_LIFETIME_SECS: i64 = 60;
+/// Lifetime of the `application_connect` key behind the apps-domain cookie.
+const APP_KEY_LIFETIME: chrono::Duration = chrono::Duration::hours(24);
+/// Lifetime of an app token.
+const APP_TOKEN_LIFETIME: chrono::Duration = chrono::Duration::minutes(30);
+
+// === Errors ===
+
+/// Why an app request failed; each maps to a status, a page and a metric label.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum AppError {
+    /// The hostname names no app, workspace or user.
+    NotFound(String),
+    /// The workspace is stopped.
+    Stopped,
+    /// The agent has no tunnel.
+    AgentNotConnected,
+    /// The app refused the connection.
+    Refused,
+    /// The tunnel or the app failed mid-request.
+    BadGateway(String),
+    /// No credentials (non-browser clients).
+    Unauthenticated,
+    /// Credentials, but not allowed to open this app.
+    Forbidden,
+    /// A malformed request.
+    BadRequest(String),
+}
+
+impl AppError {
+    fn parts(&self) -> (StatusCode, &'static str, String) {
+        match self {
+            Self::NotFound(what) => (StatusCode::NOT_FOUND, "App not found", what.clone()),
+            Self::Stopped => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Workspace stopped",
+                "The workspace is stopped. Start it and try again.".into(),
+            ),
+            Self::AgentNotConnected => (
+                StatusCode::BAD_GATEWAY,
+                "Agent not connected",
+                "The workspace's agent is not connected. It may still be starting, or the machine may be offline.".into(),
+            ),
+            Self::Refused => (
+                StatusCode::BAD_GATEWAY,
+                "App refused the connection",
+                "Nothing is listening on the app's port inside the workspace.".into(),
+            ),
+            Self::BadGateway(why) => (StatusCode::BAD_GATEWAY, "Connection to the app failed", why.clone()),
+            Self::Unauthenticated => (
+                StatusCode::UNAUTHORIZED,
+                "Not signed in",
+                "Sign in, or send a key in the Devmesh-Session-Token header.".into(),
+            ),
+            Self::Forbidden => (
+                StatusCode::FORBIDDEN,
+                "Not authorized",
+                "You are not allowed to open this app. Ask its owner to share it.".into(),
+            ),
+            Self::BadRequest(why) => (StatusCode::BAD_REQUEST, "Bad request", why.clone()),
+        }
+    }
+
+    fn respond(&self, wants_html: bool) -> Response {
+        let (status, title, detail) = self.parts();
+        if wants_html {
+            let page = format!(
+                "<!doctype html><html><head><meta charset=\"utf-8\"><title>{title} · devmesh</title>\
+                 <style>body{{font-family:system-ui,sans-serif;max-width:40rem;margin:4rem auto;color:#222}}\
+                 h1{{font-size:1.4rem}}</style></head><body><h1>{title}</h1><p>{}</p><p><small>devmesh · {}</small></p></body></html>",
+                html_escape(&detail),
+                status.as_u16()
+            );
+            (status, Html(page)).into_response()
+        } else {
+            let body = devmesh_shared::api::Error {
+                message: format!("{title}."),
+                detail,
+                validations: vec![],
+            };
+            (status, axum::Json(body)).into_response()
+        }
+    }
+}
+
+fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+fn wants_html(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/html"))
+}
+
+// === Entry point ===
+
+/// Middleware: requests for the apps domain are proxied; everything else
+/// goes on to the API router.
+pub(crate) async fn route_apps(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let Some(wildcard) = state.config.wildcard_access_url.clone() else {
+        return next.run(req).await;
+    };
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    let Some(label) = wildcard_label(&host, &wildcard) else {
+        return next.run(req).await;
+    };
+    let html = wants_html(req.headers());
+    let Some(app) = parse_label(label) else {
+        return AppError::NotFound(format!("{label:?} is not an app address.")).respond(html);
+    };
+    match serve(&state, &host, app, req).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            tracing::debug!(app.host = %host, error = ?e, "app request refused");
+            e.respond(html)
+        }
+    }
+}
+
+/// Names of the apps-domain cookies; unique per domain so nested wildcards
+/// (`*.apps.example.com` and `*.eu.apps.example.com`) never collide.
+pub(crate) fn cookie_names(wildcard: &str) -> (String, String) {
+    let h = &hex::encode(devmesh_shared::secret::sha256(wildcard.as_bytes()))[..8];
+    (
+        format!("devmesh_app_key_{h}"),
+        format!("devmesh_app_token_{h}"),
+    )
+}
+
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| c.trim().strip_prefix(name)?.strip_prefix('='))
+}
+
+// === Route resolution ===
+
+#[derive(Debug, Clone)]
+struct Route {
+    workspace_id: Uuid,
+    owner_id: Uuid,
+    agent_id: Uuid,
+    port: u16,
+    https: bool,
+    base_path: String,
+    level: SharingLevel,
+}
+
+#[derive(sqlx::FromRow)]
+struct RouteRow {
+    workspace_id: Uuid,
+    owner_id: Uuid,
+    transition: String,
+    agent_id: Option<Uuid>,
+    agents: i64,
+}
+
+async fn resolve(state: &AppState, app: &AppHost) -> Result<Route, AppError> {
+    let not_found = || AppError::NotFound("No such app, workspace or user.".into());
+    let db_err = |e: sqlx::Error| AppError::BadGateway(format!("database: {e}"));
+    let row: Option<RouteRow> = sqlx::query_as(
+        "SELECT w.id AS workspace_id, w.owner_id, lb.transition, g.id AS agent_id,
+                (SELECT count(*) FROM workspace_agents c WHERE c.build_id = lb.id) AS agents
+         FROM users u
+         JOIN workspaces w ON w.owner_id = u.id AND w.name = $2 AND NOT w.deleted
+         JOIN LATERAL (SELECT id, transition FROM workspace_builds b WHERE b.workspace_id = w.id
+                       ORDER BY build_number DESC LIMIT 1) lb ON true
+         LEFT JOIN workspace_agents g ON g.build_id = lb.id AND ($3::text IS NULL OR g.name = $3)
+         WHERE u.username = $1 AND NOT u.deleted
+         ORDER BY g.name LIMIT 1",
+    )
+    .bind(&app.user)
+    .bind(&app.workspace)
+    .bind(&app.agent)
+    .fetch_optional(&state.db)
+    .await
+    .map_err(db_err)?;
+    let row = row.ok_or_else(not_found)?;
+    if row.transition != "start" {
+        return Err(AppError::Stopped);
+    }
+    if app.agent.is_none() && row.agents > 1 {
+        return Err(AppError::NotFound(
+            "The workspace has several agents: name one in the address.".into(),
+        ));
+    }
+    let agent_id = row.agent_id.ok_or_else(not_found)?;
+    let (port, https, base_path, level) = match &app.target {
+        AppTarget::Slug(slug) => {
+            let app_row: Option<(String, String)> = sqlx::query_as(
+                "SELECT url, sharing_level FROM workspace_apps WHERE agent_id = $1 AND slug = $2 AND subdomain",
+            )
+            .bind(agent_id)
+            .bind(slug)
+            .fetch_optional(&state.db)
+            .await
+            .map_err(db_err)?;
+            let (url, level) = app_row.ok_or_else(not_found)?;
+            let (port, https, path) = super::templates::upstream(&url).ok_or_else(not_found)?;
+            (port, https, path, parse_level(&level))
+        }
+        AppTarget::Port { port, https } => {
+            let level: Option<String> = sqlx::query_scalar(
+                "SELECT p.sharing_level FROM port_shares p JOIN workspace_agents g ON g.workspace_id = p.workspace_id
+                 AND g.name = p.agent_name WHERE g.id = $1 AND p.port = $2",
+            )
+            .bind(agent_id)
+            .bind(i32::from(*port))
+            .fetch_optional(&state.db)
+            .await
+            .map_err(db_err)?;
+            (
+                *port,
+                *https,
+                "/".to_owned(),
+                level.map(|l| parse_level(&l)).unwrap_or_default(),
+            )
+        }
+    };
+    Ok(Route {
+        workspace_id: row.workspace_id,
+        owner_id: row.owner_id,
+        agent_id,
+        port,
+        https,
+        base_path,
+        level,
+    })
+}
+
+fn parse_level(s: &str) -> SharingLevel {
+    match s {
+        "public" => SharingLevel::Public,
+        "authenticated" => SharingLevel::Authenticated,
+        _ => SharingLevel::Owner,
+    }
+}
+
+// === Serving ===
+
+#[derive(Serialize, Deserialize)]
+struct SealedKey {
+    key: String,
+    exp: i64,
+    nonce: String,
+}
+
+async fn serve(
+    state: &AppState,
+    host: &str,
+    app: AppHost,
+    mut req: Request,
+) -> Result<Response, AppError> {
+    let wildcard = state
+        .config
+        .wildcard_access_url
+        .as_deref()
+        .unwrap_or_default();
+    let (key_cookie, token_cookie) = cookie_names(wildcard);
+    let scheme = if state.config.secure_cookies() {
+        "https"
+    } else {
+        "http"
+    };
+
+    // Phase: the browser comes back from the auth redirect with a sealed key.
+    if let Some(sealed) = query_param(req.uri(), KEY_PARAM) {
+        let opened = state
+            .sealer
+            .open(&sealed)
+            .and_then(|p| serde_json::from_slice::<SealedKey>(&p).ok());
+        let Some(k) = opened.filter(|k| k.exp >= Utc::now().timestamp()) else {
+            return Err(AppError::BadRequest(
+                "The sign-in link is invalid or has expired; open the app again.".into(),
+            ));
+        };
+        if state.used_nonces.get(&k.nonce).await.is_some() {
+            return Err(AppError::BadRequest(
+                "The sign-in link was already used; open the app again.".into(),
+            ));
+        }
+        state.used_nonces.insert(k.nonce, ()).await;
+        let domain = wildcard
+            .trim_start_matches("*.")
+            .split(':')
+            .next()
+            .unwrap_or_default();
+        let secure = if scheme == "https" { "; Secure" } else { "" };
+        let set = format!(
+            "{key_cookie}={}; Domain={domain}; Path=/; Max-Age={}; HttpOnly; SameSite=Lax{secure}",
+            k.key,
+            APP_KEY_LIFETIME.num_seconds()
+        );
+        let clean = strip_query_param(req.uri(), KEY_PARAM);
+        let mut resp = Redirect::to(&clean).into_response();
+        resp.headers_mut().append(
+            header::SET_COOKIE,
+            HeaderValue::from_str(&set).map_err(|_| AppError::Forbidden)?,
+        );
+        return Ok(resp);
+    }
+
+    let route = resolve(state, &app).await?;
+    let now = Utc::now().timestamp();
+
+    // Phase: authenticate. An app token for this host and route is enough.
+    let mut new_token = None;
+    let token_ok = cookie(req.headers(), &token_cookie)
+        .and_then(|t| state.signer.verifier().verify::<AppToken>(t, now).ok())
+        .filter(|t| {
+            t.host == host
+                && t.agent_id == route.agent_id
+                && t.target == app.target
+                && t.sharing_level == route.level
+        });
+    let user: Option<Uuid> = match token_ok {
+        Some(t) => t.user_id,
+        None => {
+            let parts_token = {
+                let (parts, body) = req.into_parts();
+                let t = request_token(&parts)
+                    .or_else(|| cookie(&parts.headers, &key_cookie).map(str::to_owned));
+                req = Request::from_parts(parts, body);
+                t
+            };
+            let user = match parts_token {
+                Some(token) => match state.keys.validate(&token).await {
+                    Ok(Ok(p)) => Some(p.user_id),
+                    Ok(Err(_)) => None,
+                    Err(e) => return Err(AppError::BadGateway(format!("database: {e}"))),
+                },
+                None => None,
+            };
+            if user.is_none() && route.level != SharingLevel::Public {
+                if wants_html(req.headers()) && req.method() == Method::GET {
+                    let back = format!(
+                        "{scheme}://{host}{}",
+                        req.uri()
+                            .path_and_query()
+                            .map(|p| p.as_str())
+                            .unwrap_or("/")
+                    );
+                    let mut target = url::Url::parse(&format!(
+                        "{}/api/v2/applications/auth-redirect",
+                        state.config.access_url
+                    ))
+                    .map_err(|e| AppError::BadGateway(e.to_string()))?;
+                    target.query_pairs_mut().append_pair("redirect_uri", &back);
+                    return Ok(Redirect::to(target.as_str()).into_response());
+                }
+                return Err(AppError::Unauthenticated);
+            }
+            new_token = Some(AppToken {
+                user_id: user,
+                workspace_id: route.workspace_id,
+                agent_id: route.agent_id,
+                target: app.target.clone(),
+                host: host.to_owned(),
+                sharing_level: route.level,
+                exp: now + APP_TOKEN_LIFETIME.num_seconds(),
+            });
+            user
+        }
+    };
+
+    // Phase: authorise.
+    let allowed = match route.level {
+        SharingLevel::Public => true,
+        SharingLevel::Authenticated => user.is_some(),
+        SharingLevel::Owner => user == Some(route.owner_id),
+    };
+    if !allowed {
+        return Err(if user.is_none() {
+            AppError::Unauthenticated
+        } else {
+            AppError::Forbidden
+        });
+    }
+
+    // Phase: forward.
+    let mut resp = forward(
+        state,
+        &route,
+        host,
+        scheme,
+        req,
+        &[key_cookie.as_str(), token_cookie.as_str(), SESSION_COOKIE],
+    )
+    .await?;
+    if let Some(t) = new_token {
+        let secure = if scheme == "https" { "; Secure" } else { "" };
+        let set = format!(
+            "{token_cookie}={}; Path=/; Max-Age={}; HttpOnly; SameSite=Lax{secure}",
+            state.signer.sign(&t),
+            APP_TOKEN_LIFETIME.num_seconds()
+        );
+        if let Ok(v) = HeaderValue::from_str(&set) {
+            resp.headers_mut().append(header::SET_COOKIE, v);
+        }
+    }
+    Ok(resp)
+}
+
+fn query_param(uri: &Uri, name: &str) -> Option<String> {
+    url::form_urlencoded::parse(uri.query()?.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+}
+
+fn strip_query_param(uri: &Uri, name: &str) -> String {
+    let kept: Vec<(String, String)> =
+        url::form_urlencoded::parse(uri.query().unwrap_or_default().as_bytes())
+            .filter(|(k, _)| k != name)
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+    let mut out = uri.path().to_owned();
+    if !kept.is_empty() {
+        out.push('?');
+        out.push_str(
+            &url::form_urlencoded::Serializer::new(String::new())
+                .extend_pairs(kept)
+                .finish(),
+        );
+    }
+    out
+}
+
+/// Sends the request down a tunnel stream and streams the response back.
+/// devmesh cookies and credentials never reach the app.
+async fn forward(
+    state: &AppState,
+    route: &Route,
+    host: &str,
+    scheme: &str,
+    mut req: Request,
+    strip_cookies: &[&str],
+) -> Result<Response, AppError> {
+    if route.https {
+        return Err(AppError::BadGateway(
+            "HTTPS upstreams are not supported yet.".into(),
+        ));
+    }
+    let client_ip = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip().to_string())
+        .unwrap_or_default();
+    let headers = req.headers_mut();
+    let cookies: Vec<String> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .map(str::trim)
+        .filter(|c| {
+            !c.is_empty()
+                && !strip_cookies
+                    .iter()
+                    .any(|n| c.starts_with(&format!("{n}=")))
+        })
+        .map(str::to_owned)
+        .collect();
+    headers.remove(header::COOKIE);
+    if !cookies.is_empty()
+        && let Ok(v) = HeaderValue::from_str(&cookies.join("; "))
+    {
+        headers.insert(header::COOKIE, v);
+    }
+    headers.remove(super::extract::SESSION_HEADER);
+    if let Some(auth) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        && auth
+            .strip_prefix("Bearer ")
+            .is_some_and(|t| devmesh_shared::token::parse_api_key(t.trim()).is_some())
+    {
+        headers.remove(header::AUTHORIZATION);
+    }
+    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {client_ip}"),
+        None => client_ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert("x-forwarded-for", v);
+    }
+    headers.insert(
+        "x-forwarded-proto",
+        HeaderValue::from_static(if scheme == "https" { "https" } else { "http" }),
+    );
+    if let Ok(v) = HeaderValue::from_str(host) {
+        headers.insert("x-forwarded-host", v);
+    }
+    // Upstream path: the app's base path, then the request's.
+    if route.base_path != "/" && !route.base_path.is_empty() {
+        let pq = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        let joined = format!("{}{}", route.base_path.trim_end_matches('/'), pq);
+        *req.uri_mut() = joined
+            .parse()
+            .map_err(|_| AppError::BadRequest("bad path".into()))?;
+    } else if let Some(pq) = req.uri().path_and_query().cloned() {
+        *req.uri_mut() = Uri::from(pq);
+    }
+    *req.version_mut() = axum::http::Version::HTTP_11;
+
+    let upgrade = req.headers().get(header::UPGRADE).is_some();
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+
+    let (send, recv) = state
+        .relay
+        .open_tcp(route.agent_id, route.port)
+        .await
+        .map_err(|e| match e {
+            OpenError::NotConnected => AppError::AgentNotConnected,
+            OpenError::Refused => AppError::Refused,
+            other => AppError::BadGateway(other.to_string()),
+        })?;
+    let io = TokioIo::new(tokio::io::join(recv, send));
+    let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
+        .handshake::<_, Body>(io)
+        .await
+        .map_err(|e| AppError::BadGateway(format!("handshake with the app: {e}")))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "app connection ended");
+        }
+    });
+    let mut resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| AppError::BadGateway(format!("the app did not answer: {e}")))?;
+
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(client_upgrade) = client_upgrade
+    {
+        let upstream = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            let (Ok(client), Ok(upstream)) = (client_upgrade.await, upstream.await) else {
+                return;
+            };
+            let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+            if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                tracing::debug!(error = %e, "upgraded connection ended");
+            }
+        });
+    }
+    Ok(resp.map(Body::new))
+}
+
+// === Auth redirect and login page (dashboard origin) ===
+
+/// `GET /api/v2/applications/auth-redirect?redirect_uri=...`
+pub(super) async fn auth_redirect(
+    State(state): State<AppState>,
+    ApiQuery(q): ApiQuery<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let bad = |m: &str| super::error::ApiError::bad_request(m.to_owned());
+    let wildcard = state
+        .config
+        .wildcard_access_url
+        .clone()
+        .ok_or_else(|| bad("Apps are not enabled on this deployment."))?;
+    let target = q
+        .get("redirect_uri")
+        .ok_or_else(|| bad("redirect_uri is required"))?;
+    let url = url::Url::parse(target).map_err(|_| bad("redirect_uri is not a URL"))?;
+    let host = url.host_str().unwrap_or_default();
+    let host_port = match url.port() {
+        Some(p) => format!("{host}:{p}"),
+        None => host.to_owned(),
+    };
+    // Only app hosts of this deployment: never an open redirect.
+    let label_ok = matches!(url.scheme(), "http" | "https")
+        && wildcard_label(&host_port, &wildcard)
+            .and_then(parse_label)
+            .is_some();
+    if !label_ok {
+        return Err(bad("redirect_uri is not an app on this deployment"));
+    }
+    let session = {
+        let (mut parts, _) = Request::new(Body::empty()).into_parts();
+        parts.headers = headers;
+        request_token(&parts)
+    };
+    let principal = match session {
+        Some(t) => state.keys.validate(&t).await?.ok(),
+        None => None,
+    };
+    let Some(principal) = principal.filter(|p| p.scope == devmesh_shared::api::KeyScope::All)
+    else {
+        let mut login = url::Url::parse("http://placeholder/login").map_err(|_| bad("url"))?;
+        let mut back = url::Url::parse("http://placeholder/api/v2/applications/auth-redirect")
+            .map_err(|_| bad("url"))?;
+        back.query_pairs_mut().append_pair("redirect_uri", target);
+        login.query_pairs_mut().append_pair(
+            "redirect",
+            &format!("{}?{}", back.path(), back.query().unwrap_or_default()),
+        );
+        return Ok(
+            Redirect::to(&format!("/login?{}", login.query().unwrap_or_default())).into_response(),
+        );
+    };
+    let key = devmesh_shared::token::new_api_key();
+    sqlx::query(
+        "INSERT INTO api_keys (id, hashed_secret, user_id, name, login_type, scope, expires_at)
+         VALUES ($1, $2, $3, 'app-connect', 'token', 'application_connect', $4)",
+    )
+    .bind(&key.id)
+    .bind(key.hashed_secret.as_slice())
+    .bind(principal.user_id)
+    .bind(Utc::now() + APP_KEY_LIFETIME)
+    .execute(&state.db)
+    .await?;
+    let sealed = state.sealer.seal(
+        &serde_json::to_vec(&SealedKey {
+            key: key.token.expose().to_owned(),
+            exp: Utc::now().timestamp() + SEALED_LIFETIME_SECS,
+            nonce: random_alphanumeric(16),
+        })
+        .map_err(anyhow::Error::from)?,
+    );
+    let mut back = url;
+    back.query_pairs_mut().append_pair(KEY_PARAM, &sealed);
+    Ok(Redirect::to(back.as_str()).into_response())
+}
+
+const CSRF_COOKIE: &str = "devmesh_csrf";
+
+/// Only same-origin paths: `/x`, never `//host` or `/\host`.
+fn safe_redirect(r: Option<&String>) -> String {
+    match r {
+        Some(r) if r.starts_with('/') && !r.starts_with("//") && !r.contains('\\') => r.clone(),
+        _ => "/".into(),
+    }
+}
+
+fn login_page(redirect: &str, csrf: &str, error: Option<&str>) -> String {
+    let error = error
+        .map(|e| format!("<p class=\"err\">{}</p>", html_escape(e)))
+        .unwrap_or_default();
+    format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>Sign in · devmesh</title>\
+         <style>body{{font-family:system-ui,sans-serif;max-width:22rem;margin:5rem auto}}\
+         input{{display:block;width:100%;margin:.3rem 0 1rem;padding:.4rem}}.err{{color:#b00}}</style></head>\
+         <body><h1>Sign in to devmesh</h1>{error}<form method=\"post\" action=\"/login\">\
+         <label>Email or username<input name=\"email\" autocomplete=\"username\" required autofocus></label>\
+         <label>Password<input name=\"password\" type=\"password\" autocomplete=\"current-password\" required></label>\
+         <input type=\"hidden\" name=\"csrf\" value=\"{}\"><input type=\"hidden\" name=\"redirect\" value=\"{}\">\
+         <button type=\"submit\">Sign in</button></form></body></html>",
+        html_escape(csrf),
+        html_escape(redirect)
+    )
+}
+
+fn csrf_cookie(value: &str, secure: bool) -> HeaderValue {
+    let secure = if secure { "; Secure" } else { "" };
+    HeaderValue::from_str(&format!(
+        "{CSRF_COOKIE}={value}; Path=/login; HttpOnly; SameSite=Strict; Max-Age=3600{secure}"
+    ))
+    .unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// `GET /login?redirect=/path`: a minimal sign-in form.
+pub(super) async fn login_form(
+    State(state): State<AppState>,
+    ApiQuery(q): ApiQuery<HashMap<String, String>>,
+) -> Response {
+    let csrf = random_alphanumeric(32);
+    let mut resp = Html(login_page(&safe_redirect(q.get("redirect")), &csrf, None)).into_response();
+    resp.headers_mut().insert(
+        header::SET_COOKIE,
+        csrf_cookie(&csrf, state.config.secure_cookies()),
+    );
+    resp
+}
+
+/// The sign-in form's fields.
+#[derive(Debug, Deserialize)]
+pub(super) struct LoginForm {
+    email: String,
+    password: String,
+    csrf: String,
+    #[serde(default)]
+    redirect: Option<String>,
+}
+
+/// `POST /login`: checks the CSRF token, signs in, sets the session cookie
+/// and returns to the (same-origin) redirect.
+pub(super) async fn login_submit(
+    State(state): State<AppState>,
+    client: super::extract::ClientIp,
+    headers: HeaderMap,
+    axum::Form(form): axum::Form<LoginForm>,
+) -> Response {
+    let redirect = safe_redirect(form.redirect.as_ref());
+    let csrf_ok = cookie(&headers, CSRF_COOKIE)
+        .is_some_and(|c| constant_time_eq(c.as_bytes(), form.csrf.as_bytes()));
+    let retry = |status: StatusCode, msg: &str| {
+        let csrf = random_alphanumeric(32);
+        let mut resp = (status, Html(login_page(&redirect, &csrf, Some(msg)))).into_response();
+        resp.headers_mut().insert(
+            header::SET_COOKIE,
+            csrf_cookie(&csrf, state.config.secure_cookies()),
+        );
+        resp
+    };
+    if !csrf_ok {
+        return retry(
+            StatusCode::FORBIDDEN,
+            "The form expired; please sign in again.",
+        );
+    }
+    match super::users::password_login(&state, &client.0, &form.email, form.password).await {
+        Ok((_, cookie)) => {
+            let mut resp = Redirect::to(&redirect).into_response();
+            resp.headers_mut().insert(header::SET_COOKIE, cookie);
+            resp
+        }
+        Err(e) => {
+            let status = e.status();
+            retry(status, &e.message())
+        }
+    }
+}
+
+/// Keeps a short-lived record of one-time keys already exchanged.
+pub(crate) fn used_nonce_cache() -> moka::future::Cache<String, ()> {
+    moka::future::Cache::builder()
+        .time_to_live(Duration::from_secs(2 * SEALED_LIFETIME_SECS as u64))
+        .max_capacity(1_000_000)
+        .build()
+}

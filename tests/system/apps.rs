@@ -1,0 +1,709 @@
+//! Workspace apps and dev URLs through the primary, end to end: the real
+//! `devmesh server` and `devmesh agent` binaries, a real QUIC tunnel, real
+//! upstream servers, curl and a WebSocket client.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use devmesh_tests::upstream::{Upstream, pattern_sha256};
+use devmesh_tests::{Api, fresh_database};
+use futures_util::{SinkExt, StreamExt};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::support::{AgentProcess, ServerProcess, app_client, eventually};
+
+/// A primary with apps on `*.apps.localhost`, an owner, a member `alice`
+/// with workspace `dev` whose agent runs, and an upstream app.
+struct World {
+    _config: tempfile::TempDir,
+    primary: ServerProcess,
+    owner: Api,
+    alice: Api,
+    upstream: Upstream,
+    workspace: Value,
+    agent_token: String,
+    agent: Option<AgentProcess>,
+    port: u16,
+    db_url: String,
+}
+
+impl World {
+    async fn start() -> Self {
+        let db = fresh_database().await;
+        let config = tempfile::tempdir().unwrap();
+        let url = db.url();
+        let primary = ServerProcess::start(
+            &[
+                "--wildcard-access-url",
+                "*.apps.localhost",
+                "--relay-address",
+                "127.0.0.1:0",
+            ],
+            &[("DEVMESH_POSTGRES_URL", url.expose())],
+            config.path(),
+        )
+        .await;
+        let port: u16 = primary.url.rsplit(':').next().unwrap().parse().unwrap();
+        let anon = Api::new(&primary.url, None);
+        anon.post("/users/first", json!({"email": "owner@example.com", "username": "owner", "password": "owner-password"}))
+            .await;
+        let owner = anon.login("owner", "owner-password").await;
+        for u in ["alice", "bob"] {
+            let (s, _) = owner
+                .post("/users", json!({"email": format!("{u}@example.com"), "username": u, "password": format!("{u}-password")}))
+                .await;
+            assert_eq!(s, StatusCode::CREATED);
+        }
+        let alice = anon.login("alice", "alice-password").await;
+        let upstream = Upstream::start().await;
+        let up = upstream.port();
+        let (s, t) = owner
+            .post(
+                "/templates",
+                json!({"name": "byo", "definition": {"agents": [{
+                    "name": "main",
+                    "env": {"GREETING": "hello"},
+                    "apps": [
+                        {"slug": "echo", "port": up, "healthcheck": {"url": format!("http://127.0.0.1:{up}/healthz"), "interval_seconds": 1, "threshold": 1}},
+                        {"slug": "team", "port": up, "sharing_level": "authenticated"},
+                        {"slug": "pub", "port": up, "sharing_level": "public"},
+                        {"slug": "dead", "port": 1}
+                    ],
+                    "scripts": [{"name": "setup", "script": "echo \"$GREETING from setup\"; echo oops >&2"}]
+                }]}}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{t}");
+        let (s, created) = alice
+            .post("/workspaces", json!({"name": "dev", "template": "byo"}))
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{created}");
+        let agent_token = created["agent_tokens"][0]["token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let agent = AgentProcess::start(&primary.url, &agent_token, config.path());
+        let world = Self {
+            _config: config,
+            primary,
+            owner,
+            alice,
+            upstream,
+            workspace: created["workspace"].clone(),
+            agent_token,
+            agent: Some(agent),
+            port,
+            db_url: url.expose().to_owned(),
+        };
+        world.wait_agent("connected", Some("ready")).await;
+        world
+    }
+
+    fn ws_id(&self) -> String {
+        self.workspace["id"].as_str().unwrap().to_owned()
+    }
+
+    async fn wait_agent(&self, status: &str, lifecycle: Option<&str>) -> Value {
+        let id = self.ws_id();
+        let log = self.agent.as_ref().map(|a| a.log.clone());
+        eventually(30, &format!("agent {status} (log: {log:?})"), || {
+            let alice = self.alice.clone();
+            let id = id.clone();
+            async move {
+                let (_, ws) = alice.get(&format!("/workspaces/{id}")).await;
+                let agent = ws["agents"][0].clone();
+                (agent["status"] == status
+                    && lifecycle.is_none_or(|l| agent["lifecycle_state"] == l))
+                .then_some(agent)
+            }
+        })
+        .await
+    }
+
+    fn app_url(&self, label: &str, path: &str) -> String {
+        format!("http://{label}.apps.localhost:{}{path}", self.port)
+    }
+
+    async fn get(&self, as_user: Option<&Api>, label: &str, path: &str) -> reqwest::Response {
+        let mut req = app_client(false).get(self.app_url(label, path));
+        if let Some(u) = as_user {
+            req = req.header("Devmesh-Session-Token", u.token.as_deref().unwrap());
+        }
+        req.send().await.unwrap()
+    }
+}
+
+#[tokio::test]
+async fn apps_dev_urls_and_sharing_levels_through_the_primary() {
+    let w = World::start().await;
+    let alice = &w.alice;
+
+    // An app, with and without the agent in the hostname.
+    for label in ["echo--main--dev--alice", "echo--dev--alice"] {
+        let resp = w.get(Some(alice), label, "/echo?x=1").await;
+        assert_eq!(resp.status(), StatusCode::OK, "{label}");
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["path"], "/echo");
+        assert_eq!(body["query"], "x=1");
+        let h = &body["headers"];
+        assert!(
+            h.get("devmesh-session-token").is_none(),
+            "credentials never reach the app: {h}"
+        );
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(
+            h["x-forwarded-host"],
+            format!("{label}.apps.localhost:{}", w.port)
+        );
+        assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+    }
+    // A bearer key works too, and a POST body streams through.
+    let resp = app_client(false)
+        .post(w.app_url("echo--dev--alice", "/echo"))
+        .bearer_auth(alice.token.as_deref().unwrap())
+        .body("ping through the tunnel")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.text().await.unwrap(), "ping through the tunnel");
+
+    // A dev URL by port.
+    let dev = format!("{}--main--dev--alice", w.upstream.port());
+    assert_eq!(
+        w.get(Some(alice), &dev, "/echo").await.status(),
+        StatusCode::OK
+    );
+
+    // Sharing: owner-only, authenticated, public; and a port share.
+    let bob = Api::new(&w.primary.url, None)
+        .login("bob", "bob-password")
+        .await;
+    let html_forbidden = app_client(false)
+        .get(w.app_url("echo--dev--alice", "/echo"))
+        .header("Devmesh-Session-Token", bob.token.as_deref().unwrap())
+        .header("Accept", "text/html")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(html_forbidden.status(), StatusCode::FORBIDDEN);
+    assert!(
+        html_forbidden
+            .text()
+            .await
+            .unwrap()
+            .contains("Not authorized")
+    );
+    assert_eq!(
+        w.get(None, "echo--dev--alice", "/echo").await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        w.get(Some(&bob), "team--dev--alice", "/echo")
+            .await
+            .status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        w.get(None, "team--dev--alice", "/echo").await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        w.get(None, "pub--dev--alice", "/echo").await.status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        w.get(None, &dev, "/echo").await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+    let (s, _) = alice
+        .post(
+            &format!("/workspaces/{}/port-shares", w.ws_id()),
+            json!({"agent_name": "main", "port": w.upstream.port(), "sharing_level": "public"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(w.get(None, &dev, "/echo").await.status(), StatusCode::OK);
+    let (s, _) = bob
+        .post(
+            &format!("/workspaces/{}/port-shares", w.ws_id()),
+            json!({"agent_name": "main", "port": 1, "sharing_level": "public"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "only the owner may share");
+
+    // Routing fields are checked: the user in the hostname must own the workspace.
+    for label in [
+        "echo--dev--bob",
+        "echo--dev--owner",
+        "nope--dev--alice",
+        "echo--other--dev--alice",
+        "echo--dev--ghost",
+    ] {
+        let resp = w.get(Some(alice), label, "/echo").await;
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{label}");
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["message"], "App not found.");
+    }
+    // Nothing listens on the app's port: a clear 502.
+    let resp = w.get(Some(alice), "dead--dev--alice", "/").await;
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    assert!(
+        resp.text()
+            .await
+            .unwrap()
+            .contains("refused the connection")
+    );
+
+    // Health checks, lifecycle and script logs reach the API.
+    let agent = w.wait_agent("connected", Some("ready")).await;
+    let agent_id = agent["id"].as_str().unwrap().to_owned();
+    eventually(20, "echo healthy", || {
+        let alice = alice.clone();
+        let id = w.ws_id();
+        async move {
+            let (_, ws) = alice.get(&format!("/workspaces/{id}")).await;
+            let apps = ws["agents"][0]["apps"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            apps.iter()
+                .any(|a| a["slug"] == "echo" && a["health"] == "healthy")
+                .then_some(())
+        }
+    })
+    .await;
+    let (_, logs) = alice
+        .get(&format!("/workspaceagents/{agent_id}/logs"))
+        .await;
+    let lines: Vec<(String, String)> = logs["logs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["level"].as_str().unwrap().to_owned(),
+                l["output"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert!(
+        lines.contains(&("info".into(), "hello from setup".into())),
+        "{lines:?}"
+    );
+    assert!(
+        lines.contains(&("error".into(), "oops".into())),
+        "{lines:?}"
+    );
+    assert_eq!(
+        bob.get(&format!("/workspaceagents/{agent_id}/logs"))
+            .await
+            .0,
+        StatusCode::NOT_FOUND
+    );
+    let _ = &w.owner;
+}
+
+#[tokio::test]
+async fn large_transfers_websockets_and_sse_stream_through_the_tunnel() {
+    let w = World::start().await;
+    let token = w.alice.token.clone().unwrap();
+    let host = format!("echo--dev--alice.apps.localhost:{}", w.port);
+    let size: u64 = 256 * 1024 * 1024;
+
+    // 256 MiB download with curl, checksummed.
+    let out = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "curl -sS --fail --connect-to ::127.0.0.1:{} -H 'Devmesh-Session-Token: {token}' http://{host}/bytes/{size} | sha256sum",
+            w.port
+        ))
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(got, pattern_sha256(size));
+
+    // 256 MiB upload with curl, checksummed by the app.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("upload.bin");
+    {
+        use std::io::Write;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&file).unwrap());
+        let block: Vec<u8> = (0..1024 * 1024).map(|i: u32| (i % 251) as u8).collect();
+        for _ in 0..256 {
+            f.write_all(&block).unwrap();
+        }
+    }
+    let expected = {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        let block: Vec<u8> = (0..1024 * 1024).map(|i: u32| (i % 251) as u8).collect();
+        for _ in 0..256 {
+            h.update(&block);
+        }
+        hex::encode(h.finalize())
+    };
+    let out = tokio::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--fail",
+            "--connect-to",
+            &format!("::127.0.0.1:{}", w.port),
+        ])
+        .args([
+            "-H",
+            &format!("Devmesh-Session-Token: {token}"),
+            "-H",
+            "Expect:",
+        ])
+        .arg("--data-binary")
+        .arg(format!("@{}", file.display()))
+        .arg(format!("http://{host}/sha256"))
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let body: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(body["len"], size);
+    assert_eq!(body["sha256"], expected.as_str());
+
+    // WebSocket echo.
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", w.port))
+        .await
+        .unwrap();
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+        format!("ws://{host}/ws"),
+    )
+    .unwrap();
+    req.headers_mut()
+        .insert("Devmesh-Session-Token", token.parse().unwrap());
+    let (mut socket, resp) = tokio_tungstenite::client_async(req, tcp)
+        .await
+        .expect("websocket upgrade");
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    for i in 0..3 {
+        socket
+            .send(tokio_tungstenite::tungstenite::Message::text(format!(
+                "hello {i}"
+            )))
+            .await
+            .unwrap();
+        let msg = socket.next().await.unwrap().unwrap();
+        assert_eq!(msg.into_text().unwrap().as_str(), format!("hello {i}"));
+    }
+    socket.close(None).await.unwrap();
+
+    // SSE: each event arrives before the app has even produced the next.
+    let mut resp = app_client(false)
+        .get(w.app_url("echo--dev--alice", "/sse"))
+        .header("Devmesh-Session-Token", &token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let next = format!("http://127.0.0.1:{}/sse/next", w.upstream.port());
+    for i in 0..3 {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), resp.chunk())
+            .await
+            .expect("event arrives")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&chunk),
+            format!("data: event {i}\n\n")
+        );
+        reqwest::Client::new().post(&next).send().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn browsers_sign_in_through_the_auth_redirect_and_get_app_cookies() {
+    let w = World::start().await;
+    let jar = std::sync::Arc::new(reqwest::cookie::Jar::default());
+    let browser = crate::support::app_client_with_jar(jar.clone());
+    let app = w.app_url("echo--dev--alice", "/echo?from=browser");
+
+    // 1. No credentials: off to the primary's auth redirect.
+    let r = browser
+        .get(&app)
+        .header("Accept", "text/html")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let to_primary = r.headers()["location"].to_str().unwrap().to_owned();
+    assert!(
+        to_primary.starts_with(&format!(
+            "{}/api/v2/applications/auth-redirect?redirect_uri=",
+            w.primary.url
+        )),
+        "{to_primary}"
+    );
+
+    // 2. Not signed in on the dashboard: the login page.
+    let r = browser.get(&to_primary).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let login = format!(
+        "{}{}",
+        w.primary.url,
+        r.headers()["location"].to_str().unwrap()
+    );
+    let page = browser
+        .get(&login)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let csrf = page
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_owned();
+    let redirect = page
+        .split("name=\"redirect\" value=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .replace("&amp;", "&");
+
+    // A forged CSRF token is refused.
+    let r = browser
+        .post(format!("{}/login", w.primary.url))
+        .form(&[
+            ("email", "alice"),
+            ("password", "alice-password"),
+            ("csrf", "forged"),
+            ("redirect", &redirect),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let page = r.text().await.unwrap();
+    let csrf_retry = page
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_owned();
+    assert_ne!(csrf, csrf_retry);
+
+    // 3. Sign in: back to the auth redirect, which hands out a sealed one-time key.
+    let r = browser
+        .post(format!("{}/login", w.primary.url))
+        .form(&[
+            ("email", "alice"),
+            ("password", "alice-password"),
+            ("csrf", &csrf_retry),
+            ("redirect", &redirect),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let back = format!(
+        "{}{}",
+        w.primary.url,
+        r.headers()["location"].to_str().unwrap()
+    );
+    let r = browser.get(&back).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let with_key = r.headers()["location"].to_str().unwrap().to_owned();
+    assert!(
+        with_key.starts_with(&app) && with_key.contains("devmesh_app_key="),
+        "{with_key}"
+    );
+
+    // 4. The app host turns it into a cookie and strips it from the URL.
+    let r = browser.get(&with_key).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    assert_eq!(r.headers()["location"], "/echo?from=browser");
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(
+        cookie.contains("Domain=apps.localhost") && cookie.contains("HttpOnly"),
+        "{cookie}"
+    );
+
+    // The sealed key is single-use.
+    let again = app_client(false).get(&with_key).send().await.unwrap();
+    assert_eq!(again.status(), StatusCode::BAD_REQUEST);
+
+    // 5. The app works; no devmesh cookie reaches it; an app token cookie is set.
+    let app_url: reqwest::Url = app.parse().unwrap();
+    jar.add_cookie_str("theme=dark; Domain=apps.localhost; Path=/", &app_url);
+    let r = browser.get(&app).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(
+        r.headers()["set-cookie"]
+            .to_str()
+            .unwrap()
+            .contains("devmesh_app_token_")
+    );
+    let body: Value = r.json().await.unwrap();
+    let cookies = body["headers"]["cookie"].as_str().unwrap_or_default();
+    assert_eq!(cookies, "theme=dark", "only the app's own cookies reach it");
+    // Another app of the same user on the same apps domain needs no new sign-in.
+    let r = browser
+        .get(w.app_url("team--dev--alice", "/echo"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+
+    // Forged and foreign tokens do not open the app.
+    let forged = app_client(false)
+        .get(&app)
+        .header(
+            "Cookie",
+            "devmesh_app_token_0000=eyJhbGciOiJFZERTQSJ9.e30.AAAA",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), StatusCode::UNAUTHORIZED);
+
+    // No open redirects.
+    let r = app_client(false)
+        .get(format!(
+            "{}/api/v2/applications/auth-redirect?redirect_uri=https://evil.example.com/",
+            w.primary.url
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let r = app_client(false)
+        .get(format!(
+            "{}/login?redirect=//evil.example.com",
+            w.primary.url
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        r.text()
+            .await
+            .unwrap()
+            .contains("name=\"redirect\" value=\"/\"")
+    );
+}
+
+#[tokio::test]
+async fn agents_recover_from_being_killed_and_from_primary_restarts() {
+    let mut w = World::start().await;
+    let token = w.alice.token.clone().unwrap();
+
+    // Kill the agent in the middle of a large response: the client sees the
+    // stream fail, and new requests get a clear 502.
+    let mut resp = app_client(false)
+        .get(w.app_url("echo--dev--alice", "/bytes/1073741824"))
+        .header("Devmesh-Session-Token", &token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    resp.chunk().await.unwrap().expect("first bytes");
+    w.agent.take().unwrap().kill().await;
+    let mut failed = false;
+    let drained = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            match resp.chunk().await {
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(_) => {
+                    failed = true;
+                    break;
+                }
+            }
+        }
+    })
+    .await;
+    assert!(drained.is_ok(), "the broken response must end, not hang");
+    assert!(
+        failed,
+        "a response cut by a dying agent must not look complete"
+    );
+    eventually(40, "502 agent not connected", || {
+        let w = &w;
+        async move {
+            let r = w.get(Some(&w.alice), "echo--dev--alice", "/echo").await;
+            (r.status() == StatusCode::BAD_GATEWAY
+                && r.text().await.unwrap().contains("not connected"))
+            .then_some(())
+        }
+    })
+    .await;
+    w.wait_agent("disconnected", None).await;
+
+    // The agent comes back with the same token.
+    w.agent = Some(AgentProcess::start(
+        &w.primary.url,
+        &w.agent_token,
+        w._config.path(),
+    ));
+    w.wait_agent("connected", None).await;
+    assert_eq!(
+        w.get(Some(&w.alice), "echo--dev--alice", "/echo")
+            .await
+            .status(),
+        StatusCode::OK
+    );
+
+    // Restart the primary on the same address: the agent re-attaches by itself.
+    let addr = w.primary.url.trim_start_matches("http://").to_owned();
+    w.primary.terminate().await;
+    w.primary = ServerProcess::start(
+        &[
+            "--wildcard-access-url",
+            "*.apps.localhost",
+            "--relay-address",
+            "127.0.0.1:0",
+            "--http-address",
+            &addr,
+        ],
+        &[("DEVMESH_POSTGRES_URL", &w.db_url)],
+        w._config.path(),
+    )
+    .await;
+    eventually(60, "apps work after the primary restarts", || {
+        let w = &w;
+        async move {
+            (w.get(Some(&w.alice), "echo--dev--alice", "/echo")
+                .await
+                .status()
+                == StatusCode::OK)
+                .then_some(())
+        }
+    })
+    .await;
+
+    // SIGTERM: the agent reports shutting_down → off and exits cleanly.
+    let status = w.agent.take().unwrap().stop().await;
+    assert!(status.success());
+    w.wait_agent("disconnected", Some("off")).await;
+}

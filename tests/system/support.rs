@@ -1,0 +1,232 @@
+//! Fixtures for tests that run the real binaries.
+
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_devmesh");
+
+/// A `devmesh server` process, killed on drop.
+pub(crate) struct ServerProcess {
+    child: Child,
+    pub(crate) url: String,
+    pub(crate) log: PathBuf,
+}
+
+impl ServerProcess {
+    pub(crate) async fn start(args: &[&str], env: &[(&str, &str)], log_dir: &Path) -> Self {
+        let log = log_dir.join(format!("server-{}.log", uuid::Uuid::new_v4().simple()));
+        let mut cmd = Command::new(BIN);
+        cmd.arg("server");
+        if !args.contains(&"--http-address") {
+            cmd.args(["--http-address", "127.0.0.1:0"]);
+        }
+        cmd.args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().expect("spawn devmesh server");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let url = tokio::time::timeout(Duration::from_secs(90), async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                if let Some(url) = line.strip_prefix("Started HTTP listener at ") {
+                    return Some(url.to_owned());
+                }
+            }
+            None
+        })
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| {
+            panic!(
+                "server did not start:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
+        });
+        // Keep draining stdout so the server never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Self { child, url, log }
+    }
+
+    pub(crate) fn signal(&self, sig: Signal) {
+        kill(Pid::from_raw(self.child.id().expect("running") as i32), sig).expect("signal server");
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub(crate) async fn stop(mut self) {
+        self.signal(Signal::SIGTERM);
+        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("stops in time")
+            .unwrap();
+        assert!(
+            status.success(),
+            "exit {status}:\n{}",
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        );
+    }
+
+    /// SIGTERM and wait, keeping the value (to replace it afterwards).
+    pub(crate) async fn terminate(&mut self) {
+        self.signal(Signal::SIGTERM);
+        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("stops in time")
+            .unwrap();
+        assert!(status.success(), "exit {status}");
+    }
+
+    /// SIGKILL, as a crash would.
+    pub(crate) async fn crash(mut self) {
+        self.signal(Signal::SIGKILL);
+        let _ = self.child.wait().await;
+    }
+}
+
+/// Runs the CLI with its own config directory.
+pub(crate) async fn cli(config: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env("DEVMESH_CONFIG_DIR", config)
+        .env_remove("DEVMESH_URL")
+        .env_remove("DEVMESH_SESSION_TOKEN")
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("run devmesh")
+}
+
+#[track_caller]
+pub(crate) fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "exit {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub(crate) fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A `devmesh agent` process, killed on drop.
+pub(crate) struct AgentProcess {
+    child: Child,
+    pub(crate) log: PathBuf,
+}
+
+impl AgentProcess {
+    pub(crate) fn start(primary_url: &str, token: &str, log_dir: &Path) -> Self {
+        Self::start_with(primary_url, token, log_dir, &[])
+    }
+
+    pub(crate) fn start_with(
+        primary_url: &str,
+        token: &str,
+        log_dir: &Path,
+        env: &[(&str, &str)],
+    ) -> Self {
+        let log = log_dir.join(format!("agent-{}.log", uuid::Uuid::new_v4().simple()));
+        let child = Command::new(BIN)
+            .arg("agent")
+            .envs(env.iter().copied())
+            .env("DEVMESH_URL", primary_url)
+            .env("DEVMESH_AGENT_TOKEN", token)
+            .env(
+                "DEVMESH_LOG",
+                "debug,hyper=info,reqwest=info,quinn=info,rustls=info",
+            )
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::options().append(true).open(&log).unwrap())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn devmesh agent");
+        Self { child, log }
+    }
+
+    pub(crate) fn signal(&self, sig: Signal) {
+        if let Some(id) = self.child.id() {
+            let _ = kill(Pid::from_raw(id as i32), sig);
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub(crate) async fn stop(mut self) -> std::process::ExitStatus {
+        self.signal(Signal::SIGTERM);
+        tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("agent stops in time")
+            .unwrap()
+    }
+
+    pub(crate) async fn kill(mut self) {
+        self.signal(Signal::SIGKILL);
+        let _ = self.child.wait().await;
+    }
+}
+
+/// Polls `check` until it returns `Some`, failing after `secs` seconds.
+pub(crate) async fn eventually<T, F, Fut>(secs: u64, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Resolves every name to 127.0.0.1, so `*.apps.localhost` reaches the test servers.
+#[derive(Debug, Clone)]
+pub(crate) struct Loopback;
+
+impl reqwest::dns::Resolve for Loopback {
+    fn resolve(&self, _: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        Box::pin(async {
+            let addrs: reqwest::dns::Addrs = Box::new(std::iter::once(std::net::SocketAddr::from(
+                ([127, 0, 0, 1], 0),
+            )));
+            Ok(addrs)
+        })
+    }
+}
+
+/// An HTTP client for app hosts: loopback DNS, no automatic redirects.
+pub(crate) fn app_client(cookies: bool) -> reqwest::Client {
+    reqwest::Client::builder()
+        .dns_resolver(std::sync::Arc::new(Loopback))
+        .redirect(reqwest::redirect::Policy::none())
+        .cookie_store(cookies)
+        .build()
+        .unwrap()
+}
+
+/// Like [`app_client`], with a cookie jar the test can add to.
+pub(crate) fn app_client_with_jar(jar: std::sync::Arc<reqwest::cookie::Jar>) -> reqwest::Client {
+    reqwest::Client::builder()
+        .dns_resolver(std::sync::Arc::new(Loopback))
+        .redirect(reqwest::redirect::Policy::none())
+        .cookie_provider(jar)
+        .build()
+        .unwrap()
+}
