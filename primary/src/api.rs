@@ -65,6 +65,18 @@ pub struct AppState {
     pub relay_address: String,
     /// One-time app keys already exchanged.
     pub used_nonces: moka::future::Cache<String, ()>,
+    /// Resolved app routes (short-lived; emptied on changes).
+    pub(crate) routes: moka::future::Cache<String, apps::Route>,
+    /// Pooled connections to apps.
+    pub upstreams: Arc<crate::upstream::Pool>,
+}
+
+impl AppState {
+    /// Forgets cached routes and keys after a change that affects who may
+    /// open what (workspace builds, port shares, users).
+    pub fn access_changed(&self) {
+        self.routes.invalidate_all();
+    }
 }
 
 /// The primary's keys and relay, created at start.
@@ -99,6 +111,8 @@ impl AppState {
             relay: parts.relay,
             relay_address: parts.relay_address,
             used_nonces: apps::used_nonce_cache(),
+            routes: apps::route_cache(),
+            upstreams: Arc::default(),
         }
     }
 }
@@ -178,6 +192,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(meta::metrics))
         .route("/", get(meta::root))
         .route("/login", get(apps::login_form).post(apps::login_submit))
+
         .fallback(api_not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), apps::route_apps))

@@ -53,6 +53,11 @@ pub struct ServerArgs {
     /// Serve HTTPS with a generated local CA (for trials; prints the CA's path for curl --cacert).
     #[arg(long, env = "DEVMESH_TLS_SELF_SIGNED", conflicts_with = "tls_cert")]
     pub tls_self_signed: bool,
+    /// Serve apps declared with "subdomain": false under /@user/workspace.agent/apps/slug/
+    /// on the dashboard's origin (owner-only). Off by default: such apps share the
+    /// dashboard's origin.
+    #[arg(long, env = "DEVMESH_ENABLE_PATH_APPS")]
+    pub enable_path_apps: bool,
 }
 
 /// The same settings as a TOML file.
@@ -69,6 +74,7 @@ struct FileConfig {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     tls_self_signed: Option<bool>,
+    enable_path_apps: Option<bool>,
 }
 
 /// Validated configuration of a primary.
@@ -90,6 +96,8 @@ pub struct ServerConfig {
     pub relay_address: SocketAddr,
     /// How HTTPS is served, if at all.
     pub tls: Tls,
+    /// Whether path-based apps are served.
+    pub enable_path_apps: bool,
 }
 
 /// The primary's TLS mode.
@@ -186,6 +194,7 @@ impl ServerArgs {
             ))
         })?;
         Ok(ServerConfig {
+            enable_path_apps: self.enable_path_apps || file.enable_path_apps == Some(true),
             tls,
             relay_address,
             http_address,
@@ -211,6 +220,7 @@ impl ServerConfig {
             log_format: LogFormat::Text,
             relay_address: "127.0.0.1:0".parse().expect("valid address"),
             tls: Tls::Off,
+            enable_path_apps: false,
         }
     }
 

@@ -13,6 +13,7 @@ pub mod ratelimit;
 pub mod relay;
 pub mod server;
 pub mod tls;
+pub mod upstream;
 
 pub use config::{ServerArgs, ServerConfig};
 pub use server::{RunningServer, start};

@@ -72,7 +72,8 @@ pub enum StreamHeader {
 }
 
 /// A message on the agent-opened control stream, in either direction.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `Debug` masks the attach ticket: it works as a credential until it expires.
+#[derive(Clone, PartialEq, Eq)]
 pub enum Control {
     /// Agent → relay, the first message: the signed attach ticket.
     Attach {
@@ -224,6 +225,18 @@ impl StreamHeader {
 }
 
 // === Control ===
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Attach { .. } => f.debug_struct("Attach").field("ticket", &"****").finish(),
+            Self::Attached { relay } => f.debug_struct("Attached").field("relay", relay).finish(),
+            Self::Refused { reason } => f.debug_struct("Refused").field("reason", reason).finish(),
+            Self::Ping { nonce } => f.debug_struct("Ping").field("nonce", nonce).finish(),
+            Self::Pong { nonce } => f.debug_struct("Pong").field("nonce", nonce).finish(),
+        }
+    }
+}
 
 impl Control {
     fn known_kind(kind: u8) -> bool {
@@ -544,6 +557,14 @@ pub mod io {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn debug_never_shows_an_attach_ticket() {
+        let c = super::Control::Attach {
+            ticket: "secret-ticket".into(),
+        };
+        assert!(!format!("{c:?}").contains("secret-ticket"));
+    }
+
     use proptest::prelude::*;
 
     use super::*;

@@ -26,6 +26,11 @@ use sqlx::postgres::{PgConnectOptions, PgConnection};
 
 static CLUSTER: OnceLock<EmbeddedPostgres> = OnceLock::new();
 
+/// Installs the process's crypto provider (idempotent).
+pub fn install() {
+    devmesh_shared::runtime::install_crypto_provider();
+}
+
 /// A directory other users (the `postgres` user when tests run as root) may
 /// enter; the caller removes it or lets the guardian do so.
 pub fn shared_tempdir(prefix: &str) -> PathBuf {

@@ -34,12 +34,16 @@ struct Shared {
 pub struct Upstream {
     /// Where it listens.
     pub addr: SocketAddr,
-    task: tokio::task::JoinHandle<()>,
+    /// The same app over HTTPS (self-signed), as apps in workspaces often are.
+    pub tls_addr: SocketAddr,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for Upstream {
     fn drop(&mut self) {
-        self.task.abort();
+        for t in &self.tasks {
+            t.abort();
+        }
     }
 }
 
@@ -82,10 +86,20 @@ impl Upstream {
             .await
             .expect("bind upstream");
         let addr = listener.local_addr().expect("addr");
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
+        let plain_app = app.clone();
+        let plain = tokio::spawn(async move {
+            let _ = axum::serve(listener, plain_app).await;
         });
-        Self { addr, task }
+        let tls_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind upstream");
+        let tls_addr = tls_listener.local_addr().expect("addr");
+        let tls = tokio::spawn(serve_tls(tls_listener, app));
+        Self {
+            addr,
+            tls_addr,
+            tasks: vec![plain, tls],
+        }
     }
 
     /// Its port.
@@ -207,4 +221,38 @@ async fn health(State(s): State<Shared>) -> StatusCode {
 async fn health_fail(State(s): State<Shared>) -> StatusCode {
     s.unhealthy.store(true, Ordering::Relaxed);
     StatusCode::NO_CONTENT
+}
+
+async fn serve_tls(listener: tokio::net::TcpListener, app: Router) {
+    use tower::ServiceExt;
+    crate::install();
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .expect("params")
+        .self_signed(&key)
+        .expect("cert");
+    let config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .expect("tls config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    while let Ok((tcp, _)) = listener.accept().await {
+        let (acceptor, app) = (acceptor.clone(), app.clone());
+        tokio::spawn(async move {
+            let Ok(tls) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let service =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    app.clone().oneshot(req.map(Body::new))
+                });
+            let _ =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+        });
+    }
 }

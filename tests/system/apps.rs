@@ -39,6 +39,7 @@ impl World {
                 "*.apps.localhost",
                 "--relay-address",
                 "127.0.0.1:0",
+                "--enable-path-apps",
             ],
             &[("DEVMESH_POSTGRES_URL", url.expose())],
             config.path(),
@@ -68,7 +69,8 @@ impl World {
                         {"slug": "echo", "port": up, "healthcheck": {"url": format!("http://127.0.0.1:{up}/healthz"), "interval_seconds": 1, "threshold": 1}},
                         {"slug": "team", "port": up, "sharing_level": "authenticated"},
                         {"slug": "pub", "port": up, "sharing_level": "public"},
-                        {"slug": "dead", "port": 1}
+                        {"slug": "dead", "port": 1},
+                        {"slug": "docs", "port": up, "subdomain": false, "sharing_level": "public"}
                     ],
                     "scripts": [{"name": "setup", "script": "echo \"$GREETING from setup\"; echo oops >&2"}]
                 }]}}),
@@ -706,4 +708,87 @@ async fn agents_recover_from_being_killed_and_from_primary_restarts() {
     let status = w.agent.take().unwrap().stop().await;
     assert!(status.success());
     w.wait_agent("disconnected", Some("off")).await;
+}
+
+#[tokio::test]
+async fn https_upstreams_and_path_apps() {
+    let w = World::start().await;
+    let alice = &w.alice;
+
+    // A dev URL with the `s` suffix speaks TLS to the app inside the workspace.
+    let tls_port = w.upstream.tls_addr.port();
+    let resp = w
+        .get(
+            Some(alice),
+            &format!("{tls_port}s--dev--alice"),
+            "/echo?tls=1",
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK, "{:?}", resp.text().await);
+    assert_eq!(resp.json::<Value>().await.unwrap()["query"], "tls=1");
+    // The same port without `s` is plain HTTP to a TLS server: a clean 502, not a hang.
+    let resp = w
+        .get(Some(alice), &format!("{tls_port}--dev--alice"), "/echo")
+        .await;
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+
+    // Path apps: owner-only on the dashboard origin, with X-Forwarded-Prefix.
+    let base = &w.primary.url;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let resp = http
+        .get(format!("{base}/@alice/dev/apps/docs/echo?q=1"))
+        .header("Devmesh-Session-Token", alice.token.as_deref().unwrap())
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["path"], "/echo");
+    assert_eq!(body["query"], "q=1");
+    assert_eq!(
+        body["headers"]["x-forwarded-prefix"],
+        "/@alice/dev/apps/docs"
+    );
+    let resp = http
+        .get(format!("{base}/@alice/dev.main/apps/docs"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::PERMANENT_REDIRECT);
+    assert_eq!(resp.headers()["location"], "/@alice/dev.main/apps/docs/");
+    // Public sharing does not open path apps to others: they share the dashboard's origin.
+    assert_eq!(
+        http.get(format!("{base}/@alice/dev/apps/docs/echo"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::UNAUTHORIZED
+    );
+    let bob = Api::new(base, None).login("bob", "bob-password").await;
+    let resp = http
+        .get(format!("{base}/@alice/dev/apps/docs/echo"))
+        .header("Devmesh-Session-Token", bob.token.as_deref().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    // Subdomain apps are not reachable by path, nor path apps by subdomain.
+    let resp = http
+        .get(format!("{base}/@alice/dev/apps/echo/echo"))
+        .header("Devmesh-Session-Token", alice.token.as_deref().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    assert_eq!(
+        w.get(Some(alice), "docs--dev--alice", "/echo")
+            .await
+            .status(),
+        StatusCode::NOT_FOUND
+    );
 }

@@ -269,6 +269,14 @@ async fn an_external_database_url_and_the_non_interactive_cli() {
         stderr(&out)
     );
 
+    // Path apps are off unless enabled.
+    let resp = reqwest::get(format!("{url}/@root/dev/apps/web/"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    let text = resp.text().await.unwrap();
+    assert!(text.contains("disabled"), "{text}");
+
     let regions = ok(&cli(cfg, &["regions"]).await);
     assert!(regions.contains("primary"), "{regions}");
     ok(&cli(

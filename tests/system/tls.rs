@@ -57,13 +57,22 @@ fn client(ca_pem: &str, http2: bool) -> reqwest::Client {
 /// The common name of the certificate a TLS server presents, as curl sees it.
 async fn served_cn(port: u16, ca_file: &Path) -> String {
     let out = tokio::process::Command::new("curl")
-        .args(["-sS", "-v", "-o", "/dev/null", "--cacert", ca_file.to_str().unwrap()])
+        .args([
+            "-sS",
+            "-v",
+            "-o",
+            "/dev/null",
+            "--cacert",
+            ca_file.to_str().unwrap(),
+        ])
         .arg(format!("https://localhost:{port}/healthz"))
         .output()
         .await
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    err.lines().find_map(|l| l.trim().strip_prefix("*  subject: CN=").map(str::to_owned)).unwrap_or(err)
+    err.lines()
+        .find_map(|l| l.trim().strip_prefix("*  subject: CN=").map(str::to_owned))
+        .unwrap_or(err)
 }
 
 #[tokio::test]

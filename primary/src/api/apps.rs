@@ -35,6 +35,7 @@ use super::AppState;
 use super::error::ApiResult;
 use super::extract::{ApiQuery, SESSION_COOKIE, request_token};
 use crate::relay::OpenError;
+use crate::upstream::SendError;
 
 /// Query parameter carrying the sealed one-time key back to the app host.
 const KEY_PARAM: &str = "devmesh_app_key";
@@ -147,6 +148,14 @@ pub(crate) async fn route_apps(
     req: Request,
     next: Next,
 ) -> Response {
+    // Path apps live on the dashboard origin under /@user/...; the router
+    // cannot match a parameter that shares a segment with "@".
+    if req.uri().path().starts_with("/@") {
+        use axum::extract::FromRequestParts;
+        let (mut parts, body) = req.into_parts();
+        let auth = super::extract::Authed::from_request_parts(&mut parts, &state).await;
+        return path_app(State(state), auth, Request::from_parts(parts, body)).await;
+    }
     let Some(wildcard) = state.config.wildcard_access_url.clone() else {
         return next.run(req).await;
     };
@@ -195,7 +204,7 @@ fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 // === Route resolution ===
 
 #[derive(Debug, Clone)]
-struct Route {
+pub(crate) struct Route {
     workspace_id: Uuid,
     owner_id: Uuid,
     agent_id: Uuid,
@@ -214,7 +223,26 @@ struct RouteRow {
     agents: i64,
 }
 
-async fn resolve(state: &AppState, app: &AppHost) -> Result<Route, AppError> {
+/// Resolves a route, from a cache that lives a second and is emptied
+/// whenever a workspace, a port share or a user changes on this primary.
+async fn resolve(state: &AppState, app: &AppHost, path_app: bool) -> Result<Route, AppError> {
+    let key = format!(
+        "{:?}|{:?}|{}|{}|{path_app}",
+        app.target, app.agent, app.workspace, app.user
+    );
+    if let Some(route) = state.routes.get(&key).await {
+        return Ok(route);
+    }
+    let route = resolve_uncached(state, app, path_app).await?;
+    state.routes.insert(key, route.clone()).await;
+    Ok(route)
+}
+
+async fn resolve_uncached(
+    state: &AppState,
+    app: &AppHost,
+    path_app: bool,
+) -> Result<Route, AppError> {
     let not_found = || AppError::NotFound("No such app, workspace or user.".into());
     let db_err = |e: sqlx::Error| AppError::BadGateway(format!("database: {e}"));
     let row: Option<RouteRow> = sqlx::query_as(
@@ -247,10 +275,11 @@ async fn resolve(state: &AppState, app: &AppHost) -> Result<Route, AppError> {
     let (port, https, base_path, level) = match &app.target {
         AppTarget::Slug(slug) => {
             let app_row: Option<(String, String)> = sqlx::query_as(
-                "SELECT url, sharing_level FROM workspace_apps WHERE agent_id = $1 AND slug = $2 AND subdomain",
+                "SELECT url, sharing_level FROM workspace_apps WHERE agent_id = $1 AND slug = $2 AND subdomain = $3",
             )
             .bind(agent_id)
             .bind(slug)
+            .bind(!path_app)
             .fetch_optional(&state.db)
             .await
             .map_err(db_err)?;
@@ -359,7 +388,7 @@ async fn serve(
         return Ok(resp);
     }
 
-    let route = resolve(state, &app).await?;
+    let route = resolve(state, &app, false).await?;
     let now = Utc::now().timestamp();
 
     // Phase: authenticate. An app token for this host and route is enough.
@@ -491,13 +520,25 @@ async fn forward(
     route: &Route,
     host: &str,
     scheme: &str,
-    mut req: Request,
+    req: Request,
     strip_cookies: &[&str],
 ) -> Result<Response, AppError> {
-    if route.https {
-        return Err(AppError::BadGateway(
-            "HTTPS upstreams are not supported yet.".into(),
-        ));
+    forward_with_prefix(state, route, host, scheme, req, strip_cookies, None).await
+}
+
+async fn forward_with_prefix(
+    state: &AppState,
+    route: &Route,
+    host: &str,
+    scheme: &str,
+    mut req: Request,
+    strip_cookies: &[&str],
+    prefix: Option<&str>,
+) -> Result<Response, AppError> {
+    if let Some(prefix) = prefix
+        && let Ok(v) = HeaderValue::from_str(prefix)
+    {
+        req.headers_mut().insert("x-forwarded-prefix", v);
     }
     let client_ip = req
         .extensions()
@@ -567,30 +608,21 @@ async fn forward(
 
     let upgrade = req.headers().get(header::UPGRADE).is_some();
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-
-    let (send, recv) = state
-        .relay
-        .open_tcp(route.agent_id, route.port)
+    let key = crate::upstream::Key {
+        agent: route.agent_id,
+        port: route.port,
+        https: route.https,
+    };
+    let mut resp = state
+        .upstreams
+        .send(&state.relay, key, req, upgrade)
         .await
         .map_err(|e| match e {
-            OpenError::NotConnected => AppError::AgentNotConnected,
-            OpenError::Refused => AppError::Refused,
-            other => AppError::BadGateway(other.to_string()),
+            SendError::Open(OpenError::NotConnected) => AppError::AgentNotConnected,
+            SendError::Open(OpenError::Refused) => AppError::Refused,
+            SendError::Open(other) => AppError::BadGateway(other.to_string()),
+            SendError::App(why) => AppError::BadGateway(why),
         })?;
-    let io = TokioIo::new(tokio::io::join(recv, send));
-    let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
-        .handshake::<_, Body>(io)
-        .await
-        .map_err(|e| AppError::BadGateway(format!("handshake with the app: {e}")))?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!(error = %e, "app connection ended");
-        }
-    });
-    let mut resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| AppError::BadGateway(format!("the app did not answer: {e}")))?;
 
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client_upgrade) = client_upgrade
@@ -607,6 +639,104 @@ async fn forward(
         });
     }
     Ok(resp.map(Body::new))
+}
+
+// === Path-based apps (dashboard origin; off unless enabled) ===
+
+/// `/@{user}/{workspace}[.{agent}]/apps/{slug}/...`: apps declared with
+/// `"subdomain": false`. They share the dashboard's origin, so they are off
+/// unless `--enable-path-apps` is set, and only the workspace owner may open
+/// them, whatever their sharing level.
+pub(super) async fn path_app(
+    State(state): State<AppState>,
+    auth: Result<super::extract::Authed, super::error::ApiError>,
+    req: Request,
+) -> Response {
+    let html = wants_html(req.headers());
+    if !state.config.enable_path_apps {
+        return AppError::NotFound("Path-based apps are disabled on this deployment.".into())
+            .respond(html);
+    }
+    let path = req.uri().path().to_owned();
+    let mut parts = path.trim_start_matches("/@").splitn(5, '/');
+    let (Some(user), Some(ws_agent), Some("apps"), Some(slug)) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return AppError::NotFound("Not an app path.".into()).respond(html);
+    };
+    let rest = parts.next();
+    let prefix = format!("/@{user}/{ws_agent}/apps/{slug}");
+    if rest.is_none() {
+        let q = req
+            .uri()
+            .query()
+            .map(|q| format!("?{q}"))
+            .unwrap_or_default();
+        return Redirect::permanent(&format!("{prefix}/{q}")).into_response();
+    }
+    let (workspace, agent) = match ws_agent.split_once('.') {
+        Some((w, a)) => (w, Some(a.to_owned())),
+        None => (ws_agent, None),
+    };
+    let app = AppHost {
+        target: AppTarget::Slug(slug.to_owned()),
+        agent,
+        workspace: workspace.to_owned(),
+        user: user.to_owned(),
+    };
+    if devmesh_shared::names::validate_name(slug).is_err()
+        || devmesh_shared::names::validate_name(workspace).is_err()
+    {
+        return AppError::NotFound("Not an app path.".into()).respond(html);
+    }
+    let Ok(super::extract::Authed(principal)) = auth else {
+        return AppError::Unauthenticated.respond(html);
+    };
+    let route = match resolve(&state, &app, true).await {
+        Ok(r) => r,
+        Err(e) => return e.respond(html),
+    };
+    if route.owner_id != principal.user_id {
+        return AppError::Forbidden.respond(html);
+    }
+    let mut req = req;
+    let upstream_path = format!(
+        "/{}{}",
+        rest.unwrap_or_default(),
+        req.uri()
+            .query()
+            .map(|q| format!("?{q}"))
+            .unwrap_or_default()
+    );
+    match upstream_path.parse() {
+        Ok(uri) => *req.uri_mut() = uri,
+        Err(_) => return AppError::BadRequest("bad path".into()).respond(html),
+    }
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let scheme = if state.config.secure_cookies() {
+        "https"
+    } else {
+        "http"
+    };
+    match forward_with_prefix(
+        &state,
+        &route,
+        &host,
+        scheme,
+        req,
+        &[SESSION_COOKIE],
+        Some(&prefix),
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(e) => e.respond(html),
+    }
 }
 
 // === Auth redirect and login page (dashboard origin) ===
@@ -784,6 +914,14 @@ pub(super) async fn login_submit(
             retry(status, &e.message())
         }
     }
+}
+
+/// The route cache.
+pub(crate) fn route_cache() -> moka::future::Cache<String, Route> {
+    moka::future::Cache::builder()
+        .time_to_live(Duration::from_secs(1))
+        .max_capacity(100_000)
+        .build()
 }
 
 /// Keeps a short-lived record of one-time keys already exchanged.

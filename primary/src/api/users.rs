@@ -402,6 +402,7 @@ pub(super) async fn set_status(
     .fetch_one(&state.db)
     .await?;
     state.keys.forget_all();
+    state.access_changed();
     Audit::new(action, "user")
         .resource(row.id, &row.username)
         .by(&auth.0)
@@ -450,6 +451,7 @@ pub(super) async fn delete_user(
         .await;
     tx.commit().await?;
     state.keys.forget_all();
+    state.access_changed();
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -531,6 +531,7 @@ pub(super) async fn build(
         .write(&mut *tx)
         .await;
     tx.commit().await?;
+    state.access_changed();
     let row = find_visible(&state, &auth, id, true).await?;
     let workspace = load(&state, row).await?;
     Ok((
@@ -602,6 +603,7 @@ pub(super) async fn set_port_share(
         .execute(&state.db)
         .await?;
     }
+    state.access_changed();
     Audit::new("share_port", "workspace")
         .resource(id, format!("{}/{}", row.owner_name, row.name))
         .by(&auth.0)

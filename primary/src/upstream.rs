@@ -1,0 +1,245 @@
+//! HTTP connections to apps inside workspaces, over tunnel streams.
+//!
+//! Connections are pooled per (agent, port, scheme) and reused across user
+//! requests, as a browser's keep-alive connections would be: a request
+//! takes an idle connection that is still open, or opens a stream to the
+//! agent and handshakes a new one. After a response body has been read to
+//! the end, the connection goes back to the pool. Upgraded connections
+//! (WebSockets) get a connection of their own and never return.
+//!
+//! HTTPS upstreams (`8443s--...` dev URLs, `https://` app URLs) run TLS to
+//! the app inside the stream. The app's certificate is not verified: the
+//! app listens on the workspace's loopback interface, typically with a
+//! self-signed certificate, and the hop to it is already authenticated and
+//! encrypted by the tunnel.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use parking_lot::Mutex;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use crate::relay::{OpenError, Relay};
+
+/// Idle connections kept per key.
+const MAX_IDLE_PER_KEY: usize = 32;
+/// An idle connection older than this is closed rather than reused.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Which upstream a connection reaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Key {
+    /// The agent.
+    pub agent: Uuid,
+    /// The port in the workspace.
+    pub port: u16,
+    /// TLS to the app.
+    pub https: bool,
+}
+
+/// Why a request could not be sent to the app.
+#[derive(Debug)]
+pub enum SendError {
+    /// The stream to the agent could not be opened.
+    Open(OpenError),
+    /// The TLS or HTTP handshake with the app failed, or it did not answer.
+    App(String),
+}
+
+/// An idle connection and since when.
+type Idle = (Instant, SendRequest<Body>);
+
+/// The pool.
+#[derive(Debug, Default)]
+pub struct Pool {
+    idle: Mutex<HashMap<Key, Vec<Idle>>>,
+}
+
+impl Pool {
+    /// Sends `req` to the app behind `key`, reusing an idle connection when
+    /// one is open. `fresh` forces a connection of its own (upgrades).
+    pub async fn send(
+        self: &Arc<Self>,
+        relay: &Relay,
+        key: Key,
+        mut req: hyper::Request<Body>,
+        fresh: bool,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, SendError> {
+        if !fresh {
+            while let Some(mut sender) = self.take(key) {
+                match sender.try_send_request(req).await {
+                    Ok(resp) => {
+                        self.recycle(key, sender);
+                        return Ok(resp);
+                    }
+                    Err(mut e) => match e.take_message() {
+                        // Never sent (the connection had died): try the next one.
+                        Some(back) => req = back,
+                        None => {
+                            return Err(SendError::App(format!(
+                                "the app did not answer: {}",
+                                e.error()
+                            )));
+                        }
+                    },
+                }
+            }
+        }
+        let mut sender = connect(relay, key, fresh).await?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| SendError::App(format!("the app did not answer: {e}")))?;
+        if !fresh {
+            self.recycle(key, sender);
+        }
+        Ok(resp)
+    }
+
+    fn take(&self, key: Key) -> Option<SendRequest<Body>> {
+        let mut idle = self.idle.lock();
+        let list = idle.get_mut(&key)?;
+        while let Some((since, sender)) = list.pop() {
+            if since.elapsed() < IDLE_TIMEOUT && sender.is_ready() && !sender.is_closed() {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    /// Returns the connection to the pool once its response has been read.
+    fn recycle(self: &Arc<Self>, key: Key, mut sender: SendRequest<Body>) {
+        let pool = Arc::downgrade(self);
+        tokio::spawn(async move {
+            if sender.ready().await.is_err() {
+                return;
+            }
+            let Some(pool) = pool.upgrade() else { return };
+            let mut idle = pool.idle.lock();
+            let list = idle.entry(key).or_default();
+            list.retain(|(since, s)| since.elapsed() < IDLE_TIMEOUT && !s.is_closed());
+            if list.len() < MAX_IDLE_PER_KEY {
+                list.push((Instant::now(), sender));
+            }
+        });
+    }
+
+    /// Idle connections right now (for tests and metrics).
+    pub fn idle_count(&self) -> usize {
+        self.idle.lock().values().map(Vec::len).sum()
+    }
+}
+
+async fn connect(relay: &Relay, key: Key, upgrades: bool) -> Result<SendRequest<Body>, SendError> {
+    let (send, recv) = relay
+        .open_tcp(key.agent, key.port)
+        .await
+        .map_err(SendError::Open)?;
+    let stream = tokio::io::join(recv, send);
+    if key.https {
+        let tls = tokio_rustls::TlsConnector::from(insecure_tls())
+            .connect(
+                rustls::pki_types::ServerName::try_from("localhost").expect("valid name"),
+                stream,
+            )
+            .await
+            .map_err(|e| SendError::App(format!("TLS handshake with the app: {e}")))?;
+        handshake(tls, upgrades).await
+    } else {
+        handshake(stream, upgrades).await
+    }
+}
+
+async fn handshake<IO>(io: IO, upgrades: bool) -> Result<SendRequest<Body>, SendError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::Builder::new()
+        .handshake::<_, Body>(TokioIo::new(io))
+        .await
+        .map_err(|e| SendError::App(format!("handshake with the app: {e}")))?;
+    tokio::spawn(async move {
+        let result = if upgrades {
+            conn.with_upgrades().await
+        } else {
+            conn.await
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "app connection ended");
+        }
+    });
+    Ok(sender)
+}
+
+fn insecure_tls() -> Arc<rustls::ClientConfig> {
+    static CONFIG: std::sync::OnceLock<Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .expect("ring supports the default protocol versions")
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(LoopbackApp(provider)))
+                .with_no_client_auth();
+            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            Arc::new(config)
+        })
+        .clone()
+}
+
+/// Accepts the app's certificate without checking it (see the module docs),
+/// while still checking that the handshake is signed by that certificate.
+#[derive(Debug)]
+struct LoopbackApp(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for LoopbackApp {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
