@@ -15,11 +15,25 @@ pub(crate) struct Client {
 }
 
 impl Client {
-    pub(crate) fn new(base: &str, token: Option<String>) -> anyhow::Result<Self> {
-        let http = reqwest::Client::builder()
+    pub(crate) fn new(
+        base: &str,
+        token: Option<String>,
+        ca_cert: Option<&std::path::Path>,
+    ) -> anyhow::Result<Self> {
+        let mut builder = reqwest::Client::builder()
             .user_agent(concat!("devmesh-cli/", env!("CARGO_PKG_VERSION")))
-            .timeout(std::time::Duration::from_secs(60))
-            .build()?;
+            .timeout(std::time::Duration::from_secs(60));
+        // Trust a private CA on top of the system roots (--ca-cert / DEVMESH_CA_CERT).
+        if let Some(path) = ca_cert {
+            let pem = std::fs::read(path)
+                .with_context(|| format!("reading the CA bundle {}", path.display()))?;
+            for cert in reqwest::Certificate::from_pem_bundle(&pem)
+                .with_context(|| format!("{} is not a PEM bundle", path.display()))?
+            {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder.build()?;
         Ok(Self {
             http,
             base: base.trim_end_matches('/').to_owned(),

@@ -143,6 +143,7 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let g = cli.global;
+
     match cli.command {
         Command::Server(args) => commands::server::run(args).await,
         Command::Login(args) => commands::auth::login(&g, args).await,

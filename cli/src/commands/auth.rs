@@ -56,7 +56,7 @@ pub(crate) async fn login(g: &Global, args: LoginArgs) -> anyhow::Result<()> {
     if !(url.starts_with("http://") || url.starts_with("https://")) {
         bail!("{url:?} is not a URL: it must start with http:// or https://");
     }
-    let anon = Client::new(&url, None)?;
+    let anon = Client::new(&url, None, g.ca_cert.as_deref())?;
     let info: BuildInfo = anon
         .get("/buildinfo")
         .await
@@ -64,7 +64,7 @@ pub(crate) async fn login(g: &Global, args: LoginArgs) -> anyhow::Result<()> {
 
     // An existing token (`--token` or DEVMESH_SESSION_TOKEN) is checked and stored as is.
     if let Some(token) = &g.token {
-        let me: User = Client::new(&url, Some(token.clone()))?
+        let me: User = Client::new(&url, Some(token.clone()), g.ca_cert.as_deref())?
             .get("/users/me")
             .await?;
         session::save(&Session {
@@ -133,7 +133,7 @@ pub(crate) async fn login(g: &Global, args: LoginArgs) -> anyhow::Result<()> {
     let resp: LoginResponse = anon
         .post("/users/login", &LoginRequest { email, password })
         .await?;
-    let client = Client::new(&url, Some(resp.session_token.clone()))?;
+    let client = Client::new(&url, Some(resp.session_token.clone()), g.ca_cert.as_deref())?;
     let me: User = client.get("/users/me").await?;
     session::save(&Session {
         url: client.base().to_owned(),

@@ -28,6 +28,9 @@ pub(crate) struct Global {
         hide_env_values = true
     )]
     pub(crate) token: Option<String>,
+    /// Extra PEM CA bundle to trust for the deployment's HTTPS (on top of the system roots).
+    #[arg(long, global = true, env = "DEVMESH_CA_CERT")]
+    pub(crate) ca_cert: Option<std::path::PathBuf>,
     /// Output format of list commands.
     #[arg(long, short = 'o', global = true, value_enum, default_value_t)]
     pub(crate) output: Format,
@@ -47,6 +50,6 @@ impl Global {
             .clone()
             .or_else(|| stored.map(|s| s.token))
             .context("not signed in: run `devmesh login <url>` first")?;
-        Client::new(&url, Some(token))
+        Client::new(&url, Some(token), self.ca_cert.as_deref())
     }
 }

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# End-to-end in a real browser: headless Chromium signs in through the app
+# auth redirect of a real primary (HTTPS, self-signed) and opens an app and a
+# dev URL served by a real agent. Needs chromium, node and the devmesh
+# binary (cargo build --bin devmesh). Fails, never skips, when one is missing.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+bin=${DEVMESH_BIN:-$root/target/debug/devmesh}
+for need in "$bin" "$(command -v chromium || true)" "$(command -v node || true)"; do
+  [ -n "$need" ] && [ -x "$need" ] || { echo "browser test: missing $need (chromium, node or $bin)"; exit 1; }
+done
+[ -d "$here/node_modules/playwright-core" ] || (cd "$here" && npm ci --no-audit --no-fund >/dev/null)
+
+work=$(mktemp -d); chmod 755 "$work"
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+app_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+"$bin" server --data-dir "$work/data" --http-address "127.0.0.1:$port" --relay-address 127.0.0.1:0 \
+  --tls-self-signed >"$work/server.out" 2>"$work/server.err" &
+pids+=($!)
+for _ in $(seq 300); do grep -q "Started HTTP listener" "$work/server.out" 2>/dev/null && break; sleep 0.1; done
+grep -q "Started HTTP listener" "$work/server.out" || { cat "$work/server.err"; exit 1; }
+
+export DEVMESH_CONFIG_DIR="$work/cfg" DEVMESH_CA_CERT="$work/data/tls/ca.pem"
+url="https://127.0.0.1:$port"
+"$bin" login "$url" --username browser --email browser@example.com --password browser-password >/dev/null
+printf '{"agents":[{"name":"main","apps":[{"slug":"web","port":%s}]}]}' "$app_port" >"$work/t.json"
+"$bin" templates create web --file "$work/t.json" >/dev/null
+token=$("$bin" create dev --template web | sed -n 's/.*DEVMESH_AGENT_TOKEN=\([A-Za-z0-9]*\).*/\1/p' | head -1)
+
+mkdir -p "$work/site" && echo "<h1>Hello from the workspace</h1>" >"$work/site/index.html"
+(cd "$work/site" && exec python3 -m http.server "$app_port" --bind 127.0.0.1 >/dev/null 2>&1) &
+pids+=($!)
+DEVMESH_URL="$url" DEVMESH_AGENT_TOKEN="$token" "$bin" agent >"$work/agent.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 300); do "$bin" list | grep -q "connected" && break; sleep 0.1; done
+
+node "$here/app-sign-in.js" \
+  "https://web--dev--browser.apps.localhost:$port/" \
+  "https://$app_port--dev--browser.apps.localhost:$port/" \
+  browser browser-password "Hello from the workspace"
