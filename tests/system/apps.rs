@@ -792,3 +792,182 @@ async fn https_upstreams_and_path_apps() {
         StatusCode::NOT_FOUND
     );
 }
+
+#[tokio::test]
+async fn stopped_workspaces_expired_tokens_and_tokens_for_other_hosts_are_refused() {
+    use devmesh_shared::api::SharingLevel;
+    use devmesh_shared::signing::{AppTarget, AppToken, SigningKey};
+    let w = World::start().await;
+    let host = format!("pub--dev--alice.apps.localhost:{}", w.port);
+    let (_, ws) = w.alice.get(&format!("/workspaces/{}", w.ws_id())).await;
+    let agent_id: uuid::Uuid = ws["agents"][0]["id"].as_str().unwrap().parse().unwrap();
+    let workspace_id: uuid::Uuid = w.ws_id().parse().unwrap();
+    let alice_id: uuid::Uuid = w.alice.get("/users/me").await.1["id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+
+    // The primary's own signing key, read from its database: a token it could
+    // have minted, but expired, or for another host, must not open the app.
+    let mut conn = {
+        use sqlx::Connection;
+        sqlx::PgConnection::connect(&w.db_url).await.unwrap()
+    };
+    let (kid, pkcs8): (String, Vec<u8>) =
+        sqlx::query_as("SELECT kid, pkcs8 FROM signing_keys LIMIT 1")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    let key = SigningKey::from_pkcs8(kid, &pkcs8).unwrap();
+    // Cookie names carry a hash of the apps domain.
+    let token_cookie = {
+        use sha2::Digest;
+        format!(
+            "devmesh_app_token_{}",
+            &hex::encode(sha2::Sha256::digest(b"*.apps.localhost"))[..8]
+        )
+    };
+    let now = chrono::Utc::now().timestamp();
+    let token = |host: &str, slug: &str, exp: i64| {
+        key.sign(&AppToken {
+            user_id: Some(alice_id),
+            workspace_id,
+            agent_id,
+            target: AppTarget::Slug(slug.into()),
+            host: host.into(),
+            sharing_level: SharingLevel::Owner,
+            exp,
+        })
+    };
+    let with_cookie = |label: &str, cookie: String| {
+        app_client(false)
+            .get(w.app_url(label, "/echo"))
+            .header("Cookie", format!("{token_cookie}={cookie}"))
+            .send()
+    };
+    // Sanity: a fresh token for the right host opens the owner-only app.
+    let echo_host = format!("echo--dev--alice.apps.localhost:{}", w.port);
+    let ok = with_cookie("echo--dev--alice", token(&echo_host, "echo", now + 600))
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), StatusCode::OK);
+    let expired = with_cookie("echo--dev--alice", token(&echo_host, "echo", now - 1))
+        .await
+        .unwrap();
+    assert_eq!(expired.status(), StatusCode::UNAUTHORIZED);
+    let other_host = with_cookie("echo--dev--alice", token(&host, "echo", now + 600))
+        .await
+        .unwrap();
+    assert_eq!(other_host.status(), StatusCode::UNAUTHORIZED);
+    let other_app = with_cookie("echo--dev--alice", token(&echo_host, "team", now + 600))
+        .await
+        .unwrap();
+    assert_eq!(other_app.status(), StatusCode::UNAUTHORIZED);
+    let foreign = SigningKey::generate("attacker");
+    let forged = foreign.sign(&AppToken {
+        user_id: Some(alice_id),
+        workspace_id,
+        agent_id,
+        target: AppTarget::Slug("echo".into()),
+        host: echo_host.clone(),
+        sharing_level: SharingLevel::Owner,
+        exp: now + 600,
+    });
+    assert_eq!(
+        with_cookie("echo--dev--alice", forged)
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::UNAUTHORIZED
+    );
+
+    // Stopping the workspace cuts access at once, even with a valid token.
+    let (s, _) = w
+        .alice
+        .post(
+            &format!("/workspaces/{}/builds", w.ws_id()),
+            json!({"transition": "stop"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let resp = app_client(false)
+        .get(w.app_url("echo--dev--alice", "/echo"))
+        .header(
+            "Cookie",
+            format!("{token_cookie}={}", token(&echo_host, "echo", now + 600)),
+        )
+        .header("Accept", "text/html")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(resp.text().await.unwrap().contains("Workspace stopped"));
+    // …and the stopped build's agent token no longer works.
+    let r = reqwest::Client::new()
+        .get(format!(
+            "{}/api/v2/workspaceagents/me/manifest",
+            w.primary.url
+        ))
+        .header("Devmesh-Agent-Token", &w.agent_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn script_logs_stop_at_one_mebibyte_with_an_overflow_flag() {
+    let w = World::start().await;
+    let agent = reqwest::Client::new();
+    let post = |lines: Vec<String>| {
+        let logs: Vec<Value> = lines
+            .into_iter()
+            .map(|l| json!({"source": "big", "output": l}))
+            .collect();
+        agent
+            .post(format!("{}/api/v2/workspaceagents/me/logs", w.primary.url))
+            .header("Devmesh-Agent-Token", &w.agent_token)
+            .json(&json!({"logs": logs}))
+            .send()
+    };
+    let line = "x".repeat(1023);
+    let mut overflowed = false;
+    for _ in 0..12 {
+        let r: Value = post(vec![line.clone(); 100])
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if r["overflowed"] == true {
+            overflowed = true;
+            break;
+        }
+    }
+    assert!(overflowed, "1 MiB of logs must overflow");
+    let r: Value = post(vec!["after".into()])
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["accepted"], 0);
+    let agent_id = w.wait_agent("connected", None).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (_, logs) = w
+        .alice
+        .get(&format!("/workspaceagents/{agent_id}/logs"))
+        .await;
+    assert_eq!(logs["overflowed"], true);
+    let stored: usize = logs["logs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["output"].as_str().unwrap().len() + 1)
+        .sum();
+    assert!(stored <= 1024 * 1024, "{stored}");
+    assert!(!logs.to_string().contains("\"after\""));
+}

@@ -99,12 +99,23 @@ fn toml_like(_: &str) -> anyhow::Result<ExternalDefinition> {
 }
 
 /// Prints new agent tokens with the exact command to start each agent.
-fn print_tokens(base: &str, resp: &WorkspaceBuildResponse) {
+fn print_tokens(g: &Global, base: &str, resp: &WorkspaceBuildResponse) {
+    // A private CA the CLI trusts must be trusted by the agent too.
+    let ca = g
+        .ca_cert
+        .as_ref()
+        .map(|p| {
+            format!(
+                "DEVMESH_CA_CERT={} ",
+                std::path::absolute(p).unwrap_or(p.clone()).display()
+            )
+        })
+        .unwrap_or_default();
     for t in &resp.agent_tokens {
         println!("Agent {} token: {}", t.agent_name, t.token);
         println!("  Start it on the workspace's machine with:");
         println!(
-            "  DEVMESH_URL={base} DEVMESH_AGENT_TOKEN={} devmesh agent",
+            "  {ca}DEVMESH_URL={base} DEVMESH_AGENT_TOKEN={} devmesh agent",
             t.token
         );
     }
@@ -131,7 +142,7 @@ pub(crate) async fn create(g: &Global, name: String, template: String) -> anyhow
         return json(&resp);
     }
     println!("Created workspace {}.", resp.workspace.name);
-    print_tokens(client.base(), &resp);
+    print_tokens(g, client.base(), &resp);
     Ok(())
 }
 
@@ -190,7 +201,7 @@ pub(crate) async fn transition(
     match transition {
         Transition::Start => {
             println!("Started {name}.");
-            print_tokens(client.base(), &resp);
+            print_tokens(g, client.base(), &resp);
         }
         Transition::Stop => println!("Stopped {name}."),
         Transition::Delete => println!("Deleted {name}."),
