@@ -338,6 +338,36 @@ impl Audit {
     }
 }
 
+/// A `Set-Cookie` value. Every devmesh cookie is HttpOnly; `Secure` when
+/// served over HTTPS; `max_age` 0 deletes it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SetCookie<'a> {
+    pub(crate) name: &'a str,
+    pub(crate) value: &'a str,
+    pub(crate) path: &'a str,
+    pub(crate) domain: Option<&'a str>,
+    pub(crate) max_age: i64,
+    pub(crate) same_site: &'static str,
+    pub(crate) secure: bool,
+}
+
+impl SetCookie<'_> {
+    /// The header value; an unrepresentable cookie becomes an empty header.
+    pub(crate) fn header(&self) -> axum::http::HeaderValue {
+        let domain = self
+            .domain
+            .map(|d| format!("; Domain={d}"))
+            .unwrap_or_default();
+        let secure = if self.secure { "; Secure" } else { "" };
+        let text = format!(
+            "{}={}{domain}; Path={}; Max-Age={}; HttpOnly; SameSite={}{secure}",
+            self.name, self.value, self.path, self.max_age, self.same_site
+        );
+        axum::http::HeaderValue::from_str(&text)
+            .unwrap_or_else(|_| axum::http::HeaderValue::from_static(""))
+    }
+}
+
 /// Parses a path segment as a UUID, or `None`.
 fn parse_uuid(s: &str) -> Option<Uuid> {
     Uuid::parse_str(s).ok()

@@ -229,6 +229,15 @@ pub enum SharingLevel {
 }
 
 impl SharingLevel {
+    /// Parses a stored level; anything unknown is the most restrictive.
+    pub fn from_stored(s: &str) -> Self {
+        match s {
+            "public" => SharingLevel::Public,
+            "authenticated" => SharingLevel::Authenticated,
+            _ => SharingLevel::Owner,
+        }
+    }
+
     /// The name stored and shown.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -31,9 +31,9 @@ use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::AppState;
 use super::error::ApiResult;
 use super::extract::{ApiQuery, SESSION_COOKIE, request_token};
+use super::{AppState, SetCookie};
 use crate::relay::OpenError;
 use crate::upstream::SendError;
 
@@ -285,7 +285,7 @@ async fn resolve_uncached(
             .map_err(db_err)?;
             let (url, level) = app_row.ok_or_else(not_found)?;
             let (port, https, path) = super::templates::upstream(&url).ok_or_else(not_found)?;
-            (port, https, path, parse_level(&level))
+            (port, https, path, SharingLevel::from_stored(&level))
         }
         AppTarget::Port { port, https } => {
             let level: Option<String> = sqlx::query_scalar(
@@ -301,7 +301,9 @@ async fn resolve_uncached(
                 *port,
                 *https,
                 "/".to_owned(),
-                level.map(|l| parse_level(&l)).unwrap_or_default(),
+                level
+                    .map(|l| SharingLevel::from_stored(&l))
+                    .unwrap_or_default(),
             )
         }
     };
@@ -314,14 +316,6 @@ async fn resolve_uncached(
         base_path,
         level,
     })
-}
-
-fn parse_level(s: &str) -> SharingLevel {
-    match s {
-        "public" => SharingLevel::Public,
-        "authenticated" => SharingLevel::Authenticated,
-        _ => SharingLevel::Owner,
-    }
 }
 
 // === Serving ===
@@ -373,18 +367,18 @@ async fn serve(
             .split(':')
             .next()
             .unwrap_or_default();
-        let secure = if scheme == "https" { "; Secure" } else { "" };
-        let set = format!(
-            "{key_cookie}={}; Domain={domain}; Path=/; Max-Age={}; HttpOnly; SameSite=Lax{secure}",
-            k.key,
-            APP_KEY_LIFETIME.num_seconds()
-        );
+        let set = SetCookie {
+            name: &key_cookie,
+            value: &k.key,
+            path: "/",
+            domain: Some(domain),
+            max_age: APP_KEY_LIFETIME.num_seconds(),
+            same_site: "Lax",
+            secure: scheme == "https",
+        };
         let clean = strip_query_param(req.uri(), KEY_PARAM);
         let mut resp = Redirect::to(&clean).into_response();
-        resp.headers_mut().append(
-            header::SET_COOKIE,
-            HeaderValue::from_str(&set).map_err(|_| AppError::Forbidden)?,
-        );
+        resp.headers_mut().append(header::SET_COOKIE, set.header());
         return Ok(resp);
     }
 
@@ -476,15 +470,17 @@ async fn serve(
     )
     .await?;
     if let Some(t) = new_token {
-        let secure = if scheme == "https" { "; Secure" } else { "" };
-        let set = format!(
-            "{token_cookie}={}; Path=/; Max-Age={}; HttpOnly; SameSite=Lax{secure}",
-            state.signer.sign(&t),
-            APP_TOKEN_LIFETIME.num_seconds()
-        );
-        if let Ok(v) = HeaderValue::from_str(&set) {
-            resp.headers_mut().append(header::SET_COOKIE, v);
-        }
+        let signed = state.signer.sign(&t);
+        let set = SetCookie {
+            name: &token_cookie,
+            value: &signed,
+            path: "/",
+            domain: None,
+            max_age: APP_TOKEN_LIFETIME.num_seconds(),
+            same_site: "Lax",
+            secure: scheme == "https",
+        };
+        resp.headers_mut().append(header::SET_COOKIE, set.header());
     }
     Ok(resp)
 }
@@ -846,11 +842,16 @@ fn login_page(redirect: &str, csrf: &str, error: Option<&str>) -> String {
 }
 
 fn csrf_cookie(value: &str, secure: bool) -> HeaderValue {
-    let secure = if secure { "; Secure" } else { "" };
-    HeaderValue::from_str(&format!(
-        "{CSRF_COOKIE}={value}; Path=/login; HttpOnly; SameSite=Strict; Max-Age=3600{secure}"
-    ))
-    .unwrap_or_else(|_| HeaderValue::from_static(""))
+    SetCookie {
+        name: CSRF_COOKIE,
+        value,
+        path: "/login",
+        domain: None,
+        max_age: 3600,
+        same_site: "Strict",
+        secure,
+    }
+    .header()
 }
 
 /// `GET /login?redirect=/path`: a minimal sign-in form.

@@ -279,11 +279,16 @@ pub(super) async fn password_login(
 }
 
 fn session_cookie(value: &str, max_age: i64, secure: bool) -> HeaderValue {
-    let secure = if secure { "; Secure" } else { "" };
-    HeaderValue::from_str(&format!(
-        "{SESSION_COOKIE}={value}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Lax{secure}"
-    ))
-    .unwrap_or_else(|_| HeaderValue::from_static(""))
+    super::SetCookie {
+        name: SESSION_COOKIE,
+        value,
+        path: "/",
+        domain: None,
+        max_age,
+        same_site: "Lax",
+        secure,
+    }
+    .header()
 }
 
 pub(super) async fn logout(

@@ -84,14 +84,6 @@ fn transition(s: &str) -> Transition {
     }
 }
 
-fn sharing_level(s: &str) -> SharingLevel {
-    match s {
-        "public" => SharingLevel::Public,
-        "authenticated" => SharingLevel::Authenticated,
-        _ => SharingLevel::Owner,
-    }
-}
-
 /// An agent's connection status, derived from its timestamps.
 pub(super) fn agent_status(
     first: Option<DateTime<Utc>>,
@@ -151,7 +143,7 @@ async fn load(state: &AppState, row: WorkspaceRow) -> ApiResult<Workspace> {
                 display_name: a.display_name,
                 url: a.url,
                 subdomain: a.subdomain,
-                sharing_level: sharing_level(&a.sharing_level),
+                sharing_level: SharingLevel::from_stored(&a.sharing_level),
                 health: a.health,
                 healthcheck,
             });
@@ -560,7 +552,7 @@ pub(super) async fn list_port_shares(
         .map(|(agent_name, port, level)| PortShare {
             agent_name,
             port: port as u16,
-            sharing_level: sharing_level(&level),
+            sharing_level: SharingLevel::from_stored(&level),
         })
         .collect();
     Ok(Json(PortSharesResponse { shares }))
