@@ -170,6 +170,8 @@ pub fn router(state: AppState) -> Router {
             get(edges::get).patch(edges::update).delete(edges::delete),
         )
         .route("/edges/{edge}/token", post(edges::regenerate_token))
+        .route("/edges/me/register", post(edges::register))
+        .route("/edges/me/deregister", post(edges::deregister))
         .route("/workspaceagents/me/manifest", get(agents::manifest))
         .route(
             "/workspaceagents/me/attach-ticket",

@@ -109,6 +109,35 @@ impl MeshCa {
     }
 }
 
+impl MeshCa {
+    /// Signs an edge replica's CSR. Only the key comes from the request: the
+    /// certificate names the edge's relay (`<edge>.relay.devmesh.internal`)
+    /// whatever the CSR asked for.
+    pub fn sign_csr(&self, csr_pem: &str, edge_name: &str) -> anyhow::Result<String> {
+        let mut csr =
+            rcgen::CertificateSigningRequestParams::from_pem(csr_pem).context("not a PEM CSR")?;
+        let name = relay_name(edge_name);
+        csr.params.subject_alt_names = vec![rcgen::SanType::DnsName(name.clone().try_into()?)];
+        csr.params.distinguished_name = rcgen::DistinguishedName::new();
+        csr.params.distinguished_name.push(DnType::CommonName, name);
+        csr.params.is_ca = IsCa::ExplicitNoCa;
+        csr.params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        csr.params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let now = time_now();
+        csr.params.not_before = now - std::time::Duration::from_secs(300);
+        csr.params.not_after = now + std::time::Duration::from_secs(30 * 86_400);
+        Ok(csr.signed_by(&self.issuer, &self.key)?.pem())
+    }
+}
+
+/// The TLS name of a region's relay on its mesh certificate.
+pub fn relay_name(region: &str) -> String {
+    format!("{region}.relay.devmesh.internal")
+}
+
 fn time_now() -> time::OffsetDateTime {
     time::OffsetDateTime::now_utc()
 }

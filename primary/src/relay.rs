@@ -182,7 +182,8 @@ impl Relay {
                 )
                 .await;
                 let _ = send.finish();
-                conn.closed().await;
+                let _ = tokio::time::timeout(ATTACH_TIMEOUT, conn.closed()).await;
+                conn.close(3u32.into(), b"refused");
                 return Ok(());
             }
         };

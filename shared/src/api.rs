@@ -950,3 +950,74 @@ pub struct PortSharesResponse {
     /// Current shares.
     pub shares: Vec<PortShare>,
 }
+
+// === Edges (`/api/v2/edges/me/...`, authenticated by `Devmesh-Edge-Token`) ===
+
+/// The header an edge sends its token in.
+pub const EDGE_TOKEN_HEADER: &str = "Devmesh-Edge-Token";
+
+/// `POST /api/v2/edges/me/register`: an edge replica announces itself (and
+/// heartbeats by registering again).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeRegisterRequest {
+    /// Stable for the life of the replica process.
+    pub replica_id: Uuid,
+    /// The edge's version; must share the primary's major and minor version.
+    pub version: String,
+    /// The region's base URL.
+    pub access_url: String,
+    /// The region's app wildcard (`*.eu.apps.example.com`).
+    pub wildcard_hostname: Option<String>,
+    /// A global wildcard every edge also serves (`*.apps.example.com`).
+    #[serde(default)]
+    pub global_wildcard_hostname: Option<String>,
+    /// UDP `host:port` of the replica's QUIC relay.
+    pub relay_address: String,
+    /// PEM certificate signing request for the replica's mesh certificate.
+    pub csr_pem: String,
+}
+
+/// What a registered edge replica needs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EdgeRegisterResponse {
+    /// The edge's id.
+    pub edge_id: Uuid,
+    /// The region name.
+    pub edge_name: String,
+    /// The replica's mesh certificate, signed by the mesh CA.
+    pub mesh_cert_pem: String,
+    /// The mesh CA.
+    pub mesh_ca_pem: String,
+    /// Keys that verify app tokens.
+    pub app_token_keys: Vec<crate::signing::PublicKey>,
+    /// Every other relay (the primary's and other replicas').
+    pub siblings: Vec<RelayInfo>,
+    /// Register again within this many seconds to stay healthy.
+    pub heartbeat_interval_seconds: u64,
+}
+
+/// `POST /api/v2/edges/me/deregister`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeDeregisterRequest {
+    /// The replica leaving.
+    pub replica_id: Uuid,
+}
+
+/// `GET /healthz-report` on an edge.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EdgeHealthReport {
+    /// The region.
+    pub edge_name: Option<String>,
+    /// This replica.
+    pub replica_id: Uuid,
+    /// The edge's version.
+    pub version: String,
+    /// Whether the last registration with the primary succeeded.
+    pub primary_reachable: bool,
+    /// When the primary last accepted a registration.
+    pub last_registered_at: Option<DateTime<Utc>>,
+    /// The last registration error, if any.
+    pub last_error: Option<String>,
+}

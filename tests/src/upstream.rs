@@ -7,7 +7,9 @@
 //! * `POST /sha256` → `{len, sha256}` of the body, consumed as a stream;
 //! * `GET /sse` → server-sent events; each next event waits for `POST /sse/next`;
 //! * `GET /ws` → WebSocket echo;
-//! * `GET /healthz` → 200, or 500 after `POST /health/fail`.
+//! * `GET /healthz` → 200, or 500 after `POST /health/fail`;
+//! * `GET /set-cookie` → tries to set a devmesh cookie and one of its own;
+//! * anything else → like `GET /echo`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -81,6 +83,8 @@ impl Upstream {
             .route("/ws", get(ws))
             .route("/healthz", get(health))
             .route("/health/fail", post(health_fail))
+            .route("/set-cookie", get(set_cookie))
+            .fallback(echo_get)
             .with_state(shared);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -125,6 +129,20 @@ async fn echo_get(req: Request) -> impl IntoResponse {
         "query": req.uri().query(),
         "headers": headers,
     }))
+}
+
+/// Tries to plant a devmesh cookie next to one of its own.
+async fn set_cookie() -> impl IntoResponse {
+    (
+        [
+            (
+                "set-cookie",
+                "devmesh_app_key_0000=planted; Domain=apps.localhost; Path=/",
+            ),
+            ("set-cookie", "theme=dark; Path=/"),
+        ],
+        "cookies set",
+    )
 }
 
 async fn echo_post(headers: HeaderMap, body: Body) -> impl IntoResponse {

@@ -524,3 +524,126 @@ async fn the_audit_log_records_who_did_what() {
     let dev = p.member(&owner, "dev").await;
     assert_eq!(dev.get("/audit").await.0, StatusCode::FORBIDDEN);
 }
+
+#[tokio::test]
+async fn edges_register_heartbeat_and_deregister_with_their_token() {
+    let p = TestPrimary::start().await;
+    let owner = p.owner().await;
+    let (_, created) = owner.post("/edges", json!({"name": "eu-west"})).await;
+    let token = created["edge_token"].as_str().unwrap().to_owned();
+    let edge = |t: &str| {
+        let mut a = Api::new(&p.url, None);
+        a.http = reqwest::Client::builder()
+            .default_headers(
+                [("devmesh-edge-token".parse().unwrap(), t.parse().unwrap())]
+                    .into_iter()
+                    .collect(),
+            )
+            .build()
+            .unwrap();
+        a
+    };
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::new(vec!["evil.example.com".to_owned()])
+        .unwrap()
+        .serialize_request(&key)
+        .unwrap()
+        .pem()
+        .unwrap();
+    let replica = uuid::Uuid::new_v4();
+    let register = |version: &str| {
+        json!({
+            "replica_id": replica, "version": version, "access_url": "https://eu.example.com",
+            "wildcard_hostname": "*.eu.apps.example.com", "relay_address": "127.0.0.1:4433", "csr_pem": csr,
+        })
+    };
+    let (s, reg) = edge(&token)
+        .post("/edges/me/register", register(env!("CARGO_PKG_VERSION")))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{reg}");
+    assert_eq!(reg["edge_name"], "eu-west");
+    assert_eq!(reg["siblings"][0]["region"], "primary");
+    assert!(
+        reg["app_token_keys"]
+            .as_array()
+            .is_some_and(|k| !k.is_empty())
+    );
+    // The mesh certificate names the edge's relay, whatever the CSR asked for.
+    let cert = reg["mesh_cert_pem"].as_str().unwrap();
+    let der = rustls::pki_types::pem::PemObject::from_pem_slice(cert.as_bytes())
+        .map(|c: rustls::pki_types::CertificateDer<'_>| c.to_vec())
+        .unwrap();
+    let text = String::from_utf8_lossy(&der);
+    assert!(text.contains("eu-west.relay.devmesh.internal") && !text.contains("evil.example.com"));
+
+    let (_, regions) = owner.get("/regions").await;
+    let eu = regions["regions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "eu-west")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (eu["status"].as_str(), eu["healthy"].as_bool()),
+        (Some("ok"), Some(true))
+    );
+    assert_eq!(eu["access_url"], "https://eu.example.com");
+    assert_eq!(eu["relay_address"], "127.0.0.1:4433");
+
+    // Failure paths: another version line, a bad CSR, a wrong or regenerated token.
+    assert_error(
+        &edge(&token)
+            .post("/edges/me/register", register("9.9.0"))
+            .await,
+        StatusCode::CONFLICT,
+        "cannot join",
+    );
+    let mut bad = register(env!("CARGO_PKG_VERSION"));
+    bad["csr_pem"] = json!("garbage");
+    assert_error(
+        &edge(&token).post("/edges/me/register", bad).await,
+        StatusCode::BAD_REQUEST,
+        "signing request",
+    );
+    let forged = format!("{}:{}", token.split(':').next().unwrap(), "x".repeat(32));
+    assert_error(
+        &edge(&forged)
+            .post("/edges/me/register", register(env!("CARGO_PKG_VERSION")))
+            .await,
+        StatusCode::UNAUTHORIZED,
+        "not valid",
+    );
+    assert_error(
+        &edge("garbage")
+            .post("/edges/me/register", register(env!("CARGO_PKG_VERSION")))
+            .await,
+        StatusCode::UNAUTHORIZED,
+        "not valid",
+    );
+
+    // Deregistering the last replica makes the region unregistered again.
+    let (s, _) = edge(&token)
+        .post("/edges/me/deregister", json!({"replica_id": replica}))
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (_, regions) = owner.get("/regions").await;
+    let eu = regions["regions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "eu-west")
+        .unwrap()
+        .clone();
+    assert_eq!(eu["status"], "unregistered");
+
+    let (_, new) = owner.post("/edges/eu-west/token", json!({})).await;
+    assert!(new["edge_token"].is_string());
+    assert_eq!(
+        edge(&token)
+            .post("/edges/me/register", register(env!("CARGO_PKG_VERSION")))
+            .await
+            .0,
+        StatusCode::UNAUTHORIZED
+    );
+}

@@ -971,3 +971,196 @@ async fn script_logs_stop_at_one_mebibyte_with_an_overflow_flag() {
     assert!(stored <= 1024 * 1024, "{stored}");
     assert!(!logs.to_string().contains("\"after\""));
 }
+
+#[tokio::test]
+async fn cookies_never_ride_cross_site_requests_and_apps_cannot_plant_them() {
+    let w = World::start().await;
+    let (_, key) = w
+        .alice
+        .post("/users/me/keys", json!({"scope": "application_connect"}))
+        .await;
+    let key = key["key"].as_str().unwrap().to_owned();
+    let key_cookie = {
+        use sha2::Digest;
+        format!(
+            "devmesh_app_key_{}",
+            &hex::encode(sha2::Sha256::digest(b"*.apps.localhost"))[..8]
+        )
+    };
+    let get = |label: &str, path: &str, headers: Vec<(&'static str, String)>| {
+        let mut req = app_client(false)
+            .get(w.app_url(label, path))
+            .header("Cookie", format!("{key_cookie}={key}"));
+        for (k, v) in headers {
+            req = req.header(k, v);
+        }
+        req.send()
+    };
+    let same = || vec![("sec-fetch-site", "same-origin".to_owned())];
+    // The cookie works for the app's own page and for a top-level navigation…
+    assert_eq!(
+        get("echo--dev--alice", "/echo", same())
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    let nav = vec![
+        ("sec-fetch-site", "same-site".to_owned()),
+        ("sec-fetch-mode", "navigate".to_owned()),
+    ];
+    assert_eq!(
+        get("echo--dev--alice", "/echo", nav)
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    // …but not for another app's script (fetch, form post, WebSocket).
+    let cors = vec![
+        ("sec-fetch-site", "same-site".to_owned()),
+        ("sec-fetch-mode", "cors".to_owned()),
+    ];
+    assert_eq!(
+        get("echo--dev--alice", "/echo", cors)
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::UNAUTHORIZED
+    );
+    let evil_origin = vec![(
+        "origin",
+        format!("http://pub--dev--bob.apps.localhost:{}", w.port),
+    )];
+    assert_eq!(
+        get("echo--dev--alice", "/echo", evil_origin)
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::UNAUTHORIZED
+    );
+
+    // The dashboard refuses cookie-authenticated changes from other sites.
+    let session = w.alice.token.clone().unwrap();
+    let r = reqwest::Client::new()
+        .post(format!("{}/api/v2/users/me/keys", w.primary.url))
+        .header("Cookie", format!("devmesh_session_token={session}"))
+        .header("sec-fetch-site", "cross-site")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let r = reqwest::Client::new()
+        .post(format!("{}/api/v2/users/me/keys", w.primary.url))
+        .header("Cookie", format!("devmesh_session_token={session}"))
+        .header("sec-fetch-site", "same-origin")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+
+    // An app cannot plant devmesh cookies; its own cookies pass.
+    let r = get("pub--dev--alice", "/set-cookie", same()).await.unwrap();
+    let set: Vec<String> = r
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .collect();
+    assert!(set.iter().any(|c| c.starts_with("theme=dark")), "{set:?}");
+    assert!(!set.iter().any(|c| c.contains("planted")), "{set:?}");
+
+    // Devmesh keys never reach the app, whatever the case of "Bearer"; the
+    // app's own bearer tokens do, and the key cookie still signs the user in.
+    let r = app_client(false)
+        .get(w.app_url("team--dev--alice", "/echo"))
+        .header("authorization", format!("bearer {session}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let body: Value = r.json().await.unwrap();
+    assert!(body["headers"].get("authorization").is_none(), "{body}");
+    let r = get(
+        "echo--dev--alice",
+        "/echo",
+        vec![
+            ("authorization", "Bearer app-own-jwt".into()),
+            ("sec-fetch-site", "same-origin".into()),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["headers"]["authorization"],
+        "Bearer app-own-jwt"
+    );
+
+    // Client-supplied forwarding headers are replaced; Host is the app host.
+    let r = get(
+        "echo--dev--alice",
+        "/echo",
+        vec![
+            ("x-forwarded-prefix", "/evil".into()),
+            ("x-real-ip", "6.6.6.6".into()),
+            ("sec-fetch-site", "same-origin".into()),
+        ],
+    )
+    .await
+    .unwrap();
+    let h = r.json::<Value>().await.unwrap()["headers"].clone();
+    assert!(
+        h.get("x-forwarded-prefix").is_none() && h.get("x-real-ip").is_none(),
+        "{h}"
+    );
+    assert_eq!(
+        h["host"],
+        format!("echo--dev--alice.apps.localhost:{}", w.port)
+    );
+
+    // `/@...` on an app host belongs to the app (Vite serves /@vite/client).
+    let r = get("echo--dev--alice", "/@vite/client", same())
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.json::<Value>().await.unwrap()["path"], "/@vite/client");
+
+    // Sign-in links go only to this deployment's scheme and port.
+    let r = app_client(false)
+        .get(format!(
+            "{}/api/v2/applications/auth-redirect?redirect_uri=http://echo--dev--alice.apps.localhost:1/",
+            w.primary.url
+        ))
+        .header("Devmesh-Session-Token", &session)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let r = app_client(false)
+        .get(format!(
+            "{}/login?redirect=/%09/evil.example",
+            w.primary.url
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        r.text()
+            .await
+            .unwrap()
+            .contains("name=\"redirect\" value=\"/\"")
+    );
+
+    // A NUL byte in script output is stored, not a reason to drop the batch.
+    let r = reqwest::Client::new()
+        .post(format!("{}/api/v2/workspaceagents/me/logs", w.primary.url))
+        .header("Devmesh-Agent-Token", &w.agent_token)
+        .json(&json!({"logs": [{"source": "s", "output": "a\u{0}b"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+}

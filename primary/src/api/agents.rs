@@ -189,7 +189,8 @@ pub(super) async fn post_logs(
     let mut accepted = Vec::new();
     let mut now_overflowed = false;
     for entry in req.logs {
-        let size = (entry.output.len() + 1) as i64;
+        // Rows cost more than their text: count the source and a fixed overhead.
+        let size = (entry.output.len() + entry.source.len() + 64) as i64;
         if size > budget {
             now_overflowed = true;
             break;
@@ -204,7 +205,7 @@ pub(super) async fn post_logs(
             .bind(agent.agent_id)
             .bind(e.source.chars().take(64).collect::<String>())
             .bind(level)
-            .bind(&e.output)
+            .bind(e.output.replace('\0', "\u{FFFD}"))
             .execute(&mut *tx)
             .await?;
     }

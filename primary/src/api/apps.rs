@@ -32,7 +32,10 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::error::ApiResult;
-use super::extract::{ApiQuery, SESSION_COOKIE, request_token};
+use super::extract::{
+    ApiQuery, SESSION_COOKIE, TokenSource, request_token, request_token_with_source,
+    same_origin_request,
+};
 use super::{AppState, SetCookie};
 use crate::relay::OpenError;
 use crate::upstream::SendError;
@@ -150,7 +153,19 @@ pub(crate) async fn route_apps(
 ) -> Response {
     // Path apps live on the dashboard origin under /@user/...; the router
     // cannot match a parameter that shares a segment with "@".
-    if req.uri().path().starts_with("/@") {
+    let on_apps_domain = state
+        .config
+        .wildcard_access_url
+        .as_deref()
+        .is_some_and(|w| {
+            let host = req
+                .headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or_default();
+            wildcard_label(&host.to_ascii_lowercase(), w).is_some()
+        });
+    if !on_apps_domain && req.uri().path().starts_with("/@") {
         use axum::extract::FromRequestParts;
         let (mut parts, body) = req.into_parts();
         let auth = super::extract::Authed::from_request_parts(&mut parts, &state).await;
@@ -190,6 +205,21 @@ pub(crate) fn cookie_names(wildcard: &str) -> (String, String) {
         format!("devmesh_app_key_{h}"),
         format!("devmesh_app_token_{h}"),
     )
+}
+
+/// Cookies authenticate an app request only when the browser sent it for
+/// this app itself, or for a top-level navigation to it: every app host
+/// shares one site, so another app's page (a script, a form, a WebSocket)
+/// must not ride on the user's cookies.
+fn cookie_allowed(parts: &axum::http::request::Parts, host: &str) -> bool {
+    let navigation = parts.method == Method::GET
+        && parts
+            .headers
+            .get("sec-fetch-mode")
+            .and_then(|v| v.to_str().ok())
+            == Some("navigate")
+        && parts.headers.get(header::UPGRADE).is_none();
+    navigation || same_origin_request(&parts.headers, host)
 }
 
 fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -356,12 +386,18 @@ async fn serve(
                 "The sign-in link is invalid or has expired; open the app again.".into(),
             ));
         };
-        if state.used_nonces.get(&k.nonce).await.is_some() {
+        // Atomic check-and-record: of two concurrent uses, one wins.
+        if !state
+            .used_nonces
+            .entry(k.nonce)
+            .or_insert(())
+            .await
+            .is_fresh()
+        {
             return Err(AppError::BadRequest(
                 "The sign-in link was already used; open the app again.".into(),
             ));
         }
-        state.used_nonces.insert(k.nonce, ()).await;
         let domain = wildcard
             .trim_start_matches("*.")
             .split(':')
@@ -387,7 +423,11 @@ async fn serve(
 
     // Phase: authenticate. An app token for this host and route is enough.
     let mut new_token = None;
+    let (head, body) = req.into_parts();
+    let ambient_ok = cookie_allowed(&head, host);
+    req = Request::from_parts(head, body);
     let token_ok = cookie(req.headers(), &token_cookie)
+        .filter(|_| ambient_ok)
         .and_then(|t| state.signer.verifier().verify::<AppToken>(t, now).ok())
         .filter(|t| {
             t.host == host
@@ -400,8 +440,19 @@ async fn serve(
         None => {
             let parts_token = {
                 let (parts, body) = req.into_parts();
-                let t = request_token(&parts)
-                    .or_else(|| cookie(&parts.headers, &key_cookie).map(str::to_owned));
+                // A header that is not a devmesh key belongs to the app
+                // (its own bearer tokens): fall back to the key cookie.
+                let header = request_token_with_source(&parts)
+                    .filter(|(t, src)| {
+                        *src == TokenSource::Header
+                            && devmesh_shared::token::parse_api_key(t).is_some()
+                    })
+                    .map(|(t, _)| t);
+                let t = header.or_else(|| {
+                    cookie_allowed(&parts, host)
+                        .then(|| cookie(&parts.headers, &key_cookie).map(str::to_owned))
+                        .flatten()
+                });
                 req = Request::from_parts(parts, body);
                 t
             };
@@ -531,11 +582,6 @@ async fn forward_with_prefix(
     strip_cookies: &[&str],
     prefix: Option<&str>,
 ) -> Result<Response, AppError> {
-    if let Some(prefix) = prefix
-        && let Ok(v) = HeaderValue::from_str(prefix)
-    {
-        req.headers_mut().insert("x-forwarded-prefix", v);
-    }
     let client_ip = req
         .extensions()
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
@@ -563,14 +609,29 @@ async fn forward_with_prefix(
         headers.insert(header::COOKIE, v);
     }
     headers.remove(super::extract::SESSION_HEADER);
-    if let Some(auth) = headers
+    if headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        && auth
-            .strip_prefix("Bearer ")
-            .is_some_and(|t| devmesh_shared::token::parse_api_key(t.trim()).is_some())
+        .and_then(super::extract::bearer)
+        .is_some_and(|t| devmesh_shared::token::parse_api_key(t).is_some())
     {
         headers.remove(header::AUTHORIZATION);
+    }
+    // Forwarding headers are devmesh's to set, never the client's.
+    for h in [
+        "forwarded",
+        "x-forwarded-prefix",
+        "x-forwarded-port",
+        "x-real-ip",
+    ] {
+        headers.remove(h);
+    }
+    if let Some(v) = prefix.and_then(|p| HeaderValue::from_str(p).ok()) {
+        headers.insert("x-forwarded-prefix", v);
+    }
+    // HTTP/2 clients carry the host in the URI, which is cut to the path below.
+    if let Ok(v) = HeaderValue::from_str(host) {
+        headers.insert(header::HOST, v);
     }
     let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
         Some(prev) => format!("{prev}, {client_ip}"),
@@ -633,6 +694,25 @@ async fn forward_with_prefix(
                 tracing::debug!(error = %e, "upgraded connection ended");
             }
         });
+    }
+    // An app must not plant devmesh cookies (say, its owner's key) in the
+    // user's browser for the whole apps domain.
+    let kept: Vec<HeaderValue> = resp
+        .headers()
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .filter(|v| {
+            !v.to_str()
+                .unwrap_or_default()
+                .trim_start()
+                .to_ascii_lowercase()
+                .starts_with("devmesh")
+        })
+        .cloned()
+        .collect();
+    resp.headers_mut().remove(header::SET_COOKIE);
+    for v in kept {
+        resp.headers_mut().append(header::SET_COOKIE, v);
     }
     Ok(resp.map(Body::new))
 }
@@ -759,7 +839,11 @@ pub(super) async fn auth_redirect(
         None => host.to_owned(),
     };
     // Only app hosts of this deployment: never an open redirect.
-    let label_ok = matches!(url.scheme(), "http" | "https")
+    // Same scheme and port as the deployment: a sealed key never travels in
+    // cleartext from an HTTPS deployment, nor to another service's port.
+    let own = url::Url::parse(&state.config.access_url).map_err(|_| bad("access URL"))?;
+    let label_ok = url.scheme() == own.scheme()
+        && url.port_or_known_default() == own.port_or_known_default()
         && wildcard_label(&host_port, &wildcard)
             .and_then(parse_label)
             .is_some();
@@ -818,7 +902,14 @@ const CSRF_COOKIE: &str = "devmesh_csrf";
 /// Only same-origin paths: `/x`, never `//host` or `/\host`.
 fn safe_redirect(r: Option<&String>) -> String {
     match r {
-        Some(r) if r.starts_with('/') && !r.starts_with("//") && !r.contains('\\') => r.clone(),
+        Some(r)
+            if r.starts_with('/')
+                && !r.starts_with("//")
+                && !r.contains('\\')
+                && !r.chars().any(|c| c.is_control() || c.is_whitespace()) =>
+        {
+            r.clone()
+        }
         _ => "/".into(),
     }
 }

@@ -268,3 +268,183 @@ pub(super) async fn regions(
     }));
     Ok(Json(RegionsResponse { regions }))
 }
+
+// === Edge-facing: registration and heartbeats ===
+
+/// How often replicas register again.
+const HEARTBEAT_INTERVAL_SECS: u64 = 10;
+
+/// An authenticated edge (its token's secret matches, compared in constant time).
+#[derive(Debug, Clone)]
+pub(super) struct EdgeAuth {
+    id: Uuid,
+    name: String,
+}
+
+impl axum::extract::FromRequestParts<AppState> for EdgeAuth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        use devmesh_shared::secret::{constant_time_eq, sha256};
+        let refused = || {
+            ApiError::unauthorized("The edge token is not valid.")
+                .detail("it may have been regenerated or the edge deleted")
+        };
+        let token = parts
+            .headers
+            .get(devmesh_shared::api::EDGE_TOKEN_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(refused)?;
+        let (id, secret) =
+            devmesh_shared::token::parse_edge_token(token.trim()).ok_or_else(refused)?;
+        let row: Option<(String, Vec<u8>)> =
+            sqlx::query_as("SELECT name, token_hash FROM edges WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&state.db)
+                .await?;
+        match row {
+            Some((name, hash)) if constant_time_eq(&sha256(secret.as_bytes()), &hash) => {
+                Ok(Self { id, name })
+            }
+            _ => Err(refused()),
+        }
+    }
+}
+
+/// Whether an edge of `version` may join a primary of ours: same major and
+/// minor version (patch releases mix freely).
+fn compatible(version: &str) -> bool {
+    let mm = |v: &str| v.split('.').take(2).collect::<Vec<_>>().join(".");
+    mm(version) == mm(devmesh_shared::VERSION)
+}
+
+pub(super) async fn register(
+    State(state): State<AppState>,
+    edge: EdgeAuth,
+    ApiJson(req): ApiJson<devmesh_shared::api::EdgeRegisterRequest>,
+) -> ApiResult<Json<devmesh_shared::api::EdgeRegisterResponse>> {
+    if !compatible(&req.version) {
+        return Err(ApiError::conflict(format!(
+            "Edge version {} cannot join primary version {}.",
+            req.version,
+            devmesh_shared::VERSION
+        ))
+        .detail("run the same major.minor version on the primary and its edges"));
+    }
+    let mut v = Validator::default();
+    if !(req.access_url.starts_with("http://") || req.access_url.starts_with("https://")) {
+        v.add("access_url", "must be an http:// or https:// URL");
+    }
+    if req.relay_address.parse::<std::net::SocketAddr>().is_err()
+        && !req.relay_address.contains(':')
+    {
+        v.add("relay_address", "must be host:port");
+    }
+    for (field, w) in [
+        ("wildcard_hostname", &req.wildcard_hostname),
+        ("global_wildcard_hostname", &req.global_wildcard_hostname),
+    ] {
+        if w.as_ref().is_some_and(|w| !w.starts_with("*.")) {
+            v.add(field, "must look like *.apps.example.com");
+        }
+    }
+    v.finish()?;
+    let mesh_cert_pem = state.ca.sign_csr(&req.csr_pem, &edge.name).map_err(|e| {
+        ApiError::bad_request("The certificate signing request is not valid.")
+            .detail(format!("{e:#}"))
+    })?;
+    let mut tx = state.db.begin().await?;
+    let first: bool = sqlx::query_scalar(
+        "INSERT INTO relay_replicas (edge_id, replica_id, version, access_url, wildcard_hostname, global_wildcard_hostname, relay_address)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)
+         ON CONFLICT (edge_id, replica_id) DO UPDATE SET version = EXCLUDED.version, access_url = EXCLUDED.access_url,
+             wildcard_hostname = EXCLUDED.wildcard_hostname, global_wildcard_hostname = EXCLUDED.global_wildcard_hostname,
+             relay_address = EXCLUDED.relay_address, last_heartbeat_at = now()
+         RETURNING (xmax = 0)",
+    )
+    .bind(edge.id)
+    .bind(req.replica_id)
+    .bind(&req.version)
+    .bind(&req.access_url)
+    .bind(&req.wildcard_hostname)
+    .bind(&req.global_wildcard_hostname)
+    .bind(&req.relay_address)
+    .fetch_one(&mut *tx)
+    .await?;
+    sqlx::query(
+        "UPDATE edges SET access_url = $2, wildcard_hostname = $3, relay_address = $4, last_heartbeat_at = now() WHERE id = $1",
+    )
+    .bind(edge.id)
+    .bind(&req.access_url)
+    .bind(&req.wildcard_hostname)
+    .bind(&req.relay_address)
+    .execute(&mut *tx)
+    .await?;
+    let siblings: Vec<(String, String)> = sqlx::query_as(
+        "SELECT e.name, r.relay_address FROM relay_replicas r JOIN edges e ON e.id = r.edge_id
+         WHERE NOT (r.edge_id = $1 AND r.replica_id = $2) AND r.last_heartbeat_at > now() - interval '30 seconds'
+         ORDER BY e.name",
+    )
+    .bind(edge.id)
+    .bind(req.replica_id)
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    if first {
+        tracing::info!(edge = %edge.name, replica = %req.replica_id, access_url = %req.access_url, "edge replica registered");
+        Audit::new("register", "edge")
+            .resource(edge.id, &edge.name)
+            .details(serde_json::json!({"replica_id": req.replica_id, "version": req.version}))
+            .write(&state.db)
+            .await;
+    }
+    let mut relays = vec![devmesh_shared::api::RelayInfo {
+        region: "primary".into(),
+        address: state.relay_address.clone(),
+        server_name: crate::mesh::PRIMARY_RELAY_NAME.into(),
+    }];
+    relays.extend(
+        siblings
+            .into_iter()
+            .map(|(name, address)| devmesh_shared::api::RelayInfo {
+                server_name: crate::mesh::relay_name(&name),
+                region: name,
+                address,
+            }),
+    );
+    Ok(Json(devmesh_shared::api::EdgeRegisterResponse {
+        edge_id: edge.id,
+        edge_name: edge.name,
+        mesh_cert_pem,
+        mesh_ca_pem: state.ca.cert_pem().to_owned(),
+        app_token_keys: state.signer.public_keys().to_vec(),
+        siblings: relays,
+        heartbeat_interval_seconds: HEARTBEAT_INTERVAL_SECS,
+    }))
+}
+
+pub(super) async fn deregister(
+    State(state): State<AppState>,
+    edge: EdgeAuth,
+    ApiJson(req): ApiJson<devmesh_shared::api::EdgeDeregisterRequest>,
+) -> ApiResult<StatusCode> {
+    let mut tx = state.db.begin().await?;
+    sqlx::query("DELETE FROM relay_replicas WHERE edge_id = $1 AND replica_id = $2")
+        .bind(edge.id)
+        .bind(req.replica_id)
+        .execute(&mut *tx)
+        .await?;
+    // The edge's health follows its freshest remaining replica.
+    sqlx::query(
+        "UPDATE edges SET last_heartbeat_at = (SELECT max(last_heartbeat_at) FROM relay_replicas WHERE edge_id = $1) WHERE id = $1",
+    )
+    .bind(edge.id)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    tracing::info!(edge = %edge.name, replica = %req.replica_id, "edge replica deregistered");
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -51,21 +51,39 @@ fn json_rejection(r: JsonRejection) -> ApiError {
     }
 }
 
+/// Where a request's token came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenSource {
+    /// `Devmesh-Session-Token` or `Authorization: Bearer`: set by a script, never ambient.
+    Header,
+    /// A cookie: sent by the browser on its own, so cross-site requests carry it too.
+    Cookie,
+}
+
+/// The bearer token of an `Authorization` header (scheme matched case-insensitively).
+pub fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
 /// The token a request carries, from the session header, a bearer
 /// `Authorization`, or the session cookie, in that order.
 pub fn request_token(parts: &Parts) -> Option<String> {
+    request_token_with_source(parts).map(|(t, _)| t)
+}
+
+/// Like [`request_token`], saying where the token came from.
+pub fn request_token_with_source(parts: &Parts) -> Option<(String, TokenSource)> {
     let headers = &parts.headers;
     if let Some(v) = headers.get(SESSION_HEADER).and_then(|v| v.to_str().ok()) {
-        return Some(v.trim().to_owned());
+        return Some((v.trim().to_owned(), TokenSource::Header));
     }
-    if let Some(v) = headers
+    if let Some(t) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        && let Some(t) = v
-            .strip_prefix("Bearer ")
-            .or_else(|| v.strip_prefix("bearer "))
+        .and_then(bearer)
     {
-        return Some(t.trim().to_owned());
+        return Some((t.to_owned(), TokenSource::Header));
     }
     headers
         .get_all(header::COOKIE)
@@ -78,6 +96,24 @@ pub fn request_token(parts: &Parts) -> Option<String> {
                 .strip_prefix('=')
                 .map(str::to_owned)
         })
+        .map(|t| (t, TokenSource::Cookie))
+}
+
+/// Whether a request that authenticates with a cookie was made by a page of
+/// the same origin (or typed by the user), not by another site's page: the
+/// browser says so in `Sec-Fetch-Site`, or in `Origin`. Requests with
+/// neither header are not from a modern browser page and carry no ambient
+/// authority worth protecting.
+pub fn same_origin_request(headers: &axum::http::HeaderMap, origin_host: &str) -> bool {
+    if let Some(site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
+        return matches!(site, "same-origin" | "none");
+    }
+    match headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
+        Some(origin) => origin
+            .split_once("://")
+            .is_some_and(|(_, h)| h.eq_ignore_ascii_case(origin_host)),
+        None => true,
+    }
 }
 
 /// The authenticated caller, with a key of scope `all`.
@@ -91,7 +127,7 @@ impl FromRequestParts<AppState> for Authed {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        let Some(token) = request_token(parts) else {
+        let Some((token, source)) = request_token_with_source(parts) else {
             return Err(ApiError::unauthorized("You must be signed in.").detail(
                 "send a key in the Devmesh-Session-Token header, as a Bearer token, or sign in",
             ));
@@ -106,6 +142,27 @@ impl FromRequestParts<AppState> for Authed {
             return Err(ApiError::forbidden(
                 "This key may only open workspace apps.",
             ));
+        }
+        // Cookie-authenticated changes must come from the dashboard's own
+        // pages: other sites (and workspace apps) ride along with the cookie.
+        let safe = matches!(
+            parts.method,
+            axum::http::Method::GET | axum::http::Method::HEAD
+        );
+        if source == TokenSource::Cookie && !safe {
+            let own_host = state
+                .config
+                .access_url
+                .split("://")
+                .nth(1)
+                .unwrap_or_default();
+            let own_host = own_host.split('/').next().unwrap_or_default();
+            if !same_origin_request(&parts.headers, own_host) {
+                return Err(ApiError::forbidden(
+                    "Cross-site requests cannot use the session cookie.",
+                )
+                .detail("send the Devmesh-Session-Token header instead"));
+            }
         }
         Ok(Self(principal))
     }

@@ -126,7 +126,7 @@ pub struct EmbeddedOptions {
 #[derive(Debug)]
 pub struct EmbeddedPostgres {
     child: Option<Child>,
-    _guardian: Option<(Child, ChildStdin)>,
+    guardian: Option<(Child, ChildStdin)>,
     _lock: File,
     socket_dir: PathBuf,
     password: Secret,
@@ -243,7 +243,7 @@ impl EmbeddedPostgres {
         );
         let mut me = Self {
             child: Some(child),
-            _guardian: guardian,
+            guardian,
             _lock: lock,
             socket_dir,
             password,
@@ -308,6 +308,12 @@ impl EmbeddedPostgres {
         let Some(mut child) = self.child.take() else {
             return;
         };
+        // A clean stop needs no guardian; retire it first so it cannot
+        // signal the PID after PostgreSQL has exited and the PID is reused.
+        if let Some((mut guardian, _stdin)) = self.guardian.take() {
+            let _ = guardian.kill();
+            let _ = guardian.wait();
+        }
         let pid = Pid::from_raw(child.id() as i32);
         let _ = kill(pid, Signal::SIGINT);
         for _ in 0..300 {
@@ -531,8 +537,13 @@ fn clear_stale_pid(cluster: &Path) -> Result<(), EmbeddedError> {
         .next()
         .and_then(|l| l.trim().parse::<i32>().ok());
     let alive_postgres = pid.filter(|&p| p > 0).is_some_and(|p| {
-        fs::read(format!("/proc/{p}/cmdline"))
-            .is_ok_and(|c| String::from_utf8_lossy(&c).contains("postgres"))
+        // Only a postmaster of *this* cluster: its command line names our
+        // data directory (never the system's PostgreSQL, never ourselves).
+        fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| {
+            let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
+            args.first().is_some_and(|a| a.ends_with(b"postgres"))
+                && args.contains(&cluster.as_os_str().as_encoded_bytes())
+        })
     });
     if let (Some(pid), true) = (pid, alive_postgres) {
         tracing::warn!(
