@@ -69,6 +69,9 @@ pub struct AppState {
     pub(crate) routes: moka::future::Cache<String, apps::Route>,
     /// Pooled connections to apps.
     pub upstreams: Arc<crate::upstream::Pool>,
+    /// Users whose app tokens minted before the given time are revoked;
+    /// entries outlive every token they could concern.
+    pub(crate) revoked_app_users: moka::future::Cache<Uuid, i64>,
 }
 
 impl AppState {
@@ -76,6 +79,14 @@ impl AppState {
     /// open what (workspace builds, port shares, users).
     pub fn access_changed(&self) {
         self.routes.invalidate_all();
+    }
+
+    /// Makes every app token of `user` minted until now worthless (logout,
+    /// suspension, deletion): the next request must authenticate afresh.
+    pub async fn revoke_app_tokens(&self, user: Uuid) {
+        self.revoked_app_users
+            .insert(user, chrono::Utc::now().timestamp())
+            .await;
     }
 }
 
@@ -113,6 +124,7 @@ impl AppState {
             used_nonces: apps::used_nonce_cache(),
             routes: apps::route_cache(),
             upstreams: Arc::default(),
+            revoked_app_users: apps::revocation_cache(),
         }
     }
 }

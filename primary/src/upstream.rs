@@ -27,6 +27,8 @@ use uuid::Uuid;
 
 use crate::relay::{OpenError, Relay};
 
+/// How long opening a stream to the app (and the TLS handshake) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Idle connections kept per key.
 const MAX_IDLE_PER_KEY: usize = 32;
 /// An idle connection older than this is closed rather than reused.
@@ -137,10 +139,11 @@ impl Pool {
 }
 
 async fn connect(relay: &Relay, key: Key, upgrades: bool) -> Result<SendRequest<Body>, SendError> {
-    let (send, recv) = relay
-        .open_tcp(key.agent, key.port)
+    // A stuck agent must not hang the request: opening includes its answer.
+    let opened = tokio::time::timeout(CONNECT_TIMEOUT, relay.open_tcp(key.agent, key.port))
         .await
-        .map_err(SendError::Open)?;
+        .map_err(|_| SendError::App("the workspace agent did not answer in time".into()))?;
+    let (send, recv) = opened.map_err(SendError::Open)?;
     let stream = tokio::io::join(recv, send);
     if key.https {
         let tls = tokio_rustls::TlsConnector::from(insecure_tls())

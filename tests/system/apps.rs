@@ -577,6 +577,16 @@ async fn browsers_sign_in_through_the_auth_redirect_and_get_app_cookies() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
 
+    // Suspending the user cuts their app access at once, app token and all.
+    let (s, _) = w.owner.put("/users/alice/status/suspend").await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        browser.get(&app).send().await.unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
+    let (s, _) = w.owner.put("/users/alice/status/activate").await;
+    assert_eq!(s, StatusCode::OK);
+
     // Forged and foreign tokens do not open the app.
     let forged = app_client(false)
         .get(&app)

@@ -435,6 +435,21 @@ async fn serve(
                 && t.target == app.target
                 && t.sharing_level == route.level
         });
+    let token_ok = match token_ok {
+        Some(t) => match t.user_id {
+            Some(u) => {
+                let minted = t.exp - APP_TOKEN_LIFETIME.num_seconds();
+                let revoked = state
+                    .revoked_app_users
+                    .get(&u)
+                    .await
+                    .is_some_and(|at| minted <= at);
+                (!revoked).then_some(t)
+            }
+            None => Some(t),
+        },
+        None => None,
+    };
     let user: Option<Uuid> = match token_ok {
         Some(t) => t.user_id,
         None => {
@@ -1006,6 +1021,19 @@ pub(super) async fn login_submit(
             retry(status, &e.message())
         }
     }
+}
+
+/// Revoked users' token cut-off times, kept as long as a token lives.
+pub(crate) fn revocation_cache() -> moka::future::Cache<Uuid, i64> {
+    moka::future::Cache::builder()
+        .time_to_live(
+            APP_TOKEN_LIFETIME
+                .to_std()
+                .unwrap_or(Duration::from_secs(1800))
+                + Duration::from_secs(60),
+        )
+        .max_capacity(1_000_000)
+        .build()
 }
 
 /// The route cache.

@@ -301,6 +301,18 @@ pub(super) async fn logout(
         .execute(&state.db)
         .await?;
     state.keys.forget_key(&auth.0.key_id).await;
+    // Signing out also signs the user out of apps, in every browser: their
+    // application_connect keys go, and app tokens minted so far stop working.
+    let app_keys: Vec<String> = sqlx::query_scalar(
+        "DELETE FROM api_keys WHERE user_id = $1 AND scope = 'application_connect' RETURNING id",
+    )
+    .bind(auth.0.user_id)
+    .fetch_all(&state.db)
+    .await?;
+    for id in app_keys {
+        state.keys.forget_key(&id).await;
+    }
+    state.revoke_app_tokens(auth.0.user_id).await;
     Audit::new("logout", "user")
         .resource(auth.0.user_id, &auth.0.username)
         .by(&auth.0)
@@ -408,6 +420,7 @@ pub(super) async fn set_status(
     .await?;
     state.keys.forget_all();
     state.access_changed();
+    state.revoke_app_tokens(row.id).await;
     Audit::new(action, "user")
         .resource(row.id, &row.username)
         .by(&auth.0)
@@ -457,6 +470,7 @@ pub(super) async fn delete_user(
     tx.commit().await?;
     state.keys.forget_all();
     state.access_changed();
+    state.revoke_app_tokens(row.id).await;
     Ok(StatusCode::NO_CONTENT)
 }
 
