@@ -91,6 +91,8 @@ enum Command {
     },
     /// Run the workspace agent (inside the workspace).
     Agent(devmesh_agent::AgentArgs),
+    /// Run a regional edge proxy.
+    Edge(devmesh_edge_proxy::EdgeArgs),
 }
 
 fn main() -> ExitCode {
@@ -169,5 +171,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Logs { name, follow } => commands::workspaces::logs(&g, name, follow).await,
         Command::Agent(args) => commands::agent::run(args).await,
+        Command::Edge(args) => commands::agent::run_edge(args).await,
     }
 }

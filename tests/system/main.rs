@@ -6,6 +6,7 @@ mod api_resources;
 mod api_users;
 mod apps;
 mod binary;
+mod edges;
 mod robustness;
 mod support;
 mod tls;

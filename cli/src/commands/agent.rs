@@ -1,5 +1,6 @@
-//! `devmesh agent`: runs the workspace agent until SIGTERM or Ctrl-C, then
-//! runs stop scripts and reports `off`.
+//! `devmesh agent` and `devmesh edge`: long-running processes that stop
+//! gracefully on SIGTERM or Ctrl-C (the agent runs its stop scripts, the
+//! edge deregisters).
 
 use tokio_util::sync::CancellationToken;
 
@@ -12,4 +13,15 @@ pub(crate) async fn run(args: devmesh_agent::AgentArgs) -> anyhow::Result<()> {
         token.cancel();
     });
     devmesh_agent::run(args, shutdown).await
+}
+
+pub(crate) async fn run_edge(args: devmesh_edge_proxy::EdgeArgs) -> anyhow::Result<()> {
+    devmesh_shared::runtime::init_logging(devmesh_shared::runtime::LogFormat::Text);
+    let shutdown = CancellationToken::new();
+    let token = shutdown.clone();
+    tokio::spawn(async move {
+        super::server::wait_for_signal().await;
+        token.cancel();
+    });
+    devmesh_edge_proxy::run(args, shutdown).await
 }

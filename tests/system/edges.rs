@@ -1,0 +1,131 @@
+//! `devmesh edge` as a process: it registers with the primary, the region
+//! turns healthy, it answers its health and latency endpoints, deregisters
+//! on SIGTERM, and stops with a clear message when its token is revoked.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use devmesh_tests::{Api, fresh_database};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::support::{BIN, ServerProcess, eventually};
+
+async fn start_edge(primary: &str, token: &str, region: &str) -> (Child, String) {
+    let mut child = Command::new(BIN)
+        .args(["edge", "--primary-url", primary, "--listen", "127.0.0.1:0"])
+        .args(["--access-url", &format!("http://{region}.localhost:8080")])
+        .args([
+            "--wildcard-access-url",
+            &format!("*.{region}.apps.localhost"),
+        ])
+        .env("DEVMESH_EDGE_TOKEN", token)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let url = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(u) = line.strip_prefix("Started edge listener at ") {
+                return u.to_owned();
+            }
+        }
+        panic!("edge exited before listening");
+    })
+    .await
+    .expect("edge starts");
+    (child, url)
+}
+
+async fn region(owner: &Api, name: &str) -> Value {
+    let (_, r) = owner.get("/regions").await;
+    r["regions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == name)
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+#[tokio::test]
+async fn an_edge_registers_reports_health_deregisters_and_stops_when_revoked() {
+    let db = fresh_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = db.url();
+    let primary = ServerProcess::start(
+        &["--relay-address", "127.0.0.1:0"],
+        &[("DEVMESH_POSTGRES_URL", url.expose())],
+        dir.path(),
+    )
+    .await;
+    let anon = Api::new(&primary.url, None);
+    anon.post(
+        "/users/first",
+        json!({"email": "o@example.com", "username": "owner", "password": "owner-password"}),
+    )
+    .await;
+    let owner = anon.login("owner", "owner-password").await;
+    let (_, eu) = owner.post("/edges", json!({"name": "eu"})).await;
+    let token = eu["edge_token"].as_str().unwrap().to_owned();
+
+    let (mut edge, edge_url) = start_edge(&primary.url, &token, "eu").await;
+    let r = eventually(30, "the eu region healthy", || {
+        let owner = owner.clone();
+        async move { Some(region(&owner, "eu").await).filter(|r| r["healthy"] == true) }
+    })
+    .await;
+    assert_eq!(r["access_url"], "http://eu.localhost:8080");
+    assert_eq!(r["wildcard_hostname"], "*.eu.apps.localhost");
+
+    let report: Value = reqwest::get(format!("{edge_url}/healthz-report"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(report["edge_name"], "eu");
+    assert_eq!(report["primary_reachable"], true);
+    let latency = reqwest::get(format!("{edge_url}/latency-check"))
+        .await
+        .unwrap();
+    assert_eq!(latency.status(), StatusCode::OK);
+    assert_eq!(latency.headers()["access-control-allow-origin"], "*");
+    assert_eq!(latency.headers()["timing-allow-origin"], "*");
+
+    // SIGTERM: the edge deregisters and exits cleanly.
+    kill(Pid::from_raw(edge.id().unwrap() as i32), Signal::SIGTERM).unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(20), edge.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}");
+    assert_eq!(region(&owner, "eu").await["status"], "unregistered");
+
+    // A revoked token stops the edge with a message saying so.
+    let (mut edge, _) = start_edge(&primary.url, &token, "eu").await;
+    eventually(30, "the eu region healthy again", || {
+        let owner = owner.clone();
+        async move { Some(region(&owner, "eu").await).filter(|r| r["healthy"] == true) }
+    })
+    .await;
+    let (s, _) = owner.post("/edges/eu/token", json!({})).await;
+    assert_eq!(s, StatusCode::OK);
+    let status = tokio::time::timeout(Duration::from_secs(40), edge.wait())
+        .await
+        .expect("the edge stops")
+        .unwrap();
+    assert_eq!(status.code(), Some(1));
+    let mut err = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut edge.stderr.take().unwrap(), &mut err)
+        .await
+        .unwrap();
+    assert!(err.contains("revoked"), "{err}");
+}
