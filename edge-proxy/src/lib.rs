@@ -54,6 +54,12 @@ pub struct EdgeArgs {
     /// Where the edge's HTTP endpoints listen.
     #[arg(long, env = "DEVMESH_LISTEN", default_value = "127.0.0.1:4000")]
     pub listen: SocketAddr,
+    /// PEM certificate chain the edge serves HTTPS with (the region's wildcard); reloaded on change.
+    #[arg(long, env = "DEVMESH_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "DEVMESH_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Extra PEM CA bundle to trust for the primary's HTTPS.
     #[arg(long, env = "DEVMESH_CA_CERT")]
     pub ca_cert: Option<PathBuf>,
@@ -107,12 +113,32 @@ pub async fn run(args: EdgeArgs, shutdown: CancellationToken) -> anyhow::Result<
         .route("/latency-check", get(latency_check))
         .with_state(status.clone());
     let serve_shutdown = shutdown.clone();
-    let server = tokio::spawn(async move {
-        let _ = axum::serve(listener, app)
-            .with_graceful_shutdown(serve_shutdown.cancelled_owned())
-            .await;
-    });
-    println!("Started edge listener at http://{local}");
+    let (server, scheme) = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let tls =
+                devmesh_shared::tls::server_config(cert.clone(), key.clone(), shutdown.clone())?;
+            let grace = Duration::from_secs(10);
+            (
+                tokio::spawn(devmesh_shared::tls::serve(
+                    listener,
+                    app,
+                    tls,
+                    serve_shutdown,
+                    grace,
+                )),
+                "https",
+            )
+        }
+        _ => (
+            tokio::spawn(async move {
+                let _ = axum::serve(listener, app)
+                    .with_graceful_shutdown(serve_shutdown.cancelled_owned())
+                    .await;
+            }),
+            "http",
+        ),
+    };
+    println!("Started edge listener at {scheme}://{local}");
 
     let request = EdgeRegisterRequest {
         replica_id: status.read().replica_id,

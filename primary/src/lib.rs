@@ -12,7 +12,6 @@ pub mod metrics;
 pub mod ratelimit;
 pub mod relay;
 pub mod server;
-pub mod tls;
 pub mod upstream;
 
 pub use config::{ServerArgs, ServerConfig};

@@ -20,7 +20,7 @@ use crate::config::{ServerConfig, Tls};
 use crate::db::{self, embedded::EmbeddedOptions, embedded::EmbeddedPostgres};
 use crate::mesh::{MeshCa, Sealer, Signer};
 use crate::relay::{Relay, RelayDeps};
-use crate::tls;
+use devmesh_shared::tls;
 
 /// How long in-flight requests get to finish on shutdown.
 const GRACE_PERIOD: Duration = Duration::from_secs(10);
@@ -205,7 +205,7 @@ pub async fn start(mut config: ServerConfig) -> anyhow::Result<RunningServer> {
                 tracing::error!(error = %e, "HTTP server failed");
             }
         }),
-        Some(tls) => tokio::spawn(serve_tls(listener, app, tls, signal)),
+        Some(tls) => tokio::spawn(tls::serve(listener, app, tls, signal, GRACE_PERIOD)),
     };
     tracing::info!(version = devmesh_shared::VERSION, http.address = %local_addr, access_url = %access_url, "devmesh primary started");
     if !has_users {
@@ -236,82 +236,3 @@ fn advertised_relay_address(bound: SocketAddr, access_url: &str) -> String {
         None => bound.to_string(),
     }
 }
-
-/// Serves the app over TLS: one task per connection, the handshake under a
-/// timeout inside it (never in the accept loop), HTTP/1.1 or HTTP/2 by ALPN,
-/// and a graceful drain on shutdown.
-async fn serve_tls(
-    listener: TcpListener,
-    app: axum::Router,
-    tls: Arc<rustls::ServerConfig>,
-    shutdown: CancellationToken,
-) {
-    use axum::extract::ConnectInfo;
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    use tower::ServiceExt;
-
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let (tcp, remote) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            tracing::warn!(client.addr = %remote, "connection limit reached; dropping a connection");
-            continue;
-        };
-        let (acceptor, app, builder, watcher) = (
-            acceptor.clone(),
-            app.clone(),
-            builder.clone(),
-            graceful.watcher(),
-        );
-        tokio::spawn(async move {
-            let _permit = permit;
-            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(client.addr = %remote, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(client.addr = %remote, "TLS handshake timed out");
-                    return;
-                }
-            };
-            let service = hyper::service::service_fn(
-                move |mut req: hyper::Request<hyper::body::Incoming>| {
-                    req.extensions_mut().insert(ConnectInfo(remote));
-                    app.clone().oneshot(req.map(axum::body::Body::new))
-                },
-            );
-            let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                .into_owned();
-            if let Err(e) = watcher.watch(conn).await {
-                tracing::debug!(client.addr = %remote, error = %e, "connection ended");
-            }
-        });
-    }
-    if tokio::time::timeout(GRACE_PERIOD, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("connections still open after {GRACE_PERIOD:?}; closing them");
-    }
-}
-
-/// Most concurrent HTTPS connections.
-const MAX_CONNECTIONS: usize = 50_000;
-/// How long a client has to finish the TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -13,6 +13,7 @@ pub mod names;
 pub mod runtime;
 pub mod secret;
 pub mod signing;
+pub mod tls;
 pub mod token;
 pub mod tunnel;
 

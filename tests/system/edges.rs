@@ -129,3 +129,85 @@ async fn an_edge_registers_reports_health_deregisters_and_stops_when_revoked() {
         .unwrap();
     assert!(err.contains("revoked"), "{err}");
 }
+
+#[tokio::test]
+async fn an_edge_terminates_tls_with_the_operators_certificate() {
+    let db = fresh_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = db.url();
+    let primary = ServerProcess::start(
+        &["--relay-address", "127.0.0.1:0"],
+        &[("DEVMESH_POSTGRES_URL", url.expose())],
+        dir.path(),
+    )
+    .await;
+    let anon = Api::new(&primary.url, None);
+    anon.post(
+        "/users/first",
+        json!({"email": "o@example.com", "username": "owner", "password": "owner-password"}),
+    )
+    .await;
+    let owner = anon.login("owner", "owner-password").await;
+    let (_, ap) = owner.post("/edges", json!({"name": "ap"})).await;
+
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let leaf =
+        rcgen::CertificateParams::new(vec!["ap.localhost".into(), "*.ap.apps.localhost".into()])
+            .unwrap()
+            .signed_by(&key, &ca, &ca_key)
+            .unwrap();
+    std::fs::write(dir.path().join("edge.pem"), leaf.pem()).unwrap();
+    std::fs::write(dir.path().join("edge.key"), key.serialize_pem()).unwrap();
+
+    let mut child = Command::new(BIN)
+        .args([
+            "edge",
+            "--primary-url",
+            &primary.url,
+            "--listen",
+            "127.0.0.1:0",
+            "--access-url",
+            "https://ap.localhost",
+        ])
+        .arg("--tls-cert")
+        .arg(dir.path().join("edge.pem"))
+        .arg("--tls-key")
+        .arg(dir.path().join("edge.key"))
+        .env("DEVMESH_EDGE_TOKEN", ap["edge_token"].as_str().unwrap())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let addr = line
+        .strip_prefix("Started edge listener at https://")
+        .unwrap_or_else(|| panic!("{line}"))
+        .to_owned();
+    let client = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.pem().as_bytes()).unwrap())
+        .resolve("ap.localhost", addr.parse().unwrap())
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let port = addr.rsplit(':').next().unwrap();
+    let resp = client
+        .get(format!("https://ap.localhost:{port}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+    assert_eq!(resp.text().await.unwrap(), "ok");
+    let _ = child.kill().await;
+}
