@@ -551,9 +551,31 @@ async fn browsers_sign_in_through_the_auth_redirect_and_get_app_cookies() {
         "{cookie}"
     );
 
-    // The sealed key is single-use.
-    let again = app_client(false).get(&with_key).send().await.unwrap();
-    assert_eq!(again.status(), StatusCode::BAD_REQUEST);
+    // The sealed key works only in the browser that started the sign-in
+    // (another browser lacks its state cookie), and only once.
+    let flow_state = url::Url::parse(&to_primary)
+        .unwrap()
+        .query_pairs()
+        .find(|(k, _)| k == "state")
+        .map(|(_, v)| v.into_owned())
+        .expect("the redirect carries a state");
+    let elsewhere = app_client(false)
+        .get(&with_key)
+        .header("Accept", "text/html")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(elsewhere.status(), StatusCode::BAD_REQUEST);
+    assert!(elsewhere.text().await.unwrap().contains("another browser"));
+    let replay = app_client(false)
+        .get(&with_key)
+        .header("Cookie", format!("devmesh_app_state={flow_state}"))
+        .header("Accept", "text/html")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(replay.status(), StatusCode::BAD_REQUEST);
+    assert!(replay.text().await.unwrap().contains("already used"));
 
     // 5. The app works; no devmesh cookie reaches it; an app token cookie is set.
     let app_url: reqwest::Url = app.parse().unwrap();

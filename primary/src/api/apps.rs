@@ -355,7 +355,15 @@ struct SealedKey {
     key: String,
     exp: i64,
     nonce: String,
+    /// The state the app host gave the browser that started the sign-in;
+    /// the sealed key is only accepted by that browser.
+    #[serde(default)]
+    state: String,
 }
+
+/// Name of the host-only cookie that binds a sign-in to the browser that
+/// started it.
+const STATE_COOKIE: &str = "devmesh_app_state";
 
 async fn serve(
     state: &AppState,
@@ -386,6 +394,16 @@ async fn serve(
                 "The sign-in link is invalid or has expired; open the app again.".into(),
             ));
         };
+        // Someone else's sign-in link (a "login CSRF") is refused: this
+        // browser must hold the state it was given when it was sent away.
+        let started_here = cookie(req.headers(), STATE_COOKIE).is_some_and(|c| {
+            !k.state.is_empty() && constant_time_eq(c.as_bytes(), k.state.as_bytes())
+        });
+        if !started_here {
+            return Err(AppError::BadRequest(
+                "This sign-in link was started in another browser; open the app again.".into(),
+            ));
+        }
         // Atomic check-and-record: of two concurrent uses, one wins.
         if !state
             .used_nonces
@@ -415,6 +433,17 @@ async fn serve(
         let clean = strip_query_param(req.uri(), KEY_PARAM);
         let mut resp = Redirect::to(&clean).into_response();
         resp.headers_mut().append(header::SET_COOKIE, set.header());
+        let spent = SetCookie {
+            name: STATE_COOKIE,
+            value: "",
+            path: "/",
+            domain: None,
+            max_age: 0,
+            same_site: "Lax",
+            secure: scheme == "https",
+        };
+        resp.headers_mut()
+            .append(header::SET_COOKIE, spent.header());
         return Ok(resp);
     }
 
@@ -493,8 +522,23 @@ async fn serve(
                         state.config.access_url
                     ))
                     .map_err(|e| AppError::BadGateway(e.to_string()))?;
-                    target.query_pairs_mut().append_pair("redirect_uri", &back);
-                    return Ok(Redirect::to(target.as_str()).into_response());
+                    let flow = random_alphanumeric(24);
+                    target
+                        .query_pairs_mut()
+                        .append_pair("redirect_uri", &back)
+                        .append_pair("state", &flow);
+                    let mut resp = Redirect::to(target.as_str()).into_response();
+                    let set = SetCookie {
+                        name: STATE_COOKIE,
+                        value: &flow,
+                        path: "/",
+                        domain: None,
+                        max_age: 600,
+                        same_site: "Lax",
+                        secure: scheme == "https",
+                    };
+                    resp.headers_mut().append(header::SET_COOKIE, set.header());
+                    return Ok(resp);
                 }
                 return Err(AppError::Unauthenticated);
             }
@@ -880,6 +924,9 @@ pub(super) async fn auth_redirect(
         let mut back = url::Url::parse("http://placeholder/api/v2/applications/auth-redirect")
             .map_err(|_| bad("url"))?;
         back.query_pairs_mut().append_pair("redirect_uri", target);
+        if let Some(flow) = q.get("state") {
+            back.query_pairs_mut().append_pair("state", flow);
+        }
         login.query_pairs_mut().append_pair(
             "redirect",
             &format!("{}?{}", back.path(), back.query().unwrap_or_default()),
@@ -904,6 +951,7 @@ pub(super) async fn auth_redirect(
             key: key.token.expose().to_owned(),
             exp: Utc::now().timestamp() + SEALED_LIFETIME_SECS,
             nonce: random_alphanumeric(16),
+            state: q.get("state").cloned().unwrap_or_default(),
         })
         .map_err(anyhow::Error::from)?,
     );
