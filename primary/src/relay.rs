@@ -188,10 +188,7 @@ impl Relay {
             }
         };
         let agent = ticket.agent_id;
-        if let Some(old) = self.registry.agents.lock().insert(agent, conn.clone()) {
-            old.close(2u32.into(), b"replaced by a newer connection");
-        }
-        record_connected(&deps.db, agent).await;
+        // Answer first: an agent that cannot hear it never enters the registry.
         tio::write_control(
             &mut send,
             &Control::Attached {
@@ -199,6 +196,10 @@ impl Relay {
             },
         )
         .await?;
+        if let Some(old) = self.registry.agents.lock().insert(agent, conn.clone()) {
+            old.close(2u32.into(), b"replaced by a newer connection");
+        }
+        let stamp = record_connected(&deps.db, agent).await;
         tracing::info!(agent.id = %agent, workspace.id = %ticket.workspace_id, client.addr = %conn.remote_address(), "agent attached");
 
         let mut last_touch = tokio::time::Instant::now();
@@ -233,7 +234,7 @@ impl Relay {
             }
         };
         if removed {
-            record_disconnected(&deps.db, agent).await;
+            record_disconnected(&deps.db, agent, stamp).await;
             tracing::info!(agent.id = %agent, "agent detached");
         }
         result
@@ -279,25 +280,30 @@ fn udp_socket(bind: SocketAddr) -> anyhow::Result<std::net::UdpSocket> {
     Ok(socket.into())
 }
 
-async fn record_connected(db: &PgPool, agent: Uuid) {
+/// Records an attachment; returns its stamp, so that only this attachment's
+/// end can later mark the agent disconnected.
+async fn record_connected(db: &PgPool, agent: Uuid) -> Option<chrono::DateTime<chrono::Utc>> {
     let r = sqlx::query(
         "UPDATE workspace_agents SET first_connected_at = coalesce(first_connected_at, now()),
              last_connected_at = now(), disconnected_at = NULL WHERE id = $1",
     )
     .bind(agent)
     .execute(db)
-    .await
-    .and(
-        sqlx::query(
-            "INSERT INTO agent_attachments (agent_id, relay) VALUES ($1, 'primary')
-             ON CONFLICT (agent_id) DO UPDATE SET relay = 'primary', attached_at = now()",
-        )
-        .bind(agent)
-        .execute(db)
-        .await,
-    );
-    if let Err(e) = r {
-        tracing::warn!(error = %e, "could not record the agent's connection");
+    .await;
+    let stamp = sqlx::query_scalar(
+        "INSERT INTO agent_attachments (agent_id, relay) VALUES ($1, 'primary')
+         ON CONFLICT (agent_id) DO UPDATE SET relay = 'primary', attached_at = clock_timestamp()
+         RETURNING attached_at",
+    )
+    .bind(agent)
+    .fetch_one(db)
+    .await;
+    match (r, stamp) {
+        (Ok(_), Ok(stamp)) => Some(stamp),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::warn!(agent.id = %agent, error = %e, "could not record the agent's connection");
+            None
+        }
     }
 }
 
@@ -308,13 +314,23 @@ async fn touch(db: &PgPool, agent: Uuid) {
         .await;
 }
 
-async fn record_disconnected(db: &PgPool, agent: Uuid) {
-    let _ = sqlx::query("UPDATE workspace_agents SET disconnected_at = now() WHERE id = $1")
-        .bind(agent)
-        .execute(db)
-        .await;
-    let _ = sqlx::query("DELETE FROM agent_attachments WHERE agent_id = $1 AND relay = 'primary'")
-        .bind(agent)
-        .execute(db)
-        .await;
+/// Marks the agent disconnected, unless a newer attachment (a reconnect
+/// that raced this one's end) has replaced `stamp`.
+async fn record_disconnected(
+    db: &PgPool,
+    agent: Uuid,
+    stamp: Option<chrono::DateTime<chrono::Utc>>,
+) {
+    let result = sqlx::query(
+        "WITH gone AS (DELETE FROM agent_attachments WHERE agent_id = $1 AND relay = 'primary'
+                       AND ($2::timestamptz IS NULL OR attached_at = $2) RETURNING agent_id)
+         UPDATE workspace_agents SET disconnected_at = now() WHERE id IN (SELECT agent_id FROM gone)",
+    )
+    .bind(agent)
+    .bind(stamp)
+    .execute(db)
+    .await;
+    if let Err(e) = result {
+        tracing::warn!(agent.id = %agent, error = %e, "could not record the agent's disconnection");
+    }
 }
