@@ -465,3 +465,51 @@ async fn the_bring_your_own_workspace_workflow_from_the_cli() {
     agent.kill().await;
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_long_data_dir_gets_a_private_socket_directory_that_nobody_can_prepare() {
+    let base = shared_tempdir("devmesh-long-");
+    let data = base.join("d".repeat(100));
+    let hashed = std::env::temp_dir().join(format!(
+        "devmesh-pg-{}",
+        &hex::encode(devmesh_shared::secret::sha256(
+            data.as_os_str().as_encoded_bytes()
+        ))[..12]
+    ));
+    let _ = std::fs::remove_dir_all(&hashed);
+    // Someone else prepared the predictable directory: refused, clearly.
+    std::fs::create_dir_all(&hashed).unwrap();
+    if nix::unistd::Uid::effective().is_root() {
+        let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+        std::os::unix::fs::chown(&hashed, Some(nobody.uid.as_raw()), None).unwrap();
+    } else {
+        std::fs::remove_dir(&hashed).unwrap();
+        std::os::unix::fs::symlink("/", &hashed).unwrap();
+    }
+    let run = Command::new(BIN)
+        .args([
+            "server",
+            "--http-address",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ])
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("refuses promptly")
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("is not ours"), "{}", stderr(&out));
+    let _ = std::fs::remove_file(&hashed);
+    let _ = std::fs::remove_dir_all(&hashed);
+
+    // Without the squatter the server starts on the private directory.
+    let server = ServerProcess::start(&["--data-dir", data.to_str().unwrap()], &[], &base).await;
+    assert!(hashed.join(".s.PGSQL.5432").exists());
+    server.stop().await;
+    let _ = std::fs::remove_dir_all(&base);
+    let _ = std::fs::remove_dir_all(&hashed);
+}

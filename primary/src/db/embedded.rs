@@ -198,6 +198,24 @@ impl EmbeddedPostgres {
                     data_dir.as_os_str().as_encoded_bytes()
                 ))[..12]
             ));
+            // The name is predictable: refuse a directory (or link) that
+            // someone else prepared there before us.
+            if let Ok(meta) = fs::symlink_metadata(&short) {
+                use std::os::unix::fs::MetadataExt;
+                let owner = user
+                    .switch_to
+                    .map(|(uid, _)| uid)
+                    .unwrap_or_else(Uid::effective);
+                if !meta.is_dir() || meta.uid() != owner.as_raw() {
+                    return Err(EmbeddedError::Io {
+                        context: format!(
+                            "the socket directory {} exists and is not ours; remove it or choose a shorter --data-dir",
+                            short.display()
+                        ),
+                        source: std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+                    });
+                }
+            }
             make_private_dir(&short, &user)?;
             short
         };
