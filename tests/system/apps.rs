@@ -248,6 +248,15 @@ async fn apps_dev_urls_and_sharing_levels_through_the_primary() {
         let body: Value = resp.json().await.unwrap();
         assert_eq!(body["message"], "App not found.");
     }
+    // Without credentials nothing is revealed: a missing app looks like any
+    // app that needs signing in.
+    for label in ["nope--dev--alice", "echo--dev--ghost", "echo--dev--bob"] {
+        assert_eq!(
+            w.get(None, label, "/echo").await.status(),
+            StatusCode::UNAUTHORIZED,
+            "{label}"
+        );
+    }
     // Nothing listens on the app's port: a clear 502.
     let resp = w.get(Some(alice), "dead--dev--alice", "/").await;
     assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);

@@ -447,7 +447,26 @@ async fn serve(
         return Ok(resp);
     }
 
-    let route = resolve(state, &app, false).await?;
+    // Callers without any credentials learn nothing about which users,
+    // workspaces and apps exist, or whether they run: a failed lookup looks
+    // like any app that needs signing in.
+    let credentialed = {
+        let (parts, body) = req.into_parts();
+        let has = request_token_with_source(&parts).is_some()
+            || cookie(&parts.headers, &key_cookie).is_some()
+            || cookie(&parts.headers, &token_cookie).is_some();
+        req = Request::from_parts(parts, body);
+        has
+    };
+    let route = match resolve(state, &app, false).await {
+        Ok(route) => route,
+        Err(AppError::NotFound(_) | AppError::Stopped | AppError::AgentNotConnected)
+            if !credentialed =>
+        {
+            return sign_in(state, scheme, host, &req);
+        }
+        Err(e) => return Err(e),
+    };
     let now = Utc::now().timestamp();
 
     // Phase: authenticate. An app token for this host and route is enough.
@@ -509,38 +528,7 @@ async fn serve(
                 None => None,
             };
             if user.is_none() && route.level != SharingLevel::Public {
-                if wants_html(req.headers()) && req.method() == Method::GET {
-                    let back = format!(
-                        "{scheme}://{host}{}",
-                        req.uri()
-                            .path_and_query()
-                            .map(|p| p.as_str())
-                            .unwrap_or("/")
-                    );
-                    let mut target = url::Url::parse(&format!(
-                        "{}/api/v2/applications/auth-redirect",
-                        state.config.access_url
-                    ))
-                    .map_err(|e| AppError::BadGateway(e.to_string()))?;
-                    let flow = random_alphanumeric(24);
-                    target
-                        .query_pairs_mut()
-                        .append_pair("redirect_uri", &back)
-                        .append_pair("state", &flow);
-                    let mut resp = Redirect::to(target.as_str()).into_response();
-                    let set = SetCookie {
-                        name: STATE_COOKIE,
-                        value: &flow,
-                        path: "/",
-                        domain: None,
-                        max_age: 600,
-                        same_site: "Lax",
-                        secure: scheme == "https",
-                    };
-                    resp.headers_mut().append(header::SET_COOKIE, set.header());
-                    return Ok(resp);
-                }
-                return Err(AppError::Unauthenticated);
+                return sign_in(state, scheme, host, &req);
             }
             new_token = Some(AppToken {
                 user_id: user,
@@ -592,6 +580,48 @@ async fn serve(
         };
         resp.headers_mut().append(header::SET_COOKIE, set.header());
     }
+    Ok(resp)
+}
+
+/// Sends a browser to sign in (binding the flow to it with a state
+/// cookie); other clients get a 401.
+fn sign_in(
+    state: &AppState,
+    scheme: &str,
+    host: &str,
+    req: &Request,
+) -> Result<Response, AppError> {
+    if !(wants_html(req.headers()) && req.method() == Method::GET) {
+        return Err(AppError::Unauthenticated);
+    }
+    let back = format!(
+        "{scheme}://{host}{}",
+        req.uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+    );
+    let mut target = url::Url::parse(&format!(
+        "{}/api/v2/applications/auth-redirect",
+        state.config.access_url
+    ))
+    .map_err(|e| AppError::BadGateway(e.to_string()))?;
+    let flow = random_alphanumeric(24);
+    target
+        .query_pairs_mut()
+        .append_pair("redirect_uri", &back)
+        .append_pair("state", &flow);
+    let mut resp = Redirect::to(target.as_str()).into_response();
+    let set = SetCookie {
+        name: STATE_COOKIE,
+        value: &flow,
+        path: "/",
+        domain: None,
+        max_age: 600,
+        same_site: "Lax",
+        secure: scheme == "https",
+    };
+    resp.headers_mut().append(header::SET_COOKIE, set.header());
     Ok(resp)
 }
 
