@@ -231,6 +231,33 @@ impl KeyValidator {
     }
 }
 
+/// Creates a key for `user` and stores only its hash; the returned value
+/// holds the `id-secret` token to hand out once.
+pub async fn issue_key(
+    db: &PgPool,
+    user: Uuid,
+    name: &str,
+    login_type: &str,
+    scope: KeyScope,
+    expires_at: DateTime<Utc>,
+) -> Result<devmesh_shared::token::NewApiKey, sqlx::Error> {
+    let key = devmesh_shared::token::new_api_key();
+    sqlx::query(
+        "INSERT INTO api_keys (id, hashed_secret, user_id, name, login_type, scope, expires_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(&key.id)
+    .bind(key.hashed_secret.as_slice())
+    .bind(user)
+    .bind(name)
+    .bind(login_type)
+    .bind(scope.as_str())
+    .bind(expires_at)
+    .execute(db)
+    .await?;
+    Ok(key)
+}
+
 /// Roles as stored (`text[]`), always including `member`.
 pub fn parse_roles(stored: &[String]) -> Vec<Role> {
     let mut roles = vec![Role::Member];

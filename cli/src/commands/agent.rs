@@ -4,7 +4,9 @@
 
 use tokio_util::sync::CancellationToken;
 
-pub(crate) async fn run(args: devmesh_agent::AgentArgs) -> anyhow::Result<()> {
+/// Logging for a long-running process, and a token cancelled by the first
+/// SIGTERM or SIGINT.
+fn until_signal() -> CancellationToken {
     devmesh_shared::runtime::init_logging(devmesh_shared::runtime::LogFormat::Text);
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();
@@ -12,16 +14,13 @@ pub(crate) async fn run(args: devmesh_agent::AgentArgs) -> anyhow::Result<()> {
         super::server::wait_for_signal().await;
         token.cancel();
     });
-    devmesh_agent::run(args, shutdown).await
+    shutdown
+}
+
+pub(crate) async fn run(args: devmesh_agent::AgentArgs) -> anyhow::Result<()> {
+    devmesh_agent::run(args, until_signal()).await
 }
 
 pub(crate) async fn run_edge(args: devmesh_edge_proxy::EdgeArgs) -> anyhow::Result<()> {
-    devmesh_shared::runtime::init_logging(devmesh_shared::runtime::LogFormat::Text);
-    let shutdown = CancellationToken::new();
-    let token = shutdown.clone();
-    tokio::spawn(async move {
-        super::server::wait_for_signal().await;
-        token.cancel();
-    });
-    devmesh_edge_proxy::run(args, shutdown).await
+    devmesh_edge_proxy::run(args, until_signal()).await
 }

@@ -965,16 +965,14 @@ pub(super) async fn auth_redirect(
             Redirect::to(&format!("/login?{}", login.query().unwrap_or_default())).into_response(),
         );
     };
-    let key = devmesh_shared::token::new_api_key();
-    sqlx::query(
-        "INSERT INTO api_keys (id, hashed_secret, user_id, name, login_type, scope, expires_at)
-         VALUES ($1, $2, $3, 'app-connect', 'token', 'application_connect', $4)",
+    let key = crate::auth::issue_key(
+        &state.db,
+        principal.user_id,
+        "app-connect",
+        "token",
+        devmesh_shared::api::KeyScope::ApplicationConnect,
+        Utc::now() + APP_KEY_LIFETIME,
     )
-    .bind(&key.id)
-    .bind(key.hashed_secret.as_slice())
-    .bind(principal.user_id)
-    .bind(Utc::now() + APP_KEY_LIFETIME)
-    .execute(&state.db)
     .await?;
     let sealed = state.sealer.seal(
         &serde_json::to_vec(&SealedKey {

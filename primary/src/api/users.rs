@@ -250,17 +250,14 @@ pub(super) async fn password_login(
         Metrics::count(&state.metrics.logins, "failure");
         return Err(ApiError::unauthorized("The account is suspended."));
     }
-    let key = new_api_key();
-    let expires = Utc::now() + SESSION_LIFETIME;
-    sqlx::query(
-        "INSERT INTO api_keys (id, hashed_secret, user_id, name, login_type, scope, expires_at)
-         VALUES ($1, $2, $3, 'session', 'password', 'all', $4)",
+    let key = crate::auth::issue_key(
+        &state.db,
+        user.id,
+        "session",
+        "password",
+        KeyScope::All,
+        Utc::now() + SESSION_LIFETIME,
     )
-    .bind(&key.id)
-    .bind(key.hashed_secret.as_slice())
-    .bind(user.id)
-    .bind(expires)
-    .execute(&state.db)
     .await?;
     Metrics::count(&state.metrics.logins, "success");
     Audit::new("login", "user")
