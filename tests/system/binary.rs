@@ -326,6 +326,8 @@ async fn as_root_a_data_directory_the_database_user_cannot_enter_is_refused() {
             "server",
             "--http-address",
             "127.0.0.1:0",
+            "--relay-address",
+            "127.0.0.1:0",
             "--data-dir",
             data.to_str().unwrap(),
         ])
@@ -490,6 +492,8 @@ async fn a_long_data_dir_gets_a_private_socket_directory_that_nobody_can_prepare
         .args([
             "server",
             "--http-address",
+            "127.0.0.1:0",
+            "--relay-address",
             "127.0.0.1:0",
             "--data-dir",
             data.to_str().unwrap(),

@@ -23,8 +23,12 @@ impl ServerProcess {
         let log = log_dir.join(format!("server-{}.log", uuid::Uuid::new_v4().simple()));
         let mut cmd = Command::new(BIN);
         cmd.arg("server");
+        // Free ports by default: tests run in parallel.
         if !args.contains(&"--http-address") {
             cmd.args(["--http-address", "127.0.0.1:0"]);
+        }
+        if !args.contains(&"--relay-address") {
+            cmd.args(["--relay-address", "127.0.0.1:0"]);
         }
         cmd.args(args)
             .envs(env.iter().copied())

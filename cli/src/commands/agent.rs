@@ -10,8 +10,9 @@ fn until_signal() -> CancellationToken {
     devmesh_shared::runtime::init_logging(devmesh_shared::runtime::LogFormat::Text);
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();
+    let signalled = super::server::shutdown_signal();
     tokio::spawn(async move {
-        super::server::wait_for_signal().await;
+        signalled.await;
         token.cancel();
     });
     shutdown

@@ -1,5 +1,6 @@
 //! `devmesh server`.
 
+use std::future::Future;
 use std::io::Write;
 
 use devmesh_primary::ServerArgs;
@@ -8,6 +9,9 @@ pub(crate) async fn run(args: ServerArgs) -> anyhow::Result<()> {
     // Validate everything before anything binds or starts.
     let config = args.resolve()?;
     devmesh_shared::runtime::init_logging(config.log_format);
+    // Handlers go in before the "started" line: a supervisor that reads it
+    // and stops the server at once must get a graceful stop, not a kill.
+    let signalled = shutdown_signal();
     let access_url = config.access_url.clone();
     let server = devmesh_primary::start(config).await?;
     // Scripts and tests read this line to learn the bound address.
@@ -17,7 +21,7 @@ pub(crate) async fn run(args: ServerArgs) -> anyhow::Result<()> {
 
     let token = server.shutdown_token();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        signalled.await;
         token.cancel();
     });
     server.cancelled().await;
@@ -26,17 +30,22 @@ pub(crate) async fn run(args: ServerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub(crate) async fn wait_for_signal() {
+/// Installs SIGTERM and SIGINT handlers now, and resolves at the first of
+/// either.
+pub(crate) fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let handlers = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) else {
-        tracing::warn!("cannot install signal handlers; stop the server with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    );
+    async move {
+        let (Ok(mut term), Ok(mut int)) = handlers else {
+            tracing::warn!("cannot install signal handlers; stop the process with SIGKILL");
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
     }
 }
