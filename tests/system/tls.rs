@@ -3,7 +3,6 @@
 //! CA through --ca-cert. Certificates are generated at test time.
 
 use std::path::Path;
-use std::time::Duration;
 
 use devmesh_tests::{Api, fresh_database};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
@@ -234,7 +233,18 @@ async fn https_with_operator_certificates_reloads_them_and_serves_apps_to_agents
     .await;
     // A broken replacement keeps the last good certificate.
     std::fs::write(dir.path().join("cert.pem"), "not a certificate").unwrap();
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Wait for the server to have tried (and refused) the broken file.
+    let log = server.log.clone();
+    eventually(20, "the broken certificate refused", || {
+        let log = log.clone();
+        async move {
+            std::fs::read_to_string(&log)
+                .ok()
+                .filter(|l| l.contains("keeping the old TLS certificate"))
+                .map(|_| ())
+        }
+    })
+    .await;
     assert_eq!(served_cn(port, &ca_file).await, "second");
 }
 
