@@ -18,7 +18,7 @@ use serde::Serialize;
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
-use crate::backoff::Backoff;
+use devmesh_shared::backoff::Backoff;
 
 /// Timeout of every API request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -81,24 +81,11 @@ impl ApiClient {
             .join("api/v2/workspaceagents/me/")
             .context("cannot build the API URL")?;
 
-        let mut builder = reqwest::Client::builder()
-            .user_agent(concat!("devmesh-agent/", env!("CARGO_PKG_VERSION")))
-            .timeout(REQUEST_TIMEOUT);
-        if let Some(path) = extra_roots {
-            let pem = std::fs::read(path)
-                .with_context(|| format!("cannot read CA bundle {}", path.display()))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem)
-                .with_context(|| format!("invalid PEM in CA bundle {}", path.display()))?;
-            anyhow::ensure!(
-                !certs.is_empty(),
-                "CA bundle {} holds no certificates",
-                path.display()
-            );
-            for cert in certs {
-                builder = builder.add_root_certificate(cert);
-            }
-        }
-        let http = builder.build().context("cannot build the HTTP client")?;
+        let http = devmesh_shared::net::http_client(
+            concat!("devmesh-agent/", env!("CARGO_PKG_VERSION")),
+            REQUEST_TIMEOUT,
+            extra_roots,
+        )?;
         Ok(Self {
             inner: Arc::new(Inner { http, me, token }),
         })

@@ -8,7 +8,6 @@
 
 #![forbid(unsafe_code)]
 
-mod backoff;
 mod client;
 mod health;
 mod lifecycle;

@@ -6,8 +6,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::backoff::Backoff;
 use crate::client::{ApiClient, log_api_error};
+use devmesh_shared::backoff::Backoff;
 
 /// The handle to the reporter task.
 #[derive(Debug)]

@@ -19,8 +19,8 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::backoff::Backoff;
 use crate::client::{ApiClient, ApiError, log_api_error};
+use devmesh_shared::backoff::Backoff;
 
 /// The source of lines the agent writes itself (such as drop summaries).
 pub(crate) const AGENT_SOURCE: &str = "agent";

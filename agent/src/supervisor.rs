@@ -8,9 +8,9 @@ use devmesh_shared::api::AgentManifest;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::backoff::Backoff;
 use crate::client::{self, ApiClient, log_api_error};
 use crate::tunnel::{self, Attached, End, Timing};
+use devmesh_shared::backoff::Backoff;
 
 /// Runs until `cancel` fires, then closes the connection (code 0,
 /// "shutdown") and returns. `manifest` saves the first fetch when the

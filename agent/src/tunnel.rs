@@ -4,7 +4,7 @@
 //! local TCP ports, while pinging the relay to notice a dead path.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::{Arc, Once};
+use std::sync::Arc;
 use std::time::Duration;
 
 use devmesh_shared::api::RelayInfo;
@@ -14,7 +14,6 @@ use quinn::{Connection, Endpoint, EndpointConfig, IdleTimeout, RecvStream, SendS
 use rustls::RootCertStore;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-use socket2::{Domain, Protocol, Socket, Type};
 use thiserror::Error;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -24,8 +23,6 @@ use tracing::Instrument;
 
 // === Settings ===
 
-/// Wanted size of the UDP socket's send and receive buffers.
-const UDP_BUFFER: usize = 8 * 1024 * 1024;
 /// Relay-opened streams allowed at once: one per user connection.
 const MAX_STREAMS: u32 = 10_000;
 /// Flow-control window of one stream.
@@ -179,43 +176,19 @@ fn transport_config() -> quinn::TransportConfig {
 }
 
 /// A client endpoint on a fresh UDP socket of `remote`'s address family,
-/// with buffers as large as the OS allows up to [`UDP_BUFFER`].
+/// with buffers as large as the OS allows (see `devmesh_shared::net`).
 fn endpoint_for(remote: SocketAddr) -> std::io::Result<Endpoint> {
     let bind: SocketAddr = if remote.is_ipv6() {
         (Ipv6Addr::UNSPECIFIED, 0).into()
     } else {
         (Ipv4Addr::UNSPECIFIED, 0).into()
     };
-    let socket = Socket::new(Domain::for_address(bind), Type::DGRAM, Some(Protocol::UDP))?;
-    grow_buffers(&socket);
-    socket.bind(&bind.into())?;
-    socket.set_nonblocking(true)?;
     Endpoint::new(
         EndpointConfig::default(),
         None,
-        socket.into(),
+        devmesh_shared::net::udp_socket(bind)?,
         Arc::new(quinn::TokioRuntime),
     )
-}
-
-fn grow_buffers(socket: &Socket) {
-    let _ = socket.set_send_buffer_size(UDP_BUFFER);
-    let _ = socket.set_recv_buffer_size(UDP_BUFFER);
-    let send = socket.send_buffer_size().unwrap_or(0);
-    let recv = socket.recv_buffer_size().unwrap_or(0);
-    if send < UDP_BUFFER || recv < UDP_BUFFER {
-        // Every reconnect opens a socket; saying it once is enough.
-        static ONCE: Once = Once::new();
-        ONCE.call_once(|| {
-            tracing::info!(
-                wanted = UDP_BUFFER,
-                send,
-                recv,
-                "the OS granted smaller UDP buffers than asked for; raise \
-                 net.core.wmem_max and net.core.rmem_max for faster tunnels"
-            );
-        });
-    }
 }
 
 /// An attached tunnel, ready to serve.

@@ -20,20 +20,12 @@ impl Client {
         token: Option<String>,
         ca_cert: Option<&std::path::Path>,
     ) -> anyhow::Result<Self> {
-        let mut builder = reqwest::Client::builder()
-            .user_agent(concat!("devmesh-cli/", env!("CARGO_PKG_VERSION")))
-            .timeout(std::time::Duration::from_secs(60));
-        // Trust a private CA on top of the system roots (--ca-cert / DEVMESH_CA_CERT).
-        if let Some(path) = ca_cert {
-            let pem = std::fs::read(path)
-                .with_context(|| format!("reading the CA bundle {}", path.display()))?;
-            for cert in reqwest::Certificate::from_pem_bundle(&pem)
-                .with_context(|| format!("{} is not a PEM bundle", path.display()))?
-            {
-                builder = builder.add_root_certificate(cert);
-            }
-        }
-        let http = builder.build()?;
+        // Trusts a private CA on top of the system roots (--ca-cert / DEVMESH_CA_CERT).
+        let http = devmesh_shared::net::http_client(
+            concat!("devmesh-cli/", env!("CARGO_PKG_VERSION")),
+            std::time::Duration::from_secs(60),
+            ca_cert,
+        )?;
         Ok(Self {
             http,
             base: base.trim_end_matches('/').to_owned(),

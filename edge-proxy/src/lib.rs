@@ -26,6 +26,7 @@ use devmesh_shared::api::{
     EDGE_TOKEN_HEADER, EdgeDeregisterRequest, EdgeHealthReport, EdgeRegisterRequest,
     EdgeRegisterResponse,
 };
+use devmesh_shared::backoff::Backoff;
 use parking_lot::RwLock;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -91,7 +92,11 @@ type Shared = Arc<RwLock<Status>>;
 /// the primary refuses the edge's token (revoked or wrong), with a message
 /// that says so.
 pub async fn run(args: EdgeArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let http = client(args.ca_cert.as_deref())?;
+    let http = devmesh_shared::net::http_client(
+        concat!("devmesh-edge/", env!("CARGO_PKG_VERSION")),
+        Duration::from_secs(15),
+        args.ca_cert.as_deref(),
+    )?;
     let key = rcgen::KeyPair::generate()?;
     let csr = rcgen::CertificateParams::new(Vec::<String>::new())?
         .serialize_request(&key)?
@@ -150,7 +155,7 @@ pub async fn run(args: EdgeArgs, shutdown: CancellationToken) -> anyhow::Result<
         csr_pem: csr,
     };
     let base = args.primary_url.trim_end_matches('/').to_owned();
-    let mut wait = Duration::from_millis(250);
+    let mut backoff = Backoff::default();
     let result = loop {
         let outcome = http
             .post(format!("{base}/api/v2/edges/me/register"))
@@ -171,10 +176,10 @@ pub async fn run(args: EdgeArgs, shutdown: CancellationToken) -> anyhow::Result<
                         s.registration = Some(reg);
                         s.last_registered_at = Some(Utc::now());
                         s.last_error = None;
-                        wait = Duration::from_millis(250);
+                        backoff.reset();
                         interval
                     }
-                    Err(e) => failure(&status, format!("unreadable answer: {e}"), &mut wait),
+                    Err(e) => failure(&status, format!("unreadable answer: {e}"), &mut backoff),
                 }
             }
             Ok(resp) if resp.status() == StatusCode::UNAUTHORIZED => {
@@ -190,9 +195,13 @@ pub async fn run(args: EdgeArgs, shutdown: CancellationToken) -> anyhow::Result<
             Ok(resp) => {
                 let code = resp.status();
                 let text = resp.text().await.unwrap_or_default();
-                failure(&status, format!("{code}: {text}"), &mut wait)
+                failure(&status, format!("{code}: {text}"), &mut backoff)
             }
-            Err(e) => failure(&status, format!("cannot reach the primary: {e}"), &mut wait),
+            Err(e) => failure(
+                &status,
+                format!("cannot reach the primary: {e}"),
+                &mut backoff,
+            ),
         };
         tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
@@ -224,30 +233,11 @@ pub async fn run(args: EdgeArgs, shutdown: CancellationToken) -> anyhow::Result<
     result
 }
 
-/// Records a failed registration; returns how long to wait (jittered, doubling to 30 s).
-fn failure(status: &Shared, error: String, wait: &mut Duration) -> Duration {
+/// Records a failed registration; returns how long to wait before the next try.
+fn failure(status: &Shared, error: String, backoff: &mut Backoff) -> Duration {
     tracing::warn!(error = %error, "registration with the primary failed; retrying");
     status.write().last_error = Some(error);
-    let now = *wait;
-    *wait = (*wait * 2).min(Duration::from_secs(30));
-    let jitter = rand_fraction();
-    now.mul_f64(0.5 + jitter / 2.0)
-}
-
-fn rand_fraction() -> f64 {
-    let nanos = Utc::now().timestamp_subsec_nanos();
-    f64::from(nanos % 1000) / 1000.0
-}
-
-fn client(ca_cert: Option<&std::path::Path>) -> anyhow::Result<reqwest::Client> {
-    let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(15));
-    if let Some(path) = ca_cert {
-        let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        for cert in reqwest::Certificate::from_pem_bundle(&pem)? {
-            builder = builder.add_root_certificate(cert);
-        }
-    }
-    Ok(builder.build()?)
+    backoff.next_delay()
 }
 
 async fn report(State(status): State<Shared>) -> Json<EdgeHealthReport> {

@@ -29,8 +29,6 @@ use crate::mesh::{MeshCa, PRIMARY_RELAY_NAME, Signer};
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often an attached agent's heartbeat is written to the database.
 const TOUCH_EVERY: Duration = Duration::from_secs(30);
-/// UDP socket buffers requested for throughput.
-const UDP_BUFFER: usize = 8 * 1024 * 1024;
 
 /// Why a stream to an agent could not be opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -89,7 +87,7 @@ impl Relay {
         let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         server.transport_config(Arc::new(transport_config()));
-        let socket = udp_socket(bind)?;
+        let socket = devmesh_shared::net::udp_socket(bind)?;
         let endpoint = quinn::Endpoint::new(
             quinn::EndpointConfig::default(),
             Some(server),
@@ -256,28 +254,6 @@ fn transport_config() -> quinn::TransportConfig {
         15_000,
     ))));
     tc
-}
-
-/// A UDP socket with buffers raised for throughput where the OS allows.
-fn udp_socket(bind: SocketAddr) -> anyhow::Result<std::net::UdpSocket> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::for_address(bind), Type::DGRAM, Some(Protocol::UDP))?;
-    let _ = socket.set_recv_buffer_size(UDP_BUFFER);
-    let _ = socket.set_send_buffer_size(UDP_BUFFER);
-    let (recv, send) = (
-        socket.recv_buffer_size().unwrap_or(0),
-        socket.send_buffer_size().unwrap_or(0),
-    );
-    if recv < UDP_BUFFER || send < UDP_BUFFER {
-        tracing::info!(
-            requested = UDP_BUFFER,
-            granted.recv = recv,
-            granted.send = send,
-            "the OS granted smaller UDP buffers than requested (raise net.core.rmem_max/wmem_max for more throughput)"
-        );
-    }
-    socket.bind(&bind.into())?;
-    Ok(socket.into())
 }
 
 /// Records an attachment; returns its stamp, so that only this attachment's

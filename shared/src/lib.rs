@@ -9,7 +9,9 @@
 
 pub mod api;
 pub mod apphost;
+pub mod backoff;
 pub mod names;
+pub mod net;
 pub mod runtime;
 pub mod secret;
 pub mod signing;

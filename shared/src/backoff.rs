@@ -1,5 +1,5 @@
-//! Jittered exponential backoff for everything the agent retries: API calls,
-//! relay attaches and log uploads.
+//! Jittered exponential backoff for everything devmesh retries: API calls,
+//! relay attaches, log uploads, edge registration.
 //!
 //! Delays are drawn from `[nominal / 2, nominal]`, where the nominal delay
 //! starts at [`Backoff::BASE`] and doubles up to [`Backoff::CAP`]. The jitter
@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 /// Exponential backoff state. Cheap to create; one per retry loop.
 #[derive(Debug, Clone)]
-pub(crate) struct Backoff {
+pub struct Backoff {
     base: Duration,
     cap: Duration,
     /// The nominal delay of the next wait.
@@ -27,15 +27,15 @@ impl Default for Backoff {
 
 impl Backoff {
     /// The first nominal delay.
-    pub(crate) const BASE: Duration = Duration::from_millis(250);
+    pub const BASE: Duration = Duration::from_millis(250);
     /// The largest nominal delay.
-    pub(crate) const CAP: Duration = Duration::from_secs(30);
+    pub const CAP: Duration = Duration::from_secs(30);
     /// A connection attached at least this long resets the backoff when it
     /// ends: it was healthy, so the next failure is a new incident.
-    pub(crate) const RESET_AFTER: Duration = Duration::from_secs(60);
+    pub const RESET_AFTER: Duration = Duration::from_secs(60);
 
     /// A backoff starting at `base` and doubling up to `cap`.
-    pub(crate) fn new(base: Duration, cap: Duration) -> Self {
+    pub fn new(base: Duration, cap: Duration) -> Self {
         Self {
             base,
             cap,
@@ -45,13 +45,13 @@ impl Backoff {
 
     /// The nominal delay the next [`Backoff::next_delay`] is drawn under.
     #[cfg(test)]
-    pub(crate) fn nominal(&self) -> Duration {
+    pub fn nominal(&self) -> Duration {
         self.next
     }
 
     /// The next delay, jittered into `[nominal / 2, nominal]`, and advances
     /// the nominal delay.
-    pub(crate) fn next_delay(&mut self) -> Duration {
+    pub fn next_delay(&mut self) -> Duration {
         let nominal = self.next;
         self.next = nominal.saturating_mul(2).min(self.cap);
         let lo = nominal / 2;
@@ -62,19 +62,19 @@ impl Backoff {
     }
 
     /// Starts over at the base delay.
-    pub(crate) fn reset(&mut self) {
+    pub fn reset(&mut self) {
         self.next = self.base.min(self.cap);
     }
 
     /// Resets if a connection stayed attached for [`Backoff::RESET_AFTER`].
-    pub(crate) fn connection_lasted(&mut self, attached_for: Duration) {
+    pub fn connection_lasted(&mut self, attached_for: Duration) {
         if attached_for >= Self::RESET_AFTER {
             self.reset();
         }
     }
 
     /// Sleeps for the next delay. Returns `false` (early) if `cancel` fires.
-    pub(crate) async fn wait(&mut self, cancel: &CancellationToken) -> bool {
+    pub async fn wait(&mut self, cancel: &CancellationToken) -> bool {
         let delay = self.next_delay();
         tokio::select! {
             () = tokio::time::sleep(delay) => true,
