@@ -321,23 +321,7 @@ async fn as_root_a_data_directory_the_database_user_cannot_enter_is_refused() {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(locked.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
     let data = locked.path().join("data");
-    let run = Command::new(BIN)
-        .args([
-            "server",
-            "--http-address",
-            "127.0.0.1:0",
-            "--relay-address",
-            "127.0.0.1:0",
-            "--data-dir",
-            data.to_str().unwrap(),
-        ])
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(60), run)
-        .await
-        .expect("refuses promptly")
-        .unwrap();
+    let out = refused_start(&data).await;
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
     assert!(
@@ -488,23 +472,7 @@ async fn a_long_data_dir_gets_a_private_socket_directory_that_nobody_can_prepare
         std::fs::remove_dir(&hashed).unwrap();
         std::os::unix::fs::symlink("/", &hashed).unwrap();
     }
-    let run = Command::new(BIN)
-        .args([
-            "server",
-            "--http-address",
-            "127.0.0.1:0",
-            "--relay-address",
-            "127.0.0.1:0",
-            "--data-dir",
-            data.to_str().unwrap(),
-        ])
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(60), run)
-        .await
-        .expect("refuses promptly")
-        .unwrap();
+    let out = refused_start(&data).await;
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("is not ours"), "{}", stderr(&out));
     let _ = std::fs::remove_file(&hashed);
@@ -516,4 +484,26 @@ async fn a_long_data_dir_gets_a_private_socket_directory_that_nobody_can_prepare
     server.stop().await;
     let _ = std::fs::remove_dir_all(&base);
     let _ = std::fs::remove_dir_all(&hashed);
+}
+
+/// Runs `devmesh server` on `data`, expecting it to refuse to start, and
+/// returns its output.
+async fn refused_start(data: &std::path::Path) -> std::process::Output {
+    let run = Command::new(BIN)
+        .args([
+            "server",
+            "--http-address",
+            "127.0.0.1:0",
+            "--relay-address",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(data)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("refuses promptly")
+        .unwrap()
 }
