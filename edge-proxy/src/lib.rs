@@ -1,18 +1,29 @@
 //! The regional edge proxy (`devmesh edge`).
 //!
-//! This first slice makes an edge a member of the deployment: it generates
-//! its mesh key, registers with the primary (receiving a mesh certificate
-//! signed from its CSR, the app-token keys and its sibling relays),
-//! heartbeats by registering again, deregisters on a graceful shutdown, and
-//! exits with a clear message when its token is revoked. It serves
-//! `/healthz`, `/healthz-report` and `/latency-check`. TLS termination, app
-//! authentication and relaying arrive next; see docs/architecture.md.
+//! An edge generates its mesh key and registers with the primary, receiving
+//! a mesh certificate signed from its CSR, the app-token keys and its
+//! sibling relays; it registers again every few seconds (the heartbeat,
+//! which also reports the agents attached to its relay), deregisters on a
+//! graceful shutdown, and exits with a clear message when its token is
+//! revoked.
+//!
+//! Once registered it runs a relay agents attach to, follows the primary's
+//! event stream ([`events`]), and serves its region's app domains
+//! ([`apps`]): app requests are authorised with app tokens verified locally
+//! and decisions cached from the primary, then relayed to the agent down its
+//! tunnel or over the mesh to the agent's home relay. It also serves
+//! `/healthz`, `/healthz-report`, `/latency-check` and `/metrics`.
 
 #![forbid(unsafe_code)]
 
+mod apps;
+mod events;
+mod metrics;
+
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -22,14 +33,22 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use chrono::Utc;
+use devmesh_proxy::relay::{AttachEvent, Keys, Locations, Relay, RelayConfig};
+use devmesh_proxy::upstream::Pool;
 use devmesh_shared::api::{
-    EDGE_TOKEN_HEADER, EdgeDeregisterRequest, EdgeHealthReport, EdgeRegisterRequest,
-    EdgeRegisterResponse,
+    EDGE_TOKEN_HEADER, EdgeAppAccess, EdgeAppAccessRequest, EdgeAppConnect, EdgeAppConnectRequest,
+    EdgeDeregisterRequest, EdgeEvent, EdgeHealthReport, EdgeRegisterRequest, EdgeRegisterResponse,
+    RelayInfo, RevokedSubject,
 };
 use devmesh_shared::backoff::Backoff;
+use devmesh_shared::signing::AppToken;
 use parking_lot::RwLock;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use uuid::Uuid;
+
+use crate::metrics::Metrics;
 
 /// Flags of `devmesh edge`.
 #[derive(Clone, clap::Args)]
@@ -77,16 +96,225 @@ impl std::fmt::Debug for EdgeArgs {
     }
 }
 
-/// What the edge knows about itself, shared with its HTTP handlers.
+/// What the edge knows about its registration, for `/healthz-report`.
 #[derive(Debug)]
 struct Status {
-    replica_id: Uuid,
     registration: Option<EdgeRegisterResponse>,
     last_registered_at: Option<chrono::DateTime<Utc>>,
     last_error: Option<String>,
 }
 
-type Shared = Arc<RwLock<Status>>;
+/// A cached access decision from the primary for one (app host, key).
+#[derive(Debug)]
+pub(crate) struct Decision {
+    /// The signed app token.
+    pub(crate) token: String,
+    /// Its claims.
+    pub(crate) claims: AppToken,
+    /// Set while a background refresh runs, so only one does.
+    refreshing: std::sync::atomic::AtomicBool,
+}
+
+/// The edge, shared by its tasks and handlers.
+pub(crate) struct Edge {
+    pub(crate) args: EdgeArgs,
+    pub(crate) http: reqwest::Client,
+    /// The primary's URL, without a trailing slash.
+    pub(crate) primary: String,
+    pub(crate) token: String,
+    replica_id: Uuid,
+    status: RwLock<Status>,
+    /// Verifies attach tickets and app tokens (replaced when keys rotate).
+    pub(crate) keys: Keys,
+    pub(crate) locations: Locations,
+    pub(crate) relay: OnceLock<Relay>,
+    pub(crate) upstreams: Arc<Pool>,
+    /// (app host, sha256 of the key or "") → decision.
+    pub(crate) decisions: moka::future::Cache<(String, [u8; 32]), Arc<Decision>>,
+    /// Latest revocation time (unix ms) per subject.
+    revocations: RwLock<HashMap<RevokedSubject, i64>>,
+    pub(crate) metrics: Metrics,
+    /// Regional and global app wildcards.
+    pub(crate) wildcards: Vec<String>,
+    /// `https` when the edge terminates TLS.
+    pub(crate) scheme: &'static str,
+    /// Wakes the registration loop to report attachments at once.
+    attachments_changed: Notify,
+}
+
+impl std::fmt::Debug for Edge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Edge")
+            .field("replica_id", &self.replica_id)
+            .field("primary", &self.primary)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Edge {
+    /// Applies an event from the primary.
+    pub(crate) fn apply(&self, event: EdgeEvent) {
+        match event {
+            EdgeEvent::Snapshot {
+                agents,
+                revocations,
+                app_token_keys,
+                relays: _,
+            } => {
+                self.locations.replace(agents);
+                {
+                    let mut r = self.revocations.write();
+                    for rev in revocations {
+                        let at = r.entry(rev.subject).or_insert(rev.at_ms);
+                        *at = (*at).max(rev.at_ms);
+                    }
+                }
+                if let Err(e) = self.keys.set(&app_token_keys) {
+                    tracing::warn!(error = %e, "unusable app token keys from the primary");
+                }
+                // Events may have been missed: decide afresh.
+                self.decisions.invalidate_all();
+                tracing::info!(
+                    agents = self.locations.len(),
+                    "synchronised with the primary"
+                );
+            }
+            EdgeEvent::AgentMoved(location) => self.locations.set(location),
+            EdgeEvent::Revoked(rev) => {
+                let subject = rev.subject.clone();
+                {
+                    let mut r = self.revocations.write();
+                    let at = r.entry(rev.subject.clone()).or_insert(rev.at_ms);
+                    *at = (*at).max(rev.at_ms);
+                }
+                let _ = self
+                    .decisions
+                    .invalidate_entries_if(move |_, d| rev.revokes(&d.claims));
+                tracing::debug!(?subject, "revocation applied");
+            }
+            EdgeEvent::Keys { app_token_keys } => {
+                if let Err(e) = self.keys.set(&app_token_keys) {
+                    tracing::warn!(error = %e, "unusable app token keys from the primary");
+                }
+            }
+            EdgeEvent::Relays { .. } | EdgeEvent::Ping => {}
+        }
+    }
+
+    /// Whether a revocation cuts `token` off.
+    pub(crate) fn revoked(&self, token: &AppToken) -> bool {
+        let r = self.revocations.read();
+        let cut = |s: RevokedSubject| r.get(&s).is_some_and(|at| token.issued_at_ms <= *at);
+        token
+            .user_id
+            .is_some_and(|id| cut(RevokedSubject::User { id }))
+            || cut(RevokedSubject::Workspace {
+                id: token.workspace_id,
+            })
+            || token
+                .key_id
+                .as_ref()
+                .is_some_and(|id| cut(RevokedSubject::Key { id: id.clone() }))
+    }
+
+    /// Asks the primary whether `key` (or anyone) may open `host`.
+    pub(crate) async fn ask_primary(
+        &self,
+        host: &str,
+        key: Option<&str>,
+    ) -> Result<Decision, devmesh_proxy::app::AppError> {
+        use devmesh_proxy::app::AppError;
+        self.metrics.primary_requests.inc();
+        let resp = self
+            .http
+            .post(format!("{}/api/v2/edges/me/app-access", self.primary))
+            .header(EDGE_TOKEN_HEADER, &self.token)
+            .json(&EdgeAppAccessRequest {
+                host: host.to_owned(),
+                key: key.map(str::to_owned),
+            })
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await;
+        let resp = match resp {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reach the primary for an access decision");
+                self.metrics.primary_reachable.set(0);
+                return Err(AppError::PrimaryUnavailable);
+            }
+        };
+        self.metrics.primary_reachable.set(1);
+        let status = resp.status();
+        if status.is_success() {
+            let access: EdgeAppAccess = resp.json().await.map_err(|e| {
+                AppError::BadGateway(format!("unreadable answer from the primary: {e}"))
+            })?;
+            if access.claims.agent_id != Uuid::nil()
+                && let Some(relay) = access.location
+            {
+                self.locations.set(devmesh_shared::api::AgentLocation {
+                    agent_id: access.claims.agent_id,
+                    relay: Some(relay),
+                });
+            }
+            return Ok(Decision {
+                token: access.token,
+                claims: access.claims,
+                refreshing: false.into(),
+            });
+        }
+        let detail = resp
+            .json::<devmesh_shared::api::Error>()
+            .await
+            .map(|e| e.detail)
+            .unwrap_or_default();
+        Err(match status {
+            StatusCode::UNAUTHORIZED => AppError::Unauthenticated,
+            StatusCode::FORBIDDEN => AppError::Forbidden,
+            StatusCode::NOT_FOUND => AppError::NotFound(detail),
+            StatusCode::SERVICE_UNAVAILABLE => AppError::Stopped,
+            StatusCode::BAD_REQUEST => AppError::BadRequest(detail),
+            StatusCode::BAD_GATEWAY => AppError::AgentNotConnected,
+            _ => AppError::BadGateway(format!("the primary answered {status}")),
+        })
+    }
+
+    /// Opens a sealed one-time key through the primary.
+    pub(crate) async fn app_connect(
+        &self,
+        sealed: &str,
+        state: &str,
+    ) -> Result<String, devmesh_proxy::app::AppError> {
+        use devmesh_proxy::app::AppError;
+        self.metrics.primary_requests.inc();
+        let resp = self
+            .http
+            .post(format!("{}/api/v2/edges/me/app-connect", self.primary))
+            .header(EDGE_TOKEN_HEADER, &self.token)
+            .json(&EdgeAppConnectRequest {
+                sealed: sealed.to_owned(),
+                state: state.to_owned(),
+            })
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .map_err(|_| AppError::PrimaryUnavailable)?;
+        if resp.status().is_success() {
+            let c: EdgeAppConnect = resp
+                .json()
+                .await
+                .map_err(|e| AppError::BadGateway(e.to_string()))?;
+            return Ok(c.key);
+        }
+        let detail = resp
+            .json::<devmesh_shared::api::Error>()
+            .await
+            .map(|e| e.detail)
+            .unwrap_or_default();
+        Err(AppError::BadRequest(detail))
+    }
+}
 
 /// Runs the edge until `shutdown`, then deregisters. Returns an error when
 /// the primary refuses the edge's token (revoked or wrong), with a message
@@ -97,69 +325,127 @@ pub async fn run(args: EdgeArgs, shutdown: CancellationToken) -> anyhow::Result<
         Duration::from_secs(15),
         args.ca_cert.as_deref(),
     )?;
-    let key = rcgen::KeyPair::generate()?;
+    let mesh_key = rcgen::KeyPair::generate()?;
     let csr = rcgen::CertificateParams::new(Vec::<String>::new())?
-        .serialize_request(&key)?
+        .serialize_request(&mesh_key)?
         .pem()?;
-    let status: Shared = Arc::new(RwLock::new(Status {
+    let wildcards: Vec<String> = [&args.wildcard_access_url, &args.global_wildcard_access_url]
+        .into_iter()
+        .flatten()
+        .map(|w| w.to_ascii_lowercase())
+        .collect();
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(devmesh_shared::tls::server_config(
+            cert.clone(),
+            key.clone(),
+            shutdown.clone(),
+        )?),
+        _ => None,
+    };
+    let edge = Arc::new(Edge {
+        primary: args.primary_url.trim_end_matches('/').to_owned(),
+        token: args.edge_token.clone(),
+        http,
         replica_id: Uuid::new_v4(),
-        registration: None,
-        last_registered_at: None,
-        last_error: None,
-    }));
+        status: RwLock::new(Status {
+            registration: None,
+            last_registered_at: None,
+            last_error: None,
+        }),
+        keys: Keys::new(&[]).map_err(|e| anyhow::anyhow!("{e}"))?,
+        locations: Locations::default(),
+        relay: OnceLock::new(),
+        upstreams: Arc::default(),
+        decisions: moka::future::Cache::builder()
+            .max_capacity(1_000_000)
+            .time_to_live(Duration::from_secs(
+                devmesh_proxy::app::APP_TOKEN_LIFETIME_SECS as u64,
+            ))
+            .support_invalidation_closures()
+            .build(),
+        revocations: RwLock::default(),
+        metrics: Metrics::new(),
+        wildcards,
+        scheme: if tls.is_some() { "https" } else { "http" },
+        attachments_changed: Notify::new(),
+        args,
+    });
 
-    let listener = tokio::net::TcpListener::bind(args.listen)
+    let listener = tokio::net::TcpListener::bind(edge.args.listen)
         .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
+        .with_context(|| format!("cannot listen on {}", edge.args.listen))?;
     let local = listener.local_addr()?;
     let app = axum::Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/healthz-report", get(report))
         .route("/latency-check", get(latency_check))
-        .with_state(status.clone());
+        .route("/metrics", get(metrics))
+        .layer(axum::middleware::from_fn_with_state(
+            edge.clone(),
+            apps::route_apps,
+        ))
+        .with_state(edge.clone());
     let serve_shutdown = shutdown.clone();
-    let (server, scheme) = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => {
-            let tls =
-                devmesh_shared::tls::server_config(cert.clone(), key.clone(), shutdown.clone())?;
-            let grace = Duration::from_secs(10);
-            (
-                tokio::spawn(devmesh_shared::tls::serve(
-                    listener,
-                    app,
-                    tls,
-                    serve_shutdown,
-                    grace,
-                )),
-                "https",
-            )
-        }
-        _ => (
-            tokio::spawn(async move {
-                let _ = axum::serve(listener, app)
-                    .with_graceful_shutdown(serve_shutdown.cancelled_owned())
-                    .await;
-            }),
-            "http",
-        ),
+    let scheme = edge.scheme;
+    let server = match tls {
+        Some(tls) => tokio::spawn(devmesh_shared::tls::serve(
+            listener,
+            app,
+            tls,
+            serve_shutdown,
+            Duration::from_secs(10),
+        )),
+        None => tokio::spawn(async move {
+            let app = app.into_make_service_with_connect_info::<SocketAddr>();
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(serve_shutdown.cancelled_owned())
+                .await;
+        }),
     };
     println!("Started edge listener at {scheme}://{local}");
 
-    let request = EdgeRegisterRequest {
-        replica_id: status.read().replica_id,
-        version: devmesh_shared::VERSION.into(),
-        access_url: args.access_url.trim_end_matches('/').to_owned(),
-        wildcard_hostname: args.wildcard_access_url.clone(),
-        global_wildcard_hostname: args.global_wildcard_access_url.clone(),
-        relay_address: args.relay_address.clone(),
-        csr_pem: csr,
-    };
-    let base = args.primary_url.trim_end_matches('/').to_owned();
+    let tracker = TaskTracker::new();
+    let result = register_loop(&edge, &csr, mesh_key, &shutdown, &tracker).await;
+    shutdown.cancel();
+    if result.is_ok() {
+        deregister(&edge).await;
+    }
+    tracker.close();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
+    let _ = server.await;
+    result
+}
+
+/// Registers, then heartbeats (registering again) until shutdown; starts
+/// the relay and the event stream after the first registration.
+async fn register_loop(
+    edge: &Arc<Edge>,
+    csr: &str,
+    mesh_key: rcgen::KeyPair,
+    shutdown: &CancellationToken,
+    tracker: &TaskTracker,
+) -> anyhow::Result<()> {
+    let mut mesh_key = Some(mesh_key);
     let mut backoff = Backoff::default();
-    let result = loop {
-        let outcome = http
-            .post(format!("{base}/api/v2/edges/me/register"))
-            .header(EDGE_TOKEN_HEADER, &args.edge_token)
+    loop {
+        let request = EdgeRegisterRequest {
+            replica_id: edge.replica_id,
+            version: devmesh_shared::VERSION.into(),
+            access_url: edge.args.access_url.trim_end_matches('/').to_owned(),
+            wildcard_hostname: edge.args.wildcard_access_url.clone(),
+            global_wildcard_hostname: edge.args.global_wildcard_access_url.clone(),
+            relay_address: edge.args.relay_address.clone(),
+            csr_pem: csr.to_owned(),
+            attached_agents: edge
+                .relay
+                .get()
+                .map(Relay::attached_agents)
+                .unwrap_or_default(),
+        };
+        let outcome = edge
+            .http
+            .post(format!("{}/api/v2/edges/me/register", edge.primary))
+            .header(EDGE_TOKEN_HEADER, &edge.token)
             .json(&request)
             .send()
             .await;
@@ -169,90 +455,167 @@ pub async fn run(args: EdgeArgs, shutdown: CancellationToken) -> anyhow::Result<
                     Ok(reg) => {
                         let interval =
                             Duration::from_secs(reg.heartbeat_interval_seconds.clamp(1, 60));
-                        let mut s = status.write();
-                        if s.registration.is_none() {
-                            tracing::info!(edge = %reg.edge_name, primary = %base, "registered with the primary");
+                        if let Some(key) = mesh_key.take() {
+                            if let Err(e) = edge.keys.set(&reg.app_token_keys) {
+                                tracing::warn!(error = %e, "unusable app token keys");
+                            }
+                            start_relay(edge, &reg, key, shutdown, tracker)?;
+                            tracker.spawn(events::follow(edge.clone(), shutdown.clone()));
+                            tracing::info!(edge = %reg.edge_name, primary = %edge.primary, "registered with the primary");
                         }
+                        edge.metrics.primary_reachable.set(1);
+                        let mut s = edge.status.write();
                         s.registration = Some(reg);
                         s.last_registered_at = Some(Utc::now());
                         s.last_error = None;
                         backoff.reset();
                         interval
                     }
-                    Err(e) => failure(&status, format!("unreadable answer: {e}"), &mut backoff),
+                    Err(e) => failure(edge, format!("unreadable answer: {e}"), &mut backoff),
                 }
             }
             Ok(resp) if resp.status() == StatusCode::UNAUTHORIZED => {
-                break Err(anyhow::anyhow!(
+                return Err(anyhow::anyhow!(
                     "the primary refused this edge's token: it was revoked (regenerated) or the edge was deleted; \
                      get a new token with `devmesh edges regenerate-token`"
                 ));
             }
             Ok(resp) if resp.status() == StatusCode::CONFLICT => {
                 let text = resp.text().await.unwrap_or_default();
-                break Err(anyhow::anyhow!("the primary refused this edge: {text}"));
+                return Err(anyhow::anyhow!("the primary refused this edge: {text}"));
             }
             Ok(resp) => {
                 let code = resp.status();
                 let text = resp.text().await.unwrap_or_default();
-                failure(&status, format!("{code}: {text}"), &mut backoff)
+                failure(edge, format!("{code}: {text}"), &mut backoff)
             }
-            Err(e) => failure(
-                &status,
-                format!("cannot reach the primary: {e}"),
-                &mut backoff,
-            ),
+            Err(e) => failure(edge, format!("cannot reach the primary: {e}"), &mut backoff),
         };
         tokio::select! {
-            _ = shutdown.cancelled() => break Ok(()),
+            _ = shutdown.cancelled() => return Ok(()),
             _ = tokio::time::sleep(next) => {}
-        }
-    };
-
-    shutdown.cancel();
-    if result.is_ok() {
-        let replica_id = status.read().replica_id;
-        let done = http
-            .post(format!("{base}/api/v2/edges/me/deregister"))
-            .header(EDGE_TOKEN_HEADER, &args.edge_token)
-            .json(&EdgeDeregisterRequest { replica_id })
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await;
-        match done {
-            Ok(r) if r.status().is_success() => tracing::info!("deregistered from the primary"),
-            Ok(r) => {
-                tracing::warn!(status = %r.status(), "the primary did not accept the deregistration")
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "could not deregister; the primary will mark this replica unreachable")
+            // Attachments changed: report them now (after a moment, so a
+            // burst of attaches becomes one report).
+            _ = edge.attachments_changed.notified(), if mesh_key.is_none() => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     }
-    let _ = server.await;
-    result
+}
+
+/// Starts the edge's relay with the mesh certificate from the registration.
+fn start_relay(
+    edge: &Arc<Edge>,
+    reg: &EdgeRegisterResponse,
+    key: rcgen::KeyPair,
+    shutdown: &CancellationToken,
+    tracker: &TaskTracker,
+) -> anyhow::Result<()> {
+    use rustls::pki_types::pem::PemObject;
+    let chain = rustls::pki_types::CertificateDer::pem_slice_iter(reg.mesh_cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .context("the mesh certificate from the primary")?;
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    let bind: SocketAddr = match edge.args.relay_address.parse() {
+        Ok(a) => a,
+        // A name: listen on every interface at its port.
+        Err(_) => {
+            let port = edge
+                .args
+                .relay_address
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .context("--relay-address must be host:port")?;
+            SocketAddr::from(([0, 0, 0, 0], port))
+        }
+    };
+    let socket = devmesh_shared::net::udp_socket(bind)
+        .with_context(|| format!("cannot bind the relay to {bind}"))?;
+    let (events, mut attach_events) = tokio::sync::mpsc::unbounded_channel();
+    let relay = Relay::start(
+        RelayConfig {
+            socket,
+            advertised: RelayInfo {
+                region: reg.edge_name.clone(),
+                address: edge.args.relay_address.clone(),
+                server_name: devmesh_shared::names::relay_server_name(&reg.edge_name),
+            },
+            cert_chain: chain,
+            key,
+            mesh_ca_pem: reg.mesh_ca_pem.clone(),
+            keys: edge.keys.clone(),
+            events,
+            locations: edge.locations.clone(),
+        },
+        shutdown.clone(),
+        tracker,
+    )?;
+    let _ = edge.relay.set(relay);
+    let e = edge.clone();
+    tracker.spawn(async move {
+        while let Some(event) = attach_events.recv().await {
+            if !matches!(event, AttachEvent::Alive { .. }) {
+                e.attachments_changed.notify_one();
+            }
+        }
+    });
+    Ok(())
+}
+
+async fn deregister(edge: &Edge) {
+    let done = edge
+        .http
+        .post(format!("{}/api/v2/edges/me/deregister", edge.primary))
+        .header(EDGE_TOKEN_HEADER, &edge.token)
+        .json(&EdgeDeregisterRequest {
+            replica_id: edge.replica_id,
+        })
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await;
+    match done {
+        Ok(r) if r.status().is_success() => tracing::info!("deregistered from the primary"),
+        Ok(r) => {
+            tracing::warn!(status = %r.status(), "the primary did not accept the deregistration")
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not deregister; the primary will mark this replica unreachable")
+        }
+    }
 }
 
 /// Records a failed registration; returns how long to wait before the next try.
-fn failure(status: &Shared, error: String, backoff: &mut Backoff) -> Duration {
+fn failure(edge: &Edge, error: String, backoff: &mut Backoff) -> Duration {
     tracing::warn!(error = %error, "registration with the primary failed; retrying");
-    status.write().last_error = Some(error);
+    edge.metrics.primary_reachable.set(0);
+    edge.status.write().last_error = Some(error);
     backoff.next_delay()
 }
 
-async fn report(State(status): State<Shared>) -> Json<EdgeHealthReport> {
-    let s = status.read();
+async fn report(State(edge): State<Arc<Edge>>) -> Json<EdgeHealthReport> {
+    let s = edge.status.read();
     let fresh = s
         .last_registered_at
         .is_some_and(|t| (Utc::now() - t).num_seconds() < 30);
     Json(EdgeHealthReport {
         edge_name: s.registration.as_ref().map(|r| r.edge_name.clone()),
-        replica_id: s.replica_id,
+        replica_id: edge.replica_id,
         version: devmesh_shared::VERSION.into(),
         primary_reachable: fresh && s.last_error.is_none(),
         last_registered_at: s.last_registered_at,
         last_error: s.last_error.clone(),
     })
+}
+
+async fn metrics(State(edge): State<Arc<Edge>>) -> impl IntoResponse {
+    let stats = edge.relay.get().map(Relay::stats);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        edge.metrics.encode(stats.as_deref()),
+    )
 }
 
 /// Browsers time this from the dashboard's page to pick the nearest region.

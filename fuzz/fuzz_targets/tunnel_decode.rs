@@ -7,7 +7,7 @@
 use std::sync::LazyLock;
 
 use devmesh_shared::signing::{AppToken, SigningKey, Verifier};
-use devmesh_shared::tunnel::{Control, StreamHeader};
+use devmesh_shared::tunnel::{Control, MeshHeader, StreamHeader};
 use libfuzzer_sys::fuzz_target;
 
 /// A fixed verifier; its key is generated once per process, which is fine
@@ -32,6 +32,13 @@ fuzz_target!(|data: &[u8]| {
         control.encode(&mut again);
         assert_eq!(again, data[..consumed]);
         assert_eq!(Control::decode(&again), Ok(Some((control, consumed))));
+    }
+
+    if let Ok(Some((mesh, consumed))) = MeshHeader::decode(data) {
+        assert!(consumed <= data.len());
+        let mut again = Vec::new();
+        mesh.try_encode(&mut again).expect("a decoded header re-encodes");
+        assert_eq!(again, data[..consumed]);
     }
 
     if let Ok(token) = std::str::from_utf8(data) {

@@ -32,7 +32,7 @@ use crate::config::ServerConfig;
 use crate::mesh::{MeshCa, Sealer, Signer};
 use crate::metrics::{HttpLabels, Metrics, RouteLabels};
 use crate::ratelimit::RateLimiter;
-use crate::relay::Relay;
+use devmesh_proxy::relay::Relay;
 use error::{ApiError, DbUnavailable};
 
 /// Largest request body the API accepts.
@@ -63,29 +63,60 @@ pub struct AppState {
     pub relay: Relay,
     /// The relay's address as agents should dial it.
     pub relay_address: String,
+    /// Events to other replicas and edges.
+    pub bus: crate::events::Bus,
+    /// Where agents attached to other relays are.
+    pub locations: devmesh_proxy::relay::Locations,
+    /// Fires when the server shuts down (ends long-lived streams).
+    pub shutdown: tokio_util::sync::CancellationToken,
     /// One-time app keys already exchanged.
     pub used_nonces: moka::future::Cache<String, ()>,
     /// Resolved app routes (short-lived; emptied on changes).
     pub(crate) routes: moka::future::Cache<String, apps::Route>,
     /// Pooled connections to apps.
-    pub upstreams: Arc<crate::upstream::Pool>,
+    pub upstreams: Arc<devmesh_proxy::upstream::Pool>,
     /// Users whose app tokens minted before the given time are revoked;
     /// entries outlive every token they could concern.
     pub(crate) revoked_app_users: moka::future::Cache<Uuid, i64>,
+    /// Workspaces whose app tokens minted before the given time are revoked.
+    pub(crate) revoked_workspaces: moka::future::Cache<Uuid, i64>,
+    /// API keys whose app tokens minted before the given time are revoked.
+    pub(crate) revoked_keys: moka::future::Cache<String, i64>,
 }
 
 impl AppState {
-    /// Forgets cached routes and keys after a change that affects who may
-    /// open what (workspace builds, port shares, users).
+    /// After a change to who may open a workspace's apps (a build, a port
+    /// share): forgets cached routes here and revokes the workspace's app
+    /// tokens minted until now, on every replica and edge.
+    pub async fn workspace_changed(&self, workspace: Uuid) {
+        self.routes.invalidate_all();
+        self.bus
+            .revoke(devmesh_shared::api::RevokedSubject::Workspace { id: workspace })
+            .await;
+    }
+
+    /// Forgets cached routes after a change that affects many workspaces
+    /// (a user's status).
     pub fn access_changed(&self) {
         self.routes.invalidate_all();
     }
 
     /// Makes every app token of `user` minted until now worthless (logout,
-    /// suspension, deletion): the next request must authenticate afresh.
+    /// suspension, deletion), here at once and on every replica and edge
+    /// through the event bus.
     pub async fn revoke_app_tokens(&self, user: Uuid) {
-        self.revoked_app_users
-            .insert(user, chrono::Utc::now().timestamp())
+        let now = chrono::Utc::now().timestamp_millis();
+        self.revoked_app_users.insert(user, now).await;
+        self.bus
+            .revoke(devmesh_shared::api::RevokedSubject::User { id: user })
+            .await;
+    }
+
+    /// Revokes app tokens minted from API key `id` (the key was deleted).
+    pub async fn revoke_key(&self, id: &str) {
+        self.keys.forget_key(id).await;
+        self.bus
+            .revoke(devmesh_shared::api::RevokedSubject::Key { id: id.to_owned() })
             .await;
     }
 }
@@ -103,6 +134,12 @@ pub struct Parts {
     pub relay: Relay,
     /// Its advertised address.
     pub relay_address: String,
+    /// The event bus.
+    pub bus: crate::events::Bus,
+    /// Agent locations, kept current from the bus.
+    pub locations: devmesh_proxy::relay::Locations,
+    /// Server shutdown.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 impl AppState {
@@ -121,10 +158,59 @@ impl AppState {
             ca: parts.ca,
             relay: parts.relay,
             relay_address: parts.relay_address,
+            bus: parts.bus,
+            locations: parts.locations,
+            shutdown: parts.shutdown,
             used_nonces: apps::used_nonce_cache(),
             routes: apps::route_cache(),
             upstreams: Arc::default(),
             revoked_app_users: apps::revocation_cache(),
+            revoked_workspaces: apps::revocation_cache(),
+            revoked_keys: apps::revocation_cache(),
+        }
+    }
+}
+
+/// Applies events from every replica to this one's caches and agent
+/// locations, until shutdown.
+pub async fn apply_events(state: AppState) {
+    use devmesh_shared::api::{EdgeEvent, RevokedSubject};
+    let mut rx = state.bus.subscribe();
+    loop {
+        let message = tokio::select! {
+            _ = state.shutdown.cancelled() => return,
+            m = rx.recv() => m,
+        };
+        match message {
+            Ok(crate::events::BusMessage::Event(EdgeEvent::AgentMoved(location))) => {
+                state.locations.set(location);
+            }
+            Ok(crate::events::BusMessage::Event(EdgeEvent::Revoked(r))) => match r.subject {
+                RevokedSubject::User { id } => {
+                    state.revoked_app_users.insert(id, r.at_ms).await;
+                    state.keys.forget_all();
+                    state.routes.invalidate_all();
+                }
+                RevokedSubject::Workspace { id } => {
+                    state.revoked_workspaces.insert(id, r.at_ms).await;
+                    state.routes.invalidate_all();
+                }
+                RevokedSubject::Key { id } => {
+                    state.revoked_keys.insert(id.clone(), r.at_ms).await;
+                    state.keys.forget_key(&id).await;
+                }
+            },
+            Ok(crate::events::BusMessage::Event(_)) => {}
+            Ok(crate::events::BusMessage::Gap)
+            | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                // Events were missed: reload locations, drop caches.
+                state.routes.invalidate_all();
+                state.keys.forget_all();
+                if let Ok(all) = crate::events::agent_locations(&state.db).await {
+                    state.locations.replace(all);
+                }
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
         }
     }
 }
@@ -184,6 +270,9 @@ pub fn router(state: AppState) -> Router {
         .route("/edges/{edge}/token", post(edges::regenerate_token))
         .route("/edges/me/register", post(edges::register))
         .route("/edges/me/deregister", post(edges::deregister))
+        .route("/edges/me/events", get(edges::events))
+        .route("/edges/me/app-access", post(apps::edge_app_access))
+        .route("/edges/me/app-connect", post(apps::edge_app_connect))
         .route("/workspaceagents/me/manifest", get(agents::manifest))
         .route(
             "/workspaceagents/me/attach-ticket",
@@ -352,35 +441,7 @@ impl Audit {
     }
 }
 
-/// A `Set-Cookie` value. Every devmesh cookie is HttpOnly; `Secure` when
-/// served over HTTPS; `max_age` 0 deletes it.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct SetCookie<'a> {
-    pub(crate) name: &'a str,
-    pub(crate) value: &'a str,
-    pub(crate) path: &'a str,
-    pub(crate) domain: Option<&'a str>,
-    pub(crate) max_age: i64,
-    pub(crate) same_site: &'static str,
-    pub(crate) secure: bool,
-}
-
-impl SetCookie<'_> {
-    /// The header value; an unrepresentable cookie becomes an empty header.
-    pub(crate) fn header(&self) -> axum::http::HeaderValue {
-        let domain = self
-            .domain
-            .map(|d| format!("; Domain={d}"))
-            .unwrap_or_default();
-        let secure = if self.secure { "; Secure" } else { "" };
-        let text = format!(
-            "{}={}{domain}; Path={}; Max-Age={}; HttpOnly; SameSite={}{secure}",
-            self.name, self.value, self.path, self.max_age, self.same_site
-        );
-        axum::http::HeaderValue::from_str(&text)
-            .unwrap_or_else(|_| axum::http::HeaderValue::from_static(""))
-    }
-}
+pub(crate) use devmesh_proxy::app::SetCookie;
 
 /// Parses a path segment as a UUID, or `None`.
 fn parse_uuid(s: &str) -> Option<Uuid> {

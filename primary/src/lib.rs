@@ -7,12 +7,12 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod db;
+pub mod events;
 pub mod mesh;
 pub mod metrics;
 pub mod ratelimit;
 pub mod relay;
 pub mod server;
-pub mod upstream;
 
 pub use config::{ServerArgs, ServerConfig};
 pub use server::{RunningServer, start};

@@ -135,7 +135,7 @@ impl MeshCa {
 
 /// The TLS name of a region's relay on its mesh certificate.
 pub fn relay_name(region: &str) -> String {
-    format!("{region}.relay.devmesh.internal")
+    devmesh_shared::names::relay_server_name(region)
 }
 
 fn time_now() -> time::OffsetDateTime {

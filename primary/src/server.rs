@@ -19,7 +19,6 @@ use crate::api::{AppState, Parts, router};
 use crate::config::{ServerConfig, Tls};
 use crate::db::{self, embedded::EmbeddedOptions, embedded::EmbeddedPostgres};
 use crate::mesh::{MeshCa, Sealer, Signer};
-use crate::relay::{Relay, RelayDeps};
 use devmesh_shared::tls;
 
 /// How long in-flight requests get to finish on shutdown.
@@ -144,24 +143,30 @@ pub async fn start(mut config: ServerConfig) -> anyhow::Result<RunningServer> {
     let sealer = Sealer::load_or_create(&pool)
         .await
         .context("loading the app encryption key")?;
-    let relay = Relay::start(
+    let bus = crate::events::Bus::new(pool.clone());
+    tracker.spawn(bus.clone().listen(shutdown.clone()));
+    let (relay, locations) = crate::relay::start(
         config.relay_address,
-        RelayDeps {
-            db: pool.clone(),
-            signer: signer.clone(),
-            ca: ca.clone(),
-        },
+        &config.access_url,
+        &pool,
+        &signer,
+        &ca,
+        &bus,
         shutdown.clone(),
         &tracker,
     )
+    .await
     .with_context(|| format!("cannot start the relay on {}", config.relay_address))?;
-    let relay_address = advertised_relay_address(relay.local_addr, &config.access_url);
+    let relay_address = relay.advertised().address.clone();
     let parts = Parts {
         signer,
         sealer,
         ca,
         relay,
         relay_address,
+        bus,
+        locations,
+        shutdown: shutdown.clone(),
     };
     let state = AppState::new(pool.clone(), config, parts);
     let tls_config = match &tls_mode {
@@ -193,6 +198,7 @@ pub async fn start(mut config: ServerConfig) -> anyhow::Result<RunningServer> {
     } else {
         "http"
     };
+    tracker.spawn(crate::api::apply_events(state.clone()));
     let app = router(state);
     let signal = shutdown.clone();
     let task = match tls_config {
@@ -219,20 +225,4 @@ pub async fn start(mut config: ServerConfig) -> anyhow::Result<RunningServer> {
         task: Some(task),
         embedded,
     })
-}
-
-/// The relay address agents should dial: the bound address, or, when bound
-/// to all interfaces, the access URL's host with the bound port.
-fn advertised_relay_address(bound: SocketAddr, access_url: &str) -> String {
-    if !bound.ip().is_unspecified() {
-        return bound.to_string();
-    }
-    let host = url::Url::parse(access_url)
-        .ok()
-        .and_then(|u| u.host_str().map(str::to_owned));
-    match host {
-        Some(h) if h.contains(':') => format!("[{h}]:{}", bound.port()),
-        Some(h) => format!("{h}:{}", bound.port()),
-        None => bound.to_string(),
-    }
 }

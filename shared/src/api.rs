@@ -976,6 +976,10 @@ pub struct EdgeRegisterRequest {
     pub relay_address: String,
     /// PEM certificate signing request for the replica's mesh certificate.
     pub csr_pem: String,
+    /// Agents attached to this replica's relay right now; the primary
+    /// records them as the agents' home relay.
+    #[serde(default)]
+    pub attached_agents: Vec<Uuid>,
 }
 
 /// What a registered edge replica needs.
@@ -1020,4 +1024,132 @@ pub struct EdgeHealthReport {
     pub last_registered_at: Option<DateTime<Utc>>,
     /// The last registration error, if any.
     pub last_error: Option<String>,
+}
+
+/// Where an agent is attached (`None`: nowhere).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AgentLocation {
+    /// The agent.
+    pub agent_id: Uuid,
+    /// Its home relay.
+    pub relay: Option<RelayInfo>,
+}
+
+/// What a revocation cuts off: every app token about the subject issued at
+/// or before [`Revocation::at_ms`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum RevokedSubject {
+    /// A user signed out, was suspended or deleted.
+    User {
+        /// The user.
+        id: Uuid,
+    },
+    /// A workspace was stopped, deleted, or its sharing changed.
+    Workspace {
+        /// The workspace.
+        id: Uuid,
+    },
+    /// An API key was deleted.
+    Key {
+        /// The key's public id.
+        id: String,
+    },
+}
+
+/// A revocation and when it happened.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Revocation {
+    /// What is revoked.
+    pub subject: RevokedSubject,
+    /// Unix milliseconds; tokens issued at or before then are refused.
+    pub at_ms: i64,
+}
+
+impl Revocation {
+    /// Whether this revocation cuts off `token`.
+    pub fn revokes(&self, token: &crate::signing::AppToken) -> bool {
+        let about = match &self.subject {
+            RevokedSubject::User { id } => token.user_id == Some(*id),
+            RevokedSubject::Workspace { id } => token.workspace_id == *id,
+            RevokedSubject::Key { id } => token.key_id.as_deref() == Some(id.as_str()),
+        };
+        about && token.issued_at_ms <= self.at_ms
+    }
+}
+
+/// One line of `GET /api/v2/edges/me/events` (newline-delimited JSON). The
+/// stream starts with a [`EdgeEvent::Snapshot`]; after a reconnect the edge
+/// replaces its state with the new snapshot, since it cannot trust the gap.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EdgeEvent {
+    /// Everything an edge caches, as of now.
+    Snapshot {
+        /// Where every attached agent is.
+        agents: Vec<AgentLocation>,
+        /// Revocations young enough to matter (a token's lifetime).
+        revocations: Vec<Revocation>,
+        /// Keys that verify app tokens and attach tickets.
+        app_token_keys: Vec<crate::signing::PublicKey>,
+        /// Every healthy relay.
+        relays: Vec<RelayInfo>,
+    },
+    /// An agent attached somewhere, moved, or detached.
+    AgentMoved(AgentLocation),
+    /// Access was revoked; drop cached decisions about the subject.
+    Revoked(Revocation),
+    /// The signing keys changed.
+    Keys {
+        /// The keys now valid.
+        app_token_keys: Vec<crate::signing::PublicKey>,
+    },
+    /// The set of relays changed.
+    Relays {
+        /// Every healthy relay.
+        relays: Vec<RelayInfo>,
+    },
+    /// Keeps the stream alive; an edge that hears nothing for a while reconnects.
+    Ping,
+}
+
+/// `POST /api/v2/edges/me/app-access`: may the holder of `key` (or anyone,
+/// without one) open the app at `host`?
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeAppAccessRequest {
+    /// The app host, with the port if not the scheme's default.
+    pub host: String,
+    /// The user's API key or `application_connect` key.
+    pub key: Option<String>,
+}
+
+/// A yes to [`EdgeAppAccessRequest`]: a signed app token and where to find
+/// the agent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EdgeAppAccess {
+    /// The signed token, for the browser's cookie and local verification.
+    pub token: String,
+    /// Its claims.
+    pub claims: crate::signing::AppToken,
+    /// The agent's home relay, if attached.
+    pub location: Option<RelayInfo>,
+}
+
+/// `POST /api/v2/edges/me/app-connect`: open the sealed one-time key a
+/// browser brought back from the auth redirect.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeAppConnectRequest {
+    /// The sealed key from the URL.
+    pub sealed: String,
+    /// The state cookie of the browser that brought it.
+    pub state: String,
+}
+
+/// The opened key, to become the browser's apps-domain cookie.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EdgeAppConnect {
+    /// An `application_connect` key.
+    pub key: String,
 }

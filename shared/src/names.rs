@@ -51,6 +51,12 @@ pub fn validate_name(name: &str) -> Result<(), NameError> {
     Ok(())
 }
 
+/// The TLS name on a region's relay certificate (and what agents and other
+/// relays check when they dial it).
+pub fn relay_server_name(region: &str) -> String {
+    format!("{region}.relay.devmesh.internal")
+}
+
 /// Like [`validate_name`], refusing the names devmesh keeps for itself as an
 /// edge (region) name.
 pub fn validate_region_name(name: &str) -> Result<(), NameError> {

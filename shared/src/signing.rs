@@ -127,6 +127,22 @@ pub struct AppToken {
     pub host: String,
     /// The sharing level the token was minted under.
     pub sharing_level: SharingLevel,
+    /// The API key it was minted from, so revoking the key revokes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+    /// Where the app listens in the workspace, so that a relay can serve the
+    /// token's holder without asking the primary.
+    #[serde(default)]
+    pub port: u16,
+    /// Whether the app speaks TLS.
+    #[serde(default)]
+    pub https: bool,
+    /// The app's base path (`/` for dev URLs).
+    #[serde(default)]
+    pub base_path: String,
+    /// Issued at, unix milliseconds; revocations cut off tokens issued until then.
+    #[serde(default)]
+    pub issued_at_ms: i64,
     /// Expiry, unix seconds.
     pub exp: i64,
 }
@@ -344,6 +360,11 @@ mod tests {
             },
             host: "8080--main--dev--alice.apps.example.com".into(),
             sharing_level: SharingLevel::Public,
+            key_id: None,
+            port: 8080,
+            https: false,
+            base_path: "/".into(),
+            issued_at_ms: NOW * 1000,
             exp: NOW + 60,
         }
     }

@@ -16,6 +16,9 @@ use thiserror::Error;
 
 /// The ALPN protocol id of the tunnel.
 pub const ALPN: &[u8] = b"devmesh-tunnel/1";
+/// The ALPN protocol id of relay-to-relay mesh connections (mutual TLS on
+/// mesh-CA certificates). Each stream starts with a [`MeshHeader`].
+pub const MESH_ALPN: &[u8] = b"devmesh-mesh/1";
 /// The frame version this code speaks; any other is refused.
 pub const VERSION: u8 = 1;
 /// Upper bound of any frame body.
@@ -33,6 +36,8 @@ pub mod status {
     pub const REFUSED: u8 = 0x01;
     /// The header kind is not served by this agent.
     pub const UNSUPPORTED: u8 = 0x02;
+    /// Mesh streams only: the agent is not attached to this relay.
+    pub const NOT_CONNECTED: u8 = 0x03;
 }
 
 // Stream headers and control messages use disjoint kind ranges so a frame
@@ -46,6 +51,7 @@ const KIND_ATTACHED: u8 = 0x11;
 const KIND_REFUSED: u8 = 0x12;
 const KIND_PING: u8 = 0x13;
 const KIND_PONG: u8 = 0x14;
+const KIND_MESH: u8 = 0x20;
 
 // === Types ===
 
@@ -69,6 +75,17 @@ pub enum StreamHeader {
         /// The command line; empty means the user's login shell.
         command: String,
     },
+}
+
+/// The first frame of every stream on a mesh connection (relay → home
+/// relay): which attached agent the stream is for and what to open there.
+/// The home relay answers with one [`status`] byte, then raw bytes flow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshHeader {
+    /// The agent, which must be attached to the receiving relay.
+    pub agent_id: uuid::Uuid,
+    /// The stream to open to it.
+    pub inner: StreamHeader,
 }
 
 /// A message on the agent-opened control stream, in either direction.
@@ -221,6 +238,41 @@ impl StreamHeader {
         };
         r.finish()?;
         Ok(Some((header, consumed)))
+    }
+}
+
+// === MeshHeader ===
+
+impl MeshHeader {
+    fn known_kind(kind: u8) -> bool {
+        kind == KIND_MESH
+    }
+
+    /// Appends the frame to `out`, or leaves `out` untouched if it would not fit.
+    pub fn try_encode(&self, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+        let mut inner = Vec::new();
+        self.inner.try_encode(&mut inner)?;
+        let len = check_body_len(16 + inner.len())?;
+        put_prefix(out, KIND_MESH, len);
+        out.extend_from_slice(self.agent_id.as_bytes());
+        out.extend_from_slice(&inner);
+        Ok(())
+    }
+
+    /// Decodes one mesh header from the front of `buf`, like
+    /// [`StreamHeader::decode`]; the inner header must fill the rest of the body.
+    pub fn decode(buf: &[u8]) -> Result<Option<(MeshHeader, usize)>, DecodeError> {
+        let Some(Frame { body, consumed, .. }) = split_frame(buf, Self::known_kind)? else {
+            return Ok(None);
+        };
+        let mut r = Body(body);
+        let agent_id = uuid::Uuid::from_bytes(r.take()?);
+        let inner = match StreamHeader::decode(r.0)? {
+            Some((inner, used)) if used == r.0.len() => inner,
+            Some(_) => return Err(DecodeError::Malformed("trailing bytes in body")),
+            None => return Err(DecodeError::Malformed("truncated inner header")),
+        };
+        Ok(Some((MeshHeader { agent_id, inner }, consumed)))
     }
 }
 
@@ -454,7 +506,24 @@ pub mod io {
 
     use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-    use super::{Control, DecodeError, EncodeError, PREFIX_LEN, StreamHeader, check_prefix};
+    use super::{
+        Control, DecodeError, EncodeError, MeshHeader, PREFIX_LEN, StreamHeader, check_prefix,
+    };
+
+    /// Reads the header that opens a mesh stream.
+    pub async fn read_mesh_header<R: AsyncRead + Unpin>(r: &mut R) -> Result<MeshHeader> {
+        let frame = read_frame(r, MeshHeader::known_kind, false)
+            .await?
+            .ok_or_else(|| Error::from(ErrorKind::UnexpectedEof))?;
+        whole(MeshHeader::decode(&frame), frame.len())
+    }
+
+    /// Writes a mesh header and flushes it.
+    pub async fn write_mesh_header<W: AsyncWrite + Unpin>(w: &mut W, h: &MeshHeader) -> Result<()> {
+        let mut buf = Vec::new();
+        h.try_encode(&mut buf).map_err(invalid_input)?;
+        write_frame(w, &buf).await
+    }
 
     /// Reads the header that opens a relay stream.
     ///
@@ -925,6 +994,33 @@ mod tests {
             let len = bytes.len();
             bytes.extend(tail);
             prop_assert_eq!(Control::decode(&bytes), Ok(Some((c, len))));
+        }
+
+        #[test]
+        fn mesh_headers_round_trip(h in any_header(), id in any::<u128>(), tail in proptest::collection::vec(any::<u8>(), 0..8)) {
+            let m = MeshHeader { agent_id: uuid::Uuid::from_u128(id), inner: h };
+            let mut bytes = Vec::new();
+            m.try_encode(&mut bytes).expect("fits");
+            let len = bytes.len();
+            bytes.extend(tail);
+            prop_assert_eq!(MeshHeader::decode(&bytes), Ok(Some((m, len))));
+        }
+
+        #[test]
+        fn mesh_header_prefixes_are_incomplete_and_garbage_is_refused(h in any_header(), cut in 0usize..64, junk in any::<u8>()) {
+            let m = MeshHeader { agent_id: uuid::Uuid::from_u128(7), inner: h };
+            let mut bytes = Vec::new();
+            m.try_encode(&mut bytes).expect("fits");
+            let cut = cut.min(bytes.len() - 1);
+            prop_assert_eq!(MeshHeader::decode(&bytes[..cut]), Ok(None));
+            // A stream header is never mistaken for a mesh header.
+            prop_assert!(MeshHeader::decode(&encoded_header(&m.inner)).is_err());
+            // Extra bytes inside the body are refused.
+            let mut longer = bytes.clone();
+            longer.push(junk);
+            let body_len = u16::from_be_bytes([longer[2], longer[3]]) + 1;
+            longer[2..4].copy_from_slice(&body_len.to_be_bytes());
+            prop_assert!(MeshHeader::decode(&longer).is_err());
         }
 
         #[test]

@@ -865,6 +865,11 @@ async fn stopped_workspaces_expired_tokens_and_tokens_for_other_hosts_are_refuse
             target: AppTarget::Slug(slug.into()),
             host: host.into(),
             sharing_level: SharingLevel::Owner,
+            key_id: None,
+            port: 0,
+            https: false,
+            base_path: "/".into(),
+            issued_at_ms: now * 1000,
             exp,
         })
     };
@@ -900,6 +905,11 @@ async fn stopped_workspaces_expired_tokens_and_tokens_for_other_hosts_are_refuse
         target: AppTarget::Slug("echo".into()),
         host: echo_host.clone(),
         sharing_level: SharingLevel::Owner,
+        key_id: None,
+        port: 0,
+        https: false,
+        base_path: "/".into(),
+        issued_at_ms: now * 1000,
         exp: now + 600,
     });
     assert_eq!(

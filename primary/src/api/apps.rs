@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use chrono::Utc;
@@ -27,120 +27,27 @@ use devmesh_shared::api::SharingLevel;
 use devmesh_shared::apphost::{AppHost, AppTarget, parse_label, wildcard_label};
 use devmesh_shared::secret::{constant_time_eq, random_alphanumeric};
 use devmesh_shared::signing::AppToken;
-use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::error::ApiResult;
-use super::extract::{
-    ApiQuery, SESSION_COOKIE, TokenSource, request_token, request_token_with_source,
-    same_origin_request,
+use devmesh_proxy::app::{
+    AppError, KEY_PARAM, SESSION_COOKIE, STATE_COOKIE, Target, cookie, cookie_allowed,
+    cookie_names, header_key, html_escape, query_param, signed_in_redirect, token_cookie_header,
+    wants_html,
 };
-use super::{AppState, SetCookie};
-use crate::relay::OpenError;
-use crate::upstream::SendError;
 
-/// Query parameter carrying the sealed one-time key back to the app host.
-const KEY_PARAM: &str = "devmesh_app_key";
+use super::error::ApiResult;
+use super::extract::{ApiQuery, request_token};
+use super::{AppState, SetCookie};
+
 /// How long the sealed key in the redirect is accepted.
 const SEALED_LIFETIME_SECS: i64 = 60;
 /// Lifetime of the `application_connect` key behind the apps-domain cookie.
-const APP_KEY_LIFETIME: chrono::Duration = chrono::Duration::hours(24);
+const APP_KEY_LIFETIME: chrono::Duration =
+    chrono::Duration::seconds(devmesh_proxy::app::APP_KEY_LIFETIME_SECS);
 /// Lifetime of an app token.
-const APP_TOKEN_LIFETIME: chrono::Duration = chrono::Duration::minutes(30);
-
-// === Errors ===
-
-/// Why an app request failed; each maps to a status, a page and a metric label.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum AppError {
-    /// The hostname names no app, workspace or user.
-    NotFound(String),
-    /// The workspace is stopped.
-    Stopped,
-    /// The agent has no tunnel.
-    AgentNotConnected,
-    /// The app refused the connection.
-    Refused,
-    /// The tunnel or the app failed mid-request.
-    BadGateway(String),
-    /// No credentials (non-browser clients).
-    Unauthenticated,
-    /// Credentials, but not allowed to open this app.
-    Forbidden,
-    /// A malformed request.
-    BadRequest(String),
-}
-
-impl AppError {
-    fn parts(&self) -> (StatusCode, &'static str, String) {
-        match self {
-            Self::NotFound(what) => (StatusCode::NOT_FOUND, "App not found", what.clone()),
-            Self::Stopped => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "Workspace stopped",
-                "The workspace is stopped. Start it and try again.".into(),
-            ),
-            Self::AgentNotConnected => (
-                StatusCode::BAD_GATEWAY,
-                "Agent not connected",
-                "The workspace's agent is not connected. It may still be starting, or the machine may be offline.".into(),
-            ),
-            Self::Refused => (
-                StatusCode::BAD_GATEWAY,
-                "App refused the connection",
-                "Nothing is listening on the app's port inside the workspace.".into(),
-            ),
-            Self::BadGateway(why) => (StatusCode::BAD_GATEWAY, "Connection to the app failed", why.clone()),
-            Self::Unauthenticated => (
-                StatusCode::UNAUTHORIZED,
-                "Not signed in",
-                "Sign in, or send a key in the Devmesh-Session-Token header.".into(),
-            ),
-            Self::Forbidden => (
-                StatusCode::FORBIDDEN,
-                "Not authorized",
-                "You are not allowed to open this app. Ask its owner to share it.".into(),
-            ),
-            Self::BadRequest(why) => (StatusCode::BAD_REQUEST, "Bad request", why.clone()),
-        }
-    }
-
-    fn respond(&self, wants_html: bool) -> Response {
-        let (status, title, detail) = self.parts();
-        if wants_html {
-            let page = format!(
-                "<!doctype html><html><head><meta charset=\"utf-8\"><title>{title} · devmesh</title>\
-                 <style>body{{font-family:system-ui,sans-serif;max-width:40rem;margin:4rem auto;color:#222}}\
-                 h1{{font-size:1.4rem}}</style></head><body><h1>{title}</h1><p>{}</p><p><small>devmesh · {}</small></p></body></html>",
-                html_escape(&detail),
-                status.as_u16()
-            );
-            (status, Html(page)).into_response()
-        } else {
-            let body = devmesh_shared::api::Error {
-                message: format!("{title}."),
-                detail,
-                validations: vec![],
-            };
-            (status, axum::Json(body)).into_response()
-        }
-    }
-}
-
-fn html_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
-
-fn wants_html(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|a| a.contains("text/html"))
-}
+const APP_TOKEN_LIFETIME: chrono::Duration =
+    chrono::Duration::seconds(devmesh_proxy::app::APP_TOKEN_LIFETIME_SECS);
 
 // === Entry point ===
 
@@ -195,40 +102,6 @@ pub(crate) async fn route_apps(
             e.respond(html)
         }
     }
-}
-
-/// Names of the apps-domain cookies; unique per domain so nested wildcards
-/// (`*.apps.example.com` and `*.eu.apps.example.com`) never collide.
-pub(crate) fn cookie_names(wildcard: &str) -> (String, String) {
-    let h = &hex::encode(devmesh_shared::secret::sha256(wildcard.as_bytes()))[..8];
-    (
-        format!("devmesh_app_key_{h}"),
-        format!("devmesh_app_token_{h}"),
-    )
-}
-
-/// Cookies authenticate an app request only when the browser sent it for
-/// this app itself, or for a top-level navigation to it: every app host
-/// shares one site, so another app's page (a script, a form, a WebSocket)
-/// must not ride on the user's cookies.
-fn cookie_allowed(parts: &axum::http::request::Parts, host: &str) -> bool {
-    let navigation = parts.method == Method::GET
-        && parts
-            .headers
-            .get("sec-fetch-mode")
-            .and_then(|v| v.to_str().ok())
-            == Some("navigate")
-        && parts.headers.get(header::UPGRADE).is_none();
-    navigation || same_origin_request(&parts.headers, host)
-}
-
-fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .find_map(|c| c.trim().strip_prefix(name)?.strip_prefix('='))
 }
 
 // === Route resolution ===
@@ -361,189 +234,93 @@ struct SealedKey {
     state: String,
 }
 
-/// Name of the host-only cookie that binds a sign-in to the browser that
-/// started it.
-const STATE_COOKIE: &str = "devmesh_app_state";
+/// Opens a sealed one-time key brought back by the browser holding
+/// `state_cookie`, accepting each key once.
+async fn open_sealed_key(
+    state: &AppState,
+    sealed: &str,
+    state_cookie: Option<&str>,
+) -> Result<String, AppError> {
+    let opened = state
+        .sealer
+        .open(sealed)
+        .and_then(|p| serde_json::from_slice::<SealedKey>(&p).ok());
+    let Some(k) = opened.filter(|k| k.exp >= Utc::now().timestamp()) else {
+        return Err(AppError::BadRequest(
+            "The sign-in link is invalid or has expired; open the app again.".into(),
+        ));
+    };
+    // Someone else's sign-in link (a "login CSRF") is refused: this
+    // browser must hold the state it was given when it was sent away.
+    let started_here = state_cookie
+        .is_some_and(|c| !k.state.is_empty() && constant_time_eq(c.as_bytes(), k.state.as_bytes()));
+    if !started_here {
+        return Err(AppError::BadRequest(
+            "This sign-in link was started in another browser; open the app again.".into(),
+        ));
+    }
+    // Atomic check-and-record: of two concurrent uses, one wins.
+    if !state
+        .used_nonces
+        .entry(k.nonce)
+        .or_insert(())
+        .await
+        .is_fresh()
+    {
+        return Err(AppError::BadRequest(
+            "The sign-in link was already used; open the app again.".into(),
+        ));
+    }
+    Ok(k.key)
+}
 
-async fn serve(
+/// Whether an app token was revoked after it was minted (its user signed
+/// out or was suspended, its workspace stopped or re-shared, its key deleted).
+async fn token_revoked(state: &AppState, t: &AppToken) -> bool {
+    let cut = |at: Option<i64>| at.is_some_and(|at| t.issued_at_ms <= at);
+    if let Some(u) = t.user_id
+        && cut(state.revoked_app_users.get(&u).await)
+    {
+        return true;
+    }
+    if let Some(k) = &t.key_id
+        && cut(state.revoked_keys.get(k).await)
+    {
+        return true;
+    }
+    cut(state.revoked_workspaces.get(&t.workspace_id).await)
+}
+
+/// The decision for a caller with `key` (or none) on an app host: the
+/// route, and a fresh app token when access is allowed.
+async fn decide(
     state: &AppState,
     host: &str,
-    app: AppHost,
-    mut req: Request,
-) -> Result<Response, AppError> {
-    let wildcard = state
-        .config
-        .wildcard_access_url
-        .as_deref()
-        .unwrap_or_default();
-    let (key_cookie, token_cookie) = cookie_names(wildcard);
-    let scheme = if state.config.secure_cookies() {
-        "https"
-    } else {
-        "http"
-    };
-
-    // Phase: the browser comes back from the auth redirect with a sealed key.
-    if let Some(sealed) = query_param(req.uri(), KEY_PARAM) {
-        let opened = state
-            .sealer
-            .open(&sealed)
-            .and_then(|p| serde_json::from_slice::<SealedKey>(&p).ok());
-        let Some(k) = opened.filter(|k| k.exp >= Utc::now().timestamp()) else {
-            return Err(AppError::BadRequest(
-                "The sign-in link is invalid or has expired; open the app again.".into(),
-            ));
-        };
-        // Someone else's sign-in link (a "login CSRF") is refused: this
-        // browser must hold the state it was given when it was sent away.
-        let started_here = cookie(req.headers(), STATE_COOKIE).is_some_and(|c| {
-            !k.state.is_empty() && constant_time_eq(c.as_bytes(), k.state.as_bytes())
-        });
-        if !started_here {
-            return Err(AppError::BadRequest(
-                "This sign-in link was started in another browser; open the app again.".into(),
-            ));
-        }
-        // Atomic check-and-record: of two concurrent uses, one wins.
-        if !state
-            .used_nonces
-            .entry(k.nonce)
-            .or_insert(())
-            .await
-            .is_fresh()
-        {
-            return Err(AppError::BadRequest(
-                "The sign-in link was already used; open the app again.".into(),
-            ));
-        }
-        let domain = wildcard
-            .trim_start_matches("*.")
-            .split(':')
-            .next()
-            .unwrap_or_default();
-        let set = SetCookie {
-            name: &key_cookie,
-            value: &k.key,
-            path: "/",
-            domain: Some(domain),
-            max_age: APP_KEY_LIFETIME.num_seconds(),
-            same_site: "Lax",
-            secure: scheme == "https",
-        };
-        let clean = strip_query_param(req.uri(), KEY_PARAM);
-        let mut resp = Redirect::to(&clean).into_response();
-        resp.headers_mut().append(header::SET_COOKIE, set.header());
-        let spent = SetCookie {
-            name: STATE_COOKIE,
-            value: "",
-            path: "/",
-            domain: None,
-            max_age: 0,
-            same_site: "Lax",
-            secure: scheme == "https",
-        };
-        resp.headers_mut()
-            .append(header::SET_COOKIE, spent.header());
-        return Ok(resp);
-    }
-
+    app: &AppHost,
+    key: Option<&str>,
+    credentialed: bool,
+) -> Result<(Route, AppToken), AppError> {
     // Callers without any credentials learn nothing about which users,
     // workspaces and apps exist, or whether they run: a failed lookup looks
     // like any app that needs signing in.
-    let credentialed = {
-        let (parts, body) = req.into_parts();
-        let has = request_token_with_source(&parts).is_some()
-            || cookie(&parts.headers, &key_cookie).is_some()
-            || cookie(&parts.headers, &token_cookie).is_some();
-        req = Request::from_parts(parts, body);
-        has
-    };
-    let route = match resolve(state, &app, false).await {
+    let route = match resolve(state, app, false).await {
         Ok(route) => route,
         Err(AppError::NotFound(_) | AppError::Stopped | AppError::AgentNotConnected)
-            if !credentialed =>
+            if key.is_none() && !credentialed =>
         {
-            return sign_in(state, scheme, host, &req);
+            return Err(AppError::Unauthenticated);
         }
         Err(e) => return Err(e),
     };
-    let now = Utc::now().timestamp();
-
-    // Phase: authenticate. An app token for this host and route is enough.
-    let mut new_token = None;
-    let (head, body) = req.into_parts();
-    let ambient_ok = cookie_allowed(&head, host);
-    req = Request::from_parts(head, body);
-    let token_ok = cookie(req.headers(), &token_cookie)
-        .filter(|_| ambient_ok)
-        .and_then(|t| state.signer.verifier().verify::<AppToken>(t, now).ok())
-        .filter(|t| {
-            t.host == host
-                && t.agent_id == route.agent_id
-                && t.target == app.target
-                && t.sharing_level == route.level
-        });
-    let token_ok = match token_ok {
-        Some(t) => match t.user_id {
-            Some(u) => {
-                let minted = t.exp - APP_TOKEN_LIFETIME.num_seconds();
-                let revoked = state
-                    .revoked_app_users
-                    .get(&u)
-                    .await
-                    .is_some_and(|at| minted <= at);
-                (!revoked).then_some(t)
-            }
-            None => Some(t),
+    let principal = match key {
+        Some(token) => match state.keys.validate(token).await {
+            Ok(Ok(p)) => Some(p),
+            Ok(Err(_)) => None,
+            Err(e) => return Err(AppError::BadGateway(format!("database: {e}"))),
         },
         None => None,
     };
-    let user: Option<Uuid> = match token_ok {
-        Some(t) => t.user_id,
-        None => {
-            let parts_token = {
-                let (parts, body) = req.into_parts();
-                // A header that is not a devmesh key belongs to the app
-                // (its own bearer tokens): fall back to the key cookie.
-                let header = request_token_with_source(&parts)
-                    .filter(|(t, src)| {
-                        *src == TokenSource::Header
-                            && devmesh_shared::token::parse_api_key(t).is_some()
-                    })
-                    .map(|(t, _)| t);
-                let t = header.or_else(|| {
-                    cookie_allowed(&parts, host)
-                        .then(|| cookie(&parts.headers, &key_cookie).map(str::to_owned))
-                        .flatten()
-                });
-                req = Request::from_parts(parts, body);
-                t
-            };
-            let user = match parts_token {
-                Some(token) => match state.keys.validate(&token).await {
-                    Ok(Ok(p)) => Some(p.user_id),
-                    Ok(Err(_)) => None,
-                    Err(e) => return Err(AppError::BadGateway(format!("database: {e}"))),
-                },
-                None => None,
-            };
-            if user.is_none() && route.level != SharingLevel::Public {
-                return sign_in(state, scheme, host, &req);
-            }
-            new_token = Some(AppToken {
-                user_id: user,
-                workspace_id: route.workspace_id,
-                agent_id: route.agent_id,
-                target: app.target.clone(),
-                host: host.to_owned(),
-                sharing_level: route.level,
-                exp: now + APP_TOKEN_LIFETIME.num_seconds(),
-            });
-            user
-        }
-    };
-
-    // Phase: authorise.
+    let user = principal.as_ref().map(|p| p.user_id);
     let allowed = match route.level {
         SharingLevel::Public => true,
         SharingLevel::Authenticated => user.is_some(),
@@ -556,6 +333,96 @@ async fn serve(
             AppError::Forbidden
         });
     }
+    let now = Utc::now();
+    let token = AppToken {
+        user_id: user,
+        workspace_id: route.workspace_id,
+        agent_id: route.agent_id,
+        target: app.target.clone(),
+        host: host.to_owned(),
+        sharing_level: route.level,
+        key_id: principal.map(|p| p.key_id),
+        port: route.port,
+        https: route.https,
+        base_path: route.base_path.clone(),
+        issued_at_ms: now.timestamp_millis(),
+        exp: now.timestamp() + APP_TOKEN_LIFETIME.num_seconds(),
+    };
+    Ok((route, token))
+}
+
+async fn serve(
+    state: &AppState,
+    host: &str,
+    app: AppHost,
+    req: Request,
+) -> Result<Response, AppError> {
+    let wildcard = state
+        .config
+        .wildcard_access_url
+        .as_deref()
+        .unwrap_or_default();
+    let (key_cookie, token_cookie) = cookie_names(wildcard);
+    let scheme = if state.config.secure_cookies() {
+        "https"
+    } else {
+        "http"
+    };
+    let (head, body) = req.into_parts();
+    let secure = scheme == "https";
+
+    // Phase: the browser comes back from the auth redirect with a sealed key.
+    if let Some(sealed) = query_param(&head.uri, KEY_PARAM) {
+        let key = open_sealed_key(state, &sealed, cookie(&head.headers, STATE_COOKIE)).await?;
+        return Ok(signed_in_redirect(
+            &head.uri,
+            wildcard,
+            &key_cookie,
+            &key,
+            secure,
+        ));
+    }
+
+    // Phase: authenticate. An app token for this host and route is enough.
+    let ambient_ok = cookie_allowed(&head, host);
+    let now = Utc::now().timestamp();
+    let verified = cookie(&head.headers, &token_cookie)
+        .filter(|_| ambient_ok)
+        .and_then(|t| state.signer.verifier().verify::<AppToken>(t, now).ok())
+        .filter(|t| t.host == host && t.target == app.target);
+    // A revoked token still shows its holder why (say, a stopped workspace).
+    let credentialed = verified.is_some();
+    let mut token_ok = None;
+    if let Some(t) = verified
+        && !token_revoked(state, &t).await
+    {
+        token_ok = Some(t);
+    }
+    let (route, new_token) = match token_ok {
+        Some(t) => {
+            // The token proves who; the route (checked every second) proves
+            // the workspace still runs with the same agent and sharing.
+            let route = resolve(state, &app, false).await?;
+            if route.agent_id != t.agent_id || route.level != t.sharing_level {
+                return sign_in(state, scheme, host, &head);
+            }
+            (route, None)
+        }
+        None => {
+            // A header that is not a devmesh key belongs to the app (its
+            // own bearer tokens): fall back to the key cookie.
+            let key = header_key(&head.headers).or_else(|| {
+                ambient_ok
+                    .then(|| cookie(&head.headers, &key_cookie).map(str::to_owned))
+                    .flatten()
+            });
+            match decide(state, host, &app, key.as_deref(), credentialed).await {
+                Ok((route, token)) => (route, Some(token)),
+                Err(AppError::Unauthenticated) => return sign_in(state, scheme, host, &head),
+                Err(e) => return Err(e),
+            }
+        }
+    };
 
     // Phase: forward.
     let mut resp = forward(
@@ -563,94 +430,91 @@ async fn serve(
         &route,
         host,
         scheme,
-        req,
+        Request::from_parts(head, body),
         &[key_cookie.as_str(), token_cookie.as_str(), SESSION_COOKIE],
+        None,
     )
     .await?;
     if let Some(t) = new_token {
         let signed = state.signer.sign(&t);
-        let set = SetCookie {
-            name: &token_cookie,
-            value: &signed,
-            path: "/",
-            domain: None,
-            max_age: APP_TOKEN_LIFETIME.num_seconds(),
-            same_site: "Lax",
-            secure: scheme == "https",
-        };
-        resp.headers_mut().append(header::SET_COOKIE, set.header());
+        resp.headers_mut().append(
+            header::SET_COOKIE,
+            token_cookie_header(&token_cookie, &signed, secure),
+        );
     }
     Ok(resp)
 }
 
-/// Sends a browser to sign in (binding the flow to it with a state
-/// cookie); other clients get a 401.
+// === For edges (`/api/v2/edges/me/app-*`) ===
+
+/// `POST /api/v2/edges/me/app-access`: the edge asks whether the holder of
+/// a key (or anyone) may open an app on one of its hosts, and gets a signed
+/// app token to verify locally from then on.
+pub(super) async fn edge_app_access(
+    State(state): State<AppState>,
+    edge: super::edges::EdgeAuth,
+    super::extract::ApiJson(req): super::extract::ApiJson<
+        devmesh_shared::api::EdgeAppAccessRequest,
+    >,
+) -> Response {
+    let host = req.host.to_ascii_lowercase();
+    let wildcards = match super::edges::edge_wildcards(&state, edge.id).await {
+        Ok(w) => w,
+        Err(e) => return e.into_response(),
+    };
+    let Some(app) = wildcards
+        .iter()
+        .find_map(|w| wildcard_label(&host, w))
+        .and_then(parse_label)
+    else {
+        return AppError::NotFound("The host is not an app address of this edge.".into())
+            .respond(false);
+    };
+    match decide(&state, &host, &app, req.key.as_deref(), false).await {
+        Ok((route, claims)) => {
+            let location = if state.relay.is_attached(route.agent_id) {
+                Some(state.relay.advertised().clone())
+            } else {
+                state.locations.get(route.agent_id)
+            };
+            axum::Json(devmesh_shared::api::EdgeAppAccess {
+                token: state.signer.sign(&claims),
+                claims,
+                location,
+            })
+            .into_response()
+        }
+        Err(e) => e.respond(false),
+    }
+}
+
+/// `POST /api/v2/edges/me/app-connect`: opens the sealed one-time key a
+/// browser brought back to an edge's app host.
+pub(super) async fn edge_app_connect(
+    State(state): State<AppState>,
+    _edge: super::edges::EdgeAuth,
+    super::extract::ApiJson(req): super::extract::ApiJson<
+        devmesh_shared::api::EdgeAppConnectRequest,
+    >,
+) -> Response {
+    match open_sealed_key(&state, &req.sealed, Some(&req.state)).await {
+        Ok(key) => axum::Json(devmesh_shared::api::EdgeAppConnect { key }).into_response(),
+        Err(e) => e.respond(false),
+    }
+}
+
+/// Sends a browser to sign in at the primary; other clients get a 401.
 fn sign_in(
     state: &AppState,
     scheme: &str,
     host: &str,
-    req: &Request,
+    head: &axum::http::request::Parts,
 ) -> Result<Response, AppError> {
-    if !(wants_html(req.headers()) && req.method() == Method::GET) {
-        return Err(AppError::Unauthenticated);
-    }
-    let back = format!(
-        "{scheme}://{host}{}",
-        req.uri()
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/")
-    );
-    let mut target = url::Url::parse(&format!(
-        "{}/api/v2/applications/auth-redirect",
-        state.config.access_url
-    ))
-    .map_err(|e| AppError::BadGateway(e.to_string()))?;
-    let flow = random_alphanumeric(24);
-    target
-        .query_pairs_mut()
-        .append_pair("redirect_uri", &back)
-        .append_pair("state", &flow);
-    let mut resp = Redirect::to(target.as_str()).into_response();
-    let set = SetCookie {
-        name: STATE_COOKIE,
-        value: &flow,
-        path: "/",
-        domain: None,
-        max_age: 600,
-        same_site: "Lax",
-        secure: scheme == "https",
-    };
-    resp.headers_mut().append(header::SET_COOKIE, set.header());
-    Ok(resp)
+    devmesh_proxy::app::sign_in(&state.config.access_url, scheme, host, head)
 }
 
-fn query_param(uri: &Uri, name: &str) -> Option<String> {
-    url::form_urlencoded::parse(uri.query()?.as_bytes())
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.into_owned())
-}
-
-fn strip_query_param(uri: &Uri, name: &str) -> String {
-    let kept: Vec<(String, String)> =
-        url::form_urlencoded::parse(uri.query().unwrap_or_default().as_bytes())
-            .filter(|(k, _)| k != name)
-            .map(|(k, v)| (k.into_owned(), v.into_owned()))
-            .collect();
-    let mut out = uri.path().to_owned();
-    if !kept.is_empty() {
-        out.push('?');
-        out.push_str(
-            &url::form_urlencoded::Serializer::new(String::new())
-                .extend_pairs(kept)
-                .finish(),
-        );
-    }
-    out
-}
-
-/// Sends the request down a tunnel stream and streams the response back.
-/// devmesh cookies and credentials never reach the app.
+/// Sends the request to the route's app through the relay (directly or over
+/// the mesh) and streams the response back.
 async fn forward(
     state: &AppState,
     route: &Route,
@@ -658,152 +522,25 @@ async fn forward(
     scheme: &str,
     req: Request,
     strip_cookies: &[&str],
-) -> Result<Response, AppError> {
-    forward_with_prefix(state, route, host, scheme, req, strip_cookies, None).await
-}
-
-async fn forward_with_prefix(
-    state: &AppState,
-    route: &Route,
-    host: &str,
-    scheme: &str,
-    mut req: Request,
-    strip_cookies: &[&str],
     prefix: Option<&str>,
 ) -> Result<Response, AppError> {
-    let client_ip = req
-        .extensions()
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map(|c| c.0.ip().to_string())
-        .unwrap_or_default();
-    let headers = req.headers_mut();
-    let cookies: Vec<String> = headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .map(str::trim)
-        .filter(|c| {
-            !c.is_empty()
-                && !strip_cookies
-                    .iter()
-                    .any(|n| c.starts_with(&format!("{n}=")))
-        })
-        .map(str::to_owned)
-        .collect();
-    headers.remove(header::COOKIE);
-    if !cookies.is_empty()
-        && let Ok(v) = HeaderValue::from_str(&cookies.join("; "))
-    {
-        headers.insert(header::COOKIE, v);
-    }
-    headers.remove(super::extract::SESSION_HEADER);
-    if headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(super::extract::bearer)
-        .is_some_and(|t| devmesh_shared::token::parse_api_key(t).is_some())
-    {
-        headers.remove(header::AUTHORIZATION);
-    }
-    // Forwarding headers are devmesh's to set, never the client's.
-    for h in [
-        "forwarded",
-        "x-forwarded-prefix",
-        "x-forwarded-port",
-        "x-real-ip",
-    ] {
-        headers.remove(h);
-    }
-    if let Some(v) = prefix.and_then(|p| HeaderValue::from_str(p).ok()) {
-        headers.insert("x-forwarded-prefix", v);
-    }
-    // HTTP/2 clients carry the host in the URI, which is cut to the path below.
-    if let Ok(v) = HeaderValue::from_str(host) {
-        headers.insert(header::HOST, v);
-    }
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {client_ip}"),
-        None => client_ip,
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert("x-forwarded-for", v);
-    }
-    headers.insert(
-        "x-forwarded-proto",
-        HeaderValue::from_static(if scheme == "https" { "https" } else { "http" }),
-    );
-    if let Ok(v) = HeaderValue::from_str(host) {
-        headers.insert("x-forwarded-host", v);
-    }
-    // Upstream path: the app's base path, then the request's.
-    if route.base_path != "/" && !route.base_path.is_empty() {
-        let pq = req
-            .uri()
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
-        let joined = format!("{}{}", route.base_path.trim_end_matches('/'), pq);
-        *req.uri_mut() = joined
-            .parse()
-            .map_err(|_| AppError::BadRequest("bad path".into()))?;
-    } else if let Some(pq) = req.uri().path_and_query().cloned() {
-        *req.uri_mut() = Uri::from(pq);
-    }
-    *req.version_mut() = axum::http::Version::HTTP_11;
-
-    let upgrade = req.headers().get(header::UPGRADE).is_some();
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let key = crate::upstream::Key {
-        agent: route.agent_id,
+    let target = Target {
+        agent_id: route.agent_id,
         port: route.port,
         https: route.https,
+        base_path: route.base_path.clone(),
     };
-    let mut resp = state
-        .upstreams
-        .send(&state.relay, key, req, upgrade)
-        .await
-        .map_err(|e| match e {
-            SendError::Open(OpenError::NotConnected) => AppError::AgentNotConnected,
-            SendError::Open(OpenError::Refused) => AppError::Refused,
-            SendError::Open(other) => AppError::BadGateway(other.to_string()),
-            SendError::App(why) => AppError::BadGateway(why),
-        })?;
-
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
-        && let Some(client_upgrade) = client_upgrade
-    {
-        let upstream = hyper::upgrade::on(&mut resp);
-        tokio::spawn(async move {
-            let (Ok(client), Ok(upstream)) = (client_upgrade.await, upstream.await) else {
-                return;
-            };
-            let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
-            if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-                tracing::debug!(error = %e, "upgraded connection ended");
-            }
-        });
-    }
-    // An app must not plant devmesh cookies (say, its owner's key) in the
-    // user's browser for the whole apps domain.
-    let kept: Vec<HeaderValue> = resp
-        .headers()
-        .get_all(header::SET_COOKIE)
-        .iter()
-        .filter(|v| {
-            !v.to_str()
-                .unwrap_or_default()
-                .trim_start()
-                .to_ascii_lowercase()
-                .starts_with("devmesh")
-        })
-        .cloned()
-        .collect();
-    resp.headers_mut().remove(header::SET_COOKIE);
-    for v in kept {
-        resp.headers_mut().append(header::SET_COOKIE, v);
-    }
-    Ok(resp.map(Body::new))
+    devmesh_proxy::app::forward(
+        &state.upstreams,
+        &state.relay,
+        &target,
+        host,
+        scheme,
+        req,
+        strip_cookies,
+        prefix,
+    )
+    .await
 }
 
 // === Path-based apps (dashboard origin; off unless enabled) ===
@@ -888,7 +625,7 @@ pub(super) async fn path_app(
     } else {
         "http"
     };
-    match forward_with_prefix(
+    match forward(
         &state,
         &route,
         &host,
@@ -913,11 +650,6 @@ pub(super) async fn auth_redirect(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let bad = |m: &str| super::error::ApiError::bad_request(m.to_owned());
-    let wildcard = state
-        .config
-        .wildcard_access_url
-        .clone()
-        .ok_or_else(|| bad("Apps are not enabled on this deployment."))?;
     let target = q
         .get("redirect_uri")
         .ok_or_else(|| bad("redirect_uri is required"))?;
@@ -927,15 +659,38 @@ pub(super) async fn auth_redirect(
         Some(p) => format!("{host}:{p}"),
         None => host.to_owned(),
     };
-    // Only app hosts of this deployment: never an open redirect.
-    // Same scheme and port as the deployment: a sealed key never travels in
-    // cleartext from an HTTPS deployment, nor to another service's port.
-    let own = url::Url::parse(&state.config.access_url).map_err(|_| bad("access URL"))?;
-    let label_ok = url.scheme() == own.scheme()
-        && url.port_or_known_default() == own.port_or_known_default()
-        && wildcard_label(&host_port, &wildcard)
+    // Only app hosts of this deployment (the primary's apps domain or an
+    // edge's): never an open redirect. Same scheme and port as the one
+    // serving that domain: a sealed key never travels in cleartext from an
+    // HTTPS deployment, nor to another service's port.
+    let mut domains: Vec<(String, String)> = state
+        .config
+        .wildcard_access_url
+        .iter()
+        .map(|w| (w.clone(), state.config.access_url.clone()))
+        .collect();
+    let edge_domains: Vec<(Option<String>, Option<String>, String)> = sqlx::query_as(
+        "SELECT wildcard_hostname, global_wildcard_hostname, access_url FROM relay_replicas
+         WHERE last_heartbeat_at > now() - interval '30 seconds'",
+    )
+    .fetch_all(&state.db)
+    .await?;
+    for (regional, global, access) in edge_domains {
+        domains.extend(
+            [regional, global]
+                .into_iter()
+                .flatten()
+                .map(|w| (w, access.clone())),
+        );
+    }
+    let label_ok = domains.iter().any(|(wildcard, access)| {
+        url::Url::parse(access).is_ok_and(|own| {
+            url.scheme() == own.scheme()
+                && url.port_or_known_default() == own.port_or_known_default()
+        }) && wildcard_label(&host_port, wildcard)
             .and_then(parse_label)
-            .is_some();
+            .is_some()
+    });
     if !label_ok {
         return Err(bad("redirect_uri is not an app on this deployment"));
     }
@@ -1100,7 +855,10 @@ pub(super) async fn login_submit(
 }
 
 /// Revoked users' token cut-off times, kept as long as a token lives.
-pub(crate) fn revocation_cache() -> moka::future::Cache<Uuid, i64> {
+pub(crate) fn revocation_cache<K>() -> moka::future::Cache<K, i64>
+where
+    K: std::hash::Hash + Eq + Send + Sync + 'static,
+{
     moka::future::Cache::builder()
         .time_to_live(
             APP_TOKEN_LIFETIME

@@ -277,8 +277,8 @@ const HEARTBEAT_INTERVAL_SECS: u64 = 10;
 /// An authenticated edge (its token's secret matches, compared in constant time).
 #[derive(Debug, Clone)]
 pub(super) struct EdgeAuth {
-    id: Uuid,
-    name: String,
+    pub(super) id: Uuid,
+    pub(super) name: String,
 }
 
 impl axum::extract::FromRequestParts<AppState> for EdgeAuth {
@@ -393,7 +393,19 @@ pub(super) async fn register(
     .fetch_all(&mut *tx)
     .await?;
     tx.commit().await?;
+    let me = devmesh_shared::api::RelayInfo {
+        region: edge.name.clone(),
+        address: req.relay_address.clone(),
+        server_name: crate::mesh::relay_name(&edge.name),
+    };
+    sync_attachments(&state, &me, &req.attached_agents).await?;
     if first {
+        state
+            .bus
+            .publish(&devmesh_shared::api::EdgeEvent::Relays {
+                relays: relays_now(&state).await?,
+            })
+            .await;
         tracing::info!(edge = %edge.name, replica = %req.replica_id, access_url = %req.access_url, "edge replica registered");
         Audit::new("register", "edge")
             .resource(edge.id, &edge.name)
@@ -445,6 +457,170 @@ pub(super) async fn deregister(
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
+    // Its agents are gone from it; they re-attach elsewhere and are reported there.
+    let address: Option<String> =
+        sqlx::query_scalar("SELECT relay_address FROM edges WHERE id = $1")
+            .bind(edge.id)
+            .fetch_optional(&state.db)
+            .await?
+            .flatten();
+    if let Some(address) = address {
+        let me = devmesh_shared::api::RelayInfo {
+            region: edge.name.clone(),
+            address,
+            server_name: crate::mesh::relay_name(&edge.name),
+        };
+        sync_attachments(&state, &me, &[]).await?;
+    }
+    state
+        .bus
+        .publish(&devmesh_shared::api::EdgeEvent::Relays {
+            relays: relays_now(&state).await?,
+        })
+        .await;
     tracing::info!(edge = %edge.name, replica = %req.replica_id, "edge replica deregistered");
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Makes the database say that exactly `attached` are attached to `relay`,
+/// and publishes every agent that arrived or left.
+async fn sync_attachments(
+    state: &AppState,
+    relay: &devmesh_shared::api::RelayInfo,
+    attached: &[Uuid],
+) -> ApiResult<()> {
+    let left: Vec<Uuid> = sqlx::query_scalar(
+        "WITH gone AS (DELETE FROM agent_attachments WHERE relay_address = $1 AND NOT (agent_id = ANY($2))
+                       RETURNING agent_id)
+         UPDATE workspace_agents SET disconnected_at = now() WHERE id IN (SELECT agent_id FROM gone) RETURNING id",
+    )
+    .bind(&relay.address)
+    .bind(attached)
+    .fetch_all(&state.db)
+    .await?;
+    let known: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT agent_id FROM agent_attachments WHERE relay_address = $1 AND agent_id = ANY($2)",
+    )
+    .bind(&relay.address)
+    .bind(attached)
+    .fetch_all(&state.db)
+    .await?;
+    let arrived: Vec<Uuid> = attached
+        .iter()
+        .copied()
+        .filter(|a| !known.contains(a))
+        .collect();
+    for agent in &arrived {
+        // Agents of deleted workspaces may still be attached for a moment.
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM workspace_agents WHERE id = $1)")
+                .bind(agent)
+                .fetch_one(&state.db)
+                .await?;
+        if exists {
+            crate::relay::record_connected(&state.db, *agent, relay).await?;
+            state.bus.agent_moved(*agent, Some(relay.clone())).await;
+        }
+    }
+    for agent in left {
+        state.bus.agent_moved(agent, None).await;
+    }
+    Ok(())
+}
+
+/// The app wildcards an edge registered (regional and global).
+pub(super) async fn edge_wildcards(state: &AppState, edge: Uuid) -> ApiResult<Vec<String>> {
+    let rows: Vec<(Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT wildcard_hostname, global_wildcard_hostname FROM relay_replicas WHERE edge_id = $1",
+    )
+    .bind(edge)
+    .fetch_all(&state.db)
+    .await?;
+    let mut out: Vec<String> = rows
+        .into_iter()
+        .flat_map(|(a, b)| [a, b])
+        .flatten()
+        .collect();
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// Every relay that is up: the primary's and each fresh edge replica's.
+async fn relays_now(state: &AppState) -> ApiResult<Vec<devmesh_shared::api::RelayInfo>> {
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT e.name, r.relay_address FROM relay_replicas r JOIN edges e ON e.id = r.edge_id
+         WHERE r.last_heartbeat_at > now() - interval '30 seconds' ORDER BY e.name",
+    )
+    .fetch_all(&state.db)
+    .await?;
+    let mut relays = vec![state.relay.advertised().clone()];
+    relays.extend(
+        rows.into_iter()
+            .map(|(name, address)| devmesh_shared::api::RelayInfo {
+                server_name: crate::mesh::relay_name(&name),
+                region: name,
+                address,
+            }),
+    );
+    Ok(relays)
+}
+
+/// `GET /api/v2/edges/me/events`: newline-delimited JSON events, starting
+/// with a snapshot; pings every 10 s. The stream ends when this replica may
+/// have missed events (the edge then reconnects and resyncs) or shuts down.
+pub(super) async fn events(
+    State(state): State<AppState>,
+    edge: EdgeAuth,
+) -> ApiResult<axum::response::Response> {
+    use devmesh_shared::api::EdgeEvent;
+    use tokio::sync::broadcast::error::RecvError;
+    // Subscribe before reading the snapshot, so nothing falls between.
+    let rx = state.bus.subscribe();
+    let snapshot = EdgeEvent::Snapshot {
+        agents: crate::events::agent_locations(&state.db).await?,
+        revocations: state.bus.recent_revocations().await?,
+        app_token_keys: state.signer.public_keys().to_vec(),
+        relays: relays_now(&state).await?,
+    };
+    tracing::info!(edge = %edge.name, "edge subscribed to events");
+    let line = |e: &EdgeEvent| {
+        let mut s = serde_json::to_string(e).unwrap_or_default();
+        s.push('\n');
+        s
+    };
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(10));
+    tick.reset();
+    let first = Some(line(&snapshot));
+    let shutdown = state.shutdown.clone();
+    let stream = futures_util::stream::unfold(
+        (first, rx, tick, shutdown),
+        move |(first, mut rx, mut tick, shutdown)| async move {
+            if let Some(l) = first {
+                return Some((
+                    Ok::<_, std::convert::Infallible>(l),
+                    (None, rx, tick, shutdown),
+                ));
+            }
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => None,
+                _ = tick.tick() => Some(line(&EdgeEvent::Ping)),
+                m = rx.recv() => match m {
+                    Ok(crate::events::BusMessage::Event(e)) => Some(line(&e)),
+                    Ok(crate::events::BusMessage::Gap) | Err(RecvError::Lagged(_) | RecvError::Closed) => None,
+                },
+            };
+            next.map(|l| (Ok(l), (None, rx, tick, shutdown)))
+        },
+    );
+    let mut resp = axum::response::Response::new(axum::body::Body::from_stream(stream));
+    resp.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/x-ndjson"),
+    );
+    resp.headers_mut().insert(
+        axum::http::header::CACHE_CONTROL,
+        axum::http::HeaderValue::from_static("no-store"),
+    );
+    Ok(resp)
 }

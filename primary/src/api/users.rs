@@ -610,7 +610,7 @@ pub(super) async fn delete_key(
     if deleted == 0 {
         return Err(ApiError::not_found(format!("No key {id:?}.")));
     }
-    state.keys.forget_key(&id).await;
+    state.revoke_key(&id).await;
     Audit::new("delete", "api_key")
         .resource(&id, "")
         .by(&auth.0)

@@ -523,7 +523,7 @@ pub(super) async fn build(
         .write(&mut *tx)
         .await;
     tx.commit().await?;
-    state.access_changed();
+    state.workspace_changed(id).await;
     let row = find_visible(&state, &auth, id, true).await?;
     let workspace = load(&state, row).await?;
     Ok((
@@ -595,7 +595,7 @@ pub(super) async fn set_port_share(
         .execute(&state.db)
         .await?;
     }
-    state.access_changed();
+    state.workspace_changed(id).await;
     Audit::new("share_port", "workspace")
         .resource(id, format!("{}/{}", row.owner_name, row.name))
         .by(&auth.0)

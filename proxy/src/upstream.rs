@@ -25,6 +25,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use devmesh_shared::tunnel::StreamHeader;
+
 use crate::relay::{OpenError, Relay};
 
 /// How long opening a stream to the app (and the TLS handshake) may take.
@@ -140,9 +142,12 @@ impl Pool {
 
 async fn connect(relay: &Relay, key: Key, upgrades: bool) -> Result<SendRequest<Body>, SendError> {
     // A stuck agent must not hang the request: opening includes its answer.
-    let opened = tokio::time::timeout(CONNECT_TIMEOUT, relay.open_tcp(key.agent, key.port))
-        .await
-        .map_err(|_| SendError::App("the workspace agent did not answer in time".into()))?;
+    let opened = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        relay.open(key.agent, &StreamHeader::Tcp { port: key.port }),
+    )
+    .await
+    .map_err(|_| SendError::App("the workspace agent did not answer in time".into()))?;
     let (send, recv) = opened.map_err(SendError::Open)?;
     let stream = tokio::io::join(recv, send);
     if key.https {

@@ -1,0 +1,139 @@
+//! The edge's Prometheus metrics (`GET /metrics`).
+
+use std::sync::atomic::Ordering;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use devmesh_proxy::relay::RelayStats;
+
+/// Labels of a proxied request.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct RequestLabels {
+    /// `app`, `dev_url`, `sign_in` or `edge` (the edge's own endpoints).
+    pub(crate) kind: &'static str,
+    /// The status code.
+    pub(crate) status: u16,
+}
+
+/// Labels of a kind of request.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct KindLabels {
+    /// As in [`RequestLabels`].
+    pub(crate) kind: &'static str,
+}
+
+/// Labels of a cache lookup.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct CacheLabels {
+    /// `token` (a valid app-token cookie), `hit`, `miss` or `refresh`.
+    pub(crate) result: &'static str,
+}
+
+type Histograms = Family<KindLabels, Histogram, fn() -> Histogram>;
+
+/// Every metric of the edge.
+pub(crate) struct Metrics {
+    registry: Registry,
+    pub(crate) requests: Family<RequestLabels, Counter>,
+    pub(crate) duration: Histograms,
+    pub(crate) decisions: Family<CacheLabels, Counter>,
+    pub(crate) primary_reachable: Gauge,
+    pub(crate) events_connected: Gauge,
+    pub(crate) primary_requests: Counter,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Metrics {
+    pub(crate) fn new() -> Self {
+        let mut registry = Registry::with_prefix("devmesh_edge");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests served, by kind and status",
+            requests.clone(),
+        );
+        let duration: Histograms =
+            Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.0002, 2.0, 18)));
+        registry.register(
+            "request_duration_seconds",
+            "Time to the response head, by kind",
+            duration.clone(),
+        );
+        let decisions = Family::<CacheLabels, Counter>::default();
+        registry.register(
+            "access_decisions",
+            "How app requests were authorised: a verified token cookie, a cached decision, a miss that asked the primary, or a background refresh",
+            decisions.clone(),
+        );
+        let primary_reachable = Gauge::default();
+        registry.register(
+            "primary_reachable",
+            "1 while the last call to the primary succeeded",
+            primary_reachable.clone(),
+        );
+        let events_connected = Gauge::default();
+        registry.register(
+            "events_connected",
+            "1 while the event stream from the primary is up",
+            events_connected.clone(),
+        );
+        let primary_requests = Counter::default();
+        registry.register(
+            "primary_calls",
+            "Calls made to the primary for app access decisions and sign-ins",
+            primary_requests.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            duration,
+            decisions,
+            primary_reachable,
+            events_connected,
+            primary_requests,
+        }
+    }
+
+    /// The text exposition, with the relay's counters appended.
+    pub(crate) fn encode(&self, relay: Option<&RelayStats>) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode_registry(&mut out, &self.registry);
+        if let Some(r) = relay {
+            let load = |v: &std::sync::atomic::AtomicU64| v.load(Ordering::Relaxed);
+            out.push_str(&format!(
+                "# HELP devmesh_edge_agents_attached Agents attached to this relay.\n\
+                 # TYPE devmesh_edge_agents_attached gauge\n\
+                 devmesh_edge_agents_attached {}\n\
+                 # HELP devmesh_edge_streams Streams opened, by path: to a local agent, over the mesh out, from the mesh in.\n\
+                 # TYPE devmesh_edge_streams counter\n\
+                 devmesh_edge_streams_total{{path=\"local\"}} {}\n\
+                 devmesh_edge_streams_total{{path=\"mesh_out\"}} {}\n\
+                 devmesh_edge_streams_total{{path=\"mesh_in\"}} {}\n\
+                 # HELP devmesh_edge_mesh_bytes Bytes spliced for mesh peers.\n\
+                 # TYPE devmesh_edge_mesh_bytes counter\n\
+                 devmesh_edge_mesh_bytes_total {}\n\
+                 # HELP devmesh_edge_attach_refused Attach tickets refused.\n\
+                 # TYPE devmesh_edge_attach_refused counter\n\
+                 devmesh_edge_attach_refused_total {}\n",
+                r.attached.load(Ordering::Relaxed),
+                load(&r.streams_local),
+                load(&r.mesh_streams_out),
+                load(&r.mesh_streams_in),
+                load(&r.mesh_bytes),
+                load(&r.attach_refused),
+            ));
+        }
+        out.push_str("# EOF\n");
+        out
+    }
+}

@@ -1,0 +1,537 @@
+//! The app-request plumbing the primary and the edges share: error pages,
+//! cookie names and rules, credentials in headers, and forwarding a request
+//! to an app through a relay.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{Html, IntoResponse, Response};
+use hyper_util::rt::TokioIo;
+use uuid::Uuid;
+
+use crate::relay::{OpenError, Relay};
+use crate::upstream::{Key, Pool, SendError};
+
+/// The header clients send their session token in.
+pub const SESSION_HEADER: &str = "devmesh-session-token";
+/// The cookie the dashboard keeps its session in.
+pub const SESSION_COOKIE: &str = "devmesh_session_token";
+/// Query parameter carrying the sealed one-time key back to the app host.
+pub const KEY_PARAM: &str = "devmesh_app_key";
+/// Name of the host-only cookie that binds a sign-in to the browser that
+/// started it.
+pub const STATE_COOKIE: &str = "devmesh_app_state";
+
+/// Lifetime of the `application_connect` key behind the apps-domain cookie.
+pub const APP_KEY_LIFETIME_SECS: i64 = 24 * 3600;
+/// Lifetime of an app token.
+pub const APP_TOKEN_LIFETIME_SECS: i64 = 30 * 60;
+
+/// Where a request goes inside the workspace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// The agent serving the app.
+    pub agent_id: Uuid,
+    /// The port.
+    pub port: u16,
+    /// TLS to the app.
+    pub https: bool,
+    /// The app's base path.
+    pub base_path: String,
+}
+
+/// The bearer token of an `Authorization` header (scheme matched case-insensitively).
+pub fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// A devmesh key sent in `Devmesh-Session-Token` or `Authorization: Bearer`.
+/// A bearer token that is not a devmesh key belongs to the app.
+pub fn header_key(headers: &HeaderMap) -> Option<String> {
+    if let Some(v) = headers.get(SESSION_HEADER).and_then(|v| v.to_str().ok()) {
+        return Some(v.trim().to_owned());
+    }
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(bearer)
+        .filter(|t| devmesh_shared::token::parse_api_key(t).is_some())
+        .map(str::to_owned)
+}
+
+/// Whether a request that authenticates with a cookie was made by a page of
+/// the same origin (or typed by the user), not by another site's page: the
+/// browser says so in `Sec-Fetch-Site`, or in `Origin`. Requests with
+/// neither header are not from a modern browser page and carry no ambient
+/// authority worth protecting.
+pub fn same_origin_request(headers: &HeaderMap, origin_host: &str) -> bool {
+    if let Some(site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
+        return matches!(site, "same-origin" | "none");
+    }
+    match headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
+        Some(origin) => origin
+            .split_once("://")
+            .is_some_and(|(_, h)| h.eq_ignore_ascii_case(origin_host)),
+        None => true,
+    }
+}
+
+/// A `Set-Cookie` value. Every devmesh cookie is HttpOnly; `Secure` when
+/// served over HTTPS; `max_age` 0 deletes it.
+#[derive(Debug, Clone, Copy)]
+pub struct SetCookie<'a> {
+    /// Name.
+    pub name: &'a str,
+    /// Value.
+    pub value: &'a str,
+    /// Path.
+    pub path: &'a str,
+    /// Domain, for cookies shared by every app host.
+    pub domain: Option<&'a str>,
+    /// Seconds to live.
+    pub max_age: i64,
+    /// `Lax` or `Strict`.
+    pub same_site: &'static str,
+    /// HTTPS only.
+    pub secure: bool,
+}
+
+impl SetCookie<'_> {
+    /// The header value; an unrepresentable cookie becomes an empty header.
+    pub fn header(&self) -> HeaderValue {
+        let domain = self
+            .domain
+            .map(|d| format!("; Domain={d}"))
+            .unwrap_or_default();
+        let secure = if self.secure { "; Secure" } else { "" };
+        let text = format!(
+            "{}={}{domain}; Path={}; Max-Age={}; HttpOnly; SameSite={}{secure}",
+            self.name, self.value, self.path, self.max_age, self.same_site
+        );
+        HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static(""))
+    }
+}
+
+/// The cookie domain of an apps wildcard (`*.apps.example.com:8443` →
+/// `apps.example.com`).
+pub fn cookie_domain(wildcard: &str) -> &str {
+    wildcard
+        .trim_start_matches("*.")
+        .split(':')
+        .next()
+        .unwrap_or_default()
+}
+
+// === Errors ===
+
+/// Why an app request failed; each maps to a status, a page and a metric label.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AppError {
+    /// The hostname names no app, workspace or user.
+    NotFound(String),
+    /// The workspace is stopped.
+    Stopped,
+    /// The agent has no tunnel.
+    AgentNotConnected,
+    /// The app refused the connection.
+    Refused,
+    /// The tunnel or the app failed mid-request.
+    BadGateway(String),
+    /// No credentials (non-browser clients).
+    Unauthenticated,
+    /// Credentials, but not allowed to open this app.
+    Forbidden,
+    /// A malformed request.
+    BadRequest(String),
+    /// The primary, needed to decide, cannot be reached.
+    PrimaryUnavailable,
+}
+
+impl AppError {
+    /// Status, page title and detail.
+    pub fn parts(&self) -> (StatusCode, &'static str, String) {
+        match self {
+            Self::NotFound(what) => (StatusCode::NOT_FOUND, "App not found", what.clone()),
+            Self::Stopped => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Workspace stopped",
+                "The workspace is stopped. Start it and try again.".into(),
+            ),
+            Self::AgentNotConnected => (
+                StatusCode::BAD_GATEWAY,
+                "Agent not connected",
+                "The workspace's agent is not connected. It may still be starting, or the machine may be offline.".into(),
+            ),
+            Self::Refused => (
+                StatusCode::BAD_GATEWAY,
+                "App refused the connection",
+                "Nothing is listening on the app's port inside the workspace.".into(),
+            ),
+            Self::BadGateway(why) => (StatusCode::BAD_GATEWAY, "Connection to the app failed", why.clone()),
+            Self::Unauthenticated => (
+                StatusCode::UNAUTHORIZED,
+                "Not signed in",
+                "Sign in, or send a key in the Devmesh-Session-Token header.".into(),
+            ),
+            Self::Forbidden => (
+                StatusCode::FORBIDDEN,
+                "Not authorized",
+                "You are not allowed to open this app. Ask its owner to share it.".into(),
+            ),
+            Self::BadRequest(why) => (StatusCode::BAD_REQUEST, "Bad request", why.clone()),
+            Self::PrimaryUnavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Sign-in unavailable",
+                "The deployment's primary cannot be reached to check your access. Open sessions keep working; try again shortly.".into(),
+            ),
+        }
+    }
+
+    /// The error as an HTML page (browsers) or JSON.
+    pub fn respond(&self, wants_html: bool) -> Response {
+        let (status, title, detail) = self.parts();
+        if wants_html {
+            let page = format!(
+                "<!doctype html><html><head><meta charset=\"utf-8\"><title>{title} · devmesh</title>\
+                 <style>body{{font-family:system-ui,sans-serif;max-width:40rem;margin:4rem auto;color:#222}}\
+                 h1{{font-size:1.4rem}}</style></head><body><h1>{title}</h1><p>{}</p><p><small>devmesh · {}</small></p></body></html>",
+                html_escape(&detail),
+                status.as_u16()
+            );
+            (status, Html(page)).into_response()
+        } else {
+            let body = devmesh_shared::api::Error {
+                message: format!("{title}."),
+                detail,
+                validations: vec![],
+            };
+            (status, axum::Json(body)).into_response()
+        }
+    }
+}
+
+/// Escapes text for HTML.
+pub fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// Whether the client prefers an HTML page.
+pub fn wants_html(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/html"))
+}
+
+// === Cookies ===
+
+/// Names of the apps-domain cookies; unique per domain so nested wildcards
+/// (`*.apps.example.com` and `*.eu.apps.example.com`) never collide.
+pub fn cookie_names(wildcard: &str) -> (String, String) {
+    let h = &hex::encode(devmesh_shared::secret::sha256(wildcard.as_bytes()))[..8];
+    (
+        format!("devmesh_app_key_{h}"),
+        format!("devmesh_app_token_{h}"),
+    )
+}
+
+/// Cookies authenticate an app request only when the browser sent it for
+/// this app itself, or for a top-level navigation to it: every app host
+/// shares one site, so another app's page (a script, a form, a WebSocket)
+/// must not ride on the user's cookies.
+pub fn cookie_allowed(parts: &axum::http::request::Parts, host: &str) -> bool {
+    let navigation = parts.method == Method::GET
+        && parts
+            .headers
+            .get("sec-fetch-mode")
+            .and_then(|v| v.to_str().ok())
+            == Some("navigate")
+        && parts.headers.get(header::UPGRADE).is_none();
+    navigation || same_origin_request(&parts.headers, host)
+}
+
+/// A cookie's value.
+pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| c.trim().strip_prefix(name)?.strip_prefix('='))
+}
+
+// === URLs ===
+
+/// A query parameter's value.
+pub fn query_param(uri: &Uri, name: &str) -> Option<String> {
+    url::form_urlencoded::parse(uri.query()?.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+}
+
+/// The path and query without `name`.
+pub fn strip_query_param(uri: &Uri, name: &str) -> String {
+    let kept: Vec<(String, String)> =
+        url::form_urlencoded::parse(uri.query().unwrap_or_default().as_bytes())
+            .filter(|(k, _)| k != name)
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+    let mut out = uri.path().to_owned();
+    if !kept.is_empty() {
+        out.push('?');
+        out.push_str(
+            &url::form_urlencoded::Serializer::new(String::new())
+                .extend_pairs(kept)
+                .finish(),
+        );
+    }
+    out
+}
+
+// === Signing in ===
+
+/// Sends a browser to sign in at the primary's auth redirect, binding the
+/// flow to it with a state cookie; other clients get a 401.
+pub fn sign_in(
+    primary_url: &str,
+    scheme: &str,
+    host: &str,
+    head: &axum::http::request::Parts,
+) -> Result<Response, AppError> {
+    if !(wants_html(&head.headers) && head.method == Method::GET) {
+        return Err(AppError::Unauthenticated);
+    }
+    let back = format!(
+        "{scheme}://{host}{}",
+        head.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")
+    );
+    let mut target = url::Url::parse(&format!(
+        "{}/api/v2/applications/auth-redirect",
+        primary_url.trim_end_matches('/')
+    ))
+    .map_err(|e| AppError::BadGateway(e.to_string()))?;
+    let flow = devmesh_shared::secret::random_alphanumeric(24);
+    target
+        .query_pairs_mut()
+        .append_pair("redirect_uri", &back)
+        .append_pair("state", &flow);
+    let mut resp = axum::response::Redirect::to(target.as_str()).into_response();
+    let set = SetCookie {
+        name: STATE_COOKIE,
+        value: &flow,
+        path: "/",
+        domain: None,
+        max_age: 600,
+        same_site: "Lax",
+        secure: scheme == "https",
+    };
+    resp.headers_mut().append(header::SET_COOKIE, set.header());
+    Ok(resp)
+}
+
+/// The answer to a browser back from signing in with its one-time key:
+/// the key becomes a cookie for the whole apps domain, the sign-in state
+/// cookie is spent, and the browser goes to the URL without the key.
+pub fn signed_in_redirect(
+    uri: &Uri,
+    wildcard: &str,
+    key_cookie: &str,
+    key: &str,
+    secure: bool,
+) -> Response {
+    let set = SetCookie {
+        name: key_cookie,
+        value: key,
+        path: "/",
+        domain: Some(cookie_domain(wildcard)),
+        max_age: APP_KEY_LIFETIME_SECS,
+        same_site: "Lax",
+        secure,
+    };
+    let clean = strip_query_param(uri, KEY_PARAM);
+    let mut resp = axum::response::Redirect::to(&clean).into_response();
+    resp.headers_mut().append(header::SET_COOKIE, set.header());
+    let spent = SetCookie {
+        name: STATE_COOKIE,
+        value: "",
+        path: "/",
+        domain: None,
+        max_age: 0,
+        same_site: "Lax",
+        secure,
+    };
+    resp.headers_mut()
+        .append(header::SET_COOKIE, spent.header());
+    resp
+}
+
+/// The `Set-Cookie` of an app token for one app host.
+pub fn token_cookie_header(name: &str, signed: &str, secure: bool) -> HeaderValue {
+    SetCookie {
+        name,
+        value: signed,
+        path: "/",
+        domain: None,
+        max_age: APP_TOKEN_LIFETIME_SECS,
+        same_site: "Lax",
+        secure,
+    }
+    .header()
+}
+
+// === Forwarding ===
+
+/// Sends the request down a tunnel stream (or over the mesh) and streams
+/// the response back. devmesh cookies and credentials never reach the app,
+/// forwarding headers are set by devmesh alone, upgrades are spliced, and
+/// the app cannot set devmesh cookies.
+#[allow(clippy::too_many_arguments)]
+pub async fn forward(
+    upstreams: &Arc<Pool>,
+    relay: &Relay,
+    route: &Target,
+    host: &str,
+    scheme: &str,
+    mut req: Request,
+    strip_cookies: &[&str],
+    prefix: Option<&str>,
+) -> Result<Response, AppError> {
+    let client_ip = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip().to_string())
+        .unwrap_or_default();
+    let headers = req.headers_mut();
+    let cookies: Vec<String> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .map(str::trim)
+        .filter(|c| {
+            !c.is_empty()
+                && !strip_cookies
+                    .iter()
+                    .any(|n| c.starts_with(&format!("{n}=")))
+        })
+        .map(str::to_owned)
+        .collect();
+    headers.remove(header::COOKIE);
+    if !cookies.is_empty()
+        && let Ok(v) = HeaderValue::from_str(&cookies.join("; "))
+    {
+        headers.insert(header::COOKIE, v);
+    }
+    headers.remove(SESSION_HEADER);
+    if headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(bearer)
+        .is_some_and(|t| devmesh_shared::token::parse_api_key(t).is_some())
+    {
+        headers.remove(header::AUTHORIZATION);
+    }
+    // Forwarding headers are devmesh's to set, never the client's.
+    for h in [
+        "forwarded",
+        "x-forwarded-prefix",
+        "x-forwarded-port",
+        "x-real-ip",
+    ] {
+        headers.remove(h);
+    }
+    if let Some(v) = prefix.and_then(|p| HeaderValue::from_str(p).ok()) {
+        headers.insert("x-forwarded-prefix", v);
+    }
+    // HTTP/2 clients carry the host in the URI, which is cut to the path below.
+    if let Ok(v) = HeaderValue::from_str(host) {
+        headers.insert(header::HOST, v);
+    }
+    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {client_ip}"),
+        None => client_ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert("x-forwarded-for", v);
+    }
+    headers.insert(
+        "x-forwarded-proto",
+        HeaderValue::from_static(if scheme == "https" { "https" } else { "http" }),
+    );
+    if let Ok(v) = HeaderValue::from_str(host) {
+        headers.insert("x-forwarded-host", v);
+    }
+    // Upstream path: the app's base path, then the request's.
+    if route.base_path != "/" && !route.base_path.is_empty() {
+        let pq = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        let joined = format!("{}{}", route.base_path.trim_end_matches('/'), pq);
+        *req.uri_mut() = joined
+            .parse()
+            .map_err(|_| AppError::BadRequest("bad path".into()))?;
+    } else if let Some(pq) = req.uri().path_and_query().cloned() {
+        *req.uri_mut() = Uri::from(pq);
+    }
+    *req.version_mut() = axum::http::Version::HTTP_11;
+
+    let upgrade = req.headers().get(header::UPGRADE).is_some();
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let key = Key {
+        agent: route.agent_id,
+        port: route.port,
+        https: route.https,
+    };
+    let mut resp = upstreams
+        .send(relay, key, req, upgrade)
+        .await
+        .map_err(|e| match e {
+            SendError::Open(OpenError::NotConnected) => AppError::AgentNotConnected,
+            SendError::Open(OpenError::Refused) => AppError::Refused,
+            SendError::Open(other) => AppError::BadGateway(other.to_string()),
+            SendError::App(why) => AppError::BadGateway(why),
+        })?;
+
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(client_upgrade) = client_upgrade
+    {
+        let upstream = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            let (Ok(client), Ok(upstream)) = (client_upgrade.await, upstream.await) else {
+                return;
+            };
+            let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+            if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                tracing::debug!(error = %e, "upgraded connection ended");
+            }
+        });
+    }
+    // An app must not plant devmesh cookies (say, its owner's key) in the
+    // user's browser for the whole apps domain.
+    let kept: Vec<HeaderValue> = resp
+        .headers()
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .filter(|v| {
+            !v.to_str()
+                .unwrap_or_default()
+                .trim_start()
+                .to_ascii_lowercase()
+                .starts_with("devmesh")
+        })
+        .cloned()
+        .collect();
+    resp.headers_mut().remove(header::SET_COOKIE);
+    for v in kept {
+        resp.headers_mut().append(header::SET_COOKIE, v);
+    }
+    Ok(resp.map(Body::new))
+}

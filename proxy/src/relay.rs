@@ -1,0 +1,669 @@
+//! A relay: the QUIC endpoint agents attach to (ALPN `devmesh-tunnel/1`),
+//! and this relay's side of the mesh between relays (ALPN `devmesh-mesh/1`,
+//! mutual TLS on mesh-CA certificates). The primary runs one, every edge
+//! replica runs one.
+//!
+//! An agent opens one control stream and presents an attach ticket signed
+//! by the primary; the relay verifies it locally (no round trip), reports
+//! the attachment as an [`AttachEvent`], and answers pings. For each user
+//! connection the relay opens a bidirectional stream to the agent, writes a
+//! [`StreamHeader`], reads the agent's one-byte status, and hands the stream
+//! over as plain bytes.
+//!
+//! A stream for an agent attached elsewhere goes over the mesh: the relay
+//! looks the agent's home relay up in [`Locations`] (kept current by the
+//! primary's events), opens a stream on a (cached) mesh connection to it
+//! and writes a [`MeshHeader`]; the home relay opens the stream to the agent
+//! and splices the two. A home relay never forwards a mesh stream again, so
+//! stale locations cannot make loops.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use devmesh_shared::api::{AgentLocation, RelayInfo};
+use devmesh_shared::signing::{AttachTicket, Claims, PublicKey, TokenError, Verifier};
+use devmesh_shared::tunnel::{self, Control, MeshHeader, StreamHeader, io as tio};
+use parking_lot::{Mutex, RwLock};
+use quinn::{Connection, RecvStream, SendStream};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+/// How long an agent has to present its ticket, and a mesh peer its header.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long dialing another relay may take.
+const MESH_DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Streams a peer may have open at once on one connection (mesh peers carry
+/// every user connection between two relays).
+const MAX_STREAMS: u32 = 10_000;
+
+/// Why a stream to an agent could not be opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum OpenError {
+    /// The agent has no tunnel to this relay or to any relay we know of.
+    #[error("the workspace agent is not connected")]
+    NotConnected,
+    /// The tunnel (or the mesh link) broke while opening the stream.
+    #[error("the connection to the workspace agent was lost")]
+    Lost,
+    /// Nothing listens on the port in the workspace.
+    #[error("the app refused the connection")]
+    Refused,
+    /// The agent does not serve this kind of stream.
+    #[error("the workspace agent does not support this kind of connection")]
+    Unsupported,
+}
+
+/// An agent's tunnel came or went; the owner of the relay records it (the
+/// primary in its database, an edge by telling the primary).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachEvent {
+    /// The agent attached (or re-attached, replacing an older tunnel).
+    Attached {
+        /// The agent.
+        agent: Uuid,
+        /// Its workspace.
+        workspace: Uuid,
+    },
+    /// The agent pinged; sent at most every 30 s per agent.
+    Alive {
+        /// The agent.
+        agent: Uuid,
+    },
+    /// The agent's tunnel ended and no newer one replaced it.
+    Detached {
+        /// The agent.
+        agent: Uuid,
+    },
+}
+
+/// The keys that verify attach tickets (and app tokens); replaced when the
+/// primary rotates them.
+#[derive(Debug, Clone)]
+pub struct Keys(Arc<RwLock<Arc<Verifier>>>);
+
+impl Keys {
+    /// Keys from the primary's public keys.
+    pub fn new(keys: &[PublicKey]) -> Result<Self, TokenError> {
+        Ok(Self(Arc::new(RwLock::new(Arc::new(Verifier::new(keys)?)))))
+    }
+
+    /// Replaces the keys.
+    pub fn set(&self, keys: &[PublicKey]) -> Result<(), TokenError> {
+        *self.0.write() = Arc::new(Verifier::new(keys)?);
+        Ok(())
+    }
+
+    /// Verifies a token with the current keys.
+    pub fn verify<C: Claims>(&self, token: &str, now_unix: i64) -> Result<C, TokenError> {
+        let verifier = self.0.read().clone();
+        verifier.verify(token, now_unix)
+    }
+}
+
+/// Where agents attached to other relays are, as the primary last said.
+#[derive(Debug, Clone, Default)]
+pub struct Locations(Arc<RwLock<HashMap<Uuid, RelayInfo>>>);
+
+impl Locations {
+    /// Records where `agent` is now (`None`: nowhere).
+    pub fn set(&self, location: AgentLocation) {
+        let mut map = self.0.write();
+        match location.relay {
+            Some(r) => map.insert(location.agent_id, r),
+            None => map.remove(&location.agent_id),
+        };
+    }
+
+    /// Replaces everything (a snapshot after a reconnect).
+    pub fn replace(&self, all: Vec<AgentLocation>) {
+        let fresh = all
+            .into_iter()
+            .filter_map(|l| Some((l.agent_id, l.relay?)))
+            .collect();
+        *self.0.write() = fresh;
+    }
+
+    /// The home relay of `agent`, if known.
+    pub fn get(&self, agent: Uuid) -> Option<RelayInfo> {
+        self.0.read().get(&agent).cloned()
+    }
+
+    /// How many agents are located.
+    pub fn len(&self) -> usize {
+        self.0.read().len()
+    }
+
+    /// Whether no agent is located.
+    pub fn is_empty(&self) -> bool {
+        self.0.read().is_empty()
+    }
+}
+
+/// Counters a relay keeps; the owner exports them with its metrics.
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    /// Streams opened to agents attached here (including for mesh peers).
+    pub streams_local: AtomicU64,
+    /// Streams sent over the mesh to another relay.
+    pub mesh_streams_out: AtomicU64,
+    /// Mesh streams received from other relays.
+    pub mesh_streams_in: AtomicU64,
+    /// Bytes spliced between mesh streams and agent streams, both ways.
+    pub mesh_bytes: AtomicU64,
+    /// Attach tickets refused.
+    pub attach_refused: AtomicU64,
+    /// Agents attached right now.
+    pub attached: AtomicI64,
+}
+
+/// Everything a relay is started with.
+pub struct RelayConfig {
+    /// The UDP socket to serve on (see `devmesh_shared::net::udp_socket`).
+    pub socket: std::net::UdpSocket,
+    /// How other relays and agents reach this one: its region, dial address
+    /// and TLS name. A location naming this address means "here".
+    pub advertised: RelayInfo,
+    /// This relay's mesh certificate chain (server and client auth).
+    pub cert_chain: Vec<CertificateDer<'static>>,
+    /// Its key.
+    pub key: PrivateKeyDer<'static>,
+    /// The mesh CA, the only root trusted for mesh peers.
+    pub mesh_ca_pem: String,
+    /// Verifies attach tickets.
+    pub keys: Keys,
+    /// Where attach and detach events go.
+    pub events: mpsc::UnboundedSender<AttachEvent>,
+    /// Where other relays' agents are.
+    pub locations: Locations,
+}
+
+impl std::fmt::Debug for RelayConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayConfig")
+            .field("socket", &self.socket.local_addr().ok())
+            .field("advertised", &self.advertised)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    agents: Mutex<HashMap<Uuid, Connection>>,
+    peers: Mutex<HashMap<String, Connection>>,
+    endpoint: quinn::Endpoint,
+    mesh_client: quinn::ClientConfig,
+    advertised: RelayInfo,
+    keys: Keys,
+    events: mpsc::UnboundedSender<AttachEvent>,
+    locations: Locations,
+    stats: Arc<RelayStats>,
+}
+
+/// A running relay.
+#[derive(Clone)]
+pub struct Relay {
+    inner: Arc<Inner>,
+    /// The bound UDP address.
+    pub local_addr: SocketAddr,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("local_addr", &self.local_addr)
+            .field("region", &self.inner.advertised.region)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Relay {
+    /// Binds the relay and serves agents and mesh peers until `shutdown`.
+    pub fn start(
+        config: RelayConfig,
+        shutdown: CancellationToken,
+        tracker: &TaskTracker,
+    ) -> anyhow::Result<Self> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(config.mesh_ca_pem.as_bytes()) {
+            roots.add(cert?)?;
+        }
+        let roots = Arc::new(roots);
+        // Agents present no certificate; mesh peers must (checked per ALPN).
+        let client_verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            roots.clone(),
+            provider.clone(),
+        )
+        .allow_unauthenticated()
+        .build()?;
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(client_verifier)
+            .with_single_cert(config.cert_chain.clone(), config.key.clone_key())?;
+        tls.alpn_protocols = vec![tunnel::ALPN.to_vec(), tunnel::MESH_ALPN.to_vec()];
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        server.transport_config(Arc::new(transport_config()));
+
+        let mut client_tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(config.cert_chain, config.key)?;
+        client_tls.alpn_protocols = vec![tunnel::MESH_ALPN.to_vec()];
+        let mut mesh_client = quinn::ClientConfig::new(Arc::new(
+            quinn::crypto::rustls::QuicClientConfig::try_from(client_tls)?,
+        ));
+        mesh_client.transport_config(Arc::new(transport_config()));
+
+        let socket = config.socket;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )?;
+        let local_addr = endpoint.local_addr()?;
+        let relay = Self {
+            inner: Arc::new(Inner {
+                agents: Mutex::default(),
+                peers: Mutex::default(),
+                endpoint: endpoint.clone(),
+                mesh_client,
+                advertised: config.advertised,
+                keys: config.keys,
+                events: config.events,
+                locations: config.locations,
+                stats: Arc::default(),
+            }),
+            local_addr,
+        };
+        let this = relay.clone();
+        let tasks = tracker.clone();
+        tracker.spawn(async move {
+            loop {
+                let incoming = tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    i = endpoint.accept() => match i { Some(i) => i, None => break },
+                };
+                let this = this.clone();
+                let inner_tasks = tasks.clone();
+                tasks.spawn(async move {
+                    let remote = incoming.remote_address();
+                    if let Err(e) = this.serve_connection(incoming, &inner_tasks).await {
+                        tracing::debug!(client.addr = %remote, error = %e, "relay connection ended");
+                    }
+                });
+            }
+            endpoint.close(0u32.into(), b"shutdown");
+            endpoint.wait_idle().await;
+        });
+        tracing::info!(relay.address = %local_addr, relay.region = %relay.inner.advertised.region, "relay listening (QUIC)");
+        Ok(relay)
+    }
+
+    /// The relay's counters.
+    pub fn stats(&self) -> Arc<RelayStats> {
+        self.inner.stats.clone()
+    }
+
+    /// How this relay is reached.
+    pub fn advertised(&self) -> &RelayInfo {
+        &self.inner.advertised
+    }
+
+    /// Whether `agent` is attached here.
+    pub fn is_attached(&self, agent: Uuid) -> bool {
+        self.inner.agents.lock().contains_key(&agent)
+    }
+
+    /// The agents attached here.
+    pub fn attached_agents(&self) -> Vec<Uuid> {
+        self.inner.agents.lock().keys().copied().collect()
+    }
+
+    /// Opens a stream to `agent`: down its tunnel when it is attached here,
+    /// otherwise over the mesh to its home relay.
+    pub async fn open(
+        &self,
+        agent: Uuid,
+        header: &StreamHeader,
+    ) -> Result<(SendStream, RecvStream), OpenError> {
+        let local = self.inner.agents.lock().get(&agent).cloned();
+        if let Some(conn) = local {
+            self.inner
+                .stats
+                .streams_local
+                .fetch_add(1, Ordering::Relaxed);
+            return open_on(&conn, header).await;
+        }
+        let Some(home) = self.inner.locations.get(agent) else {
+            return Err(OpenError::NotConnected);
+        };
+        if home.address == self.inner.advertised.address {
+            // The location is stale: the agent left this relay.
+            return Err(OpenError::NotConnected);
+        }
+        self.open_mesh(&home, agent, header).await
+    }
+
+    async fn open_mesh(
+        &self,
+        home: &RelayInfo,
+        agent: Uuid,
+        header: &StreamHeader,
+    ) -> Result<(SendStream, RecvStream), OpenError> {
+        let mesh = MeshHeader {
+            agent_id: agent,
+            inner: header.clone(),
+        };
+        // A cached link may have died while idle: one retry on a fresh one.
+        for attempt in 0..2 {
+            let conn = self.peer(home, attempt > 0).await?;
+            let Ok((mut send, mut recv)) = conn.open_bi().await else {
+                continue;
+            };
+            if tio::write_mesh_header(&mut send, &mesh).await.is_err() {
+                continue;
+            }
+            let mut status = [0u8; 1];
+            if recv.read_exact(&mut status).await.is_err() {
+                return Err(OpenError::Lost);
+            }
+            self.inner
+                .stats
+                .mesh_streams_out
+                .fetch_add(1, Ordering::Relaxed);
+            return status_result(status[0]).map(|()| (send, recv));
+        }
+        Err(OpenError::Lost)
+    }
+
+    /// A mesh connection to `home`, dialed if there is none (or `fresh`).
+    async fn peer(&self, home: &RelayInfo, fresh: bool) -> Result<Connection, OpenError> {
+        if !fresh
+            && let Some(c) = self.inner.peers.lock().get(&home.address)
+            && c.close_reason().is_none()
+        {
+            return Ok(c.clone());
+        }
+        let dial = async {
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host(home.address.as_str())
+                .await
+                .map_err(|_| OpenError::NotConnected)?
+                .collect();
+            let mut last = OpenError::NotConnected;
+            for addr in addrs {
+                let connecting = self
+                    .inner
+                    .endpoint
+                    .connect_with(self.inner.mesh_client.clone(), addr, &home.server_name)
+                    .map_err(|_| OpenError::NotConnected)?;
+                match connecting.await {
+                    Ok(c) => return Ok(c),
+                    Err(e) => {
+                        tracing::warn!(relay.peer = %home.address, error = %e, "cannot reach a mesh peer");
+                        last = OpenError::Lost;
+                    }
+                }
+            }
+            Err(last)
+        };
+        let conn = tokio::time::timeout(MESH_DIAL_TIMEOUT, dial)
+            .await
+            .map_err(|_| OpenError::Lost)??;
+        tracing::debug!(relay.peer = %home.address, relay.peer_region = %home.region, "mesh link up");
+        self.inner
+            .peers
+            .lock()
+            .insert(home.address.clone(), conn.clone());
+        Ok(conn)
+    }
+
+    async fn serve_connection(
+        &self,
+        incoming: quinn::Incoming,
+        tasks: &TaskTracker,
+    ) -> anyhow::Result<()> {
+        let conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await??;
+        let alpn = conn
+            .handshake_data()
+            .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+            .and_then(|h| h.protocol);
+        if alpn.as_deref() == Some(tunnel::MESH_ALPN) {
+            // rustls verified any certificate presented; a mesh peer must present one.
+            if conn.peer_identity().is_none() {
+                conn.close(4u32.into(), b"mesh peers must present a mesh certificate");
+                anyhow::bail!("a mesh connection without a client certificate");
+            }
+            self.serve_mesh(conn, tasks).await
+        } else {
+            self.serve_agent(conn).await
+        }
+    }
+
+    async fn serve_mesh(&self, conn: Connection, tasks: &TaskTracker) -> anyhow::Result<()> {
+        tracing::debug!(relay.peer = %conn.remote_address(), "mesh peer connected");
+        loop {
+            let (send, recv) = conn.accept_bi().await?;
+            let this = self.clone();
+            tasks.spawn(async move {
+                if let Err(e) = this.serve_mesh_stream(send, recv).await {
+                    tracing::debug!(error = %e, "mesh stream ended");
+                }
+            });
+        }
+    }
+
+    async fn serve_mesh_stream(
+        &self,
+        mut send: SendStream,
+        mut recv: RecvStream,
+    ) -> anyhow::Result<()> {
+        let header =
+            tokio::time::timeout(HANDSHAKE_TIMEOUT, tio::read_mesh_header(&mut recv)).await??;
+        self.inner
+            .stats
+            .mesh_streams_in
+            .fetch_add(1, Ordering::Relaxed);
+        // Only agents attached here: a mesh stream is never forwarded again.
+        let local = self.inner.agents.lock().get(&header.agent_id).cloned();
+        let opened = match local {
+            Some(agent) => open_on(&agent, &header.inner).await,
+            None => Err(OpenError::NotConnected),
+        };
+        let (agent_send, agent_recv) = match opened {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = send.write_all(&[error_status(e)]).await;
+                let _ = send.finish();
+                return Ok(());
+            }
+        };
+        send.write_all(&[tunnel::status::OK]).await?;
+        let bytes = splice((send, recv), (agent_send, agent_recv)).await;
+        self.inner
+            .stats
+            .mesh_bytes
+            .fetch_add(bytes, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn serve_agent(&self, conn: Connection) -> anyhow::Result<()> {
+        let (mut send, mut recv) =
+            tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.accept_bi()).await??;
+        let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, tio::read_control(&mut recv)).await??;
+        let Some(Control::Attach { ticket }) = first else {
+            conn.close(1u32.into(), b"expected attach");
+            anyhow::bail!("first control message was not Attach");
+        };
+        let now = chrono::Utc::now().timestamp();
+        let ticket: AttachTicket = match self.inner.keys.verify(&ticket, now) {
+            Ok(t) => t,
+            Err(e) => {
+                self.inner
+                    .stats
+                    .attach_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(client.addr = %conn.remote_address(), error = %e, "refused an agent's attach ticket");
+                let _ = tio::write_control(
+                    &mut send,
+                    &Control::Refused {
+                        reason: format!("attach ticket: {e}"),
+                    },
+                )
+                .await;
+                let _ = send.finish();
+                let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.closed()).await;
+                conn.close(3u32.into(), b"refused");
+                return Ok(());
+            }
+        };
+        let agent = ticket.agent_id;
+        // Answer first: an agent that cannot hear it never enters the registry.
+        tio::write_control(
+            &mut send,
+            &Control::Attached {
+                relay: self.inner.advertised.region.clone(),
+            },
+        )
+        .await?;
+        let replaced = self.inner.agents.lock().insert(agent, conn.clone());
+        match replaced {
+            Some(old) => old.close(2u32.into(), b"replaced by a newer connection"),
+            None => {
+                self.inner.stats.attached.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let _ = self.inner.events.send(AttachEvent::Attached {
+            agent,
+            workspace: ticket.workspace_id,
+        });
+        tracing::info!(agent.id = %agent, workspace.id = %ticket.workspace_id, client.addr = %conn.remote_address(), "agent attached");
+
+        let mut last_alive = tokio::time::Instant::now();
+        let result = async {
+            loop {
+                tokio::select! {
+                    msg = tio::read_control(&mut recv) => match msg? {
+                        Some(Control::Ping { nonce }) => {
+                            tio::write_control(&mut send, &Control::Pong { nonce }).await?;
+                            if last_alive.elapsed() >= Duration::from_secs(30) {
+                                let _ = self.inner.events.send(AttachEvent::Alive { agent });
+                                last_alive = tokio::time::Instant::now();
+                            }
+                        }
+                        Some(_) => {}
+                        None => break,
+                    },
+                    _ = conn.closed() => break,
+                }
+            }
+            anyhow::Ok(())
+        }
+        .await;
+
+        let removed = {
+            let mut agents = self.inner.agents.lock();
+            match agents.get(&agent) {
+                Some(c) if c.stable_id() == conn.stable_id() => agents.remove(&agent).is_some(),
+                _ => false,
+            }
+        };
+        if removed {
+            self.inner.stats.attached.fetch_sub(1, Ordering::Relaxed);
+            let _ = self.inner.events.send(AttachEvent::Detached { agent });
+            tracing::info!(agent.id = %agent, "agent detached");
+        }
+        result
+    }
+}
+
+/// Opens a stream on an agent's tunnel and reads its status byte.
+async fn open_on(
+    conn: &Connection,
+    header: &StreamHeader,
+) -> Result<(SendStream, RecvStream), OpenError> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|_| OpenError::Lost)?;
+    tio::write_header(&mut send, header)
+        .await
+        .map_err(|_| OpenError::Lost)?;
+    let mut status = [0u8; 1];
+    recv.read_exact(&mut status)
+        .await
+        .map_err(|_| OpenError::Lost)?;
+    status_result(status[0]).map(|()| (send, recv))
+}
+
+fn status_result(status: u8) -> Result<(), OpenError> {
+    match status {
+        tunnel::status::OK => Ok(()),
+        tunnel::status::REFUSED => Err(OpenError::Refused),
+        tunnel::status::NOT_CONNECTED => Err(OpenError::NotConnected),
+        _ => Err(OpenError::Unsupported),
+    }
+}
+
+fn error_status(e: OpenError) -> u8 {
+    match e {
+        OpenError::NotConnected | OpenError::Lost => tunnel::status::NOT_CONNECTED,
+        OpenError::Refused => tunnel::status::REFUSED,
+        OpenError::Unsupported => tunnel::status::UNSUPPORTED,
+    }
+}
+
+/// Copies both ways until both directions end; a failure on one side
+/// resets the other. Returns the bytes copied.
+async fn splice(a: (SendStream, RecvStream), b: (SendStream, RecvStream)) -> u64 {
+    let (mut a_send, mut a_recv) = a;
+    let (mut b_send, mut b_recv) = b;
+    let forward = async {
+        match tokio::io::copy(&mut a_recv, &mut b_send).await {
+            Ok(n) => {
+                let _ = b_send.finish();
+                n
+            }
+            Err(_) => {
+                let _ = b_send.reset(1u32.into());
+                let _ = a_recv.stop(1u32.into());
+                0
+            }
+        }
+    };
+    let back = async {
+        match tokio::io::copy(&mut b_recv, &mut a_send).await {
+            Ok(n) => {
+                let _ = a_send.finish();
+                n
+            }
+            Err(_) => {
+                let _ = a_send.reset(1u32.into());
+                let _ = b_recv.stop(1u32.into());
+                0
+            }
+        }
+    };
+    let (x, y) = tokio::join!(forward, back);
+    x + y
+}
+
+fn transport_config() -> quinn::TransportConfig {
+    let mut tc = quinn::TransportConfig::default();
+    tc.max_concurrent_bidi_streams(MAX_STREAMS.into());
+    tc.max_concurrent_uni_streams(0u32.into());
+    tc.stream_receive_window((8u32 * 1024 * 1024).into());
+    tc.receive_window((32u32 * 1024 * 1024).into());
+    tc.send_window(32 * 1024 * 1024);
+    tc.keep_alive_interval(Some(Duration::from_secs(3)));
+    // A peer that vanishes (killed, unplugged) is declared gone after this;
+    // the smaller of the two peers' values applies.
+    tc.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(
+        15_000,
+    ))));
+    tc
+}
