@@ -221,8 +221,27 @@ async fn decision(
         }
         return Ok(d);
     }
+    // Refusals are remembered briefly, so clients without access (or
+    // anonymous crawlers) do not turn every request into a primary call.
+    if let Some(refused) = edge.refusals.get(&cache_key).await {
+        count(edge, "refused");
+        return Err(refused);
+    }
     count(edge, "miss");
-    let fresh = Arc::new(edge.ask_primary(host, key).await?);
-    edge.decisions.insert(cache_key, fresh.clone()).await;
-    Ok(fresh)
+    match edge.ask_primary(host, key).await {
+        Ok(fresh) => {
+            let fresh = Arc::new(fresh);
+            edge.decisions.insert(cache_key, fresh.clone()).await;
+            Ok(fresh)
+        }
+        Err(e) => {
+            if matches!(
+                e,
+                AppError::Unauthenticated | AppError::Forbidden | AppError::NotFound(_)
+            ) {
+                edge.refusals.insert(cache_key, e.clone()).await;
+            }
+            Err(e)
+        }
+    }
 }

@@ -131,6 +131,8 @@ pub(crate) struct Edge {
     pub(crate) upstreams: Arc<Pool>,
     /// (app host, sha256 of the key or "") → decision.
     pub(crate) decisions: moka::future::Cache<(String, [u8; 32]), Arc<Decision>>,
+    /// Recent refusals from the primary, same keys, kept a few seconds.
+    pub(crate) refusals: moka::future::Cache<(String, [u8; 32]), devmesh_proxy::app::AppError>,
     /// Latest revocation time (unix ms) per subject.
     revocations: RwLock<HashMap<RevokedSubject, i64>>,
     pub(crate) metrics: Metrics,
@@ -140,6 +142,8 @@ pub(crate) struct Edge {
     pub(crate) scheme: &'static str,
     /// Wakes the registration loop to report attachments at once.
     attachments_changed: Notify,
+    /// The relay's address as agents and other relays dial it.
+    relay_address: String,
 }
 
 impl std::fmt::Debug for Edge {
@@ -342,6 +346,8 @@ pub async fn run(args: EdgeArgs, shutdown: CancellationToken) -> anyhow::Result<
         )?),
         _ => None,
     };
+    // Bound now, so a `:0` port is known before registering.
+    let (relay_socket, relay_address) = bind_relay(&args.relay_address)?;
     let edge = Arc::new(Edge {
         primary: args.primary_url.trim_end_matches('/').to_owned(),
         token: args.edge_token.clone(),
@@ -363,11 +369,16 @@ pub async fn run(args: EdgeArgs, shutdown: CancellationToken) -> anyhow::Result<
             ))
             .support_invalidation_closures()
             .build(),
+        refusals: moka::future::Cache::builder()
+            .max_capacity(100_000)
+            .time_to_live(Duration::from_secs(3))
+            .build(),
         revocations: RwLock::default(),
         metrics: Metrics::new(),
         wildcards,
         scheme: if tls.is_some() { "https" } else { "http" },
         attachments_changed: Notify::new(),
+        relay_address,
         args,
     });
 
@@ -405,7 +416,7 @@ pub async fn run(args: EdgeArgs, shutdown: CancellationToken) -> anyhow::Result<
     println!("Started edge listener at {scheme}://{local}");
 
     let tracker = TaskTracker::new();
-    let result = register_loop(&edge, &csr, mesh_key, &shutdown, &tracker).await;
+    let result = register_loop(&edge, &csr, (mesh_key, relay_socket), &shutdown, &tracker).await;
     shutdown.cancel();
     if result.is_ok() {
         deregister(&edge).await;
@@ -421,11 +432,11 @@ pub async fn run(args: EdgeArgs, shutdown: CancellationToken) -> anyhow::Result<
 async fn register_loop(
     edge: &Arc<Edge>,
     csr: &str,
-    mesh_key: rcgen::KeyPair,
+    relay_parts: (rcgen::KeyPair, std::net::UdpSocket),
     shutdown: &CancellationToken,
     tracker: &TaskTracker,
 ) -> anyhow::Result<()> {
-    let mut mesh_key = Some(mesh_key);
+    let mut relay_parts = Some(relay_parts);
     let mut backoff = Backoff::default();
     loop {
         let request = EdgeRegisterRequest {
@@ -434,7 +445,7 @@ async fn register_loop(
             access_url: edge.args.access_url.trim_end_matches('/').to_owned(),
             wildcard_hostname: edge.args.wildcard_access_url.clone(),
             global_wildcard_hostname: edge.args.global_wildcard_access_url.clone(),
-            relay_address: edge.args.relay_address.clone(),
+            relay_address: edge.relay_address.clone(),
             csr_pem: csr.to_owned(),
             attached_agents: edge
                 .relay
@@ -455,11 +466,11 @@ async fn register_loop(
                     Ok(reg) => {
                         let interval =
                             Duration::from_secs(reg.heartbeat_interval_seconds.clamp(1, 60));
-                        if let Some(key) = mesh_key.take() {
+                        if let Some((key, socket)) = relay_parts.take() {
                             if let Err(e) = edge.keys.set(&reg.app_token_keys) {
                                 tracing::warn!(error = %e, "unusable app token keys");
                             }
-                            start_relay(edge, &reg, key, shutdown, tracker)?;
+                            start_relay(edge, &reg, key, socket, shutdown, tracker)?;
                             tracker.spawn(events::follow(edge.clone(), shutdown.clone()));
                             tracing::info!(edge = %reg.edge_name, primary = %edge.primary, "registered with the primary");
                         }
@@ -496,7 +507,7 @@ async fn register_loop(
             _ = tokio::time::sleep(next) => {}
             // Attachments changed: report them now (after a moment, so a
             // burst of attaches becomes one report).
-            _ = edge.attachments_changed.notified(), if mesh_key.is_none() => {
+            _ = edge.attachments_changed.notified(), if relay_parts.is_none() => {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
@@ -508,6 +519,7 @@ fn start_relay(
     edge: &Arc<Edge>,
     reg: &EdgeRegisterResponse,
     key: rcgen::KeyPair,
+    socket: std::net::UdpSocket,
     shutdown: &CancellationToken,
     tracker: &TaskTracker,
 ) -> anyhow::Result<()> {
@@ -516,28 +528,13 @@ fn start_relay(
         .collect::<Result<Vec<_>, _>>()
         .context("the mesh certificate from the primary")?;
     let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
-    let bind: SocketAddr = match edge.args.relay_address.parse() {
-        Ok(a) => a,
-        // A name: listen on every interface at its port.
-        Err(_) => {
-            let port = edge
-                .args
-                .relay_address
-                .rsplit_once(':')
-                .and_then(|(_, p)| p.parse::<u16>().ok())
-                .context("--relay-address must be host:port")?;
-            SocketAddr::from(([0, 0, 0, 0], port))
-        }
-    };
-    let socket = devmesh_shared::net::udp_socket(bind)
-        .with_context(|| format!("cannot bind the relay to {bind}"))?;
     let (events, mut attach_events) = tokio::sync::mpsc::unbounded_channel();
     let relay = Relay::start(
         RelayConfig {
             socket,
             advertised: RelayInfo {
                 region: reg.edge_name.clone(),
-                address: edge.args.relay_address.clone(),
+                address: edge.relay_address.clone(),
                 server_name: devmesh_shared::names::relay_server_name(&reg.edge_name),
             },
             cert_chain: chain,
@@ -560,6 +557,24 @@ fn start_relay(
         }
     });
     Ok(())
+}
+
+/// Binds the relay's UDP socket for `--relay-address` and returns it with
+/// the address to advertise: the flag itself, with a `:0` port replaced by
+/// the one bound. A name binds every interface at its port.
+fn bind_relay(address: &str) -> anyhow::Result<(std::net::UdpSocket, String)> {
+    let (host, port) = address
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
+        .context("--relay-address must be host:port")?;
+    let bind: SocketAddr = match address.parse() {
+        Ok(a) => a,
+        Err(_) => SocketAddr::from(([0, 0, 0, 0], port)),
+    };
+    let socket = devmesh_shared::net::udp_socket(bind)
+        .with_context(|| format!("cannot bind the relay to {bind}"))?;
+    let bound = socket.local_addr()?.port();
+    Ok((socket, format!("{host}:{bound}")))
 }
 
 async fn deregister(edge: &Edge) {

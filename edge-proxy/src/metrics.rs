@@ -30,7 +30,8 @@ pub(crate) struct KindLabels {
 /// Labels of a cache lookup.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct CacheLabels {
-    /// `token` (a valid app-token cookie), `hit`, `miss` or `refresh`.
+    /// `token` (a valid app-token cookie), `hit`, `miss`, `refused` (a
+    /// remembered refusal) or `refresh`.
     pub(crate) result: &'static str,
 }
 

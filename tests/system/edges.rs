@@ -6,43 +6,13 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use devmesh_tests::{Api, fresh_database};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
-use crate::support::{BIN, ServerProcess, eventually};
-
-async fn start_edge(primary: &str, token: &str, region: &str) -> (Child, String) {
-    let mut child = Command::new(BIN)
-        .args(["edge", "--primary-url", primary, "--listen", "127.0.0.1:0"])
-        .args(["--access-url", &format!("http://{region}.localhost:8080")])
-        .args([
-            "--wildcard-access-url",
-            &format!("*.{region}.apps.localhost"),
-        ])
-        .env("DEVMESH_EDGE_TOKEN", token)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let url = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if let Some(u) = line.strip_prefix("Started edge listener at ") {
-                return u.to_owned();
-            }
-        }
-        panic!("edge exited before listening");
-    })
-    .await
-    .expect("edge starts");
-    (child, url)
-}
+use crate::support::{BIN, EdgeProcess, ServerProcess, eventually};
 
 async fn region(owner: &Api, name: &str) -> Value {
     let (_, r) = owner.get("/regions").await;
@@ -76,7 +46,8 @@ async fn an_edge_registers_reports_health_deregisters_and_stops_when_revoked() {
     let (_, eu) = owner.post("/edges", json!({"name": "eu"})).await;
     let token = eu["edge_token"].as_str().unwrap().to_owned();
 
-    let (mut edge, edge_url) = start_edge(&primary.url, &token, "eu").await;
+    let mut edge = EdgeProcess::start(&primary.url, &token, "eu", &[], dir.path()).await;
+    let edge_url = edge.url.clone();
     let r = eventually(30, "the eu region healthy", || {
         let owner = owner.clone();
         async move { Some(region(&owner, "eu").await).filter(|r| r["healthy"] == true) }
@@ -101,16 +72,13 @@ async fn an_edge_registers_reports_health_deregisters_and_stops_when_revoked() {
     assert_eq!(latency.headers()["timing-allow-origin"], "*");
 
     // SIGTERM: the edge deregisters and exits cleanly.
-    kill(Pid::from_raw(edge.id().unwrap() as i32), Signal::SIGTERM).unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(20), edge.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    edge.signal(Signal::SIGTERM);
+    let status = edge.wait(20).await;
     assert!(status.success(), "{status}");
     assert_eq!(region(&owner, "eu").await["status"], "unregistered");
 
     // A revoked token stops the edge with a message saying so.
-    let (mut edge, _) = start_edge(&primary.url, &token, "eu").await;
+    let mut edge = EdgeProcess::start(&primary.url, &token, "eu", &[], dir.path()).await;
     eventually(30, "the eu region healthy again", || {
         let owner = owner.clone();
         async move { Some(region(&owner, "eu").await).filter(|r| r["healthy"] == true) }
@@ -118,15 +86,9 @@ async fn an_edge_registers_reports_health_deregisters_and_stops_when_revoked() {
     .await;
     let (s, _) = owner.post("/edges/eu/token", json!({})).await;
     assert_eq!(s, StatusCode::OK);
-    let status = tokio::time::timeout(Duration::from_secs(40), edge.wait())
-        .await
-        .expect("the edge stops")
-        .unwrap();
+    let status = edge.wait(40).await;
     assert_eq!(status.code(), Some(1));
-    let mut err = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut edge.stderr.take().unwrap(), &mut err)
-        .await
-        .unwrap();
+    let err = edge.log_text();
     assert!(err.contains("revoked"), "{err}");
 }
 
@@ -169,6 +131,8 @@ async fn an_edge_terminates_tls_with_the_operators_certificate() {
             "--primary-url",
             &primary.url,
             "--listen",
+            "127.0.0.1:0",
+            "--relay-address",
             "127.0.0.1:0",
             "--access-url",
             "https://ap.localhost",

@@ -7,6 +7,7 @@ mod api_users;
 mod apps;
 mod binary;
 mod edges;
+mod mesh;
 mod robustness;
 mod support;
 mod tls;

@@ -234,3 +234,109 @@ pub(crate) fn app_client_with_jar(jar: std::sync::Arc<reqwest::cookie::Jar>) -> 
         .build()
         .unwrap()
 }
+
+/// A `devmesh edge` process (HTTP and relay on free loopback ports), killed
+/// on drop.
+pub(crate) struct EdgeProcess {
+    child: Child,
+    /// `http://127.0.0.1:<port>` (or https).
+    pub(crate) url: String,
+    pub(crate) log: PathBuf,
+}
+
+impl EdgeProcess {
+    /// Starts an edge for `region` with apps on `*.<region>.apps.localhost`,
+    /// plus `extra` flags.
+    pub(crate) async fn start(
+        primary: &str,
+        token: &str,
+        region: &str,
+        extra: &[&str],
+        log_dir: &Path,
+    ) -> Self {
+        let log = log_dir.join(format!(
+            "edge-{region}-{}.log",
+            uuid::Uuid::new_v4().simple()
+        ));
+        let mut cmd = Command::new(BIN);
+        cmd.args(["edge", "--primary-url", primary]);
+        if !extra.contains(&"--listen") {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
+        if !extra.contains(&"--relay-address") {
+            cmd.args(["--relay-address", "127.0.0.1:0"]);
+        }
+        if !extra.contains(&"--access-url") {
+            cmd.args(["--access-url", &format!("http://{region}.localhost:8080")]);
+        }
+        if !extra.contains(&"--wildcard-access-url") {
+            cmd.args([
+                "--wildcard-access-url",
+                &format!("*.{region}.apps.localhost"),
+            ]);
+        }
+        let mut child = cmd
+            .args(extra)
+            .env("DEVMESH_EDGE_TOKEN", token)
+            .env(
+                "DEVMESH_LOG",
+                "debug,hyper=info,reqwest=info,quinn=info,rustls=info,h2=info",
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn devmesh edge");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let url = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                if let Some(u) = line.strip_prefix("Started edge listener at ") {
+                    return Some(u.to_owned());
+                }
+            }
+            None
+        })
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| {
+            panic!(
+                "edge did not start:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
+        });
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Self { child, url, log }
+    }
+
+    /// The HTTP port.
+    pub(crate) fn port(&self) -> u16 {
+        self.url.rsplit(':').next().unwrap().parse().unwrap()
+    }
+
+    pub(crate) fn signal(&self, sig: Signal) {
+        if let Some(id) = self.child.id() {
+            let _ = kill(Pid::from_raw(id as i32), sig);
+        }
+    }
+
+    /// Waits for the process to exit on its own.
+    pub(crate) async fn wait(&mut self, secs: u64) -> std::process::ExitStatus {
+        tokio::time::timeout(Duration::from_secs(secs), self.child.wait())
+            .await
+            .expect("the edge exits in time")
+            .unwrap()
+    }
+
+    /// What the edge logged.
+    pub(crate) fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL, as a crash would.
+    pub(crate) async fn kill(mut self) {
+        self.signal(Signal::SIGKILL);
+        let _ = self.child.wait().await;
+    }
+}

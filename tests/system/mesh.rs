@@ -1,0 +1,565 @@
+//! Regional edges carrying app traffic: a primary and two edges (`eu`,
+//! `ap`) on loopback, an agent attached to each edge's relay, and requests
+//! through either edge, straight down a tunnel or across the QUIC mesh.
+
+use std::time::Duration;
+
+use devmesh_shared::signing::{AppTarget, AppToken, SigningKey};
+use devmesh_tests::upstream::Upstream;
+use devmesh_tests::{Api, fresh_database};
+use futures_util::{SinkExt, StreamExt};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use crate::support::{AgentProcess, EdgeProcess, ServerProcess, app_client, eventually};
+
+/// A primary, edges `eu` and `ap` (both also serving `*.global.localhost`),
+/// and alice's workspaces `weu` (agent pinned to `eu`) and `wap` (pinned to
+/// `ap`), each with an owner-only `echo` app and a public `pub` app.
+struct Mesh {
+    dir: tempfile::TempDir,
+    db_url: String,
+    primary: Option<ServerProcess>,
+    primary_port: u16,
+    owner: Api,
+    alice: Api,
+    _upstream: Upstream,
+    eu: EdgeProcess,
+    ap: Option<EdgeProcess>,
+    workspaces: Vec<Value>,
+    _agents: Vec<AgentProcess>,
+}
+
+impl Mesh {
+    async fn start() -> Self {
+        let db = fresh_database().await;
+        let dir = tempfile::tempdir().unwrap();
+        let db_url = db.url().expose().to_owned();
+        let primary = ServerProcess::start(
+            &["--wildcard-access-url", "*.apps.localhost"],
+            &[("DEVMESH_POSTGRES_URL", &db_url)],
+            dir.path(),
+        )
+        .await;
+        let primary_port: u16 = primary.url.rsplit(':').next().unwrap().parse().unwrap();
+        let anon = Api::new(&primary.url, None);
+        anon.post(
+            "/users/first",
+            json!({"email": "o@example.com", "username": "owner", "password": "owner-password"}),
+        )
+        .await;
+        let owner = anon.login("owner", "owner-password").await;
+        for u in ["alice", "bob"] {
+            let (s, _) = owner
+                .post("/users", json!({"email": format!("{u}@example.com"), "username": u, "password": format!("{u}-password")}))
+                .await;
+            assert_eq!(s, StatusCode::CREATED);
+        }
+        let alice = anon.login("alice", "alice-password").await;
+        let upstream = Upstream::start().await;
+        let up = upstream.port();
+        let (s, t) = owner
+            .post(
+                "/templates",
+                json!({"name": "byo", "definition": {"agents": [{"name": "main", "apps": [
+                    {"slug": "echo", "port": up},
+                    {"slug": "pub", "port": up, "sharing_level": "public"}
+                ]}]}}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{t}");
+
+        let global = ["--global-wildcard-access-url", "*.global.localhost"];
+        let mut edges = Vec::new();
+        for region in ["eu", "ap"] {
+            let (s, e) = owner.post("/edges", json!({"name": region})).await;
+            assert_eq!(s, StatusCode::CREATED, "{e}");
+            let token = e["edge_token"].as_str().unwrap();
+            edges.push(EdgeProcess::start(&primary.url, token, region, &global, dir.path()).await);
+        }
+        for region in ["eu", "ap"] {
+            eventually(30, &format!("region {region} healthy"), || {
+                let owner = owner.clone();
+                async move {
+                    let (_, r) = owner.get("/regions").await;
+                    r["regions"]
+                        .as_array()?
+                        .iter()
+                        .any(|r| r["name"] == region && r["healthy"] == true)
+                        .then_some(())
+                }
+            })
+            .await;
+        }
+        let mut workspaces = Vec::new();
+        let mut agents = Vec::new();
+        for (name, region) in [("weu", "eu"), ("wap", "ap")] {
+            let (s, created) = alice
+                .post("/workspaces", json!({"name": name, "template": "byo"}))
+                .await;
+            assert_eq!(s, StatusCode::CREATED, "{created}");
+            let token = created["agent_tokens"][0]["token"].as_str().unwrap();
+            agents.push(AgentProcess::start_with(
+                &primary.url,
+                token,
+                dir.path(),
+                &[("DEVMESH_RELAY_REGION", region)],
+            ));
+            workspaces.push(created["workspace"].clone());
+        }
+        let ap = edges.pop();
+        let eu = edges.pop().unwrap();
+        let mesh = Self {
+            dir,
+            db_url,
+            primary: Some(primary),
+            primary_port,
+            owner,
+            alice,
+            _upstream: upstream,
+            eu,
+            ap,
+            workspaces,
+            _agents: agents,
+        };
+        for (ws, region) in [("weu", "eu"), ("wap", "ap")] {
+            mesh.wait_attached(ws, region).await;
+        }
+        mesh
+    }
+
+    fn ap(&self) -> &EdgeProcess {
+        self.ap.as_ref().expect("the ap edge runs")
+    }
+
+    /// Waits until the primary says the workspace's agent is attached in `region`.
+    async fn wait_attached(&self, workspace: &str, region: &str) {
+        let edge = if region == "eu" { &self.eu } else { self.ap() };
+        let log = edge.log.clone();
+        let db_url = self.db_url.clone();
+        eventually(30, &format!("{workspace}'s agent attached in {region} ({log:?})"), || {
+            let db_url = db_url.clone();
+            async move {
+                let mut db = <sqlx::PgConnection as sqlx::Connection>::connect(&db_url).await.ok()?;
+                let relay: Option<String> = sqlx::query_scalar(
+                    "SELECT a.relay FROM agent_attachments a JOIN workspace_agents g ON g.id = a.agent_id
+                     JOIN workspaces w ON w.id = g.workspace_id WHERE w.name = $1",
+                )
+                .bind(workspace)
+                .fetch_optional(&mut db)
+                .await
+                .ok()?;
+                (relay.as_deref() == Some(region)).then_some(())
+            }
+        })
+        .await;
+    }
+
+    /// The URL of `label` on `edge`'s regional wildcard.
+    fn url(edge: &EdgeProcess, region: &str, label: &str, path: &str) -> String {
+        format!(
+            "http://{label}.{region}.apps.localhost:{}{path}",
+            edge.port()
+        )
+    }
+
+    async fn get(&self, url: &str, key: Option<&str>) -> reqwest::Response {
+        let mut req = app_client(false).get(url);
+        if let Some(k) = key {
+            req = req.header("Devmesh-Session-Token", k);
+        }
+        req.send().await.unwrap()
+    }
+
+    fn alice_key(&self) -> String {
+        self.alice.token.clone().unwrap()
+    }
+
+    /// Requests the primary served, except edges' heartbeats and event
+    /// streams and the metrics scrape itself.
+    async fn primary_requests(&self) -> u64 {
+        let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.primary_port))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .filter(|l| l.starts_with("devmesh_http_requests_total{"))
+            .filter(|l| {
+                ![
+                    "/api/v2/edges/me/register",
+                    "/api/v2/edges/me/events",
+                    "/metrics",
+                ]
+                .iter()
+                .any(|r| l.contains(&format!("route=\"{r}\"")))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+}
+
+/// A metric's value from an edge (summing its label sets).
+async fn edge_metric(edge: &EdgeProcess, name_and_labels: &str) -> u64 {
+    let text = reqwest::get(format!("{}/metrics", edge.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(name_and_labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn apps_open_through_either_edge_down_a_tunnel_or_across_the_mesh() {
+    let m = Mesh::start().await;
+    let key = m.alice_key();
+    // Every edge reaches every agent: its own directly, the other's over the mesh.
+    for (edge, region) in [(&m.eu, "eu"), (m.ap(), "ap")] {
+        for ws in ["weu", "wap"] {
+            let resp = m
+                .get(
+                    &Mesh::url(
+                        edge,
+                        region,
+                        &format!("echo--{ws}--alice"),
+                        "/echo?from=edge",
+                    ),
+                    Some(&key),
+                )
+                .await;
+            assert_eq!(resp.status(), StatusCode::OK, "{ws} via {region}");
+            let body: Value = resp.json().await.unwrap();
+            assert_eq!(body["query"], "from=edge");
+            assert!(body["headers"].get("devmesh-session-token").is_none());
+            assert_eq!(
+                body["headers"]["x-forwarded-host"],
+                format!("echo--{ws}--alice.{region}.apps.localhost:{}", edge.port())
+            );
+        }
+    }
+    assert!(edge_metric(&m.eu, "devmesh_edge_streams_total{path=\"local\"}").await > 0);
+    assert!(edge_metric(&m.eu, "devmesh_edge_streams_total{path=\"mesh_out\"}").await > 0);
+    assert!(edge_metric(m.ap(), "devmesh_edge_streams_total{path=\"mesh_in\"}").await > 0);
+
+    // The global wildcard works on both edges, and a public app needs no key.
+    for edge in [&m.eu, m.ap()] {
+        let url = format!(
+            "http://pub--wap--alice.global.localhost:{}/echo",
+            edge.port()
+        );
+        assert_eq!(m.get(&url, None).await.status(), StatusCode::OK);
+        let url = format!(
+            "http://echo--weu--alice.global.localhost:{}/echo",
+            edge.port()
+        );
+        assert_eq!(m.get(&url, Some(&key)).await.status(), StatusCode::OK);
+        assert_eq!(m.get(&url, None).await.status(), StatusCode::UNAUTHORIZED);
+    }
+
+    // A WebSocket across the mesh (eu edge → ap agent).
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", m.eu.port()))
+        .await
+        .unwrap();
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+        format!("ws://echo--wap--alice.eu.apps.localhost:{}/ws", m.eu.port()),
+    )
+    .unwrap();
+    req.headers_mut()
+        .insert("Devmesh-Session-Token", key.parse().unwrap());
+    let (mut socket, _) = tokio_tungstenite::client_async(req, tcp)
+        .await
+        .expect("websocket upgrade across the mesh");
+    for i in 0..3 {
+        socket
+            .send(tokio_tungstenite::tungstenite::Message::text(format!(
+                "hi {i}"
+            )))
+            .await
+            .unwrap();
+        let msg = socket.next().await.unwrap().unwrap();
+        assert_eq!(msg.into_text().unwrap().as_str(), format!("hi {i}"));
+    }
+    socket.close(None).await.unwrap();
+
+    // Steady state: after the first authorisation, requests through the eu
+    // edge for the eu agent never reach the primary.
+    let url = Mesh::url(&m.eu, "eu", "echo--weu--alice", "/echo");
+    assert_eq!(m.get(&url, Some(&key)).await.status(), StatusCode::OK);
+    let before = m.primary_requests().await;
+    let client = app_client(false);
+    for _ in 0..300 {
+        let resp = client
+            .get(&url)
+            .header("Devmesh-Session-Token", &key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        resp.bytes().await.unwrap();
+    }
+    assert_eq!(
+        m.primary_requests().await,
+        before,
+        "the primary served none of them"
+    );
+
+    // Refused at the edge: a forged token, a token for another app host,
+    // a hostname naming the wrong owner, another user's key.
+    let (_, alice_me) = m.alice.get("/users/me").await;
+    let ws = &m.workspaces[0];
+    let token_cookie = format!(
+        "devmesh_app_token_{}",
+        &hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+            b"*.eu.apps.localhost"
+        ))[..8]
+    );
+    let now = chrono::Utc::now().timestamp();
+    let claims = |host: String| AppToken {
+        user_id: Some(alice_me["id"].as_str().unwrap().parse().unwrap()),
+        workspace_id: ws["id"].as_str().unwrap().parse().unwrap(),
+        agent_id: ws["agents"][0]["id"]
+            .as_str()
+            .unwrap_or_default()
+            .parse()
+            .unwrap_or_default(),
+        target: AppTarget::Slug("echo".into()),
+        host,
+        sharing_level: devmesh_shared::api::SharingLevel::Owner,
+        key_id: None,
+        port: 1,
+        https: false,
+        base_path: "/".into(),
+        issued_at_ms: now * 1000,
+        exp: now + 600,
+    };
+    let host = format!("echo--weu--alice.eu.apps.localhost:{}", m.eu.port());
+    let forged = SigningKey::generate("attacker").sign(&claims(host.clone()));
+    let with_cookie = |cookie: String| {
+        app_client(false)
+            .get(&url)
+            .header("Cookie", format!("{token_cookie}={cookie}"))
+            .send()
+    };
+    assert_eq!(
+        with_cookie(forged).await.unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
+    // A genuine token, minted for another host, from a real response.
+    let other = m
+        .get(
+            &Mesh::url(&m.eu, "eu", "pub--weu--alice", "/echo"),
+            Some(&key),
+        )
+        .await;
+    let minted = other
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .find_map(|v| {
+            v.to_str()
+                .ok()?
+                .strip_prefix(&format!("{token_cookie}="))?
+                .split(';')
+                .next()
+                .map(str::to_owned)
+        })
+        .expect("an app token cookie");
+    assert_eq!(
+        with_cookie(minted).await.unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
+    let wrong_owner = Mesh::url(&m.eu, "eu", "echo--weu--bob", "/echo");
+    assert_eq!(
+        m.get(&wrong_owner, Some(&key)).await.status(),
+        StatusCode::NOT_FOUND
+    );
+    let bob = Api::new(&m.alice.base, None)
+        .login("bob", "bob-password")
+        .await;
+    assert_eq!(
+        m.get(&url, bob.token.as_deref()).await.status(),
+        StatusCode::FORBIDDEN
+    );
+}
+
+#[tokio::test]
+async fn revocations_reach_every_edge_within_a_second() {
+    let m = Mesh::start().await;
+    let key = m.alice_key();
+    let urls = [
+        Mesh::url(&m.eu, "eu", "echo--wap--alice", "/echo"),
+        Mesh::url(m.ap(), "ap", "echo--wap--alice", "/echo"),
+        Mesh::url(&m.eu, "eu", "echo--weu--alice", "/echo"),
+        Mesh::url(m.ap(), "ap", "echo--weu--alice", "/echo"),
+    ];
+    // Warm every edge's decisions, and keep the token cookies a browser would.
+    let mut cookies = Vec::new();
+    for url in &urls {
+        let resp = m.get(url, Some(&key)).await;
+        assert_eq!(resp.status(), StatusCode::OK, "{url}");
+        let cookie = resp
+            .headers()
+            .get_all("set-cookie")
+            .iter()
+            .find_map(|v| v.to_str().ok()?.split(';').next().map(str::to_owned))
+            .expect("a token cookie");
+        cookies.push(cookie);
+    }
+    let with_cookie = |url: &str, cookie: &str| {
+        app_client(false)
+            .get(url)
+            .header("Cookie", cookie.to_owned())
+            .send()
+    };
+    for (url, cookie) in urls.iter().zip(&cookies) {
+        assert_eq!(
+            with_cookie(url, cookie).await.unwrap().status(),
+            StatusCode::OK
+        );
+    }
+
+    // Stopping `wap` cuts its token cookies and cached decisions on both edges.
+    let wap = m.workspaces[1]["id"].as_str().unwrap();
+    let (s, _) = m
+        .alice
+        .post(
+            &format!("/workspaces/{wap}/builds"),
+            json!({"transition": "stop"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let stopped = Instant::now();
+    for (url, cookie) in urls[..2].iter().zip(&cookies[..2]) {
+        loop {
+            let by_cookie = with_cookie(url, cookie).await.unwrap().status();
+            let by_key = m.get(url, Some(&key)).await.status();
+            if by_cookie == StatusCode::UNAUTHORIZED && by_key == StatusCode::SERVICE_UNAVAILABLE {
+                break;
+            }
+            assert!(
+                stopped.elapsed() < Duration::from_secs(1),
+                "{url} still answers {by_cookie}/{by_key} a second after the stop"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // The other workspace is untouched.
+    assert_eq!(m.get(&urls[2], Some(&key)).await.status(), StatusCode::OK);
+
+    // Signing out revokes every app token of the user on every edge.
+    let (s, _) = m.alice.post("/users/logout", json!({})).await;
+    assert!(s.is_success(), "{s}");
+    let out = Instant::now();
+    for (url, cookie) in urls[2..].iter().zip(&cookies[2..]) {
+        loop {
+            let by_cookie = with_cookie(url, cookie).await.unwrap().status();
+            let by_key = m.get(url, Some(&key)).await.status();
+            if by_cookie == StatusCode::UNAUTHORIZED && by_key == StatusCode::UNAUTHORIZED {
+                break;
+            }
+            assert!(
+                out.elapsed() < Duration::from_secs(1),
+                "{url} still answers {by_cookie}/{by_key} a second after sign-out"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn edges_keep_serving_open_sessions_while_the_primary_is_down() {
+    let mut m = Mesh::start().await;
+    let key = m.alice_key();
+    let urls = [
+        Mesh::url(&m.eu, "eu", "echo--weu--alice", "/echo"),
+        Mesh::url(&m.eu, "eu", "echo--wap--alice", "/echo"),
+        Mesh::url(m.ap(), "ap", "echo--wap--alice", "/echo"),
+        Mesh::url(m.ap(), "ap", "echo--weu--alice", "/echo"),
+    ];
+    for url in &urls {
+        assert_eq!(
+            m.get(url, Some(&key)).await.status(),
+            StatusCode::OK,
+            "{url}"
+        );
+    }
+    let bob = Api::new(&m.alice.base, None)
+        .login("bob", "bob-password")
+        .await;
+
+    m.primary.take().unwrap().crash().await;
+    for url in &urls {
+        assert_eq!(
+            m.get(url, Some(&key)).await.status(),
+            StatusCode::OK,
+            "{url} with the primary down"
+        );
+    }
+    // A key the edge has never seen needs the primary: a clear 503.
+    let resp = m.get(&urls[0], bob.token.as_deref()).await;
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    eventually(30, "the edge reports the outage", || async {
+        let r: Value = reqwest::get(format!("{}/healthz-report", m.eu.url))
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (r["primary_reachable"] == false).then_some(())
+    })
+    .await;
+    assert_eq!(
+        edge_metric(&m.eu, "devmesh_edge_primary_reachable").await,
+        0
+    );
+
+    // The primary comes back on its address; the edges recover by themselves.
+    let primary = ServerProcess::start(
+        &[
+            "--wildcard-access-url",
+            "*.apps.localhost",
+            "--http-address",
+            &format!("127.0.0.1:{}", m.primary_port),
+        ],
+        &[("DEVMESH_POSTGRES_URL", &m.db_url)],
+        m.dir.path(),
+    )
+    .await;
+    m.primary = Some(primary);
+    eventually(30, "the edge reconnects", || async {
+        let r: Value = reqwest::get(format!("{}/healthz-report", m.eu.url))
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (r["primary_reachable"] == true).then_some(())
+    })
+    .await;
+    let resp = m.get(&urls[0], bob.token.as_deref()).await;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN, "bob is decided again");
+    let _ = &m.owner;
+}
+
+#[tokio::test]
+async fn agents_of_a_dead_edge_re_attach_elsewhere_and_apps_work_again() {
+    let mut m = Mesh::start().await;
+    let key = m.alice_key();
+    let url = Mesh::url(&m.eu, "eu", "echo--wap--alice", "/echo");
+    assert_eq!(m.get(&url, Some(&key)).await.status(), StatusCode::OK);
+
+    m.ap.take().unwrap().kill().await;
+    let killed = Instant::now();
+    let back = eventually(60, "the app answers again through eu", || async {
+        (m.get(&url, Some(&key)).await.status() == StatusCode::OK).then(|| killed.elapsed())
+    })
+    .await;
+    println!("re-attached and serving {back:?} after the ap edge was killed");
+    assert!(back < Duration::from_secs(30), "took {back:?}");
+}
