@@ -1,7 +1,7 @@
-//! The workspace agent (`devmesh agent`): keeps one QUIC tunnel to a relay
-//! and splices the relay's streams onto local ports, runs the startup and
-//! stop scripts and streams their output, checks app health and reports
-//! lifecycle, logs and health to the primary.
+//! The workspace agent (`devmesh agent`): keeps one QUIC tunnel to the
+//! nearest relay and splices the relay's streams onto local ports, runs the
+//! startup and stop scripts and streams their output, checks app health and
+//! reports lifecycle, logs and health to the primary.
 //!
 //! [`run`] is the whole agent; the CLI parses [`AgentArgs`] and cancels the
 //! token on SIGTERM or SIGINT.
@@ -12,6 +12,7 @@ mod client;
 mod health;
 mod lifecycle;
 mod logs;
+mod nearest;
 mod scripts;
 mod supervisor;
 mod tunnel;

@@ -3,15 +3,13 @@
 use std::time::Duration;
 
 use devmesh_shared::api::{LifecycleState, ScriptSpec, ScriptTrigger};
-use devmesh_shared::tunnel::{StreamHeader, status};
 use quinn::ConnectionError;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::testutil::{
-    Behaviour, FakePrimary, RelayConn, RelayOptions, TOKEN, TestRelay, echo_server, eventually,
-    header_bytes, open_stream, within,
+    Behaviour, FakePrimary, RelayOptions, TOKEN, TestRelay, echo_through, eventually, within,
 };
 
 use LifecycleState::{Off, Ready, ShuttingDown, Starting};
@@ -69,18 +67,6 @@ impl Drop for Running {
     fn drop(&mut self) {
         self.shutdown.cancel();
     }
-}
-
-/// Proves the tunnel serves: an echo through a relay-opened stream.
-async fn echo_through(rc: &RelayConn) {
-    let mut echo = echo_server().await;
-    let header = header_bytes(&StreamHeader::Tcp { port: echo.port });
-    let (mut send, mut recv) = open_stream(&rc.conn, &header).await;
-    send.write_all(b"ping").await.unwrap();
-    send.finish().unwrap();
-    let got = within("the echo", recv.read_to_end(1024)).await.unwrap();
-    assert_eq!(got, [&[status::OK][..], b"ping"].concat());
-    within("echo EOF", echo.eofs.recv()).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
