@@ -51,12 +51,14 @@ pub(crate) struct ApiClient {
     inner: Arc<Inner>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Inner {
     http: reqwest::Client,
     /// `<base>/api/v2/workspaceagents/me/`, ready to join paths onto.
     me: Url,
     token: Secret,
+    /// Relays of this region are preferred while they answer.
+    region: Option<String>,
 }
 
 impl ApiClient {
@@ -87,8 +89,33 @@ impl ApiClient {
             extra_roots,
         )?;
         Ok(Self {
-            inner: Arc::new(Inner { http, me, token }),
+            inner: Arc::new(Inner {
+                http,
+                me,
+                token,
+                region: None,
+            }),
         })
+    }
+
+    /// The same client, preferring `region`'s relays whenever they answer.
+    pub(crate) fn pinned_to(self, region: Option<String>) -> Self {
+        let Inner {
+            http, me, token, ..
+        } = Arc::unwrap_or_clone(self.inner);
+        Self {
+            inner: Arc::new(Inner {
+                http,
+                me,
+                token,
+                region,
+            }),
+        }
+    }
+
+    /// The preferred region's name, if one was given.
+    pub(crate) fn region(&self) -> Option<&str> {
+        self.inner.region.as_deref()
     }
 
     /// `GET manifest`.

@@ -1,7 +1,7 @@
-//! The workspace agent (`devmesh agent`): keeps one QUIC tunnel to a relay
-//! and splices the relay's streams onto local ports, runs the startup and
-//! stop scripts and streams their output, checks app health and reports
-//! lifecycle, logs and health to the primary.
+//! The workspace agent (`devmesh agent`): keeps one QUIC tunnel to the
+//! nearest relay and splices the relay's streams onto local ports, runs the
+//! startup and stop scripts and streams their output, checks app health and
+//! reports lifecycle, logs and health to the primary.
 //!
 //! [`run`] is the whole agent; the CLI parses [`AgentArgs`] and cancels the
 //! token on SIGTERM or SIGINT.
@@ -12,6 +12,7 @@ mod client;
 mod health;
 mod lifecycle;
 mod logs;
+mod nearest;
 mod scripts;
 mod supervisor;
 mod tunnel;
@@ -47,6 +48,11 @@ pub struct AgentArgs {
     /// system roots.
     #[arg(long, env = "DEVMESH_CA_CERT")]
     pub ca_cert: Option<PathBuf>,
+    /// Prefer this region's relays to the nearest whenever they answer
+    /// (failing over to the nearest other when they do not), for
+    /// workspaces that should stay in one region.
+    #[arg(long, env = "DEVMESH_RELAY_REGION")]
+    pub relay_region: Option<String>,
 }
 
 // Written by hand so the token never reaches a log through `{:?}`.
@@ -96,7 +102,8 @@ async fn run_with(
 ) -> anyhow::Result<()> {
     devmesh_shared::runtime::install_crypto_provider();
     let client = ApiClient::new(&args.url, Secret::new(args.token), args.ca_cert.as_deref())
-        .context("invalid agent settings")?;
+        .context("invalid agent settings")?
+        .pinned_to(args.relay_region.clone());
     tracing::info!(version = devmesh_shared::VERSION, url = %args.url, "devmesh agent starting");
 
     let Some(manifest) =

@@ -1,16 +1,30 @@
-//! Keeps the agent attached: fetch the manifest, get a fresh ticket, attach
-//! to the first relay that accepts, serve until the connection is lost, back
-//! off, repeat. Survives primary restarts and network loss on its own.
+//! Keeps the agent attached to the nearest relay: fetch the manifest,
+//! measure the round-trip time to every relay it lists, attach to the
+//! nearest that accepts a fresh ticket, and serve. While attached, measure
+//! again every [`Timing::recheck_interval`] and move, make-before-break,
+//! when [`RelayChooser`] says another relay is clearly nearer. When the
+//! connection is lost, start over at once with a fresh manifest; back off
+//! only when no relay accepts (or connections keep dying young). Survives
+//! primary restarts and network loss on its own.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use devmesh_shared::api::AgentManifest;
+use devmesh_shared::api::{AgentManifest, RelayInfo};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::client::{self, ApiClient, log_api_error};
+use crate::nearest::{self, Decision, Measurement, RelayChooser};
 use crate::tunnel::{self, Attached, End, Timing};
 use devmesh_shared::backoff::Backoff;
+
+/// Time a re-check may spend fetching the manifest; past it, the re-check
+/// measures the relays it already knows.
+const RECHECK_MANIFEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Runs until `cancel` fires, then closes the connection (code 0,
 /// "shutdown") and returns. `manifest` saves the first fetch when the
@@ -18,64 +32,83 @@ use devmesh_shared::backoff::Backoff;
 /// the mesh CA can change.
 pub(crate) async fn run(
     client: ApiClient,
-    mut manifest: Option<AgentManifest>,
+    manifest: Option<AgentManifest>,
     timing: Timing,
     cancel: CancellationToken,
+) {
+    // Every tunnel is served in a task of its own; one left behind by a
+    // move may still be closing when the agent shuts down.
+    let tunnels = TaskTracker::new();
+    keep_attached(&client, manifest, &timing, &cancel, &tunnels).await;
+    tunnels.close();
+    tunnels.wait().await;
+}
+
+async fn keep_attached(
+    client: &ApiClient,
+    mut manifest: Option<AgentManifest>,
+    timing: &Timing,
+    cancel: &CancellationToken,
+    tunnels: &TaskTracker,
 ) {
     let mut backoff = Backoff::default();
     loop {
         let manifest = match manifest.take() {
             Some(m) => m,
             None => {
-                match client::retry("fetching the manifest", &cancel, || client.manifest()).await {
+                match client::retry("fetching the manifest", cancel, || client.manifest()).await {
                     Some(m) => m,
                     None => return,
                 }
             }
         };
-        let agent_id: Arc<str> = manifest.agent_id.to_string().into();
-        match attach_any(&client, &manifest, &timing, &cancel).await {
+        match attach_nearest(client, &manifest, timing, cancel).await {
             Round::Cancelled => return,
             Round::Failed => {}
-            Round::Attached { tunnel, region } => {
-                let tunnel = *tunnel;
+            Round::Attached(first) => {
                 let since = Instant::now();
-                tracing::info!(
-                    relay = %tunnel.relay_name,
-                    %region,
-                    address = %tunnel.remote_address(),
-                    "attached to relay"
-                );
-                match tunnel.serve(agent_id, &timing, &cancel).await {
-                    End::Shutdown => {
-                        tracing::info!("tunnel closed for shutdown");
-                        return;
-                    }
-                    End::Lost(reason) => {
-                        tracing::warn!(%reason, "tunnel lost; reconnecting");
-                    }
+                let end = stay_attached(client, manifest, *first, timing, cancel, tunnels).await;
+                let attached_for = since.elapsed();
+                // Anything else is a lost tunnel, which `stay_attached` (knowing
+                // the relay) has logged.
+                if end == End::Shutdown {
+                    tracing::info!("tunnel closed for shutdown");
+                    return;
                 }
-                backoff.connection_lasted(since.elapsed());
+                // A connection that lasted was healthy: find the next-nearest
+                // relay now. One that died young may be a relay that accepts
+                // and drops, so that keeps backing off.
+                if attached_for >= Backoff::RESET_AFTER {
+                    backoff.reset();
+                    continue;
+                }
             }
         }
-        if !backoff.wait(&cancel).await {
+        if !backoff.wait(cancel).await {
             return;
         }
     }
 }
 
+// === Attaching ===
+
+/// A tunnel just attached, with how it measured.
+struct Attachment {
+    tunnel: Attached,
+    relay: RelayInfo,
+    rtt: Option<Duration>,
+}
+
 /// The result of one pass over the candidate relays.
 enum Round {
-    Attached {
-        tunnel: Box<Attached>,
-        region: String,
-    },
+    Attached(Box<Attachment>),
     Failed,
     Cancelled,
 }
 
-/// Tries each candidate relay once, with a fresh ticket each.
-async fn attach_any(
+/// Measures every relay in `manifest` and tries them nearest first, each
+/// with a fresh ticket.
+async fn attach_nearest(
     client: &ApiClient,
     manifest: &AgentManifest,
     timing: &Timing,
@@ -88,41 +121,259 @@ async fn attach_any(
             return Round::Failed;
         }
     };
-    let candidates = tunnel::order_candidates(&manifest.relays);
-    if candidates.is_empty() {
+    if manifest.relays.is_empty() {
         tracing::warn!("the manifest lists no relays; retrying");
         return Round::Failed;
     }
-    for relay in candidates {
-        let ticket = tokio::select! {
-            t = client.attach_ticket() => t,
-            () = cancel.cancelled() => return Round::Cancelled,
-        };
-        let ticket = match ticket {
-            Ok(t) => t.ticket,
-            Err(e) => {
-                log_api_error("getting an attach ticket", &e);
-                return Round::Failed;
-            }
-        };
+    let mut measured = tokio::select! {
+        m = tunnel::measure(&manifest.relays, &config, timing) => m,
+        () = cancel.cancelled() => return Round::Cancelled,
+    };
+    nearest::prefer_region(&mut measured, client.region());
+    for candidate in nearest::order_candidates(measured) {
         let attached = tokio::select! {
-            a = tunnel::attach(relay, &config, &ticket, timing) => a,
+            a = attach_one(client, &candidate.relay, &config, timing) => a,
             () = cancel.cancelled() => return Round::Cancelled,
         };
         match attached {
             Ok(tunnel) => {
-                return Round::Attached {
-                    tunnel: Box::new(tunnel),
-                    region: relay.region.clone(),
-                };
+                return Round::Attached(Box::new(Attachment {
+                    tunnel,
+                    relay: candidate.relay,
+                    rtt: candidate.rtt,
+                }));
             }
-            Err(e) => tracing::warn!(
-                region = %relay.region,
-                address = %relay.address,
-                error = %e,
-                "cannot attach to relay"
-            ),
+            Err(Failure::Ticket) => return Round::Failed,
+            Err(Failure::Relay) => {}
         }
     }
     Round::Failed
 }
+
+/// Why [`attach_one`] failed; both are logged already.
+enum Failure {
+    /// No ticket: the primary is unreachable or refuses us, so no relay
+    /// will do better.
+    Ticket,
+    /// This relay did not attach us.
+    Relay,
+}
+
+/// Gets a fresh ticket and attaches to `relay` with it.
+async fn attach_one(
+    client: &ApiClient,
+    relay: &RelayInfo,
+    config: &quinn::ClientConfig,
+    timing: &Timing,
+) -> Result<Attached, Failure> {
+    let ticket = match client.attach_ticket().await {
+        Ok(t) => t.ticket,
+        Err(e) => {
+            log_api_error("getting an attach ticket", &e);
+            return Err(Failure::Ticket);
+        }
+    };
+    tunnel::attach(relay, config, &ticket, timing)
+        .await
+        .map_err(|e| {
+            tracing::warn!(
+                region = %relay.region,
+                address = %relay.address,
+                error = %e,
+                "cannot attach to relay"
+            );
+            Failure::Relay
+        })
+}
+
+// === Serving and moving ===
+
+/// A tunnel being served by its own task.
+struct Serving {
+    task: JoinHandle<End>,
+    /// Fires to close the tunnel because the agent moved.
+    moved: CancellationToken,
+    relay: RelayInfo,
+}
+
+/// Logs the attachment and spawns the task serving it.
+fn spawn_serving(
+    attachment: Attachment,
+    agent_id: &Arc<str>,
+    timing: &Timing,
+    cancel: &CancellationToken,
+    tunnels: &TaskTracker,
+) -> Serving {
+    let Attachment { tunnel, relay, rtt } = attachment;
+    tracing::info!(
+        region = %relay.region,
+        address = %relay.address,
+        rtt_ms = rtt_ms(rtt),
+        relay = %tunnel.relay_name,
+        peer = %tunnel.remote_address(),
+        "attached to relay"
+    );
+    let moved = CancellationToken::new();
+    let span = tracing::info_span!("tunnel", region = %relay.region);
+    let task = tunnels.spawn({
+        let (agent_id, timing, cancel, moved) =
+            (agent_id.clone(), *timing, cancel.clone(), moved.clone());
+        async move { tunnel.serve(agent_id, &timing, &cancel, &moved).await }.instrument(span)
+    });
+    Serving { task, moved, relay }
+}
+
+/// Serves `first` and whatever the agent moves to, re-measuring every
+/// [`Timing::recheck_interval`]. Returns when the tunnel being served is
+/// lost or `cancel` fires.
+async fn stay_attached(
+    client: &ApiClient,
+    manifest: AgentManifest,
+    first: Attachment,
+    timing: &Timing,
+    cancel: &CancellationToken,
+    tunnels: &TaskTracker,
+) -> End {
+    let agent_id: Arc<str> = manifest.agent_id.to_string().into();
+    let mut known = Known {
+        relays: manifest.relays,
+        mesh_ca_pem: manifest.mesh_ca_pem,
+    };
+    let mut chooser = RelayChooser::new(first.relay.clone());
+    let mut current = spawn_serving(first, &agent_id, timing, cancel, tunnels);
+    loop {
+        let nearer = tokio::select! {
+            end = &mut current.task => {
+                let end = ended(end);
+                if let End::Lost(reason) = &end {
+                    tracing::warn!(
+                        region = %current.relay.region,
+                        address = %current.relay.address,
+                        %reason,
+                        "tunnel lost; re-measuring the relays"
+                    );
+                }
+                return end;
+            }
+            nearer = async {
+                tokio::time::sleep(timing.recheck_interval).await;
+                recheck(client, &mut known, &mut chooser, timing).await
+            } => nearer,
+        };
+        let Some(next) = nearer else { continue };
+        // Make before break: the new tunnel serves before the old one closes.
+        let next = spawn_serving(next, &agent_id, timing, cancel, tunnels);
+        current.moved.cancel();
+        tracing::debug!(region = %current.relay.region, "closing the tunnel left behind");
+        // The old task finishes closing on its own, tracked by `tunnels`.
+        current = next;
+    }
+}
+
+fn ended(joined: Result<End, tokio::task::JoinError>) -> End {
+    match joined {
+        Ok(end) => end,
+        Err(e) => End::Lost(format!("the tunnel task failed: {e}")),
+    }
+}
+
+/// What the agent knows of the relays while attached.
+struct Known {
+    relays: Vec<RelayInfo>,
+    mesh_ca_pem: String,
+}
+
+/// One re-check: refresh the relay list if the primary answers, measure
+/// every relay (and the current one, listed or not), and if the chooser
+/// says move, attach to the nearer relay. `Some` is that new tunnel; the
+/// caller closes the old one.
+async fn recheck(
+    client: &ApiClient,
+    known: &mut Known,
+    chooser: &mut RelayChooser,
+    timing: &Timing,
+) -> Option<Attachment> {
+    match tokio::time::timeout(RECHECK_MANIFEST_TIMEOUT, client.manifest()).await {
+        Ok(Ok(m)) => {
+            known.relays = m.relays;
+            known.mesh_ca_pem = m.mesh_ca_pem;
+        }
+        Ok(Err(e)) => tracing::debug!(error = %e, "re-check: no fresh manifest; using the last"),
+        Err(_) => tracing::debug!("re-check: no fresh manifest in time; using the last"),
+    }
+    let config = match tunnel::client_config(&known.mesh_ca_pem) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "re-check: the manifest's mesh CA is unusable");
+            return None;
+        }
+    };
+    let mut relays = known.relays.clone();
+    if !relays.contains(chooser.current()) {
+        relays.push(chooser.current().clone());
+    }
+    let mut measured = tunnel::measure(&relays, &config, timing).await;
+    nearest::prefer_region(&mut measured, client.region());
+    let (to, from_rtt) = match chooser.observe(&measured) {
+        Decision::Stay { nearer_rounds } => {
+            tracing::debug!(
+                nearer_rounds,
+                needed = nearest::ROUNDS,
+                rtts = %Rtts(&measured),
+                "re-checked the relays"
+            );
+            return None;
+        }
+        Decision::Move { to, from_rtt } => (to, from_rtt),
+    };
+    let from = chooser.current();
+    tracing::info!(
+        from.region = %from.region,
+        from.address = %from.address,
+        from.rtt_ms = rtt_ms(from_rtt),
+        to.region = %to.relay.region,
+        to.address = %to.relay.address,
+        to.rtt_ms = rtt_ms(to.rtt),
+        "moving to a nearer relay"
+    );
+    match attach_one(client, &to.relay, &config, timing).await {
+        Ok(tunnel) => {
+            chooser.moved_to(to.relay.clone());
+            Some(Attachment {
+                tunnel,
+                relay: to.relay,
+                rtt: to.rtt,
+            })
+        }
+        Err(_) => {
+            tracing::warn!(region = %from.region, "staying on the current relay");
+            None
+        }
+    }
+}
+
+/// An RTT in milliseconds to a tenth, for logs.
+fn rtt_ms(rtt: Option<Duration>) -> Option<f64> {
+    rtt.map(|d| (d.as_secs_f64() * 10_000.0).round() / 10.0)
+}
+
+/// A round's RTTs as `region=12.3ms, other=unreachable`, for debug logs.
+struct Rtts<'a>(&'a [Measurement]);
+
+impl std::fmt::Display for Rtts<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, m) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            match rtt_ms(m.rtt) {
+                Some(ms) => write!(f, "{}={ms}ms", m.relay.region)?,
+                None => write!(f, "{}=unreachable", m.relay.region)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

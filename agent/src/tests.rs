@@ -3,15 +3,13 @@
 use std::time::Duration;
 
 use devmesh_shared::api::{LifecycleState, ScriptSpec, ScriptTrigger};
-use devmesh_shared::tunnel::{StreamHeader, status};
 use quinn::ConnectionError;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::testutil::{
-    Behaviour, FakePrimary, RelayConn, RelayOptions, TOKEN, TestRelay, echo_server, eventually,
-    header_bytes, open_stream, within,
+    Behaviour, FakePrimary, RelayOptions, TOKEN, TestRelay, echo_through, eventually, within,
 };
 
 use LifecycleState::{Off, Ready, ShuttingDown, Starting};
@@ -31,6 +29,7 @@ fn args(primary: &FakePrimary) -> AgentArgs {
         url: primary.url.clone(),
         token: TOKEN.into(),
         ca_cert: None,
+        relay_region: None,
     }
 }
 
@@ -69,18 +68,6 @@ impl Drop for Running {
     fn drop(&mut self) {
         self.shutdown.cancel();
     }
-}
-
-/// Proves the tunnel serves: an echo through a relay-opened stream.
-async fn echo_through(rc: &RelayConn) {
-    let mut echo = echo_server().await;
-    let header = header_bytes(&StreamHeader::Tcp { port: echo.port });
-    let (mut send, mut recv) = open_stream(&rc.conn, &header).await;
-    send.write_all(b"ping").await.unwrap();
-    send.finish().unwrap();
-    let got = within("the echo", recv.read_to_end(1024)).await.unwrap();
-    assert_eq!(got, [&[status::OK][..], b"ping"].concat());
-    within("echo EOF", echo.eofs.recv()).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -228,6 +215,7 @@ async fn unusable_settings_are_errors() {
         url: "ftp://example.test".into(),
         token: "t".into(),
         ca_cert: None,
+        relay_region: None,
     };
     assert!(run(bad_url, CancellationToken::new()).await.is_err());
 
@@ -236,6 +224,7 @@ async fn unusable_settings_are_errors() {
         url: "https://example.test".into(),
         token: "t".into(),
         ca_cert: Some(dir.path().join("missing.pem")),
+        relay_region: None,
     };
     assert!(run(missing, CancellationToken::new()).await.is_err());
 
@@ -245,6 +234,7 @@ async fn unusable_settings_are_errors() {
         url: "https://example.test".into(),
         token: "t".into(),
         ca_cert: Some(empty),
+        relay_region: None,
     };
     assert!(run(no_certs, CancellationToken::new()).await.is_err());
 }
@@ -255,6 +245,7 @@ fn debug_never_shows_the_token() {
         url: "https://example.test".into(),
         token: "super-secret".into(),
         ca_cert: None,
+        relay_region: None,
     };
     let shown = format!("{args:?}");
     assert!(!shown.contains("super-secret"), "{shown}");

@@ -1,12 +1,14 @@
 //! Real components for the agent's tests: a fake primary (axum) that
 //! records what the agent reports, a QUIC relay with a test mesh CA (quinn
-//! and rcgen), and small TCP servers. Everything binds `127.0.0.1:0` and
-//! stops when dropped.
+//! and rcgen), a UDP forwarder that makes a relay look far away, and small
+//! TCP servers. Everything binds `127.0.0.1:0` and stops when dropped.
 
-use std::collections::BTreeMap;
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Json;
@@ -22,12 +24,12 @@ use devmesh_shared::secret::Secret;
 use devmesh_shared::tunnel::{Control, io as wire};
 use parking_lot::Mutex;
 use quinn::crypto::rustls::QuicServerConfig;
-use quinn::{Connection, Endpoint, RecvStream, SendStream};
+use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::{Semaphore, mpsc};
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
 use crate::client::ApiClient;
@@ -173,6 +175,11 @@ impl FakePrimary {
 
     pub(crate) fn recorded<T>(&self, f: impl FnOnce(&Recorded) -> T) -> T {
         f(&self.state.recorded.lock())
+    }
+
+    /// Serves `manifest` from now on.
+    pub(crate) fn set_manifest(&self, manifest: AgentManifest) {
+        self.state.behaviour.lock().manifest = manifest;
     }
 
     /// Waits until the recording satisfies `cond`.
@@ -362,22 +369,33 @@ impl Default for RelayOptions {
 pub(crate) struct RelayConn {
     pub(crate) conn: Connection,
     pub(crate) ticket: String,
+    /// When the relay answered `Attached`.
+    pub(crate) attached_at: Instant,
+    /// RTT probes the relay had seen when this agent attached.
+    pub(crate) probes_before: usize,
     _control: AbortOnDrop<()>,
 }
 
 /// A QUIC relay speaking the tunnel protocol on `127.0.0.1:0`.
 pub(crate) struct TestRelay {
-    pub(crate) ca: TestCa,
+    pub(crate) ca: Arc<TestCa>,
     pub(crate) addr: SocketAddr,
     endpoint: Endpoint,
     attached: mpsc::UnboundedReceiver<RelayConn>,
     tickets: Arc<Mutex<Vec<String>>>,
+    probes: Arc<AtomicUsize>,
     _accept: AbortOnDrop<()>,
 }
 
 impl TestRelay {
+    /// A relay with a mesh CA of its own.
     pub(crate) async fn start(options: RelayOptions) -> Self {
-        let ca = TestCa::new("test mesh CA");
+        Self::start_in(Arc::new(TestCa::new("test mesh CA")), options).await
+    }
+
+    /// A relay whose certificate `ca` signs, so several relays can share
+    /// one manifest.
+    pub(crate) async fn start_in(ca: Arc<TestCa>, options: RelayOptions) -> Self {
         let (chain, key) = ca.leaf(RELAY_NAME);
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut tls = rustls::ServerConfig::builder_with_provider(provider)
@@ -393,13 +411,21 @@ impl TestRelay {
         let addr = endpoint.local_addr().unwrap();
         let (tx, attached) = mpsc::unbounded_channel();
         let tickets = Arc::new(Mutex::new(Vec::new()));
-        let accept = tokio::spawn(accept_loop(endpoint.clone(), options, tx, tickets.clone()));
+        let probes = Arc::new(AtomicUsize::new(0));
+        let accept = tokio::spawn(accept_loop(
+            endpoint.clone(),
+            options,
+            tx,
+            tickets.clone(),
+            probes.clone(),
+        ));
         Self {
             ca,
             addr,
             endpoint,
             attached,
             tickets,
+            probes,
             _accept: AbortOnDrop(accept),
         }
     }
@@ -433,6 +459,12 @@ impl TestRelay {
     pub(crate) fn tickets(&self) -> Vec<String> {
         self.tickets.lock().clone()
     }
+
+    /// Connections that ended as RTT probes should: closed by the agent
+    /// with the probe code, without opening a stream.
+    pub(crate) fn probes(&self) -> usize {
+        self.probes.load(Ordering::SeqCst)
+    }
 }
 
 impl Drop for TestRelay {
@@ -446,12 +478,20 @@ async fn accept_loop(
     options: RelayOptions,
     attached: mpsc::UnboundedSender<RelayConn>,
     tickets: Arc<Mutex<Vec<String>>>,
+    probes: Arc<AtomicUsize>,
 ) {
     let mut refused = 0;
     while let Some(incoming) = endpoint.accept().await {
         let Ok(conn) = incoming.await else { continue };
-        let Ok((mut send, mut recv)) = conn.accept_bi().await else {
-            continue;
+        let (mut send, mut recv) = match conn.accept_bi().await {
+            Ok(streams) => streams,
+            Err(ConnectionError::ApplicationClosed(c))
+                if c.error_code == crate::tunnel::close::PROBE =>
+            {
+                probes.fetch_add(1, Ordering::SeqCst);
+                continue;
+            }
+            Err(_) => continue,
         };
         let Ok(Some(Control::Attach { ticket })) = wire::read_control(&mut recv).await else {
             conn.close(9u32.into(), b"expected attach");
@@ -476,6 +516,7 @@ async fn accept_loop(
             });
             continue;
         }
+        let attached_at = Instant::now();
         let _ = wire::write_control(
             &mut send,
             &Control::Attached {
@@ -487,6 +528,8 @@ async fn accept_loop(
         let _ = attached.send(RelayConn {
             conn,
             ticket,
+            attached_at,
+            probes_before: probes.load(Ordering::SeqCst),
             _control: AbortOnDrop(control),
         });
     }
@@ -511,11 +554,117 @@ pub(crate) async fn open_stream(conn: &Connection, prefix: &[u8]) -> (SendStream
     (send, recv)
 }
 
+/// Proves the tunnel serves: an echo through a relay-opened stream.
+pub(crate) async fn echo_through(rc: &RelayConn) {
+    let mut echo = echo_server().await;
+    let header = header_bytes(&devmesh_shared::tunnel::StreamHeader::Tcp { port: echo.port });
+    let (mut send, mut recv) = open_stream(&rc.conn, &header).await;
+    send.write_all(b"ping").await.unwrap();
+    send.finish().unwrap();
+    let got = within("the echo", recv.read_to_end(1024)).await.unwrap();
+    assert_eq!(
+        got,
+        [&[devmesh_shared::tunnel::status::OK][..], b"ping"].concat()
+    );
+    within("echo EOF", echo.eofs.recv()).await.unwrap();
+}
+
 /// The bytes of a stream header.
 pub(crate) fn header_bytes(h: &devmesh_shared::tunnel::StreamHeader) -> Vec<u8> {
     let mut out = Vec::new();
     h.encode(&mut out);
     out
+}
+
+// === A far-away path ===
+
+/// A UDP forwarder in front of `target` that holds every datagram, in both
+/// directions, for an adjustable delay: a relay behind it looks that far
+/// away (the round trip grows by twice the delay). Each client address gets
+/// its own upstream socket, as behind a NAT.
+pub(crate) struct DelayForwarder {
+    /// Where clients send to.
+    pub(crate) addr: SocketAddr,
+    delay: Arc<Mutex<Duration>>,
+    _task: AbortOnDrop<()>,
+}
+
+/// A datagram waiting out its delay: when it is due, and where it goes.
+type Delayed = (Instant, Vec<u8>, SocketAddr);
+
+impl DelayForwarder {
+    pub(crate) async fn start(target: SocketAddr, delay: Duration) -> Self {
+        let front = Arc::new(UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap());
+        let addr = front.local_addr().unwrap();
+        let delay = Arc::new(Mutex::new(delay));
+        let task = tokio::spawn(forward(front, target, delay.clone()));
+        Self {
+            addr,
+            delay,
+            _task: AbortOnDrop(task),
+        }
+    }
+
+    /// Delays datagrams that arrive from now on by `delay`, each way.
+    pub(crate) fn set_delay(&self, delay: Duration) {
+        *self.delay.lock() = delay;
+    }
+}
+
+/// Reads from clients on `front`; each client's datagrams go to `target`
+/// from its own upstream socket, and the answers come back through `front`.
+/// Every task lives in one `JoinSet`, so aborting this task stops them all.
+async fn forward(front: Arc<UdpSocket>, target: SocketAddr, delay: Arc<Mutex<Duration>>) {
+    let mut tasks = JoinSet::new();
+    let (back_tx, back_rx) = mpsc::unbounded_channel();
+    tasks.spawn(deliver(front.clone(), back_rx));
+    let mut upstreams: HashMap<SocketAddr, mpsc::UnboundedSender<Delayed>> = HashMap::new();
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        // Errors here are ICMP echoes of earlier sends; keep going.
+        let Ok((n, client)) = front.recv_from(&mut buf).await else {
+            continue;
+        };
+        let due = Instant::now() + *delay.lock();
+        let upstream = match upstreams.entry(client) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => {
+                let socket = Arc::new(UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap());
+                let (tx, rx) = mpsc::unbounded_channel();
+                tasks.spawn(deliver(socket.clone(), rx));
+                tasks.spawn(answers(socket, client, delay.clone(), back_tx.clone()));
+                e.insert(tx)
+            }
+        };
+        let _ = upstream.send((due, buf[..n].to_vec(), target));
+    }
+}
+
+/// Relays `upstream`'s answers back towards `client`, delayed.
+async fn answers(
+    upstream: Arc<UdpSocket>,
+    client: SocketAddr,
+    delay: Arc<Mutex<Duration>>,
+    back: mpsc::UnboundedSender<Delayed>,
+) {
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let Ok((n, _)) = upstream.recv_from(&mut buf).await else {
+            continue;
+        };
+        let due = Instant::now() + *delay.lock();
+        if back.send((due, buf[..n].to_vec(), client)).is_err() {
+            return;
+        }
+    }
+}
+
+/// Sends each datagram from `socket` when it is due, in arrival order.
+async fn deliver(socket: Arc<UdpSocket>, mut queue: mpsc::UnboundedReceiver<Delayed>) {
+    while let Some((due, datagram, to)) = queue.recv().await {
+        tokio::time::sleep_until(due).await;
+        let _ = socket.send_to(&datagram, to).await;
+    }
 }
 
 // === Local TCP servers ===

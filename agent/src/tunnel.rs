@@ -1,7 +1,9 @@
 //! The agent's side of the QUIC tunnel: connect to a relay trusting only the
 //! mesh CA, attach with a ticket on the control stream, then serve the
 //! streams the relay opens (one per user connection) by splicing them onto
-//! local TCP ports, while pinging the relay to notice a dead path.
+//! local TCP ports, while pinging the relay to notice a dead path. Also
+//! measures the round-trip time to relays with bare QUIC handshakes, so the
+//! agent can pick the nearest.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -17,9 +19,12 @@ use rustls::pki_types::pem::PemObject;
 use thiserror::Error;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
+
+use crate::nearest::Measurement;
 
 // === Settings ===
 
@@ -29,12 +34,17 @@ const MAX_STREAMS: u32 = 10_000;
 const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
 /// Flow-control window of the whole connection, both directions.
 const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
-const KEEP_ALIVE: Duration = Duration::from_secs(5);
+/// Keep-alives let both ends notice a dead path within the relay's idle
+/// timeout (6 s), which is what makes failover to another relay quick.
+const KEEP_ALIVE: Duration = Duration::from_secs(2);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time to connect to a local port.
 const LOCAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time the close of a connection may take to reach the relay.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// Handshakes per relay in one measurement; the fastest counts, so one
+/// packet delayed by a busy scheduler does not make a relay look far.
+const PROBES_PER_RELAY: u32 = 3;
 
 /// QUIC application close codes the agent uses.
 pub(crate) mod close {
@@ -46,6 +56,10 @@ pub(crate) mod close {
     pub(crate) const LOST: VarInt = VarInt::from_u32(1);
     /// The attach did not complete (refused, timed out, protocol error).
     pub(crate) const ATTACH_FAILED: VarInt = VarInt::from_u32(2);
+    /// The connection only measured the round-trip time; it never attaches.
+    pub(crate) const PROBE: VarInt = VarInt::from_u32(3);
+    /// The agent attached to a nearer relay and leaves this one.
+    pub(crate) const MOVED: VarInt = VarInt::from_u32(4);
 }
 
 /// Stream error codes (RESET_STREAM / STOP_SENDING).
@@ -71,6 +85,12 @@ pub(crate) struct Timing {
     pub(crate) handshake_timeout: Duration,
     /// Time for a relay-opened stream to deliver its header.
     pub(crate) header_timeout: Duration,
+    /// Time for one RTT probe (a bare QUIC handshake); a relay that takes
+    /// longer counts as unreachable in that round.
+    pub(crate) probe_timeout: Duration,
+    /// How often an attached agent measures every relay again, to move when
+    /// another is clearly nearer.
+    pub(crate) recheck_interval: Duration,
 }
 
 impl Default for Timing {
@@ -80,6 +100,8 @@ impl Default for Timing {
             dead_after: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(10),
             header_timeout: Duration::from_secs(10),
+            probe_timeout: Duration::from_secs(2),
+            recheck_interval: Duration::from_secs(3 * 60),
         }
     }
 }
@@ -122,14 +144,6 @@ pub(crate) enum TunnelError {
     /// Reading or writing the control stream failed.
     #[error("control stream: {0}")]
     ControlIo(#[from] std::io::Error),
-}
-
-// === Relay choice ===
-
-/// The relays to try, best first. For now the manifest's order; measuring
-/// RTT to pick the nearest (with hysteresis) plugs in here.
-pub(crate) fn order_candidates(relays: &[RelayInfo]) -> Vec<&RelayInfo> {
-    relays.iter().collect()
 }
 
 // === Connecting ===
@@ -211,15 +225,7 @@ pub(crate) async fn attach(
     ticket: &str,
     timing: &Timing,
 ) -> Result<Attached, TunnelError> {
-    let lookup = tokio::net::lookup_host(relay.address.as_str());
-    let addrs: Vec<SocketAddr> = tokio::time::timeout(timing.handshake_timeout, lookup)
-        .await
-        .map_err(|_| TunnelError::Timeout("resolving the relay's address"))?
-        .map_err(|source| TunnelError::Resolve {
-            address: relay.address.clone(),
-            source,
-        })?
-        .collect();
+    let addrs = resolve(relay, timing.handshake_timeout).await?;
     let mut last = TunnelError::NoAddress(relay.address.clone());
     for addr in addrs {
         match attach_addr(addr, relay, config, ticket, timing).await {
@@ -232,6 +238,19 @@ pub(crate) async fn attach(
         }
     }
     Err(last)
+}
+
+/// The addresses `relay`'s address resolves to, in the resolver's order.
+async fn resolve(relay: &RelayInfo, timeout: Duration) -> Result<Vec<SocketAddr>, TunnelError> {
+    let lookup = tokio::net::lookup_host(relay.address.as_str());
+    Ok(tokio::time::timeout(timeout, lookup)
+        .await
+        .map_err(|_| TunnelError::Timeout("resolving the relay's address"))?
+        .map_err(|source| TunnelError::Resolve {
+            address: relay.address.clone(),
+            source,
+        })?
+        .collect())
 }
 
 async fn attach_addr(
@@ -308,6 +327,103 @@ fn kind(c: &Control) -> &'static str {
     }
 }
 
+// === Measuring ===
+
+/// Measures the round-trip time to every relay at once, each bounded by
+/// [`Timing::probe_timeout`] per handshake. The result is in `relays`'
+/// order; a relay that no probe got through to has no RTT.
+pub(crate) async fn measure(
+    relays: &[RelayInfo],
+    config: &quinn::ClientConfig,
+    timing: &Timing,
+) -> Vec<Measurement> {
+    let mut probes = JoinSet::new();
+    for (i, relay) in relays.iter().enumerate() {
+        let (relay, config, timing) = (relay.clone(), config.clone(), *timing);
+        probes.spawn(
+            async move {
+                let rtt = probe(&relay, &config, &timing).await;
+                if let Err(e) = &rtt {
+                    tracing::debug!(
+                        region = %relay.region,
+                        address = %relay.address,
+                        error = %e,
+                        "relay did not answer the RTT probe"
+                    );
+                }
+                (i, rtt.ok())
+            }
+            .in_current_span(),
+        );
+    }
+    let mut rtts = vec![None; relays.len()];
+    while let Some(done) = probes.join_next().await {
+        // A probe task only ends by returning; a panic would be a bug in
+        // quinn, and then the relay just counts as unreachable.
+        if let Ok((i, rtt)) = done {
+            rtts[i] = rtt;
+        }
+    }
+    relays
+        .iter()
+        .cloned()
+        .zip(rtts)
+        .map(|(relay, rtt)| Measurement { relay, rtt })
+        .collect()
+}
+
+/// The fastest of [`PROBES_PER_RELAY`] QUIC handshakes with `relay`'s first
+/// address, on one fresh endpoint. A handshake is one round trip plus the
+/// relay's TLS work, which is what each user connection's first byte pays
+/// too. The connections close at once with [`close::PROBE`] and never carry
+/// a ticket. Stops at the first failure; errs only if no handshake completed.
+pub(crate) async fn probe(
+    relay: &RelayInfo,
+    config: &quinn::ClientConfig,
+    timing: &Timing,
+) -> Result<Duration, TunnelError> {
+    let addr = resolve(relay, timing.probe_timeout)
+        .await?
+        .into_iter()
+        .next()
+        .ok_or_else(|| TunnelError::NoAddress(relay.address.clone()))?;
+    let endpoint = endpoint_for(addr).map_err(TunnelError::Endpoint)?;
+    let mut best: Option<Duration> = None;
+    let mut failure = None;
+    for _ in 0..PROBES_PER_RELAY {
+        let started = Instant::now();
+        let handshake = async {
+            let connecting = endpoint.connect_with(config.clone(), addr, &relay.server_name)?;
+            Ok::<_, TunnelError>(connecting.await?)
+        };
+        match tokio::time::timeout(timing.probe_timeout, handshake).await {
+            Ok(Ok(conn)) => {
+                let took = started.elapsed();
+                conn.close(close::PROBE, b"rtt probe");
+                best = Some(best.map_or(took, |b| b.min(took)));
+            }
+            Ok(Err(e)) => {
+                failure = Some(e);
+                break;
+            }
+            Err(_) => {
+                failure = Some(TunnelError::Timeout("probing the relay"));
+                break;
+            }
+        }
+    }
+    // Let the closes reach the relay without holding up the measurement.
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(CLOSE_GRACE, endpoint.wait_idle()).await;
+    });
+    match (best, failure) {
+        (Some(rtt), _) => Ok(rtt),
+        (None, Some(e)) => Err(e),
+        // PROBES_PER_RELAY > 0, so a loop without a success has a failure.
+        (None, None) => Err(TunnelError::Timeout("probing the relay")),
+    }
+}
+
 // === Serving ===
 
 /// Why [`Attached::serve`] returned.
@@ -315,6 +431,9 @@ fn kind(c: &Control) -> &'static str {
 pub(crate) enum End {
     /// Cancelled: the connection was closed with code 0, "shutdown".
     Shutdown,
+    /// The agent moved to another relay: the connection was closed with
+    /// [`close::MOVED`].
+    Moved,
     /// The connection died or the relay detached us; reconnect.
     Lost(String),
 }
@@ -326,13 +445,14 @@ impl Attached {
     }
 
     /// Serves relay-opened streams and keeps the control stream alive until
-    /// `cancel` fires or the connection is lost. The connection is closed
-    /// either way.
+    /// `shutdown` or `moved` fires or the connection is lost. The connection
+    /// is closed in every case, with a code saying which.
     pub(crate) async fn serve(
         self,
         agent_id: Arc<str>,
         timing: &Timing,
-        cancel: &CancellationToken,
+        shutdown: &CancellationToken,
+        moved: &CancellationToken,
     ) -> End {
         let Attached {
             endpoint,
@@ -354,7 +474,8 @@ impl Attached {
 
         let end = loop {
             tokio::select! {
-                () = cancel.cancelled() => break End::Shutdown,
+                () = shutdown.cancelled() => break End::Shutdown,
+                () = moved.cancelled() => break End::Moved,
                 incoming = conn.accept_bi() => match incoming {
                     Ok((send, recv)) => {
                         let span = tracing::info_span!(
@@ -398,6 +519,7 @@ impl Attached {
         reader.abort();
         match &end {
             End::Shutdown => conn.close(close::SHUTDOWN, b"shutdown"),
+            End::Moved => conn.close(close::MOVED, b"moved to a nearer relay"),
             End::Lost(reason) => conn.close(close::LOST, reason.as_bytes()),
         }
         // Let the CONNECTION_CLOSE reach the relay, bounded: on a dead path

@@ -38,7 +38,7 @@ use uuid::Uuid;
 /// How long an agent has to present its ticket, and a mesh peer its header.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long dialing another relay may take.
-const MESH_DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+const MESH_DIAL_TIMEOUT: Duration = Duration::from_secs(2);
 /// Streams a peer may have open at once on one connection (mesh peers carry
 /// every user connection between two relays).
 const MAX_STREAMS: u32 = 10_000;
@@ -659,11 +659,13 @@ fn transport_config() -> quinn::TransportConfig {
     tc.stream_receive_window((8u32 * 1024 * 1024).into());
     tc.receive_window((32u32 * 1024 * 1024).into());
     tc.send_window(32 * 1024 * 1024);
-    tc.keep_alive_interval(Some(Duration::from_secs(3)));
-    // A peer that vanishes (killed, unplugged) is declared gone after this;
-    // the smaller of the two peers' values applies.
+    tc.keep_alive_interval(Some(Duration::from_secs(2)));
+    // A peer that vanishes (killed, unplugged) is declared gone after this
+    // (the smaller of the two peers' values applies), so an agent whose
+    // relay dies re-attaches elsewhere within seconds: three keep-alives
+    // lost in a row.
     tc.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(
-        15_000,
+        6_000,
     ))));
     tc
 }

@@ -1,11 +1,12 @@
 //! `devmesh edge` as a process: it registers with the primary, the region
 //! turns healthy, it answers its health and latency endpoints, deregisters
 //! on SIGTERM, and stops with a clear message when its token is revoked.
+//! Also: the relays of healthy edges reach agents' manifests.
 
 use std::process::Stdio;
 use std::time::Duration;
 
-use devmesh_tests::{Api, fresh_database};
+use devmesh_tests::{Api, TestPrimary, fresh_database};
 use nix::sys::signal::Signal;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -174,4 +175,121 @@ async fn an_edge_terminates_tls_with_the_operators_certificate() {
     assert_eq!(resp.version(), reqwest::Version::HTTP_2);
     assert_eq!(resp.text().await.unwrap(), "ok");
     let _ = child.kill().await;
+}
+
+/// Registers one replica of the edge whose token is `token`, its relay at
+/// `relay_address`; returns the registration's answer.
+async fn register_replica(
+    primary: &TestPrimary,
+    token: &str,
+    replica: uuid::Uuid,
+    relay_address: &str,
+) -> Value {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .serialize_request(&key)
+        .unwrap()
+        .pem()
+        .unwrap();
+    let body = json!({
+        "replica_id": replica, "version": env!("CARGO_PKG_VERSION"),
+        "access_url": "https://edge.example.com", "relay_address": relay_address, "csr_pem": csr,
+    });
+    let resp = reqwest::Client::new()
+        .post(format!("{}/api/v2/edges/me/register", primary.url))
+        .header(devmesh_shared::api::EDGE_TOKEN_HEADER, token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    resp.json().await.unwrap()
+}
+
+/// `(region, address, server_name)` of each relay in a list.
+fn relays(list: &Value) -> Vec<(String, String, String)> {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let field = |f: &str| r[f].as_str().unwrap().to_owned();
+            (field("region"), field("address"), field("server_name"))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn manifests_and_siblings_list_the_relays_of_edges_that_heartbeated_recently() {
+    let p = TestPrimary::start().await;
+    let owner = p.owner().await;
+    let (s, t) = owner
+        .post(
+            "/templates",
+            json!({"name": "byo", "definition": {"agents": [{"name": "main"}]}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{t}");
+    let (s, ws) = owner
+        .post("/workspaces", json!({"name": "ws", "template": "byo"}))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{ws}");
+    let agent_token = ws["agent_tokens"][0]["token"].as_str().unwrap().to_owned();
+    let manifest_relays = || async {
+        let resp = reqwest::Client::new()
+            .get(format!("{}/api/v2/workspaceagents/me/manifest", p.url))
+            .header(devmesh_shared::api::AGENT_TOKEN_HEADER, &agent_token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        relays(&resp.json::<Value>().await.unwrap()["relays"])
+    };
+    let primary_relay = manifest_relays().await;
+    assert_eq!(primary_relay.len(), 1);
+    assert_eq!(primary_relay[0].0, "primary");
+    assert_eq!(primary_relay[0].2, "primary.relay.devmesh.internal");
+
+    let mut tokens = Vec::new();
+    for name in ["eu", "us"] {
+        let (_, e) = owner.post("/edges", json!({"name": name})).await;
+        tokens.push(e["edge_token"].as_str().unwrap().to_owned());
+    }
+    let (eu_1, eu_2, us_1) = (
+        uuid::Uuid::new_v4(),
+        uuid::Uuid::new_v4(),
+        uuid::Uuid::new_v4(),
+    );
+    register_replica(&p, &tokens[0], eu_1, "10.0.0.1:4433").await;
+    register_replica(&p, &tokens[1], us_1, "10.0.1.1:4433").await;
+    // The us replica stops heartbeating: past the 30 s it is not healthy.
+    sqlx::query(
+        "UPDATE relay_replicas SET last_heartbeat_at = now() - interval '31 seconds' WHERE replica_id = $1",
+    )
+    .bind(us_1)
+    .execute(p.pool())
+    .await
+    .unwrap();
+
+    let eu = |address: &str| {
+        (
+            "eu".to_owned(),
+            address.to_owned(),
+            "eu.relay.devmesh.internal".to_owned(),
+        )
+    };
+    let listed = manifest_relays().await;
+    assert_eq!(listed, [primary_relay[0].clone(), eu("10.0.0.1:4433")]);
+
+    // A second eu replica sees the first as a sibling, but not itself.
+    let second = register_replica(&p, &tokens[0], eu_2, "10.0.0.2:4433").await;
+    assert_eq!(
+        relays(&second["siblings"]),
+        [primary_relay[0].clone(), eu("10.0.0.1:4433")]
+    );
+    // Agents see both.
+    let listed = manifest_relays().await;
+    assert_eq!(listed.len(), 3, "{listed:?}");
+    assert!(listed.contains(&eu("10.0.0.2:4433")), "{listed:?}");
+    p.stop().await;
 }

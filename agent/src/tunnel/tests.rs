@@ -6,13 +6,14 @@ use tokio::task::JoinHandle;
 
 use super::*;
 use crate::testutil::{
-    RelayConn, RelayOptions, TestCa, TestRelay, banner_server, closed_port, echo_server,
-    header_bytes, open_stream, within,
+    DelayForwarder, RelayConn, RelayOptions, TestCa, TestRelay, banner_server, closed_port,
+    echo_server, eventually, header_bytes, open_stream, within,
 };
 
 /// A serving agent, stopped on drop.
 struct Agent {
     cancel: CancellationToken,
+    moved: CancellationToken,
     task: JoinHandle<End>,
 }
 
@@ -28,14 +29,25 @@ async fn attached_agent(relay: &mut TestRelay, timing: Timing) -> (RelayConn, Ag
         .await
         .unwrap();
     assert_eq!(attached.relay_name, "test-relay");
-    let cancel = CancellationToken::new();
+    let (cancel, moved) = (CancellationToken::new(), CancellationToken::new());
     let task = tokio::spawn({
-        let cancel = cancel.clone();
-        async move { attached.serve("agent-1".into(), &timing, &cancel).await }
+        let (cancel, moved) = (cancel.clone(), moved.clone());
+        async move {
+            attached
+                .serve("agent-1".into(), &timing, &cancel, &moved)
+                .await
+        }
     });
     let conn = relay.next_attached().await;
     assert_eq!(conn.ticket, "ticket-1");
-    (conn, Agent { cancel, task })
+    (
+        conn,
+        Agent {
+            cancel,
+            moved,
+            task,
+        },
+    )
 }
 
 async fn read_all(recv: &mut RecvStream) -> Vec<u8> {
@@ -268,19 +280,90 @@ fn a_mesh_ca_without_certificates_is_rejected() {
     }
 }
 
-#[test]
-fn candidates_keep_the_manifest_order_for_now() {
-    let relays: Vec<RelayInfo> = ["a", "b", "c"]
-        .into_iter()
-        .map(|r| RelayInfo {
-            region: r.into(),
-            address: format!("{r}.test:443"),
-            server_name: format!("{r}.test"),
-        })
+#[tokio::test]
+async fn a_move_closes_the_old_tunnel_with_the_moved_code() {
+    let mut relay = TestRelay::start(RelayOptions::default()).await;
+    let (rc, mut agent) = attached_agent(&mut relay, Timing::default()).await;
+    agent.moved.cancel();
+    let end = within("the agent to leave", &mut agent.task).await.unwrap();
+    assert_eq!(end, End::Moved);
+    let closed = within("the relay to see the close", rc.conn.closed()).await;
+    assert!(
+        matches!(&closed, ConnectionError::ApplicationClosed(c) if c.error_code == close::MOVED),
+        "{closed:?}"
+    );
+}
+
+// === Measuring ===
+
+#[tokio::test]
+async fn a_probe_is_a_bare_handshake_closed_with_the_probe_code() {
+    let relay = TestRelay::start(RelayOptions::default()).await;
+    let config = client_config(&relay.ca.pem).unwrap();
+    let rtt = probe(&relay.info(), &config, &Timing::default())
+        .await
+        .unwrap();
+    assert!(rtt < Duration::from_secs(1), "{rtt:?}");
+    eventually("the relay to see three probes", || relay.probes() == 3).await;
+    assert!(relay.tickets().is_empty(), "a probe never sends a ticket");
+}
+
+#[tokio::test]
+async fn a_probe_through_a_delay_measures_the_round_trip() {
+    let relay = TestRelay::start(RelayOptions::default()).await;
+    let delay = Duration::from_millis(25);
+    let far = DelayForwarder::start(relay.addr, delay).await;
+    let config = client_config(&relay.ca.pem).unwrap();
+    let far_info = RelayInfo {
+        address: far.addr.to_string(),
+        ..relay.info()
+    };
+    let rtt = probe(&far_info, &config, &Timing::default()).await.unwrap();
+    // Both directions wait: at least two delays per round trip.
+    assert!(rtt >= 2 * delay, "{rtt:?}");
+    eventually("the relay to see three probes", || relay.probes() == 3).await;
+}
+
+#[tokio::test]
+async fn measure_keeps_the_order_and_marks_relays_that_do_not_answer() {
+    let ca = Arc::new(TestCa::new("mesh"));
+    let live = TestRelay::start_in(ca.clone(), RelayOptions::default()).await;
+    let foreign = TestRelay::start(RelayOptions::default()).await;
+    let silent = tokio::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .unwrap();
+    let relays = [
+        RelayInfo {
+            region: "silent".into(),
+            address: silent.local_addr().unwrap().to_string(),
+            ..live.info()
+        },
+        RelayInfo {
+            region: "live".into(),
+            ..live.info()
+        },
+        RelayInfo {
+            region: "foreign".into(),
+            ..foreign.info()
+        },
+    ];
+    let timing = Timing {
+        probe_timeout: Duration::from_millis(300),
+        ..Timing::default()
+    };
+    let config = client_config(&ca.pem).unwrap();
+    let started = Instant::now();
+    let measured = measure(&relays, &config, &timing).await;
+    // In parallel, and one failure ends a relay's probes: about one timeout.
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    let got: Vec<(&str, bool)> = measured
+        .iter()
+        .map(|m| (m.relay.region.as_str(), m.rtt.is_some()))
         .collect();
-    let order: Vec<&str> = order_candidates(&relays)
-        .into_iter()
-        .map(|r| r.region.as_str())
-        .collect();
-    assert_eq!(order, ["a", "b", "c"]);
+    assert_eq!(got, [("silent", false), ("live", true), ("foreign", false)]);
+    assert!(foreign.tickets().is_empty() && live.tickets().is_empty());
 }

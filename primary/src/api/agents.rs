@@ -11,7 +11,6 @@ use chrono::{Duration, Utc};
 use devmesh_shared::api::{
     AGENT_TOKEN_HEADER, AgentLog, AgentLogsAccepted, AgentLogsRequest, AgentLogsResponse,
     AgentManifest, AppHealthRequest, AttachTicketResponse, LifecycleRequest, ManifestApp,
-    RelayInfo,
 };
 use devmesh_shared::secret::sha256;
 use devmesh_shared::signing::AttachTicket;
@@ -20,7 +19,6 @@ use uuid::Uuid;
 use super::AppState;
 use super::error::{ApiError, ApiResult};
 use super::extract::{ApiJson, ApiPath, ApiQuery, Authed};
-use crate::mesh::PRIMARY_RELAY_NAME;
 
 /// Stored script output per agent before later output is dropped.
 pub(super) const MAX_LOG_BYTES: i64 = 1024 * 1024;
@@ -123,11 +121,7 @@ pub(super) async fn manifest(
         env: row.env.0,
         apps,
         scripts: row.scripts.0,
-        relays: vec![RelayInfo {
-            region: "primary".into(),
-            address: state.relay_address.clone(),
-            server_name: PRIMARY_RELAY_NAME.into(),
-        }],
+        relays: super::edges::healthy_relays(&state.db, &state, None).await?,
         mesh_ca_pem: state.ca.cert_pem().to_owned(),
     }))
 }

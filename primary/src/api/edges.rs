@@ -6,7 +6,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use devmesh_shared::api::{
-    CreateEdgeRequest, CreateEdgeResponse, Edge, EdgesResponse, Region, RegionsResponse,
+    CreateEdgeRequest, CreateEdgeResponse, Edge, EdgesResponse, Region, RegionsResponse, RelayInfo,
     UpdateEdgeRequest,
 };
 use devmesh_shared::names::validate_region_name;
@@ -383,15 +383,7 @@ pub(super) async fn register(
     .bind(&req.relay_address)
     .execute(&mut *tx)
     .await?;
-    let siblings: Vec<(String, String)> = sqlx::query_as(
-        "SELECT e.name, r.relay_address FROM relay_replicas r JOIN edges e ON e.id = r.edge_id
-         WHERE NOT (r.edge_id = $1 AND r.replica_id = $2) AND r.last_heartbeat_at > now() - interval '30 seconds'
-         ORDER BY e.name",
-    )
-    .bind(edge.id)
-    .bind(req.replica_id)
-    .fetch_all(&mut *tx)
-    .await?;
+    let siblings = healthy_relays(&mut *tx, &state, Some((edge.id, req.replica_id))).await?;
     tx.commit().await?;
     let me = devmesh_shared::api::RelayInfo {
         region: edge.name.clone(),
@@ -403,7 +395,7 @@ pub(super) async fn register(
         state
             .bus
             .publish(&devmesh_shared::api::EdgeEvent::Relays {
-                relays: relays_now(&state).await?,
+                relays: healthy_relays(&state.db, &state, None).await?,
             })
             .await;
         tracing::info!(edge = %edge.name, replica = %req.replica_id, access_url = %req.access_url, "edge replica registered");
@@ -413,29 +405,46 @@ pub(super) async fn register(
             .write(&state.db)
             .await;
     }
-    let mut relays = vec![devmesh_shared::api::RelayInfo {
-        region: "primary".into(),
-        address: state.relay_address.clone(),
-        server_name: crate::mesh::PRIMARY_RELAY_NAME.into(),
-    }];
-    relays.extend(
-        siblings
-            .into_iter()
-            .map(|(name, address)| devmesh_shared::api::RelayInfo {
-                server_name: crate::mesh::relay_name(&name),
-                region: name,
-                address,
-            }),
-    );
     Ok(Json(devmesh_shared::api::EdgeRegisterResponse {
         edge_id: edge.id,
         edge_name: edge.name,
         mesh_cert_pem,
         mesh_ca_pem: state.ca.cert_pem().to_owned(),
         app_token_keys: state.signer.public_keys().to_vec(),
-        siblings: relays,
+        siblings,
         heartbeat_interval_seconds: HEARTBEAT_INTERVAL_SECS,
     }))
+}
+
+/// Every relay an agent or a sibling relay can reach right now: the
+/// primary's first, then each edge replica that heartbeated within
+/// [`HEARTBEAT_TIMEOUT_SECS`], by edge name. Agents get this list in their
+/// manifest and pick the nearest; edges get it as their siblings, without
+/// `except` (the registering replica itself).
+pub(super) async fn healthy_relays<'c>(
+    db: impl sqlx::PgExecutor<'c>,
+    state: &AppState,
+    except: Option<(Uuid, Uuid)>,
+) -> sqlx::Result<Vec<RelayInfo>> {
+    let (except_edge, except_replica) = except.unzip();
+    let replicas: Vec<(String, String)> = sqlx::query_as(
+        "SELECT e.name, r.relay_address FROM relay_replicas r JOIN edges e ON e.id = r.edge_id
+         WHERE r.last_heartbeat_at > now() - make_interval(secs => $1)
+           AND ($2::uuid IS NULL OR (r.edge_id, r.replica_id) <> ($2, $3::uuid))
+         ORDER BY e.name, r.replica_id",
+    )
+    .bind(HEARTBEAT_TIMEOUT_SECS as f64)
+    .bind(except_edge)
+    .bind(except_replica)
+    .fetch_all(db)
+    .await?;
+    let mut relays = vec![state.relay.advertised().clone()];
+    relays.extend(replicas.into_iter().map(|(name, address)| RelayInfo {
+        server_name: crate::mesh::relay_name(&name),
+        region: name,
+        address,
+    }));
+    Ok(relays)
 }
 
 pub(super) async fn deregister(
@@ -475,7 +484,7 @@ pub(super) async fn deregister(
     state
         .bus
         .publish(&devmesh_shared::api::EdgeEvent::Relays {
-            relays: relays_now(&state).await?,
+            relays: healthy_relays(&state.db, &state, None).await?,
         })
         .await;
     tracing::info!(edge = %edge.name, replica = %req.replica_id, "edge replica deregistered");
@@ -546,26 +555,6 @@ pub(super) async fn edge_wildcards(state: &AppState, edge: Uuid) -> ApiResult<Ve
     Ok(out)
 }
 
-/// Every relay that is up: the primary's and each fresh edge replica's.
-async fn relays_now(state: &AppState) -> ApiResult<Vec<devmesh_shared::api::RelayInfo>> {
-    let rows: Vec<(String, String)> = sqlx::query_as(
-        "SELECT e.name, r.relay_address FROM relay_replicas r JOIN edges e ON e.id = r.edge_id
-         WHERE r.last_heartbeat_at > now() - interval '30 seconds' ORDER BY e.name",
-    )
-    .fetch_all(&state.db)
-    .await?;
-    let mut relays = vec![state.relay.advertised().clone()];
-    relays.extend(
-        rows.into_iter()
-            .map(|(name, address)| devmesh_shared::api::RelayInfo {
-                server_name: crate::mesh::relay_name(&name),
-                region: name,
-                address,
-            }),
-    );
-    Ok(relays)
-}
-
 /// `GET /api/v2/edges/me/events`: newline-delimited JSON events, starting
 /// with a snapshot; pings every 10 s. The stream ends when this replica may
 /// have missed events (the edge then reconnects and resyncs) or shuts down.
@@ -581,7 +570,7 @@ pub(super) async fn events(
         agents: crate::events::agent_locations(&state.db).await?,
         revocations: state.bus.recent_revocations().await?,
         app_token_keys: state.signer.public_keys().to_vec(),
-        relays: relays_now(&state).await?,
+        relays: healthy_relays(&state.db, &state, None).await?,
     };
     tracing::info!(edge = %edge.name, "edge subscribed to events");
     let line = |e: &EdgeEvent| {
