@@ -52,6 +52,8 @@ async fn keep_attached(
     tunnels: &TaskTracker,
 ) {
     let mut backoff = Backoff::default();
+    // The relay whose tunnel was just lost: not worth probing first again.
+    let mut lost: Option<RelayInfo> = None;
     loop {
         let manifest = match manifest.take() {
             Some(m) => m,
@@ -62,12 +64,14 @@ async fn keep_attached(
                 }
             }
         };
-        match attach_nearest(client, &manifest, timing, cancel).await {
+        match attach_nearest(client, &manifest, lost.take().as_ref(), timing, cancel).await {
             Round::Cancelled => return,
             Round::Failed => {}
             Round::Attached(first) => {
                 let since = Instant::now();
-                let end = stay_attached(client, manifest, *first, timing, cancel, tunnels).await;
+                let (end, last) =
+                    stay_attached(client, manifest, *first, timing, cancel, tunnels).await;
+                lost = Some(last);
                 let attached_for = since.elapsed();
                 // Anything else is a lost tunnel, which `stay_attached` (knowing
                 // the relay) has logged.
@@ -107,10 +111,13 @@ enum Round {
 }
 
 /// Measures every relay in `manifest` and tries them nearest first, each
-/// with a fresh ticket.
+/// with a fresh ticket. A relay whose tunnel was just `lost` is not probed
+/// (a dead relay's probes only time out) and comes last, unless it is the
+/// only one.
 async fn attach_nearest(
     client: &ApiClient,
     manifest: &AgentManifest,
+    lost: Option<&RelayInfo>,
     timing: &Timing,
     cancel: &CancellationToken,
 ) -> Round {
@@ -125,11 +132,21 @@ async fn attach_nearest(
         tracing::warn!("the manifest lists no relays; retrying");
         return Round::Failed;
     }
+    let (others, just_lost): (Vec<RelayInfo>, Vec<RelayInfo>) = manifest
+        .relays
+        .iter()
+        .cloned()
+        .partition(|r| Some(r) != lost || manifest.relays.len() == 1);
     let mut measured = tokio::select! {
-        m = tunnel::measure(&manifest.relays, &config, timing) => m,
+        m = tunnel::measure(&others, &config, timing) => m,
         () = cancel.cancelled() => return Round::Cancelled,
     };
     nearest::prefer_region(&mut measured, client.region());
+    measured.extend(
+        just_lost
+            .into_iter()
+            .map(|relay| Measurement { relay, rtt: None }),
+    );
     for candidate in nearest::order_candidates(measured) {
         let attached = tokio::select! {
             a = attach_one(client, &candidate.relay, &config, timing) => a,
@@ -225,7 +242,7 @@ fn spawn_serving(
 
 /// Serves `first` and whatever the agent moves to, re-measuring every
 /// [`Timing::recheck_interval`]. Returns when the tunnel being served is
-/// lost or `cancel` fires.
+/// lost or `cancel` fires, with the relay it was served by.
 async fn stay_attached(
     client: &ApiClient,
     manifest: AgentManifest,
@@ -233,7 +250,7 @@ async fn stay_attached(
     timing: &Timing,
     cancel: &CancellationToken,
     tunnels: &TaskTracker,
-) -> End {
+) -> (End, RelayInfo) {
     let agent_id: Arc<str> = manifest.agent_id.to_string().into();
     let mut known = Known {
         relays: manifest.relays,
@@ -253,7 +270,7 @@ async fn stay_attached(
                         "tunnel lost; re-measuring the relays"
                     );
                 }
-                return end;
+                return (end, current.relay.clone());
             }
             nearer = async {
                 tokio::time::sleep(timing.recheck_interval).await;
