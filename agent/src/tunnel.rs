@@ -240,17 +240,17 @@ pub(crate) async fn attach(
     Err(last)
 }
 
-/// The addresses `relay`'s address resolves to, in the resolver's order.
+/// The addresses `relay`'s address resolves to, in the resolver's order
+/// (hickory, honouring TTLs: a relay that moves in DNS is followed).
 async fn resolve(relay: &RelayInfo, timeout: Duration) -> Result<Vec<SocketAddr>, TunnelError> {
-    let lookup = tokio::net::lookup_host(relay.address.as_str());
-    Ok(tokio::time::timeout(timeout, lookup)
+    let lookup = devmesh_shared::net::resolve(&relay.address);
+    tokio::time::timeout(timeout, lookup)
         .await
         .map_err(|_| TunnelError::Timeout("resolving the relay's address"))?
         .map_err(|source| TunnelError::Resolve {
             address: relay.address.clone(),
             source,
-        })?
-        .collect())
+        })
 }
 
 async fn attach_addr(

@@ -393,10 +393,9 @@ impl Relay {
             return Ok(c.clone());
         }
         let dial = async {
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host(home.address.as_str())
+            let addrs = devmesh_shared::net::resolve(&home.address)
                 .await
-                .map_err(|_| OpenError::NotConnected)?
-                .collect();
+                .map_err(|_| OpenError::NotConnected)?;
             let mut last = OpenError::NotConnected;
             for addr in addrs {
                 let connecting = self

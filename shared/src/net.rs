@@ -1,9 +1,12 @@
 //! Network plumbing every component shares: UDP sockets sized for QUIC
-//! throughput, and HTTP clients that trust an operator's private CA.
+//! throughput, HTTP clients that trust an operator's private CA, and name
+//! resolution with hickory (DNS answers cached for their TTL and asked
+//! again when it runs out, so a DNS failover of the primary or of a relay
+//! is followed without a restart).
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Once;
+use std::sync::{Once, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -47,7 +50,10 @@ pub fn http_client(
 ) -> anyhow::Result<reqwest::Client> {
     let mut builder = reqwest::Client::builder()
         .user_agent(user_agent)
-        .timeout(timeout);
+        .timeout(timeout)
+        // Each new connection resolves again (from hickory's TTL cache), so
+        // clients follow the primary when DNS moves it.
+        .hickory_dns(true);
     if let Some(path) = ca_cert {
         let pem = std::fs::read(path)
             .with_context(|| format!("cannot read the CA bundle {}", path.display()))?;
@@ -63,4 +69,79 @@ pub fn http_client(
         }
     }
     builder.build().context("cannot build the HTTP client")
+}
+
+/// The process's resolver: the system's configuration (`/etc/resolv.conf`,
+/// `/etc/hosts`), with answers cached for their TTL. `None` when the system
+/// configuration cannot be read; the OS resolver is used then.
+fn resolver() -> Option<&'static hickory_resolver::TokioResolver> {
+    static RESOLVER: OnceLock<Option<hickory_resolver::TokioResolver>> = OnceLock::new();
+    RESOLVER
+        .get_or_init(|| match hickory_resolver::TokioResolver::builder_tokio() {
+            Ok(builder) => Some(builder.build()),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the system's DNS configuration; using the OS resolver");
+                None
+            }
+        })
+        .as_ref()
+}
+
+/// Resolves `host:port` (`[v6]:port` too) to socket addresses; IP literals
+/// need no lookup. Called on every (re)connection, so a relay or primary
+/// that moves in DNS is found at its new address once the old answer's TTL
+/// runs out.
+pub async fn resolve(address: &str) -> std::io::Result<Vec<SocketAddr>> {
+    if let Ok(addr) = address.parse::<SocketAddr>() {
+        return Ok(vec![addr]);
+    }
+    let invalid = || {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{address:?} is not host:port"),
+        )
+    };
+    let (host, port) = address.rsplit_once(':').ok_or_else(invalid)?;
+    let port: u16 = port.parse().map_err(|_| invalid())?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let Some(resolver) = resolver() else {
+        return Ok(tokio::net::lookup_host((host, port)).await?.collect());
+    };
+    let ips = resolver
+        .lookup_ip(host)
+        .await
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::NotFound, e.to_string()))?;
+    Ok(ips.iter().map(|ip| SocketAddr::new(ip, port)).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn literals_names_and_garbage() {
+        assert_eq!(
+            resolve("127.0.0.1:4001").await.unwrap(),
+            vec![SocketAddr::from(([127, 0, 0, 1], 4001))]
+        );
+        assert_eq!(
+            resolve("[::1]:4001").await.unwrap(),
+            vec!["[::1]:4001".parse().unwrap()]
+        );
+        // /etc/hosts is honoured: no DNS server is needed for localhost.
+        let local = resolve("localhost:4001").await.unwrap();
+        assert!(!local.is_empty());
+        assert!(
+            local
+                .iter()
+                .all(|a| a.ip().is_loopback() && a.port() == 4001)
+        );
+        for bad in ["no-port", "host:notaport", "host:99999"] {
+            assert_eq!(
+                resolve(bad).await.unwrap_err().kind(),
+                std::io::ErrorKind::InvalidInput,
+                "{bad}"
+            );
+        }
+    }
 }
