@@ -82,6 +82,10 @@ pub struct AppState {
     pub(crate) revoked_workspaces: moka::future::Cache<Uuid, i64>,
     /// API keys whose app tokens minted before the given time are revoked.
     pub(crate) revoked_keys: moka::future::Cache<String, i64>,
+    /// Edges whose last `/healthz-report` call failed, and why (`None`: it
+    /// answered well).
+    pub(crate) edge_probes:
+        Arc<parking_lot::RwLock<std::collections::HashMap<Uuid, Option<String>>>>,
 }
 
 impl AppState {
@@ -167,8 +171,14 @@ impl AppState {
             revoked_app_users: apps::revocation_cache(),
             revoked_workspaces: apps::revocation_cache(),
             revoked_keys: apps::revocation_cache(),
+            edge_probes: Arc::default(),
         }
     }
+}
+
+/// Checks the edges' health reports until shutdown.
+pub async fn probe_edges(state: AppState) {
+    edges::probe_edges(state).await;
 }
 
 /// Applies events from every replica to this one's caches and agent

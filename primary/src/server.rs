@@ -199,6 +199,7 @@ pub async fn start(mut config: ServerConfig) -> anyhow::Result<RunningServer> {
         "http"
     };
     tracker.spawn(crate::api::apply_events(state.clone()));
+    tracker.spawn(crate::api::probe_edges(state.clone()));
     let app = router(state);
     let signal = shutdown.clone();
     let task = match tls_config {

@@ -54,7 +54,7 @@ async fn an_edge_registers_reports_health_deregisters_and_stops_when_revoked() {
         async move { Some(region(&owner, "eu").await).filter(|r| r["healthy"] == true) }
     })
     .await;
-    assert_eq!(r["access_url"], "http://eu.localhost:8080");
+    assert_eq!(r["access_url"], edge.url);
     assert_eq!(r["wildcard_hostname"], "*.eu.apps.localhost");
 
     let report: Value = reqwest::get(format!("{edge_url}/healthz-report"))
@@ -292,4 +292,30 @@ async fn manifests_and_siblings_list_the_relays_of_edges_that_heartbeated_recent
     assert_eq!(listed.len(), 3, "{listed:?}");
     assert!(listed.contains(&eu("10.0.0.2:4433")), "{listed:?}");
     p.stop().await;
+}
+
+#[tokio::test]
+async fn an_edge_the_primary_cannot_call_back_is_unhealthy() {
+    let p = TestPrimary::start().await;
+    let owner = p.owner().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, eu) = owner.post("/edges", json!({"name": "eu"})).await;
+    let token = eu["edge_token"].as_str().unwrap();
+    // Heartbeats arrive, but nothing answers at the advertised access URL.
+    let _edge = EdgeProcess::start(
+        &p.url,
+        token,
+        "eu",
+        &["--access-url", "http://127.0.0.1:9"],
+        dir.path(),
+    )
+    .await;
+    let r = eventually(40, "the eu region unhealthy", || {
+        let owner = owner.clone();
+        async move { Some(region(&owner, "eu").await).filter(|r| r["status"] == "unhealthy") }
+    })
+    .await;
+    assert_eq!(r["healthy"], false);
+    let (_, edges) = owner.get("/edges").await;
+    assert_eq!(edges["edges"][0]["status"], "unhealthy");
 }

@@ -260,14 +260,20 @@ impl EdgeProcess {
         ));
         let mut cmd = Command::new(BIN);
         cmd.args(["edge", "--primary-url", primary]);
+        // The access URL must name the real port: the primary calls the
+        // edge's /healthz-report there.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
         if !extra.contains(&"--listen") {
-            cmd.args(["--listen", "127.0.0.1:0"]);
+            cmd.args(["--listen", &format!("127.0.0.1:{port}")]);
         }
         if !extra.contains(&"--relay-address") {
             cmd.args(["--relay-address", "127.0.0.1:0"]);
         }
         if !extra.contains(&"--access-url") {
-            cmd.args(["--access-url", &format!("http://{region}.localhost:8080")]);
+            cmd.args(["--access-url", &format!("http://127.0.0.1:{port}")]);
         }
         if !extra.contains(&"--wildcard-access-url") {
             cmd.args([

@@ -36,18 +36,91 @@ struct EdgeRow {
 const EDGE_COLUMNS: &str = "id, name, display_name, access_url, wildcard_hostname, relay_address, last_heartbeat_at, created_at, updated_at";
 
 impl EdgeRow {
-    fn status(&self) -> &'static str {
+    /// From heartbeats, and from the primary's last call to the edge's
+    /// `/healthz-report` (`probe_failed`): a heartbeating edge the primary
+    /// cannot reach at its access URL is `unhealthy`.
+    fn status(&self, probe_failed: bool) -> &'static str {
         match self.last_heartbeat_at {
             None => "unregistered",
             Some(t) if (Utc::now() - t).num_seconds() > HEARTBEAT_TIMEOUT_SECS => "unreachable",
+            Some(_) if probe_failed => "unhealthy",
             Some(_) => "ok",
         }
     }
 }
 
-impl From<EdgeRow> for Edge {
-    fn from(r: EdgeRow) -> Self {
-        let status = r.status();
+/// Calls every heartbeating edge's `/healthz-report` at its access URL
+/// every 10 s and remembers which could not be reached (or said they
+/// cannot reach the primary), until shutdown.
+pub(crate) async fn probe_edges(state: AppState) {
+    let Ok(http) = devmesh_shared::net::http_client(
+        concat!("devmesh-primary/", env!("CARGO_PKG_VERSION")),
+        std::time::Duration::from_secs(5),
+        None,
+    ) else {
+        return;
+    };
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            _ = state.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let rows: Vec<(Uuid, String, String)> = match sqlx::query_as(
+            "SELECT DISTINCT ON (r.edge_id) r.edge_id, e.name, r.access_url FROM relay_replicas r
+             JOIN edges e ON e.id = r.edge_id
+             WHERE r.last_heartbeat_at > now() - make_interval(secs => $1)
+             ORDER BY r.edge_id, r.last_heartbeat_at DESC",
+        )
+        .bind(HEARTBEAT_TIMEOUT_SECS as f64)
+        .fetch_all(&state.db)
+        .await
+        {
+            Ok(rows) => rows,
+            Err(_) => continue,
+        };
+        for (id, name, access_url) in rows {
+            let report = http
+                .get(format!(
+                    "{}/healthz-report",
+                    access_url.trim_end_matches('/')
+                ))
+                .send()
+                .await;
+            let failure = match report {
+                Ok(r) if r.status().is_success() => {
+                    match r.json::<devmesh_shared::api::EdgeHealthReport>().await {
+                        Ok(rep) if rep.primary_reachable => None,
+                        Ok(_) => Some("the edge cannot reach the primary".to_owned()),
+                        Err(e) => Some(format!("unreadable health report: {e}")),
+                    }
+                }
+                Ok(r) => Some(format!("/healthz-report answered {}", r.status())),
+                Err(e) => Some(format!("cannot reach {access_url}: {e}")),
+            };
+            let previous = state.edge_probes.write().insert(id, failure.clone());
+            if previous.flatten() != failure
+                && let Some(why) = &failure
+            {
+                tracing::warn!(edge = %name, reason = %why, "edge unhealthy");
+            }
+        }
+    }
+}
+
+impl AppState {
+    fn probe_failed(&self, edge: Uuid) -> bool {
+        self.edge_probes
+            .read()
+            .get(&edge)
+            .is_some_and(Option::is_some)
+    }
+}
+
+impl EdgeRow {
+    fn into_edge(self, probe_failed: bool) -> Edge {
+        let r = self;
+        let status = r.status(probe_failed);
         Edge {
             id: r.id,
             name: r.name,
@@ -120,7 +193,7 @@ pub(super) async fn create(
     Ok((
         StatusCode::CREATED,
         Json(CreateEdgeResponse {
-            edge: row.into(),
+            edge: row.into_edge(false),
             edge_token: token.token.expose().to_owned(),
         }),
     ))
@@ -136,7 +209,13 @@ pub(super) async fn list(
             .fetch_all(&state.db)
             .await?;
     Ok(Json(EdgesResponse {
-        edges: rows.into_iter().map(Edge::from).collect(),
+        edges: rows
+            .into_iter()
+            .map(|r| {
+                let failed = state.probe_failed(r.id);
+                r.into_edge(failed)
+            })
+            .collect(),
     }))
 }
 
@@ -146,7 +225,9 @@ pub(super) async fn get(
     ApiPath(edge): ApiPath<String>,
 ) -> ApiResult<Json<Edge>> {
     auth.require_owner()?;
-    Ok(Json(find(&state, &edge).await?.into()))
+    let row = find(&state, &edge).await?;
+    let failed = state.probe_failed(row.id);
+    Ok(Json(row.into_edge(failed)))
 }
 
 pub(super) async fn update(
@@ -183,7 +264,8 @@ pub(super) async fn update(
         .details(serde_json::json!({"old_name": current.name}))
         .write(&state.db)
         .await;
-    Ok(Json(row.into()))
+    let failed = state.probe_failed(row.id);
+    Ok(Json(row.into_edge(failed)))
 }
 
 pub(super) async fn delete(
@@ -230,7 +312,7 @@ pub(super) async fn regenerate_token(
         .write(&state.db)
         .await;
     Ok(Json(CreateEdgeResponse {
-        edge: row.into(),
+        edge: row.into_edge(false),
         edge_token: token.token.expose().to_owned(),
     }))
 }
@@ -251,10 +333,10 @@ pub(super) async fn regions(
         status: "ok".into(),
         access_url: Some(state.config.access_url.clone()),
         wildcard_hostname: state.config.wildcard_access_url.clone(),
-        relay_address: None,
+        relay_address: Some(state.relay_address.clone()),
     }];
     regions.extend(rows.into_iter().map(|r| {
-        let status = r.status();
+        let status = r.status(state.probe_failed(r.id));
         Region {
             id: r.id,
             name: r.name,
