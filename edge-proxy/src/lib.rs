@@ -80,6 +80,14 @@ pub struct EdgeArgs {
     /// PEM private key of --tls-cert.
     #[arg(long, env = "DEVMESH_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Serve HTTPS with a certificate from a private CA created in
+    /// --tls-dir, for the access URL's host and the wildcards (for trying
+    /// devmesh out; use real certificates in production).
+    #[arg(long, env = "DEVMESH_TLS_SELF_SIGNED", conflicts_with = "tls_cert")]
+    pub tls_self_signed: bool,
+    /// Where --tls-self-signed keeps its CA and certificate.
+    #[arg(long, env = "DEVMESH_TLS_DIR", default_value = "devmesh-edge-tls")]
+    pub tls_dir: PathBuf,
     /// Extra PEM CA bundle to trust for the primary's HTTPS.
     #[arg(long, env = "DEVMESH_CA_CERT")]
     pub ca_cert: Option<PathBuf>,
@@ -344,6 +352,25 @@ pub async fn run(args: EdgeArgs, shutdown: CancellationToken) -> anyhow::Result<
             key.clone(),
             shutdown.clone(),
         )?),
+        _ if args.tls_self_signed => {
+            let host = |s: &str| s.split(':').next().unwrap_or_default().to_owned();
+            let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+            if let Some(h) = reqwest::Url::parse(&args.access_url)
+                .ok()
+                .and_then(|u| u.host_str().map(str::to_owned))
+            {
+                names.insert(0, h);
+            }
+            names.extend(wildcards.iter().map(|w| host(w)));
+            names.dedup();
+            let (ca, cert, key) = devmesh_shared::tls::self_signed(&args.tls_dir, &names)?;
+            tracing::info!(ca = %ca.display(), "serving HTTPS with a self-signed certificate; trust it with: curl --cacert {}", ca.display());
+            Some(devmesh_shared::tls::server_config(
+                cert,
+                key,
+                shutdown.clone(),
+            )?)
+        }
         _ => None,
     };
     // Bound now, so a `:0` port is known before registering.
