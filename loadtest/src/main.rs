@@ -61,6 +61,9 @@ struct RunArgs {
     /// The devmesh binary [default: `devmesh` next to this executable].
     #[arg(long, env = "DEVMESH_LOADTEST_DEVMESH")]
     devmesh: Option<PathBuf>,
+    /// Exit with status 1 when a scenario failed (CI), after writing the report.
+    #[arg(long)]
+    fail_on_error: bool,
     /// Run only these scenarios (comma-separated names: small,bulk,…).
     #[arg(long, value_delimiter = ',')]
     only: Option<Vec<String>>,
@@ -125,12 +128,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }),
     };
     let started = Instant::now();
-    let report = devmesh_loadtest::run::run(scenario, opts, args.only, args.quick).await?;
+    let (path, failed) = devmesh_loadtest::run::run(scenario, opts, args.only, args.quick).await?;
     eprintln!(
         "report written to {} in {:.0} s",
-        report.display(),
+        path.display(),
         started.elapsed().as_secs_f64()
     );
+    if args.fail_on_error && !failed.is_empty() {
+        eprintln!("failed scenarios: {}", failed.join(", "));
+        std::process::exit(1);
+    }
     Ok(())
 }
 

@@ -192,8 +192,12 @@ pub fn cdf(sorted: &[f64]) -> Vec<(f64, f64)> {
 /// bars, RSS over time. Returns the file names written.
 pub fn scenario(dir: &Path, s: &ScenarioReport) -> Vec<String> {
     let mut written = Vec::new();
-    let mut cases: Vec<&str> = s.rows.iter().map(|r| r.case.as_str()).collect();
-    cases.dedup();
+    let mut cases: Vec<&str> = Vec::new();
+    for r in &s.rows {
+        if !cases.contains(&r.case.as_str()) {
+            cases.push(&r.case);
+        }
+    }
     let slug = |t: &str| {
         t.chars()
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })

@@ -81,12 +81,13 @@ fn raise_nofile() {
 }
 
 /// Runs the scenario file end to end and writes the report into `out`.
+/// Returns the path of `report.md` and the names of failed scenarios.
 pub async fn run(
     scenario: Scenario,
     opts: Options,
     only: Option<Vec<String>>,
     quick: bool,
-) -> anyhow::Result<PathBuf> {
+) -> anyhow::Result<(PathBuf, Vec<String>)> {
     raise_nofile();
     let started = Instant::now();
     let started_at = chrono::Utc::now().to_rfc3339();
@@ -318,5 +319,11 @@ pub async fn run(
     progress.finish_and_clear();
     stop.cancel();
     drop(keep_alive);
-    Ok(opts.out.join("report.md"))
+    let failed = report
+        .scenarios
+        .iter()
+        .filter(|s| s.status != "ok")
+        .map(|s| s.name.clone())
+        .collect();
+    Ok((opts.out.join("report.md"), failed))
 }

@@ -275,6 +275,13 @@ pub struct Regions {
     pub first_visits: usize,
     /// Steady-state keep-alive requests per path.
     pub requests: usize,
+    /// Size of the download that measures the emulator's own overhead, MiB.
+    #[serde(default = "default_overhead_mib")]
+    pub emulator_overhead_mib: u64,
+}
+
+fn default_overhead_mib() -> u64 {
+    256
 }
 
 /// Scenario 6.
@@ -438,6 +445,7 @@ impl Scenario {
         if let Some(x) = &mut s.regions {
             x.first_visits = x.first_visits.min(5);
             x.requests = x.requests.min(20);
+            x.emulator_overhead_mib = x.emulator_overhead_mib.min(16);
         }
         if let Some(x) = &mut s.fairness {
             x.small_clients = x.small_clients.min(8);

@@ -415,9 +415,15 @@ pub async fn regions(
         let (s, d) = load::small(&client, ep, 1024, cfg.requests.max(200), 1).await;
         let row = sr.add("emulator overhead: 1 KiB GETs", &ep.name, s, d);
         let p50 = row.summary.p50_ms;
-        let (s, d) = load::parallel(&client, ep, 256 * MIB, 1, false).await;
+        let mib = cfg.emulator_overhead_mib;
+        let (s, d) = load::parallel(&client, ep, mib * MIB, 1, false).await;
         let mibs = sr
-            .add("emulator overhead: 256 MiB download", &ep.name, s, d)
+            .add(
+                format!("emulator overhead: {mib} MiB download"),
+                &ep.name,
+                s,
+                d,
+            )
             .summary
             .mib_per_s;
         sr.extra.insert(

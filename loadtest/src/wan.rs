@@ -265,7 +265,11 @@ pub async fn pipe<R, W>(
         mpsc::unbounded_channel::<(Instant, Vec<u8>, tokio::sync::OwnedSemaphorePermit)>();
     let writer = tokio::spawn(async move {
         while let Some((at, buf, permit)) = rx.recv().await {
-            tokio::time::sleep_until(at).await;
+            // The timer wheel rounds up to whole milliseconds: never sleep
+            // for a deadline that has already passed (a 0 ms link).
+            if at > Instant::now() {
+                tokio::time::sleep_until(at).await;
+            }
             if w.write_all(&buf).await.is_err() {
                 return;
             }
@@ -419,7 +423,9 @@ async fn udp_release(
     to: Option<SocketAddr>,
 ) {
     while let Some((at, buf)) = rx.recv().await {
-        tokio::time::sleep_until(at).await;
+        if at > Instant::now() {
+            tokio::time::sleep_until(at).await;
+        }
         let _ = match to {
             Some(to) => sock.send_to(&buf, to).await,
             None => sock.send(&buf).await,
