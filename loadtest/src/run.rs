@@ -72,10 +72,16 @@ impl Ctx {
     }
 }
 
-/// Raises the open-file limit to its hard maximum (thousands of sockets).
+/// Raises the open-file limit (inherited by every process started here):
+/// 10,000 WebSockets need two sockets each in this process alone (client
+/// and upstream app). Root may go past the hard limit; others get the hard
+/// limit.
 fn raise_nofile() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+    const WANTED: u64 = 262_144;
+    if setrlimit(Resource::RLIMIT_NOFILE, WANTED, WANTED).is_err()
+        && let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+    {
         let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
 }
