@@ -1,2 +1,18 @@
-//! Library part of the load-test tool (topologies and scenarios arrive with the loadtest issue).
+//! Library part of `devmesh-loadtest`: whole topologies from a scenario
+//! file, a user-space WAN emulator, the scenarios, the baselines run beside
+//! them, and the report with its plots. The binary only parses flags.
 #![forbid(unsafe_code)]
+
+pub mod agents;
+pub mod baselines;
+pub mod load;
+pub mod plot;
+pub mod procstat;
+pub mod report;
+pub mod run;
+pub mod scenario;
+pub mod scenarios;
+pub mod stats;
+pub mod topology;
+pub mod upstream;
+pub mod wan;

@@ -1,5 +1,9 @@
 //! `devmesh-loadtest`: measurements with their baselines in the same run.
 //!
+//! `devmesh-loadtest run <scenario.toml>` starts a whole topology from a
+//! scenario file, runs the scenarios beside the baselines and writes
+//! `report.json`, `report.md` and PNG plots (see `devmesh_loadtest::run`).
+//!
 //! `devmesh-loadtest tunnel` starts a real `devmesh server` (embedded
 //! PostgreSQL in a temporary directory) and a real `devmesh agent`, serves
 //! an upstream app from this process, and measures, side by side:
@@ -25,6 +29,8 @@ use tokio::time::Instant;
     about = "devmesh measurements with side-by-side baselines"
 )]
 enum Cli {
+    /// Run a scenario file: topology, scenarios, baselines, report.
+    Run(RunArgs),
     /// Tunnel throughput and added latency against a direct loopback baseline.
     Tunnel(TunnelArgs),
 }
@@ -42,12 +48,97 @@ struct TunnelArgs {
     requests: usize,
 }
 
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// The scenario file (TOML), like loadtest/scenarios/full.toml.
+    scenario: PathBuf,
+    /// Every scenario at tiny sizes, in well under two minutes (for CI).
+    #[arg(long, env = "DEVMESH_LOADTEST_QUICK")]
+    quick: bool,
+    /// Where report.json, report.md, the plots and the logs go.
+    #[arg(long, env = "DEVMESH_LOADTEST_OUT", default_value = "loadtest-report")]
+    out: PathBuf,
+    /// The devmesh binary [default: `devmesh` next to this executable].
+    #[arg(long, env = "DEVMESH_LOADTEST_DEVMESH")]
+    devmesh: Option<PathBuf>,
+    /// Exit with status 1 when a scenario failed (CI), after writing the report.
+    #[arg(long)]
+    fail_on_error: bool,
+    /// Run only these scenarios (comma-separated names: small,bulk,…).
+    #[arg(long, value_delimiter = ',')]
+    only: Option<Vec<String>>,
+    /// Target an existing deployment at this URL instead of starting one
+    /// (agents and baselines still run here).
+    #[arg(long, env = "DEVMESH_LOADTEST_URL", requires = "api_key")]
+    url: Option<String>,
+    /// An owner's API key for --url.
+    #[arg(long, env = "DEVMESH_LOADTEST_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Extra CA (PEM) to trust for --url.
+    #[arg(long, env = "DEVMESH_LOADTEST_CA_CERT")]
+    ca_cert: Option<PathBuf>,
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     devmesh_shared::runtime::install_crypto_provider();
     match Cli::parse() {
+        Cli::Run(args) => run(args).await,
         Cli::Tunnel(args) => tunnel(args).await,
     }
+}
+
+fn devmesh_binary(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    let devmesh = match given {
+        Some(p) => p,
+        None => std::env::current_exe()?.with_file_name("devmesh"),
+    };
+    anyhow::ensure!(
+        devmesh.exists(),
+        "{} not found: build it (cargo build --release --bin devmesh) or pass --devmesh",
+        devmesh.display()
+    );
+    Ok(devmesh)
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    use devmesh_loadtest::scenario::Scenario;
+    use devmesh_loadtest::topology::{Existing, Options};
+    let text = std::fs::read_to_string(&args.scenario)
+        .with_context(|| format!("cannot read {}", args.scenario.display()))?;
+    let scenario = match Scenario::parse(&text) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{}: {e:#}", args.scenario.display());
+            std::process::exit(64);
+        }
+    };
+    let scenario = if args.quick {
+        scenario.quick()
+    } else {
+        scenario
+    };
+    let opts = Options {
+        devmesh: devmesh_binary(args.devmesh)?,
+        out: args.out,
+        existing: args.url.map(|url| Existing {
+            url,
+            api_key: args.api_key.unwrap_or_default(),
+            ca_cert: args.ca_cert,
+        }),
+    };
+    let started = Instant::now();
+    let (path, failed) = devmesh_loadtest::run::run(scenario, opts, args.only, args.quick).await?;
+    eprintln!(
+        "report written to {} in {:.0} s",
+        path.display(),
+        started.elapsed().as_secs_f64()
+    );
+    if args.fail_on_error && !failed.is_empty() {
+        eprintln!("failed scenarios: {}", failed.join(", "));
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 async fn upstream() -> anyhow::Result<u16> {
@@ -93,15 +184,7 @@ impl Drop for Proc {
 }
 
 async fn tunnel(args: TunnelArgs) -> anyhow::Result<()> {
-    let devmesh = match args.devmesh {
-        Some(p) => p,
-        None => std::env::current_exe()?.with_file_name("devmesh"),
-    };
-    anyhow::ensure!(
-        devmesh.exists(),
-        "{} not found: build it (cargo build --release --bin devmesh) or pass --devmesh",
-        devmesh.display()
-    );
+    let devmesh = devmesh_binary(args.devmesh)?;
     let data = tempfile::Builder::new()
         .prefix("devmesh-bench-")
         .tempdir()?;

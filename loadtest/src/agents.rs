@@ -1,0 +1,263 @@
+//! Scenario 4: thousands of lightweight agent clients in this process, each
+//! speaking the real tunnel protocol (`devmesh_shared::tunnel`): fetch an
+//! attach ticket with its agent token, open a QUIC connection to the relay,
+//! present the ticket on the control stream, wait for `Attached`, and stay
+//! attached. They serve no streams; they measure what an attached agent
+//! costs the relay.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use devmesh_shared::api::{AGENT_TOKEN_HEADER, AgentManifest, AttachTicketResponse};
+use devmesh_shared::tunnel::{self, Control, io as wire};
+use futures_util::StreamExt;
+use serde_json::json;
+use tokio::time::Instant;
+
+use crate::report::ScenarioReport;
+use crate::run::Ctx;
+use crate::scenario;
+use crate::stats::Samples;
+
+/// Agents sharing one client UDP socket.
+const AGENTS_PER_ENDPOINT: usize = 256;
+/// Attaches in flight at once.
+const IN_FLIGHT: usize = 64;
+
+fn quic_config(mesh_ca_pem: &str) -> anyhow::Result<quinn::ClientConfig> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(mesh_ca_pem.as_bytes()) {
+        roots.add(c?)?;
+    }
+    let mut tls = rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![tunnel::ALPN.to_vec()];
+    let mut c = quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls)?,
+    ));
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    c.transport_config(Arc::new(t));
+    Ok(c)
+}
+
+/// One agent's attach; returns the connection and its control stream (kept
+/// open for as long as the agent should stay attached).
+async fn attach(
+    http: &reqwest::Client,
+    url: &str,
+    token: &str,
+    endpoint: &quinn::Endpoint,
+    config: &quinn::ClientConfig,
+    manifest: &AgentManifest,
+) -> anyhow::Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream)> {
+    let ticket: AttachTicketResponse = http
+        .post(format!("{url}/api/v2/workspaceagents/me/attach-ticket"))
+        .header(AGENT_TOKEN_HEADER, token)
+        .json(&json!({}))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let relay = manifest
+        .relays
+        .first()
+        .context("the manifest lists no relay")?;
+    let addr = tokio::net::lookup_host(relay.address.as_str())
+        .await?
+        .next()
+        .context("relay address")?;
+    let conn = endpoint
+        .connect_with(config.clone(), addr, &relay.server_name)?
+        .await?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    wire::write_control(
+        &mut send,
+        &Control::Attach {
+            ticket: ticket.ticket,
+        },
+    )
+    .await?;
+    match wire::read_control(&mut recv).await? {
+        Some(Control::Attached { .. }) => Ok((conn, send, recv)),
+        Some(Control::Refused { reason }) => anyhow::bail!("refused: {reason}"),
+        other => anyhow::bail!(
+            "unexpected answer: {}",
+            if other.is_some() {
+                "another message"
+            } else {
+                "end of stream"
+            }
+        ),
+    }
+}
+
+/// Runs scenario 4.
+pub async fn run(
+    ctx: &mut Ctx,
+    cfg: &scenario::Agents,
+    sr: &mut ScenarioReport,
+) -> anyhow::Result<()> {
+    let per = cfg.per_workspace;
+    let workspaces = cfg.count.div_ceil(per);
+    let template = format!("{}-many", ctx.dep.run_id);
+    let agents: Vec<_> = (0..per).map(|i| json!({"name": format!("a{i}")})).collect();
+    ctx.dep
+        .api_post(
+            "/templates",
+            json!({"name": template, "definition": {"agents": agents}}),
+        )
+        .await?;
+    // Agent tokens, from one workspace per `per` agents.
+    let mut tokens = Vec::with_capacity(cfg.count);
+    let t = Instant::now();
+    let mut creates = futures_util::stream::iter(0..workspaces)
+        .map(|w| {
+            let dep = &ctx.dep;
+            let template = template.clone();
+            async move {
+                dep.api_post(
+                    "/workspaces",
+                    json!({"name": format!("{}-m{w}", dep.run_id), "template": template}),
+                )
+                .await
+            }
+        })
+        .buffer_unordered(8);
+    while let Some(ws) = creates.next().await {
+        let ws = ws?;
+        for a in ws["agent_tokens"].as_array().context("agent tokens")? {
+            if tokens.len() < cfg.count {
+                tokens.push(a["token"].as_str().context("token")?.to_owned());
+            }
+        }
+        ctx.progress
+            .set_message(format!("agents: {} agent tokens", tokens.len()));
+    }
+    drop(creates);
+    sr.extra
+        .insert("workspaces created".into(), json!(workspaces));
+    sr.extra.insert(
+        "seconds to create them".into(),
+        json!((t.elapsed().as_secs_f64() * 10.0).round() / 10.0),
+    );
+
+    let http = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(
+            &ctx.dep.ca_pem,
+        )?)?)
+        .pool_max_idle_per_host(IN_FLIGHT)
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let url = ctx.dep.url.clone();
+    let manifest: AgentManifest = http
+        .get(format!("{url}/api/v2/workspaceagents/me/manifest"))
+        .header(AGENT_TOKEN_HEADER, &tokens[0])
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let config = quic_config(&manifest.mesh_ca_pem)?;
+    let endpoints: Vec<quinn::Endpoint> = (0..cfg.count.div_ceil(AGENTS_PER_ENDPOINT))
+        .map(|_| {
+            quinn::Endpoint::new(
+                quinn::EndpointConfig::default(),
+                None,
+                devmesh_shared::net::udp_socket("127.0.0.1:0".parse().expect("addr"))?,
+                Arc::new(quinn::TokioRuntime),
+            )
+        })
+        .collect::<std::io::Result<_>>()?;
+
+    let window = ctx.dep.monitor.window();
+    let start = Instant::now();
+    let mut samples = Samples::default();
+    let mut held = Vec::with_capacity(cfg.count);
+    let mut errors: Vec<String> = Vec::new();
+    {
+        let (http, url, config, manifest, endpoints) =
+            (&http, &url, &config, &manifest, &endpoints);
+        let mut attaches = futures_util::stream::iter(tokens.iter().enumerate())
+            .map(|(i, token)| async move {
+                let t = Instant::now();
+                let r = attach(
+                    http,
+                    url,
+                    token,
+                    &endpoints[i / AGENTS_PER_ENDPOINT],
+                    config,
+                    manifest,
+                )
+                .await;
+                (r, t.elapsed())
+            })
+            .buffer_unordered(IN_FLIGHT);
+        while let Some((r, d)) = attaches.next().await {
+            match r {
+                Ok(x) => {
+                    samples.ok(d);
+                    held.push(x);
+                }
+                Err(e) => {
+                    samples.errors += 1;
+                    if errors.len() < 5 {
+                        errors.push(format!("{e:#}"));
+                    }
+                }
+            }
+            if (samples.ms.len() + samples.errors) % 100 == 0 {
+                ctx.progress.set_message(format!(
+                    "agents: {} attached, {} failed",
+                    samples.ms.len(),
+                    samples.errors
+                ));
+            }
+        }
+    }
+    let elapsed = start.elapsed();
+    // Hold them all attached for a moment so RSS settles, then sample.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let usage = ctx.dep.monitor.usage(&window);
+    let attached = held.len();
+    sr.add(
+        format!("attach {} agents, {IN_FLIGHT} at a time", cfg.count),
+        "devmesh primary relay",
+        samples,
+        elapsed,
+    );
+    sr.extra.insert("agents attached".into(), json!(attached));
+    sr.extra.insert(
+        "attach rate per second".into(),
+        json!((attached as f64 / elapsed.as_secs_f64() * 10.0).round() / 10.0),
+    );
+    if let Some(p) = usage.iter().find(|u| u.name == "primary") {
+        sr.extra.insert(
+            "primary RSS per attached agent (KiB)".into(),
+            json!(
+                ((p.peak_rss_mib - p.start_rss_mib).max(0.0) * 1024.0 / attached.max(1) as f64
+                    * 10.0)
+                    .round()
+                    / 10.0
+            ),
+        );
+    }
+    for e in errors {
+        sr.notes.push(format!("attach error: {e}"));
+    }
+    sr.notes.push("RSS per agent is the primary's peak RSS during the attaches minus its RSS before, ÷ agents; memory the allocator kept from earlier scenarios is reused first, so this is a lower bound.".into());
+    sr.notes.push("Each attach = ticket over HTTPS from the primary + QUIC handshake + attach exchange on the control stream.".into());
+    for (conn, _, _) in &held {
+        conn.close(0u32.into(), b"done");
+    }
+    drop(held);
+    for e in &endpoints {
+        let _ = tokio::time::timeout(Duration::from_secs(2), e.wait_idle()).await;
+    }
+    Ok(())
+}

@@ -1,0 +1,164 @@
+//! Load generators over HTTP: keep-alive small requests at a concurrency,
+//! bulk downloads and uploads with the pattern check, one at a time or in
+//! parallel. Clients are `reqwest`, the same for every target, so the
+//! client's own cost cancels out of the ratios.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::time::Instant;
+
+use crate::stats::Samples;
+use crate::topology::Endpoint;
+use crate::upstream::{Verifier, pattern_chunk};
+
+fn get(client: &reqwest::Client, ep: &Endpoint, path: &str) -> reqwest::RequestBuilder {
+    let r = client.get(format!("{}{path}", ep.base));
+    match &ep.token {
+        Some(t) => r.header("Devmesh-Session-Token", t),
+        None => r,
+    }
+}
+
+/// One small GET; `Ok(latency)` when the body had the expected size.
+pub async fn small_once(
+    client: &reqwest::Client,
+    ep: &Endpoint,
+    size: usize,
+) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    let resp = get(client, ep, &format!("/echo?size={size}"))
+        .send()
+        .await?;
+    anyhow::ensure!(resp.status().is_success(), "HTTP {}", resp.status());
+    let body = resp.bytes().await?;
+    anyhow::ensure!(body.len() == size, "body of {} bytes", body.len());
+    Ok(t.elapsed())
+}
+
+/// `requests` small GETs spread over `concurrency` tasks sharing `client`.
+/// Warms up with one request per task first.
+pub async fn small(
+    client: &reqwest::Client,
+    ep: &Endpoint,
+    size: usize,
+    requests: usize,
+    concurrency: usize,
+) -> (Samples, Duration) {
+    let warm =
+        futures_util::future::join_all((0..concurrency).map(|_| small_once(client, ep, size)));
+    let _ = warm.await;
+    let start = Instant::now();
+    let per = requests.div_ceil(concurrency);
+    let tasks = (0..concurrency).map(|i| {
+        let (client, ep) = (client.clone(), ep.clone());
+        let n = per.min(requests.saturating_sub(i * per));
+        tokio::spawn(async move {
+            let mut s = Samples::default();
+            for _ in 0..n {
+                match small_once(&client, &ep, size).await {
+                    Ok(d) => s.ok(d),
+                    Err(_) => s.errors += 1,
+                }
+            }
+            s
+        })
+    });
+    let mut all = Samples::default();
+    for r in futures_util::future::join_all(tasks).await {
+        all.merge(r.unwrap_or_default());
+    }
+    (all, start.elapsed())
+}
+
+/// Downloads `/bytes/{size}` and checks every byte; returns bytes received.
+pub async fn download(
+    client: &reqwest::Client,
+    ep: &Endpoint,
+    size: u64,
+    rate_limit: Option<(u64, Duration)>,
+) -> anyhow::Result<u64> {
+    let mut resp = get(client, ep, &format!("/bytes/{size}")).send().await?;
+    anyhow::ensure!(resp.status().is_success(), "HTTP {}", resp.status());
+    let mut v = Verifier::new();
+    let start = Instant::now();
+    while let Some(chunk) = resp.chunk().await? {
+        v.update(&chunk);
+        if let Some((bytes_per_s, stop_after)) = rate_limit {
+            // Pace the reads: sleep until this many bytes are "due".
+            let due = Duration::from_secs_f64(v.offset as f64 / bytes_per_s as f64);
+            if due > start.elapsed() {
+                tokio::time::sleep(due - start.elapsed()).await;
+            }
+            if start.elapsed() >= stop_after {
+                anyhow::ensure!(v.ok, "corrupt bytes before offset {}", v.offset);
+                return Ok(v.offset);
+            }
+        }
+    }
+    anyhow::ensure!(v.ok, "corrupt bytes in the download");
+    anyhow::ensure!(v.offset == size, "got {} of {size} bytes", v.offset);
+    Ok(v.offset)
+}
+
+/// Uploads `size` pattern bytes to `/upload`; the app checks them.
+pub async fn upload(client: &reqwest::Client, ep: &Endpoint, size: u64) -> anyhow::Result<u64> {
+    const CHUNK: u64 = 256 * 1024;
+    let stream = futures_util::stream::unfold(0u64, move |off| async move {
+        (off < size).then(|| {
+            let len = (size - off).min(CHUNK);
+            (
+                Ok::<_, std::io::Error>(pattern_chunk(off, len as usize)),
+                off + len,
+            )
+        })
+    });
+    let mut r = client
+        .post(format!("{}/upload", ep.base))
+        .header("content-length", size.to_string())
+        .body(reqwest::Body::wrap_stream(stream));
+    if let Some(t) = &ep.token {
+        r = r.header("Devmesh-Session-Token", t);
+    }
+    let resp = r.send().await?;
+    anyhow::ensure!(resp.status().is_success(), "HTTP {}", resp.status());
+    let text = resp.text().await?;
+    anyhow::ensure!(text == format!("ok {size}"), "the app says {text:?}");
+    Ok(size)
+}
+
+/// `streams` parallel transfers sharing `total` bytes; one sample per stream.
+pub async fn parallel(
+    client: &reqwest::Client,
+    ep: &Endpoint,
+    total: u64,
+    streams: usize,
+    up: bool,
+) -> (Samples, Duration) {
+    let each = total / streams as u64;
+    let start = Instant::now();
+    let mut set = futures_util::stream::FuturesUnordered::new();
+    for _ in 0..streams {
+        let (client, ep) = (client.clone(), ep.clone());
+        set.push(async move {
+            let t = Instant::now();
+            let r = if up {
+                upload(&client, &ep, each).await
+            } else {
+                download(&client, &ep, each, None).await
+            };
+            (r, t.elapsed())
+        });
+    }
+    let mut s = Samples::default();
+    while let Some((r, d)) = set.next().await {
+        match r {
+            Ok(n) => {
+                s.bytes += n;
+                s.ok(d);
+            }
+            Err(_) => s.errors += 1,
+        }
+    }
+    (s, start.elapsed())
+}

@@ -1,0 +1,335 @@
+//! The `run` command: start the topology and the baselines, run each
+//! configured scenario, write the report. A scenario that fails is recorded
+//! as failed and the run goes on.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::baselines::{Nginx, Rathole};
+use crate::report::{Report, ScenarioReport};
+use crate::scenario::{Protocol, Scenario};
+use crate::topology::{Deployment, Endpoint, Options, app_client};
+use crate::{plot, scenarios};
+
+/// Everything a scenario needs.
+pub struct Ctx {
+    /// The scenario file (after `--quick`).
+    pub scenario: Scenario,
+    /// The running deployment.
+    pub dep: Deployment,
+    /// Baseline endpoints that started: direct, nginx, nginx + rathole.
+    pub baselines: Vec<Endpoint>,
+    /// The upstream app's port.
+    pub app_port: u16,
+    /// Live progress line.
+    pub progress: indicatif::ProgressBar,
+    /// Output folder.
+    pub out: PathBuf,
+    /// Whether the transport ceiling runs.
+    pub ceiling: bool,
+    /// Stops background helpers.
+    pub stop: CancellationToken,
+}
+
+impl Ctx {
+    /// The devmesh path from the client's region without WAN emulation:
+    /// through the client region's edge when it serves apps, else through
+    /// the primary (with a note saying so).
+    pub fn devmesh(&self, notes: &mut Vec<String>) -> Endpoint {
+        if let Some(e) = self
+            .dep
+            .edges
+            .iter()
+            .position(|e| e.region == self.dep.client_region)
+            && let Some(mut ep) = self.dep.via_edge(e, 0, false)
+        {
+            ep.name = "devmesh (edge)".into();
+            return ep;
+        }
+        if self.dep.edges.iter().any(|e| e.unavailable.is_some()) {
+            let n = "edge path unavailable: measured through the primary".to_owned();
+            if !notes.contains(&n) {
+                notes.push(n);
+            }
+        }
+        self.dep.via_primary(0, false)
+    }
+
+    /// devmesh first, then every baseline.
+    pub fn targets(&self, notes: &mut Vec<String>) -> Vec<Endpoint> {
+        let mut v = vec![self.devmesh(notes)];
+        v.extend(self.baselines.iter().cloned());
+        v
+    }
+
+    /// An app client for `proto`.
+    pub fn client(&self, proto: Protocol) -> anyhow::Result<reqwest::Client> {
+        app_client(&self.dep.ca_pem, proto)
+    }
+}
+
+/// Raises the open-file limit (inherited by every process started here):
+/// 10,000 WebSockets need two sockets each in this process alone (client
+/// and upstream app). Root may go past the hard limit; others get the hard
+/// limit.
+fn raise_nofile() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    const WANTED: u64 = 262_144;
+    if setrlimit(Resource::RLIMIT_NOFILE, WANTED, WANTED).is_err()
+        && let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+    {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
+/// Runs the scenario file end to end and writes the report into `out`.
+/// Returns the path of `report.md` and the names of failed scenarios.
+pub async fn run(
+    scenario: Scenario,
+    opts: Options,
+    only: Option<Vec<String>>,
+    quick: bool,
+) -> anyhow::Result<(PathBuf, Vec<String>)> {
+    raise_nofile();
+    let started = Instant::now();
+    let started_at = chrono::Utc::now().to_rfc3339();
+    std::fs::create_dir_all(&opts.out)?;
+    let progress = indicatif::ProgressBar::new_spinner();
+    progress.enable_steady_tick(Duration::from_millis(200));
+    progress.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
+            .expect("valid template"),
+    );
+    let stop = CancellationToken::new();
+    let app_port = crate::upstream::start(stop.clone()).await?;
+
+    let mut report = Report {
+        name: scenario.name.clone(),
+        quick,
+        started_at,
+        ..Default::default()
+    };
+    report.machine.insert(
+        "cores".into(),
+        std::thread::available_parallelism()
+            .map_or(0, |n| n.get())
+            .to_string(),
+    );
+    if let Ok(k) = std::fs::read_to_string("/proc/sys/kernel/osrelease") {
+        report.machine.insert("kernel".into(), k.trim().to_owned());
+    }
+
+    let dep = Deployment::start(&scenario, &opts, app_port, &progress)
+        .await
+        .context("starting the deployment")?;
+    for e in &dep.edges {
+        report.edges.insert(
+            format!("edge {}", e.region),
+            e.unavailable.clone().unwrap_or_else(|| {
+                format!(
+                    "serves apps on *.{}",
+                    e.app_host_suffix.as_deref().unwrap_or("")
+                )
+            }),
+        );
+    }
+
+    // Baselines.
+    progress.set_message("starting baselines");
+    let b = &scenario.baselines;
+    let mut baselines = Vec::new();
+    let mut keep_alive: Vec<Box<dyn std::any::Any + Send>> = Vec::new();
+    let mut state = |name: &str, r: anyhow::Result<()>| {
+        report.baselines.insert(
+            name.into(),
+            match r {
+                Ok(()) => "ok".into(),
+                Err(e) if format!("{e:#}").starts_with("missing") => format!("{e:#}"),
+                Err(e) => format!("failed: {e:#}"),
+            },
+        );
+    };
+    if b.direct {
+        baselines.push(Endpoint {
+            name: "direct".into(),
+            base: format!("http://127.0.0.1:{app_port}"),
+            token: None,
+        });
+        state("direct", Ok(()));
+    } else {
+        state("direct", Err(anyhow::anyhow!("off in the scenario file")));
+    }
+    let base_dir = opts.out.join("baselines");
+    if b.nginx {
+        match Nginx::start(&base_dir, "nginx", app_port, &dep.cert, &dep.key).await {
+            Ok(n) => {
+                baselines.push(Endpoint {
+                    name: "nginx".into(),
+                    base: format!("https://localhost:{}", n.port),
+                    token: None,
+                });
+                keep_alive.push(Box::new(n));
+                state("nginx", Ok(()));
+            }
+            Err(e) => state("nginx", Err(e)),
+        }
+    }
+    if b.rathole {
+        let r = async {
+            let r = Rathole::start(&base_dir, app_port).await?;
+            let n = Nginx::start(&base_dir, "nginx-rathole", r.port, &dep.cert, &dep.key).await?;
+            anyhow::Ok((r, n))
+        }
+        .await;
+        match r {
+            Ok((r, n)) => {
+                baselines.push(Endpoint {
+                    name: "nginx+rathole".into(),
+                    base: format!("https://localhost:{}", n.port),
+                    token: None,
+                });
+                keep_alive.push(Box::new(r));
+                keep_alive.push(Box::new(n));
+                state("nginx+rathole", Ok(()));
+            }
+            Err(e) => state("nginx+rathole", Err(e)),
+        }
+    }
+    state(
+        "transport ceiling (raw quinn, raw rustls)",
+        if b.transport_ceiling {
+            Ok(())
+        } else {
+            Err(anyhow::anyhow!("off in the scenario file"))
+        },
+    );
+
+    let mut ctx = Ctx {
+        ceiling: scenario.baselines.transport_ceiling,
+        scenario,
+        dep,
+        baselines,
+        app_port,
+        progress: progress.clone(),
+        out: opts.out.clone(),
+        stop: stop.clone(),
+    };
+
+    let wanted = |n: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == n));
+    let s = ctx.scenario.scenarios.clone();
+    macro_rules! scenario {
+        ($name:literal, $title:literal, $cfg:expr, $f:path) => {
+            if let Some(cfg) = &$cfg
+                && wanted($name)
+            {
+                progress.set_message(format!("scenario {}", $name));
+                let mut sr = ScenarioReport::new($name, $title);
+                let window = ctx.dep.monitor.window();
+                let t = Instant::now();
+                if let Err(e) = $f(&mut ctx, cfg, &mut sr).await {
+                    sr.status = format!("failed: {e:#}");
+                }
+                sr.extra.insert(
+                    "duration_s".into(),
+                    serde_json::json!((t.elapsed().as_secs_f64() * 10.0).round() / 10.0),
+                );
+                sr.processes = ctx.dep.monitor.usage(&window);
+                progress.println(format!(
+                    "{:>12}: {} ({:.1} s)",
+                    $name,
+                    sr.status,
+                    t.elapsed().as_secs_f64()
+                ));
+                report.scenarios.push(sr);
+            }
+        };
+    }
+    scenario!(
+        "small",
+        "1 KiB GETs, keep-alive, concurrency 1 and 64, HTTP/1.1 and HTTP/2",
+        s.small,
+        scenarios::small
+    );
+    scenario!(
+        "bulk",
+        "large download and upload with checksum, single and parallel streams",
+        s.bulk,
+        scenarios::bulk
+    );
+    scenario!(
+        "websockets",
+        "many concurrent WebSockets, echo every few seconds",
+        s.websockets,
+        scenarios::websockets
+    );
+    scenario!(
+        "agents",
+        "many lightweight agents attached to one relay",
+        s.agents,
+        scenarios::agents
+    );
+    scenario!(
+        "regions",
+        "client in another region: via its edge vs via the primary, over the WAN emulator",
+        s.regions,
+        scenarios::regions
+    );
+    scenario!(
+        "fairness",
+        "small requests with and without a competing bulk download",
+        s.fairness,
+        scenarios::fairness
+    );
+    scenario!(
+        "slow_reader",
+        "a reader at a slow pace: memory of the proxies stays flat",
+        s.slow_reader,
+        scenarios::slow_reader
+    );
+    scenario!(
+        "failover",
+        "an edge killed under load",
+        s.failover,
+        scenarios::failover
+    );
+
+    for f in &ctx.dep.wan {
+        report.wan.push(serde_json::json!({
+            "from": f.from, "to": f.to,
+            "rtt_ms": f.spec.delay.as_secs_f64() * 2000.0,
+            "jitter_ms": f.spec.jitter.as_secs_f64() * 1000.0,
+            "loss": f.spec.loss,
+            "bytes_per_s": f.spec.bytes_per_s,
+            "totals": f.relay.counters.snapshot(),
+        }));
+    }
+    if ctx
+        .dep
+        .wan
+        .iter()
+        .any(|f| f.to == "primary" && f.from != ctx.dep.client_region)
+    {
+        report.notes.push("Agents outside the primary's region reach the primary's API through their WAN link; their QUIC relay connection is not emulated (the manifest advertises the relay's bound address).".into());
+    }
+    progress.set_message("writing the report");
+    let mut plots = Vec::new();
+    for s in &report.scenarios {
+        plots.extend(plot::scenario(&opts.out, s));
+    }
+    report.total_s = started.elapsed().as_secs_f64();
+    crate::report::write(&opts.out, &report, &plots)?;
+    progress.finish_and_clear();
+    stop.cancel();
+    drop(keep_alive);
+    let failed = report
+        .scenarios
+        .iter()
+        .filter(|s| s.status != "ok")
+        .map(|s| s.name.clone())
+        .collect();
+    Ok((opts.out.join("report.md"), failed))
+}

@@ -1,0 +1,643 @@
+//! The eight scenarios. Each fills a [`ScenarioReport`]: rows per case and
+//! target (devmesh first, then the baselines), notes, and extra figures.
+//! Nothing here asserts a timing: the tool measures, people judge.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+use tokio::time::Instant;
+
+use crate::report::ScenarioReport;
+use crate::run::Ctx;
+use crate::scenario::{self, Protocol};
+use crate::stats::Samples;
+use crate::topology::Endpoint;
+use crate::wan::{LinkSpec, TcpRelay};
+use crate::{baselines, load};
+
+const MIB: u64 = 1024 * 1024;
+
+// === 1: small requests ===
+
+/// Scenario 1.
+pub async fn small(
+    ctx: &mut Ctx,
+    cfg: &scenario::Small,
+    sr: &mut ScenarioReport,
+) -> anyhow::Result<()> {
+    let targets = ctx.targets(&mut sr.notes);
+    for &c in &cfg.concurrency {
+        for &proto in &cfg.protocols {
+            let case = format!("c={c} {}", proto.label());
+            for t in &targets {
+                ctx.progress
+                    .set_message(format!("small: {case} via {}", t.name));
+                let client = ctx.client(proto)?;
+                let (s, d) = load::small(&client, t, cfg.body_bytes, cfg.requests, c).await;
+                sr.add(&case, &t.name, s, d);
+            }
+        }
+    }
+    Ok(())
+}
+
+// === 2: bulk ===
+
+/// Scenario 2.
+pub async fn bulk(
+    ctx: &mut Ctx,
+    cfg: &scenario::Bulk,
+    sr: &mut ScenarioReport,
+) -> anyhow::Result<()> {
+    let size = cfg.size_mib * MIB;
+    let targets = ctx.targets(&mut sr.notes);
+    let client = ctx.client(Protocol::Http1)?;
+    let down = format!("download {} MiB", cfg.size_mib);
+    let up = format!("upload {} MiB", cfg.size_mib);
+    for t in &targets {
+        for (case, is_up) in [(&down, false), (&up, true)] {
+            ctx.progress
+                .set_message(format!("bulk: {case} via {}", t.name));
+            let (s, d) = load::parallel(&client, t, size, 1, is_up).await;
+            sr.add(case.as_str(), &t.name, s, d);
+        }
+        if cfg.parallel > 1 {
+            for (dir, is_up) in [("download", false), ("upload", true)] {
+                let case = format!("{dir} {} MiB as {} streams", cfg.size_mib, cfg.parallel);
+                ctx.progress
+                    .set_message(format!("bulk: {case} via {}", t.name));
+                let (s, d) = load::parallel(&client, t, size, cfg.parallel, is_up).await;
+                sr.add(case, &t.name, s, d);
+            }
+        }
+    }
+    if ctx.ceiling {
+        for (name, r) in [
+            ("ceiling: raw quinn", baselines::quinn_bulk(size).await),
+            ("ceiling: raw rustls", baselines::rustls_bulk(size).await),
+        ] {
+            ctx.progress.set_message(format!("bulk: {name}"));
+            let mut s = Samples::default();
+            match r {
+                Ok(d) => {
+                    s.ok(d);
+                    s.bytes = size;
+                    sr.add(&down, name, s, d);
+                }
+                Err(e) => sr.notes.push(format!("{name} failed: {e:#}")),
+            }
+        }
+    }
+    sr.notes.push("Checksum: every byte is checked against a known pattern on receipt (downloads by the client, uploads by the app).".into());
+    Ok(())
+}
+
+// === 3: WebSockets ===
+
+async fn ws_connect(
+    ep: &Endpoint,
+    ca: &rustls::RootCertStore,
+) -> anyhow::Result<tokio_tungstenite::WebSocketStream<Box<dyn AsyncReadWrite>>> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let (scheme, rest) = ep.base.split_once("://").context("url")?;
+    let (host, port) = rest.rsplit_once(':').context("port")?;
+    let port: u16 = port.parse()?;
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    tcp.set_nodelay(true)?;
+    let io: Box<dyn AsyncReadWrite> = if scheme == "https" {
+        let mut c = rustls::ClientConfig::builder()
+            .with_root_certificates(ca.clone())
+            .with_no_client_auth();
+        c.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(c))
+            .connect(
+                rustls::pki_types::ServerName::try_from(host.to_owned())?,
+                tcp,
+            )
+            .await?;
+        Box::new(tls)
+    } else {
+        Box::new(tcp)
+    };
+    let mut req = format!("ws://{host}:{port}/ws").into_client_request()?;
+    if let Some(t) = &ep.token {
+        req.headers_mut()
+            .insert("Devmesh-Session-Token", t.parse()?);
+    }
+    let (ws, _) = tokio_tungstenite::client_async(req, io).await?;
+    Ok(ws)
+}
+
+/// A byte stream for a WebSocket (TCP or TLS).
+pub trait AsyncReadWrite: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> AsyncReadWrite for T {}
+
+fn roots(ctx: &Ctx) -> anyhow::Result<rustls::RootCertStore> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(&ctx.dep.ca_pem)? {
+        roots.add(c?)?;
+    }
+    Ok(roots)
+}
+
+/// Scenario 3.
+pub async fn websockets(
+    ctx: &mut Ctx,
+    cfg: &scenario::Websockets,
+    sr: &mut ScenarioReport,
+) -> anyhow::Result<()> {
+    let roots = Arc::new(roots(ctx)?);
+    let mut targets = vec![ctx.devmesh(&mut sr.notes)];
+    targets.extend(ctx.baselines.iter().filter(|b| b.name == "nginx").cloned());
+    let interval = Duration::from_secs_f64(cfg.interval_s);
+    for t in targets {
+        let window = ctx.dep.monitor.window();
+        let stop = Arc::new(AtomicBool::new(false));
+        let opened = Arc::new(AtomicU64::new(0));
+        let connect = Arc::new(parking_lot::Mutex::new(Samples::default()));
+        let echo = Arc::new(parking_lot::Mutex::new(Samples::default()));
+        let gate = Arc::new(tokio::sync::Semaphore::new(64));
+        let start = Instant::now();
+        let mut tasks = Vec::with_capacity(cfg.connections);
+        for i in 0..cfg.connections {
+            let (ep, roots, stop, opened2, connect, echo, gate) = (
+                t.clone(),
+                roots.clone(),
+                stop.clone(),
+                opened.clone(),
+                connect.clone(),
+                echo.clone(),
+                gate.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                let permit = gate.acquire_owned().await;
+                let t0 = Instant::now();
+                let ws =
+                    tokio::time::timeout(Duration::from_secs(30), ws_connect(&ep, &roots)).await;
+                drop(permit);
+                let mut ws = match ws {
+                    Ok(Ok(ws)) => {
+                        connect.lock().ok(t0.elapsed());
+                        opened2.fetch_add(1, Ordering::Relaxed);
+                        ws
+                    }
+                    _ => {
+                        connect.lock().errors += 1;
+                        return;
+                    }
+                };
+                // Spread the sends over the interval.
+                let phase = interval.mul_f64((i % 997) as f64 / 997.0);
+                tokio::time::sleep(phase).await;
+                let msg = format!("ping {i}");
+                while !stop.load(Ordering::Relaxed) {
+                    let t1 = Instant::now();
+                    let ok = async {
+                        ws.send(tokio_tungstenite::tungstenite::Message::text(msg.clone()))
+                            .await?;
+                        loop {
+                            match ws.next().await {
+                                Some(Ok(m)) if m.is_text() => {
+                                    return anyhow::Ok(m.into_text()? == msg.as_str());
+                                }
+                                Some(Ok(_)) => continue,
+                                _ => return Ok(false),
+                            }
+                        }
+                    }
+                    .await
+                    .unwrap_or(false);
+                    if ok {
+                        echo.lock().ok(t1.elapsed());
+                    } else {
+                        echo.lock().errors += 1;
+                        return;
+                    }
+                    tokio::time::sleep(interval).await;
+                }
+                let _ = ws.close(None).await;
+            }));
+            if i % 500 == 499 {
+                ctx.progress.set_message(format!(
+                    "websockets via {}: {} open",
+                    t.name,
+                    opened.load(Ordering::Relaxed)
+                ));
+            }
+        }
+        // Wait until every connection has opened or failed.
+        loop {
+            let settled = {
+                let c = connect.lock();
+                c.ms.len() + c.errors
+            };
+            if settled >= cfg.connections {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let open_time = start.elapsed();
+        let before_hold = ctx.dep.monitor.usage(&window);
+        ctx.progress.set_message(format!(
+            "websockets via {}: {} open, holding",
+            t.name,
+            opened.load(Ordering::Relaxed)
+        ));
+        tokio::time::sleep(Duration::from_secs_f64(cfg.hold_s)).await;
+        let held = ctx.dep.monitor.usage(&window);
+        stop.store(true, Ordering::Relaxed);
+        for task in tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
+        }
+        let n = opened.load(Ordering::Relaxed);
+        let connect = std::mem::take(&mut *connect.lock());
+        let echo = std::mem::take(&mut *echo.lock());
+        sr.add(
+            format!("connect ({} connections)", cfg.connections),
+            &t.name,
+            connect,
+            open_time,
+        );
+        sr.add(
+            format!("echo every {} s", cfg.interval_s),
+            &t.name,
+            echo,
+            start.elapsed(),
+        );
+        if t.name.starts_with("devmesh") {
+            let mut per = serde_json::Map::new();
+            for (p, b) in held.iter().zip(before_hold.iter()) {
+                let grown = (p.peak_rss_mib - p.start_rss_mib).max(0.0);
+                per.insert(
+                    p.name.clone(),
+                    json!({
+                        "rss_start_mib": round(p.start_rss_mib),
+                        "rss_peak_mib": round(p.peak_rss_mib),
+                        "kib_per_connection": round(grown * 1024.0 / n.max(1) as f64),
+                        "cpu_s_while_opening": round(b.cpu_s),
+                    }),
+                );
+            }
+            sr.extra.insert(
+                "devmesh_rss_per_connection".into(),
+                serde_json::Value::Object(per),
+            );
+            sr.extra.insert("devmesh_connections_open".into(), json!(n));
+        } else {
+            sr.extra
+                .insert(format!("{}_connections_open", t.name), json!(n));
+        }
+    }
+    sr.notes.push("RSS per connection: (peak RSS while all were open − RSS before) ÷ connections, per devmesh process.".into());
+    Ok(())
+}
+
+fn round(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+// === 4: agents ===
+
+/// Scenario 4.
+pub async fn agents(
+    ctx: &mut Ctx,
+    cfg: &scenario::Agents,
+    sr: &mut ScenarioReport,
+) -> anyhow::Result<()> {
+    crate::agents::run(ctx, cfg, sr).await
+}
+
+// === 5: regions ===
+
+/// Scenario 5.
+pub async fn regions(
+    ctx: &mut Ctx,
+    cfg: &scenario::Regions,
+    sr: &mut ScenarioReport,
+) -> anyhow::Result<()> {
+    let client_region = ctx.dep.client_region.clone();
+    let mut paths: Vec<(Endpoint, Option<usize>)> = Vec::new();
+    let mut p = ctx.dep.via_primary(0, true);
+    p.name = format!(
+        "devmesh via primary ({client_region} → {})",
+        ctx.dep.primary_region
+    );
+    let primary_front = ctx
+        .dep
+        .wan
+        .iter()
+        .position(|f| f.from == client_region && f.to == "primary");
+    paths.push((p, primary_front));
+    if let Some(e) = ctx.dep.edges.iter().position(|e| e.region == client_region) {
+        match ctx.dep.via_edge(e, 0, true) {
+            Some(mut ep) => {
+                ep.name = format!("devmesh via edge {client_region}");
+                let front = ctx.dep.wan.iter().position(|f| f.from == client_region && f.to == client_region);
+                paths.push((ep, front));
+            }
+            None => sr.notes.push(format!(
+                "edge path unavailable: the {client_region} edge does not serve apps yet; only the path through the primary is measured"
+            )),
+        }
+    } else {
+        sr.notes
+            .push(format!("no edge in the client's region {client_region}"));
+    }
+    if ctx.dep.wan.is_empty() {
+        sr.notes
+            .push("WAN emulation is off in the scenario file: every path is plain loopback".into());
+    }
+    for (ep, front) in &paths {
+        // First visits: a fresh client each time (TCP + TLS handshake + request).
+        let before = front.map(|f| ctx.dep.wan[f].relay.counters.snapshot());
+        let mut s = Samples::default();
+        let t = Instant::now();
+        for _ in 0..cfg.first_visits {
+            ctx.progress
+                .set_message(format!("regions: first visits via {}", ep.name));
+            let client = ctx.client(Protocol::Http1)?;
+            match load::small_once(&client, ep, 1024).await {
+                Ok(d) => s.ok(d),
+                Err(_) => s.errors += 1,
+            }
+        }
+        sr.add("first visit", &ep.name, s, t.elapsed());
+        if let (Some(f), Some(b)) = (front, before) {
+            let d = ctx.dep.wan[*f].relay.counters.snapshot() - b;
+            sr.extra.insert(
+                format!("round trips per first visit, {}", ep.name),
+                json!(round(d.round_trips as f64 / cfg.first_visits.max(1) as f64)),
+            );
+        }
+        // Steady state on one kept-alive connection.
+        ctx.progress
+            .set_message(format!("regions: steady state via {}", ep.name));
+        let client = ctx.client(Protocol::Http1)?;
+        let before = front.map(|f| ctx.dep.wan[f].relay.counters.snapshot());
+        let (s, d) = load::small(&client, ep, 1024, cfg.requests, 1).await;
+        sr.add("steady state", &ep.name, s, d);
+        if let (Some(f), Some(b)) = (front, before) {
+            let d = ctx.dep.wan[*f].relay.counters.snapshot() - b;
+            sr.extra.insert(
+                format!("round trips per steady request, {}", ep.name),
+                json!(round(d.round_trips as f64 / (cfg.requests + 1) as f64)),
+            );
+        }
+    }
+    // The emulator's own overhead: direct, and direct through a 0 ms link.
+    let stop = ctx.stop.child_token();
+    let relay = TcpRelay::start(
+        ([127, 0, 0, 1], ctx.app_port).into(),
+        LinkSpec::rtt(Duration::ZERO),
+        stop.clone(),
+    )
+    .await?;
+    let direct = Endpoint {
+        name: "direct".into(),
+        base: format!("http://127.0.0.1:{}", ctx.app_port),
+        token: None,
+    };
+    let emulated = Endpoint {
+        name: "direct through the emulator (0 ms)".into(),
+        base: format!("http://127.0.0.1:{}", relay.addr.port()),
+        token: None,
+    };
+    for ep in [&direct, &emulated] {
+        ctx.progress
+            .set_message(format!("regions: emulator overhead, {}", ep.name));
+        let client = ctx.client(Protocol::Http1)?;
+        let (s, d) = load::small(&client, ep, 1024, cfg.requests.max(200), 1).await;
+        let row = sr.add("emulator overhead: 1 KiB GETs", &ep.name, s, d);
+        let p50 = row.summary.p50_ms;
+        let mib = cfg.emulator_overhead_mib;
+        let (s, d) = load::parallel(&client, ep, mib * MIB, 1, false).await;
+        let mibs = sr
+            .add(
+                format!("emulator overhead: {mib} MiB download"),
+                &ep.name,
+                s,
+                d,
+            )
+            .summary
+            .mib_per_s;
+        sr.extra.insert(
+            format!("emulator overhead: {} p50 ms / MiB/s", ep.name),
+            json!([p50, mibs]),
+        );
+    }
+    stop.cancel();
+    sr.notes.push("Round trips are counted on the emulated link as request→response turns of its TCP connections.".into());
+    sr.notes.push("First visit: a new connection with TCP and TLS handshakes and the session-token header; the browser's sign-in redirect chain is not replayed.".into());
+    Ok(())
+}
+
+// === 6: fairness ===
+
+/// Scenario 6.
+pub async fn fairness(
+    ctx: &mut Ctx,
+    cfg: &scenario::Fairness,
+    sr: &mut ScenarioReport,
+) -> anyhow::Result<()> {
+    let targets = ctx.targets(&mut sr.notes);
+    let n = cfg.small_clients * cfg.requests_per_client;
+    for t in &targets {
+        let client = ctx.client(Protocol::Http1)?;
+        ctx.progress
+            .set_message(format!("fairness: small alone via {}", t.name));
+        let (s, d) = load::small(&client, t, 1024, n, cfg.small_clients).await;
+        sr.add("64 small clients alone", &t.name, s, d);
+        ctx.progress
+            .set_message(format!("fairness: small beside a download via {}", t.name));
+        let bulk_client = ctx.client(Protocol::Http1)?;
+        let (bt, size) = (t.clone(), cfg.bulk_mib * MIB);
+        let bulk = tokio::spawn(async move {
+            let t0 = Instant::now();
+            let r = load::download(&bulk_client, &bt, size, None).await;
+            (r, t0.elapsed())
+        });
+        // Let the download get going before the small requests start.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (s, d) = load::small(&client, t, 1024, n, cfg.small_clients).await;
+        let still_running = !bulk.is_finished();
+        sr.add("64 small clients beside a download", &t.name, s, d);
+        let (r, bd) = bulk.await?;
+        let mut bs = Samples::default();
+        match r {
+            Ok(b) => {
+                bs.bytes = b;
+                bs.ok(bd);
+            }
+            Err(_) => bs.errors += 1,
+        }
+        sr.add("the competing download", &t.name, bs, bd);
+        if !still_running {
+            sr.notes.push(format!(
+                "{}: the download finished before the small requests did; raise bulk_mib",
+                t.name
+            ));
+        }
+    }
+    for r in sr.rows.iter_mut() {
+        if r.case.starts_with("64 small") {
+            r.case = r.case.replacen("64", &cfg.small_clients.to_string(), 1);
+        }
+    }
+    Ok(())
+}
+
+// === 7: slow reader ===
+
+/// Scenario 7.
+pub async fn slow_reader(
+    ctx: &mut Ctx,
+    cfg: &scenario::SlowReader,
+    sr: &mut ScenarioReport,
+) -> anyhow::Result<()> {
+    let ep = ctx.devmesh(&mut sr.notes);
+    let client = ctx.client(Protocol::Http1)?;
+    let rate = cfg.rate_kib_s * 1024;
+    ctx.progress.set_message(format!(
+        "slow reader: {} KiB/s for {} s",
+        cfg.rate_kib_s, cfg.duration_s
+    ));
+    let t = Instant::now();
+    let r = load::download(
+        &client,
+        &ep,
+        cfg.size_mib * MIB,
+        Some((rate, Duration::from_secs_f64(cfg.duration_s))),
+    )
+    .await;
+    let d = t.elapsed();
+    let mut s = Samples::default();
+    match r {
+        Ok(b) => {
+            s.bytes = b;
+            s.ok(d);
+        }
+        Err(e) => {
+            s.errors += 1;
+            sr.notes.push(format!("the slow download failed: {e:#}"));
+        }
+    }
+    sr.add(
+        format!("{} KiB/s reader of {} MiB", cfg.rate_kib_s, cfg.size_mib),
+        &ep.name,
+        s,
+        d,
+    );
+    sr.notes.push("The reader stops after duration_s; flat RSS lines in the plot mean the proxies apply backpressure instead of buffering the body.".into());
+    Ok(())
+}
+
+// === 8: failover ===
+
+/// Scenario 8.
+pub async fn failover(
+    ctx: &mut Ctx,
+    cfg: &scenario::Failover,
+    sr: &mut ScenarioReport,
+) -> anyhow::Result<()> {
+    let Some(e) = ctx.dep.edges.iter().position(|e| e.proc.is_some()) else {
+        sr.notes.push("no edge to kill in this topology".into());
+        return Ok(());
+    };
+    let region = ctx.dep.edges[e].region.clone();
+    let ep = match ctx.dep.via_edge(e, 0, false) {
+        Some(ep) => ep,
+        None => {
+            sr.notes.push(format!(
+                "edge path unavailable: agents attach only to the primary today, so the load goes through the primary while edge {region} is killed"
+            ));
+            ctx.dep.via_primary(0, false)
+        }
+    };
+    let client = ctx.client(Protocol::Http1)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let samples = Arc::new(parking_lot::Mutex::new(
+        Vec::<(f64, Result<Duration, ()>)>::new(),
+    ));
+    let start = Instant::now();
+    let load_tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let (client, ep, stop, samples) =
+                (client.clone(), ep.clone(), stop.clone(), samples.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let r = load::small_once(&client, &ep, 1024).await.map_err(|_| ());
+                    samples.lock().push((start.elapsed().as_secs_f64(), r));
+                    if r.is_err() {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            })
+        })
+        .collect();
+    ctx.progress.set_message(format!(
+        "failover: load for {} s, then kill edge {region}",
+        cfg.before_s
+    ));
+    tokio::time::sleep(Duration::from_secs_f64(cfg.before_s)).await;
+    let killed_at = start.elapsed().as_secs_f64();
+    ctx.dep.kill_edge(e).await;
+    // Every agent must answer again through the devmesh path.
+    let t = Instant::now();
+    let mut reattached = true;
+    for i in 0..ctx.dep.agents.len() {
+        ctx.progress
+            .set_message(format!("failover: waiting for agent {i} to answer"));
+        let left = Duration::from_secs_f64(cfg.reattach_timeout_s).saturating_sub(t.elapsed());
+        if ctx.dep.wait_attached(i, left).await.is_err() {
+            reattached = false;
+        }
+    }
+    let reattach = t.elapsed();
+    // Keep the load going a little after recovery, then stop.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in load_tasks {
+        let _ = t.await;
+    }
+    let all = std::mem::take(&mut *samples.lock());
+    let (mut before, mut after) = (Samples::default(), Samples::default());
+    for (at, r) in all {
+        let s = if at < killed_at {
+            &mut before
+        } else {
+            &mut after
+        };
+        match r {
+            Ok(d) => s.ok(d),
+            Err(()) => s.errors += 1,
+        }
+    }
+    sr.add(
+        "8 clients before the kill",
+        &ep.name,
+        before,
+        Duration::from_secs_f64(killed_at),
+    );
+    sr.add(
+        "8 clients after the kill",
+        &ep.name,
+        after,
+        start.elapsed() - Duration::from_secs_f64(killed_at),
+    );
+    sr.extra.insert("killed edge".into(), json!(region));
+    sr.extra.insert(
+        "seconds until every agent answered again".into(),
+        if reattached {
+            json!(round(reattach.as_secs_f64()))
+        } else {
+            json!(format!("not within {} s", cfg.reattach_timeout_s))
+        },
+    );
+    Ok(())
+}
