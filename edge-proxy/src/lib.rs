@@ -434,10 +434,7 @@ pub async fn run(args: EdgeArgs, shutdown: CancellationToken) -> anyhow::Result<
             Duration::from_secs(10),
         )),
         None => tokio::spawn(async move {
-            let app = app.into_make_service_with_connect_info::<SocketAddr>();
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(serve_shutdown.cancelled_owned())
-                .await;
+            let _ = devmesh_shared::net::serve_http(listener, app, serve_shutdown).await;
         }),
     };
     println!("Started edge listener at {scheme}://{local}");

@@ -204,11 +204,7 @@ pub async fn start(mut config: ServerConfig) -> anyhow::Result<RunningServer> {
     let signal = shutdown.clone();
     let task = match tls_config {
         None => tokio::spawn(async move {
-            let app = app.into_make_service_with_connect_info::<SocketAddr>();
-            if let Err(e) = axum::serve(listener, app)
-                .with_graceful_shutdown(signal.cancelled_owned())
-                .await
-            {
+            if let Err(e) = devmesh_shared::net::serve_http(listener, app, signal).await {
                 tracing::error!(error = %e, "HTTP server failed");
             }
         }),
