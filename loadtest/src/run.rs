@@ -291,6 +291,12 @@ pub async fn run(
         scenarios::slow_reader
     );
     scenario!(
+        "mesh",
+        "the edge path: primary calls in steady state, and the latency of one mesh hop",
+        s.mesh,
+        scenarios::mesh
+    );
+    scenario!(
         "failover",
         "an edge killed under load",
         s.failover,

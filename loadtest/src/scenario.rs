@@ -176,6 +176,8 @@ pub struct Scenarios {
     pub slow_reader: Option<SlowReader>,
     /// 8: an edge killed under load.
     pub failover: Option<Failover>,
+    /// 9: the edge data path: primary calls in steady state, one mesh hop.
+    pub mesh: Option<Mesh>,
 }
 
 /// Scenario 1.
@@ -319,6 +321,18 @@ pub struct Failover {
     pub reattach_timeout_s: f64,
 }
 
+/// Scenario 9.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Mesh {
+    /// Keep-alive requests through an edge to an agent attached to it,
+    /// while counting the requests the primary serves.
+    pub steady_requests: usize,
+    /// Small GETs per path (local tunnel, one mesh hop) for the latency
+    /// the hop adds.
+    pub requests: usize,
+}
+
 /// Why a scenario file is unusable.
 #[derive(Debug, PartialEq)]
 pub struct Invalid(pub String);
@@ -460,6 +474,10 @@ impl Scenario {
         if let Some(x) = &mut s.failover {
             x.before_s = x.before_s.min(1.0);
             x.reattach_timeout_s = x.reattach_timeout_s.min(30.0);
+        }
+        if let Some(x) = &mut s.mesh {
+            x.steady_requests = x.steady_requests.min(100);
+            x.requests = x.requests.min(100);
         }
         self
     }

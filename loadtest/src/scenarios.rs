@@ -641,3 +641,127 @@ pub async fn failover(
     );
     Ok(())
 }
+
+// === 9: the edge path ===
+
+/// Scenario 9: how many requests the primary serves while an edge answers
+/// steady-state requests for an agent attached to it (the design says
+/// none), and the latency one mesh hop adds: the same edge to its own agent
+/// and to an agent attached to another edge, interleaved so that machine
+/// noise falls on both paths alike. No WAN emulation: the hop's own cost.
+pub async fn mesh(
+    ctx: &mut Ctx,
+    cfg: &scenario::Mesh,
+    sr: &mut ScenarioReport,
+) -> anyhow::Result<()> {
+    let dep = &ctx.dep;
+    let found = dep.edges.iter().enumerate().find_map(|(e, edge)| {
+        edge.app_host_suffix.as_ref()?;
+        let local = dep.agents.iter().position(|a| a.region == edge.region)?;
+        let remote = dep.agents.iter().position(|a| {
+            a.region != edge.region && dep.edges.iter().any(|x| x.region == a.region)
+        })?;
+        Some((e, local, remote))
+    });
+    let Some((e, local, remote)) = found else {
+        sr.notes
+            .push("needs two edges that serve apps, each with an agent in its region".into());
+        return Ok(());
+    };
+    let client = ctx.client(Protocol::Http1)?;
+    let mut local_ep = dep.via_edge(e, local, false).context("edge path")?;
+    let mut remote_ep = dep.via_edge(e, remote, false).context("edge path")?;
+    local_ep.name = format!("edge {} → its own agent", dep.edges[e].region);
+    remote_ep.name = format!(
+        "edge {} → agent in {} (one mesh hop)",
+        dep.edges[e].region, dep.agents[remote].region
+    );
+    // The first requests authorise with the primary and open the mesh link.
+    for ep in [&local_ep, &remote_ep] {
+        for _ in 0..20 {
+            load::small_once(&client, ep, 1024).await?;
+        }
+    }
+
+    ctx.progress.set_message(format!(
+        "mesh: {} steady-state requests through the edge",
+        cfg.steady_requests
+    ));
+    let before = primary_requests(ctx).await?;
+    let mut steady = Samples::default();
+    let t = Instant::now();
+    for _ in 0..cfg.steady_requests {
+        match load::small_once(&client, &local_ep, 1024).await {
+            Ok(d) => steady.ok(d),
+            Err(_) => steady.errors += 1,
+        }
+    }
+    let elapsed = t.elapsed();
+    let after = primary_requests(ctx).await?;
+    sr.add("steady state", &local_ep.name, steady, elapsed);
+    sr.extra.insert(
+        format!(
+            "requests the primary served during {} edge requests",
+            cfg.steady_requests
+        ),
+        json!(after.saturating_sub(before)),
+    );
+
+    ctx.progress
+        .set_message(format!("mesh: {} requests per path", cfg.requests));
+    let (mut direct, mut hop) = (Samples::default(), Samples::default());
+    let t = Instant::now();
+    for _ in 0..cfg.requests {
+        for (ep, s) in [(&local_ep, &mut direct), (&remote_ep, &mut hop)] {
+            match load::small_once(&client, ep, 1024).await {
+                Ok(d) => s.ok(d),
+                Err(_) => s.errors += 1,
+            }
+        }
+    }
+    let elapsed = t.elapsed();
+    let a = sr
+        .add("1 KiB GET, c=1", &local_ep.name, direct, elapsed)
+        .summary
+        .clone();
+    let b = sr
+        .add("1 KiB GET, c=1", &remote_ep.name, hop, elapsed)
+        .summary
+        .clone();
+    let added = |x: Option<f64>, y: Option<f64>| match (x, y) {
+        (Some(x), Some(y)) => json!(round(y - x)),
+        _ => json!(null),
+    };
+    sr.extra
+        .insert("mesh hop adds p50 ms".into(), added(a.p50_ms, b.p50_ms));
+    sr.extra
+        .insert("mesh hop adds p99 ms".into(), added(a.p99_ms, b.p99_ms));
+    Ok(())
+}
+
+/// Requests the primary has served, except edges' heartbeats and event
+/// streams and metric scrapes (from its `/metrics`).
+async fn primary_requests(ctx: &Ctx) -> anyhow::Result<u64> {
+    let text = ctx
+        .dep
+        .http
+        .get(format!("{}/metrics", ctx.dep.url))
+        .send()
+        .await?
+        .text()
+        .await?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with("devmesh_http_requests_total{"))
+        .filter(|l| {
+            ![
+                "/api/v2/edges/me/register",
+                "/api/v2/edges/me/events",
+                "/metrics",
+            ]
+            .iter()
+            .any(|r| l.contains(&format!("route=\"{r}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum())
+}

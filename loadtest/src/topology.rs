@@ -548,6 +548,9 @@ impl Deployment {
                     .env("DEVMESH_URL", primary_url)
                     .env("DEVMESH_AGENT_TOKEN", agent_token)
                     .env("DEVMESH_CA_CERT", &dep.ca_pem)
+                    // Agents stay in their region while its edge answers
+                    // (on loopback every relay is equally near).
+                    .env("DEVMESH_RELAY_REGION", &r.name)
                     .env("DEVMESH_LOG", "warn")
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())
