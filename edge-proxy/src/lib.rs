@@ -85,9 +85,11 @@ pub struct EdgeArgs {
     /// devmesh out; use real certificates in production).
     #[arg(long, env = "DEVMESH_TLS_SELF_SIGNED", conflicts_with = "tls_cert")]
     pub tls_self_signed: bool,
-    /// Where --tls-self-signed keeps its CA and certificate.
-    #[arg(long, env = "DEVMESH_TLS_DIR", default_value = "devmesh-edge-tls")]
-    pub tls_dir: PathBuf,
+    /// Where --tls-self-signed keeps its CA and certificate [default: the
+    /// primary's default, `$XDG_DATA_HOME/devmesh/tls` (`/var/lib/devmesh/tls`
+    /// as root), so a primary and edges on one machine share one CA].
+    #[arg(long, env = "DEVMESH_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
     /// Extra PEM CA bundle to trust for the primary's HTTPS.
     #[arg(long, env = "DEVMESH_CA_CERT")]
     pub ca_cert: Option<PathBuf>,
@@ -363,7 +365,11 @@ pub async fn run(args: EdgeArgs, shutdown: CancellationToken) -> anyhow::Result<
             }
             names.extend(wildcards.iter().map(|w| host(w)));
             names.dedup();
-            let (ca, cert, key) = devmesh_shared::tls::self_signed(&args.tls_dir, &names)?;
+            let dir = match &args.tls_dir {
+                Some(d) => d.clone(),
+                None => default_tls_dir().context("no data directory: pass --tls-dir")?,
+            };
+            let (ca, cert, key) = devmesh_shared::tls::self_signed(&dir, &names)?;
             tracing::info!(ca = %ca.display(), "serving HTTPS with a self-signed certificate; trust it with: curl --cacert {}", ca.display());
             Some(devmesh_shared::tls::server_config(
                 cert,
@@ -581,6 +587,21 @@ fn start_relay(
         }
     });
     Ok(())
+}
+
+/// Where the primary keeps its self-signed CA by default: shared, so that
+/// one `curl --cacert` (or one browser import) covers a whole demo.
+fn default_tls_dir() -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
+    if root {
+        return Some(PathBuf::from("/var/lib/devmesh/tls"));
+    }
+    std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .map(|d| d.join("devmesh/tls"))
 }
 
 /// Binds the relay's UDP socket for `--relay-address` and returns it with

@@ -89,42 +89,69 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
-/// Creates (once) a private CA and a certificate for `names` under
-/// `<data-dir>/tls`, returning `(ca, cert, key)` paths.
+/// A private CA kept in `dir` (created on first use, shared by every
+/// process that uses the same directory: a primary and the edges on one
+/// machine trust one CA), and a certificate it signs for `names`. Returns
+/// `(ca, cert, key)` paths; the certificate file carries the CA too.
 pub fn self_signed(dir: &Path, names: &[String]) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
     std::fs::create_dir_all(dir)?;
-    let (ca_path, cert_path, key_path) = (
-        dir.join("ca.pem"),
-        dir.join("cert.pem"),
-        dir.join("key.pem"),
+    let ca_path = dir.join("ca.pem");
+    let bundle_path = dir.join("ca-key.pem");
+    // The CA and its key in one file, created atomically: of two processes
+    // starting together, one wins and both use its CA.
+    if !bundle_path.exists() {
+        let ca_key = KeyPair::generate()?;
+        let mut ca = CertificateParams::new(Vec::<String>::new())?;
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(DnType::CommonName, "devmesh local CA");
+        ca.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca = ca.self_signed(&ca_key)?;
+        let tmp = dir.join(format!("ca-key.pem.{}", std::process::id()));
+        write_secret(&tmp, &format!("{}{}", ca.pem(), ca_key.serialize_pem()))?;
+        let _ = std::fs::hard_link(&tmp, &bundle_path);
+        let _ = std::fs::remove_file(&tmp);
+    }
+    let bundle = std::fs::read_to_string(&bundle_path)?;
+    let end = "-----END CERTIFICATE-----\n";
+    let (ca_pem, key_pem) = match bundle.find(end) {
+        Some(at) => bundle.split_at(at + end.len()),
+        None => anyhow::bail!("{} holds no CA certificate", bundle_path.display()),
+    };
+    let ca_pem = ca_pem.to_owned();
+    let ca_key = KeyPair::from_pem(key_pem)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", bundle_path.display()))?;
+    // rcgen signs with a certificate object: rebuilt from the stored CA's
+    // parameters and key (same subject, same key), as the mesh CA does.
+    let issuer = CertificateParams::from_ca_cert_pem(&ca_pem)
+        .and_then(|p| p.self_signed(&ca_key))
+        .map_err(|e| anyhow::anyhow!("{}: {e}", bundle_path.display()))?;
+    if std::fs::read_to_string(&ca_path).ok().as_deref() != Some(ca_pem.as_str()) {
+        std::fs::write(&ca_path, &ca_pem)?;
+    }
+
+    let tag = &crate::secret::sha256(names.join("\n").as_bytes());
+    let tag = hex::encode(&tag[..6]);
+    let (cert_path, key_path) = (
+        dir.join(format!("cert-{tag}.pem")),
+        dir.join(format!("key-{tag}.pem")),
     );
-    let names_path = dir.join("names");
-    let wanted = names.join("\n");
-    if cert_path.exists() && std::fs::read_to_string(&names_path).is_ok_and(|n| n == wanted) {
+    if cert_path.exists() && key_path.exists() {
         return Ok((ca_path, cert_path, key_path));
     }
-    let ca_key = KeyPair::generate()?;
-    let mut ca = CertificateParams::new(Vec::<String>::new())?;
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(DnType::CommonName, "devmesh local CA");
-    ca.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let ca = ca.self_signed(&ca_key)?;
     let key = KeyPair::generate()?;
     let mut leaf = CertificateParams::new(names.to_vec())?;
     leaf.distinguished_name.push(
         DnType::CommonName,
         names.first().map(String::as_str).unwrap_or("devmesh"),
     );
-    let leaf = leaf.signed_by(&key, &ca, &ca_key)?;
-    std::fs::write(&ca_path, ca.pem())?;
-    std::fs::write(&cert_path, format!("{}{}", leaf.pem(), ca.pem()))?;
+    let leaf = leaf.signed_by(&key, &issuer, &ca_key)?;
     write_secret(&key_path, &key.serialize_pem())?;
-    std::fs::write(&names_path, wanted)?;
+    std::fs::write(&cert_path, format!("{}{}", leaf.pem(), ca_pem))?;
     Ok((ca_path, cert_path, key_path))
 }
 
@@ -222,3 +249,38 @@ pub async fn serve(
 const MAX_CONNECTIONS: usize = 50_000;
 /// How long a client has to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn processes_sharing_a_directory_share_one_ca() {
+        let dir = tempfile_dir();
+        let (ca1, cert1, _) = self_signed(&dir, &["eu.localhost".into()]).unwrap();
+        let (ca2, cert2, key2) = self_signed(&dir, &["ap.localhost".into()]).unwrap();
+        assert_eq!(ca1, ca2);
+        assert_ne!(cert1, cert2);
+        // Both leaves chain to the one CA.
+        let ca = std::fs::read_to_string(&ca1).unwrap();
+        for cert in [&cert1, &cert2] {
+            assert!(std::fs::read_to_string(cert).unwrap().ends_with(&ca));
+        }
+        // Asking again for the same names reuses the files.
+        assert_eq!(
+            self_signed(&dir, &["ap.localhost".into()]).unwrap(),
+            (ca2, cert2, key2)
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "devmesh-tls-test-{}-{}",
+            std::process::id(),
+            crate::secret::random_alphanumeric(8)
+        ));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+}

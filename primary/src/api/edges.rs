@@ -53,13 +53,6 @@ impl EdgeRow {
 /// every 10 s and remembers which could not be reached (or said they
 /// cannot reach the primary), until shutdown.
 pub(crate) async fn probe_edges(state: AppState) {
-    let Ok(http) = devmesh_shared::net::http_client(
-        concat!("devmesh-primary/", env!("CARGO_PKG_VERSION")),
-        std::time::Duration::from_secs(5),
-        None,
-    ) else {
-        return;
-    };
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(10));
     loop {
         tokio::select! {
@@ -78,6 +71,17 @@ pub(crate) async fn probe_edges(state: AppState) {
         {
             Ok(rows) => rows,
             Err(_) => continue,
+        };
+        // Edges serving a self-signed demo certificate use the CA in our
+        // data directory (`devmesh edge --tls-self-signed`), which may
+        // appear after we start: trust it too, looking again each round.
+        let local_ca = state.config.data_dir.join("tls").join("ca.pem");
+        let Ok(http) = devmesh_shared::net::http_client(
+            concat!("devmesh-primary/", env!("CARGO_PKG_VERSION")),
+            std::time::Duration::from_secs(5),
+            local_ca.exists().then_some(local_ca.as_path()),
+        ) else {
+            continue;
         };
         for (id, name, access_url) in rows {
             let report = http
