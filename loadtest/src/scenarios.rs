@@ -550,15 +550,30 @@ pub async fn failover(
         return Ok(());
     };
     let region = ctx.dep.edges[e].region.clone();
-    let ep = match ctx.dep.via_edge(e, 0, false) {
+    // The load targets an agent attached to the edge that dies, through a
+    // path that survives: another edge that serves apps, or the primary.
+    let agent = ctx
+        .dep
+        .agents
+        .iter()
+        .position(|a| a.region == region)
+        .unwrap_or(0);
+    let other = (0..ctx.dep.edges.len())
+        .find(|&o| o != e && ctx.dep.edges[o].proc.is_some())
+        .and_then(|o| ctx.dep.via_edge(o, agent, false));
+    let ep = match other {
         Some(ep) => ep,
         None => {
             sr.notes.push(format!(
-                "edge path unavailable: agents attach only to the primary today, so the load goes through the primary while edge {region} is killed"
+                "no other edge serves apps: the load goes through the primary while edge {region} is killed"
             ));
-            ctx.dep.via_primary(0, false)
+            ctx.dep.via_primary(agent, false)
         }
     };
+    sr.notes.push(format!(
+        "load: {} → the agent of {region}, whose edge is killed",
+        ep.name
+    ));
     let client = ctx.client(Protocol::Http1)?;
     let stop = Arc::new(AtomicBool::new(false));
     let samples = Arc::new(parking_lot::Mutex::new(
