@@ -452,6 +452,51 @@ async fn revocations_reach_every_edge_within_a_second() {
     // The other workspace is untouched.
     assert_eq!(m.get(&urls[2], Some(&key)).await.status(), StatusCode::OK);
 
+    // Deleting an API key cuts it off on every edge, and the app tokens
+    // minted from it, while the user's other keys keep working.
+    let (s, created) = m
+        .alice
+        .post("/users/me/keys", json!({"name": "script"}))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{created}");
+    let script_key = created["key"].as_str().unwrap().to_owned();
+    let mut script_cookies = Vec::new();
+    for url in &urls[2..] {
+        let resp = m.get(url, Some(&script_key)).await;
+        assert_eq!(resp.status(), StatusCode::OK, "{url}");
+        script_cookies.push(
+            resp.headers()
+                .get_all("set-cookie")
+                .iter()
+                .find_map(|v| v.to_str().ok()?.split(';').next().map(str::to_owned))
+                .expect("a token cookie"),
+        );
+    }
+    let (s, _) = m
+        .alice
+        .delete(&format!(
+            "/users/me/keys/{}",
+            created["id"].as_str().unwrap()
+        ))
+        .await;
+    assert!(s.is_success(), "{s}");
+    let deleted = Instant::now();
+    for (url, cookie) in urls[2..].iter().zip(&script_cookies) {
+        loop {
+            let by_cookie = with_cookie(url, cookie).await.unwrap().status();
+            let by_key = m.get(url, Some(&script_key)).await.status();
+            if by_cookie == StatusCode::UNAUTHORIZED && by_key == StatusCode::UNAUTHORIZED {
+                break;
+            }
+            assert!(
+                deleted.elapsed() < Duration::from_secs(1),
+                "{url} still answers {by_cookie}/{by_key} a second after the key was deleted"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(m.get(url, Some(&key)).await.status(), StatusCode::OK);
+    }
+
     // Signing out revokes every app token of the user on every edge.
     let (s, _) = m.alice.post("/users/logout", json!({})).await;
     assert!(s.is_success(), "{s}");
