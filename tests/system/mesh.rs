@@ -434,21 +434,14 @@ async fn revocations_reach_every_edge_within_a_second() {
         )
         .await;
     assert_eq!(s, StatusCode::CREATED);
-    let stopped = Instant::now();
-    for (url, cookie) in urls[..2].iter().zip(&cookies[..2]) {
-        loop {
-            let by_cookie = with_cookie(url, cookie).await.unwrap().status();
-            let by_key = m.get(url, Some(&key)).await.status();
-            if by_cookie == StatusCode::UNAUTHORIZED && by_key == StatusCode::SERVICE_UNAVAILABLE {
-                break;
-            }
-            assert!(
-                stopped.elapsed() < Duration::from_secs(1),
-                "{url} still answers {by_cookie}/{by_key} a second after the stop"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
+    refused_within_a_second(
+        &m,
+        urls[..2].iter().zip(&cookies[..2]),
+        &key,
+        (StatusCode::UNAUTHORIZED, StatusCode::SERVICE_UNAVAILABLE),
+        "the stop",
+    )
+    .await;
     // The other workspace is untouched.
     assert_eq!(m.get(&urls[2], Some(&key)).await.status(), StatusCode::OK);
 
@@ -480,41 +473,29 @@ async fn revocations_reach_every_edge_within_a_second() {
         ))
         .await;
     assert!(s.is_success(), "{s}");
-    let deleted = Instant::now();
-    for (url, cookie) in urls[2..].iter().zip(&script_cookies) {
-        loop {
-            let by_cookie = with_cookie(url, cookie).await.unwrap().status();
-            let by_key = m.get(url, Some(&script_key)).await.status();
-            if by_cookie == StatusCode::UNAUTHORIZED && by_key == StatusCode::UNAUTHORIZED {
-                break;
-            }
-            assert!(
-                deleted.elapsed() < Duration::from_secs(1),
-                "{url} still answers {by_cookie}/{by_key} a second after the key was deleted"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    refused_within_a_second(
+        &m,
+        urls[2..].iter().zip(&script_cookies),
+        &script_key,
+        (StatusCode::UNAUTHORIZED, StatusCode::UNAUTHORIZED),
+        "the key was deleted",
+    )
+    .await;
+    for url in &urls[2..] {
         assert_eq!(m.get(url, Some(&key)).await.status(), StatusCode::OK);
     }
 
     // Signing out revokes every app token of the user on every edge.
     let (s, _) = m.alice.post("/users/logout", json!({})).await;
     assert!(s.is_success(), "{s}");
-    let out = Instant::now();
-    for (url, cookie) in urls[2..].iter().zip(&cookies[2..]) {
-        loop {
-            let by_cookie = with_cookie(url, cookie).await.unwrap().status();
-            let by_key = m.get(url, Some(&key)).await.status();
-            if by_cookie == StatusCode::UNAUTHORIZED && by_key == StatusCode::UNAUTHORIZED {
-                break;
-            }
-            assert!(
-                out.elapsed() < Duration::from_secs(1),
-                "{url} still answers {by_cookie}/{by_key} a second after sign-out"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
+    refused_within_a_second(
+        &m,
+        urls[2..].iter().zip(&cookies[2..]),
+        &key,
+        (StatusCode::UNAUTHORIZED, StatusCode::UNAUTHORIZED),
+        "sign-out",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -607,4 +588,37 @@ async fn agents_of_a_dead_edge_re_attach_elsewhere_and_apps_work_again() {
     .await;
     println!("re-attached and serving {back:?} after the ap edge was killed");
     assert!(back < Duration::from_secs(30), "took {back:?}");
+}
+
+/// Polls each (url, token cookie) pair until the cookie gets `expected.0`
+/// and `key` gets `expected.1`, failing if that takes a second or more
+/// from now.
+async fn refused_within_a_second<'a>(
+    m: &Mesh,
+    pairs: impl Iterator<Item = (&'a String, &'a String)>,
+    key: &str,
+    expected: (StatusCode, StatusCode),
+    what: &str,
+) {
+    let since = Instant::now();
+    for (url, cookie) in pairs {
+        loop {
+            let by_cookie = app_client(false)
+                .get(url)
+                .header("Cookie", cookie.as_str())
+                .send()
+                .await
+                .unwrap()
+                .status();
+            let by_key = m.get(url, Some(key)).await.status();
+            if (by_cookie, by_key) == expected {
+                break;
+            }
+            assert!(
+                since.elapsed() < Duration::from_secs(1),
+                "{url} still answers {by_cookie}/{by_key} a second after {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }

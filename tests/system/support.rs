@@ -37,26 +37,7 @@ impl ServerProcess {
             .stderr(std::fs::File::create(&log).unwrap())
             .kill_on_drop(true);
         let mut child = cmd.spawn().expect("spawn devmesh server");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let url = tokio::time::timeout(Duration::from_secs(90), async {
-            while let Some(line) = lines.next_line().await.unwrap() {
-                if let Some(url) = line.strip_prefix("Started HTTP listener at ") {
-                    return Some(url.to_owned());
-                }
-            }
-            None
-        })
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| {
-            panic!(
-                "server did not start:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            )
-        });
-        // Keep draining stdout so the server never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let url = started_url(&mut child, "Started HTTP listener at ", 90, &log).await;
         Self { child, url, log }
     }
 
@@ -294,25 +275,7 @@ impl EdgeProcess {
             .kill_on_drop(true)
             .spawn()
             .expect("spawn devmesh edge");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let url = tokio::time::timeout(Duration::from_secs(30), async {
-            while let Some(line) = lines.next_line().await.unwrap() {
-                if let Some(u) = line.strip_prefix("Started edge listener at ") {
-                    return Some(u.to_owned());
-                }
-            }
-            None
-        })
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| {
-            panic!(
-                "edge did not start:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            )
-        });
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let url = started_url(&mut child, "Started edge listener at ", 30, &log).await;
         Self { child, url, log }
     }
 
@@ -345,4 +308,31 @@ impl EdgeProcess {
         self.signal(Signal::SIGKILL);
         let _ = self.child.wait().await;
     }
+}
+
+/// Reads `child`'s stdout until the line starting with `prefix` and returns
+/// the rest of it (the URL it listens at), then keeps draining stdout so the
+/// process never blocks on a full pipe. Fails with the process's log.
+async fn started_url(child: &mut Child, prefix: &str, secs: u64, log: &Path) -> String {
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let url = tokio::time::timeout(Duration::from_secs(secs), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(u) = line.strip_prefix(prefix) {
+                return Some(u.to_owned());
+            }
+        }
+        None
+    })
+    .await
+    .ok()
+    .flatten()
+    .unwrap_or_else(|| {
+        panic!(
+            "{} did not start:\n{}",
+            log.display(),
+            std::fs::read_to_string(log).unwrap_or_default()
+        )
+    });
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    url
 }

@@ -14,10 +14,7 @@ use super::AppState;
 use super::error::ApiError;
 use crate::auth::{KeyError, Principal};
 
-/// The header clients send their session token in.
-pub const SESSION_HEADER: &str = "devmesh-session-token";
-/// The cookie the dashboard keeps its session in.
-pub const SESSION_COOKIE: &str = "devmesh_session_token";
+pub use devmesh_proxy::app::{SESSION_COOKIE, SESSION_HEADER, bearer, same_origin_request};
 
 /// A JSON request body; malformed, oversized or mistyped bodies become
 /// JSON API errors.
@@ -60,12 +57,6 @@ pub enum TokenSource {
     Cookie,
 }
 
-/// The bearer token of an `Authorization` header (scheme matched case-insensitively).
-pub fn bearer(value: &str) -> Option<&str> {
-    let (scheme, token) = value.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-}
-
 /// The token a request carries, from the session header, a bearer
 /// `Authorization`, or the session cookie, in that order.
 pub fn request_token(parts: &Parts) -> Option<String> {
@@ -97,23 +88,6 @@ pub fn request_token_with_source(parts: &Parts) -> Option<(String, TokenSource)>
                 .map(str::to_owned)
         })
         .map(|t| (t, TokenSource::Cookie))
-}
-
-/// Whether a request that authenticates with a cookie was made by a page of
-/// the same origin (or typed by the user), not by another site's page: the
-/// browser says so in `Sec-Fetch-Site`, or in `Origin`. Requests with
-/// neither header are not from a modern browser page and carry no ambient
-/// authority worth protecting.
-pub fn same_origin_request(headers: &axum::http::HeaderMap, origin_host: &str) -> bool {
-    if let Some(site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
-        return matches!(site, "same-origin" | "none");
-    }
-    match headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
-        Some(origin) => origin
-            .split_once("://")
-            .is_some_and(|(_, h)| h.eq_ignore_ascii_case(origin_host)),
-        None => true,
-    }
 }
 
 /// The authenticated caller, with a key of scope `all`.
