@@ -530,16 +530,7 @@ async fn edges_keep_serving_open_sessions_while_the_primary_is_down() {
     // A key the edge has never seen needs the primary: a clear 503.
     let resp = m.get(&urls[0], bob.token.as_deref()).await;
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
-    eventually(30, "the edge reports the outage", || async {
-        let r: Value = reqwest::get(format!("{}/healthz-report", m.eu.url))
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
-        (r["primary_reachable"] == false).then_some(())
-    })
-    .await;
+    primary_reachable_says(&m.eu, false).await;
     assert_eq!(
         edge_metric(&m.eu, "devmesh_edge_primary_reachable").await,
         0
@@ -558,19 +549,25 @@ async fn edges_keep_serving_open_sessions_while_the_primary_is_down() {
     )
     .await;
     m.primary = Some(primary);
-    eventually(30, "the edge reconnects", || async {
-        let r: Value = reqwest::get(format!("{}/healthz-report", m.eu.url))
+    primary_reachable_says(&m.eu, true).await;
+    let resp = m.get(&urls[0], bob.token.as_deref()).await;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN, "bob is decided again");
+    let _ = &m.owner;
+}
+
+/// Waits until the edge's `/healthz-report` says the primary is (or is
+/// not) reachable.
+async fn primary_reachable_says(edge: &EdgeProcess, reachable: bool) {
+    eventually(30, &format!("primary_reachable = {reachable}"), || async {
+        let r: Value = reqwest::get(format!("{}/healthz-report", edge.url))
             .await
             .ok()?
             .json()
             .await
             .ok()?;
-        (r["primary_reachable"] == true).then_some(())
+        (r["primary_reachable"] == reachable).then_some(())
     })
     .await;
-    let resp = m.get(&urls[0], bob.token.as_deref()).await;
-    assert_eq!(resp.status(), StatusCode::FORBIDDEN, "bob is decided again");
-    let _ = &m.owner;
 }
 
 #[tokio::test]
