@@ -467,6 +467,10 @@ async fn register_loop(
     tracker: &TaskTracker,
 ) -> anyhow::Result<()> {
     let mut relay_parts = Some(relay_parts);
+    // The mesh key (to renew the certificate with) and when the relay's
+    // certificate was last loaded.
+    let mut mesh_key_der: Vec<u8> = Vec::new();
+    let mut cert_loaded = tokio::time::Instant::now();
     let mut backoff = Backoff::default();
     loop {
         let request = EdgeRegisterRequest {
@@ -497,12 +501,27 @@ async fn register_loop(
                         let interval =
                             Duration::from_secs(reg.heartbeat_interval_seconds.clamp(1, 60));
                         if let Some((key, socket)) = relay_parts.take() {
+                            mesh_key_der = key.serialize_der();
                             if let Err(e) = edge.keys.set(&reg.app_token_keys) {
                                 tracing::warn!(error = %e, "unusable app token keys");
                             }
                             start_relay(edge, &reg, key, socket, shutdown, tracker)?;
                             tracker.spawn(events::follow(edge.clone(), shutdown.clone()));
                             tracing::info!(edge = %reg.edge_name, primary = %edge.primary, "registered with the primary");
+                        } else if cert_loaded.elapsed() >= CERT_RENEW_AFTER
+                            && let Some(relay) = edge.relay.get()
+                        {
+                            // Every registration brings a fresh certificate
+                            // (valid 30 days); take one a day.
+                            match renew(relay, &reg.mesh_cert_pem, &mesh_key_der) {
+                                Ok(()) => {
+                                    cert_loaded = tokio::time::Instant::now();
+                                    tracing::info!("renewed the relay's mesh certificate");
+                                }
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "could not renew the relay's mesh certificate")
+                                }
+                            }
                         }
                         edge.metrics.primary_reachable.set(1);
                         let mut s = edge.status.write();
@@ -542,6 +561,19 @@ async fn register_loop(
             }
         }
     }
+}
+
+/// How long the relay keeps a mesh certificate (valid 30 days) before taking
+/// the fresh one its next registration brings.
+const CERT_RENEW_AFTER: Duration = Duration::from_secs(24 * 3600);
+
+/// Loads a renewed mesh certificate into the relay.
+fn renew(relay: &Relay, cert_pem: &str, key_der: &[u8]) -> anyhow::Result<()> {
+    use rustls::pki_types::pem::PemObject;
+    let chain = rustls::pki_types::CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()?;
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key_der.to_vec().into());
+    relay.set_certificate(chain, key)
 }
 
 /// Starts the edge's relay with the mesh certificate from the registration.

@@ -197,7 +197,8 @@ struct Inner {
     agents: Mutex<HashMap<Uuid, Connection>>,
     peers: Mutex<HashMap<String, Connection>>,
     endpoint: quinn::Endpoint,
-    mesh_client: quinn::ClientConfig,
+    mesh_client: RwLock<quinn::ClientConfig>,
+    roots: Arc<rustls::RootCertStore>,
     advertised: RelayInfo,
     keys: Keys,
     events: mpsc::UnboundedSender<AttachEvent>,
@@ -229,37 +230,8 @@ impl Relay {
         shutdown: CancellationToken,
         tracker: &TaskTracker,
     ) -> anyhow::Result<Self> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_slice_iter(config.mesh_ca_pem.as_bytes()) {
-            roots.add(cert?)?;
-        }
-        let roots = Arc::new(roots);
-        // Agents present no certificate; mesh peers must (checked per ALPN).
-        let client_verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-            roots.clone(),
-            provider.clone(),
-        )
-        .allow_unauthenticated()
-        .build()?;
-        let mut tls = rustls::ServerConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_client_cert_verifier(client_verifier)
-            .with_single_cert(config.cert_chain.clone(), config.key.clone_key())?;
-        tls.alpn_protocols = vec![tunnel::ALPN.to_vec(), tunnel::MESH_ALPN.to_vec()];
-        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
-        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        server.transport_config(Arc::new(transport_config()));
-
-        let mut client_tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_root_certificates(roots)
-            .with_client_auth_cert(config.cert_chain, config.key)?;
-        client_tls.alpn_protocols = vec![tunnel::MESH_ALPN.to_vec()];
-        let mut mesh_client = quinn::ClientConfig::new(Arc::new(
-            quinn::crypto::rustls::QuicClientConfig::try_from(client_tls)?,
-        ));
-        mesh_client.transport_config(Arc::new(transport_config()));
+        let roots = mesh_roots(&config.mesh_ca_pem)?;
+        let (server, mesh_client) = tls_configs(&roots, config.cert_chain, config.key)?;
 
         let socket = config.socket;
         let endpoint = quinn::Endpoint::new(
@@ -274,7 +246,8 @@ impl Relay {
                 agents: Mutex::default(),
                 peers: Mutex::default(),
                 endpoint: endpoint.clone(),
-                mesh_client,
+                mesh_client: RwLock::new(mesh_client),
+                roots,
                 advertised: config.advertised,
                 keys: config.keys,
                 events: config.events,
@@ -305,6 +278,19 @@ impl Relay {
         });
         tracing::info!(relay.address = %local_addr, relay.region = %relay.inner.advertised.region, "relay listening (QUIC)");
         Ok(relay)
+    }
+
+    /// Replaces the relay's mesh certificate (renewal): new agent and mesh
+    /// connections use it; open ones keep theirs.
+    pub fn set_certificate(
+        &self,
+        cert_chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> anyhow::Result<()> {
+        let (server, client) = tls_configs(&self.inner.roots, cert_chain, key)?;
+        self.inner.endpoint.set_server_config(Some(server));
+        *self.inner.mesh_client.write() = client;
+        Ok(())
     }
 
     /// The relay's counters.
@@ -401,7 +387,11 @@ impl Relay {
                 let connecting = self
                     .inner
                     .endpoint
-                    .connect_with(self.inner.mesh_client.clone(), addr, &home.server_name)
+                    .connect_with(
+                        self.inner.mesh_client.read().clone(),
+                        addr,
+                        &home.server_name,
+                    )
                     .map_err(|_| OpenError::NotConnected)?;
                 match connecting.await {
                     Ok(c) => return Ok(c),
@@ -583,6 +573,51 @@ impl Relay {
     }
 }
 
+/// The mesh CA as the only trust root.
+fn mesh_roots(mesh_ca_pem: &str) -> anyhow::Result<Arc<rustls::RootCertStore>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(mesh_ca_pem.as_bytes()) {
+        roots.add(cert?)?;
+    }
+    Ok(Arc::new(roots))
+}
+
+/// The relay's server side (agents without a certificate, mesh peers with
+/// one, checked per ALPN) and its mesh client side, both TLS 1.3 on the
+/// relay's mesh certificate.
+fn tls_configs(
+    roots: &Arc<rustls::RootCertStore>,
+    cert_chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> anyhow::Result<(quinn::ServerConfig, quinn::ClientConfig)> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let client_verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        roots.clone(),
+        provider.clone(),
+    )
+    .allow_unauthenticated()
+    .build()?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(client_verifier)
+        .with_single_cert(cert_chain.clone(), key.clone_key())?;
+    tls.alpn_protocols = vec![tunnel::ALPN.to_vec(), tunnel::MESH_ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server.transport_config(Arc::new(transport_config()));
+
+    let mut client_tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots.clone())
+        .with_client_auth_cert(cert_chain, key)?;
+    client_tls.alpn_protocols = vec![tunnel::MESH_ALPN.to_vec()];
+    let mut client = quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(client_tls)?,
+    ));
+    client.transport_config(Arc::new(transport_config()));
+    Ok((server, client))
+}
+
 /// Opens a stream on an agent's tunnel and reads its status byte.
 async fn open_on(
     conn: &Connection,
@@ -668,3 +703,6 @@ fn transport_config() -> quinn::TransportConfig {
     ))));
     tc
 }
+
+#[cfg(test)]
+mod tests;
