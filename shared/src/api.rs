@@ -553,6 +553,9 @@ pub struct WorkspaceAgent {
     pub last_connected_at: Option<DateTime<Utc>>,
     /// When it went away.
     pub disconnected_at: Option<DateTime<Utc>>,
+    /// The region of the relay it is attached to (`primary` or an edge's).
+    #[serde(default)]
+    pub relay_region: Option<String>,
     /// Its web apps.
     pub apps: Vec<WorkspaceApp>,
 }

@@ -219,6 +219,12 @@ async fn edge_metric(edge: &EdgeProcess, name_and_labels: &str) -> u64 {
 async fn apps_open_through_either_edge_down_a_tunnel_or_across_the_mesh() {
     let m = Mesh::start().await;
     let key = m.alice_key();
+    // Users see where each agent is attached.
+    for (i, region) in [(0, "eu"), (1, "ap")] {
+        let id = m.workspaces[i]["id"].as_str().unwrap();
+        let (_, ws) = m.alice.get(&format!("/workspaces/{id}")).await;
+        assert_eq!(ws["agents"][0]["relay_region"], region, "{ws}");
+    }
     // Every edge reaches every agent: its own directly, the other's over the mesh.
     for (edge, region) in [(&m.eu, "eu"), (m.ap(), "ap")] {
         for ws in ["weu", "wap"] {

@@ -166,7 +166,12 @@ pub(crate) async fn list(g: &Global, all: bool) -> anyhow::Result<()> {
                 let agents: Vec<String> = w
                     .agents
                     .iter()
-                    .map(|a| format!("{} ({}, {})", a.name, a.status, a.lifecycle_state))
+                    .map(|a| match (&a.relay_region, a.status.as_str()) {
+                        (Some(region), "connected") => {
+                            format!("{} (connected via {region}, {})", a.name, a.lifecycle_state)
+                        }
+                        _ => format!("{} ({}, {})", a.name, a.status, a.lifecycle_state),
+                    })
                     .collect();
                 let state = match w.latest_build.transition {
                     Transition::Start => "started",

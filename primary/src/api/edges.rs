@@ -593,6 +593,16 @@ async fn sync_attachments(
     .bind(attached)
     .fetch_all(&state.db)
     .await?;
+    // The heartbeat of every agent still attached (the primary's own relay
+    // does this from pings).
+    sqlx::query(
+        "UPDATE workspace_agents SET last_connected_at = now() WHERE id IN
+         (SELECT agent_id FROM agent_attachments WHERE relay_address = $1 AND agent_id = ANY($2))",
+    )
+    .bind(&relay.address)
+    .bind(attached)
+    .execute(&state.db)
+    .await?;
     let known: Vec<Uuid> = sqlx::query_scalar(
         "SELECT agent_id FROM agent_attachments WHERE relay_address = $1 AND agent_id = ANY($2)",
     )

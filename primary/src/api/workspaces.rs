@@ -59,6 +59,7 @@ struct AgentRow {
     first_connected_at: Option<DateTime<Utc>>,
     last_connected_at: Option<DateTime<Utc>>,
     disconnected_at: Option<DateTime<Utc>>,
+    relay_region: Option<String>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -115,8 +116,10 @@ async fn load(state: &AppState, row: WorkspaceRow) -> ApiResult<Workspace> {
     let mut agents = Vec::new();
     if build.transition == "start" {
         let agent_rows: Vec<AgentRow> = sqlx::query_as(
-            "SELECT id, name, lifecycle_state, first_connected_at, last_connected_at, disconnected_at
-             FROM workspace_agents WHERE build_id = $1 ORDER BY name",
+            "SELECT g.id, g.name, g.lifecycle_state, g.first_connected_at, g.last_connected_at,
+                    g.disconnected_at, a.relay AS relay_region
+             FROM workspace_agents g LEFT JOIN agent_attachments a ON a.agent_id = g.id
+             WHERE g.build_id = $1 ORDER BY g.name",
         )
         .bind(build.id)
         .fetch_all(&state.db)
@@ -166,6 +169,7 @@ async fn load(state: &AppState, row: WorkspaceRow) -> ApiResult<Workspace> {
                 first_connected_at: g.first_connected_at,
                 last_connected_at: g.last_connected_at,
                 disconnected_at: g.disconnected_at,
+                relay_region: g.relay_region,
             })
             .collect();
     }
