@@ -57,13 +57,18 @@ async fn an_edge_registers_reports_health_deregisters_and_stops_when_revoked() {
     assert_eq!(r["access_url"], edge.url);
     assert_eq!(r["wildcard_hostname"], "*.eu.apps.localhost");
 
-    let report: Value = reqwest::get(format!("{edge_url}/healthz-report"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(report["edge_name"], "eu");
+    // The primary records the registration a moment before the edge has
+    // read its answer.
+    let report: Value = eventually(30, "the edge's report names its region", || async {
+        let r: Value = reqwest::get(format!("{edge_url}/healthz-report"))
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (r["edge_name"] == "eu").then_some(r)
+    })
+    .await;
     assert_eq!(report["primary_reachable"], true);
     let latency = reqwest::get(format!("{edge_url}/latency-check"))
         .await
