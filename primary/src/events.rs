@@ -176,22 +176,33 @@ impl Bus {
     }
 }
 
+type LocationRow = (Uuid, String, String, String);
+
+fn location((agent_id, region, address, server_name): LocationRow) -> AgentLocation {
+    AgentLocation {
+        agent_id,
+        relay: Some(RelayInfo {
+            region,
+            address,
+            server_name,
+        }),
+    }
+}
+
+const LOCATION_SELECT: &str = "SELECT agent_id, relay, relay_address, relay_server_name
+     FROM agent_attachments WHERE relay_address <> ''";
+
 /// Where every attached agent is.
 pub async fn agent_locations(db: &PgPool) -> Result<Vec<AgentLocation>, sqlx::Error> {
-    let rows: Vec<(Uuid, String, String, String)> = sqlx::query_as(
-        "SELECT agent_id, relay, relay_address, relay_server_name FROM agent_attachments WHERE relay_address <> ''",
-    )
-    .fetch_all(db)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(agent_id, region, address, server_name)| AgentLocation {
-            agent_id,
-            relay: Some(RelayInfo {
-                region,
-                address,
-                server_name,
-            }),
-        })
-        .collect())
+    let rows: Vec<LocationRow> = sqlx::query_as(LOCATION_SELECT).fetch_all(db).await?;
+    Ok(rows.into_iter().map(location).collect())
+}
+
+/// Where one agent is attached, if anywhere.
+pub async fn agent_location(db: &PgPool, agent: Uuid) -> Result<Option<RelayInfo>, sqlx::Error> {
+    let row: Option<LocationRow> = sqlx::query_as(&format!("{LOCATION_SELECT} AND agent_id = $1"))
+        .bind(agent)
+        .fetch_optional(db)
+        .await?;
+    Ok(row.and_then(|r| location(r).relay))
 }

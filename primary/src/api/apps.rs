@@ -472,10 +472,17 @@ pub(super) async fn edge_app_access(
     };
     match decide(&state, &host, &app, req.key.as_deref(), false).await {
         Ok((route, claims)) => {
+            // Events may trail the database by a moment: ask it when the
+            // agent is not located yet.
             let location = if state.relay.is_attached(route.agent_id) {
                 Some(state.relay.advertised().clone())
+            } else if let Some(l) = state.locations.get(route.agent_id) {
+                Some(l)
             } else {
-                state.locations.get(route.agent_id)
+                crate::events::agent_location(&state.db, route.agent_id)
+                    .await
+                    .ok()
+                    .flatten()
             };
             axum::Json(devmesh_shared::api::EdgeAppAccess {
                 token: state.signer.sign(&claims),
@@ -524,6 +531,17 @@ async fn forward(
     strip_cookies: &[&str],
     prefix: Option<&str>,
 ) -> Result<Response, AppError> {
+    // Events may trail the database by a moment: locate an agent that is
+    // neither here nor known elsewhere yet.
+    if !state.relay.is_attached(route.agent_id)
+        && state.locations.get(route.agent_id).is_none()
+        && let Ok(Some(relay)) = crate::events::agent_location(&state.db, route.agent_id).await
+    {
+        state.locations.set(devmesh_shared::api::AgentLocation {
+            agent_id: route.agent_id,
+            relay: Some(relay),
+        });
+    }
     let target = Target {
         agent_id: route.agent_id,
         port: route.port,
