@@ -429,7 +429,8 @@ async fn the_bring_your_own_workspace_workflow_from_the_cli() {
     );
     let list = crate::support::eventually(30, "agent ready in devmesh list", || async {
         let out = ok(&cli(cfg, &["list"]).await);
-        out.contains("main (connected via primary, ready)").then_some(out)
+        out.contains("main (connected via primary, ready)")
+            .then_some(out)
     })
     .await;
     assert!(
