@@ -71,6 +71,10 @@ pub struct EdgeArgs {
     /// UDP address of this edge's relay, as agents should dial it.
     #[arg(long, env = "DEVMESH_RELAY_ADDRESS", default_value = "127.0.0.1:4001")]
     pub relay_address: String,
+    /// Where the relay binds, when agents and other relays reach it through
+    /// a different address (a NAT, a UDP load balancer) [default: --relay-address].
+    #[arg(long, env = "DEVMESH_RELAY_BIND")]
+    pub relay_bind: Option<SocketAddr>,
     /// Where the edge's HTTP endpoints listen.
     #[arg(long, env = "DEVMESH_LISTEN", default_value = "127.0.0.1:4000")]
     pub listen: SocketAddr,
@@ -380,7 +384,14 @@ pub async fn run(args: EdgeArgs, shutdown: CancellationToken) -> anyhow::Result<
         _ => None,
     };
     // Bound now, so a `:0` port is known before registering.
-    let (relay_socket, relay_address) = bind_relay(&args.relay_address)?;
+    let (relay_socket, relay_address) = match args.relay_bind {
+        Some(bind) => (
+            devmesh_shared::net::udp_socket(bind)
+                .with_context(|| format!("cannot bind the relay to {bind}"))?,
+            args.relay_address.clone(),
+        ),
+        None => bind_relay(&args.relay_address)?,
+    };
     let edge = Arc::new(Edge {
         primary: args.primary_url.trim_end_matches('/').to_owned(),
         token: args.edge_token.clone(),

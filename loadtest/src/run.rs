@@ -303,6 +303,12 @@ pub async fn run(
         scenarios::failover
     );
 
+    for (region, f) in &ctx.dep.relay_fronts {
+        report.wan.push(serde_json::json!({
+            "udp_front_of_relay": region,
+            "totals": f.counters.snapshot(),
+        }));
+    }
     for f in &ctx.dep.wan {
         report.wan.push(serde_json::json!({
             "from": f.from, "to": f.to,
@@ -319,7 +325,7 @@ pub async fn run(
         .iter()
         .any(|f| f.to == "primary" && f.from != ctx.dep.client_region)
     {
-        report.notes.push("Agents outside the primary's region reach the primary's API through their WAN link; their QUIC relay connection is not emulated (the manifest advertises the relay's bound address).".into());
+        report.notes.push("Agents outside the primary's region reach the primary's API through their WAN link. QUIC to an edge's relay (from its agents, and over the mesh from other relays and the primary) goes through a UDP front with the matching link; the primary's own relay has no front (agents attach to their region's edge while it answers).".into());
     }
     progress.set_message("writing the report");
     let mut plots = Vec::new();

@@ -663,7 +663,9 @@ pub async fn failover(
 /// steady-state requests for an agent attached to it (the design says
 /// none), and the latency one mesh hop adds: the same edge to its own agent
 /// and to an agent attached to another edge, interleaved so that machine
-/// noise falls on both paths alike. No WAN emulation: the hop's own cost.
+/// noise falls on both paths alike. With WAN emulation the hop includes the
+/// link between the two regions; `scenarios/edges.toml` turns it off to
+/// measure devmesh's own cost of a hop.
 pub async fn mesh(
     ctx: &mut Ctx,
     cfg: &scenario::Mesh,

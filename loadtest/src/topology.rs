@@ -159,6 +159,8 @@ pub struct Deployment {
     pub monitor: Monitor,
     /// `(from region, to region)` → the WAN relay in front of the target.
     pub wan: Vec<WanFront>,
+    /// UDP fronts of the edges' relays (agent→relay and relay→relay links).
+    pub relay_fronts: Vec<(String, crate::wan::UdpRelay)>,
     /// The scenario's client region.
     pub client_region: String,
     /// The primary's region.
@@ -311,6 +313,7 @@ impl Deployment {
         let monitor = Monitor::start(Duration::from_millis(250));
         let run_id = format!("lt{}", &uuid::Uuid::new_v4().simple().to_string()[..6]);
 
+        let mut primary_relay: Option<SocketAddr> = None;
         let (primary, url, token, http) = match &opts.existing {
             Some(e) => {
                 let mut b = reqwest::Client::builder().timeout(Duration::from_secs(60));
@@ -328,12 +331,15 @@ impl Deployment {
             None => {
                 progress.set_message("starting devmesh server (embedded PostgreSQL)");
                 let port = free_port()?;
+                primary_relay = Some(([127, 0, 0, 1], free_udp_port()?).into());
                 let args: Vec<String> = [
                     "server",
                     "--http-address",
                     &format!("127.0.0.1:{port}"),
                     "--relay-address",
-                    "127.0.0.1:0",
+                    &primary_relay
+                        .map(|a: SocketAddr| a.to_string())
+                        .unwrap_or_default(),
                     "--access-url",
                     &format!("https://localhost:{port}"),
                     "--wildcard-access-url",
@@ -412,6 +418,7 @@ impl Deployment {
             http,
             monitor,
             wan: Vec::new(),
+            relay_fronts: Vec::new(),
             client_region: scenario.topology.client_region.clone(),
             primary_region: scenario.topology.primary_region.clone(),
             devmesh: opts.devmesh.clone(),
@@ -426,7 +433,32 @@ impl Deployment {
         )
         .await?;
 
-        // Edges.
+        // Edges. Each relay's socket port is chosen first: with WAN
+        // emulation, an edge advertises a UDP front that applies its own
+        // region's link to agents and each peer's link to datagrams from
+        // that peer relay's socket (the mesh), so every relay link is
+        // emulated too.
+        let edge_regions: Vec<String> = scenario
+            .topology
+            .regions
+            .iter()
+            .filter(|r| r.edges > 0)
+            .map(|r| r.name.clone())
+            .collect();
+        let mut relay_binds = std::collections::HashMap::new();
+        for name in &edge_regions {
+            relay_binds.insert(
+                name.clone(),
+                SocketAddr::from(([127, 0, 0, 1], free_udp_port()?)),
+            );
+        }
+        let link = |a: &str, b: &str| LinkSpec {
+            jitter: Duration::from_secs_f64(scenario.wan.jitter_ms / 1000.0),
+            loss: scenario.wan.loss,
+            bytes_per_s: (scenario.wan.bandwidth_mbit > 0.0)
+                .then(|| scenario.wan.bandwidth_mbit * 1e6 / 8.0),
+            ..LinkSpec::rtt(scenario.wan.rtt(a, b))
+        };
         for r in scenario.topology.regions.iter().filter(|r| r.edges > 0) {
             progress.set_message(format!("starting edge {}", r.name));
             let edge_name = if opts.existing.is_some() {
@@ -440,7 +472,28 @@ impl Deployment {
                 .context("edge token")?
                 .to_owned();
             let port = free_port()?;
-            let relay = free_udp_port()?;
+            let bind = relay_binds[&r.name];
+            let mut advertised = bind;
+            if scenario.wan.enabled {
+                let mut by_source = std::collections::HashMap::new();
+                for (other, addr) in &relay_binds {
+                    if other != &r.name {
+                        by_source.insert(*addr, link(other, &r.name));
+                    }
+                }
+                if let Some(p) = primary_relay {
+                    by_source.insert(p, link(&dep.primary_region, &r.name));
+                }
+                let front = crate::wan::UdpRelay::start_by_source(
+                    bind,
+                    link(&r.name, &r.name),
+                    by_source,
+                    dep.stop.clone(),
+                )
+                .await?;
+                advertised = front.addr;
+                dep.relay_fronts.push((r.name.clone(), front));
+            }
             let args: Vec<String> = vec![
                 "edge".into(),
                 "--primary-url".into(),
@@ -454,7 +507,9 @@ impl Deployment {
                 "--listen".into(),
                 format!("127.0.0.1:{port}"),
                 "--relay-address".into(),
-                format!("127.0.0.1:{relay}"),
+                advertised.to_string(),
+                "--relay-bind".into(),
+                bind.to_string(),
                 "--tls-cert".into(),
                 dep.cert.display().to_string(),
                 "--tls-key".into(),

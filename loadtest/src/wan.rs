@@ -9,6 +9,7 @@
 //! "turns" of its TCP connections (a request answered by a response), the
 //! measure of cross-region round trips the regions scenario reports.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -335,6 +336,19 @@ impl UdpRelay {
         spec: LinkSpec,
         stop: CancellationToken,
     ) -> std::io::Result<Self> {
+        Self::start_by_source(target, spec, HashMap::new(), stop).await
+    }
+
+    /// Like [`UdpRelay::start`], with links that depend on the sender: a
+    /// relay's front applies each peer relay's link to the datagrams from
+    /// that relay's socket, and `default` to everyone else (its own
+    /// region's agents).
+    pub async fn start_by_source(
+        target: SocketAddr,
+        default: LinkSpec,
+        by_source: HashMap<SocketAddr, LinkSpec>,
+        stop: CancellationToken,
+    ) -> std::io::Result<Self> {
         let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await?);
         let addr = front.local_addr()?;
         let counters = Arc::new(Counters::default());
@@ -352,6 +366,7 @@ impl UdpRelay {
                 // Not the entry API: setting up a flow awaits in between.
                 #[allow(clippy::map_entry)]
                 if !flows.contains_key(&from) {
+                    let spec = by_source.get(&from).copied().unwrap_or(default);
                     let Ok(back) = UdpSocket::bind("127.0.0.1:0").await else {
                         continue;
                     };

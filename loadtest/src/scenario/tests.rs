@@ -1,6 +1,15 @@
 use super::*;
 
 const FULL: &str = include_str!("../../scenarios/full.toml");
+const EDGES: &str = include_str!("../../scenarios/edges.toml");
+
+#[test]
+fn the_shipped_edges_scenario_measures_the_edge_path_without_wan() {
+    let s = Scenario::parse(EDGES).unwrap();
+    assert!(!s.wan.enabled);
+    assert_eq!(s.topology.regions.iter().filter(|r| r.edges > 0).count(), 2);
+    assert!(s.scenarios.mesh.is_some() && s.scenarios.failover.is_some());
+}
 
 #[test]
 fn the_shipped_full_scenario_parses_and_validates() {
