@@ -314,6 +314,16 @@ impl Deployment {
         let run_id = format!("lt{}", &uuid::Uuid::new_v4().simple().to_string()[..6]);
 
         let mut primary_relay: Option<SocketAddr> = None;
+        let stop = CancellationToken::new();
+        let link = |a: &str, b: &str| LinkSpec {
+            jitter: Duration::from_secs_f64(scenario.wan.jitter_ms / 1000.0),
+            loss: scenario.wan.loss,
+            bytes_per_s: (scenario.wan.bandwidth_mbit > 0.0)
+                .then(|| scenario.wan.bandwidth_mbit * 1e6 / 8.0),
+            ..LinkSpec::rtt(scenario.wan.rtt(a, b))
+        };
+        // Fronts that must exist before the process behind them starts.
+        let mut early_fronts: Vec<WanFront> = Vec::new();
         let (primary, url, token, http) = match &opts.existing {
             Some(e) => {
                 let mut b = reqwest::Client::builder().timeout(Duration::from_secs(60));
@@ -332,6 +342,26 @@ impl Deployment {
                 progress.set_message("starting devmesh server (embedded PostgreSQL)");
                 let port = free_port()?;
                 primary_relay = Some(([127, 0, 0, 1], free_udp_port()?).into());
+                // Clients in other regions reach the primary over their link,
+                // and its access URL names that front, so the app sign-in
+                // redirects (checked against it) come back the same way.
+                let mut access_port = port;
+                let (client, home) = (
+                    &scenario.topology.client_region,
+                    &scenario.topology.primary_region,
+                );
+                if scenario.wan.enabled && client != home {
+                    let spec = link(client, home);
+                    let relay =
+                        TcpRelay::start(([127, 0, 0, 1], port).into(), spec, stop.clone()).await?;
+                    access_port = relay.addr.port();
+                    early_fronts.push(WanFront {
+                        from: client.clone(),
+                        to: "primary".into(),
+                        relay,
+                        spec,
+                    });
+                }
                 let args: Vec<String> = [
                     "server",
                     "--http-address",
@@ -341,7 +371,7 @@ impl Deployment {
                         .map(|a: SocketAddr| a.to_string())
                         .unwrap_or_default(),
                     "--access-url",
-                    &format!("https://localhost:{port}"),
+                    &format!("https://localhost:{access_port}"),
                     "--wildcard-access-url",
                     &format!("*.{APPS_DOMAIN}"),
                     "--data-dir",
@@ -417,13 +447,13 @@ impl Deployment {
             agents: Vec::new(),
             http,
             monitor,
-            wan: Vec::new(),
+            wan: early_fronts,
             relay_fronts: Vec::new(),
             client_region: scenario.topology.client_region.clone(),
             primary_region: scenario.topology.primary_region.clone(),
             devmesh: opts.devmesh.clone(),
             out: opts.out.clone(),
-            stop: CancellationToken::new(),
+            stop,
         };
 
         // The template: one agent serving the upstream app.
@@ -452,13 +482,6 @@ impl Deployment {
                 SocketAddr::from(([127, 0, 0, 1], free_udp_port()?)),
             );
         }
-        let link = |a: &str, b: &str| LinkSpec {
-            jitter: Duration::from_secs_f64(scenario.wan.jitter_ms / 1000.0),
-            loss: scenario.wan.loss,
-            bytes_per_s: (scenario.wan.bandwidth_mbit > 0.0)
-                .then(|| scenario.wan.bandwidth_mbit * 1e6 / 8.0),
-            ..LinkSpec::rtt(scenario.wan.rtt(a, b))
-        };
         for r in scenario.topology.regions.iter().filter(|r| r.edges > 0) {
             progress.set_message(format!("starting edge {}", r.name));
             let edge_name = if opts.existing.is_some() {
@@ -494,14 +517,39 @@ impl Deployment {
                 advertised = front.addr;
                 dep.relay_fronts.push((r.name.clone(), front));
             }
+            // The edge reaches the primary over its region's link, and
+            // clients reach the edge over theirs: its access URL names the
+            // client's front, so sign-in redirects come back through it.
+            let (mut primary_url, mut access_port) = (url.clone(), port);
+            if scenario.wan.enabled {
+                let spec = link(&r.name, &dep.primary_region);
+                let relay = TcpRelay::start(dep.primary_addr, spec, dep.stop.clone()).await?;
+                primary_url = format!("https://localhost:{}", relay.addr.port());
+                dep.wan.push(WanFront {
+                    from: r.name.clone(),
+                    to: "primary".into(),
+                    relay,
+                    spec,
+                });
+                let spec = link(&dep.client_region, &r.name);
+                let relay =
+                    TcpRelay::start(([127, 0, 0, 1], port).into(), spec, dep.stop.clone()).await?;
+                access_port = relay.addr.port();
+                dep.wan.push(WanFront {
+                    from: dep.client_region.clone(),
+                    to: r.name.clone(),
+                    relay,
+                    spec,
+                });
+            }
             let args: Vec<String> = vec![
                 "edge".into(),
                 "--primary-url".into(),
-                url.clone(),
+                primary_url,
                 "--edge-token".into(),
                 edge_token,
                 "--access-url".into(),
-                format!("https://{}.localhost:{port}", r.name),
+                format!("https://{}.localhost:{access_port}", r.name),
                 "--wildcard-access-url".into(),
                 format!("*.{}.{APPS_DOMAIN}", r.name),
                 "--listen".into(),
@@ -559,6 +607,9 @@ impl Deployment {
                 }
             }
             for (from, to) in fronts {
+                if dep.wan_front(&from, &to).is_some() {
+                    continue;
+                }
                 let (target, to_region) = if to == "primary" {
                     (dep.primary_addr, dep.primary_region.clone())
                 } else {
