@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # End-to-end in a real browser: headless Chromium signs in through the app
 # auth redirect of a real primary (HTTPS, self-signed) and opens an app and a
-# dev URL served by a real agent. Needs chromium, node and the devmesh
+# dev URL served by a real agent; then the same through a regional edge
+# (its own app domain, the sign-in still at the primary, the agent reached
+# over the relay mesh). Needs chromium, node and the devmesh
 # binary (cargo build --bin devmesh). Fails, never skips, when one is missing.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -42,4 +44,20 @@ for _ in $(seq 300); do "$bin" list | grep -q "connected" && break; sleep 0.1; d
 node "$here/app-sign-in.js" \
   "https://web--dev--browser.apps.localhost:$port/" \
   "https://$app_port--dev--browser.apps.localhost:$port/" \
+  browser browser-password "Hello from the workspace"
+
+# The same through an edge: its app domain, its own cookies, one sign-in at
+# the primary, and the request crossing the mesh to the agent's relay.
+edge_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+edge_token=$("$bin" edges create eu 2>&1 | grep -oE '[0-9a-f-]{36}:[A-Za-z0-9]{32}')
+"$bin" edge --primary-url "$url" --edge-token "$edge_token" --access-url "https://eu.localhost:$edge_port" \
+  --listen "127.0.0.1:$edge_port" --wildcard-access-url "*.eu.apps.localhost:$edge_port" \
+  --relay-address 127.0.0.1:0 --tls-self-signed --tls-dir "$work/data/tls" \
+  >"$work/edge.out" 2>"$work/edge.err" &
+pids+=($!)
+for _ in $(seq 300); do "$bin" regions | grep -qE "^eu +eu +ok" && break; sleep 0.1; done
+"$bin" regions | grep -qE "^eu +eu +ok" || { cat "$work/edge.err"; exit 1; }
+node "$here/app-sign-in.js" \
+  "https://web--dev--browser.eu.apps.localhost:$edge_port/" \
+  "https://$app_port--dev--browser.eu.apps.localhost:$edge_port/" \
   browser browser-password "Hello from the workspace"
