@@ -29,7 +29,7 @@ use crate::nearest::Measurement;
 // === Settings ===
 
 /// Relay-opened streams allowed at once: one per user connection.
-const MAX_STREAMS: u32 = 10_000;
+const MAX_STREAMS: u32 = 100_000;
 /// Flow-control window of one stream.
 const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
 /// Flow-control window of the whole connection, both directions.

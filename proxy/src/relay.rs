@@ -41,7 +41,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const MESH_DIAL_TIMEOUT: Duration = Duration::from_secs(2);
 /// Streams a peer may have open at once on one connection (mesh peers carry
 /// every user connection between two relays).
-const MAX_STREAMS: u32 = 10_000;
+const MAX_STREAMS: u32 = 100_000;
 
 /// Why a stream to an agent could not be opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
