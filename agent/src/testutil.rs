@@ -37,8 +37,9 @@ use crate::client::ApiClient;
 /// The agent token the fake primary accepts.
 pub(crate) const TOKEN: &str = "test-token";
 
-/// Upper bound for anything a test waits for.
-pub(crate) const DEADLINE: Duration = Duration::from_secs(5);
+/// Upper bound for anything a test waits for: generous, since only a
+/// failing test waits that long, and CI machines run the suite in parallel.
+pub(crate) const DEADLINE: Duration = Duration::from_secs(20);
 
 /// Polls `cond` until it holds, failing the test after [`DEADLINE`].
 pub(crate) async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {

@@ -14,7 +14,9 @@ use crate::tunnel::close;
 
 /// One-way delay of the far path: about 60 ms round trip, far beyond both
 /// margins of the chooser against a loopback relay's ~1 ms.
-const FAR: Duration = Duration::from_millis(30);
+/// One-way delay of a far relay: far enough that a busy CI machine's
+/// scheduling noise on the near path never makes the far one look nearer.
+const FAR: Duration = Duration::from_millis(100);
 
 fn timing() -> Timing {
     Timing {
@@ -113,7 +115,9 @@ async fn when_the_relay_shuts_down_the_agent_reattaches_to_the_next_nearest_at_o
     // a probe timeout for the dead relay, a short backoff, one attach.
     let rc = other.next_attached().await;
     let took = lost_at.elapsed();
-    assert!(took < Duration::from_secs(3), "re-attached after {took:?}");
+    // Not a speed target: a bound that separates "at once" from the
+    // back-off an agent uses when no relay takes it (up to 30 s).
+    assert!(took < Duration::from_secs(10), "re-attached after {took:?}");
     assert_eq!(rc.ticket, "ticket-2");
     primary.recorded(|r| assert_eq!(r.manifest_calls, 2));
     echo_through(&rc).await;
