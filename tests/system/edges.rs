@@ -3,17 +3,32 @@
 //! on SIGTERM, and stops with a clear message when its token is revoked.
 //! Also: the relays of healthy edges reach agents' manifests.
 
-use std::process::Stdio;
-use std::time::Duration;
-
 use devmesh_tests::{Api, TestPrimary, fresh_database};
 use nix::sys::signal::Signal;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::Command;
 
-use crate::support::{BIN, EdgeProcess, ServerProcess, eventually};
+use crate::support::{EdgeProcess, ServerProcess, eventually};
+
+/// A primary process on a fresh database, and its first user (an owner).
+async fn primary_with_owner(dir: &std::path::Path) -> (ServerProcess, Api) {
+    let db = fresh_database().await;
+    let url = db.url();
+    let primary = ServerProcess::start(
+        &["--relay-address", "127.0.0.1:0"],
+        &[("DEVMESH_POSTGRES_URL", url.expose())],
+        dir,
+    )
+    .await;
+    let anon = Api::new(&primary.url, None);
+    anon.post(
+        "/users/first",
+        json!({"email": "o@example.com", "username": "owner", "password": "owner-password"}),
+    )
+    .await;
+    let owner = anon.login("owner", "owner-password").await;
+    (primary, owner)
+}
 
 async fn region(owner: &Api, name: &str) -> Value {
     let (_, r) = owner.get("/regions").await;
@@ -28,22 +43,8 @@ async fn region(owner: &Api, name: &str) -> Value {
 
 #[tokio::test]
 async fn an_edge_registers_reports_health_deregisters_and_stops_when_revoked() {
-    let db = fresh_database().await;
     let dir = tempfile::tempdir().unwrap();
-    let url = db.url();
-    let primary = ServerProcess::start(
-        &["--relay-address", "127.0.0.1:0"],
-        &[("DEVMESH_POSTGRES_URL", url.expose())],
-        dir.path(),
-    )
-    .await;
-    let anon = Api::new(&primary.url, None);
-    anon.post(
-        "/users/first",
-        json!({"email": "o@example.com", "username": "owner", "password": "owner-password"}),
-    )
-    .await;
-    let owner = anon.login("owner", "owner-password").await;
+    let (primary, owner) = primary_with_owner(dir.path()).await;
     let (_, eu) = owner.post("/edges", json!({"name": "eu"})).await;
     let token = eu["edge_token"].as_str().unwrap().to_owned();
 
@@ -100,22 +101,8 @@ async fn an_edge_registers_reports_health_deregisters_and_stops_when_revoked() {
 
 #[tokio::test]
 async fn an_edge_terminates_tls_with_the_operators_certificate() {
-    let db = fresh_database().await;
     let dir = tempfile::tempdir().unwrap();
-    let url = db.url();
-    let primary = ServerProcess::start(
-        &["--relay-address", "127.0.0.1:0"],
-        &[("DEVMESH_POSTGRES_URL", url.expose())],
-        dir.path(),
-    )
-    .await;
-    let anon = Api::new(&primary.url, None);
-    anon.post(
-        "/users/first",
-        json!({"email": "o@example.com", "username": "owner", "password": "owner-password"}),
-    )
-    .await;
-    let owner = anon.login("owner", "owner-password").await;
+    let (primary, owner) = primary_with_owner(dir.path()).await;
     let (_, ap) = owner.post("/edges", json!({"name": "ap"})).await;
 
     let ca_key = rcgen::KeyPair::generate().unwrap();
@@ -131,37 +118,26 @@ async fn an_edge_terminates_tls_with_the_operators_certificate() {
     std::fs::write(dir.path().join("edge.pem"), leaf.pem()).unwrap();
     std::fs::write(dir.path().join("edge.key"), key.serialize_pem()).unwrap();
 
-    let mut child = Command::new(BIN)
-        .args([
-            "edge",
-            "--primary-url",
-            &primary.url,
-            "--listen",
-            "127.0.0.1:0",
-            "--relay-address",
-            "127.0.0.1:0",
+    let (cert, key) = (dir.path().join("edge.pem"), dir.path().join("edge.key"));
+    let edge = EdgeProcess::start(
+        &primary.url,
+        ap["edge_token"].as_str().unwrap(),
+        "ap",
+        &[
             "--access-url",
             "https://ap.localhost",
-        ])
-        .arg("--tls-cert")
-        .arg(dir.path().join("edge.pem"))
-        .arg("--tls-key")
-        .arg(dir.path().join("edge.key"))
-        .env("DEVMESH_EDGE_TOKEN", ap["edge_token"].as_str().unwrap())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    let addr = line
-        .strip_prefix("Started edge listener at https://")
-        .unwrap_or_else(|| panic!("{line}"))
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+        dir.path(),
+    )
+    .await;
+    let addr = edge
+        .url
+        .strip_prefix("https://")
+        .unwrap_or_else(|| panic!("{}", edge.url))
         .to_owned();
     let client = reqwest::Client::builder()
         .tls_built_in_root_certs(false)
@@ -179,7 +155,7 @@ async fn an_edge_terminates_tls_with_the_operators_certificate() {
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.version(), reqwest::Version::HTTP_2);
     assert_eq!(resp.text().await.unwrap(), "ok");
-    let _ = child.kill().await;
+    edge.kill().await;
 }
 
 /// Registers one replica of the edge whose token is `token`, its relay at
