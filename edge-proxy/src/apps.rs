@@ -44,13 +44,7 @@ pub(crate) async fn route_apps(
     req: Request,
     next: Next,
 ) -> Response {
-    let host = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| req.uri().authority().map(|a| a.as_str()))
-        .unwrap_or_default()
-        .to_ascii_lowercase();
+    let host = devmesh_proxy::app::request_host(&req);
     let Some((wildcard, label)) = edge
         .wildcards
         .iter()

@@ -42,6 +42,17 @@ pub struct Target {
     pub base_path: String,
 }
 
+/// The host a request is for, lower-cased: the `Host` header, or the URI's
+/// authority (HTTP/2 clients send `:authority`).
+pub fn request_host(req: &Request) -> String {
+    req.headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))
+        .unwrap_or_default()
+        .to_ascii_lowercase()
+}
+
 /// The bearer token of an `Authorization` header (scheme matched case-insensitively).
 pub fn bearer(value: &str) -> Option<&str> {
     let (scheme, token) = value.split_once(' ')?;

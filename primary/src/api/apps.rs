@@ -60,18 +60,12 @@ pub(crate) async fn route_apps(
 ) -> Response {
     // Path apps live on the dashboard origin under /@user/...; the router
     // cannot match a parameter that shares a segment with "@".
+    let host = devmesh_proxy::app::request_host(&req);
     let on_apps_domain = state
         .config
         .wildcard_access_url
         .as_deref()
-        .is_some_and(|w| {
-            let host = req
-                .headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .unwrap_or_default();
-            wildcard_label(&host.to_ascii_lowercase(), w).is_some()
-        });
+        .is_some_and(|w| wildcard_label(&host, w).is_some());
     if !on_apps_domain && req.uri().path().starts_with("/@") {
         use axum::extract::FromRequestParts;
         let (mut parts, body) = req.into_parts();
@@ -81,13 +75,6 @@ pub(crate) async fn route_apps(
     let Some(wildcard) = state.config.wildcard_access_url.clone() else {
         return next.run(req).await;
     };
-    let host = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| req.uri().authority().map(|a| a.as_str()))
-        .unwrap_or_default()
-        .to_ascii_lowercase();
     let Some(label) = wildcard_label(&host, &wildcard) else {
         return next.run(req).await;
     };
