@@ -92,6 +92,21 @@ impl Mesh {
             })
             .await;
         }
+        // The region turns healthy when the primary records a registration;
+        // the edge starts its relay a moment later, when it reads the answer.
+        // An agent that probed it in between would settle elsewhere.
+        for edge in &edges {
+            eventually(30, "the edge's relay to start", || async {
+                let r: Value = reqwest::get(format!("{}/healthz-report", edge.url))
+                    .await
+                    .ok()?
+                    .json()
+                    .await
+                    .ok()?;
+                r["edge_name"].is_string().then_some(())
+            })
+            .await;
+        }
         let mut workspaces = Vec::new();
         let mut agents = Vec::new();
         for (name, region) in [("weu", "eu"), ("wap", "ap")] {
