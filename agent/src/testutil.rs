@@ -194,6 +194,7 @@ fn api_error(status: StatusCode, message: &str) -> Response {
         message: message.into(),
         detail: String::new(),
         validations: Vec::new(),
+        denial: None,
     };
     (status, Json(body)).into_response()
 }

@@ -1,16 +1,17 @@
 //! Apps and dev URLs on the edge's app domains.
 //!
 //! The same flow as the primary's, with the edge as the proxy:
-//! 1. a browser back from signing in brings a sealed one-time key, which
-//!    the primary opens (`app-connect`) and which becomes a cookie on the
-//!    app domain;
+//! 1. a browser back from signing in brings a sealed one-time grant for
+//!    this host, which the primary redeems (`app-connect`) for an app token
+//!    that becomes a cookie on this host alone;
 //! 2. an app-token cookie for this host is verified locally with the
 //!    primary's public keys and checked against pushed revocations: no
-//!    call to anyone;
-//! 3. otherwise the key (header or cookie) selects a cached decision; a
-//!    miss asks the primary once (`app-access`), and decisions are
-//!    refreshed in the background before their token expires, so in steady
-//!    state no request waits on the primary;
+//!    call to anyone (a token near its expiry is renewed once, and the
+//!    renewal cached);
+//! 3. otherwise a key in a header selects a cached decision; a miss asks
+//!    the primary once (`app-access`), and decisions are refreshed in the
+//!    background before their token expires, so in steady state no request
+//!    waits on the primary;
 //! 4. the request goes down the agent's tunnel, or over the mesh to the
 //!    agent's home relay.
 
@@ -22,9 +23,9 @@ use axum::http::header;
 use axum::middleware::Next;
 use axum::response::Response;
 use devmesh_proxy::app::{
-    AppError, KEY_PARAM, SESSION_COOKIE, STATE_COOKIE, Target, cookie, cookie_allowed,
-    cookie_names, header_key, query_param, sign_in, signed_in_redirect, token_cookie_header,
-    wants_html,
+    APP_TOKEN_RENEW_SECS, AppError, GRANT_PARAM, STATE_COOKIE, Target, cookie, cookie_allowed,
+    header_key, protect_page, query_param, request_host, sign_in, signed_in_redirect,
+    token_cookie_header, token_cookie_name, wants_html,
 };
 use devmesh_shared::apphost::{AppHost, AppTarget, parse_label, wildcard_label};
 use devmesh_shared::signing::AppToken;
@@ -44,13 +45,19 @@ pub(crate) async fn route_apps(
     req: Request,
     next: Next,
 ) -> Response {
-    let host = devmesh_proxy::app::request_host(&req);
+    let host = match request_host(&req) {
+        Ok(h) => h,
+        Err(e) => return e.respond(wants_html(req.headers())),
+    };
     let Some((wildcard, label)) = edge
         .wildcards
         .iter()
         .find_map(|w| Some((w.clone(), wildcard_label(&host, w)?.to_owned())))
     else {
-        return next.run(req).await;
+        // The edge's own endpoints: never framed, HSTS over HTTPS.
+        let mut resp = next.run(req).await;
+        protect_page(&mut resp, edge.scheme == "https");
+        return resp;
     };
     let start = Instant::now();
     let html = wants_html(req.headers());
@@ -94,43 +101,47 @@ async fn serve(
     app: AppHost,
     req: Request,
 ) -> Result<Response, AppError> {
-    let (key_cookie, token_cookie) = cookie_names(wildcard);
+    let token_cookie = token_cookie_name(wildcard);
     let secure = edge.scheme == "https";
     let (head, body) = req.into_parts();
 
-    // Phase: back from signing in with a sealed one-time key.
-    if let Some(sealed) = query_param(&head.uri, KEY_PARAM) {
+    // Phase: back from signing in with a sealed one-time grant.
+    if let Some(sealed) = query_param(&head.uri, GRANT_PARAM) {
         let state = cookie(&head.headers, STATE_COOKIE).unwrap_or_default();
-        let key = edge.app_connect(&sealed, state).await?;
+        let d = edge.app_connect(&sealed, state, host).await?;
         return Ok(signed_in_redirect(
             &head.uri,
-            wildcard,
-            &key_cookie,
-            &key,
-            secure,
+            edge.scheme,
+            host,
+            &token_cookie,
+            &d.token,
         ));
     }
 
-    // Phase: authenticate and authorise. A token cookie for this host is
+    // Phase: credentials and decision. A token cookie for this host is
     // verified here; otherwise a decision for the key, cached or fresh.
-    let ambient_ok = cookie_allowed(&head, host);
     let now = chrono::Utc::now().timestamp();
     let from_cookie = cookie(&head.headers, &token_cookie)
-        .filter(|_| ambient_ok)
-        .and_then(|t| edge.keys.verify::<AppToken>(t, now).ok())
-        .filter(|t| t.host == host && t.target == app.target && !edge.revoked(t));
+        .filter(|_| cookie_allowed(&head, host))
+        .and_then(|t| Some((t, edge.keys.verify::<AppToken>(t, now).ok()?)))
+        .filter(|(_, t)| t.host == host && t.target == app.target && !edge.revoked(t));
     let (claims, new_cookie) = match from_cookie {
-        Some(t) => {
+        Some((signed, t)) => {
             count(edge, "token");
-            (t, None)
+            // An aging token is renewed once through the primary (cached,
+            // so only one request of a page pays for it); if that fails the
+            // old one serves until it expires.
+            let renewed = if t.exp - now < APP_TOKEN_RENEW_SECS {
+                decision(edge, host, Credential::Token(signed)).await.ok()
+            } else {
+                None
+            };
+            (t, renewed.map(|d| d.token.clone()))
         }
         None => {
-            let key = header_key(&head.headers).or_else(|| {
-                ambient_ok
-                    .then(|| cookie(&head.headers, &key_cookie).map(str::to_owned))
-                    .flatten()
-            });
-            match decision(edge, host, key.as_deref()).await {
+            let key = header_key(&head.headers);
+            let credential = key.as_deref().map_or(Credential::None, Credential::Key);
+            match decision(edge, host, credential).await {
                 Ok(d) => (d.claims.clone(), Some(d.token.clone())),
                 Err(AppError::Unauthenticated) => {
                     return sign_in(&edge.primary, edge.scheme, host, &head);
@@ -161,7 +172,6 @@ async fn serve(
         host,
         edge.scheme,
         axum::extract::Request::from_parts(head, body),
-        &[key_cookie.as_str(), token_cookie.as_str(), SESSION_COOKIE],
         None,
     )
     .await?;
@@ -172,6 +182,26 @@ async fn serve(
         );
     }
     Ok(resp)
+}
+
+/// What an app request presents to be decided on.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Credential<'a> {
+    /// Nothing: public apps only.
+    None,
+    /// A devmesh key from a header.
+    Key(&'a str),
+    /// An app token for this host, to renew.
+    Token(&'a str),
+}
+
+impl Credential<'_> {
+    fn secret(&self) -> &[u8] {
+        match self {
+            Credential::None => b"",
+            Credential::Key(s) | Credential::Token(s) => s.as_bytes(),
+        }
+    }
 }
 
 fn count(edge: &Edge, result: &'static str) {
@@ -186,12 +216,14 @@ fn count(edge: &Edge, result: &'static str) {
 async fn decision(
     edge: &Arc<Edge>,
     host: &str,
-    key: Option<&str>,
+    credential: Credential<'_>,
 ) -> Result<Arc<Decision>, AppError> {
     let cache_key = (
         host.to_owned(),
-        key.map(|k| devmesh_shared::secret::sha256(k.as_bytes()))
-            .unwrap_or_default(),
+        match credential {
+            Credential::None => [0u8; 32],
+            c => devmesh_shared::secret::sha256(c.secret()),
+        },
     );
     let now = chrono::Utc::now().timestamp();
     if let Some(d) = edge.decisions.get(&cache_key).await
@@ -200,10 +232,10 @@ async fn decision(
     {
         count(edge, "hit");
         if d.claims.exp - now < REFRESH_BEFORE_SECS && !d.refreshing.swap(true, Ordering::AcqRel) {
-            let (edge, key, stale) = (edge.clone(), key.map(str::to_owned), d.clone());
+            let (edge, owned, stale) = (edge.clone(), OwnedCredential::from(credential), d.clone());
             tokio::spawn(async move {
                 count(&edge, "refresh");
-                match edge.ask_primary(&cache_key.0, key.as_deref()).await {
+                match edge.ask_primary(&cache_key.0, owned.borrow()).await {
                     Ok(fresh) => edge.decisions.insert(cache_key, Arc::new(fresh)).await,
                     // Unreachable: keep serving until the token expires.
                     Err(AppError::PrimaryUnavailable) => {
@@ -222,7 +254,7 @@ async fn decision(
         return Err(refused);
     }
     count(edge, "miss");
-    match edge.ask_primary(host, key).await {
+    match edge.ask_primary(host, credential).await {
         Ok(fresh) => {
             let fresh = Arc::new(fresh);
             edge.decisions.insert(cache_key, fresh.clone()).await;
@@ -236,6 +268,33 @@ async fn decision(
                 edge.refusals.insert(cache_key, e.clone()).await;
             }
             Err(e)
+        }
+    }
+}
+
+/// A [`Credential`] that outlives its request, for background refreshes.
+enum OwnedCredential {
+    None,
+    Key(String),
+    Token(String),
+}
+
+impl From<Credential<'_>> for OwnedCredential {
+    fn from(c: Credential<'_>) -> Self {
+        match c {
+            Credential::None => Self::None,
+            Credential::Key(k) => Self::Key(k.to_owned()),
+            Credential::Token(t) => Self::Token(t.to_owned()),
+        }
+    }
+}
+
+impl OwnedCredential {
+    fn borrow(&self) -> Credential<'_> {
+        match self {
+            Self::None => Credential::None,
+            Self::Key(k) => Credential::Key(k),
+            Self::Token(t) => Credential::Token(t),
         }
     }
 }

@@ -36,7 +36,7 @@ use chrono::Utc;
 use devmesh_proxy::relay::{AttachEvent, Keys, Locations, Relay, RelayConfig};
 use devmesh_proxy::upstream::Pool;
 use devmesh_shared::api::{
-    EDGE_TOKEN_HEADER, EdgeAppAccess, EdgeAppAccessRequest, EdgeAppConnect, EdgeAppConnectRequest,
+    EDGE_TOKEN_HEADER, EdgeAppAccess, EdgeAppAccessRequest, EdgeAppConnectRequest,
     EdgeDeregisterRequest, EdgeEvent, EdgeHealthReport, EdgeRegisterRequest, EdgeRegisterResponse,
     RelayInfo, RevokedSubject,
 };
@@ -235,22 +235,56 @@ impl Edge {
                 .is_some_and(|id| cut(RevokedSubject::Key { id: id.clone() }))
     }
 
-    /// Asks the primary whether `key` (or anyone) may open `host`.
+    /// Asks the primary whether the holder of `credential` (or anyone) may
+    /// open `host`.
     pub(crate) async fn ask_primary(
         &self,
         host: &str,
-        key: Option<&str>,
+        credential: apps::Credential<'_>,
+    ) -> Result<Decision, devmesh_proxy::app::AppError> {
+        let (key, token) = match credential {
+            apps::Credential::None => (None, None),
+            apps::Credential::Key(k) => (Some(k.to_owned()), None),
+            apps::Credential::Token(t) => (None, Some(t.to_owned())),
+        };
+        let request = EdgeAppAccessRequest {
+            host: host.to_owned(),
+            key,
+            token,
+        };
+        self.primary_decision("app-access", &request).await
+    }
+
+    /// Redeems a sealed one-time grant through the primary, for an app
+    /// token on `host`.
+    pub(crate) async fn app_connect(
+        &self,
+        sealed: &str,
+        state: &str,
+        host: &str,
+    ) -> Result<Decision, devmesh_proxy::app::AppError> {
+        let request = EdgeAppConnectRequest {
+            sealed: sealed.to_owned(),
+            state: state.to_owned(),
+            host: host.to_owned(),
+        };
+        self.primary_decision("app-connect", &request).await
+    }
+
+    /// One call to `/api/v2/edges/me/{endpoint}` that answers with a
+    /// decision or a typed refusal.
+    async fn primary_decision(
+        &self,
+        endpoint: &str,
+        request: &impl serde::Serialize,
     ) -> Result<Decision, devmesh_proxy::app::AppError> {
         use devmesh_proxy::app::AppError;
         self.metrics.primary_requests.inc();
         let resp = self
             .http
-            .post(format!("{}/api/v2/edges/me/app-access", self.primary))
+            .post(format!("{}/api/v2/edges/me/{endpoint}", self.primary))
             .header(EDGE_TOKEN_HEADER, &self.token)
-            .json(&EdgeAppAccessRequest {
-                host: host.to_owned(),
-                key: key.map(str::to_owned),
-            })
+            .json(request)
             .timeout(Duration::from_secs(10))
             .send()
             .await;
@@ -268,9 +302,7 @@ impl Edge {
             let access: EdgeAppAccess = resp.json().await.map_err(|e| {
                 AppError::BadGateway(format!("unreadable answer from the primary: {e}"))
             })?;
-            if access.claims.agent_id != Uuid::nil()
-                && let Some(relay) = access.location
-            {
+            if let Some(relay) = access.location {
                 self.locations.set(devmesh_shared::api::AgentLocation {
                     agent_id: access.claims.agent_id,
                     relay: Some(relay),
@@ -282,55 +314,19 @@ impl Edge {
                 refreshing: false.into(),
             });
         }
-        let detail = resp
-            .json::<devmesh_shared::api::Error>()
-            .await
-            .map(|e| e.detail)
-            .unwrap_or_default();
-        Err(match status {
-            StatusCode::UNAUTHORIZED => AppError::Unauthenticated,
-            StatusCode::FORBIDDEN => AppError::Forbidden,
-            StatusCode::NOT_FOUND => AppError::NotFound(detail),
-            StatusCode::SERVICE_UNAVAILABLE => AppError::Stopped,
-            StatusCode::BAD_REQUEST => AppError::BadRequest(detail),
-            StatusCode::BAD_GATEWAY => AppError::AgentNotConnected,
-            _ => AppError::BadGateway(format!("the primary answered {status}")),
-        })
-    }
-
-    /// Opens a sealed one-time key through the primary.
-    pub(crate) async fn app_connect(
-        &self,
-        sealed: &str,
-        state: &str,
-    ) -> Result<String, devmesh_proxy::app::AppError> {
-        use devmesh_proxy::app::AppError;
-        self.metrics.primary_requests.inc();
-        let resp = self
-            .http
-            .post(format!("{}/api/v2/edges/me/app-connect", self.primary))
-            .header(EDGE_TOKEN_HEADER, &self.token)
-            .json(&EdgeAppConnectRequest {
-                sealed: sealed.to_owned(),
-                state: state.to_owned(),
-            })
-            .timeout(Duration::from_secs(10))
-            .send()
-            .await
-            .map_err(|_| AppError::PrimaryUnavailable)?;
-        if resp.status().is_success() {
-            let c: EdgeAppConnect = resp
-                .json()
-                .await
-                .map_err(|e| AppError::BadGateway(e.to_string()))?;
-            return Ok(c.key);
+        // The primary names its refusal; a status without one (a proxy in
+        // between, an overloaded primary) is the primary being unavailable.
+        match resp.json::<devmesh_shared::api::Error>().await {
+            Ok(devmesh_shared::api::Error {
+                denial: Some(code),
+                detail,
+                ..
+            }) => Err(AppError::from_code(&code, detail)),
+            _ => {
+                tracing::warn!(%status, %endpoint, "the primary answered without a decision");
+                Err(AppError::PrimaryUnavailable)
+            }
         }
-        let detail = resp
-            .json::<devmesh_shared::api::Error>()
-            .await
-            .map(|e| e.detail)
-            .unwrap_or_default();
-        Err(AppError::BadRequest(detail))
     }
 }
 

@@ -69,8 +69,6 @@ pub struct AppState {
     pub locations: devmesh_proxy::relay::Locations,
     /// Fires when the server shuts down (ends long-lived streams).
     pub shutdown: tokio_util::sync::CancellationToken,
-    /// One-time app keys already exchanged.
-    pub used_nonces: moka::future::Cache<String, ()>,
     /// Resolved app routes (short-lived; emptied on changes).
     pub(crate) routes: moka::future::Cache<String, apps::Route>,
     /// Pooled connections to apps.
@@ -165,7 +163,6 @@ impl AppState {
             bus: parts.bus,
             locations: parts.locations,
             shutdown: parts.shutdown,
-            used_nonces: apps::used_nonce_cache(),
             routes: apps::route_cache(),
             upstreams: Arc::default(),
             revoked_app_users: apps::revocation_cache(),

@@ -108,6 +108,19 @@ struct CachedKey {
     principal: Principal,
 }
 
+impl CachedKey {
+    /// The key's principal, unless it expired or its user is suspended.
+    fn usable(&self) -> Result<Principal, KeyError> {
+        if self.expires_at <= Utc::now() {
+            return Err(KeyError::Expired);
+        }
+        if self.status == UserStatus::Suspended {
+            return Err(KeyError::Suspended);
+        }
+        Ok(self.principal.clone())
+    }
+}
+
 /// Validates keys, caching the database rows behind them.
 #[derive(Clone)]
 pub struct KeyValidator {
@@ -143,81 +156,83 @@ impl KeyValidator {
         Self { db, cache, metrics }
     }
 
-    /// Validates `token`. `Ok(None)` never happens: a missing key is the
-    /// caller's concern. Database failures are returned as `Err(Err(..))`.
+    /// Validates `token`. Database failures are returned as `Err(..)`.
     pub async fn validate(&self, token: &str) -> Result<Result<Principal, KeyError>, sqlx::Error> {
         let Some((id, secret)) = parse_api_key(token) else {
             Metrics::count(&self.metrics.key_checks, "invalid");
             return Ok(Err(KeyError::Invalid));
         };
-        let mut from_db = false;
-        let cached = match self.cache.get(id).await {
-            Some(c) => {
-                Metrics::count(&self.metrics.key_checks, "cache_hit");
-                c
-            }
-            None => {
-                Metrics::count(&self.metrics.key_checks, "cache_miss");
-                let row: Option<KeyRow> = sqlx::query_as(
-                    "SELECT k.hashed_secret, k.scope, k.expires_at, u.id AS user_id, u.username, u.roles, u.status
-                     FROM api_keys k JOIN users u ON u.id = k.user_id
-                     WHERE k.id = $1 AND NOT u.deleted",
-                )
-                .bind(id)
-                .fetch_optional(&self.db)
-                .await?;
-                let Some(row) = row else {
-                    // Hash anyway so a missing id costs the same as a wrong secret.
-                    let _ = constant_time_eq(&sha256(secret.as_bytes()), &[0u8; 32]);
-                    return Ok(Err(KeyError::Invalid));
-                };
-                let c = Arc::new(CachedKey {
-                    hashed_secret: row.hashed_secret,
-                    expires_at: row.expires_at,
-                    status: if row.status == "suspended" {
-                        UserStatus::Suspended
-                    } else {
-                        UserStatus::Active
-                    },
-                    principal: Principal {
-                        key_id: id.to_owned(),
-                        scope: if row.scope == "application_connect" {
-                            KeyScope::ApplicationConnect
-                        } else {
-                            KeyScope::All
-                        },
-                        user_id: row.user_id,
-                        username: row.username,
-                        roles: parse_roles(&row.roles),
-                    },
-                });
-                self.cache.insert(id.to_owned(), c.clone()).await;
-                from_db = true;
-                c
-            }
+        let Some(cached) = self.lookup(id).await? else {
+            // Hash anyway so a missing id costs the same as a wrong secret.
+            let _ = constant_time_eq(&sha256(secret.as_bytes()), &[0u8; 32]);
+            return Ok(Err(KeyError::Invalid));
         };
         if !constant_time_eq(&sha256(secret.as_bytes()), &cached.hashed_secret) {
             return Ok(Err(KeyError::Invalid));
         }
-        if cached.expires_at <= Utc::now() {
-            return Ok(Err(KeyError::Expired));
+        Ok(cached.usable())
+    }
+
+    /// Whether the key `id` is still valid, without its secret: for
+    /// credentials the primary minted itself from that key (a sealed app
+    /// grant, an app token being renewed), which die with the key.
+    pub async fn validate_id(&self, id: &str) -> Result<Result<Principal, KeyError>, sqlx::Error> {
+        Ok(match self.lookup(id).await? {
+            Some(cached) => cached.usable(),
+            None => Err(KeyError::Invalid),
+        })
+    }
+
+    /// The key `id`, from the cache or the database.
+    async fn lookup(&self, id: &str) -> Result<Option<Arc<CachedKey>>, sqlx::Error> {
+        if let Some(c) = self.cache.get(id).await {
+            Metrics::count(&self.metrics.key_checks, "cache_hit");
+            return Ok(Some(c));
         }
-        if cached.status == UserStatus::Suspended {
-            return Ok(Err(KeyError::Suspended));
-        }
-        if from_db {
-            // Keys are re-read at most once per cache lifetime, which bounds
-            // how often last_used_at is written; the request does not wait.
-            let db = self.db.clone();
-            let id = id.to_owned();
-            tokio::spawn(async move {
-                let _ = sqlx::query("UPDATE api_keys SET last_used_at = now() WHERE id = $1")
-                    .bind(id)
-                    .execute(&db)
-                    .await;
-            });
-        }
-        Ok(Ok(cached.principal.clone()))
+        Metrics::count(&self.metrics.key_checks, "cache_miss");
+        let row: Option<KeyRow> = sqlx::query_as(
+            "SELECT k.hashed_secret, k.scope, k.expires_at, u.id AS user_id, u.username, u.roles, u.status
+             FROM api_keys k JOIN users u ON u.id = k.user_id
+             WHERE k.id = $1 AND NOT u.deleted",
+        )
+        .bind(id)
+        .fetch_optional(&self.db)
+        .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let c = Arc::new(CachedKey {
+            hashed_secret: row.hashed_secret,
+            expires_at: row.expires_at,
+            status: if row.status == "suspended" {
+                UserStatus::Suspended
+            } else {
+                UserStatus::Active
+            },
+            principal: Principal {
+                key_id: id.to_owned(),
+                scope: if row.scope == "application_connect" {
+                    KeyScope::ApplicationConnect
+                } else {
+                    KeyScope::All
+                },
+                user_id: row.user_id,
+                username: row.username,
+                roles: parse_roles(&row.roles),
+            },
+        });
+        self.cache.insert(id.to_owned(), c.clone()).await;
+        // Keys are re-read at most once per cache lifetime, which bounds
+        // how often last_used_at is written; the request does not wait.
+        let db = self.db.clone();
+        let id = id.to_owned();
+        tokio::spawn(async move {
+            let _ = sqlx::query("UPDATE api_keys SET last_used_at = now() WHERE id = $1")
+                .bind(id)
+                .execute(&db)
+                .await;
+        });
+        Ok(Some(c))
     }
 
     /// Forgets one key (it was revoked).

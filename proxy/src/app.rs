@@ -16,18 +16,31 @@ use crate::upstream::{Key, Pool, SendError};
 
 /// The header clients send their session token in.
 pub const SESSION_HEADER: &str = "devmesh-session-token";
-/// The cookie the dashboard keeps its session in.
+/// The cookie the dashboard keeps its session in, over plain HTTP.
 pub const SESSION_COOKIE: &str = "devmesh_session_token";
-/// Query parameter carrying the sealed one-time key back to the app host.
-pub const KEY_PARAM: &str = "devmesh_app_key";
+/// The same over HTTPS: a `__Host-` cookie cannot be set by, or shared
+/// with, any other host (a sibling subdomain cannot plant one).
+pub const SECURE_SESSION_COOKIE: &str = "__Host-devmesh_session_token";
+
+/// The session cookie's name on a deployment served over HTTPS or not.
+pub fn session_cookie_name(https: bool) -> &'static str {
+    if https {
+        SECURE_SESSION_COOKIE
+    } else {
+        SESSION_COOKIE
+    }
+}
+/// Query parameter carrying the sealed one-time grant back to the app host.
+pub const GRANT_PARAM: &str = "devmesh_app_grant";
 /// Name of the host-only cookie that binds a sign-in to the browser that
 /// started it.
 pub const STATE_COOKIE: &str = "devmesh_app_state";
 
-/// Lifetime of the `application_connect` key behind the apps-domain cookie.
-pub const APP_KEY_LIFETIME_SECS: i64 = 24 * 3600;
 /// Lifetime of an app token.
 pub const APP_TOKEN_LIFETIME_SECS: i64 = 30 * 60;
+/// A token cookie with less than this left is renewed on its next request,
+/// so a page open for hours keeps working without a sign-in bounce.
+pub const APP_TOKEN_RENEW_SECS: i64 = 10 * 60;
 
 /// Where a request goes inside the workspace.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,14 +56,35 @@ pub struct Target {
 }
 
 /// The host a request is for, lower-cased: the `Host` header, or the URI's
-/// authority (HTTP/2 clients send `:authority`).
-pub fn request_host(req: &Request) -> String {
-    req.headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| req.uri().authority().map(|a| a.as_str()))
-        .unwrap_or_default()
-        .to_ascii_lowercase()
+/// authority (HTTP/2 clients send `:authority`). When a request carries
+/// both and they differ (an absolute-form request line naming another
+/// host, say), or carries several `Host` headers, it is refused: a proxy
+/// and an app must never disagree on which host a request is for.
+pub fn request_host(req: &Request) -> Result<String, AppError> {
+    let bad = |why: &str| AppError::BadRequest(why.to_owned());
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let header = hosts.next();
+    if hosts.next().is_some() {
+        return Err(bad("The request has more than one Host header."));
+    }
+    let header = header
+        .map(|h| h.to_str().map_err(|_| bad("The Host header is not valid.")))
+        .transpose()?;
+    let authority = req.uri().authority().map(|a| a.as_str());
+    if authority.is_some_and(|a| a.contains('@')) {
+        return Err(bad("The request's authority carries credentials."));
+    }
+    let host = match (header, authority) {
+        (Some(h), Some(a)) if !h.eq_ignore_ascii_case(a) => {
+            return Err(bad(
+                "The Host header does not match the request's authority.",
+            ));
+        }
+        (Some(h), _) => h,
+        (None, Some(a)) => a,
+        (None, None) => "",
+    };
+    Ok(host.to_ascii_lowercase())
 }
 
 /// The bearer token of an `Authorization` header (scheme matched case-insensitively).
@@ -126,16 +160,6 @@ impl SetCookie<'_> {
     }
 }
 
-/// The cookie domain of an apps wildcard (`*.apps.example.com:8443` →
-/// `apps.example.com`).
-pub fn cookie_domain(wildcard: &str) -> &str {
-    wildcard
-        .trim_start_matches("*.")
-        .split(':')
-        .next()
-        .unwrap_or_default()
-}
-
 // === Errors ===
 
 /// Why an app request failed; each maps to a status, a page and a metric label.
@@ -159,6 +183,9 @@ pub enum AppError {
     BadRequest(String),
     /// The primary, needed to decide, cannot be reached.
     PrimaryUnavailable,
+    /// The side that decides cannot do so right now (its database is
+    /// down); the cause is logged there, never shown.
+    Unavailable,
 }
 
 impl AppError {
@@ -198,6 +225,43 @@ impl AppError {
                 "Sign-in unavailable",
                 "The deployment's primary cannot be reached to check your access. Open sessions keep working; try again shortly.".into(),
             ),
+            Self::Unavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Temporarily unavailable",
+                "devmesh cannot check your access right now. Open sessions keep working; try again shortly.".into(),
+            ),
+        }
+    }
+
+    /// The refusal's name on the wire between a primary and its edges.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::NotFound(_) => "not_found",
+            Self::Stopped => "stopped",
+            Self::AgentNotConnected => "agent_not_connected",
+            Self::Refused => "refused",
+            Self::BadGateway(_) => "bad_gateway",
+            Self::Unauthenticated => "unauthenticated",
+            Self::Forbidden => "forbidden",
+            Self::BadRequest(_) => "bad_request",
+            Self::PrimaryUnavailable => "primary_unavailable",
+            Self::Unavailable => "unavailable",
+        }
+    }
+
+    /// The refusal a primary named with [`AppError::code`]; an unknown name
+    /// (a newer primary) is a failed call, not a guess.
+    pub fn from_code(code: &str, detail: String) -> Self {
+        match code {
+            "not_found" => Self::NotFound(detail),
+            "stopped" => Self::Stopped,
+            "agent_not_connected" => Self::AgentNotConnected,
+            "refused" => Self::Refused,
+            "unauthenticated" => Self::Unauthenticated,
+            "forbidden" => Self::Forbidden,
+            "bad_request" => Self::BadRequest(detail),
+            "unavailable" | "primary_unavailable" => Self::Unavailable,
+            _ => Self::BadGateway(format!("the primary refused: {code}")),
         }
     }
 
@@ -212,12 +276,15 @@ impl AppError {
                 html_escape(&detail),
                 status.as_u16()
             );
-            (status, Html(page)).into_response()
+            let mut resp = (status, Html(page)).into_response();
+            protect_page(&mut resp, false);
+            resp
         } else {
             let body = devmesh_shared::api::Error {
                 message: format!("{title}."),
                 detail,
                 validations: vec![],
+                denial: Some(self.code().to_owned()),
             };
             (status, axum::Json(body)).into_response()
         }
@@ -242,29 +309,107 @@ pub fn wants_html(headers: &HeaderMap) -> bool {
 
 // === Cookies ===
 
-/// Names of the apps-domain cookies; unique per domain so nested wildcards
-/// (`*.apps.example.com` and `*.eu.apps.example.com`) never collide.
-pub fn cookie_names(wildcard: &str) -> (String, String) {
+/// The name of the app-token cookie on hosts of `wildcard`; unique per
+/// domain so nested wildcards (`*.apps.example.com` and
+/// `*.eu.apps.example.com`) never read each other's.
+pub fn token_cookie_name(wildcard: &str) -> String {
     let h = &hex::encode(devmesh_shared::secret::sha256(wildcard.as_bytes()))[..8];
-    (
-        format!("devmesh_app_key_{h}"),
-        format!("devmesh_app_token_{h}"),
-    )
+    format!("devmesh_app_token_{h}")
 }
 
 /// Cookies authenticate an app request only when the browser sent it for
 /// this app itself, or for a top-level navigation to it: every app host
-/// shares one site, so another app's page (a script, a form, a WebSocket)
-/// must not ride on the user's cookies.
+/// shares one site, so another app's page (a script, a form, a WebSocket,
+/// an iframe) must not ride on the user's cookies. A navigation counts only
+/// when its destination is a document: a frame is not one.
 pub fn cookie_allowed(parts: &axum::http::request::Parts, host: &str) -> bool {
+    let fetch = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
     let navigation = parts.method == Method::GET
-        && parts
-            .headers
-            .get("sec-fetch-mode")
-            .and_then(|v| v.to_str().ok())
-            == Some("navigate")
+        && fetch("sec-fetch-mode") == Some("navigate")
+        && fetch("sec-fetch-dest").is_none_or(|d| d == "document")
         && parts.headers.get(header::UPGRADE).is_none();
     navigation || same_origin_request(&parts.headers, host)
+}
+
+/// Whether `name` is a cookie devmesh sets, on any of its domains: any
+/// name starting with `devmesh` (ASCII case ignored), bare or behind a
+/// `__Host-` or `__Secure-` prefix. Works on raw bytes, so no encoding
+/// trick hides a name.
+pub fn is_devmesh_cookie(name: &[u8]) -> bool {
+    let name = name.trim_ascii();
+    let has = |s: &[u8], p: &[u8]| s.len() >= p.len() && s[..p.len()].eq_ignore_ascii_case(p);
+    let bare = if has(name, b"__host-") {
+        &name[7..]
+    } else if has(name, b"__secure-") {
+        &name[9..]
+    } else {
+        name
+    };
+    has(bare, b"devmesh")
+}
+
+/// Removes every devmesh cookie from the request's `Cookie` headers,
+/// keeping the app's own cookies byte for byte.
+pub fn strip_devmesh_cookies(headers: &mut HeaderMap) {
+    let mut kept: Vec<u8> = Vec::new();
+    for value in headers.get_all(header::COOKIE) {
+        for pair in value.as_bytes().split(|&b| b == b';') {
+            let pair = pair.trim_ascii();
+            // A pair without `=` is a nameless cookie: its value is what
+            // browsers would show as the name.
+            let name = pair.split(|&b| b == b'=').next().unwrap_or_default();
+            if pair.is_empty() || is_devmesh_cookie(name) {
+                continue;
+            }
+            if !kept.is_empty() {
+                kept.extend_from_slice(b"; ");
+            }
+            kept.extend_from_slice(pair);
+        }
+    }
+    headers.remove(header::COOKIE);
+    if let Ok(v) = HeaderValue::from_bytes(&kept)
+        && !kept.is_empty()
+    {
+        headers.insert(header::COOKIE, v);
+    }
+}
+
+/// Whether an app may send this `Set-Cookie` to the browser: it must have a
+/// name (browsers store a nameless cookie under its value), made of visible
+/// ASCII, and the name must not be one of devmesh's.
+pub fn app_may_set_cookie(value: &[u8]) -> bool {
+    let first = value.split(|&b| b == b';').next().unwrap_or_default();
+    let Some(eq) = first.iter().position(|&b| b == b'=') else {
+        return false;
+    };
+    let name = first[..eq].trim_ascii();
+    !name.is_empty()
+        && name
+            .iter()
+            .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(b))
+        && !is_devmesh_cookie(name)
+}
+
+/// Removes the request headers that carry devmesh credentials or identity
+/// (`Devmesh-*`) and a bearer `Authorization` holding a devmesh key.
+pub fn strip_devmesh_headers(headers: &mut HeaderMap) {
+    let names: Vec<header::HeaderName> = headers
+        .keys()
+        .filter(|n| n.as_str().starts_with("devmesh-"))
+        .cloned()
+        .collect();
+    for n in names {
+        headers.remove(n);
+    }
+    if headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(bearer)
+        .is_some_and(|t| devmesh_shared::token::parse_api_key(t).is_some())
+    {
+        headers.remove(header::AUTHORIZATION);
+    }
 }
 
 /// A cookie's value.
@@ -343,31 +488,36 @@ pub fn sign_in(
         secure: scheme == "https",
     };
     resp.headers_mut().append(header::SET_COOKIE, set.header());
+    protect_page(&mut resp, scheme == "https");
     Ok(resp)
 }
 
-/// The answer to a browser back from signing in with its one-time key:
-/// the key becomes a cookie for the whole apps domain, the sign-in state
-/// cookie is spent, and the browser goes to the URL without the key.
+/// The path and query of `uri` without the grant, made safe to send a
+/// browser to on `host`: one leading slash (`//evil.example/` would be
+/// another site), no backslashes before the path proper.
+pub fn clean_return_path(uri: &Uri) -> String {
+    let pq = strip_query_param(uri, GRANT_PARAM);
+    format!("/{}", pq.trim_start_matches(['/', '\\']))
+}
+
+/// The answer to a browser back from signing in with its one-time grant:
+/// the app token becomes a cookie for this one app host, the sign-in state
+/// cookie is spent, and the browser goes on to the same host without the
+/// grant in the URL.
 pub fn signed_in_redirect(
     uri: &Uri,
-    wildcard: &str,
-    key_cookie: &str,
-    key: &str,
-    secure: bool,
+    scheme: &str,
+    host: &str,
+    token_cookie: &str,
+    token: &str,
 ) -> Response {
-    let set = SetCookie {
-        name: key_cookie,
-        value: key,
-        path: "/",
-        domain: Some(cookie_domain(wildcard)),
-        max_age: APP_KEY_LIFETIME_SECS,
-        same_site: "Lax",
-        secure,
-    };
-    let clean = strip_query_param(uri, KEY_PARAM);
-    let mut resp = axum::response::Redirect::to(&clean).into_response();
-    resp.headers_mut().append(header::SET_COOKIE, set.header());
+    let secure = scheme == "https";
+    let back = format!("{scheme}://{host}{}", clean_return_path(uri));
+    let mut resp = axum::response::Redirect::to(&back).into_response();
+    resp.headers_mut().append(
+        header::SET_COOKIE,
+        token_cookie_header(token_cookie, token, secure),
+    );
     let spent = SetCookie {
         name: STATE_COOKIE,
         value: "",
@@ -379,6 +529,7 @@ pub fn signed_in_redirect(
     };
     resp.headers_mut()
         .append(header::SET_COOKIE, spent.header());
+    protect_page(&mut resp, secure);
     resp
 }
 
@@ -396,13 +547,37 @@ pub fn token_cookie_header(name: &str, signed: &str, secure: bool) -> HeaderValu
     .header()
 }
 
+/// Headers every page devmesh itself serves carries: never framed (so no
+/// app can overlay a devmesh page, or a terminal, with the user's cookies),
+/// never sniffed, and HSTS when served over HTTPS.
+pub fn protect_page(resp: &mut Response, https: bool) {
+    let h = resp.headers_mut();
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    if !h.contains_key(header::CONTENT_SECURITY_POLICY) {
+        h.insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static("frame-ancestors 'none'"),
+        );
+    }
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    if https {
+        h.insert(
+            header::STRICT_TRANSPORT_SECURITY,
+            HeaderValue::from_static("max-age=31536000"),
+        );
+    }
+}
+
 // === Forwarding ===
 
 /// Sends the request down a tunnel stream (or over the mesh) and streams
-/// the response back. devmesh cookies and credentials never reach the app,
-/// forwarding headers are set by devmesh alone, upgrades are spliced, and
-/// the app cannot set devmesh cookies.
-#[allow(clippy::too_many_arguments)]
+/// the response back. No devmesh cookie (on any of its domains) and no
+/// devmesh credential header reaches the app, forwarding headers are set by
+/// devmesh alone, upgrades are spliced, and the app cannot set devmesh
+/// cookies.
 pub async fn forward(
     upstreams: &Arc<Pool>,
     relay: &Relay,
@@ -410,7 +585,6 @@ pub async fn forward(
     host: &str,
     scheme: &str,
     mut req: Request,
-    strip_cookies: &[&str],
     prefix: Option<&str>,
 ) -> Result<Response, AppError> {
     let client_ip = req
@@ -419,35 +593,8 @@ pub async fn forward(
         .map(|c| c.0.ip().to_string())
         .unwrap_or_default();
     let headers = req.headers_mut();
-    let cookies: Vec<String> = headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .map(str::trim)
-        .filter(|c| {
-            !c.is_empty()
-                && !strip_cookies
-                    .iter()
-                    .any(|n| c.starts_with(&format!("{n}=")))
-        })
-        .map(str::to_owned)
-        .collect();
-    headers.remove(header::COOKIE);
-    if !cookies.is_empty()
-        && let Ok(v) = HeaderValue::from_str(&cookies.join("; "))
-    {
-        headers.insert(header::COOKIE, v);
-    }
-    headers.remove(SESSION_HEADER);
-    if headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(bearer)
-        .is_some_and(|t| devmesh_shared::token::parse_api_key(t).is_some())
-    {
-        headers.remove(header::AUTHORIZATION);
-    }
+    strip_devmesh_cookies(headers);
+    strip_devmesh_headers(headers);
     // Forwarding headers are devmesh's to set, never the client's.
     for h in [
         "forwarded",
@@ -525,19 +672,13 @@ pub async fn forward(
             }
         });
     }
-    // An app must not plant devmesh cookies (say, its owner's key) in the
-    // user's browser for the whole apps domain.
+    // An app must not plant devmesh cookies (say, its owner's token) in the
+    // user's browser, nor cookies browsers would read another way.
     let kept: Vec<HeaderValue> = resp
         .headers()
         .get_all(header::SET_COOKIE)
         .iter()
-        .filter(|v| {
-            !v.to_str()
-                .unwrap_or_default()
-                .trim_start()
-                .to_ascii_lowercase()
-                .starts_with("devmesh")
-        })
+        .filter(|v| app_may_set_cookie(v.as_bytes()))
         .cloned()
         .collect();
     resp.headers_mut().remove(header::SET_COOKIE);
@@ -546,3 +687,6 @@ pub async fn forward(
     }
     Ok(resp.map(Body::new))
 }
+
+#[cfg(test)]
+mod tests;

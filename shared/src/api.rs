@@ -21,6 +21,11 @@ pub struct Error {
     /// Per-field problems with the request.
     #[serde(default)]
     pub validations: Vec<Validation>,
+    /// For app requests refused by the primary on an edge's behalf: which
+    /// refusal (`not_found`, `stopped`, …), so the edge shows the right
+    /// page without reading meaning back out of the HTTP status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub denial: Option<String>,
 }
 
 /// One field's problem.
@@ -1125,6 +1130,9 @@ pub struct EdgeAppAccessRequest {
     pub host: String,
     /// The user's API key or `application_connect` key.
     pub key: Option<String>,
+    /// An app token for this host, close to expiry, to renew.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
 }
 
 /// A yes to [`EdgeAppAccessRequest`]: a signed app token and where to find
@@ -1144,15 +1152,10 @@ pub struct EdgeAppAccess {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EdgeAppConnectRequest {
-    /// The sealed key from the URL.
+    /// The sealed one-time grant from the URL.
     pub sealed: String,
     /// The state cookie of the browser that brought it.
     pub state: String,
-}
-
-/// The opened key, to become the browser's apps-domain cookie.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct EdgeAppConnect {
-    /// An `application_connect` key.
-    pub key: String,
+    /// The app host it was brought to, with the port if not the default.
+    pub host: String,
 }

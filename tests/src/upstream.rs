@@ -131,18 +131,25 @@ async fn echo_get(req: Request) -> impl IntoResponse {
     }))
 }
 
-/// Tries to plant a devmesh cookie next to one of its own.
+/// Tries to plant devmesh cookies next to one of its own: plainly, behind a
+/// raw non-ASCII byte in an attribute (which once slipped past a filter
+/// that read headers as text), nameless, and under other spellings.
 async fn set_cookie() -> impl IntoResponse {
-    (
-        [
-            (
-                "set-cookie",
-                "devmesh_app_key_0000=planted; Domain=apps.localhost; Path=/",
-            ),
-            ("set-cookie", "theme=dark; Path=/"),
-        ],
-        "cookies set",
-    )
+    let mut resp = "cookies set".into_response();
+    for raw in [
+        b"devmesh_app_key_0000=planted; Domain=apps.localhost; Path=/".as_slice(),
+        b"devmesh_app_token_0000=planted; Domain=localhost; Path=/caf\xc3\xa9",
+        b"DEVMESH_SESSION_TOKEN=planted; Path=/",
+        b"__Host-devmesh_session_token=planted; Secure; Path=/",
+        b"devmesh_app_state_planted",
+        b"theme=dark; Path=/",
+    ] {
+        resp.headers_mut().append(
+            "set-cookie",
+            axum::http::HeaderValue::from_bytes(raw).expect("valid header bytes"),
+        );
+    }
+    resp
 }
 
 async fn echo_post(headers: HeaderMap, body: Body) -> impl IntoResponse {

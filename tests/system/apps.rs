@@ -524,7 +524,8 @@ async fn browsers_sign_in_through_the_auth_redirect_and_get_app_cookies() {
         .to_owned();
     assert_ne!(csrf, csrf_retry);
 
-    // 3. Sign in: back to the auth redirect, which hands out a sealed one-time key.
+    // 3. Sign in: back to the auth redirect, which hands out a sealed
+    // one-time grant for this one app host.
     let r = browser
         .post(format!("{}/login", w.primary.url))
         .form(&[
@@ -544,24 +545,15 @@ async fn browsers_sign_in_through_the_auth_redirect_and_get_app_cookies() {
     );
     let r = browser.get(&back).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::SEE_OTHER);
-    let with_key = r.headers()["location"].to_str().unwrap().to_owned();
+    let with_grant = r.headers()["location"].to_str().unwrap().to_owned();
     assert!(
-        with_key.starts_with(&app) && with_key.contains("devmesh_app_key="),
-        "{with_key}"
+        with_grant.starts_with(&app) && with_grant.contains("devmesh_app_grant="),
+        "{with_grant}"
     );
 
-    // 4. The app host turns it into a cookie and strips it from the URL.
-    let r = browser.get(&with_key).send().await.unwrap();
-    assert_eq!(r.status(), StatusCode::SEE_OTHER);
-    assert_eq!(r.headers()["location"], "/echo?from=browser");
-    let cookie = r.headers()["set-cookie"].to_str().unwrap().to_owned();
-    assert!(
-        cookie.contains("Domain=apps.localhost") && cookie.contains("HttpOnly"),
-        "{cookie}"
-    );
-
-    // The sealed key works only in the browser that started the sign-in
-    // (another browser lacks its state cookie), and only once.
+    // The grant works only in the browser that started the sign-in
+    // (another browser lacks its state cookie), only on its own host, and
+    // only once.
     let flow_state = url::Url::parse(&to_primary)
         .unwrap()
         .query_pairs()
@@ -569,15 +561,38 @@ async fn browsers_sign_in_through_the_auth_redirect_and_get_app_cookies() {
         .map(|(_, v)| v.into_owned())
         .expect("the redirect carries a state");
     let elsewhere = app_client(false)
-        .get(&with_key)
+        .get(&with_grant)
         .header("Accept", "text/html")
         .send()
         .await
         .unwrap();
     assert_eq!(elsewhere.status(), StatusCode::BAD_REQUEST);
     assert!(elsewhere.text().await.unwrap().contains("another browser"));
+    let other_host = with_grant.replacen("echo--dev--alice", "team--dev--alice", 1);
+    let moved = app_client(false)
+        .get(&other_host)
+        .header("Cookie", format!("devmesh_app_state={flow_state}"))
+        .header("Accept", "text/html")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(moved.status(), StatusCode::BAD_REQUEST);
+    assert!(moved.text().await.unwrap().contains("another app"));
+
+    // 4. The app host turns it into a token cookie for itself alone and
+    // strips it from the URL.
+    let r = browser.get(&with_grant).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    assert_eq!(r.headers()["location"], app);
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(
+        cookie.starts_with("devmesh_app_token_")
+            && cookie.contains("HttpOnly")
+            && !cookie.contains("Domain="),
+        "{cookie}"
+    );
     let replay = app_client(false)
-        .get(&with_key)
+        .get(&with_grant)
         .header("Cookie", format!("devmesh_app_state={flow_state}"))
         .header("Accept", "text/html")
         .send()
@@ -586,27 +601,44 @@ async fn browsers_sign_in_through_the_auth_redirect_and_get_app_cookies() {
     assert_eq!(replay.status(), StatusCode::BAD_REQUEST);
     assert!(replay.text().await.unwrap().contains("already used"));
 
-    // 5. The app works; no devmesh cookie reaches it; an app token cookie is set.
+    // 5. The app works; no devmesh cookie reaches it.
     let app_url: reqwest::Url = app.parse().unwrap();
     jar.add_cookie_str("theme=dark; Domain=apps.localhost; Path=/", &app_url);
     let r = browser.get(&app).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    assert!(
-        r.headers()["set-cookie"]
-            .to_str()
-            .unwrap()
-            .contains("devmesh_app_token_")
-    );
     let body: Value = r.json().await.unwrap();
     let cookies = body["headers"]["cookie"].as_str().unwrap_or_default();
     assert_eq!(cookies, "theme=dark", "only the app's own cookies reach it");
-    // Another app of the same user on the same apps domain needs no new sign-in.
-    let r = browser
-        .get(w.app_url("team--dev--alice", "/echo"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
+    // Another app of the same user takes a bounce through the primary, but
+    // no password: the dashboard session vouches for a grant for it.
+    let team = w.app_url("team--dev--alice", "/echo");
+    let mut url = team.clone();
+    let mut hops = 0;
+    let last = loop {
+        let r = browser
+            .get(&url)
+            .header("Accept", "text/html")
+            .send()
+            .await
+            .unwrap();
+        if r.status() != StatusCode::SEE_OTHER {
+            break r;
+        }
+        let next = r.headers()["location"].to_str().unwrap().to_owned();
+        assert!(
+            !next.contains("/login"),
+            "no second password prompt: {next}"
+        );
+        url = if next.starts_with('/') {
+            format!("{}{next}", w.primary.url)
+        } else {
+            next
+        };
+        hops += 1;
+        assert!(hops < 6, "too many redirects");
+    };
+    assert_eq!(last.status(), StatusCode::OK);
+    assert_eq!(url, team);
 
     // Suspending the user cuts their app access at once, app token and all.
     let (s, _) = w.owner.put("/users/alice/status/suspend").await;
@@ -1013,22 +1045,23 @@ async fn script_logs_stop_at_one_mebibyte_with_an_overflow_flag() {
 #[tokio::test]
 async fn cookies_never_ride_cross_site_requests_and_apps_cannot_plant_them() {
     let w = World::start().await;
-    let (_, key) = w
-        .alice
-        .post("/users/me/keys", json!({"scope": "application_connect"}))
-        .await;
-    let key = key["key"].as_str().unwrap().to_owned();
-    let key_cookie = {
-        use sha2::Digest;
-        format!(
-            "devmesh_app_key_{}",
-            &hex::encode(sha2::Sha256::digest(b"*.apps.localhost"))[..8]
-        )
+    // An app token cookie for one host, as a browser would hold it after
+    // signing in (a request with a key hands one out too).
+    let token_cookie = |label: &'static str| {
+        let w = &w;
+        async move {
+            let r = w.get(Some(&w.alice), label, "/echo").await;
+            assert_eq!(r.status(), StatusCode::OK);
+            let set = r.headers()["set-cookie"].to_str().unwrap().to_owned();
+            assert!(set.starts_with("devmesh_app_token_"), "{set}");
+            set.split(';').next().unwrap().to_owned()
+        }
     };
+    let echo_cookie = token_cookie("echo--dev--alice").await;
     let get = |label: &str, path: &str, headers: Vec<(&'static str, String)>| {
         let mut req = app_client(false)
             .get(w.app_url(label, path))
-            .header("Cookie", format!("{key_cookie}={key}"));
+            .header("Cookie", echo_cookie.clone());
         for (k, v) in headers {
             req = req.header(k, v);
         }
@@ -1043,18 +1076,29 @@ async fn cookies_never_ride_cross_site_requests_and_apps_cannot_plant_them() {
             .status(),
         StatusCode::OK
     );
-    let nav = vec![
-        ("sec-fetch-site", "same-site".to_owned()),
-        ("sec-fetch-mode", "navigate".to_owned()),
-    ];
+    let nav = |dest: &str| {
+        vec![
+            ("sec-fetch-site", "same-site".to_owned()),
+            ("sec-fetch-mode", "navigate".to_owned()),
+            ("sec-fetch-dest", dest.to_owned()),
+        ]
+    };
     assert_eq!(
-        get("echo--dev--alice", "/echo", nav)
+        get("echo--dev--alice", "/echo", nav("document"))
             .await
             .unwrap()
             .status(),
         StatusCode::OK
     );
-    // …but not for another app's script (fetch, form post, WebSocket).
+    // …but not for another app's frame around it, nor another app's script
+    // (fetch, form post, WebSocket).
+    assert_eq!(
+        get("echo--dev--alice", "/echo", nav("iframe"))
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::UNAUTHORIZED
+    );
     let cors = vec![
         ("sec-fetch-site", "same-site".to_owned()),
         ("sec-fetch-mode", "cors".to_owned()),
@@ -1072,6 +1116,14 @@ async fn cookies_never_ride_cross_site_requests_and_apps_cannot_plant_them() {
     )];
     assert_eq!(
         get("echo--dev--alice", "/echo", evil_origin)
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::UNAUTHORIZED
+    );
+    // A token cookie is good for its own host only.
+    assert_eq!(
+        get("team--dev--alice", "/echo", same())
             .await
             .unwrap()
             .status(),
@@ -1099,19 +1151,24 @@ async fn cookies_never_ride_cross_site_requests_and_apps_cannot_plant_them() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
 
-    // An app cannot plant devmesh cookies; its own cookies pass.
+    // An app cannot plant devmesh cookies, however spelt; its own pass.
     let r = get("pub--dev--alice", "/set-cookie", same()).await.unwrap();
-    let set: Vec<String> = r
+    let set: Vec<&[u8]> = r
         .headers()
         .get_all("set-cookie")
         .iter()
-        .map(|v| v.to_str().unwrap().to_owned())
+        .map(|v| v.as_bytes())
         .collect();
-    assert!(set.iter().any(|c| c.starts_with("theme=dark")), "{set:?}");
-    assert!(!set.iter().any(|c| c.contains("planted")), "{set:?}");
+    assert!(set.iter().any(|c| c.starts_with(b"theme=dark")), "{set:?}");
+    assert!(
+        !set.iter()
+            .any(|c| c.windows(7).any(|w| w == b"planted")
+                || c.windows(10).any(|w| w == b"app_state_")),
+        "{set:?}"
+    );
 
     // Devmesh keys never reach the app, whatever the case of "Bearer"; the
-    // app's own bearer tokens do, and the key cookie still signs the user in.
+    // app's own bearer tokens do, and the token cookie still signs the user in.
     let r = app_client(false)
         .get(w.app_url("team--dev--alice", "/echo"))
         .header("authorization", format!("bearer {session}"))

@@ -1,18 +1,17 @@
 //! Workspace apps and dev URLs on the primary's wildcard domain.
 //!
 //! A request to `<slug|port>--[agent--]<workspace>--<user>.<apps domain>`
-//! goes through named phases: parse the host → exchange a one-time key from
-//! the auth redirect → resolve the route in the database → authenticate
-//! (app token cookie, session header or bearer key, app-domain key cookie,
-//! or anonymous for public apps) → authorise against the sharing level →
-//! open a stream to the agent → forward.
+//! goes through named phases: parse the host → redeem a one-time grant from
+//! the auth redirect → credentials (app token cookie for this host, session
+//! header or bearer key, or none for public apps) → decide against the
+//! database and the sharing level → open a stream to the agent → forward.
 //!
-//! The apps domain never sees the dashboard's session cookie. Browsers
-//! without credentials are sent to `/api/v2/applications/auth-redirect` on
-//! the primary, which (after login) returns them with a short-lived, sealed,
-//! single-use `application_connect` key; it becomes a cookie on the apps
-//! domain, and each app host then gets its own Ed25519 app token cookie that
-//! later requests verify locally.
+//! The apps domain never sees a devmesh key. Browsers without a token for
+//! the host are sent to `/api/v2/applications/auth-redirect` on the
+//! primary, which (after login, and only if the user may open that app)
+//! returns them with a short-lived, sealed, single-use grant bound to that
+//! one host and to the state cookie the host set; the host redeems it for
+//! an Ed25519 app token cookie valid on that host alone.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -31,20 +30,18 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use devmesh_proxy::app::{
-    AppError, KEY_PARAM, SESSION_COOKIE, STATE_COOKIE, Target, cookie, cookie_allowed,
-    cookie_names, header_key, html_escape, query_param, signed_in_redirect, token_cookie_header,
-    wants_html,
+    APP_TOKEN_RENEW_SECS, AppError, GRANT_PARAM, STATE_COOKIE, Target, cookie, cookie_allowed,
+    header_key, html_escape, protect_page, query_param, request_host, signed_in_redirect,
+    token_cookie_header, token_cookie_name, wants_html,
 };
 
 use super::error::ApiResult;
 use super::extract::{ApiQuery, request_token};
 use super::{AppState, SetCookie};
+use crate::auth::Principal;
 
-/// How long the sealed key in the redirect is accepted.
+/// How long the sealed grant in the redirect is accepted.
 const SEALED_LIFETIME_SECS: i64 = 60;
-/// Lifetime of the `application_connect` key behind the apps-domain cookie.
-const APP_KEY_LIFETIME: chrono::Duration =
-    chrono::Duration::seconds(devmesh_proxy::app::APP_KEY_LIFETIME_SECS);
 /// Lifetime of an app token.
 const APP_TOKEN_LIFETIME: chrono::Duration =
     chrono::Duration::seconds(devmesh_proxy::app::APP_TOKEN_LIFETIME_SECS);
@@ -58,25 +55,29 @@ pub(crate) async fn route_apps(
     req: Request,
     next: Next,
 ) -> Response {
+    let https = state.config.secure_cookies();
+    let host = match request_host(&req) {
+        Ok(h) => h,
+        Err(e) => return e.respond(wants_html(req.headers())),
+    };
     // Path apps live on the dashboard origin under /@user/...; the router
     // cannot match a parameter that shares a segment with "@".
-    let host = devmesh_proxy::app::request_host(&req);
-    let on_apps_domain = state
+    let label = state
         .config
         .wildcard_access_url
         .as_deref()
-        .is_some_and(|w| wildcard_label(&host, w).is_some());
-    if !on_apps_domain && req.uri().path().starts_with("/@") {
-        use axum::extract::FromRequestParts;
-        let (mut parts, body) = req.into_parts();
-        let auth = super::extract::Authed::from_request_parts(&mut parts, &state).await;
-        return path_app(State(state), auth, Request::from_parts(parts, body)).await;
-    }
-    let Some(wildcard) = state.config.wildcard_access_url.clone() else {
-        return next.run(req).await;
-    };
-    let Some(label) = wildcard_label(&host, &wildcard) else {
-        return next.run(req).await;
+        .and_then(|w| wildcard_label(&host, w));
+    let Some(label) = label else {
+        if req.uri().path().starts_with("/@") {
+            use axum::extract::FromRequestParts;
+            let (mut parts, body) = req.into_parts();
+            let auth = super::extract::Authed::from_request_parts(&mut parts, &state).await;
+            return path_app(State(state), auth, Request::from_parts(parts, body)).await;
+        }
+        // devmesh's own pages and API: never framed, HSTS over HTTPS.
+        let mut resp = next.run(req).await;
+        protect_page(&mut resp, https);
+        return resp;
     };
     let html = wants_html(req.headers());
     let Some(app) = parse_label(label) else {
@@ -134,7 +135,6 @@ async fn resolve_uncached(
     path_app: bool,
 ) -> Result<Route, AppError> {
     let not_found = || AppError::NotFound("No such app, workspace or user.".into());
-    let db_err = |e: sqlx::Error| AppError::BadGateway(format!("database: {e}"));
     let row: Option<RouteRow> = sqlx::query_as(
         "SELECT w.id AS workspace_id, w.owner_id, lb.transition, g.id AS agent_id,
                 (SELECT count(*) FROM workspace_agents c WHERE c.build_id = lb.id) AS agents
@@ -151,7 +151,7 @@ async fn resolve_uncached(
     .bind(&app.agent)
     .fetch_optional(&state.db)
     .await
-    .map_err(db_err)?;
+    .map_err(db_unavailable)?;
     let row = row.ok_or_else(not_found)?;
     if row.transition != "start" {
         return Err(AppError::Stopped);
@@ -172,7 +172,7 @@ async fn resolve_uncached(
             .bind(!path_app)
             .fetch_optional(&state.db)
             .await
-            .map_err(db_err)?;
+            .map_err(db_unavailable)?;
             let (url, level) = app_row.ok_or_else(not_found)?;
             let (port, https, path) = super::templates::upstream(&url).ok_or_else(not_found)?;
             (port, https, path, SharingLevel::from_stored(&level))
@@ -186,7 +186,7 @@ async fn resolve_uncached(
             .bind(i32::from(*port))
             .fetch_optional(&state.db)
             .await
-            .map_err(db_err)?;
+            .map_err(db_unavailable)?;
             (
                 *port,
                 *https,
@@ -208,57 +208,81 @@ async fn resolve_uncached(
     })
 }
 
-// === Serving ===
-
-#[derive(Serialize, Deserialize)]
-struct SealedKey {
-    key: String,
-    exp: i64,
-    nonce: String,
-    /// The state the app host gave the browser that started the sign-in;
-    /// the sealed key is only accepted by that browser.
-    #[serde(default)]
-    state: String,
+/// A database failure while deciding: logged here, never shown.
+fn db_unavailable(e: sqlx::Error) -> AppError {
+    tracing::warn!(error = %e, "cannot decide an app request: database error");
+    AppError::Unavailable
 }
 
-/// Opens a sealed one-time key brought back by the browser holding
-/// `state_cookie`, accepting each key once.
-async fn open_sealed_key(
+// === Serving ===
+
+/// What the auth redirect seals into the URL back to an app host: who
+/// signed in (and with which dashboard key, so the grant dies with it),
+/// for which one host, for which browser (the state its host-only cookie
+/// holds), once.
+#[derive(Serialize, Deserialize)]
+struct SealedGrant {
+    user_id: Uuid,
+    key_id: String,
+    host: String,
+    state: String,
+    nonce: String,
+    exp: i64,
+}
+
+/// Redeems a sealed grant brought back to `host` by the browser holding
+/// `state_cookie`: each grant works once, on its own host, in its own
+/// browser, while its key is valid and its user may still open the app.
+/// Returns the app token for that host, signed.
+async fn redeem_grant(
     state: &AppState,
     sealed: &str,
     state_cookie: Option<&str>,
-) -> Result<String, AppError> {
+    host: &str,
+    app: &AppHost,
+) -> Result<(AppToken, String), AppError> {
+    let bad = |why: &str| AppError::BadRequest(format!("{why} Open the app again."));
     let opened = state
         .sealer
         .open(sealed)
-        .and_then(|p| serde_json::from_slice::<SealedKey>(&p).ok());
-    let Some(k) = opened.filter(|k| k.exp >= Utc::now().timestamp()) else {
-        return Err(AppError::BadRequest(
-            "The sign-in link is invalid or has expired; open the app again.".into(),
-        ));
+        .and_then(|p| serde_json::from_slice::<SealedGrant>(&p).ok());
+    let Some(g) = opened.filter(|g| g.exp >= Utc::now().timestamp()) else {
+        return Err(bad("The sign-in link is invalid or has expired."));
     };
+    if !g.host.eq_ignore_ascii_case(host) {
+        return Err(bad("The sign-in link was made for another app."));
+    }
     // Someone else's sign-in link (a "login CSRF") is refused: this
     // browser must hold the state it was given when it was sent away.
     let started_here = state_cookie
-        .is_some_and(|c| !k.state.is_empty() && constant_time_eq(c.as_bytes(), k.state.as_bytes()));
+        .is_some_and(|c| !g.state.is_empty() && constant_time_eq(c.as_bytes(), g.state.as_bytes()));
     if !started_here {
-        return Err(AppError::BadRequest(
-            "This sign-in link was started in another browser; open the app again.".into(),
-        ));
+        return Err(bad("This sign-in link was started in another browser."));
     }
-    // Atomic check-and-record: of two concurrent uses, one wins.
-    if !state
-        .used_nonces
-        .entry(k.nonce)
-        .or_insert(())
-        .await
-        .is_fresh()
-    {
-        return Err(AppError::BadRequest(
-            "The sign-in link was already used; open the app again.".into(),
-        ));
+    // Spent once across every replica: of two concurrent uses, one wins.
+    let fresh = sqlx::query(
+        "WITH old AS (DELETE FROM app_grant_uses WHERE expires_at < now())
+         INSERT INTO app_grant_uses (nonce, expires_at) VALUES ($1, to_timestamp($2))
+         ON CONFLICT (nonce) DO NOTHING",
+    )
+    .bind(&g.nonce)
+    .bind(g.exp as f64 + 60.0)
+    .execute(&state.db)
+    .await
+    .map_err(db_unavailable)?
+    .rows_affected()
+        == 1;
+    if !fresh {
+        return Err(bad("The sign-in link was already used."));
     }
-    Ok(k.key)
+    let principal = match state.keys.validate_id(&g.key_id).await {
+        Ok(Ok(p)) if p.user_id == g.user_id => p,
+        Ok(_) => return Err(AppError::Unauthenticated),
+        Err(e) => return Err(db_unavailable(e)),
+    };
+    let (_, claims) = decide(state, host, app, Some(&principal), true).await?;
+    let signed = state.signer.sign(&claims);
+    Ok((claims, signed))
 }
 
 /// Whether an app token was revoked after it was minted (its user signed
@@ -278,13 +302,25 @@ async fn token_revoked(state: &AppState, t: &AppToken) -> bool {
     cut(state.revoked_workspaces.get(&t.workspace_id).await)
 }
 
-/// The decision for a caller with `key` (or none) on an app host: the
-/// route, and a fresh app token when access is allowed.
+/// The principal behind a key; an invalid, expired or suspended key counts
+/// as no credentials at all, so refusals tell nothing about keys.
+async fn principal_for_key(state: &AppState, key: &str) -> Result<Option<Principal>, AppError> {
+    match state.keys.validate(key).await {
+        Ok(Ok(p)) => Ok(Some(p)),
+        Ok(Err(_)) => Ok(None),
+        Err(e) => Err(db_unavailable(e)),
+    }
+}
+
+/// The decision for `principal` (or anyone) on an app host: the route,
+/// and a fresh app token when access is allowed. `credentialed` callers
+/// (who hold a token or a valid key for the host) learn why they are
+/// refused; others only that they must sign in.
 async fn decide(
     state: &AppState,
     host: &str,
     app: &AppHost,
-    key: Option<&str>,
+    principal: Option<&Principal>,
     credentialed: bool,
 ) -> Result<(Route, AppToken), AppError> {
     // Callers without any credentials learn nothing about which users,
@@ -293,21 +329,13 @@ async fn decide(
     let route = match resolve(state, app, false).await {
         Ok(route) => route,
         Err(AppError::NotFound(_) | AppError::Stopped | AppError::AgentNotConnected)
-            if key.is_none() && !credentialed =>
+            if principal.is_none() && !credentialed =>
         {
             return Err(AppError::Unauthenticated);
         }
         Err(e) => return Err(e),
     };
-    let principal = match key {
-        Some(token) => match state.keys.validate(token).await {
-            Ok(Ok(p)) => Some(p),
-            Ok(Err(_)) => None,
-            Err(e) => return Err(AppError::BadGateway(format!("database: {e}"))),
-        },
-        None => None,
-    };
-    let user = principal.as_ref().map(|p| p.user_id);
+    let user = principal.map(|p| p.user_id);
     let allowed = match route.level {
         SharingLevel::Public => true,
         SharingLevel::Authenticated => user.is_some(),
@@ -328,7 +356,7 @@ async fn decide(
         target: app.target.clone(),
         host: host.to_owned(),
         sharing_level: route.level,
-        key_id: principal.map(|p| p.key_id),
+        key_id: principal.map(|p| p.key_id.clone()),
         port: route.port,
         https: route.https,
         base_path: route.base_path.clone(),
@@ -336,6 +364,43 @@ async fn decide(
         exp: now.timestamp() + APP_TOKEN_LIFETIME.num_seconds(),
     };
     Ok((route, token))
+}
+
+/// A fresh token for the holder of `old` (valid and unrevoked), as long as
+/// the key it came from still works and the app is still theirs to open.
+async fn renew(
+    state: &AppState,
+    host: &str,
+    app: &AppHost,
+    old: &AppToken,
+) -> Result<AppToken, AppError> {
+    let principal = match &old.key_id {
+        Some(id) => match state.keys.validate_id(id).await {
+            Ok(Ok(p)) if Some(p.user_id) == old.user_id => Some(p),
+            Ok(_) => return Err(AppError::Unauthenticated),
+            Err(e) => return Err(db_unavailable(e)),
+        },
+        None => None,
+    };
+    decide(state, host, app, principal.as_ref(), true)
+        .await
+        .map(|(_, t)| t)
+}
+
+/// The app token cookie's claims, if it is valid for this host and target
+/// and the request may use cookies at all.
+fn token_from_cookie(
+    state: &AppState,
+    head: &axum::http::request::Parts,
+    host: &str,
+    app: &AppHost,
+    token_cookie: &str,
+) -> Option<AppToken> {
+    let now = Utc::now().timestamp();
+    cookie(&head.headers, token_cookie)
+        .filter(|_| cookie_allowed(head, host))
+        .and_then(|t| state.signer.verifier().verify::<AppToken>(t, now).ok())
+        .filter(|t| t.host == host && t.target == app.target)
 }
 
 async fn serve(
@@ -349,43 +414,46 @@ async fn serve(
         .wildcard_access_url
         .as_deref()
         .unwrap_or_default();
-    let (key_cookie, token_cookie) = cookie_names(wildcard);
+    let token_cookie = token_cookie_name(wildcard);
     let scheme = if state.config.secure_cookies() {
         "https"
     } else {
         "http"
     };
     let (head, body) = req.into_parts();
-    let secure = scheme == "https";
 
-    // Phase: the browser comes back from the auth redirect with a sealed key.
-    if let Some(sealed) = query_param(&head.uri, KEY_PARAM) {
-        let key = open_sealed_key(state, &sealed, cookie(&head.headers, STATE_COOKIE)).await?;
+    // Phase: the browser comes back from the auth redirect with a grant.
+    if let Some(sealed) = query_param(&head.uri, GRANT_PARAM) {
+        let (_, signed) = redeem_grant(
+            state,
+            &sealed,
+            cookie(&head.headers, STATE_COOKIE),
+            host,
+            &app,
+        )
+        .await?;
         return Ok(signed_in_redirect(
             &head.uri,
-            wildcard,
-            &key_cookie,
-            &key,
-            secure,
+            scheme,
+            host,
+            &token_cookie,
+            &signed,
         ));
     }
 
-    // Phase: authenticate. An app token for this host and route is enough.
-    let ambient_ok = cookie_allowed(&head, host);
-    let now = Utc::now().timestamp();
-    let verified = cookie(&head.headers, &token_cookie)
-        .filter(|_| ambient_ok)
-        .and_then(|t| state.signer.verifier().verify::<AppToken>(t, now).ok())
-        .filter(|t| t.host == host && t.target == app.target);
+    // Phase: credentials. An app token for this host and route is enough.
+    let verified = token_from_cookie(state, &head, host, &app, &token_cookie);
     // A revoked token still shows its holder why (say, a stopped workspace).
     let credentialed = verified.is_some();
-    let mut token_ok = None;
+    let mut live = None;
     if let Some(t) = verified
         && !token_revoked(state, &t).await
     {
-        token_ok = Some(t);
+        live = Some(t);
     }
-    let (route, new_token) = match token_ok {
+
+    // Phase: decide.
+    let (route, new_token) = match live {
         Some(t) => {
             // The token proves who; the route (checked every second) proves
             // the workspace still runs with the same agent and sharing.
@@ -393,17 +461,21 @@ async fn serve(
             if route.agent_id != t.agent_id || route.level != t.sharing_level {
                 return sign_in(state, scheme, host, &head);
             }
-            (route, None)
+            let renewed = if t.exp - Utc::now().timestamp() < APP_TOKEN_RENEW_SECS {
+                renew(state, host, &app, &t).await.ok()
+            } else {
+                None
+            };
+            (route, renewed)
         }
         None => {
             // A header that is not a devmesh key belongs to the app (its
-            // own bearer tokens): fall back to the key cookie.
-            let key = header_key(&head.headers).or_else(|| {
-                ambient_ok
-                    .then(|| cookie(&head.headers, &key_cookie).map(str::to_owned))
-                    .flatten()
-            });
-            match decide(state, host, &app, key.as_deref(), credentialed).await {
+            // own bearer tokens).
+            let principal = match header_key(&head.headers) {
+                Some(k) => principal_for_key(state, &k).await?,
+                None => None,
+            };
+            match decide(state, host, &app, principal.as_ref(), credentialed).await {
                 Ok((route, token)) => (route, Some(token)),
                 Err(AppError::Unauthenticated) => return sign_in(state, scheme, host, &head),
                 Err(e) => return Err(e),
@@ -418,7 +490,6 @@ async fn serve(
         host,
         scheme,
         Request::from_parts(head, body),
-        &[key_cookie.as_str(), token_cookie.as_str(), SESSION_COOKIE],
         None,
     )
     .await?;
@@ -426,7 +497,7 @@ async fn serve(
         let signed = state.signer.sign(&t);
         resp.headers_mut().append(
             header::SET_COOKIE,
-            token_cookie_header(&token_cookie, &signed, secure),
+            token_cookie_header(&token_cookie, &signed, scheme == "https"),
         );
     }
     Ok(resp)
@@ -434,9 +505,50 @@ async fn serve(
 
 // === For edges (`/api/v2/edges/me/app-*`) ===
 
+/// The app host of one of `edge`'s domains, parsed.
+async fn edge_app_host(
+    state: &AppState,
+    edge: &super::edges::EdgeAuth,
+    host: &str,
+) -> Result<AppHost, Response> {
+    let wildcards = super::edges::edge_wildcards(state, edge.id)
+        .await
+        .map_err(IntoResponse::into_response)?;
+    wildcards
+        .iter()
+        .find_map(|w| wildcard_label(host, w))
+        .and_then(parse_label)
+        .ok_or_else(|| {
+            AppError::NotFound("The host is not an app address of this edge.".into()).respond(false)
+        })
+}
+
+/// An edge's decision as JSON: the signed token and where the agent is.
+async fn edge_access_response(state: &AppState, route: &Route, claims: AppToken) -> Response {
+    // Events may trail the database by a moment: ask it when the agent is
+    // not located yet.
+    let location = if state.relay.is_attached(route.agent_id) {
+        Some(state.relay.advertised().clone())
+    } else if let Some(l) = state.locations.get(route.agent_id) {
+        Some(l)
+    } else {
+        crate::events::agent_location(&state.db, route.agent_id)
+            .await
+            .ok()
+            .flatten()
+    };
+    axum::Json(devmesh_shared::api::EdgeAppAccess {
+        token: state.signer.sign(&claims),
+        claims,
+        location,
+    })
+    .into_response()
+}
+
 /// `POST /api/v2/edges/me/app-access`: the edge asks whether the holder of
-/// a key (or anyone) may open an app on one of its hosts, and gets a signed
-/// app token to verify locally from then on.
+/// a key (or anyone) may open an app on one of its hosts, or renews an app
+/// token near its expiry, and gets a signed app token to verify locally
+/// from then on.
 pub(super) async fn edge_app_access(
     State(state): State<AppState>,
     edge: super::edges::EdgeAuth,
@@ -445,54 +557,62 @@ pub(super) async fn edge_app_access(
     >,
 ) -> Response {
     let host = req.host.to_ascii_lowercase();
-    let wildcards = match super::edges::edge_wildcards(&state, edge.id).await {
-        Ok(w) => w,
-        Err(e) => return e.into_response(),
+    let app = match edge_app_host(&state, &edge, &host).await {
+        Ok(app) => app,
+        Err(resp) => return resp,
     };
-    let Some(app) = wildcards
-        .iter()
-        .find_map(|w| wildcard_label(&host, w))
-        .and_then(parse_label)
-    else {
-        return AppError::NotFound("The host is not an app address of this edge.".into())
-            .respond(false);
-    };
-    match decide(&state, &host, &app, req.key.as_deref(), false).await {
-        Ok((route, claims)) => {
-            // Events may trail the database by a moment: ask it when the
-            // agent is not located yet.
-            let location = if state.relay.is_attached(route.agent_id) {
-                Some(state.relay.advertised().clone())
-            } else if let Some(l) = state.locations.get(route.agent_id) {
-                Some(l)
-            } else {
-                crate::events::agent_location(&state.db, route.agent_id)
-                    .await
-                    .ok()
-                    .flatten()
-            };
-            axum::Json(devmesh_shared::api::EdgeAppAccess {
-                token: state.signer.sign(&claims),
-                claims,
-                location,
-            })
-            .into_response()
+    let decided = if let Some(old) = &req.token {
+        let now = Utc::now().timestamp();
+        match state.signer.verifier().verify::<AppToken>(old, now) {
+            Ok(t)
+                if t.host == host && t.target == app.target && !token_revoked(&state, &t).await =>
+            {
+                match renew(&state, &host, &app, &t).await {
+                    Ok(claims) => match resolve(&state, &app, false).await {
+                        Ok(route) => Ok((route, claims)),
+                        Err(e) => Err(e),
+                    },
+                    Err(e) => Err(e),
+                }
+            }
+            _ => Err(AppError::Unauthenticated),
         }
+    } else {
+        let principal = match &req.key {
+            Some(k) => principal_for_key(&state, k).await,
+            None => Ok(None),
+        };
+        match principal {
+            Ok(p) => decide(&state, &host, &app, p.as_ref(), false).await,
+            Err(e) => Err(e),
+        }
+    };
+    match decided {
+        Ok((route, claims)) => edge_access_response(&state, &route, claims).await,
         Err(e) => e.respond(false),
     }
 }
 
-/// `POST /api/v2/edges/me/app-connect`: opens the sealed one-time key a
-/// browser brought back to an edge's app host.
+/// `POST /api/v2/edges/me/app-connect`: redeems the sealed one-time grant
+/// a browser brought back to one of the edge's app hosts, for an app token
+/// on that host.
 pub(super) async fn edge_app_connect(
     State(state): State<AppState>,
-    _edge: super::edges::EdgeAuth,
+    edge: super::edges::EdgeAuth,
     super::extract::ApiJson(req): super::extract::ApiJson<
         devmesh_shared::api::EdgeAppConnectRequest,
     >,
 ) -> Response {
-    match open_sealed_key(&state, &req.sealed, Some(&req.state)).await {
-        Ok(key) => axum::Json(devmesh_shared::api::EdgeAppConnect { key }).into_response(),
+    let host = req.host.to_ascii_lowercase();
+    let app = match edge_app_host(&state, &edge, &host).await {
+        Ok(app) => app,
+        Err(resp) => return resp,
+    };
+    match redeem_grant(&state, &req.sealed, Some(&req.state), &host, &app).await {
+        Ok((claims, _)) => match resolve(&state, &app, false).await {
+            Ok(route) => edge_access_response(&state, &route, claims).await,
+            Err(e) => e.respond(false),
+        },
         Err(e) => e.respond(false),
     }
 }
@@ -515,7 +635,6 @@ async fn forward(
     host: &str,
     scheme: &str,
     req: Request,
-    strip_cookies: &[&str],
     prefix: Option<&str>,
 ) -> Result<Response, AppError> {
     // Events may trail the database by a moment: locate an agent that is
@@ -542,7 +661,6 @@ async fn forward(
         host,
         scheme,
         req,
-        strip_cookies,
         prefix,
     )
     .await
@@ -630,17 +748,7 @@ pub(super) async fn path_app(
     } else {
         "http"
     };
-    match forward(
-        &state,
-        &route,
-        &host,
-        scheme,
-        req,
-        &[SESSION_COOKIE],
-        Some(&prefix),
-    )
-    .await
-    {
+    match forward(&state, &route, &host, scheme, req, Some(&prefix)).await {
         Ok(r) => r,
         Err(e) => e.respond(html),
     }
@@ -658,15 +766,22 @@ pub(super) async fn auth_redirect(
     let target = q
         .get("redirect_uri")
         .ok_or_else(|| bad("redirect_uri is required"))?;
+    let flow = q
+        .get("state")
+        .filter(|s| (16..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric()))
+        .ok_or_else(|| bad("state is required: open the app again"))?;
     let url = url::Url::parse(target).map_err(|_| bad("redirect_uri is not a URL"))?;
-    let host = url.host_str().unwrap_or_default();
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(bad("redirect_uri is not an app on this deployment"));
+    }
+    let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
     let host_port = match url.port() {
         Some(p) => format!("{host}:{p}"),
-        None => host.to_owned(),
+        None => host.clone(),
     };
     // Only app hosts of this deployment (the primary's apps domain or an
     // edge's): never an open redirect. Same scheme and port as the one
-    // serving that domain: a sealed key never travels in cleartext from an
+    // serving that domain: a grant never travels in cleartext from an
     // HTTPS deployment, nor to another service's port.
     let mut domains: Vec<(String, String)> = state
         .config
@@ -688,21 +803,22 @@ pub(super) async fn auth_redirect(
                 .map(|w| (w, access.clone())),
         );
     }
-    let label_ok = domains.iter().any(|(wildcard, access)| {
-        url::Url::parse(access).is_ok_and(|own| {
+    let app = domains.iter().find_map(|(wildcard, access)| {
+        let same_origin_kind = url::Url::parse(access).is_ok_and(|own| {
             url.scheme() == own.scheme()
                 && url.port_or_known_default() == own.port_or_known_default()
-        }) && wildcard_label(&host_port, wildcard)
-            .and_then(parse_label)
-            .is_some()
+        });
+        same_origin_kind
+            .then(|| wildcard_label(&host_port, wildcard).and_then(parse_label))
+            .flatten()
     });
-    if !label_ok {
+    let Some(app) = app else {
         return Err(bad("redirect_uri is not an app on this deployment"));
-    }
+    };
     let session = {
         let (mut parts, _) = Request::new(Body::empty()).into_parts();
         parts.headers = headers;
-        request_token(&parts)
+        request_token(&parts, state.config.secure_cookies())
     };
     let principal = match session {
         Some(t) => state.keys.validate(&t).await?.ok(),
@@ -713,10 +829,9 @@ pub(super) async fn auth_redirect(
         let mut login = url::Url::parse("http://placeholder/login").map_err(|_| bad("url"))?;
         let mut back = url::Url::parse("http://placeholder/api/v2/applications/auth-redirect")
             .map_err(|_| bad("url"))?;
-        back.query_pairs_mut().append_pair("redirect_uri", target);
-        if let Some(flow) = q.get("state") {
-            back.query_pairs_mut().append_pair("state", flow);
-        }
+        back.query_pairs_mut()
+            .append_pair("redirect_uri", target)
+            .append_pair("state", flow);
         login.query_pairs_mut().append_pair(
             "redirect",
             &format!("{}?{}", back.path(), back.query().unwrap_or_default()),
@@ -725,26 +840,24 @@ pub(super) async fn auth_redirect(
             Redirect::to(&format!("/login?{}", login.query().unwrap_or_default())).into_response(),
         );
     };
-    let key = crate::auth::issue_key(
-        &state.db,
-        principal.user_id,
-        "app-connect",
-        "token",
-        devmesh_shared::api::KeyScope::ApplicationConnect,
-        Utc::now() + APP_KEY_LIFETIME,
-    )
-    .await?;
+    // A grant only for an app this user may open: no page can collect
+    // grants for hosts its user has no business with.
+    if let Err(e) = decide(&state, &host_port, &app, Some(&principal), true).await {
+        return Ok(e.respond(true));
+    }
     let sealed = state.sealer.seal(
-        &serde_json::to_vec(&SealedKey {
-            key: key.token.expose().to_owned(),
+        &serde_json::to_vec(&SealedGrant {
+            user_id: principal.user_id,
+            key_id: principal.key_id.clone(),
+            host: host_port,
+            state: flow.clone(),
+            nonce: random_alphanumeric(24),
             exp: Utc::now().timestamp() + SEALED_LIFETIME_SECS,
-            nonce: random_alphanumeric(16),
-            state: q.get("state").cloned().unwrap_or_default(),
         })
         .map_err(anyhow::Error::from)?,
     );
     let mut back = url;
-    back.query_pairs_mut().append_pair(KEY_PARAM, &sealed);
+    back.query_pairs_mut().append_pair(GRANT_PARAM, &sealed);
     Ok(Redirect::to(back.as_str()).into_response())
 }
 
@@ -880,13 +993,5 @@ pub(crate) fn route_cache() -> moka::future::Cache<String, Route> {
     moka::future::Cache::builder()
         .time_to_live(Duration::from_secs(1))
         .max_capacity(100_000)
-        .build()
-}
-
-/// Keeps a short-lived record of one-time keys already exchanged.
-pub(crate) fn used_nonce_cache() -> moka::future::Cache<String, ()> {
-    moka::future::Cache::builder()
-        .time_to_live(Duration::from_secs(2 * SEALED_LIFETIME_SECS as u64))
-        .max_capacity(1_000_000)
         .build()
 }

@@ -32,6 +32,7 @@ impl ApiError {
                 message: message.into(),
                 detail: String::new(),
                 validations: Vec::new(),
+                denial: None,
             },
             retry_after: None,
             db_unavailable: false,

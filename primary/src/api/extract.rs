@@ -14,7 +14,7 @@ use super::AppState;
 use super::error::ApiError;
 use crate::auth::{KeyError, Principal};
 
-pub use devmesh_proxy::app::{SESSION_COOKIE, SESSION_HEADER, bearer, same_origin_request};
+pub use devmesh_proxy::app::{SESSION_HEADER, bearer, same_origin_request};
 
 /// A JSON request body; malformed, oversized or mistyped bodies become
 /// JSON API errors.
@@ -58,13 +58,15 @@ pub enum TokenSource {
 }
 
 /// The token a request carries, from the session header, a bearer
-/// `Authorization`, or the session cookie, in that order.
-pub fn request_token(parts: &Parts) -> Option<String> {
-    request_token_with_source(parts).map(|(t, _)| t)
+/// `Authorization`, or the session cookie (`__Host-` over HTTPS), in that
+/// order.
+pub fn request_token(parts: &Parts, https: bool) -> Option<String> {
+    request_token_with_source(parts, https).map(|(t, _)| t)
 }
 
 /// Like [`request_token`], saying where the token came from.
-pub fn request_token_with_source(parts: &Parts) -> Option<(String, TokenSource)> {
+pub fn request_token_with_source(parts: &Parts, https: bool) -> Option<(String, TokenSource)> {
+    let cookie_name = devmesh_proxy::app::session_cookie_name(https);
     let headers = &parts.headers;
     if let Some(v) = headers.get(SESSION_HEADER).and_then(|v| v.to_str().ok()) {
         return Some((v.trim().to_owned(), TokenSource::Header));
@@ -83,7 +85,7 @@ pub fn request_token_with_source(parts: &Parts) -> Option<(String, TokenSource)>
         .flat_map(|v| v.split(';'))
         .find_map(|c| {
             c.trim()
-                .strip_prefix(SESSION_COOKIE)?
+                .strip_prefix(cookie_name)?
                 .strip_prefix('=')
                 .map(str::to_owned)
         })
@@ -101,7 +103,8 @@ impl FromRequestParts<AppState> for Authed {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        let Some((token, source)) = request_token_with_source(parts) else {
+        let Some((token, source)) = request_token_with_source(parts, state.config.secure_cookies())
+        else {
             return Err(ApiError::unauthorized("You must be signed in.").detail(
                 "send a key in the Devmesh-Session-Token header, as a Bearer token, or sign in",
             ));

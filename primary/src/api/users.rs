@@ -15,7 +15,7 @@ use devmesh_shared::token::new_api_key;
 use uuid::Uuid;
 
 use super::error::{ApiError, ApiResult, Validator};
-use super::extract::{ApiJson, ApiPath, Authed, ClientIp, SESSION_COOKIE};
+use super::extract::{ApiJson, ApiPath, Authed, ClientIp};
 use super::{AppState, Audit, parse_uuid};
 use crate::auth::{hash_password, parse_roles, verify_password};
 use crate::metrics::Metrics;
@@ -277,7 +277,7 @@ pub(super) async fn password_login(
 
 fn session_cookie(value: &str, max_age: i64, secure: bool) -> HeaderValue {
     super::SetCookie {
-        name: SESSION_COOKIE,
+        name: devmesh_proxy::app::session_cookie_name(secure),
         value,
         path: "/",
         domain: None,
