@@ -97,6 +97,9 @@ pub struct EdgeArgs {
     /// Extra PEM CA bundle to trust for the primary's HTTPS.
     #[arg(long, env = "DEVMESH_CA_CERT")]
     pub ca_cert: Option<PathBuf>,
+    /// HTTP connections one client IP may hold open at once; 0 for no limit.
+    #[arg(long, env = "DEVMESH_MAX_CONNECTIONS_PER_IP", default_value_t = 1024)]
+    pub max_connections_per_ip: usize,
 }
 
 impl std::fmt::Debug for EdgeArgs {
@@ -438,18 +441,17 @@ pub async fn run(args: EdgeArgs, shutdown: CancellationToken) -> anyhow::Result<
         .with_state(edge.clone());
     let serve_shutdown = shutdown.clone();
     let scheme = edge.scheme;
-    let server = match tls {
-        Some(tls) => tokio::spawn(devmesh_shared::tls::serve(
-            listener,
-            app,
-            tls,
-            serve_shutdown,
-            Duration::from_secs(10),
-        )),
-        None => tokio::spawn(async move {
-            let _ = devmesh_shared::net::serve_http(listener, app, serve_shutdown).await;
-        }),
+    let limits = devmesh_shared::http::Limits {
+        max_connections_per_ip: edge.args.max_connections_per_ip,
+        ..devmesh_shared::http::Limits::default()
     };
+    let server = tokio::spawn(devmesh_shared::http::serve(
+        listener,
+        app,
+        tls,
+        serve_shutdown,
+        limits,
+    ));
     println!("Started edge listener at {scheme}://{local}");
 
     let tracker = TaskTracker::new();

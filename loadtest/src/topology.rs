@@ -362,8 +362,11 @@ impl Deployment {
                         spec,
                     });
                 }
+                // Every load client is 127.0.0.1: no per-IP cap.
                 let args: Vec<String> = [
                     "server",
+                    "--max-connections-per-ip",
+                    "0",
                     "--http-address",
                     &format!("127.0.0.1:{port}"),
                     "--relay-address",
@@ -544,6 +547,8 @@ impl Deployment {
             }
             let args: Vec<String> = vec![
                 "edge".into(),
+                "--max-connections-per-ip".into(),
+                "0".into(),
                 "--primary-url".into(),
                 primary_url,
                 "--edge-token".into(),

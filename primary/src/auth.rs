@@ -25,8 +25,20 @@ use crate::metrics::Metrics;
 /// How long a validated key is trusted without asking the database.
 const CACHE_TTL: Duration = Duration::from_secs(30);
 
+/// Password hashes computing at once: argon2 takes tens of milliseconds
+/// of a core and 19 MiB each, so a burst of logins queues here instead of
+/// filling the blocking pool and memory.
+fn hashing() -> &'static tokio::sync::Semaphore {
+    static PERMITS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    PERMITS.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        tokio::sync::Semaphore::new(cores.max(2))
+    })
+}
+
 /// Hashes a password with argon2id (PHC string).
 pub async fn hash_password(password: String) -> anyhow::Result<String> {
+    let _permit = hashing().acquire().await?;
     tokio::task::spawn_blocking(move || {
         let salt = SaltString::generate(&mut OsRng);
         Argon2::default()
@@ -40,6 +52,9 @@ pub async fn hash_password(password: String) -> anyhow::Result<String> {
 /// Checks a password against a stored hash. With no hash (unknown user) it
 /// still does the work of a check, so timing does not reveal which users exist.
 pub async fn verify_password(password: String, hash: Option<String>) -> bool {
+    let Ok(_permit) = hashing().acquire().await else {
+        return false;
+    };
     tokio::task::spawn_blocking(move || {
         static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
         let dummy = DUMMY.get_or_init(|| {

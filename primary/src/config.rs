@@ -58,6 +58,10 @@ pub struct ServerArgs {
     /// dashboard's origin.
     #[arg(long, env = "DEVMESH_ENABLE_PATH_APPS")]
     pub enable_path_apps: bool,
+    /// HTTP connections one client IP may hold open at once; 0 for no limit
+    /// (behind a proxy that hides client addresses) [default: 1024].
+    #[arg(long, env = "DEVMESH_MAX_CONNECTIONS_PER_IP")]
+    pub max_connections_per_ip: Option<usize>,
 }
 
 /// The same settings as a TOML file.
@@ -75,6 +79,7 @@ struct FileConfig {
     tls_key: Option<PathBuf>,
     tls_self_signed: Option<bool>,
     enable_path_apps: Option<bool>,
+    max_connections_per_ip: Option<usize>,
 }
 
 /// Validated configuration of a primary.
@@ -98,6 +103,8 @@ pub struct ServerConfig {
     pub tls: Tls,
     /// Whether path-based apps are served.
     pub enable_path_apps: bool,
+    /// Connection caps and timeouts of the HTTP listener.
+    pub http_limits: devmesh_shared::http::Limits,
 }
 
 /// The primary's TLS mode.
@@ -193,7 +200,12 @@ impl ServerArgs {
                 "--relay-address {relay_address:?} is not an address like 127.0.0.1:3001"
             ))
         })?;
+        let mut http_limits = devmesh_shared::http::Limits::default();
+        if let Some(n) = self.max_connections_per_ip.or(file.max_connections_per_ip) {
+            http_limits.max_connections_per_ip = n;
+        }
         Ok(ServerConfig {
+            http_limits,
             enable_path_apps: self.enable_path_apps || file.enable_path_apps == Some(true),
             tls,
             relay_address,
@@ -221,6 +233,7 @@ impl ServerConfig {
             relay_address: "127.0.0.1:0".parse().expect("valid address"),
             tls: Tls::Off,
             enable_path_apps: false,
+            http_limits: devmesh_shared::http::Limits::default(),
         }
     }
 

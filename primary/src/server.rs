@@ -200,16 +200,18 @@ pub async fn start(mut config: ServerConfig) -> anyhow::Result<RunningServer> {
     };
     tracker.spawn(crate::api::apply_events(state.clone()));
     tracker.spawn(crate::api::probe_edges(state.clone()));
-    let app = router(state);
-    let signal = shutdown.clone();
-    let task = match tls_config {
-        None => tokio::spawn(async move {
-            if let Err(e) = devmesh_shared::net::serve_http(listener, app, signal).await {
-                tracing::error!(error = %e, "HTTP server failed");
-            }
-        }),
-        Some(tls) => tokio::spawn(tls::serve(listener, app, tls, signal, GRACE_PERIOD)),
+    let limits = devmesh_shared::http::Limits {
+        grace: GRACE_PERIOD,
+        ..state.config.http_limits
     };
+    let app = router(state);
+    let task = tokio::spawn(devmesh_shared::http::serve(
+        listener,
+        app,
+        tls_config,
+        shutdown.clone(),
+        limits,
+    ));
     tracing::info!(version = devmesh_shared::VERSION, http.address = %local_addr, access_url = %access_url, "devmesh primary started");
     if !has_users {
         tracing::info!("no users yet: create the first one with `devmesh login {access_url}`");

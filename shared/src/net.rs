@@ -42,7 +42,10 @@ pub fn udp_socket(bind: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
 }
 
 /// An HTTP client that trusts the system roots plus, optionally, the PEM
-/// bundle at `ca_cert` (a private or self-signed CA).
+/// bundle at `ca_cert` (a private or self-signed CA). It never follows a
+/// redirect: every devmesh client sends credentials in `Devmesh-*`
+/// headers, and a redirect (a hostile or misconfigured proxy, a moved
+/// primary) must not carry them to another host.
 pub fn http_client(
     user_agent: &str,
     timeout: Duration,
@@ -51,6 +54,7 @@ pub fn http_client(
     let mut builder = reqwest::Client::builder()
         .user_agent(user_agent)
         .timeout(timeout)
+        .redirect(reqwest::redirect::Policy::none())
         // Each new connection resolves again (from hickory's TTL cache), so
         // clients follow the primary when DNS moves it.
         .hickory_dns(true);
@@ -69,27 +73,6 @@ pub fn http_client(
         }
     }
     builder.build().context("cannot build the HTTP client")
-}
-
-/// Serves `app` over plain HTTP (HTTP/1.1, and HTTP/2 with prior knowledge)
-/// until `shutdown`, with `TCP_NODELAY` on every connection and the client
-/// address available as `ConnectInfo<SocketAddr>`.
-pub async fn serve_http(
-    listener: tokio::net::TcpListener,
-    app: axum::Router,
-    shutdown: tokio_util::sync::CancellationToken,
-) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
-        // Nagle's algorithm against delayed ACKs costs 40 ms a round trip.
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown.cancelled_owned())
-    .await
 }
 
 /// The process's resolver: the system's configuration (`/etc/resolv.conf`,

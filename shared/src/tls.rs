@@ -1,7 +1,6 @@
 //! HTTPS for the primary and edges: PEM certificates (wildcards welcome),
 //! reloaded when the files change, or a self-signed CA and certificate for
-//! local trials; and the TLS accept loop that serves an axum app with
-//! HTTP/1.1 and HTTP/2 through ALPN.
+//! local trials. The accept loop that serves them is [`crate::http`].
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -13,7 +12,6 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// How often certificate files are checked for changes.
@@ -166,89 +164,6 @@ fn write_secret(path: &Path, text: &str) -> std::io::Result<()> {
         .open(path)?;
     f.write_all(text.as_bytes())
 }
-
-/// Serves the app over TLS: one task per connection, the handshake under a
-/// timeout inside it (never in the accept loop), HTTP/1.1 or HTTP/2 by ALPN,
-/// and a graceful drain on shutdown.
-pub async fn serve(
-    listener: TcpListener,
-    app: axum::Router,
-    tls: Arc<rustls::ServerConfig>,
-    shutdown: CancellationToken,
-    grace: Duration,
-) {
-    use axum::extract::ConnectInfo;
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    use tower::ServiceExt;
-
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let (tcp, remote) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        // Small writes (HTTP/2 frames, WebSocket messages) go out at once:
-        // Nagle's algorithm against delayed ACKs costs 40 ms a round trip.
-        let _ = tcp.set_nodelay(true);
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            tracing::warn!(client.addr = %remote, "connection limit reached; dropping a connection");
-            continue;
-        };
-        let (acceptor, app, builder, watcher) = (
-            acceptor.clone(),
-            app.clone(),
-            builder.clone(),
-            graceful.watcher(),
-        );
-        tokio::spawn(async move {
-            let _permit = permit;
-            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(client.addr = %remote, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(client.addr = %remote, "TLS handshake timed out");
-                    return;
-                }
-            };
-            let service = hyper::service::service_fn(
-                move |mut req: hyper::Request<hyper::body::Incoming>| {
-                    req.extensions_mut().insert(ConnectInfo(remote));
-                    app.clone().oneshot(req.map(axum::body::Body::new))
-                },
-            );
-            let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                .into_owned();
-            if let Err(e) = watcher.watch(conn).await {
-                tracing::debug!(client.addr = %remote, error = %e, "connection ended");
-            }
-        });
-    }
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("connections still open after {grace:?}; closing them");
-    }
-}
-
-/// Most concurrent HTTPS connections.
-const MAX_CONNECTIONS: usize = 50_000;
-/// How long a client has to finish the TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[cfg(test)]
 mod tests {

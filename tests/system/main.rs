@@ -5,6 +5,7 @@
 mod api_resources;
 mod api_users;
 mod apps;
+mod attacks;
 mod binary;
 mod edges;
 mod mesh;

@@ -17,22 +17,22 @@ use crate::support::{AgentProcess, EdgeProcess, ServerProcess, app_client, event
 /// A primary, edges `eu` and `ap` (both also serving `*.global.localhost`),
 /// and alice's workspaces `weu` (agent pinned to `eu`) and `wap` (pinned to
 /// `ap`), each with an owner-only `echo` app and a public `pub` app.
-struct Mesh {
-    dir: tempfile::TempDir,
+pub(crate) struct Mesh {
+    pub(crate) dir: tempfile::TempDir,
     db_url: String,
-    primary: Option<ServerProcess>,
-    primary_port: u16,
-    owner: Api,
-    alice: Api,
+    pub(crate) primary: Option<ServerProcess>,
+    pub(crate) primary_port: u16,
+    pub(crate) owner: Api,
+    pub(crate) alice: Api,
     _upstream: Upstream,
-    eu: EdgeProcess,
+    pub(crate) eu: EdgeProcess,
     ap: Option<EdgeProcess>,
     workspaces: Vec<Value>,
     _agents: Vec<AgentProcess>,
 }
 
 impl Mesh {
-    async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         let db = fresh_database().await;
         let dir = tempfile::tempdir().unwrap();
         let db_url = db.url().expose().to_owned();
@@ -172,14 +172,14 @@ impl Mesh {
     }
 
     /// The URL of `label` on `edge`'s regional wildcard.
-    fn url(edge: &EdgeProcess, region: &str, label: &str, path: &str) -> String {
+    pub(crate) fn url(edge: &EdgeProcess, region: &str, label: &str, path: &str) -> String {
         format!(
             "http://{label}.{region}.apps.localhost:{}{path}",
             edge.port()
         )
     }
 
-    async fn get(&self, url: &str, key: Option<&str>) -> reqwest::Response {
+    pub(crate) async fn get(&self, url: &str, key: Option<&str>) -> reqwest::Response {
         let mut req = app_client(false).get(url);
         if let Some(k) = key {
             req = req.header("Devmesh-Session-Token", k);
@@ -187,7 +187,7 @@ impl Mesh {
         req.send().await.unwrap()
     }
 
-    fn alice_key(&self) -> String {
+    pub(crate) fn alice_key(&self) -> String {
         self.alice.token.clone().unwrap()
     }
 

@@ -12,7 +12,7 @@ use devmesh_shared::api::{
 };
 
 use super::Global;
-use crate::output::{Format, json, table};
+use crate::output::{Format, json, printable, table};
 
 #[derive(Debug, Clone, clap::Subcommand)]
 pub(crate) enum TemplatesCommand {
@@ -234,10 +234,11 @@ pub(crate) async fn logs(g: &Global, name: String, follow: bool) -> anyhow::Resu
                 } else {
                     l.source.clone()
                 };
+                let (prefix, output) = (printable(&prefix), printable(&l.output));
                 if l.level == "error" {
-                    eprintln!("[{prefix}] {}", l.output);
+                    eprintln!("[{prefix}] {output}");
                 } else {
-                    println!("[{prefix}] {}", l.output);
+                    println!("[{prefix}] {output}");
                 }
                 after[i] = l.id;
             }

@@ -119,6 +119,15 @@ impl From<sqlx::Error> for ApiError {
             err.retry_after = Some(5);
             return err;
         }
+        // Text PostgreSQL cannot store (a NUL byte, say) is the caller's
+        // mistake, not ours: say so, without the database's words.
+        if let Some(db) = e.as_database_error()
+            && matches!(db.code().as_deref(), Some("22021" | "22P05" | "54000"))
+        {
+            tracing::info!(error = %e, "refused a request the database cannot store");
+            return Self::bad_request("The request contains characters that cannot be stored.")
+                .detail("text fields may not contain NUL bytes or invalid UTF-8");
+        }
         Self::internal(format!("database: {e}"))
     }
 }

@@ -213,12 +213,32 @@ pub(super) async fn login(
 
 /// Checks a password login (rate limits, audit, suspension) and creates a
 /// session; returns the token and the `Set-Cookie` value for it.
+/// Longest email or username a login takes.
+const MAX_LOGIN_IDENT: usize = 254;
+/// Longest password a login takes (argon2 reads all of it).
+const MAX_PASSWORD: usize = 1024;
+
 pub(super) async fn password_login(
     state: &AppState,
     ip: &str,
     email: &str,
     password: String,
 ) -> ApiResult<(String, HeaderValue)> {
+    // Bounded before anything is stored (the rate limiter's keys, the audit
+    // log) or hashed: an email is at most 254 bytes, a username less.
+    if email.len() > MAX_LOGIN_IDENT || email.chars().any(char::is_control) {
+        Metrics::count(&state.metrics.logins, "malformed");
+        return Err(
+            ApiError::bad_request("The email or username is not valid.").detail(format!(
+                "at most {MAX_LOGIN_IDENT} bytes, no control characters"
+            )),
+        );
+    }
+    if password.len() > MAX_PASSWORD || password.contains('\0') {
+        Metrics::count(&state.metrics.logins, "malformed");
+        return Err(ApiError::bad_request("The password is not valid.")
+            .detail(format!("at most {MAX_PASSWORD} bytes, no NUL bytes")));
+    }
     let ident = email.trim().to_lowercase();
     let limited = state
         .login_per_ip

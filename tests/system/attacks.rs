@@ -1,0 +1,461 @@
+//! The app trust boundary, attacked the way a hostile app, a stranger and a
+//! careless client would, against the real binaries: a primary serving
+//! `*.apps.localhost` and an edge serving the nested `*.eu.apps.localhost`
+//! (the layout the README uses), and real HTTP clients with cookie jars.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::mesh::Mesh;
+use crate::support::{EdgeProcess, app_client, app_client_with_jar, eventually};
+
+/// A browser-like client: loopback DNS, a cookie jar, no redirects followed.
+fn browser() -> (reqwest::Client, Arc<reqwest::cookie::Jar>) {
+    let jar = Arc::new(reqwest::cookie::Jar::default());
+    (app_client_with_jar(jar.clone()), jar)
+}
+
+/// The grant the auth redirect hands `key`'s browser for `redirect_uri`,
+/// with the state an attacker picked; `None` when it refuses.
+async fn grant(m: &Mesh, key: &str, redirect_uri: &str, state: &str) -> Option<String> {
+    let mut url = reqwest::Url::parse(&format!(
+        "http://127.0.0.1:{}/api/v2/applications/auth-redirect",
+        m.primary_port
+    ))
+    .unwrap();
+    url.query_pairs_mut()
+        .append_pair("redirect_uri", redirect_uri)
+        .append_pair("state", state);
+    let r = app_client(false)
+        .get(url)
+        .header("Devmesh-Session-Token", key)
+        .header("Accept", "text/html")
+        .send()
+        .await
+        .unwrap();
+    if r.status() != StatusCode::SEE_OTHER {
+        return None;
+    }
+    let to = r.headers()["location"].to_str().unwrap().to_owned();
+    assert!(to.starts_with(redirect_uri), "{to}");
+    Some(to)
+}
+
+#[tokio::test]
+async fn no_devmesh_cookie_from_any_domain_reaches_an_app() {
+    let m = Mesh::start().await;
+    let key = m.alice_key();
+    let (client, jar) = browser();
+    let edge_app = Mesh::url(&m.eu, "eu", "echo--weu--alice", "/echo");
+    let primary_app = format!(
+        "http://echo--weu--alice.apps.localhost:{}/echo",
+        m.primary_port
+    );
+    // What a browser holds after using the primary's apps, the dashboard
+    // and another region: cookies on the parent domain reach the nested one.
+    for (cookie, on) in [
+        (
+            "devmesh_app_token_0a1b2c3d=primary-token; Domain=apps.localhost",
+            &primary_app,
+        ),
+        (
+            "devmesh_app_key_0a1b2c3d=old-key; Domain=apps.localhost",
+            &primary_app,
+        ),
+        (
+            "devmesh_app_state=state; Domain=apps.localhost",
+            &primary_app,
+        ),
+        (
+            "devmesh_session_token=session; Domain=localhost",
+            &primary_app,
+        ),
+        (
+            "DevMesh_Session_Token=session2; Domain=localhost",
+            &primary_app,
+        ),
+        ("theme=dark; Domain=apps.localhost", &primary_app),
+    ] {
+        jar.add_cookie_str(&format!("{cookie}; Path=/"), &on.parse().unwrap());
+    }
+    for url in [&edge_app, &primary_app] {
+        let r = client
+            .get(url.as_str())
+            .header("Devmesh-Session-Token", &key)
+            .header("Devmesh-Edge-Token", "not-for-apps")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{url}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["headers"]["cookie"], "theme=dark", "{url}: {body}");
+        let headers = body["headers"].as_object().unwrap();
+        assert!(
+            !headers.keys().any(|h| h.starts_with("devmesh")),
+            "{url}: {body}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_hostile_page_cannot_turn_the_auth_redirect_into_a_key() {
+    let m = Mesh::start().await;
+    let key = m.alice_key();
+    let eu = m.eu.port();
+    let public_host = format!("pub--weu--alice.eu.apps.localhost:{eu}");
+    let private_host = format!("echo--weu--alice.eu.apps.localhost:{eu}");
+    let attacker_state = "attackerchosenstate0123";
+
+    // A page on a public app opens the auth redirect (in a popup, say) for
+    // its own host and reads the grant from the popup's URL.
+    let stolen = grant(&m, &key, &format!("http://{public_host}/"), attacker_state)
+        .await
+        .expect("alice may open the public app");
+    assert!(!stolen.contains(&key), "the grant is not the key");
+
+    // The grant does not open another host, even with the state it names.
+    let elsewhere = stolen.replacen(&public_host, &private_host, 1);
+    let r = app_client(false)
+        .get(&elsewhere)
+        .header("Cookie", format!("devmesh_app_state={attacker_state}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert!(r.headers().get("set-cookie").is_none());
+
+    // On its own host it yields a token for that host alone, once…
+    let r = app_client(false)
+        .get(&stolen)
+        .header("Cookie", format!("devmesh_app_state={attacker_state}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let set: Vec<String> = r
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .collect();
+    let token = set
+        .iter()
+        .find(|c| c.starts_with("devmesh_app_token_"))
+        .expect("a token cookie");
+    assert!(!token.contains("Domain="), "host-only: {token}");
+    let token = token.split(';').next().unwrap().to_owned();
+    let again = app_client(false)
+        .get(&stolen)
+        .header("Cookie", format!("devmesh_app_state={attacker_state}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), StatusCode::BAD_REQUEST);
+
+    // …which opens none of alice's other apps, here or anywhere.
+    for url in [
+        format!("http://{private_host}/echo"),
+        format!(
+            "http://echo--weu--alice.apps.localhost:{}/echo",
+            m.primary_port
+        ),
+    ] {
+        let r = app_client(false)
+            .get(&url)
+            .header("Cookie", &token)
+            .header("sec-fetch-site", "same-origin")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{url}");
+    }
+
+    // No grant at all for an app the user may not open: bob's workspace.
+    let bob = m.alice.with_token(&{
+        let anon = devmesh_tests::Api::new(&m.alice.base, None);
+        anon.login("bob", "bob-password").await.token.unwrap()
+    });
+    let (s, _) = bob
+        .post("/workspaces", json!({"name": "wbob", "template": "byo"}))
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let bob_host = format!("echo--wbob--bob.eu.apps.localhost:{eu}");
+    assert!(
+        grant(&m, &key, &format!("http://{bob_host}/"), attacker_state)
+            .await
+            .is_none(),
+        "a grant for an app alice may not open"
+    );
+    // Nor for a state the server would never issue.
+    assert!(
+        grant(&m, &key, &format!("http://{public_host}/"), "x")
+            .await
+            .is_none()
+    );
+}
+
+#[tokio::test]
+async fn after_sign_in_the_browser_stays_on_the_app_host() {
+    let m = Mesh::start().await;
+    let key = m.alice_key();
+    let host = format!("pub--weu--alice.eu.apps.localhost:{}", m.eu.port());
+    let state = "honestbrowserstate012345";
+    let with_grant = grant(&m, &key, &format!("http://{host}//evil.example/x"), state)
+        .await
+        .unwrap();
+    let r = app_client(false)
+        .get(&with_grant)
+        .header("Cookie", format!("devmesh_app_state={state}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let to = r.headers()["location"].to_str().unwrap();
+    assert_eq!(to, format!("http://{host}/evil.example/x"));
+}
+
+#[tokio::test]
+async fn invalid_keys_tell_nothing_and_hosts_must_agree() {
+    let m = Mesh::start().await;
+    let edge = &m.eu;
+    // With a made-up key, a missing app, a missing user and a real app all
+    // answer alike: no oracle for what exists.
+    let mut seen = Vec::new();
+    for label in ["echo--weu--alice", "nope--weu--alice", "echo--weu--nobody"] {
+        let r = m.get(&Mesh::url(edge, "eu", label, "/"), Some("x")).await;
+        seen.push(r.status());
+        let r = m
+            .get(
+                &Mesh::url(edge, "eu", label, "/"),
+                Some("0123456789-abcdefghijklmnopqrstuv"),
+            )
+            .await;
+        seen.push(r.status());
+    }
+    assert!(
+        seen.iter().all(|s| *s == StatusCode::UNAUTHORIZED),
+        "{seen:?}"
+    );
+
+    // An absolute-form request naming one host with a Host header naming
+    // another is refused, not routed by either.
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", edge.port()))
+        .await
+        .unwrap();
+    let req = format!(
+        "GET http://echo--weu--alice.eu.apps.localhost:{0}/echo HTTP/1.1\r\nHost: pub--weu--alice.eu.apps.localhost:{0}\r\nConnection: close\r\n\r\n",
+        edge.port()
+    );
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+}
+
+#[tokio::test]
+async fn devmesh_pages_refuse_framing() {
+    let m = Mesh::start().await;
+    let primary = format!("http://127.0.0.1:{}", m.primary_port);
+    for url in [
+        format!("{primary}/login"),
+        format!("{primary}/api/v2/buildinfo"),
+        format!("{}/healthz", m.eu.url),
+        Mesh::url(&m.eu, "eu", "echo--weu--nobody", "/"),
+    ] {
+        let r = app_client(false)
+            .get(&url)
+            .header("Accept", "text/html")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.headers()["x-frame-options"], "DENY", "{url}");
+        assert!(
+            r.headers()["content-security-policy"]
+                .to_str()
+                .unwrap()
+                .contains("frame-ancestors 'none'"),
+            "{url}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn silent_slow_and_greedy_clients_cannot_hold_the_listeners() {
+    let m = Mesh::start().await;
+    let edge_token = {
+        let (s, e) = m.owner.post("/edges", json!({"name": "tight"})).await;
+        assert_eq!(s, StatusCode::CREATED, "{e}");
+        e["edge_token"].as_str().unwrap().to_owned()
+    };
+    let primary = format!("http://127.0.0.1:{}", m.primary_port);
+    let tight = EdgeProcess::start(
+        &primary,
+        &edge_token,
+        "tight",
+        &["--max-connections-per-ip", "4"],
+        m.dir.path(),
+    )
+    .await;
+    // Half a request head, then nothing: dropped by the header timeout, on
+    // the primary and on an edge alike.
+    for port in [m.primary_port, tight.port()] {
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        tcp.write_all(b"GET / HTTP/1.1\r\nHost: x").await.unwrap();
+        let mut rest = Vec::new();
+        let closed =
+            tokio::time::timeout(Duration::from_secs(30), tcp.read_to_end(&mut rest)).await;
+        assert!(
+            closed.is_ok(),
+            "a half-sent request is dropped (port {port})"
+        );
+    }
+    // Past the per-IP cap, new connections are closed at once.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", tight.port()))
+                .await
+                .unwrap(),
+        );
+    }
+    eventually(10, "the fifth connection to be refused", || async {
+        let mut extra = tokio::net::TcpStream::connect(("127.0.0.1", tight.port()))
+            .await
+            .ok()?;
+        let _ = extra
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await;
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), extra.read_to_end(&mut out)).await;
+        out.is_empty().then_some(())
+    })
+    .await;
+    drop(held);
+    // Others (and the same client, once it lets go) are served.
+    eventually(10, "the edge to serve again", || async {
+        let r = reqwest::get(format!("{}/healthz", tight.url)).await.ok()?;
+        (r.status() == StatusCode::OK).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn login_input_is_bounded_before_it_is_stored_or_hashed() {
+    let m = Mesh::start().await;
+    let anon = devmesh_tests::Api::new(&m.alice.base, None);
+    let huge = "a".repeat(900 * 1024);
+    for body in [
+        json!({"email": huge, "password": "whatever-password"}),
+        json!({"email": "alice\u{0}", "password": "alice-password"}),
+        json!({"email": "alice", "password": "alice\u{0}password"}),
+        json!({"email": "alice", "password": "p".repeat(64 * 1024)}),
+    ] {
+        let (s, e) = anon.post("/users/login", body).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
+        assert!(e["message"].as_str().unwrap().contains("not valid"), "{e}");
+    }
+    // A NUL anywhere else the database would refuse is a 400 too, with no
+    // word from the database.
+    let (s, e) = m
+        .owner
+        .post(
+            "/users",
+            json!({"email": "n\u{0}@example.com", "username": "nul", "password": "password-long"}),
+        )
+        .await;
+    assert!(s.is_client_error(), "{s} {e}");
+    assert!(
+        !e.to_string().contains("sqlx") && !e.to_string().contains("0x00"),
+        "{e}"
+    );
+    let (_, audit) = m.owner.get("/audit?action=login_failed").await;
+    assert!(!audit.to_string().contains(&huge[..1024]), "never stored");
+}
+
+#[tokio::test]
+async fn clients_never_follow_a_redirect_with_their_token() {
+    // A "primary" that sends every request elsewhere, and the elsewhere
+    // that records what reaches it.
+    let seen = Arc::new(parking_lot::Mutex::new(Vec::<String>::new()));
+    let sink = {
+        let seen = seen.clone();
+        axum::Router::new().fallback(move |headers: axum::http::HeaderMap| {
+            let seen = seen.clone();
+            async move {
+                seen.lock().push(format!("{headers:?}"));
+                "{}"
+            }
+        })
+    };
+    let sink_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sink_addr = sink_l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(sink_l, sink).await });
+    let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let redirector = {
+        let asked = asked.clone();
+        axum::Router::new().fallback(move || {
+            asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move { axum::response::Redirect::temporary(&format!("http://{sink_addr}/stolen")) }
+        })
+    };
+    let red_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let red_addr = red_l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(red_l, redirector).await });
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = tokio::process::Command::new(crate::support::BIN)
+        .args(["whoami"])
+        .env("DEVMESH_CONFIG_DIR", dir.path())
+        .env("DEVMESH_URL", format!("http://{red_addr}"))
+        .env("DEVMESH_SESSION_TOKEN", "secret-session-token")
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let agent = tokio::process::Command::new(crate::support::BIN)
+        .args(["agent"])
+        .env("DEVMESH_URL", format!("http://{red_addr}"))
+        .env("DEVMESH_AGENT_TOKEN", "secret-agent-token")
+        .kill_on_drop(true)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let edge = tokio::process::Command::new(crate::support::BIN)
+        .args([
+            "edge",
+            "--primary-url",
+            &format!("http://{red_addr}"),
+            "--edge-token",
+            "00000000-0000-0000-0000-000000000000:secret-edge-token",
+            "--access-url",
+            "http://127.0.0.1:1",
+            "--listen",
+            "127.0.0.1:0",
+            "--relay-address",
+            "127.0.0.1:0",
+        ])
+        .kill_on_drop(true)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The CLI asked once; the agent and the edge keep retrying.
+    eventually(30, "the agent and the edge to call the primary", || {
+        let asked = asked.clone();
+        async move { (asked.load(std::sync::atomic::Ordering::SeqCst) >= 4).then_some(()) }
+    })
+    .await;
+    drop((agent, edge));
+    let seen = seen.lock();
+    assert!(
+        seen.iter().all(|h| !h.contains("secret")),
+        "a token followed a redirect: {seen:?}"
+    );
+}
