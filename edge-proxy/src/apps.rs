@@ -104,6 +104,11 @@ async fn serve(
     let token_cookie = token_cookie_name(wildcard);
     let secure = edge.scheme == "https";
     let (head, body) = req.into_parts();
+    let client = head
+        .extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip().to_string())
+        .unwrap_or_default();
 
     // Phase: back from signing in with a sealed one-time grant.
     if let Some(sealed) = query_param(&head.uri, GRANT_PARAM) {
@@ -132,7 +137,9 @@ async fn serve(
             // so only one request of a page pays for it); if that fails the
             // old one serves until it expires.
             let renewed = if t.exp - now < APP_TOKEN_RENEW_SECS {
-                decision(edge, host, Credential::Token(signed)).await.ok()
+                decision(edge, host, Credential::Token(signed), &client)
+                    .await
+                    .ok()
             } else {
                 None
             };
@@ -141,7 +148,7 @@ async fn serve(
         None => {
             let key = header_key(&head.headers);
             let credential = key.as_deref().map_or(Credential::None, Credential::Key);
-            match decision(edge, host, credential).await {
+            match decision(edge, host, credential, &client).await {
                 Ok(d) => (d.claims.clone(), Some(d.token.clone())),
                 Err(AppError::Unauthenticated) => {
                     return sign_in(&edge.primary, edge.scheme, host, &head);
@@ -217,6 +224,7 @@ async fn decision(
     edge: &Arc<Edge>,
     host: &str,
     credential: Credential<'_>,
+    client: &str,
 ) -> Result<Arc<Decision>, AppError> {
     let cache_key = (
         host.to_owned(),
@@ -252,6 +260,13 @@ async fn decision(
     if let Some(refused) = edge.refusals.get(&cache_key).await {
         count(edge, "refused");
         return Err(refused);
+    }
+    // Made-up hosts and random well-formed keys each miss every cache: a
+    // client gets only so many primary calls a minute.
+    if let Err(wait) = edge.primary_calls.check(client) {
+        count(edge, "rate_limited");
+        tracing::debug!(client.ip = %client, ?wait, "too many access checks from one client");
+        return Err(AppError::TooManyRequests);
     }
     count(edge, "miss");
     match edge.ask_primary(host, credential).await {

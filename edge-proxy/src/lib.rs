@@ -20,7 +20,6 @@ mod apps;
 mod events;
 mod metrics;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
@@ -38,7 +37,7 @@ use devmesh_proxy::upstream::Pool;
 use devmesh_shared::api::{
     EDGE_TOKEN_HEADER, EdgeAppAccess, EdgeAppAccessRequest, EdgeAppConnectRequest,
     EdgeDeregisterRequest, EdgeEvent, EdgeHealthReport, EdgeRegisterRequest, EdgeRegisterResponse,
-    RelayInfo, RevokedSubject,
+    RelayInfo,
 };
 use devmesh_shared::backoff::Backoff;
 use devmesh_shared::signing::AppToken;
@@ -97,6 +96,11 @@ pub struct EdgeArgs {
     /// Extra PEM CA bundle to trust for the primary's HTTPS.
     #[arg(long, env = "DEVMESH_CA_CERT")]
     pub ca_cert: Option<PathBuf>,
+    /// Access checks one client IP may make the edge ask the primary a
+    /// minute (a browser needs one per app it opens, a script one per key;
+    /// a scanner trying made-up hosts or keys is cut off); 0 for no limit.
+    #[arg(long, env = "DEVMESH_ACCESS_CHECKS_PER_MINUTE", default_value_t = 120)]
+    pub access_checks_per_minute: u32,
     /// HTTP connections one client IP may hold open at once; 0 for no limit.
     #[arg(long, env = "DEVMESH_MAX_CONNECTIONS_PER_IP", default_value_t = 1024)]
     pub max_connections_per_ip: usize,
@@ -150,8 +154,10 @@ pub(crate) struct Edge {
     pub(crate) decisions: moka::future::Cache<(String, [u8; 32]), Arc<Decision>>,
     /// Recent refusals from the primary, same keys, kept a few seconds.
     pub(crate) refusals: moka::future::Cache<(String, [u8; 32]), devmesh_proxy::app::AppError>,
-    /// Latest revocation time (unix ms) per subject.
-    revocations: RwLock<HashMap<RevokedSubject, i64>>,
+    /// Revoked users, workspaces and keys.
+    revocations: devmesh_proxy::revocations::Revocations,
+    /// Calls to the primary each client IP may cause.
+    pub(crate) primary_calls: devmesh_proxy::ratelimit::RateLimiter,
     pub(crate) metrics: Metrics,
     /// Regional and global app wildcards.
     pub(crate) wildcards: Vec<String>,
@@ -183,12 +189,8 @@ impl Edge {
                 relays: _,
             } => {
                 self.locations.replace(agents);
-                {
-                    let mut r = self.revocations.write();
-                    for rev in revocations {
-                        let at = r.entry(rev.subject).or_insert(rev.at_ms);
-                        *at = (*at).max(rev.at_ms);
-                    }
+                for rev in revocations {
+                    self.revocations.revoke(rev.subject, rev.at_ms);
                 }
                 if let Err(e) = self.keys.set(&app_token_keys) {
                     tracing::warn!(error = %e, "unusable app token keys from the primary");
@@ -203,11 +205,7 @@ impl Edge {
             EdgeEvent::AgentMoved(location) => self.locations.set(location),
             EdgeEvent::Revoked(rev) => {
                 let subject = rev.subject.clone();
-                {
-                    let mut r = self.revocations.write();
-                    let at = r.entry(rev.subject.clone()).or_insert(rev.at_ms);
-                    *at = (*at).max(rev.at_ms);
-                }
+                self.revocations.revoke(rev.subject.clone(), rev.at_ms);
                 let _ = self
                     .decisions
                     .invalidate_entries_if(move |_, d| rev.revokes(&d.claims));
@@ -224,18 +222,7 @@ impl Edge {
 
     /// Whether a revocation cuts `token` off.
     pub(crate) fn revoked(&self, token: &AppToken) -> bool {
-        let r = self.revocations.read();
-        let cut = |s: RevokedSubject| r.get(&s).is_some_and(|at| token.issued_at_ms <= *at);
-        token
-            .user_id
-            .is_some_and(|id| cut(RevokedSubject::User { id }))
-            || cut(RevokedSubject::Workspace {
-                id: token.workspace_id,
-            })
-            || token
-                .key_id
-                .as_ref()
-                .is_some_and(|id| cut(RevokedSubject::Key { id: id.clone() }))
+        self.revocations.revokes(token)
     }
 
     /// Asks the primary whether the holder of `credential` (or anyone) may
@@ -416,7 +403,14 @@ pub async fn run(args: EdgeArgs, shutdown: CancellationToken) -> anyhow::Result<
             .max_capacity(100_000)
             .time_to_live(Duration::from_secs(3))
             .build(),
-        revocations: RwLock::default(),
+        revocations: Default::default(),
+        primary_calls: devmesh_proxy::ratelimit::RateLimiter::new(
+            match args.access_checks_per_minute {
+                0 => u32::MAX,
+                n => n,
+            },
+            Duration::from_secs(60),
+        ),
         metrics: Metrics::new(),
         wildcards,
         scheme: if tls.is_some() { "https" } else { "http" },

@@ -549,6 +549,8 @@ impl Deployment {
                 "edge".into(),
                 "--max-connections-per-ip".into(),
                 "0".into(),
+                "--access-checks-per-minute".into(),
+                "0".into(),
                 "--primary-url".into(),
                 primary_url,
                 "--edge-token".into(),

@@ -73,13 +73,9 @@ pub struct AppState {
     pub(crate) routes: moka::future::Cache<String, apps::Route>,
     /// Pooled connections to apps.
     pub upstreams: Arc<devmesh_proxy::upstream::Pool>,
-    /// Users whose app tokens minted before the given time are revoked;
-    /// entries outlive every token they could concern.
-    pub(crate) revoked_app_users: moka::future::Cache<Uuid, i64>,
-    /// Workspaces whose app tokens minted before the given time are revoked.
-    pub(crate) revoked_workspaces: moka::future::Cache<Uuid, i64>,
-    /// API keys whose app tokens minted before the given time are revoked.
-    pub(crate) revoked_keys: moka::future::Cache<String, i64>,
+    /// Users, workspaces and keys whose app tokens minted before a given
+    /// time are void.
+    pub(crate) revocations: Arc<devmesh_proxy::revocations::Revocations>,
     /// Edges whose last `/healthz-report` call failed, and why (`None`: it
     /// answered well).
     pub(crate) edge_probes:
@@ -108,7 +104,8 @@ impl AppState {
     /// through the event bus.
     pub async fn revoke_app_tokens(&self, user: Uuid) {
         let now = chrono::Utc::now().timestamp_millis();
-        self.revoked_app_users.insert(user, now).await;
+        self.revocations
+            .revoke(devmesh_shared::api::RevokedSubject::User { id: user }, now);
         self.bus
             .revoke(devmesh_shared::api::RevokedSubject::User { id: user })
             .await;
@@ -165,9 +162,7 @@ impl AppState {
             shutdown: parts.shutdown,
             routes: apps::route_cache(),
             upstreams: Arc::default(),
-            revoked_app_users: apps::revocation_cache(),
-            revoked_workspaces: apps::revocation_cache(),
-            revoked_keys: apps::revocation_cache(),
+            revocations: Arc::default(),
             edge_probes: Arc::default(),
         }
     }
@@ -192,21 +187,17 @@ pub async fn apply_events(state: AppState) {
             Ok(crate::events::BusMessage::Event(EdgeEvent::AgentMoved(location))) => {
                 state.locations.set(location);
             }
-            Ok(crate::events::BusMessage::Event(EdgeEvent::Revoked(r))) => match r.subject {
-                RevokedSubject::User { id } => {
-                    state.revoked_app_users.insert(id, r.at_ms).await;
-                    state.keys.forget_all();
-                    state.routes.invalidate_all();
+            Ok(crate::events::BusMessage::Event(EdgeEvent::Revoked(r))) => {
+                state.revocations.revoke(r.subject.clone(), r.at_ms);
+                match r.subject {
+                    RevokedSubject::User { .. } => {
+                        state.keys.forget_all();
+                        state.routes.invalidate_all();
+                    }
+                    RevokedSubject::Workspace { .. } => state.routes.invalidate_all(),
+                    RevokedSubject::Key { id } => state.keys.forget_key(&id).await,
                 }
-                RevokedSubject::Workspace { id } => {
-                    state.revoked_workspaces.insert(id, r.at_ms).await;
-                    state.routes.invalidate_all();
-                }
-                RevokedSubject::Key { id } => {
-                    state.revoked_keys.insert(id.clone(), r.at_ms).await;
-                    state.keys.forget_key(&id).await;
-                }
-            },
+            }
             Ok(crate::events::BusMessage::Event(_)) => {}
             Ok(crate::events::BusMessage::Gap)
             | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {

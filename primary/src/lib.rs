@@ -10,7 +10,7 @@ pub mod db;
 pub mod events;
 pub mod mesh;
 pub mod metrics;
-pub mod ratelimit;
+pub use devmesh_proxy::ratelimit;
 pub mod relay;
 pub mod server;
 

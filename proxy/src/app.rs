@@ -186,6 +186,8 @@ pub enum AppError {
     /// The side that decides cannot do so right now (its database is
     /// down); the cause is logged there, never shown.
     Unavailable,
+    /// This client asked for more decisions than it may in a while.
+    TooManyRequests,
 }
 
 impl AppError {
@@ -225,6 +227,11 @@ impl AppError {
                 "Sign-in unavailable",
                 "The deployment's primary cannot be reached to check your access. Open sessions keep working; try again shortly.".into(),
             ),
+            Self::TooManyRequests => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "Too many requests",
+                "Too many sign-in checks from your address; wait a minute and try again.".into(),
+            ),
             Self::Unavailable => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "Temporarily unavailable",
@@ -246,6 +253,7 @@ impl AppError {
             Self::BadRequest(_) => "bad_request",
             Self::PrimaryUnavailable => "primary_unavailable",
             Self::Unavailable => "unavailable",
+            Self::TooManyRequests => "too_many_requests",
         }
     }
 
@@ -261,6 +269,7 @@ impl AppError {
             "forbidden" => Self::Forbidden,
             "bad_request" => Self::BadRequest(detail),
             "unavailable" | "primary_unavailable" => Self::Unavailable,
+            "too_many_requests" => Self::TooManyRequests,
             _ => Self::BadGateway(format!("the primary refused: {code}")),
         }
     }

@@ -296,7 +296,12 @@ async fn silent_slow_and_greedy_clients_cannot_hold_the_listeners() {
         &primary,
         &edge_token,
         "tight",
-        &["--max-connections-per-ip", "4"],
+        &[
+            "--max-connections-per-ip",
+            "4",
+            "--access-checks-per-minute",
+            "5",
+        ],
         m.dir.path(),
     )
     .await;
@@ -343,6 +348,25 @@ async fn silent_slow_and_greedy_clients_cannot_hold_the_listeners() {
         (r.status() == StatusCode::OK).then_some(())
     })
     .await;
+    // Random well-formed keys each miss every cache and would each cost
+    // the primary a lookup: one client gets only so many a minute.
+    let mut statuses = Vec::new();
+    for i in 0..8 {
+        let key = format!("{i:010}-abcdefghijklmnopqrstuvwxyz012345");
+        let r = m
+            .get(
+                &Mesh::url(&tight, "tight", "echo--weu--alice", "/"),
+                Some(&key),
+            )
+            .await;
+        statuses.push(r.status());
+    }
+    assert_eq!(
+        &statuses[..5],
+        &[StatusCode::UNAUTHORIZED; 5],
+        "{statuses:?}"
+    );
+    assert_eq!(statuses[7], StatusCode::TOO_MANY_REQUESTS, "{statuses:?}");
 }
 
 #[tokio::test]

@@ -287,19 +287,8 @@ async fn redeem_grant(
 
 /// Whether an app token was revoked after it was minted (its user signed
 /// out or was suspended, its workspace stopped or re-shared, its key deleted).
-async fn token_revoked(state: &AppState, t: &AppToken) -> bool {
-    let cut = |at: Option<i64>| at.is_some_and(|at| t.issued_at_ms <= at);
-    if let Some(u) = t.user_id
-        && cut(state.revoked_app_users.get(&u).await)
-    {
-        return true;
-    }
-    if let Some(k) = &t.key_id
-        && cut(state.revoked_keys.get(k).await)
-    {
-        return true;
-    }
-    cut(state.revoked_workspaces.get(&t.workspace_id).await)
+fn token_revoked(state: &AppState, t: &AppToken) -> bool {
+    state.revocations.revokes(t)
 }
 
 /// The principal behind a key; an invalid, expired or suspended key counts
@@ -447,7 +436,7 @@ async fn serve(
     let credentialed = verified.is_some();
     let mut live = None;
     if let Some(t) = verified
-        && !token_revoked(state, &t).await
+        && !token_revoked(state, &t)
     {
         live = Some(t);
     }
@@ -564,9 +553,7 @@ pub(super) async fn edge_app_access(
     let decided = if let Some(old) = &req.token {
         let now = Utc::now().timestamp();
         match state.signer.verifier().verify::<AppToken>(old, now) {
-            Ok(t)
-                if t.host == host && t.target == app.target && !token_revoked(&state, &t).await =>
-            {
+            Ok(t) if t.host == host && t.target == app.target && !token_revoked(&state, &t) => {
                 match renew(&state, &host, &app, &t).await {
                     Ok(claims) => match resolve(&state, &app, false).await {
                         Ok(route) => Ok((route, claims)),
@@ -970,22 +957,6 @@ pub(super) async fn login_submit(
             retry(status, &e.message())
         }
     }
-}
-
-/// Revoked users' token cut-off times, kept as long as a token lives.
-pub(crate) fn revocation_cache<K>() -> moka::future::Cache<K, i64>
-where
-    K: std::hash::Hash + Eq + Send + Sync + 'static,
-{
-    moka::future::Cache::builder()
-        .time_to_live(
-            APP_TOKEN_LIFETIME
-                .to_std()
-                .unwrap_or(Duration::from_secs(1800))
-                + Duration::from_secs(60),
-        )
-        .max_capacity(1_000_000)
-        .build()
 }
 
 /// The route cache.

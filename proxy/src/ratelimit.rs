@@ -1,6 +1,7 @@
 //! A fixed-window rate limiter keyed by string (client IP, login name).
-//! Small and in-memory: each primary replica limits on its own, which is
-//! what slowing down password guessing needs.
+//! Small and in-memory: each primary replica (and each edge) limits on its
+//! own, which is what slowing down password guessing, or a client making an
+//! edge ask the primary about made-up hosts and keys, needs.
 
 use std::collections::HashMap;
 use std::time::Duration;
