@@ -45,6 +45,16 @@ async fn grant(m: &Mesh, key: &str, redirect_uri: &str, state: &str) -> Option<S
     Some(to)
 }
 
+/// Brings a grant URL back to its host, as the browser holding `state` would.
+async fn bring(url: &str, state: &str) -> reqwest::Response {
+    app_client(false)
+        .get(url)
+        .header("Cookie", format!("devmesh_app_state={state}"))
+        .send()
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn no_devmesh_cookie_from_any_domain_reaches_an_app() {
     let m = Mesh::start().await;
@@ -119,22 +129,12 @@ async fn a_hostile_page_cannot_turn_the_auth_redirect_into_a_key() {
 
     // The grant does not open another host, even with the state it names.
     let elsewhere = stolen.replacen(&public_host, &private_host, 1);
-    let r = app_client(false)
-        .get(&elsewhere)
-        .header("Cookie", format!("devmesh_app_state={attacker_state}"))
-        .send()
-        .await
-        .unwrap();
+    let r = bring(&elsewhere, attacker_state).await;
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     assert!(r.headers().get("set-cookie").is_none());
 
     // On its own host it yields a token for that host alone, once…
-    let r = app_client(false)
-        .get(&stolen)
-        .header("Cookie", format!("devmesh_app_state={attacker_state}"))
-        .send()
-        .await
-        .unwrap();
+    let r = bring(&stolen, attacker_state).await;
     assert_eq!(r.status(), StatusCode::SEE_OTHER);
     let set: Vec<String> = r
         .headers()
@@ -148,12 +148,7 @@ async fn a_hostile_page_cannot_turn_the_auth_redirect_into_a_key() {
         .expect("a token cookie");
     assert!(!token.contains("Domain="), "host-only: {token}");
     let token = token.split(';').next().unwrap().to_owned();
-    let again = app_client(false)
-        .get(&stolen)
-        .header("Cookie", format!("devmesh_app_state={attacker_state}"))
-        .send()
-        .await
-        .unwrap();
+    let again = bring(&stolen, attacker_state).await;
     assert_eq!(again.status(), StatusCode::BAD_REQUEST);
 
     // …which opens none of alice's other apps, here or anywhere.
@@ -207,12 +202,7 @@ async fn after_sign_in_the_browser_stays_on_the_app_host() {
     let with_grant = grant(&m, &key, &format!("http://{host}//evil.example/x"), state)
         .await
         .unwrap();
-    let r = app_client(false)
-        .get(&with_grant)
-        .header("Cookie", format!("devmesh_app_state={state}"))
-        .send()
-        .await
-        .unwrap();
+    let r = bring(&with_grant, state).await;
     assert_eq!(r.status(), StatusCode::SEE_OTHER);
     let to = r.headers()["location"].to_str().unwrap();
     assert_eq!(to, format!("http://{host}/evil.example/x"));
