@@ -240,7 +240,7 @@ async fn redeem_grant(
     state_cookie: Option<&str>,
     host: &str,
     app: &AppHost,
-) -> Result<(AppToken, String), AppError> {
+) -> Result<(Route, AppToken, String), AppError> {
     let bad = |why: &str| AppError::BadRequest(format!("{why} Open the app again."));
     let opened = state
         .sealer
@@ -280,9 +280,9 @@ async fn redeem_grant(
         Ok(_) => return Err(AppError::Unauthenticated),
         Err(e) => return Err(db_unavailable(e)),
     };
-    let (_, claims) = decide(state, host, app, Some(&principal), true).await?;
+    let (route, claims) = decide(state, host, app, Some(&principal), true).await?;
     let signed = state.signer.sign(&claims);
-    Ok((claims, signed))
+    Ok((route, claims, signed))
 }
 
 /// Whether an app token was revoked after it was minted (its user signed
@@ -362,7 +362,7 @@ async fn renew(
     host: &str,
     app: &AppHost,
     old: &AppToken,
-) -> Result<AppToken, AppError> {
+) -> Result<(Route, AppToken), AppError> {
     let principal = match &old.key_id {
         Some(id) => match state.keys.validate_id(id).await {
             Ok(Ok(p)) if Some(p.user_id) == old.user_id => Some(p),
@@ -371,9 +371,7 @@ async fn renew(
         },
         None => None,
     };
-    decide(state, host, app, principal.as_ref(), true)
-        .await
-        .map(|(_, t)| t)
+    decide(state, host, app, principal.as_ref(), true).await
 }
 
 /// The app token cookie's claims, if it is valid for this host and target
@@ -413,7 +411,7 @@ async fn serve(
 
     // Phase: the browser comes back from the auth redirect with a grant.
     if let Some(sealed) = query_param(&head.uri, GRANT_PARAM) {
-        let (_, signed) = redeem_grant(
+        let (_, _, signed) = redeem_grant(
             state,
             &sealed,
             cookie(&head.headers, STATE_COOKIE),
@@ -451,7 +449,7 @@ async fn serve(
                 return sign_in(state, scheme, host, &head);
             }
             let renewed = if t.exp - Utc::now().timestamp() < APP_TOKEN_RENEW_SECS {
-                renew(state, host, &app, &t).await.ok()
+                renew(state, host, &app, &t).await.ok().map(|(_, t)| t)
             } else {
                 None
             };
@@ -554,13 +552,7 @@ pub(super) async fn edge_app_access(
         let now = Utc::now().timestamp();
         match state.signer.verifier().verify::<AppToken>(old, now) {
             Ok(t) if t.host == host && t.target == app.target && !token_revoked(&state, &t) => {
-                match renew(&state, &host, &app, &t).await {
-                    Ok(claims) => match resolve(&state, &app, false).await {
-                        Ok(route) => Ok((route, claims)),
-                        Err(e) => Err(e),
-                    },
-                    Err(e) => Err(e),
-                }
+                renew(&state, &host, &app, &t).await
             }
             _ => Err(AppError::Unauthenticated),
         }
@@ -596,10 +588,7 @@ pub(super) async fn edge_app_connect(
         Err(resp) => return resp,
     };
     match redeem_grant(&state, &req.sealed, Some(&req.state), &host, &app).await {
-        Ok((claims, _)) => match resolve(&state, &app, false).await {
-            Ok(route) => edge_access_response(&state, &route, claims).await,
-            Err(e) => e.respond(false),
-        },
+        Ok((route, claims, _)) => edge_access_response(&state, &route, claims).await,
         Err(e) => e.respond(false),
     }
 }
