@@ -10,7 +10,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use devmesh_shared::api::{
     self, AGENT_TOKEN_HEADER, AgentLogEntry, AgentLogsAccepted, AgentLogsRequest, AgentManifest,
-    AppHealth, AppHealthRequest, AttachTicketResponse, LifecycleRequest, LifecycleState,
+    AppHealth, AppHealthRequest, AttachTicketRequest, AttachTicketResponse, LifecycleRequest,
+    LifecycleState,
 };
 use devmesh_shared::secret::Secret;
 use reqwest::{Method, StatusCode, Url};
@@ -127,9 +128,15 @@ impl ApiClient {
             .map_err(Into::into)
     }
 
-    /// `POST attach-ticket`: a fresh ticket for one attach.
-    pub(crate) async fn attach_ticket(&self) -> Result<AttachTicketResponse, ApiError> {
-        self.call(Method::POST, "attach-ticket", Some(&serde_json::json!({})))
+    /// `POST attach-ticket`: a fresh ticket for one attach to `relay` (its address).
+    pub(crate) async fn attach_ticket(
+        &self,
+        relay: &str,
+    ) -> Result<AttachTicketResponse, ApiError> {
+        let req = AttachTicketRequest {
+            relay: relay.to_owned(),
+        };
+        self.call(Method::POST, "attach-ticket", Some(&req))
             .await?
             .json()
             .await

@@ -183,7 +183,7 @@ async fn attach_one(
     config: &quinn::ClientConfig,
     timing: &Timing,
 ) -> Result<Attached, Failure> {
-    let ticket = match client.attach_ticket().await {
+    let ticket = match client.attach_ticket(&relay.address).await {
         Ok(t) => t.ticket,
         Err(e) => {
             log_api_error("getting an attach ticket", &e);

@@ -18,7 +18,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use devmesh_shared::api::{
     self, AGENT_TOKEN_HEADER, AgentLogEntry, AgentLogsAccepted, AgentLogsRequest, AgentManifest,
-    AppHealth, AppHealthRequest, AttachTicketResponse, LifecycleRequest, LifecycleState, RelayInfo,
+    AppHealth, AppHealthRequest, AttachTicketRequest, AttachTicketResponse, LifecycleRequest,
+    LifecycleState, RelayInfo,
 };
 use devmesh_shared::secret::Secret;
 use devmesh_shared::tunnel::{Control, io as wire};
@@ -75,6 +76,8 @@ impl<T> Drop for AbortOnDrop<T> {
 pub(crate) struct Recorded {
     pub(crate) manifest_calls: u32,
     pub(crate) tickets_issued: u32,
+    /// The relay each ticket was asked for, in order.
+    pub(crate) ticket_relays: Vec<String>,
     pub(crate) lifecycle: Vec<LifecycleState>,
     /// Log posts that arrived (including ones still held by the gate).
     pub(crate) log_posts: u32,
@@ -223,12 +226,17 @@ async fn manifest(State(s): State<Arc<PrimaryState>>, headers: HeaderMap) -> Res
     Json(b.manifest.clone()).into_response()
 }
 
-async fn ticket(State(s): State<Arc<PrimaryState>>, headers: HeaderMap) -> Response {
+async fn ticket(
+    State(s): State<Arc<PrimaryState>>,
+    headers: HeaderMap,
+    Json(req): Json<AttachTicketRequest>,
+) -> Response {
     if let Some(r) = unauthorized(&headers) {
         return r;
     }
     let n = {
         let mut rec = s.recorded.lock();
+        rec.ticket_relays.push(req.relay);
         rec.tickets_issued += 1;
         rec.tickets_issued
     };

@@ -130,7 +130,7 @@ async fn serve(
         .filter(|_| cookie_allowed(&head, host))
         .and_then(|t| Some((t, edge.keys.verify::<AppToken>(t, now).ok()?)))
         .filter(|(_, t)| t.host == host && t.target == app.target && !edge.revoked(t));
-    let (claims, new_cookie) = match from_cookie {
+    let (claims, grant, new_cookie) = match from_cookie {
         Some((signed, t)) => {
             count(edge, "token");
             // An aging token is renewed once through the primary (cached,
@@ -143,13 +143,13 @@ async fn serve(
             } else {
                 None
             };
-            (t, renewed.map(|d| d.token.clone()))
+            (t, signed.to_owned(), renewed.map(|d| d.token.clone()))
         }
         None => {
             let key = header_key(&head.headers);
             let credential = key.as_deref().map_or(Credential::None, Credential::Key);
             match decision(edge, host, credential, &client).await {
-                Ok(d) => (d.claims.clone(), Some(d.token.clone())),
+                Ok(d) => (d.claims.clone(), d.token.clone(), Some(d.token.clone())),
                 Err(AppError::Unauthenticated) => {
                     return sign_in(&edge.primary, edge.scheme, host, &head);
                 }
@@ -168,6 +168,9 @@ async fn serve(
         } else {
             claims.base_path.clone()
         },
+        // The app token is what the agent's home relay checks when the
+        // stream crosses the mesh.
+        grant: Some(grant),
     };
     let Some(relay) = edge.relay.get() else {
         return Err(AppError::PrimaryUnavailable);

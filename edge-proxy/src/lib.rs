@@ -484,10 +484,10 @@ async fn register_loop(
             global_wildcard_hostname: edge.args.global_wildcard_access_url.clone(),
             relay_address: edge.relay_address.clone(),
             csr_pem: csr.to_owned(),
-            attached_agents: edge
+            attachments: edge
                 .relay
                 .get()
-                .map(Relay::attached_agents)
+                .map(Relay::attachment_proofs)
                 .unwrap_or_default(),
         };
         let outcome = edge
@@ -608,6 +608,7 @@ fn start_relay(
             keys: edge.keys.clone(),
             events,
             locations: edge.locations.clone(),
+            grant_signer: None,
         },
         shutdown.clone(),
         tracker,

@@ -55,19 +55,19 @@ async fn attach(
     config: &quinn::ClientConfig,
     manifest: &AgentManifest,
 ) -> anyhow::Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream)> {
+    let relay = manifest
+        .relays
+        .first()
+        .context("the manifest lists no relay")?;
     let ticket: AttachTicketResponse = http
         .post(format!("{url}/api/v2/workspaceagents/me/attach-ticket"))
         .header(AGENT_TOKEN_HEADER, token)
-        .json(&json!({}))
+        .json(&json!({ "relay": relay.address }))
         .send()
         .await?
         .error_for_status()?
         .json()
         .await?;
-    let relay = manifest
-        .relays
-        .first()
-        .context("the manifest lists no relay")?;
     let addr = tokio::net::lookup_host(relay.address.as_str())
         .await?
         .next()

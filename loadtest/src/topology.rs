@@ -492,11 +492,6 @@ impl Deployment {
             } else {
                 r.name.clone()
             };
-            let created = dep.api_post("/edges", json!({"name": edge_name})).await?;
-            let edge_token = created["edge_token"]
-                .as_str()
-                .context("edge token")?
-                .to_owned();
             let port = free_port()?;
             let bind = relay_binds[&r.name];
             let mut advertised = bind;
@@ -545,6 +540,23 @@ impl Deployment {
                     spec,
                 });
             }
+            // The owner sets where the edge is; it registers with exactly that.
+            let access_url = format!("https://{}.localhost:{access_port}", r.name);
+            let created = dep
+                .api_post(
+                    "/edges",
+                    json!({
+                        "name": edge_name,
+                        "access_url": access_url,
+                        "wildcard_hostname": format!("*.{}.{APPS_DOMAIN}", r.name),
+                        "relay_hosts": [advertised.ip().to_string()],
+                    }),
+                )
+                .await?;
+            let edge_token = created["edge_token"]
+                .as_str()
+                .context("edge token")?
+                .to_owned();
             let args: Vec<String> = vec![
                 "edge".into(),
                 "--max-connections-per-ip".into(),
@@ -556,7 +568,7 @@ impl Deployment {
                 "--edge-token".into(),
                 edge_token,
                 "--access-url".into(),
-                format!("https://{}.localhost:{access_port}", r.name),
+                access_url,
                 "--wildcard-access-url".into(),
                 format!("*.{}.{APPS_DOMAIN}", r.name),
                 "--listen".into(),

@@ -48,6 +48,9 @@ pub struct Metrics {
     pub key_checks: Family<ResultLabels, Counter>,
     /// Queries that failed because the database was unavailable.
     pub db_unavailable: Counter,
+    /// Claims from edges the primary refused, by kind (`attachment_proof`,
+    /// `registration`).
+    pub edge_refusals: Family<ResultLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -83,6 +86,12 @@ impl Metrics {
             "Requests that failed because the database was unavailable",
             db_unavailable.clone(),
         );
+        let edge_refusals = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "edge_refusals",
+            "Claims from edges the primary refused",
+            edge_refusals.clone(),
+        );
         let build_info = Family::<Vec<(String, String)>, Gauge>::default();
         build_info
             .get_or_create(&vec![("version".into(), devmesh_shared::VERSION.into())])
@@ -95,6 +104,7 @@ impl Metrics {
             logins,
             key_checks,
             db_unavailable,
+            edge_refusals,
         }
     }
 

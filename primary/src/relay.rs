@@ -55,6 +55,10 @@ pub async fn start(
             keys,
             events,
             locations: locations.clone(),
+            grant_signer: Some({
+                let signer = signer.clone();
+                Arc::new(move |g: &devmesh_shared::signing::StreamGrant| signer.sign(g))
+            }),
         },
         shutdown,
         tracker,
@@ -78,12 +82,19 @@ async fn record_attachments(
 ) {
     while let Some(event) = rx.recv().await {
         match event {
-            AttachEvent::Attached { agent, .. } => {
-                if let Err(e) = record_connected(&db, agent, &me).await {
-                    tracing::warn!(agent.id = %agent, error = %e, "could not record the agent's connection");
+            AttachEvent::Attached {
+                agent,
+                issued_at_ms,
+                ..
+            } => match record_connected(&db, agent, &me, issued_at_ms).await {
+                Ok(true) => bus.agent_moved(agent, Some((*me).clone())).await,
+                Ok(false) => {
+                    tracing::info!(agent.id = %agent, "the agent has attached elsewhere since; not recorded here")
                 }
-                bus.agent_moved(agent, Some((*me).clone())).await;
-            }
+                Err(e) => {
+                    tracing::warn!(agent.id = %agent, error = %e, "could not record the agent's connection")
+                }
+            },
             AttachEvent::Alive { agent } => {
                 let _ = sqlx::query(
                     "UPDATE workspace_agents SET last_connected_at = now() WHERE id = $1",
@@ -103,16 +114,28 @@ async fn record_attachments(
     }
 }
 
-/// Records that `agent` is attached to `relay`.
-pub async fn record_connected(db: &PgPool, agent: Uuid, relay: &RelayInfo) -> sqlx::Result<()> {
+/// Records that `agent` is attached to `relay` with a ticket issued at
+/// `issued_at_ms`, unless it has since attached with a newer ticket (or
+/// does not exist); returns whether it was recorded.
+pub async fn record_connected(
+    db: &PgPool,
+    agent: Uuid,
+    relay: &RelayInfo,
+    issued_at_ms: i64,
+) -> sqlx::Result<bool> {
     let mut tx = db.begin().await?;
-    sqlx::query(
+    let current = sqlx::query(
         "UPDATE workspace_agents SET first_connected_at = coalesce(first_connected_at, now()),
-             last_connected_at = now(), disconnected_at = NULL WHERE id = $1",
+             last_connected_at = now(), disconnected_at = NULL, attach_issued_at_ms = $2
+         WHERE id = $1 AND attach_issued_at_ms <= $2",
     )
     .bind(agent)
+    .bind(issued_at_ms)
     .execute(&mut *tx)
     .await?;
+    if current.rows_affected() == 0 {
+        return Ok(false);
+    }
     sqlx::query(
         "INSERT INTO agent_attachments (agent_id, relay, relay_address, relay_server_name) VALUES ($1, $2, $3, $4)
          ON CONFLICT (agent_id) DO UPDATE SET relay = $2, relay_address = $3, relay_server_name = $4,
@@ -124,7 +147,8 @@ pub async fn record_connected(db: &PgPool, agent: Uuid, relay: &RelayInfo) -> sq
     .bind(&relay.server_name)
     .execute(&mut *tx)
     .await?;
-    tx.commit().await
+    tx.commit().await?;
+    Ok(true)
 }
 
 /// Marks `agent` disconnected unless it has attached to another relay

@@ -53,6 +53,10 @@ pub struct Target {
     pub https: bool,
     /// The app's base path.
     pub base_path: String,
+    /// What authorises the stream if it crosses the mesh: the app token
+    /// the decision was signed as (an edge's); `None` where the relay signs
+    /// its own grants (the primary's).
+    pub grant: Option<String>,
 }
 
 /// The host a request is for, lower-cased: the `Host` header, or the URI's
@@ -658,7 +662,7 @@ pub async fn forward(
         https: route.https,
     };
     let mut resp = upstreams
-        .send(relay, key, req, upgrade)
+        .send(relay, key, route.grant.as_deref(), req, upgrade)
         .await
         .map_err(|e| match e {
             SendError::Open(OpenError::NotConnected) => AppError::AgentNotConnected,

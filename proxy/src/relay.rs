@@ -24,7 +24,9 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use devmesh_shared::api::{AgentLocation, RelayInfo};
-use devmesh_shared::signing::{AttachTicket, Claims, PublicKey, TokenError, Verifier};
+use devmesh_shared::signing::{
+    AppToken, AttachTicket, Claims, GrantedStream, PublicKey, StreamGrant, TokenError, Verifier,
+};
 use devmesh_shared::tunnel::{self, Control, MeshHeader, StreamHeader, io as tio};
 use parking_lot::{Mutex, RwLock};
 use quinn::{Connection, RecvStream, SendStream};
@@ -43,6 +45,20 @@ const MESH_DIAL_TIMEOUT: Duration = Duration::from_secs(2);
 /// every user connection between two relays).
 const MAX_STREAMS: u32 = 100_000;
 
+/// How many spent ticket nonces a relay keeps before dropping expired ones.
+const SPENT_PRUNE_AT: usize = 4096;
+
+/// Why a relay refused an attach ticket.
+#[derive(Debug, thiserror::Error)]
+enum AdmitError {
+    #[error(transparent)]
+    Invalid(#[from] TokenError),
+    #[error("the ticket is for another relay")]
+    OtherRelay,
+    #[error("the ticket was already used")]
+    Replayed,
+}
+
 /// Why a stream to an agent could not be opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum OpenError {
@@ -58,11 +74,22 @@ pub enum OpenError {
     /// The agent does not serve this kind of stream.
     #[error("the workspace agent does not support this kind of connection")]
     Unsupported,
+    /// The agent's home relay did not accept the stream's grant.
+    #[error("the workspace's relay refused the connection's authorisation")]
+    Denied,
 }
+
+/// Signs a grant for a stream this relay sends over the mesh when the
+/// caller has none (the primary's relay, which holds the signing key).
+pub type GrantSigner = Arc<dyn Fn(&StreamGrant) -> String + Send + Sync>;
+
+/// How long a grant the relay signs itself lasts: it only has to reach
+/// the home relay.
+const SELF_GRANT_SECS: i64 = 60;
 
 /// An agent's tunnel came or went; the owner of the relay records it (the
 /// primary in its database, an edge by telling the primary).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AttachEvent {
     /// The agent attached (or re-attached, replacing an older tunnel).
     Attached {
@@ -70,6 +97,8 @@ pub enum AttachEvent {
         agent: Uuid,
         /// Its workspace.
         workspace: Uuid,
+        /// When its ticket was issued, unix milliseconds.
+        issued_at_ms: i64,
     },
     /// The agent pinged; sent at most every 30 s per agent.
     Alive {
@@ -159,6 +188,8 @@ pub struct RelayStats {
     pub mesh_bytes: AtomicU64,
     /// Attach tickets refused.
     pub attach_refused: AtomicU64,
+    /// Mesh streams refused for want of a valid grant.
+    pub mesh_denied: AtomicU64,
     /// Agents attached right now.
     pub attached: AtomicI64,
 }
@@ -182,6 +213,8 @@ pub struct RelayConfig {
     pub events: mpsc::UnboundedSender<AttachEvent>,
     /// Where other relays' agents are.
     pub locations: Locations,
+    /// Signs grants for mesh streams opened without one (the primary).
+    pub grant_signer: Option<GrantSigner>,
 }
 
 impl std::fmt::Debug for RelayConfig {
@@ -193,8 +226,17 @@ impl std::fmt::Debug for RelayConfig {
     }
 }
 
+/// An attached agent's tunnel, with the ticket it attached with (the proof
+/// an edge shows the primary that the agent chose this relay).
+struct AgentTunnel {
+    conn: Connection,
+    ticket: Arc<str>,
+}
+
 struct Inner {
-    agents: Mutex<HashMap<Uuid, Connection>>,
+    agents: Mutex<HashMap<Uuid, AgentTunnel>>,
+    /// Nonces of the tickets accepted here, until they expire (unix s).
+    spent: Mutex<HashMap<String, i64>>,
     peers: Mutex<HashMap<String, Connection>>,
     endpoint: quinn::Endpoint,
     mesh_client: RwLock<quinn::ClientConfig>,
@@ -203,6 +245,7 @@ struct Inner {
     keys: Keys,
     events: mpsc::UnboundedSender<AttachEvent>,
     locations: Locations,
+    grant_signer: Option<GrantSigner>,
     stats: Arc<RelayStats>,
 }
 
@@ -244,6 +287,7 @@ impl Relay {
         let relay = Self {
             inner: Arc::new(Inner {
                 agents: Mutex::default(),
+                spent: Mutex::default(),
                 peers: Mutex::default(),
                 endpoint: endpoint.clone(),
                 mesh_client: RwLock::new(mesh_client),
@@ -252,6 +296,7 @@ impl Relay {
                 keys: config.keys,
                 events: config.events,
                 locations: config.locations,
+                grant_signer: config.grant_signer,
                 stats: Arc::default(),
             }),
             local_addr,
@@ -313,14 +358,28 @@ impl Relay {
         self.inner.agents.lock().keys().copied().collect()
     }
 
+    /// The tickets the agents attached here presented: the primary's own
+    /// signed proof that each agent chose this relay.
+    pub fn attachment_proofs(&self) -> Vec<String> {
+        self.inner
+            .agents
+            .lock()
+            .values()
+            .map(|a| a.ticket.to_string())
+            .collect()
+    }
+
     /// Opens a stream to `agent`: down its tunnel when it is attached here,
-    /// otherwise over the mesh to its home relay.
+    /// otherwise over the mesh to its home relay, which opens it only with
+    /// `grant` (an app token or a stream grant for this agent and stream;
+    /// without one, this relay signs a grant if it can).
     pub async fn open(
         &self,
         agent: Uuid,
         header: &StreamHeader,
+        grant: Option<&str>,
     ) -> Result<(SendStream, RecvStream), OpenError> {
-        let local = self.inner.agents.lock().get(&agent).cloned();
+        let local = self.inner.agents.lock().get(&agent).map(|a| a.conn.clone());
         if let Some(conn) = local {
             self.inner
                 .stats
@@ -335,26 +394,35 @@ impl Relay {
             // The location is stale: the agent left this relay.
             return Err(OpenError::NotConnected);
         }
-        self.open_mesh(&home, agent, header).await
+        let grant = match (grant, &self.inner.grant_signer) {
+            (Some(g), _) => g.to_owned(),
+            (None, Some(sign)) => sign(&StreamGrant {
+                agent_id: agent,
+                stream: granted(header),
+                exp: chrono::Utc::now().timestamp() + SELF_GRANT_SECS,
+            }),
+            (None, None) => String::new(),
+        };
+        let mesh = MeshHeader {
+            agent_id: agent,
+            grant,
+            inner: header.clone(),
+        };
+        self.open_mesh(&home, &mesh).await
     }
 
     async fn open_mesh(
         &self,
         home: &RelayInfo,
-        agent: Uuid,
-        header: &StreamHeader,
+        mesh: &MeshHeader,
     ) -> Result<(SendStream, RecvStream), OpenError> {
-        let mesh = MeshHeader {
-            agent_id: agent,
-            inner: header.clone(),
-        };
         // A cached link may have died while idle: one retry on a fresh one.
         for attempt in 0..2 {
             let conn = self.peer(home, attempt > 0).await?;
             let Ok((mut send, mut recv)) = conn.open_bi().await else {
                 continue;
             };
-            if tio::write_mesh_header(&mut send, &mesh).await.is_err() {
+            if tio::write_mesh_header(&mut send, mesh).await.is_err() {
                 continue;
             }
             let mut status = [0u8; 1];
@@ -368,6 +436,20 @@ impl Relay {
             return status_result(status[0]).map(|()| (send, recv));
         }
         Err(OpenError::Lost)
+    }
+
+    /// Whether a mesh stream's grant, signed by the primary and not expired,
+    /// names its agent and what it opens.
+    fn authorised(&self, header: &MeshHeader) -> bool {
+        let now = chrono::Utc::now().timestamp();
+        let wanted = granted(&header.inner);
+        if let Ok(g) = self.inner.keys.verify::<StreamGrant>(&header.grant, now) {
+            return g.agent_id == header.agent_id && g.stream == wanted;
+        }
+        if let Ok(t) = self.inner.keys.verify::<AppToken>(&header.grant, now) {
+            return t.agent_id == header.agent_id && GrantedStream::Port(t.port) == wanted;
+        }
+        false
     }
 
     /// A mesh connection to `home`, dialed if there is none (or `fresh`).
@@ -460,8 +542,20 @@ impl Relay {
             .stats
             .mesh_streams_in
             .fetch_add(1, Ordering::Relaxed);
+        if !self.authorised(&header) {
+            self.inner.stats.mesh_denied.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(agent.id = %header.agent_id, "refused a mesh stream without a valid grant");
+            let _ = send.write_all(&[tunnel::status::DENIED]).await;
+            let _ = send.finish();
+            return Ok(());
+        }
         // Only agents attached here: a mesh stream is never forwarded again.
-        let local = self.inner.agents.lock().get(&header.agent_id).cloned();
+        let local = self
+            .inner
+            .agents
+            .lock()
+            .get(&header.agent_id)
+            .map(|a| a.conn.clone());
         let opened = match local {
             Some(agent) => open_on(&agent, &header.inner).await,
             None => Err(OpenError::NotConnected),
@@ -483,16 +577,36 @@ impl Relay {
         Ok(())
     }
 
+    /// Accepts a ticket signed by the primary, addressed to this relay, not
+    /// expired and not presented here before.
+    fn admit(&self, ticket: &str, now: i64) -> Result<AttachTicket, AdmitError> {
+        let ticket: AttachTicket = self.inner.keys.verify(ticket, now)?;
+        if ticket.relay != self.inner.advertised.address {
+            return Err(AdmitError::OtherRelay);
+        }
+        let mut spent = self.inner.spent.lock();
+        if spent.len() >= SPENT_PRUNE_AT {
+            spent.retain(|_, exp| *exp > now);
+        }
+        if spent.insert(ticket.nonce.clone(), ticket.exp).is_some() {
+            return Err(AdmitError::Replayed);
+        }
+        Ok(ticket)
+    }
+
     async fn serve_agent(&self, conn: Connection) -> anyhow::Result<()> {
         let (mut send, mut recv) =
             tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.accept_bi()).await??;
         let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, tio::read_control(&mut recv)).await??;
-        let Some(Control::Attach { ticket }) = first else {
+        let Some(Control::Attach {
+            ticket: ticket_text,
+        }) = first
+        else {
             conn.close(1u32.into(), b"expected attach");
             anyhow::bail!("first control message was not Attach");
         };
         let now = chrono::Utc::now().timestamp();
-        let ticket: AttachTicket = match self.inner.keys.verify(&ticket, now) {
+        let ticket: AttachTicket = match self.admit(&ticket_text, now) {
             Ok(t) => t,
             Err(e) => {
                 self.inner
@@ -522,9 +636,17 @@ impl Relay {
             },
         )
         .await?;
-        let replaced = self.inner.agents.lock().insert(agent, conn.clone());
+        let replaced = self.inner.agents.lock().insert(
+            agent,
+            AgentTunnel {
+                conn: conn.clone(),
+                ticket: ticket_text.into(),
+            },
+        );
         match replaced {
-            Some(old) => old.close(2u32.into(), b"replaced by a newer connection"),
+            Some(old) => old
+                .conn
+                .close(2u32.into(), b"replaced by a newer connection"),
             None => {
                 self.inner.stats.attached.fetch_add(1, Ordering::Relaxed);
             }
@@ -532,6 +654,7 @@ impl Relay {
         let _ = self.inner.events.send(AttachEvent::Attached {
             agent,
             workspace: ticket.workspace_id,
+            issued_at_ms: ticket.issued_at_ms,
         });
         tracing::info!(agent.id = %agent, workspace.id = %ticket.workspace_id, client.addr = %conn.remote_address(), "agent attached");
 
@@ -560,7 +683,9 @@ impl Relay {
         let removed = {
             let mut agents = self.inner.agents.lock();
             match agents.get(&agent) {
-                Some(c) if c.stable_id() == conn.stable_id() => agents.remove(&agent).is_some(),
+                Some(a) if a.conn.stable_id() == conn.stable_id() => {
+                    agents.remove(&agent).is_some()
+                }
                 _ => false,
             }
         };
@@ -639,6 +764,7 @@ fn status_result(status: u8) -> Result<(), OpenError> {
         tunnel::status::OK => Ok(()),
         tunnel::status::REFUSED => Err(OpenError::Refused),
         tunnel::status::NOT_CONNECTED => Err(OpenError::NotConnected),
+        tunnel::status::DENIED => Err(OpenError::Denied),
         _ => Err(OpenError::Unsupported),
     }
 }
@@ -648,6 +774,15 @@ fn error_status(e: OpenError) -> u8 {
         OpenError::NotConnected | OpenError::Lost => tunnel::status::NOT_CONNECTED,
         OpenError::Refused => tunnel::status::REFUSED,
         OpenError::Unsupported => tunnel::status::UNSUPPORTED,
+        OpenError::Denied => tunnel::status::DENIED,
+    }
+}
+
+/// What a stream header asks to open, as a grant names it.
+fn granted(header: &StreamHeader) -> GrantedStream {
+    match header {
+        StreamHeader::Tcp { port } => GrantedStream::Port(*port),
+        StreamHeader::Ssh | StreamHeader::Pty { .. } => GrantedStream::Shell,
     }
 }
 

@@ -72,6 +72,7 @@ impl Pool {
         self: &Arc<Self>,
         relay: &Relay,
         key: Key,
+        grant: Option<&str>,
         mut req: hyper::Request<Body>,
         fresh: bool,
     ) -> Result<hyper::Response<hyper::body::Incoming>, SendError> {
@@ -95,7 +96,7 @@ impl Pool {
                 }
             }
         }
-        let mut sender = connect(relay, key, fresh).await?;
+        let mut sender = connect(relay, key, grant, fresh).await?;
         let resp = sender
             .send_request(req)
             .await
@@ -140,11 +141,16 @@ impl Pool {
     }
 }
 
-async fn connect(relay: &Relay, key: Key, upgrades: bool) -> Result<SendRequest<Body>, SendError> {
+async fn connect(
+    relay: &Relay,
+    key: Key,
+    grant: Option<&str>,
+    upgrades: bool,
+) -> Result<SendRequest<Body>, SendError> {
     // A stuck agent must not hang the request: opening includes its answer.
     let opened = tokio::time::timeout(
         CONNECT_TIMEOUT,
-        relay.open(key.agent, &StreamHeader::Tcp { port: key.port }),
+        relay.open(key.agent, &StreamHeader::Tcp { port: key.port }, grant),
     )
     .await
     .map_err(|_| SendError::App("the workspace agent did not answer in time".into()))?;

@@ -624,9 +624,25 @@ pub struct CreateEdgeRequest {
     /// Shown to users; defaults to the name.
     #[serde(default)]
     pub display_name: Option<String>,
+    /// The region's base URL, like `https://eu.example.com`. An edge
+    /// without one cannot register; a replica's registration must name
+    /// exactly the access URL and wildcards set here, and a relay on one of
+    /// the relay hosts (the access URL's host when none are listed).
+    #[serde(default)]
+    pub access_url: Option<String>,
+    /// The region's app wildcard, like `*.eu.apps.example.com`.
+    #[serde(default)]
+    pub wildcard_hostname: Option<String>,
+    /// A global app wildcard the edge also serves (behind GeoDNS).
+    #[serde(default)]
+    pub global_wildcard_hostname: Option<String>,
+    /// Hosts (names or IPs) the edge's relays may advertise, at any port.
+    #[serde(default)]
+    pub relay_hosts: Vec<String>,
 }
 
-/// `PATCH /api/v2/edges/{edge}`.
+/// `PATCH /api/v2/edges/{edge}`: each field given replaces the current
+/// one; an empty string clears an optional address.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateEdgeRequest {
@@ -636,6 +652,18 @@ pub struct UpdateEdgeRequest {
     /// New display name.
     #[serde(default)]
     pub display_name: Option<String>,
+    /// New access URL.
+    #[serde(default)]
+    pub access_url: Option<String>,
+    /// New regional app wildcard.
+    #[serde(default)]
+    pub wildcard_hostname: Option<String>,
+    /// New global app wildcard.
+    #[serde(default)]
+    pub global_wildcard_hostname: Option<String>,
+    /// New relay hosts.
+    #[serde(default)]
+    pub relay_hosts: Option<Vec<String>>,
 }
 
 /// An edge (one region's proxy, possibly several replicas).
@@ -651,10 +679,16 @@ pub struct Edge {
     pub status: String,
     /// Whether it serves traffic.
     pub healthy: bool,
-    /// The region's base URL, once registered.
+    /// The region's base URL.
     pub access_url: Option<String>,
-    /// The region's app wildcard, once registered.
+    /// The region's app wildcard.
     pub wildcard_hostname: Option<String>,
+    /// The global app wildcard it also serves.
+    #[serde(default)]
+    pub global_wildcard_hostname: Option<String>,
+    /// Hosts its relays may advertise.
+    #[serde(default)]
+    pub relay_hosts: Vec<String>,
     /// Creation time.
     pub created_at: DateTime<Utc>,
     /// Last change.
@@ -802,7 +836,16 @@ pub struct RelayInfo {
     pub server_name: String,
 }
 
-/// `POST /api/v2/workspaceagents/me/attach-ticket`.
+/// `POST /api/v2/workspaceagents/me/attach-ticket`: a ticket for one attach
+/// to one relay.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AttachTicketRequest {
+    /// The address of the relay the agent is about to attach to, as the
+    /// manifest lists it; the ticket is valid there only.
+    pub relay: String,
+}
+
+/// The answer to [`AttachTicketRequest`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AttachTicketResponse {
     /// Ed25519-signed ticket to present on the control stream.
@@ -984,10 +1027,13 @@ pub struct EdgeRegisterRequest {
     pub relay_address: String,
     /// PEM certificate signing request for the replica's mesh certificate.
     pub csr_pem: String,
-    /// Agents attached to this replica's relay right now; the primary
-    /// records them as the agents' home relay.
+    /// The attach tickets of the agents attached to this replica's relay
+    /// right now: proof, signed by the primary and addressed to this relay,
+    /// that each agent chose to attach here. The primary records each as
+    /// the agent's home relay unless the agent has since attached with a
+    /// newer ticket elsewhere.
     #[serde(default)]
-    pub attached_agents: Vec<Uuid>,
+    pub attachments: Vec<String>,
 }
 
 /// What a registered edge replica needs.

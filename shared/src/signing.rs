@@ -81,6 +81,14 @@ pub struct AttachTicket {
     pub agent_id: Uuid,
     /// The workspace the agent belongs to.
     pub workspace_id: Uuid,
+    /// The audience: the address of the one relay that may accept it (as
+    /// the relay advertises itself), so no other relay can replay it.
+    pub relay: String,
+    /// Random; a relay accepts each nonce once, so a ticket attaches once.
+    pub nonce: String,
+    /// Issued at, unix milliseconds: of two tickets for one agent, the
+    /// later one says where it is.
+    pub issued_at_ms: i64,
     /// Expiry, unix seconds.
     pub exp: i64,
 }
@@ -149,6 +157,41 @@ pub struct AppToken {
 
 impl Claims for AppToken {
     const TYPE: &'static str = "app";
+    fn expires_at(&self) -> i64 {
+        self.exp
+    }
+}
+
+/// What a [`StreamGrant`] lets its holder open to an agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GrantedStream {
+    /// TCP to one port on the agent's machine.
+    Port(u16),
+    /// A shell: SSH or a terminal.
+    Shell,
+}
+
+/// Lets a relay open one kind of stream to an agent attached to another
+/// relay: carried in the mesh header and checked by the agent's home relay,
+/// so that a mesh certificate alone reaches nothing. The primary signs one
+/// for each decision it makes (edges carry the app token they were given,
+/// which serves the same purpose for its agent and port).
+///
+/// Unknown fields are refused, for the reason given on [`AttachTicket`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamGrant {
+    /// The agent.
+    pub agent_id: Uuid,
+    /// What may be opened.
+    pub stream: GrantedStream,
+    /// Expiry, unix seconds.
+    pub exp: i64,
+}
+
+impl Claims for StreamGrant {
+    const TYPE: &'static str = "stream";
     fn expires_at(&self) -> i64 {
         self.exp
     }
@@ -322,6 +365,13 @@ impl Verifier {
         }
         Ok(claims)
     }
+
+    /// Like [`Verifier::verify`] but accepts an expired token: for tokens
+    /// kept as proof of something that happened while they were valid (an
+    /// attach ticket a relay accepted), never as a credential.
+    pub fn verify_ignoring_expiry<C: Claims>(&self, token: &str) -> Result<C, TokenError> {
+        self.verify(token, i64::MIN)
+    }
 }
 
 fn decode_json<T: DeserializeOwned>(part: &str) -> Result<T, TokenError> {
@@ -345,6 +395,9 @@ mod tests {
         AttachTicket {
             agent_id: Uuid::new_v4(),
             workspace_id: Uuid::new_v4(),
+            relay: "relay.example.com:7443".into(),
+            nonce: "n".into(),
+            issued_at_ms: NOW * 1000,
             exp: NOW + 60,
         }
     }
@@ -414,6 +467,21 @@ mod tests {
             Err(TokenError::Expired)
         );
         assert!(verifier.verify::<AttachTicket>(&token, NOW + 59).is_ok());
+    }
+
+    #[test]
+    fn expired_proofs_still_need_a_valid_signature() {
+        let (key, verifier) = setup();
+        let old = AttachTicket { exp: 1, ..ticket() };
+        assert_eq!(
+            verifier.verify_ignoring_expiry::<AttachTicket>(&key.sign(&old)),
+            Ok(old.clone())
+        );
+        let stranger = SigningKey::generate("k1");
+        assert_eq!(
+            verifier.verify_ignoring_expiry::<AttachTicket>(&stranger.sign(&old)),
+            Err(TokenError::BadSignature)
+        );
     }
 
     #[test]

@@ -38,6 +38,8 @@ pub mod status {
     pub const UNSUPPORTED: u8 = 0x02;
     /// Mesh streams only: the agent is not attached to this relay.
     pub const NOT_CONNECTED: u8 = 0x03;
+    /// Mesh streams only: the grant does not authorise this stream.
+    pub const DENIED: u8 = 0x04;
 }
 
 // Stream headers and control messages use disjoint kind ranges so a frame
@@ -84,6 +86,10 @@ pub enum StreamHeader {
 pub struct MeshHeader {
     /// The agent, which must be attached to the receiving relay.
     pub agent_id: uuid::Uuid,
+    /// What authorises the stream, signed by the primary: an app token or a
+    /// stream grant naming this agent and this port (see
+    /// `devmesh_shared::signing`). A mesh certificate alone opens nothing.
+    pub grant: String,
     /// The stream to open to it.
     pub inner: StreamHeader,
 }
@@ -252,9 +258,10 @@ impl MeshHeader {
     pub fn try_encode(&self, out: &mut Vec<u8>) -> Result<(), EncodeError> {
         let mut inner = Vec::new();
         self.inner.try_encode(&mut inner)?;
-        let len = check_body_len(16 + inner.len())?;
+        let len = check_body_len(16 + 2 + self.grant.len() + inner.len())?;
         put_prefix(out, KIND_MESH, len);
         out.extend_from_slice(self.agent_id.as_bytes());
+        put_str(out, &self.grant);
         out.extend_from_slice(&inner);
         Ok(())
     }
@@ -267,12 +274,20 @@ impl MeshHeader {
         };
         let mut r = Body(body);
         let agent_id = uuid::Uuid::from_bytes(r.take()?);
+        let grant = r.string()?;
         let inner = match StreamHeader::decode(r.0)? {
             Some((inner, used)) if used == r.0.len() => inner,
             Some(_) => return Err(DecodeError::Malformed("trailing bytes in body")),
             None => return Err(DecodeError::Malformed("truncated inner header")),
         };
-        Ok(Some((MeshHeader { agent_id, inner }, consumed)))
+        Ok(Some((
+            MeshHeader {
+                agent_id,
+                grant,
+                inner,
+            },
+            consumed,
+        )))
     }
 }
 
@@ -997,8 +1012,8 @@ mod tests {
         }
 
         #[test]
-        fn mesh_headers_round_trip(h in any_header(), id in any::<u128>(), tail in proptest::collection::vec(any::<u8>(), 0..8)) {
-            let m = MeshHeader { agent_id: uuid::Uuid::from_u128(id), inner: h };
+        fn mesh_headers_round_trip(h in any_header(), id in any::<u128>(), grant in "[a-zA-Z0-9._-]{0,64}", tail in proptest::collection::vec(any::<u8>(), 0..8)) {
+            let m = MeshHeader { agent_id: uuid::Uuid::from_u128(id), grant, inner: h };
             let mut bytes = Vec::new();
             m.try_encode(&mut bytes).expect("fits");
             let len = bytes.len();
@@ -1008,7 +1023,7 @@ mod tests {
 
         #[test]
         fn mesh_header_prefixes_are_incomplete_and_garbage_is_refused(h in any_header(), cut in 0usize..64, junk in any::<u8>()) {
-            let m = MeshHeader { agent_id: uuid::Uuid::from_u128(7), inner: h };
+            let m = MeshHeader { agent_id: uuid::Uuid::from_u128(7), grant: "g.r.ant".into(), inner: h };
             let mut bytes = Vec::new();
             m.try_encode(&mut bytes).expect("fits");
             let cut = cut.min(bytes.len() - 1);

@@ -557,6 +557,42 @@ async fn edges_register_heartbeat_and_deregister_with_their_token() {
             "wildcard_hostname": "*.eu.apps.example.com", "relay_address": "127.0.0.1:4433", "csr_pem": csr,
         })
     };
+    // Nothing registers before the owner says where the edge is.
+    assert_error(
+        &edge(&token)
+            .post("/edges/me/register", register(env!("CARGO_PKG_VERSION")))
+            .await,
+        StatusCode::CONFLICT,
+        "no access URL",
+    );
+    let (s, set) = owner
+        .patch(
+            "/edges/eu-west",
+            json!({"access_url": "https://eu.example.com/", "wildcard_hostname": "*.EU.apps.example.com",
+                   "relay_hosts": ["127.0.0.1"]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{set}");
+    assert_eq!(set["access_url"], "https://eu.example.com");
+    assert_eq!(set["wildcard_hostname"], "*.eu.apps.example.com");
+    for (field, value) in [
+        ("access_url", "ftp://eu.example.com"),
+        ("access_url", "https://eu.example.com/path"),
+        ("wildcard_hostname", "eu.apps.example.com"),
+        ("wildcard_hostname", "*.apps..example.com"),
+        ("relay_hosts", "not a host"),
+    ] {
+        let value = if field == "relay_hosts" {
+            json!([value])
+        } else {
+            json!(value)
+        };
+        assert_error(
+            &owner.patch("/edges/eu-west", json!({ field: value })).await,
+            StatusCode::BAD_REQUEST,
+            field,
+        );
+    }
     let (s, reg) = edge(&token)
         .post("/edges/me/register", register(env!("CARGO_PKG_VERSION")))
         .await;

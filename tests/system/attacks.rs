@@ -276,15 +276,10 @@ async fn devmesh_pages_refuse_framing() {
 #[tokio::test]
 async fn silent_slow_and_greedy_clients_cannot_hold_the_listeners() {
     let m = Mesh::start().await;
-    let edge_token = {
-        let (s, e) = m.owner.post("/edges", json!({"name": "tight"})).await;
-        assert_eq!(s, StatusCode::CREATED, "{e}");
-        e["edge_token"].as_str().unwrap().to_owned()
-    };
     let primary = format!("http://127.0.0.1:{}", m.primary_port);
-    let tight = EdgeProcess::start(
+    let (tight, _) = EdgeProcess::create(
+        &m.owner,
         &primary,
-        &edge_token,
         "tight",
         &[
             "--max-connections-per-ip",
@@ -471,5 +466,219 @@ async fn clients_never_follow_a_redirect_with_their_token() {
     assert!(
         seen.iter().all(|h| !h.contains("secret")),
         "a token followed a redirect: {seen:?}"
+    );
+}
+
+/// A ticket for the agent whose token is `agent_token` to attach to `relay`.
+async fn ticket(primary: &str, agent_token: &str, relay: &str) -> String {
+    let r: Value = reqwest::Client::new()
+        .post(format!("{primary}/api/v2/workspaceagents/me/attach-ticket"))
+        .header(devmesh_shared::api::AGENT_TOKEN_HEADER, agent_token)
+        .json(&json!({ "relay": relay }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    r["ticket"].as_str().expect("a ticket").to_owned()
+}
+
+/// The sum of a primary metric's samples whose line starts with `prefix`.
+async fn primary_metric(m: &Mesh, prefix: &str) -> u64 {
+    let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", m.primary_port))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn an_edge_cannot_claim_agents_domains_or_addresses_it_was_not_given() {
+    use crate::support::register;
+    use devmesh_shared::signing::{AttachTicket, SigningKey};
+    let m = Mesh::start().await;
+    let primary = format!("http://127.0.0.1:{}", m.primary_port);
+    let mut tokens = Vec::new();
+    for name in ["r1", "r2"] {
+        let (s, e) = m
+            .owner
+            .post(
+                "/edges",
+                json!({"name": name, "access_url": "https://edge.example.com", "relay_hosts": ["127.0.0.1"]}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{e}");
+        tokens.push(e["edge_token"].as_str().unwrap().to_owned());
+    }
+    let (r1, r2) = (&tokens[0], &tokens[1]);
+    let (_, regions) = m.owner.get("/regions").await;
+    let eu_relay = regions["regions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "eu")
+        .unwrap()["relay_address"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let refused_before =
+        primary_metric(&m, "devmesh_edge_refusals_total{result=\"registration\"}").await;
+
+    // Domains and addresses the owner did not give it: an open redirect
+    // through the auth redirect, another region's relay (wiping its
+    // attachments), or probes pointed anywhere.
+    let replica = uuid::Uuid::new_v4();
+    for (relay, with, why) in [
+        (
+            "127.0.0.1:40001",
+            json!({"access_url": "https://evil.example"}),
+            "access URL",
+        ),
+        (
+            "127.0.0.1:40001",
+            json!({"wildcard_hostname": "*.evil.example"}),
+            "app wildcard",
+        ),
+        (
+            "127.0.0.1:40001",
+            json!({"global_wildcard_hostname": "*.apps.localhost"}),
+            "global app wildcard",
+        ),
+        ("10.9.9.9:40001", json!({}), "relay hosts"),
+        (eu_relay.as_str(), json!({}), "another edge's relay"),
+    ] {
+        let (s, body) = register(&primary, r1, replica, relay, with).await;
+        assert_eq!(s, StatusCode::CONFLICT, "{why}: {body}");
+        assert!(body["message"].as_str().unwrap().contains(why), "{body}");
+    }
+    assert_eq!(m.attached_region("weu").await.as_deref(), Some("eu"));
+    assert_eq!(
+        primary_metric(&m, "devmesh_edge_refusals_total{result=\"registration\"}").await,
+        refused_before + 5
+    );
+
+    // Claims of attachments without the agent's ticket for this relay: a
+    // bare agent id (what edges used to send), a ticket signed by anyone
+    // but the primary, and a real ticket for another relay.
+    let (s, ws) = m
+        .alice
+        .post("/workspaces", json!({"name": "wx", "template": "byo"}))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{ws}");
+    let wx_agent = ws["agent_tokens"][0]["token"].as_str().unwrap().to_owned();
+    let wx_agent_id: uuid::Uuid = ws["agent_tokens"][0]["agent_id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let (s, body) = register(&primary, r1, replica, "127.0.0.1:40001", json!({})).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let forged = SigningKey::generate("k1").sign(&AttachTicket {
+        agent_id: wx_agent_id,
+        workspace_id: uuid::Uuid::new_v4(),
+        relay: "127.0.0.1:40001".into(),
+        nonce: "n".into(),
+        issued_at_ms: i64::MAX / 2,
+        exp: i64::MAX / 2,
+    });
+    let weu_agent = {
+        let (_, w) = m.alice.get("/users/me/workspaces/weu").await;
+        w["agents"][0]["id"].as_str().unwrap().to_owned()
+    };
+    let for_eu = ticket(&primary, &wx_agent, &eu_relay).await;
+    let (s, body) = register(
+        &primary,
+        r1,
+        replica,
+        "127.0.0.1:40001",
+        json!({"attachments": [weu_agent, forged, for_eu]}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(m.attached_region("weu").await.as_deref(), Some("eu"));
+    assert_eq!(m.attached_region("wx").await, None);
+    assert!(
+        primary_metric(
+            &m,
+            "devmesh_edge_refusals_total{result=\"attachment_proof\"}"
+        )
+        .await
+            >= 3
+    );
+
+    // A real ticket counts, until the agent attaches elsewhere with a newer
+    // one: an old ticket replayed cannot pull it back.
+    let old = ticket(&primary, &wx_agent, "127.0.0.1:40001").await;
+    let (s, _) = register(
+        &primary,
+        r2,
+        uuid::Uuid::new_v4(),
+        "127.0.0.1:40002",
+        json!({}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let newer = ticket(&primary, &wx_agent, "127.0.0.1:40002").await;
+    let (s, _) = register(
+        &primary,
+        r1,
+        replica,
+        "127.0.0.1:40001",
+        json!({"attachments": [old.clone()]}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(m.attached_region("wx").await.as_deref(), Some("r1"));
+    let (s, _) = register(
+        &primary,
+        r2,
+        uuid::Uuid::new_v4(),
+        "127.0.0.1:40002",
+        json!({"attachments": [newer]}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(m.attached_region("wx").await.as_deref(), Some("r2"));
+    let (s, _) = register(
+        &primary,
+        r1,
+        replica,
+        "127.0.0.1:40001",
+        json!({"attachments": [old]}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(m.attached_region("wx").await.as_deref(), Some("r2"));
+
+    // Replicas are capped.
+    let mut last = StatusCode::OK;
+    for i in 0..40u16 {
+        let (s, body) = register(
+            &primary,
+            r2,
+            uuid::Uuid::new_v4(),
+            &format!("127.0.0.1:{}", 41000 + i),
+            json!({}),
+        )
+        .await;
+        if s != StatusCode::OK {
+            assert!(
+                body["message"].as_str().unwrap().contains("replicas"),
+                "{body}"
+            );
+            last = s;
+            break;
+        }
+    }
+    assert_eq!(
+        last,
+        StatusCode::CONFLICT,
+        "40 replicas of one edge registered"
     );
 }

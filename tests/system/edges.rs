@@ -8,7 +8,7 @@ use nix::sys::signal::Signal;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::support::{EdgeProcess, ServerProcess, eventually};
+use crate::support::{EdgeProcess, ServerProcess, eventually, register};
 
 /// A primary process on a fresh database, and its first user (an owner).
 async fn primary_with_owner(dir: &std::path::Path) -> (ServerProcess, Api) {
@@ -45,10 +45,7 @@ async fn region(owner: &Api, name: &str) -> Value {
 async fn an_edge_registers_reports_health_deregisters_and_stops_when_revoked() {
     let dir = tempfile::tempdir().unwrap();
     let (primary, owner) = primary_with_owner(dir.path()).await;
-    let (_, eu) = owner.post("/edges", json!({"name": "eu"})).await;
-    let token = eu["edge_token"].as_str().unwrap().to_owned();
-
-    let mut edge = EdgeProcess::start(&primary.url, &token, "eu", &[], dir.path()).await;
+    let (mut edge, token) = EdgeProcess::create(&owner, &primary.url, "eu", &[], dir.path()).await;
     let edge_url = edge.url.clone();
     let r = eventually(30, "the eu region healthy", || {
         let owner = owner.clone();
@@ -85,7 +82,8 @@ async fn an_edge_registers_reports_health_deregisters_and_stops_when_revoked() {
     assert_eq!(region(&owner, "eu").await["status"], "unregistered");
 
     // A revoked token stops the edge with a message saying so.
-    let mut edge = EdgeProcess::start(&primary.url, &token, "eu", &[], dir.path()).await;
+    let port = edge.port();
+    let mut edge = EdgeProcess::start(&primary.url, &token, "eu", port, &[], dir.path()).await;
     eventually(30, "the eu region healthy again", || {
         let owner = owner.clone();
         async move { Some(region(&owner, "eu").await).filter(|r| r["healthy"] == true) }
@@ -103,8 +101,6 @@ async fn an_edge_registers_reports_health_deregisters_and_stops_when_revoked() {
 async fn an_edge_terminates_tls_with_the_operators_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let (primary, owner) = primary_with_owner(dir.path()).await;
-    let (_, ap) = owner.post("/edges", json!({"name": "ap"})).await;
-
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -119,9 +115,9 @@ async fn an_edge_terminates_tls_with_the_operators_certificate() {
     std::fs::write(dir.path().join("edge.key"), key.serialize_pem()).unwrap();
 
     let (cert, key) = (dir.path().join("edge.pem"), dir.path().join("edge.key"));
-    let edge = EdgeProcess::start(
+    let (edge, _) = EdgeProcess::create(
+        &owner,
         &primary.url,
-        ap["edge_token"].as_str().unwrap(),
         "ap",
         &[
             "--access-url",
@@ -156,36 +152,6 @@ async fn an_edge_terminates_tls_with_the_operators_certificate() {
     assert_eq!(resp.version(), reqwest::Version::HTTP_2);
     assert_eq!(resp.text().await.unwrap(), "ok");
     edge.kill().await;
-}
-
-/// Registers one replica of the edge whose token is `token`, its relay at
-/// `relay_address`; returns the registration's answer.
-async fn register_replica(
-    primary: &TestPrimary,
-    token: &str,
-    replica: uuid::Uuid,
-    relay_address: &str,
-) -> Value {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
-        .unwrap()
-        .serialize_request(&key)
-        .unwrap()
-        .pem()
-        .unwrap();
-    let body = json!({
-        "replica_id": replica, "version": env!("CARGO_PKG_VERSION"),
-        "access_url": "https://edge.example.com", "relay_address": relay_address, "csr_pem": csr,
-    });
-    let resp = reqwest::Client::new()
-        .post(format!("{}/api/v2/edges/me/register", primary.url))
-        .header(devmesh_shared::api::EDGE_TOKEN_HEADER, token)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
-    resp.json().await.unwrap()
 }
 
 /// `(region, address, server_name)` of each relay in a list.
@@ -232,8 +198,16 @@ async fn manifests_and_siblings_list_the_relays_of_edges_that_heartbeated_recent
     assert_eq!(primary_relay[0].2, "primary.relay.devmesh.internal");
 
     let mut tokens = Vec::new();
-    for name in ["eu", "us"] {
-        let (_, e) = owner.post("/edges", json!({"name": name})).await;
+    for (name, hosts) in [
+        ("eu", json!(["10.0.0.1", "10.0.0.2"])),
+        ("us", json!(["10.0.1.1"])),
+    ] {
+        let (_, e) = owner
+            .post(
+                "/edges",
+                json!({"name": name, "access_url": "https://edge.example.com", "relay_hosts": hosts}),
+            )
+            .await;
         tokens.push(e["edge_token"].as_str().unwrap().to_owned());
     }
     let (eu_1, eu_2, us_1) = (
@@ -241,8 +215,10 @@ async fn manifests_and_siblings_list_the_relays_of_edges_that_heartbeated_recent
         uuid::Uuid::new_v4(),
         uuid::Uuid::new_v4(),
     );
-    register_replica(&p, &tokens[0], eu_1, "10.0.0.1:4433").await;
-    register_replica(&p, &tokens[1], us_1, "10.0.1.1:4433").await;
+    let (s, r) = register(&p.url, &tokens[0], eu_1, "10.0.0.1:4433", json!({})).await;
+    assert_eq!(s, StatusCode::OK, "{r}");
+    let (s, r) = register(&p.url, &tokens[1], us_1, "10.0.1.1:4433", json!({})).await;
+    assert_eq!(s, StatusCode::OK, "{r}");
     // The us replica stops heartbeating: past the 30 s it is not healthy.
     sqlx::query(
         "UPDATE relay_replicas SET last_heartbeat_at = now() - interval '31 seconds' WHERE replica_id = $1",
@@ -263,7 +239,8 @@ async fn manifests_and_siblings_list_the_relays_of_edges_that_heartbeated_recent
     assert_eq!(listed, [primary_relay[0].clone(), eu("10.0.0.1:4433")]);
 
     // A second eu replica sees the first as a sibling, but not itself.
-    let second = register_replica(&p, &tokens[0], eu_2, "10.0.0.2:4433").await;
+    let (s, second) = register(&p.url, &tokens[0], eu_2, "10.0.0.2:4433", json!({})).await;
+    assert_eq!(s, StatusCode::OK, "{second}");
     assert_eq!(
         relays(&second["siblings"]),
         [primary_relay[0].clone(), eu("10.0.0.1:4433")]
@@ -280,12 +257,10 @@ async fn an_edge_the_primary_cannot_call_back_is_unhealthy() {
     let p = TestPrimary::start().await;
     let owner = p.owner().await;
     let dir = tempfile::tempdir().unwrap();
-    let (_, eu) = owner.post("/edges", json!({"name": "eu"})).await;
-    let token = eu["edge_token"].as_str().unwrap();
     // Heartbeats arrive, but nothing answers at the advertised access URL.
-    let _edge = EdgeProcess::start(
+    let _edge = EdgeProcess::create(
+        &owner,
         &p.url,
-        token,
         "eu",
         &["--access-url", "http://127.0.0.1:9"],
         dir.path(),

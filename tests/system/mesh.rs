@@ -73,10 +73,9 @@ impl Mesh {
         let global = ["--global-wildcard-access-url", "*.global.localhost"];
         let mut edges = Vec::new();
         for region in ["eu", "ap"] {
-            let (s, e) = owner.post("/edges", json!({"name": region})).await;
-            assert_eq!(s, StatusCode::CREATED, "{e}");
-            let token = e["edge_token"].as_str().unwrap();
-            edges.push(EdgeProcess::start(&primary.url, token, region, &global, dir.path()).await);
+            let (edge, _) =
+                EdgeProcess::create(&owner, &primary.url, region, &global, dir.path()).await;
+            edges.push(edge);
         }
         for region in ["eu", "ap"] {
             eventually(30, &format!("region {region} healthy"), || {
@@ -148,26 +147,32 @@ impl Mesh {
         self.ap.as_ref().expect("the ap edge runs")
     }
 
+    /// Where the primary says the workspace's agent is attached (its relay's region).
+    pub(crate) async fn attached_region(&self, workspace: &str) -> Option<String> {
+        let mut db = <sqlx::PgConnection as sqlx::Connection>::connect(&self.db_url)
+            .await
+            .ok()?;
+        sqlx::query_scalar(
+            "SELECT a.relay FROM agent_attachments a JOIN workspace_agents g ON g.id = a.agent_id
+             JOIN workspaces w ON w.id = g.workspace_id WHERE w.name = $1",
+        )
+        .bind(workspace)
+        .fetch_optional(&mut db)
+        .await
+        .ok()?
+    }
+
     /// Waits until the primary says the workspace's agent is attached in `region`.
     async fn wait_attached(&self, workspace: &str, region: &str) {
         let edge = if region == "eu" { &self.eu } else { self.ap() };
         let log = edge.log.clone();
-        let db_url = self.db_url.clone();
-        eventually(30, &format!("{workspace}'s agent attached in {region} ({log:?})"), || {
-            let db_url = db_url.clone();
-            async move {
-                let mut db = <sqlx::PgConnection as sqlx::Connection>::connect(&db_url).await.ok()?;
-                let relay: Option<String> = sqlx::query_scalar(
-                    "SELECT a.relay FROM agent_attachments a JOIN workspace_agents g ON g.id = a.agent_id
-                     JOIN workspaces w ON w.id = g.workspace_id WHERE w.name = $1",
-                )
-                .bind(workspace)
-                .fetch_optional(&mut db)
-                .await
-                .ok()?;
-                (relay.as_deref() == Some(region)).then_some(())
-            }
-        })
+        eventually(
+            30,
+            &format!("{workspace}'s agent attached in {region} ({log:?})"),
+            || async {
+                (self.attached_region(workspace).await.as_deref() == Some(region)).then_some(())
+            },
+        )
         .await;
     }
 

@@ -225,13 +225,98 @@ pub(crate) struct EdgeProcess {
     pub(crate) log: PathBuf,
 }
 
+/// The value following `flag` in `args`.
+fn flag_value<'a>(args: &[&'a str], flag: &str) -> Option<&'a str> {
+    args.iter()
+        .position(|a| *a == flag)
+        .and_then(|i| args.get(i + 1).copied())
+}
+
+/// Registers one replica of the edge whose token is `token` by hand, as a
+/// (possibly hostile) edge process would: access URL
+/// `https://edge.example.com`, its relay at `relay_address`, overridden or
+/// extended by the fields of `with`. Returns the primary's answer.
+pub(crate) async fn register(
+    primary: &str,
+    token: &str,
+    replica: uuid::Uuid,
+    relay_address: &str,
+    with: serde_json::Value,
+) -> (reqwest::StatusCode, serde_json::Value) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .serialize_request(&key)
+        .unwrap()
+        .pem()
+        .unwrap();
+    let mut body = serde_json::json!({
+        "replica_id": replica, "version": env!("CARGO_PKG_VERSION"),
+        "access_url": "https://edge.example.com", "relay_address": relay_address, "csr_pem": csr,
+    });
+    for (k, v) in with.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    let resp = reqwest::Client::new()
+        .post(format!("{primary}/api/v2/edges/me/register"))
+        .header(devmesh_shared::api::EDGE_TOKEN_HEADER, token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    (status, resp.json().await.unwrap_or_default())
+}
+
+/// A free loopback TCP port.
+pub(crate) fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port()
+}
+
 impl EdgeProcess {
-    /// Starts an edge for `region` with apps on `*.<region>.apps.localhost`,
-    /// plus `extra` flags.
+    /// Has `owner` create the edge `region` with the addresses it will
+    /// register with (those [`EdgeProcess::start`] gives it on a free port,
+    /// or the ones in `extra`), then starts it; returns it with its token.
+    pub(crate) async fn create(
+        owner: &devmesh_tests::Api,
+        primary: &str,
+        region: &str,
+        extra: &[&str],
+        log_dir: &Path,
+    ) -> (Self, String) {
+        let port = free_port();
+        let access_url = flag_value(extra, "--access-url")
+            .map_or_else(|| format!("http://127.0.0.1:{port}"), str::to_owned);
+        let wildcard = flag_value(extra, "--wildcard-access-url")
+            .map_or_else(|| format!("*.{region}.apps.localhost"), str::to_owned);
+        let (status, created) = owner
+            .post(
+                "/edges",
+                serde_json::json!({
+                    "name": region,
+                    "access_url": access_url,
+                    "wildcard_hostname": wildcard,
+                    "global_wildcard_hostname": flag_value(extra, "--global-wildcard-access-url"),
+                    "relay_hosts": ["127.0.0.1"],
+                }),
+            )
+            .await;
+        assert_eq!(status, reqwest::StatusCode::CREATED, "{created}");
+        let token = created["edge_token"].as_str().unwrap().to_owned();
+        let edge = Self::start(primary, &token, region, port, extra, log_dir).await;
+        (edge, token)
+    }
+
+    /// Starts an edge for `region` listening on `port`, with apps on
+    /// `*.<region>.apps.localhost`, plus `extra` flags.
     pub(crate) async fn start(
         primary: &str,
         token: &str,
         region: &str,
+        port: u16,
         extra: &[&str],
         log_dir: &Path,
     ) -> Self {
@@ -243,10 +328,6 @@ impl EdgeProcess {
         cmd.args(["edge", "--primary-url", primary]);
         // The access URL must name the real port: the primary calls the
         // edge's /healthz-report there.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .unwrap()
-            .port();
         if !extra.contains(&"--listen") {
             cmd.args(["--listen", &format!("127.0.0.1:{port}")]);
         }

@@ -88,6 +88,11 @@ async fn attaches_to_the_nearer_of_two_relays() {
 
     let rc = near.next_attached().await;
     assert_eq!(rc.ticket, "ticket-1");
+    assert_eq!(
+        primary.recorded(|r| r.ticket_relays.clone()),
+        [near.addr.to_string()],
+        "the ticket names the relay it is for"
+    );
     echo_through(&rc).await;
     eventually("the far relay to be probed", || far.probes() == 3).await;
     assert!(far.tickets().is_empty(), "no attach to the far relay");

@@ -16,10 +16,13 @@ pub(crate) enum EdgesCommand {
         /// Name shown to users.
         #[arg(long)]
         display_name: Option<String>,
+        #[command(flatten)]
+        addresses: AddressArgs,
     },
     /// List edges and their health.
     List,
-    /// Rename an edge or change its display name.
+    /// Rename an edge or change its names and addresses (an empty value
+    /// clears one).
     Update {
         /// Edge name or id.
         edge: String,
@@ -29,6 +32,8 @@ pub(crate) enum EdgesCommand {
         /// New display name.
         #[arg(long)]
         display_name: Option<String>,
+        #[command(flatten)]
+        addresses: AddressArgs,
     },
     /// Issue a new token; the old one stops working.
     RegenerateToken {
@@ -42,6 +47,25 @@ pub(crate) enum EdgesCommand {
     },
 }
 
+/// The domains and addresses an edge's replicas must register with.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct AddressArgs {
+    /// The region's base URL, e.g. https://eu.example.com (required before
+    /// the edge can register).
+    #[arg(long)]
+    access_url: Option<String>,
+    /// The region's app wildcard, e.g. '*.eu.apps.example.com'.
+    #[arg(long)]
+    wildcard_hostname: Option<String>,
+    /// A global app wildcard the edge also serves, e.g. '*.apps.example.com'.
+    #[arg(long)]
+    global_wildcard_hostname: Option<String>,
+    /// A host (name or IP) the edge's relays may advertise; repeat for
+    /// several. Default: the access URL's host.
+    #[arg(long = "relay-host")]
+    relay_hosts: Option<Vec<String>>,
+}
+
 fn print_token(g: &Global, base: &str, resp: &CreateEdgeResponse) -> anyhow::Result<()> {
     if g.output == Format::Json {
         return json(resp);
@@ -52,7 +76,11 @@ fn print_token(g: &Global, base: &str, resp: &CreateEdgeResponse) -> anyhow::Res
     );
     println!("{}", resp.edge_token);
     eprintln!(
-        "\nStart it with:\n  devmesh edge --primary-url {base} --edge-token '<token above>' --access-url https://<region host>"
+        "\nStart it with:\n  devmesh edge --primary-url {base} --edge-token '<token above>' --access-url {}",
+        resp.edge
+            .access_url
+            .as_deref()
+            .unwrap_or("<the access URL set with `devmesh edges update --access-url`>")
     );
     Ok(())
 }
@@ -60,10 +88,20 @@ fn print_token(g: &Global, base: &str, resp: &CreateEdgeResponse) -> anyhow::Res
 pub(crate) async fn run(g: &Global, cmd: EdgesCommand) -> anyhow::Result<()> {
     let client = g.client()?;
     match cmd {
-        EdgesCommand::Create { name, display_name } => {
-            let resp: CreateEdgeResponse = client
-                .post("/edges", &CreateEdgeRequest { name, display_name })
-                .await?;
+        EdgesCommand::Create {
+            name,
+            display_name,
+            addresses: a,
+        } => {
+            let req = CreateEdgeRequest {
+                name,
+                display_name,
+                access_url: a.access_url,
+                wildcard_hostname: a.wildcard_hostname,
+                global_wildcard_hostname: a.global_wildcard_hostname,
+                relay_hosts: a.relay_hosts.unwrap_or_default(),
+            };
+            let resp: CreateEdgeResponse = client.post("/edges", &req).await?;
             print_token(g, client.base(), &resp)?;
         }
         EdgesCommand::List => {
@@ -91,13 +129,17 @@ pub(crate) async fn run(g: &Global, cmd: EdgesCommand) -> anyhow::Result<()> {
             edge,
             name,
             display_name,
+            addresses: a,
         } => {
-            let e: Edge = client
-                .patch(
-                    &format!("/edges/{edge}"),
-                    &UpdateEdgeRequest { name, display_name },
-                )
-                .await?;
+            let req = UpdateEdgeRequest {
+                name,
+                display_name,
+                access_url: a.access_url,
+                wildcard_hostname: a.wildcard_hostname,
+                global_wildcard_hostname: a.global_wildcard_hostname,
+                relay_hosts: a.relay_hosts,
+            };
+            let e: Edge = client.patch(&format!("/edges/{edge}"), &req).await?;
             println!("Updated edge {} ({}).", e.name, e.display_name);
         }
         EdgesCommand::RegenerateToken { edge } => {

@@ -10,7 +10,8 @@ use axum::http::request::Parts;
 use chrono::{Duration, Utc};
 use devmesh_shared::api::{
     AGENT_TOKEN_HEADER, AgentLog, AgentLogsAccepted, AgentLogsRequest, AgentLogsResponse,
-    AgentManifest, AppHealthRequest, AttachTicketResponse, LifecycleRequest, ManifestApp,
+    AgentManifest, AppHealthRequest, AttachTicketRequest, AttachTicketResponse, LifecycleRequest,
+    ManifestApp,
 };
 use devmesh_shared::secret::sha256;
 use devmesh_shared::signing::AttachTicket;
@@ -126,17 +127,37 @@ pub(super) async fn manifest(
     }))
 }
 
+/// A ticket for one attach to the relay the agent names: the primary's own
+/// or a registered edge replica's (a ticket is only ever useful there).
 pub(super) async fn attach_ticket(
     State(state): State<AppState>,
     agent: AgentAuth,
-) -> Json<AttachTicketResponse> {
-    let expires_at = Utc::now() + TICKET_LIFETIME;
+    ApiJson(req): ApiJson<AttachTicketRequest>,
+) -> ApiResult<Json<AttachTicketResponse>> {
+    let known = req.relay == state.relay.advertised().address
+        || sqlx::query_scalar::<_, bool>(
+            "SELECT EXISTS (SELECT 1 FROM relay_replicas WHERE relay_address = $1)",
+        )
+        .bind(&req.relay)
+        .fetch_one(&state.db)
+        .await?;
+    if !known {
+        return Err(
+            ApiError::bad_request(format!("No relay is registered at {:?}.", req.relay))
+                .detail("ask for a ticket for a relay from the manifest's list"),
+        );
+    }
+    let now = Utc::now();
+    let expires_at = now + TICKET_LIFETIME;
     let ticket = state.signer.sign(&AttachTicket {
         agent_id: agent.agent_id,
         workspace_id: agent.workspace_id,
+        relay: req.relay,
+        nonce: devmesh_shared::secret::random_alphanumeric(22),
+        issued_at_ms: now.timestamp_millis(),
         exp: expires_at.timestamp(),
     });
-    Json(AttachTicketResponse { ticket, expires_at })
+    Ok(Json(AttachTicketResponse { ticket, expires_at }))
 }
 
 pub(super) async fn lifecycle(

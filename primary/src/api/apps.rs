@@ -629,6 +629,7 @@ async fn forward(
         port: route.port,
         https: route.https,
         base_path: route.base_path.clone(),
+        grant: None,
     };
     devmesh_proxy::app::forward(
         &state.upstreams,
@@ -766,8 +767,9 @@ pub(super) async fn auth_redirect(
         .map(|w| (w.clone(), state.config.access_url.clone()))
         .collect();
     let edge_domains: Vec<(Option<String>, Option<String>, String)> = sqlx::query_as(
-        "SELECT wildcard_hostname, global_wildcard_hostname, access_url FROM relay_replicas
-         WHERE last_heartbeat_at > now() - interval '30 seconds'",
+        // What the owner set, for edges that are up.
+        "SELECT wildcard_hostname, global_wildcard_hostname, access_url FROM edges
+         WHERE access_url IS NOT NULL AND last_heartbeat_at > now() - interval '30 seconds'",
     )
     .fetch_all(&state.db)
     .await?;

@@ -27,13 +27,18 @@ struct EdgeRow {
     display_name: String,
     access_url: Option<String>,
     wildcard_hostname: Option<String>,
+    global_wildcard_hostname: Option<String>,
+    relay_hosts: Vec<String>,
     relay_address: Option<String>,
     last_heartbeat_at: Option<DateTime<Utc>>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
 }
 
-const EDGE_COLUMNS: &str = "id, name, display_name, access_url, wildcard_hostname, relay_address, last_heartbeat_at, created_at, updated_at";
+const EDGE_COLUMNS: &str = "id, name, display_name, access_url, wildcard_hostname, global_wildcard_hostname, relay_hosts, relay_address, last_heartbeat_at, created_at, updated_at";
+
+/// Live replicas one edge may run at once.
+const MAX_REPLICAS: i64 = 32;
 
 impl EdgeRow {
     /// From heartbeats, and from the primary's last call to the edge's
@@ -133,6 +138,8 @@ impl EdgeRow {
             healthy: status == "ok",
             access_url: r.access_url,
             wildcard_hostname: r.wildcard_hostname,
+            global_wildcard_hostname: r.global_wildcard_hostname,
+            relay_hosts: r.relay_hosts,
             created_at: r.created_at,
             updated_at: r.updated_at,
         }
@@ -143,6 +150,100 @@ fn validate_display_name(v: &mut Validator, d: &str) {
     if d.trim().is_empty() || d.chars().count() > 64 {
         v.add("display_name", "must be 1-64 characters");
     }
+}
+
+/// An owner's edge addresses, checked and normalised (no trailing slash on
+/// the access URL, lowercase names); `None` leaves a field unset.
+#[derive(Debug, Default)]
+struct Addresses {
+    access_url: Option<String>,
+    wildcard_hostname: Option<String>,
+    global_wildcard_hostname: Option<String>,
+    relay_hosts: Vec<String>,
+}
+
+impl Addresses {
+    fn check(
+        v: &mut Validator,
+        state: &AppState,
+        access_url: Option<&str>,
+        wildcards: [Option<&str>; 2],
+        relay_hosts: &[String],
+    ) -> Self {
+        let access_url = access_url.filter(|u| !u.is_empty()).map(|u| {
+            let ok = url::Url::parse(u).is_ok_and(|p| {
+                matches!(p.scheme(), "http" | "https")
+                    && p.host_str().is_some()
+                    && p.path() == "/"
+                    && p.query().is_none()
+                    && p.username().is_empty()
+            });
+            if !ok {
+                v.add(
+                    "access_url",
+                    "must be an http:// or https:// URL with a host and no path",
+                );
+            }
+            u.trim_end_matches('/').to_owned()
+        });
+        let [regional, global] = [
+            ("wildcard_hostname", wildcards[0]),
+            ("global_wildcard_hostname", wildcards[1]),
+        ]
+        .map(|(field, w)| {
+            let w = w.filter(|w| !w.is_empty())?.to_ascii_lowercase();
+            // An optional port: `*.eu.apps.localhost:4443`.
+            let host_ok = w.strip_prefix("*.").is_some_and(|rest| {
+                let (name, port) = rest.rsplit_once(':').unwrap_or((rest, "443"));
+                name.split('.').all(valid_dns_label) && port.parse::<u16>().is_ok_and(|p| p > 0)
+            });
+            if !host_ok {
+                v.add(field, "must look like *.apps.example.com");
+            } else if state.config.wildcard_access_url.as_deref() == Some(w.as_str()) {
+                v.add(field, "is the primary's app wildcard");
+            }
+            Some(w)
+        });
+        for h in relay_hosts {
+            let ok = h.parse::<std::net::IpAddr>().is_ok()
+                || (!h.is_empty() && h.len() <= 253 && h.split('.').all(valid_dns_label));
+            if !ok {
+                v.add(
+                    "relay_hosts",
+                    format!("{h:?} is not a host name or IP address"),
+                );
+            }
+        }
+        let mut relay_hosts: Vec<String> =
+            relay_hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
+        relay_hosts.sort();
+        relay_hosts.dedup();
+        Self {
+            access_url,
+            wildcard_hostname: regional,
+            global_wildcard_hostname: global,
+            relay_hosts,
+        }
+    }
+}
+
+fn valid_dns_label(l: &str) -> bool {
+    !l.is_empty()
+        && l.len() <= 63
+        && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && !l.starts_with('-')
+        && !l.ends_with('-')
+}
+
+/// Another edge already owns `wildcard` as its regional wildcard.
+async fn wildcard_taken(state: &AppState, wildcard: &str, except: Uuid) -> ApiResult<bool> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM edges WHERE wildcard_hostname = $1 AND id <> $2)",
+    )
+    .bind(wildcard)
+    .bind(except)
+    .fetch_one(&state.db)
+    .await?)
 }
 
 async fn find(state: &AppState, edge: &str) -> ApiResult<EdgeRow> {
@@ -175,16 +276,36 @@ pub(super) async fn create(
     let mut v = Validator::default();
     v.check("name", validate_region_name(&req.name));
     validate_display_name(&mut v, &display_name);
+    let addresses = Addresses::check(
+        &mut v,
+        &state,
+        req.access_url.as_deref(),
+        [
+            req.wildcard_hostname.as_deref(),
+            req.global_wildcard_hostname.as_deref(),
+        ],
+        &req.relay_hosts,
+    );
     v.finish()?;
     let id = Uuid::new_v4();
+    if let Some(w) = &addresses.wildcard_hostname
+        && wildcard_taken(&state, w, id).await?
+    {
+        return Err(ApiError::conflict(format!("Another edge serves {w}.")));
+    }
     let token = new_edge_token(id);
     let row: EdgeRow = sqlx::query_as(&format!(
-        "INSERT INTO edges (id, name, display_name, token_hash) VALUES ($1, $2, $3, $4) RETURNING {EDGE_COLUMNS}"
+        "INSERT INTO edges (id, name, display_name, token_hash, access_url, wildcard_hostname, global_wildcard_hostname, relay_hosts)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {EDGE_COLUMNS}"
     ))
     .bind(id)
     .bind(&req.name)
     .bind(&display_name)
     .bind(token.hashed_secret.as_slice())
+    .bind(&addresses.access_url)
+    .bind(&addresses.wildcard_hostname)
+    .bind(&addresses.global_wildcard_hostname)
+    .bind(&addresses.relay_hosts)
     .fetch_one(&state.db)
     .await
     .map_err(|e| name_conflict(e, &req.name))?;
@@ -249,15 +370,40 @@ pub(super) async fn update(
     if let Some(d) = &req.display_name {
         validate_display_name(&mut v, d);
     }
-    v.finish()?;
     let current = find(&state, &edge).await?;
+    let addresses = Addresses::check(
+        &mut v,
+        &state,
+        req.access_url.as_deref().or(current.access_url.as_deref()),
+        [
+            req.wildcard_hostname
+                .as_deref()
+                .or(current.wildcard_hostname.as_deref()),
+            req.global_wildcard_hostname
+                .as_deref()
+                .or(current.global_wildcard_hostname.as_deref()),
+        ],
+        req.relay_hosts.as_deref().unwrap_or(&current.relay_hosts),
+    );
+    v.finish()?;
+    if let Some(w) = &addresses.wildcard_hostname
+        && wildcard_taken(&state, w, current.id).await?
+    {
+        return Err(ApiError::conflict(format!("Another edge serves {w}.")));
+    }
     let name = req.name.clone().unwrap_or(current.name.clone());
     let row: EdgeRow = sqlx::query_as(&format!(
-        "UPDATE edges SET name = $2, display_name = $3, updated_at = now() WHERE id = $1 RETURNING {EDGE_COLUMNS}"
+        "UPDATE edges SET name = $2, display_name = $3, access_url = $4, wildcard_hostname = $5,
+             global_wildcard_hostname = $6, relay_hosts = $7, updated_at = now()
+         WHERE id = $1 RETURNING {EDGE_COLUMNS}"
     ))
     .bind(current.id)
     .bind(&name)
     .bind(req.display_name.unwrap_or(current.display_name.clone()))
+    .bind(&addresses.access_url)
+    .bind(&addresses.wildcard_hostname)
+    .bind(&addresses.global_wildcard_hostname)
+    .bind(&addresses.relay_hosts)
     .fetch_one(&state.db)
     .await
     .map_err(|e| name_conflict(e, &name))?;
@@ -420,24 +566,12 @@ pub(super) async fn register(
         ))
         .detail("run the same major.minor version on the primary and its edges"));
     }
-    let mut v = Validator::default();
-    if !(req.access_url.starts_with("http://") || req.access_url.starts_with("https://")) {
-        v.add("access_url", "must be an http:// or https:// URL");
+    if let Err(why) = check_registration(&state, &edge, &req).await? {
+        crate::metrics::Metrics::count(&state.metrics.edge_refusals, "registration");
+        tracing::warn!(edge = %edge.name, replica = %req.replica_id, reason = %why, "refused an edge registration");
+        return Err(ApiError::conflict(format!("Registration refused: {why}."))
+            .detail("an owner sets the edge's addresses with `devmesh edges update`"));
     }
-    if req.relay_address.parse::<std::net::SocketAddr>().is_err()
-        && !req.relay_address.contains(':')
-    {
-        v.add("relay_address", "must be host:port");
-    }
-    for (field, w) in [
-        ("wildcard_hostname", &req.wildcard_hostname),
-        ("global_wildcard_hostname", &req.global_wildcard_hostname),
-    ] {
-        if w.as_ref().is_some_and(|w| !w.starts_with("*.")) {
-            v.add(field, "must look like *.apps.example.com");
-        }
-    }
-    v.finish()?;
     let mesh_cert_pem = state.ca.sign_csr(&req.csr_pem, &edge.name).map_err(|e| {
         ApiError::bad_request("The certificate signing request is not valid.")
             .detail(format!("{e:#}"))
@@ -460,15 +594,11 @@ pub(super) async fn register(
     .bind(&req.relay_address)
     .fetch_one(&mut *tx)
     .await?;
-    sqlx::query(
-        "UPDATE edges SET access_url = $2, wildcard_hostname = $3, relay_address = $4, last_heartbeat_at = now() WHERE id = $1",
-    )
-    .bind(edge.id)
-    .bind(&req.access_url)
-    .bind(&req.wildcard_hostname)
-    .bind(&req.relay_address)
-    .execute(&mut *tx)
-    .await?;
+    sqlx::query("UPDATE edges SET relay_address = $2, last_heartbeat_at = now() WHERE id = $1")
+        .bind(edge.id)
+        .bind(&req.relay_address)
+        .execute(&mut *tx)
+        .await?;
     let siblings = healthy_relays(&mut *tx, &state, Some((edge.id, req.replica_id))).await?;
     tx.commit().await?;
     let me = devmesh_shared::api::RelayInfo {
@@ -476,7 +606,7 @@ pub(super) async fn register(
         address: req.relay_address.clone(),
         server_name: crate::mesh::relay_name(&edge.name),
     };
-    sync_attachments(&state, &me, &req.attached_agents).await?;
+    sync_attachments(&state, &me, &req.attachments).await?;
     if first {
         state
             .bus
@@ -500,6 +630,103 @@ pub(super) async fn register(
         siblings,
         heartbeat_interval_seconds: HEARTBEAT_INTERVAL_SECS,
     }))
+}
+
+/// Whether a replica's registration matches what the owner set for its
+/// edge, and fits: `Err` says why not, for the edge's log.
+async fn check_registration(
+    state: &AppState,
+    edge: &EdgeAuth,
+    req: &devmesh_shared::api::EdgeRegisterRequest,
+) -> ApiResult<Result<(), String>> {
+    let set: Option<EdgeRow> =
+        sqlx::query_as(&format!("SELECT {EDGE_COLUMNS} FROM edges WHERE id = $1"))
+            .bind(edge.id)
+            .fetch_optional(&state.db)
+            .await?;
+    let Some(set) = set else {
+        return Ok(Err("the edge was deleted".into()));
+    };
+    let Some(access_url) = &set.access_url else {
+        return Ok(Err("no access URL is set for this edge".into()));
+    };
+    let given = req.access_url.trim_end_matches('/');
+    if given != access_url {
+        return Ok(Err(format!(
+            "the access URL {given:?} is not the edge's {access_url:?}"
+        )));
+    }
+    let lower = |w: &Option<String>| w.as_ref().map(|w| w.to_ascii_lowercase());
+    for (what, given, owned) in [
+        (
+            "app wildcard",
+            lower(&req.wildcard_hostname),
+            &set.wildcard_hostname,
+        ),
+        (
+            "global app wildcard",
+            lower(&req.global_wildcard_hostname),
+            &set.global_wildcard_hostname,
+        ),
+    ] {
+        if &given != owned {
+            return Ok(Err(format!(
+                "the {what} {given:?} is not the edge's {owned:?}"
+            )));
+        }
+    }
+    let Some((host, port)) = req.relay_address.rsplit_once(':') else {
+        return Ok(Err("the relay address is not host:port".into()));
+    };
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_ascii_lowercase();
+    let default_host = url::Url::parse(access_url).ok().and_then(|u| {
+        u.host_str().map(|h| {
+            h.trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_ascii_lowercase()
+        })
+    });
+    let allowed = if set.relay_hosts.is_empty() {
+        default_host.as_deref() == Some(host.as_str())
+    } else {
+        set.relay_hosts.contains(&host)
+    };
+    if !allowed || port.parse::<u16>().map_or(true, |p| p == 0) {
+        return Ok(Err(format!(
+            "the relay address {:?} is not on one of the edge's relay hosts",
+            req.relay_address
+        )));
+    }
+    if req.relay_address == state.relay.advertised().address {
+        return Ok(Err("the relay address is the primary's".into()));
+    }
+    let (taken, live): (bool, i64) = sqlx::query_as(
+        "SELECT EXISTS (SELECT 1 FROM relay_replicas WHERE relay_address = $1 AND edge_id <> $2
+                          AND last_heartbeat_at > now() - make_interval(secs => $4)),
+                (SELECT count(*) FROM relay_replicas WHERE edge_id = $2 AND replica_id <> $3
+                          AND last_heartbeat_at > now() - make_interval(secs => $4))",
+    )
+    .bind(&req.relay_address)
+    .bind(edge.id)
+    .bind(req.replica_id)
+    .bind(HEARTBEAT_TIMEOUT_SECS as f64)
+    .fetch_one(&state.db)
+    .await?;
+    if taken {
+        return Ok(Err(format!(
+            "another edge's relay is at {:?}",
+            req.relay_address
+        )));
+    }
+    if live >= MAX_REPLICAS {
+        return Ok(Err(format!(
+            "the edge already runs {MAX_REPLICAS} replicas"
+        )));
+    }
+    Ok(Ok(()))
 }
 
 /// Every relay an agent or a sibling relay can reach right now: the
@@ -577,20 +804,49 @@ pub(super) async fn deregister(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Makes the database say that exactly `attached` are attached to `relay`,
-/// and publishes every agent that arrived or left.
+/// The agents a relay's attachment proofs (attach tickets) show attached
+/// there, with when each ticket was issued. A proof counts only if the
+/// primary signed it, for that relay's address; expired ones count (the
+/// agent attached while it was valid), and [`crate::relay::record_connected`]
+/// refuses any older than the agent's latest attachment.
+fn proven_attachments(state: &AppState, relay: &RelayInfo, proofs: &[String]) -> Vec<(Uuid, i64)> {
+    let mut out = Vec::with_capacity(proofs.len());
+    for proof in proofs {
+        match state
+            .signer
+            .verifier()
+            .verify_ignoring_expiry::<devmesh_shared::signing::AttachTicket>(proof)
+        {
+            Ok(t) if t.relay == relay.address => out.push((t.agent_id, t.issued_at_ms)),
+            Ok(t) => {
+                crate::metrics::Metrics::count(&state.metrics.edge_refusals, "attachment_proof");
+                tracing::warn!(relay.region = %relay.region, agent.id = %t.agent_id, ticket.relay = %t.relay, "an edge reported an attachment whose ticket names another relay; ignored");
+            }
+            Err(e) => {
+                crate::metrics::Metrics::count(&state.metrics.edge_refusals, "attachment_proof");
+                tracing::warn!(relay.region = %relay.region, error = %e, "an edge reported an attachment without a valid ticket; ignored");
+            }
+        }
+    }
+    out
+}
+
+/// Makes the database say that exactly the agents `proofs` show are
+/// attached to `relay`, and publishes every agent that arrived or left.
 async fn sync_attachments(
     state: &AppState,
     relay: &devmesh_shared::api::RelayInfo,
-    attached: &[Uuid],
+    proofs: &[String],
 ) -> ApiResult<()> {
+    let proven = proven_attachments(state, relay, proofs);
+    let attached: Vec<Uuid> = proven.iter().map(|(a, _)| *a).collect();
     let left: Vec<Uuid> = sqlx::query_scalar(
         "WITH gone AS (DELETE FROM agent_attachments WHERE relay_address = $1 AND NOT (agent_id = ANY($2))
                        RETURNING agent_id)
          UPDATE workspace_agents SET disconnected_at = now() WHERE id IN (SELECT agent_id FROM gone) RETURNING id",
     )
     .bind(&relay.address)
-    .bind(attached)
+    .bind(&attached)
     .fetch_all(&state.db)
     .await?;
     // The heartbeat of every agent still attached (the primary's own relay
@@ -600,31 +856,21 @@ async fn sync_attachments(
          (SELECT agent_id FROM agent_attachments WHERE relay_address = $1 AND agent_id = ANY($2))",
     )
     .bind(&relay.address)
-    .bind(attached)
+    .bind(&attached)
     .execute(&state.db)
     .await?;
     let known: Vec<Uuid> = sqlx::query_scalar(
         "SELECT agent_id FROM agent_attachments WHERE relay_address = $1 AND agent_id = ANY($2)",
     )
     .bind(&relay.address)
-    .bind(attached)
+    .bind(&attached)
     .fetch_all(&state.db)
     .await?;
-    let arrived: Vec<Uuid> = attached
-        .iter()
-        .copied()
-        .filter(|a| !known.contains(a))
-        .collect();
-    for agent in &arrived {
-        // Agents of deleted workspaces may still be attached for a moment.
-        let exists: bool =
-            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM workspace_agents WHERE id = $1)")
-                .bind(agent)
-                .fetch_one(&state.db)
-                .await?;
-        if exists {
-            crate::relay::record_connected(&state.db, *agent, relay).await?;
-            state.bus.agent_moved(*agent, Some(relay.clone())).await;
+    for (agent, issued_at_ms) in proven.into_iter().filter(|(a, _)| !known.contains(a)) {
+        // Agents of deleted workspaces may still be attached for a moment,
+        // and an agent may have moved on since: then nothing is recorded.
+        if crate::relay::record_connected(&state.db, agent, relay, issued_at_ms).await? {
+            state.bus.agent_moved(agent, Some(relay.clone())).await;
         }
     }
     for agent in left {
@@ -633,22 +879,17 @@ async fn sync_attachments(
     Ok(())
 }
 
-/// The app wildcards an edge registered (regional and global).
+/// The app wildcards the owner set for an edge (regional and global).
 pub(super) async fn edge_wildcards(state: &AppState, edge: Uuid) -> ApiResult<Vec<String>> {
-    let rows: Vec<(Option<String>, Option<String>)> = sqlx::query_as(
-        "SELECT wildcard_hostname, global_wildcard_hostname FROM relay_replicas WHERE edge_id = $1",
+    let row: Option<(Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT wildcard_hostname, global_wildcard_hostname FROM edges WHERE id = $1",
     )
     .bind(edge)
-    .fetch_all(&state.db)
+    .fetch_optional(&state.db)
     .await?;
-    let mut out: Vec<String> = rows
-        .into_iter()
-        .flat_map(|(a, b)| [a, b])
-        .flatten()
-        .collect();
-    out.sort();
-    out.dedup();
-    Ok(out)
+    Ok(row
+        .map(|(a, b)| [a, b].into_iter().flatten().collect())
+        .unwrap_or_default())
 }
 
 /// `GET /api/v2/edges/me/events`: newline-delimited JSON events, starting

@@ -49,6 +49,17 @@ struct TestRelay {
 }
 
 fn start_relay(ca: &Ca, region: &str, signer: &SigningKey, locations: Locations) -> TestRelay {
+    start_relay_with(ca, region, signer, locations, false)
+}
+
+/// A relay; `signs` gives it `signer` to sign its own mesh grants with.
+fn start_relay_with(
+    ca: &Ca,
+    region: &str,
+    signer: &SigningKey,
+    locations: Locations,
+    signs: bool,
+) -> TestRelay {
     let socket = devmesh_shared::net::udp_socket("127.0.0.1:0".parse().unwrap()).unwrap();
     let address = socket.local_addr().unwrap().to_string();
     let (chain, key) = ca.issue(&format!("{region}.relay.test"));
@@ -68,6 +79,10 @@ fn start_relay(ca: &Ca, region: &str, signer: &SigningKey, locations: Locations)
             keys: Keys::new(&[signer.public_key()]).unwrap(),
             events,
             locations,
+            grant_signer: signs.then(|| {
+                let key = SigningKey::from_pkcs8("k", signer.pkcs8()).unwrap();
+                Arc::new(move |g: &StreamGrant| key.sign(g)) as GrantSigner
+            }),
         },
         shutdown.clone(),
         &TaskTracker::new(),
@@ -106,10 +121,25 @@ fn client(
     (endpoint, config)
 }
 
-/// A minimal agent: attaches to `relay` and echoes every stream's bytes
-/// after answering its header with `ok`.
-async fn echo_agent(ca: &Ca, relay: &TestRelay, signer: &SigningKey) -> (Uuid, Connection) {
-    let agent = Uuid::new_v4();
+/// A fresh ticket for a new agent addressed to `relay`.
+fn ticket_for(relay: &TestRelay) -> AttachTicket {
+    AttachTicket {
+        agent_id: Uuid::new_v4(),
+        workspace_id: Uuid::new_v4(),
+        relay: relay.relay.advertised().address.clone(),
+        nonce: Uuid::new_v4().to_string(),
+        issued_at_ms: chrono::Utc::now().timestamp_millis(),
+        exp: chrono::Utc::now().timestamp() + 60,
+    }
+}
+
+/// Presents `ticket` to `relay` as an agent would; the tunnel and its
+/// control stream, or the relay's reason for refusing.
+async fn attach(
+    ca: &Ca,
+    relay: &TestRelay,
+    ticket: String,
+) -> Result<(Connection, SendStream, RecvStream), String> {
     let (endpoint, config) = client(ca, tunnel::ALPN, None);
     let conn = endpoint
         .connect_with(
@@ -121,18 +151,22 @@ async fn echo_agent(ca: &Ca, relay: &TestRelay, signer: &SigningKey) -> (Uuid, C
         .await
         .unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    let ticket = signer.sign(&AttachTicket {
-        agent_id: agent,
-        workspace_id: Uuid::new_v4(),
-        exp: chrono::Utc::now().timestamp() + 60,
-    });
     tio::write_control(&mut send, &Control::Attach { ticket })
         .await
         .unwrap();
-    assert!(matches!(
-        tio::read_control(&mut recv).await.unwrap(),
-        Some(Control::Attached { .. })
-    ));
+    match tio::read_control(&mut recv).await.unwrap() {
+        Some(Control::Attached { .. }) => Ok((conn, send, recv)),
+        Some(Control::Refused { reason }) => Err(reason),
+        other => Err(format!("{other:?}")),
+    }
+}
+
+/// A minimal agent: attaches to `relay` and echoes every stream's bytes
+/// after answering its header with `ok`.
+async fn echo_agent(ca: &Ca, relay: &TestRelay, signer: &SigningKey) -> (Uuid, Connection) {
+    let ticket = ticket_for(relay);
+    let agent = ticket.agent_id;
+    let (conn, send, recv) = attach(ca, relay, signer.sign(&ticket)).await.unwrap();
     let serving = conn.clone();
     tokio::spawn(async move {
         let _control = (send, recv);
@@ -148,8 +182,46 @@ async fn echo_agent(ca: &Ca, relay: &TestRelay, signer: &SigningKey) -> (Uuid, C
     (agent, conn)
 }
 
-async fn echo_through(relay: &Relay, agent: Uuid, text: &[u8]) -> Result<Vec<u8>, OpenError> {
-    let (mut send, mut recv) = relay.open(agent, &StreamHeader::Tcp { port: 1 }).await?;
+#[tokio::test]
+async fn a_ticket_attaches_once_and_only_to_the_relay_it_names() {
+    devmesh_shared::runtime::install_crypto_provider();
+    let (ca, signer) = (Ca::new("mesh"), SigningKey::generate("k"));
+    let eu = start_relay(&ca, "eu", &signer, Locations::default());
+    let ap = start_relay(&ca, "ap", &signer, Locations::default());
+    let ticket = signer.sign(&ticket_for(&eu));
+
+    // A relay that saw it (or stole it) cannot use it elsewhere.
+    let refused = attach(&ca, &ap, ticket.clone()).await.err().unwrap();
+    assert!(refused.contains("another relay"), "{refused}");
+    assert!(ap.relay.attached_agents().is_empty());
+
+    // It attaches where it was meant to, once.
+    let (_tunnel, _send, _recv) = attach(&ca, &eu, ticket.clone()).await.unwrap();
+    assert_eq!(eu.relay.attachment_proofs(), vec![ticket.clone()]);
+    let replayed = attach(&ca, &eu, ticket).await.err().unwrap();
+    assert!(replayed.contains("already used"), "{replayed}");
+    assert_eq!(eu.relay.attachment_proofs().len(), 1);
+    assert_eq!(eu.relay.stats().attach_refused.load(Ordering::Relaxed), 1);
+}
+
+/// A grant for port 1 of `agent`, as the primary signs them.
+fn grant(signer: &SigningKey, agent: Uuid) -> String {
+    signer.sign(&StreamGrant {
+        agent_id: agent,
+        stream: GrantedStream::Port(1),
+        exp: chrono::Utc::now().timestamp() + 60,
+    })
+}
+
+async fn echo_through(
+    relay: &Relay,
+    agent: Uuid,
+    grant: &str,
+    text: &[u8],
+) -> Result<Vec<u8>, OpenError> {
+    let (mut send, mut recv) = relay
+        .open(agent, &StreamHeader::Tcp { port: 1 }, Some(grant))
+        .await?;
     send.write_all(text).await.unwrap();
     send.finish().unwrap();
     Ok(recv.read_to_end(1 << 20).await.unwrap())
@@ -170,7 +242,7 @@ async fn a_stream_for_an_agent_attached_elsewhere_crosses_the_mesh() {
 
     // Unknown location: not connected. Known: across the mesh and back.
     assert_eq!(
-        echo_through(&a.relay, agent, b"x").await,
+        echo_through(&a.relay, agent, &grant(&signer, agent), b"x").await,
         Err(OpenError::NotConnected)
     );
     locations.set(AgentLocation {
@@ -180,7 +252,7 @@ async fn a_stream_for_an_agent_attached_elsewhere_crosses_the_mesh() {
     for i in 0..3 {
         let text = format!("hello over the mesh {i}");
         assert_eq!(
-            echo_through(&a.relay, agent, text.as_bytes())
+            echo_through(&a.relay, agent, &grant(&signer, agent), text.as_bytes())
                 .await
                 .unwrap(),
             text.as_bytes()
@@ -196,7 +268,7 @@ async fn a_stream_for_an_agent_attached_elsewhere_crosses_the_mesh() {
         relay: Some(b.relay.advertised().clone()),
     });
     assert_eq!(
-        echo_through(&a.relay, stranger, b"x").await,
+        echo_through(&a.relay, stranger, &grant(&signer, stranger), b"x").await,
         Err(OpenError::NotConnected)
     );
 }
@@ -209,6 +281,7 @@ async fn mesh_peers_need_a_certificate_from_the_mesh_ca() {
     let (agent, _conn) = echo_agent(&ca, &b, &signer).await;
     let header = MeshHeader {
         agent_id: agent,
+        grant: grant(&signer, agent),
         inner: StreamHeader::Tcp { port: 1 },
     };
     let server_name = b.relay.advertised().server_name.clone();
@@ -297,4 +370,151 @@ async fn a_renewed_certificate_is_served_to_new_connections() {
     let after = served().await;
     assert_ne!(before, after);
     assert_eq!(after, renewed);
+}
+
+/// Opens a mesh stream to `relay` with `header` on a connection with a
+/// valid mesh certificate; the home relay's status byte.
+async fn mesh_status(ca: &Ca, relay: &TestRelay, header: &MeshHeader) -> u8 {
+    let (endpoint, config) = client(ca, tunnel::MESH_ALPN, Some(ca.issue("eu.relay.test")));
+    let c = endpoint
+        .connect_with(
+            config,
+            relay.relay.local_addr,
+            &relay.relay.advertised().server_name,
+        )
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut s, mut r) = c.open_bi().await.unwrap();
+    tio::write_mesh_header(&mut s, header).await.unwrap();
+    let mut status = [0u8; 1];
+    r.read_exact(&mut status).await.unwrap();
+    status[0]
+}
+
+#[tokio::test]
+async fn a_mesh_certificate_alone_opens_nothing_a_grant_opens_what_it_names() {
+    devmesh_shared::runtime::install_crypto_provider();
+    let (ca, signer) = (Ca::new("mesh"), SigningKey::generate("k"));
+    let home = start_relay(&ca, "ap", &signer, Locations::default());
+    let (agent, _conn) = echo_agent(&ca, &home, &signer).await;
+    let (other_agent, _other) = echo_agent(&ca, &home, &signer).await;
+    let exp = chrono::Utc::now().timestamp() + 60;
+    let port_grant = |agent, port| {
+        signer.sign(&StreamGrant {
+            agent_id: agent,
+            stream: GrantedStream::Port(port),
+            exp,
+        })
+    };
+    let app_token = |agent, port| {
+        signer.sign(&AppToken {
+            user_id: None,
+            workspace_id: Uuid::new_v4(),
+            agent_id: agent,
+            target: devmesh_shared::signing::AppTarget::Slug("app".into()),
+            host: "app.apps.test".into(),
+            sharing_level: devmesh_shared::api::SharingLevel::Public,
+            key_id: None,
+            port,
+            https: false,
+            base_path: "/".into(),
+            issued_at_ms: 0,
+            exp,
+        })
+    };
+    let to = |grant: String, port| MeshHeader {
+        agent_id: agent,
+        grant,
+        inner: StreamHeader::Tcp { port },
+    };
+    let denied = [
+        ("no grant", to(String::new(), 22)),
+        ("garbage", to("x.y.z".into(), 22)),
+        ("another port", to(port_grant(agent, 80), 22)),
+        ("another agent", to(port_grant(other_agent, 22), 22)),
+        (
+            "an app token for another port",
+            to(app_token(agent, 80), 22),
+        ),
+        (
+            "a shell for a port grant",
+            MeshHeader {
+                agent_id: agent,
+                grant: port_grant(agent, 22),
+                inner: StreamHeader::Ssh,
+            },
+        ),
+        (
+            "a grant signed by anyone else",
+            to(
+                SigningKey::generate("k").sign(&StreamGrant {
+                    agent_id: agent,
+                    stream: GrantedStream::Port(22),
+                    exp,
+                }),
+                22,
+            ),
+        ),
+        (
+            "an expired grant",
+            to(
+                signer.sign(&StreamGrant {
+                    agent_id: agent,
+                    stream: GrantedStream::Port(22),
+                    exp: 1,
+                }),
+                22,
+            ),
+        ),
+    ];
+    for (what, header) in &denied {
+        assert_eq!(
+            mesh_status(&ca, &home, header).await,
+            tunnel::status::DENIED,
+            "{what}"
+        );
+    }
+    assert_eq!(
+        home.relay.stats().mesh_denied.load(Ordering::Relaxed),
+        denied.len() as u64
+    );
+    assert_eq!(home.relay.stats().streams_local.load(Ordering::Relaxed), 0);
+    for (what, header) in [
+        ("a stream grant", to(port_grant(agent, 22), 22)),
+        ("an app token", to(app_token(agent, 22), 22)),
+    ] {
+        assert_eq!(
+            mesh_status(&ca, &home, &header).await,
+            tunnel::status::OK,
+            "{what}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_relay_that_holds_the_signing_key_grants_its_own_mesh_streams() {
+    devmesh_shared::runtime::install_crypto_provider();
+    let (ca, signer) = (Ca::new("mesh"), SigningKey::generate("k"));
+    let locations = Locations::default();
+    let plain = start_relay(&ca, "plain", &signer, locations.clone());
+    let home = start_relay(&ca, "ap", &signer, Locations::default());
+    let (agent, _conn) = echo_agent(&ca, &home, &signer).await;
+    locations.set(AgentLocation {
+        agent_id: agent,
+        relay: Some(home.relay.advertised().clone()),
+    });
+    // Without a grant and without a key to sign one: refused at home.
+    let open = |relay: &Relay| {
+        let relay = relay.clone();
+        async move {
+            relay
+                .open(agent, &StreamHeader::Tcp { port: 1 }, None)
+                .await
+                .map(drop)
+        }
+    };
+    assert_eq!(open(&plain.relay).await, Err(OpenError::Denied));
+    let signing = start_relay_with(&ca, "primary", &signer, locations.clone(), true);
+    assert_eq!(open(&signing.relay).await, Ok(()));
 }
