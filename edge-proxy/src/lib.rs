@@ -32,7 +32,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use chrono::Utc;
-use devmesh_proxy::relay::{AttachEvent, Keys, Locations, Relay, RelayConfig};
+use devmesh_proxy::relay::{AttachEvent, Keys, Locations, MeshPeers, Relay, RelayConfig};
 use devmesh_proxy::upstream::Pool;
 use devmesh_shared::api::{
     EDGE_TOKEN_HEADER, EdgeAppAccess, EdgeAppAccessRequest, EdgeAppConnectRequest,
@@ -101,7 +101,8 @@ pub struct EdgeArgs {
     /// a scanner trying made-up hosts or keys is cut off); 0 for no limit.
     #[arg(long, env = "DEVMESH_ACCESS_CHECKS_PER_MINUTE", default_value_t = 120)]
     pub access_checks_per_minute: u32,
-    /// HTTP connections one client IP may hold open at once; 0 for no limit.
+    /// HTTP connections, and QUIC connections to the relay, one client IP
+    /// may hold open at once; 0 for no limit.
     #[arg(long, env = "DEVMESH_MAX_CONNECTIONS_PER_IP", default_value_t = 1024)]
     pub max_connections_per_ip: usize,
 }
@@ -148,6 +149,8 @@ pub(crate) struct Edge {
     /// Verifies attach tickets and app tokens (replaced when keys rotate).
     pub(crate) keys: Keys,
     pub(crate) locations: Locations,
+    /// The relays this edge's relay may exchange mesh traffic with.
+    mesh_peers: MeshPeers,
     pub(crate) relay: OnceLock<Relay>,
     pub(crate) upstreams: Arc<Pool>,
     /// (app host, sha256 of the key or "") → decision.
@@ -186,9 +189,10 @@ impl Edge {
                 agents,
                 revocations,
                 app_token_keys,
-                relays: _,
+                mesh_peers,
             } => {
                 self.locations.replace(agents);
+                self.mesh_peers.set(mesh_peers);
                 for rev in revocations {
                     self.revocations.revoke(rev.subject, rev.at_ms);
                 }
@@ -216,7 +220,8 @@ impl Edge {
                     tracing::warn!(error = %e, "unusable app token keys from the primary");
                 }
             }
-            EdgeEvent::Relays { .. } | EdgeEvent::Ping => {}
+            EdgeEvent::MeshPeers { peers } => self.mesh_peers.set(peers),
+            EdgeEvent::Ping => {}
         }
     }
 
@@ -390,6 +395,7 @@ pub async fn run(args: EdgeArgs, shutdown: CancellationToken) -> anyhow::Result<
         }),
         keys: Keys::new(&[]).map_err(|e| anyhow::anyhow!("{e}"))?,
         locations: Locations::default(),
+        mesh_peers: MeshPeers::default(),
         relay: OnceLock::new(),
         upstreams: Arc::default(),
         decisions: moka::future::Cache::builder()
@@ -474,6 +480,8 @@ async fn register_loop(
     // certificate was last loaded.
     let mut mesh_key_der: Vec<u8> = Vec::new();
     let mut cert_loaded = tokio::time::Instant::now();
+    // The edge name the certificate carries.
+    let mut cert_name: Option<String> = None;
     let mut backoff = Backoff::default();
     loop {
         let request = EdgeRegisterRequest {
@@ -505,20 +513,24 @@ async fn register_loop(
                             Duration::from_secs(reg.heartbeat_interval_seconds.clamp(1, 60));
                         if let Some((key, socket)) = relay_parts.take() {
                             mesh_key_der = key.serialize_der();
+                            cert_name = Some(reg.edge_name.clone());
                             if let Err(e) = edge.keys.set(&reg.app_token_keys) {
                                 tracing::warn!(error = %e, "unusable app token keys");
                             }
                             start_relay(edge, &reg, key, socket, shutdown, tracker)?;
                             tracker.spawn(events::follow(edge.clone(), shutdown.clone()));
                             tracing::info!(edge = %reg.edge_name, primary = %edge.primary, "registered with the primary");
-                        } else if cert_loaded.elapsed() >= CERT_RENEW_AFTER
+                        } else if (cert_loaded.elapsed() >= CERT_RENEW_AFTER
+                            || cert_name.as_deref() != Some(reg.edge_name.as_str()))
                             && let Some(relay) = edge.relay.get()
                         {
                             // Every registration brings a fresh certificate
-                            // (valid 30 days); take one a day.
+                            // (valid an hour); take one every few minutes,
+                            // and at once when the edge was renamed.
                             match renew(relay, &reg.mesh_cert_pem, &mesh_key_der) {
                                 Ok(()) => {
                                     cert_loaded = tokio::time::Instant::now();
+                                    cert_name = Some(reg.edge_name.clone());
                                     tracing::info!("renewed the relay's mesh certificate");
                                 }
                                 Err(e) => {
@@ -566,9 +578,9 @@ async fn register_loop(
     }
 }
 
-/// How long the relay keeps a mesh certificate (valid 30 days) before taking
+/// How long the relay keeps a mesh certificate (valid an hour) before taking
 /// the fresh one its next registration brings.
-const CERT_RENEW_AFTER: Duration = Duration::from_secs(24 * 3600);
+const CERT_RENEW_AFTER: Duration = Duration::from_secs(10 * 60);
 
 /// Loads a renewed mesh certificate into the relay.
 fn renew(relay: &Relay, cert_pem: &str, key_der: &[u8]) -> anyhow::Result<()> {
@@ -609,6 +621,8 @@ fn start_relay(
             events,
             locations: edge.locations.clone(),
             grant_signer: None,
+            peers: edge.mesh_peers.clone(),
+            max_connections_per_ip: edge.args.max_connections_per_ip,
         },
         shutdown.clone(),
         tracker,

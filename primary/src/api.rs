@@ -67,6 +67,8 @@ pub struct AppState {
     pub bus: crate::events::Bus,
     /// Where agents attached to other relays are.
     pub locations: devmesh_proxy::relay::Locations,
+    /// The relays the primary's relay may exchange mesh traffic with.
+    pub mesh_peers: devmesh_proxy::relay::MeshPeers,
     /// Fires when the server shuts down (ends long-lived streams).
     pub shutdown: tokio_util::sync::CancellationToken,
     /// Resolved app routes (short-lived; emptied on changes).
@@ -137,6 +139,8 @@ pub struct Parts {
     pub bus: crate::events::Bus,
     /// Agent locations, kept current from the bus.
     pub locations: devmesh_proxy::relay::Locations,
+    /// The relay's mesh peers, kept current from the bus.
+    pub mesh_peers: devmesh_proxy::relay::MeshPeers,
     /// Server shutdown.
     pub shutdown: tokio_util::sync::CancellationToken,
 }
@@ -159,6 +163,7 @@ impl AppState {
             relay_address: parts.relay_address,
             bus: parts.bus,
             locations: parts.locations,
+            mesh_peers: parts.mesh_peers,
             shutdown: parts.shutdown,
             routes: apps::route_cache(),
             upstreams: Arc::default(),
@@ -198,6 +203,9 @@ pub async fn apply_events(state: AppState) {
                     RevokedSubject::Key { id } => state.keys.forget_key(&id).await,
                 }
             }
+            Ok(crate::events::BusMessage::Event(EdgeEvent::MeshPeers { peers })) => {
+                state.mesh_peers.set(peers);
+            }
             Ok(crate::events::BusMessage::Event(_)) => {}
             Ok(crate::events::BusMessage::Gap)
             | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
@@ -206,6 +214,9 @@ pub async fn apply_events(state: AppState) {
                 state.keys.forget_all();
                 if let Ok(all) = crate::events::agent_locations(&state.db).await {
                     state.locations.replace(all);
+                }
+                if let Ok(peers) = crate::relay::mesh_peers(&state.db).await {
+                    state.mesh_peers.set(peers);
                 }
             }
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return,

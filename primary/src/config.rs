@@ -58,8 +58,9 @@ pub struct ServerArgs {
     /// dashboard's origin.
     #[arg(long, env = "DEVMESH_ENABLE_PATH_APPS")]
     pub enable_path_apps: bool,
-    /// HTTP connections one client IP may hold open at once; 0 for no limit
-    /// (behind a proxy that hides client addresses) [default: 1024].
+    /// HTTP connections, and QUIC connections to the relay, one client IP
+    /// may hold open at once; 0 for no limit (behind a proxy that hides
+    /// client addresses) [default: 1024].
     #[arg(long, env = "DEVMESH_MAX_CONNECTIONS_PER_IP")]
     pub max_connections_per_ip: Option<usize>,
 }

@@ -127,11 +127,20 @@ impl MeshCa {
             rcgen::ExtendedKeyUsagePurpose::ClientAuth,
         ];
         let now = time_now();
-        csr.params.not_before = now - std::time::Duration::from_secs(300);
-        csr.params.not_after = now + std::time::Duration::from_secs(30 * 86_400);
+        csr.params.not_before = now - std::time::Duration::from_secs(CERT_BACKDATE_SECS as u64);
+        csr.params.not_after = now + MESH_CERT_LIFETIME;
         Ok(csr.signed_by(&self.issuer, &self.key)?.pem())
     }
 }
+
+/// How long an edge's mesh certificate lasts. Edges take a fresh one every
+/// 10 minutes (each registration brings one), so a certificate that leaks
+/// or outlives its edge is useless within the hour, and relays refuse it
+/// within seconds once the edge is deleted or its token regenerated.
+pub const MESH_CERT_LIFETIME: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// How far back a mesh certificate's validity starts, for clock skew.
+pub const CERT_BACKDATE_SECS: i64 = 300;
 
 /// The TLS name of a region's relay on its mesh certificate.
 pub fn relay_name(region: &str) -> String {

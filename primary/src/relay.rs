@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use devmesh_proxy::relay::{AttachEvent, Keys, Locations, Relay, RelayConfig};
+use devmesh_proxy::relay::{AttachEvent, Keys, Locations, MeshPeers, Relay, RelayConfig};
 use devmesh_shared::api::RelayInfo;
 use sqlx::PgPool;
 use tokio::sync::mpsc;
@@ -29,10 +29,13 @@ pub async fn start(
     signer: &Signer,
     ca: &MeshCa,
     bus: &Bus,
+    max_connections_per_ip: usize,
     shutdown: CancellationToken,
     tracker: &TaskTracker,
-) -> anyhow::Result<(Relay, Locations)> {
+) -> anyhow::Result<(Relay, Locations, MeshPeers)> {
     let (chain, key) = ca.issue(&[PRIMARY_RELAY_NAME])?;
+    let peers = MeshPeers::default();
+    peers.set(mesh_peers(db).await?);
     let (events, attach_events) = mpsc::unbounded_channel();
     let locations = Locations::default();
     locations.replace(crate::events::agent_locations(db).await?);
@@ -59,6 +62,8 @@ pub async fn start(
                 let signer = signer.clone();
                 Arc::new(move |g: &devmesh_shared::signing::StreamGrant| signer.sign(g))
             }),
+            peers: peers.clone(),
+            max_connections_per_ip,
         },
         shutdown,
         tracker,
@@ -69,7 +74,28 @@ pub async fn start(
         bus.clone(),
         Arc::new(advertised),
     ));
-    Ok((relay, locations))
+    Ok((relay, locations, peers))
+}
+
+/// The relays that may exchange mesh traffic: the primary's and every
+/// edge's, each edge's certificates from its last token regeneration on.
+pub async fn mesh_peers(db: &PgPool) -> sqlx::Result<Vec<devmesh_shared::api::MeshPeer>> {
+    let edges: Vec<(String, i64)> = sqlx::query_as("SELECT name, certs_valid_from FROM edges")
+        .fetch_all(db)
+        .await?;
+    let mut peers = vec![devmesh_shared::api::MeshPeer {
+        server_name: PRIMARY_RELAY_NAME.into(),
+        certs_valid_from: 0,
+    }];
+    peers.extend(
+        edges
+            .into_iter()
+            .map(|(name, from)| devmesh_shared::api::MeshPeer {
+                server_name: crate::mesh::relay_name(&name),
+                certs_valid_from: from,
+            }),
+    );
+    Ok(peers)
 }
 
 /// Writes the relay's attachments to the database, in order, and publishes

@@ -145,13 +145,14 @@ pub async fn start(mut config: ServerConfig) -> anyhow::Result<RunningServer> {
         .context("loading the app encryption key")?;
     let bus = crate::events::Bus::new(pool.clone());
     tracker.spawn(bus.clone().listen(shutdown.clone()));
-    let (relay, locations) = crate::relay::start(
+    let (relay, locations, mesh_peers) = crate::relay::start(
         config.relay_address,
         &config.access_url,
         &pool,
         &signer,
         &ca,
         &bus,
+        config.http_limits.max_connections_per_ip,
         shutdown.clone(),
         &tracker,
     )
@@ -166,6 +167,7 @@ pub async fn start(mut config: ServerConfig) -> anyhow::Result<RunningServer> {
         relay_address,
         bus,
         locations,
+        mesh_peers,
         shutdown: shutdown.clone(),
     };
     let state = AppState::new(pool.clone(), config, parts);

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
-use devmesh_shared::api::{AgentLocation, RelayInfo};
+use devmesh_shared::api::{AgentLocation, MeshPeer, RelayInfo};
 use devmesh_shared::signing::{
     AppToken, AttachTicket, Claims, GrantedStream, PublicKey, StreamGrant, TokenError, Verifier,
 };
@@ -41,9 +41,17 @@ use uuid::Uuid;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long dialing another relay may take.
 const MESH_DIAL_TIMEOUT: Duration = Duration::from_secs(2);
-/// Streams a peer may have open at once on one connection (mesh peers carry
+/// Streams a mesh peer may have open at once on one connection (it carries
 /// every user connection between two relays).
 const MAX_STREAMS: u32 = 100_000;
+/// What a connection may buffer in the relay once it is an attached agent
+/// or a mesh peer (each stream: [`STREAM_WINDOW`]).
+const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
+/// What one stream may buffer in the relay.
+const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
+/// What a connection may buffer before it has authenticated (a ticket or a
+/// mesh certificate), with one stream: enough for an attach, no more.
+const UNAUTHENTICATED_WINDOW: u32 = 64 * 1024;
 
 /// How many spent ticket nonces a relay keeps before dropping expired ones.
 const SPENT_PRUNE_AT: usize = 4096;
@@ -136,6 +144,65 @@ impl Keys {
     }
 }
 
+/// The relays this one may exchange mesh traffic with, as the primary last
+/// said: their TLS names and the oldest certificate still honoured for
+/// each. A change closes mesh connections to peers no longer allowed.
+#[derive(Debug, Clone)]
+pub struct MeshPeers(Arc<tokio::sync::watch::Sender<HashMap<String, i64>>>);
+
+impl Default for MeshPeers {
+    fn default() -> Self {
+        Self(Arc::new(tokio::sync::watch::Sender::new(HashMap::new())))
+    }
+}
+
+impl MeshPeers {
+    /// Replaces the list.
+    pub fn set(&self, peers: Vec<MeshPeer>) {
+        self.0.send_replace(
+            peers
+                .into_iter()
+                .map(|p| (p.server_name, p.certs_valid_from))
+                .collect(),
+        );
+    }
+
+    /// Whether a certificate naming `names`, issued at `issued` (unix
+    /// seconds), belongs to a listed peer.
+    fn allows(&self, names: &[String], issued: i64) -> bool {
+        let peers = self.0.borrow();
+        names
+            .iter()
+            .any(|n| peers.get(n).is_some_and(|from| issued >= *from))
+    }
+}
+
+/// The DNS names and issue time (`notBefore`, unix seconds) of a peer's
+/// leaf certificate, or `None` if it presented none or it cannot be read.
+fn peer_certificate(conn: &Connection) -> Option<(Vec<String>, i64)> {
+    let chain = conn
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(chain.first()?).ok()?;
+    let names = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Some((names, cert.validity().not_before.timestamp()))
+}
+
 /// Where agents attached to other relays are, as the primary last said.
 #[derive(Debug, Clone, Default)]
 pub struct Locations(Arc<RwLock<HashMap<Uuid, RelayInfo>>>);
@@ -190,6 +257,11 @@ pub struct RelayStats {
     pub attach_refused: AtomicU64,
     /// Mesh streams refused for want of a valid grant.
     pub mesh_denied: AtomicU64,
+    /// Mesh connections refused or closed: the peer is not (or no longer)
+    /// a listed relay.
+    pub mesh_peers_refused: AtomicU64,
+    /// Connections refused because their IP had too many open.
+    pub refused_per_ip: AtomicU64,
     /// Agents attached right now.
     pub attached: AtomicI64,
 }
@@ -215,6 +287,11 @@ pub struct RelayConfig {
     pub locations: Locations,
     /// Signs grants for mesh streams opened without one (the primary).
     pub grant_signer: Option<GrantSigner>,
+    /// The relays mesh traffic may go to and come from.
+    pub peers: MeshPeers,
+    /// QUIC connections one IP may have open (agents, probes and mesh
+    /// peers alike); `0`: no limit.
+    pub max_connections_per_ip: usize,
 }
 
 impl std::fmt::Debug for RelayConfig {
@@ -237,7 +314,9 @@ struct Inner {
     agents: Mutex<HashMap<Uuid, AgentTunnel>>,
     /// Nonces of the tickets accepted here, until they expire (unix s).
     spent: Mutex<HashMap<String, i64>>,
-    peers: Mutex<HashMap<String, Connection>>,
+    /// Mesh links this relay dialed, by address, with when the peer's
+    /// certificate was issued.
+    links: Mutex<HashMap<String, (Connection, i64)>>,
     endpoint: quinn::Endpoint,
     mesh_client: RwLock<quinn::ClientConfig>,
     roots: Arc<rustls::RootCertStore>,
@@ -246,6 +325,9 @@ struct Inner {
     events: mpsc::UnboundedSender<AttachEvent>,
     locations: Locations,
     grant_signer: Option<GrantSigner>,
+    mesh_peers: MeshPeers,
+    per_ip: Arc<devmesh_shared::http::PerIp>,
+    max_per_ip: usize,
     stats: Arc<RelayStats>,
 }
 
@@ -288,7 +370,7 @@ impl Relay {
             inner: Arc::new(Inner {
                 agents: Mutex::default(),
                 spent: Mutex::default(),
-                peers: Mutex::default(),
+                links: Mutex::default(),
                 endpoint: endpoint.clone(),
                 mesh_client: RwLock::new(mesh_client),
                 roots,
@@ -297,6 +379,9 @@ impl Relay {
                 events: config.events,
                 locations: config.locations,
                 grant_signer: config.grant_signer,
+                mesh_peers: config.peers,
+                per_ip: Arc::default(),
+                max_per_ip: config.max_connections_per_ip,
                 stats: Arc::default(),
             }),
             local_addr,
@@ -309,10 +394,17 @@ impl Relay {
                     _ = shutdown.cancelled() => break,
                     i = endpoint.accept() => match i { Some(i) => i, None => break },
                 };
+                let remote = incoming.remote_address();
+                let Some(slot) = this.inner.per_ip.take(remote.ip(), this.inner.max_per_ip) else {
+                    this.inner.stats.refused_per_ip.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(client.addr = %remote, limit = this.inner.max_per_ip, "per-IP QUIC connection limit reached; refusing a connection");
+                    incoming.refuse();
+                    continue;
+                };
                 let this = this.clone();
                 let inner_tasks = tasks.clone();
                 tasks.spawn(async move {
-                    let remote = incoming.remote_address();
+                    let _slot = slot;
                     if let Err(e) = this.serve_connection(incoming, &inner_tasks).await {
                         tracing::debug!(client.addr = %remote, error = %e, "relay connection ended");
                     }
@@ -455,8 +547,12 @@ impl Relay {
     /// A mesh connection to `home`, dialed if there is none (or `fresh`).
     async fn peer(&self, home: &RelayInfo, fresh: bool) -> Result<Connection, OpenError> {
         if !fresh
-            && let Some(c) = self.inner.peers.lock().get(&home.address)
+            && let Some((c, issued)) = self.inner.links.lock().get(&home.address)
             && c.close_reason().is_none()
+            && self
+                .inner
+                .mesh_peers
+                .allows(std::slice::from_ref(&home.server_name), *issued)
         {
             return Ok(c.clone());
         }
@@ -476,7 +572,15 @@ impl Relay {
                     )
                     .map_err(|_| OpenError::NotConnected)?;
                 match connecting.await {
-                    Ok(c) => return Ok(c),
+                    Ok(c) if self.listed(&c) => {
+                        let issued = peer_certificate(&c).map_or(0, |(_, i)| i);
+                        return Ok((c, issued));
+                    }
+                    Ok(c) => {
+                        c.close(5u32.into(), b"not a mesh peer");
+                        tracing::warn!(relay.peer = %home.address, "a relay that is not a listed mesh peer answered; not sending to it");
+                        return Err(OpenError::NotConnected);
+                    }
                     Err(e) => {
                         tracing::warn!(relay.peer = %home.address, error = %e, "cannot reach a mesh peer");
                         last = OpenError::Lost;
@@ -485,14 +589,14 @@ impl Relay {
             }
             Err(last)
         };
-        let conn = tokio::time::timeout(MESH_DIAL_TIMEOUT, dial)
+        let (conn, issued) = tokio::time::timeout(MESH_DIAL_TIMEOUT, dial)
             .await
             .map_err(|_| OpenError::Lost)??;
         tracing::debug!(relay.peer = %home.address, relay.peer_region = %home.region, "mesh link up");
         self.inner
-            .peers
+            .links
             .lock()
-            .insert(home.address.clone(), conn.clone());
+            .insert(home.address.clone(), (conn.clone(), issued));
         Ok(conn)
     }
 
@@ -512,16 +616,48 @@ impl Relay {
                 conn.close(4u32.into(), b"mesh peers must present a mesh certificate");
                 anyhow::bail!("a mesh connection without a client certificate");
             }
+            if !self.listed(&conn) {
+                conn.close(5u32.into(), b"not a mesh peer");
+                anyhow::bail!("a mesh certificate of a relay that is not (or no longer) a peer");
+            }
+            // A listed peer carries every user connection between us.
+            conn.set_max_concurrent_bi_streams(MAX_STREAMS.into());
+            conn.set_receive_window(CONNECTION_WINDOW.into());
             self.serve_mesh(conn, tasks).await
         } else {
             self.serve_agent(conn).await
         }
     }
 
+    /// Whether `conn`'s peer presented the certificate of a listed mesh
+    /// peer (counted when not).
+    fn listed(&self, conn: &Connection) -> bool {
+        let ok = peer_certificate(conn)
+            .is_some_and(|(names, issued)| self.inner.mesh_peers.allows(&names, issued));
+        if !ok {
+            self.inner
+                .stats
+                .mesh_peers_refused
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        ok
+    }
+
     async fn serve_mesh(&self, conn: Connection, tasks: &TaskTracker) -> anyhow::Result<()> {
         tracing::debug!(relay.peer = %conn.remote_address(), "mesh peer connected");
+        let mut peers = self.inner.mesh_peers.0.subscribe();
         loop {
-            let (send, recv) = conn.accept_bi().await?;
+            let (send, recv) = tokio::select! {
+                s = conn.accept_bi() => s?,
+                changed = peers.changed() => {
+                    if changed.is_ok() && !self.listed(&conn) {
+                        conn.close(5u32.into(), b"no longer a mesh peer");
+                        tracing::info!(relay.peer = %conn.remote_address(), "closed the mesh link of a relay that is no longer a peer");
+                        return Ok(());
+                    }
+                    continue;
+                }
+            };
             let this = self.clone();
             tasks.spawn(async move {
                 if let Err(e) = this.serve_mesh_stream(send, recv).await {
@@ -628,6 +764,9 @@ impl Relay {
             }
         };
         let agent = ticket.agent_id;
+        // An agent's data arrives on the streams the relay opens; it never
+        // needs a second stream of its own.
+        conn.set_receive_window(CONNECTION_WINDOW.into());
         // Answer first: an agent that cannot hear it never enters the registry.
         tio::write_control(
             &mut send,
@@ -729,7 +868,7 @@ fn tls_configs(
     tls.alpn_protocols = vec![tunnel::ALPN.to_vec(), tunnel::MESH_ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    server.transport_config(Arc::new(transport_config()));
+    server.transport_config(Arc::new(transport_config(1, UNAUTHENTICATED_WINDOW)));
 
     let mut client_tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -739,7 +878,8 @@ fn tls_configs(
     let mut client = quinn::ClientConfig::new(Arc::new(
         quinn::crypto::rustls::QuicClientConfig::try_from(client_tls)?,
     ));
-    client.transport_config(Arc::new(transport_config()));
+    // The home relay never opens streams on a link we dialed.
+    client.transport_config(Arc::new(transport_config(0, CONNECTION_WINDOW)));
     Ok((server, client))
 }
 
@@ -821,13 +961,17 @@ async fn splice(a: (SendStream, RecvStream), b: (SendStream, RecvStream)) -> u64
     x + y
 }
 
-fn transport_config() -> quinn::TransportConfig {
+/// The transport settings of relay connections: `peer_streams` streams the
+/// other side may open at once, `window` bytes it may have in flight to us.
+/// The relay's server side starts every connection at one stream and
+/// [`UNAUTHENTICATED_WINDOW`] and raises both once the peer authenticates.
+fn transport_config(peer_streams: u32, window: u32) -> quinn::TransportConfig {
     let mut tc = quinn::TransportConfig::default();
-    tc.max_concurrent_bidi_streams(MAX_STREAMS.into());
+    tc.max_concurrent_bidi_streams(peer_streams.into());
     tc.max_concurrent_uni_streams(0u32.into());
-    tc.stream_receive_window((8u32 * 1024 * 1024).into());
-    tc.receive_window((32u32 * 1024 * 1024).into());
-    tc.send_window(32 * 1024 * 1024);
+    tc.stream_receive_window(STREAM_WINDOW.into());
+    tc.receive_window(window.into());
+    tc.send_window(u64::from(CONNECTION_WINDOW));
     tc.keep_alive_interval(Some(Duration::from_secs(2)));
     // A peer that vanishes (killed, unplugged) is declared gone after this
     // (the smaller of the two peers' values applies), so an agent whose

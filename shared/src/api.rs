@@ -1146,8 +1146,8 @@ pub enum EdgeEvent {
         revocations: Vec<Revocation>,
         /// Keys that verify app tokens and attach tickets.
         app_token_keys: Vec<crate::signing::PublicKey>,
-        /// Every healthy relay.
-        relays: Vec<RelayInfo>,
+        /// The relays a relay may exchange mesh traffic with.
+        mesh_peers: Vec<MeshPeer>,
     },
     /// An agent attached somewhere, moved, or detached.
     AgentMoved(AgentLocation),
@@ -1158,13 +1158,25 @@ pub enum EdgeEvent {
         /// The keys now valid.
         app_token_keys: Vec<crate::signing::PublicKey>,
     },
-    /// The set of relays changed.
-    Relays {
-        /// Every healthy relay.
-        relays: Vec<RelayInfo>,
+    /// An edge was created, renamed, deleted or had its token regenerated.
+    MeshPeers {
+        /// The relays a relay may exchange mesh traffic with now.
+        peers: Vec<MeshPeer>,
     },
     /// Keeps the stream alive; an edge that hears nothing for a while reconnects.
     Ping,
+}
+
+/// A relay others may exchange mesh traffic with: the primary's, or an
+/// edge's (all its replicas share the name). A relay refuses a peer whose
+/// certificate names no listed relay, or was issued before the peer's
+/// `certs_valid_from` (its edge's token was regenerated since).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshPeer {
+    /// The TLS name on its mesh certificates.
+    pub server_name: String,
+    /// Certificates issued before this (unix seconds) are refused.
+    pub certs_valid_from: i64,
 }
 
 /// `POST /api/v2/edges/me/app-access`: may the holder of `key` (or anyone,

@@ -55,18 +55,22 @@ impl Default for Limits {
     }
 }
 
-/// Connections open per client IP.
+/// Connections open per client IP (for any listener: the HTTP accept loop
+/// here, the relays' QUIC endpoints).
 #[derive(Debug, Default)]
-struct PerIp(Mutex<HashMap<IpAddr, usize>>);
+pub struct PerIp(Mutex<HashMap<IpAddr, usize>>);
 
 /// One connection's slot in [`PerIp`], given back on drop.
-struct IpSlot {
+#[derive(Debug)]
+pub struct IpSlot {
     table: Arc<PerIp>,
     ip: IpAddr,
 }
 
 impl PerIp {
-    fn take(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<IpSlot> {
+    /// A slot for one more connection from `ip`, unless it has `max` open
+    /// already (`0`: no limit).
+    pub fn take(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<IpSlot> {
         let mut map = self.0.lock();
         let n = map.entry(ip).or_insert(0);
         if max != 0 && *n >= max {

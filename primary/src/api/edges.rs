@@ -257,6 +257,19 @@ async fn find(state: &AppState, edge: &str) -> ApiResult<EdgeRow> {
     row.ok_or_else(|| ApiError::not_found(format!("No edge {edge:?}.")))
 }
 
+/// Tells every relay (this primary's, other replicas', every edge's) which
+/// mesh peers to accept now: after an edge is created, renamed, deleted or
+/// has its token regenerated.
+async fn publish_mesh_peers(state: &AppState) -> ApiResult<()> {
+    let peers = crate::relay::mesh_peers(&state.db).await?;
+    state.mesh_peers.set(peers.clone());
+    state
+        .bus
+        .publish(&devmesh_shared::api::EdgeEvent::MeshPeers { peers })
+        .await;
+    Ok(())
+}
+
 fn name_conflict(e: sqlx::Error, name: &str) -> ApiError {
     if crate::db::is_unique_violation(&e) {
         ApiError::conflict(format!("An edge named {name:?} already exists."))
@@ -309,6 +322,7 @@ pub(super) async fn create(
     .fetch_one(&state.db)
     .await
     .map_err(|e| name_conflict(e, &req.name))?;
+    publish_mesh_peers(&state).await?;
     Audit::new("create", "edge")
         .resource(id, &req.name)
         .by(&auth.0)
@@ -407,6 +421,9 @@ pub(super) async fn update(
     .fetch_one(&state.db)
     .await
     .map_err(|e| name_conflict(e, &name))?;
+    if row.name != current.name {
+        publish_mesh_peers(&state).await?;
+    }
     Audit::new("update", "edge")
         .resource(row.id, &row.name)
         .by(&auth.0)
@@ -430,6 +447,7 @@ pub(super) async fn delete(
         .bind(row.id)
         .execute(&state.db)
         .await?;
+    publish_mesh_peers(&state).await?;
     Audit::new("delete", "edge")
         .resource(row.id, &row.name)
         .by(&auth.0)
@@ -449,12 +467,15 @@ pub(super) async fn regenerate_token(
     let row = find(&state, &edge).await?;
     let token = new_edge_token(row.id);
     let row: EdgeRow = sqlx::query_as(&format!(
-        "UPDATE edges SET token_hash = $2, updated_at = now() WHERE id = $1 RETURNING {EDGE_COLUMNS}"
+        "UPDATE edges SET token_hash = $2, certs_valid_from = $3, updated_at = now() WHERE id = $1 RETURNING {EDGE_COLUMNS}"
     ))
     .bind(row.id)
     .bind(token.hashed_secret.as_slice())
+    // Certificates are backdated by the same margin as they are issued with.
+    .bind(chrono::Utc::now().timestamp() - crate::mesh::CERT_BACKDATE_SECS)
     .fetch_one(&state.db)
     .await?;
+    publish_mesh_peers(&state).await?;
     Audit::new("regenerate_token", "edge")
         .resource(row.id, &row.name)
         .by(&auth.0)
@@ -608,12 +629,6 @@ pub(super) async fn register(
     };
     sync_attachments(&state, &me, &req.attachments).await?;
     if first {
-        state
-            .bus
-            .publish(&devmesh_shared::api::EdgeEvent::Relays {
-                relays: healthy_relays(&state.db, &state, None).await?,
-            })
-            .await;
         tracing::info!(edge = %edge.name, replica = %req.replica_id, access_url = %req.access_url, "edge replica registered");
         Audit::new("register", "edge")
             .resource(edge.id, &edge.name)
@@ -794,12 +809,6 @@ pub(super) async fn deregister(
         };
         sync_attachments(&state, &me, &[]).await?;
     }
-    state
-        .bus
-        .publish(&devmesh_shared::api::EdgeEvent::Relays {
-            relays: healthy_relays(&state.db, &state, None).await?,
-        })
-        .await;
     tracing::info!(edge = %edge.name, replica = %req.replica_id, "edge replica deregistered");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -907,7 +916,7 @@ pub(super) async fn events(
         agents: crate::events::agent_locations(&state.db).await?,
         revocations: state.bus.recent_revocations().await?,
         app_token_keys: state.signer.public_keys().to_vec(),
-        relays: healthy_relays(&state.db, &state, None).await?,
+        mesh_peers: crate::relay::mesh_peers(&state.db).await?,
     };
     tracing::info!(edge = %edge.name, "edge subscribed to events");
     let line = |e: &EdgeEvent| {

@@ -198,25 +198,7 @@ impl EmbeddedPostgres {
                     data_dir.as_os_str().as_encoded_bytes()
                 ))[..12]
             ));
-            // The name is predictable: refuse a directory (or link) that
-            // someone else prepared there before us.
-            if let Ok(meta) = fs::symlink_metadata(&short) {
-                use std::os::unix::fs::MetadataExt;
-                let owner = user
-                    .switch_to
-                    .map(|(uid, _)| uid)
-                    .unwrap_or_else(Uid::effective);
-                if !meta.is_dir() || meta.uid() != owner.as_raw() {
-                    return Err(EmbeddedError::Io {
-                        context: format!(
-                            "the socket directory {} exists and is not ours; remove it or choose a shorter --data-dir",
-                            short.display()
-                        ),
-                        source: std::io::Error::from(std::io::ErrorKind::AlreadyExists),
-                    });
-                }
-            }
-            make_private_dir(&short, &user)?;
+            make_private_shared_dir(&short, &user)?;
             short
         };
         if let Some((uid, gid)) = user.switch_to {
@@ -432,6 +414,52 @@ fn make_private_dir(dir: &Path, user: &DbUser) -> Result<(), EmbeddedError> {
         .map_err(io_err(format!("setting permissions of {}", dir.display())))?;
     if let Some((uid, gid)) = user.switch_to {
         std::os::unix::fs::chown(dir, Some(uid.as_raw()), Some(gid.as_raw()))
+            .map_err(io_err(format!("giving {} to {}", dir.display(), user.name)))?;
+    }
+    Ok(())
+}
+
+/// Like [`make_private_dir`], for a directory at a predictable path in a
+/// directory others can write (`$TMPDIR`): created without following links,
+/// or, if it exists, opened without following a link and accepted only if
+/// it is a directory owned by us (or the database user). Permissions and
+/// ownership are then set on the opened directory, never by path, so a link
+/// swapped in meanwhile is never followed (as root, that would hand any
+/// directory to the database user).
+fn make_private_shared_dir(dir: &Path, user: &DbUser) -> Result<(), EmbeddedError> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let not_ours = || EmbeddedError::Io {
+        context: format!(
+            "the socket directory {} exists and is not ours; remove it or choose a shorter --data-dir",
+            dir.display()
+        ),
+        source: std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+    };
+    match fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io_err(format!("creating {}", dir.display()))(e)),
+    }
+    let opened = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_DIRECTORY)
+        .open(dir)
+        .map_err(|_| not_ours())?;
+    let meta = opened
+        .metadata()
+        .map_err(io_err(format!("reading {}", dir.display())))?;
+    let owners = [
+        Some(Uid::effective().as_raw()),
+        user.switch_to.map(|(uid, _)| uid.as_raw()),
+    ];
+    if !meta.is_dir() || !owners.contains(&Some(meta.uid())) {
+        return Err(not_ours());
+    }
+    opened
+        .set_permissions(fs::Permissions::from_mode(0o700))
+        .map_err(io_err(format!("setting permissions of {}", dir.display())))?;
+    if let Some((uid, gid)) = user.switch_to {
+        std::os::unix::fs::fchown(&opened, Some(uid.as_raw()), Some(gid.as_raw()))
             .map_err(io_err(format!("giving {} to {}", dir.display(), user.name)))?;
     }
     Ok(())
@@ -664,6 +692,32 @@ fn percent_encode_path(path: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_link_at_the_shared_socket_path_is_refused_and_not_followed() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let victim = tmp.path().join("victim");
+        fs::create_dir(&victim).unwrap();
+        fs::set_permissions(&victim, fs::Permissions::from_mode(0o755)).unwrap();
+        let planted = tmp.path().join("devmesh-pg-0123456789ab");
+        std::os::unix::fs::symlink(&victim, &planted).unwrap();
+        let me = DbUser {
+            name: "me".into(),
+            switch_to: None,
+        };
+        let err = make_private_shared_dir(&planted, &me).unwrap_err();
+        assert!(err.to_string().contains("not ours"), "{err}");
+        let mode = fs::metadata(&victim).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o755, "the link's target was changed");
+
+        // A fresh path is created private; an existing one of ours is reused.
+        let fresh = tmp.path().join("devmesh-pg-fresh");
+        make_private_shared_dir(&fresh, &me).unwrap();
+        make_private_shared_dir(&fresh, &me).unwrap();
+        let mode = fs::metadata(&fresh).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+    }
 
     #[test]
     fn socket_paths_are_percent_encoded() {

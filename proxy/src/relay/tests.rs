@@ -44,12 +44,13 @@ impl Ca {
 
 struct TestRelay {
     relay: Relay,
+    peers: MeshPeers,
     events: mpsc::UnboundedReceiver<AttachEvent>,
     _shutdown: tokio_util::sync::DropGuard,
 }
 
 fn start_relay(ca: &Ca, region: &str, signer: &SigningKey, locations: Locations) -> TestRelay {
-    start_relay_with(ca, region, signer, locations, false)
+    start_relay_with(ca, region, signer, locations, false, 0)
 }
 
 /// A relay; `signs` gives it `signer` to sign its own mesh grants with.
@@ -59,12 +60,14 @@ fn start_relay_with(
     signer: &SigningKey,
     locations: Locations,
     signs: bool,
+    max_per_ip: usize,
 ) -> TestRelay {
     let socket = devmesh_shared::net::udp_socket("127.0.0.1:0".parse().unwrap()).unwrap();
     let address = socket.local_addr().unwrap().to_string();
     let (chain, key) = ca.issue(&format!("{region}.relay.test"));
     let (events, rx) = mpsc::unbounded_channel();
     let shutdown = CancellationToken::new();
+    let mesh_peers = peers();
     let relay = Relay::start(
         RelayConfig {
             socket,
@@ -79,6 +82,8 @@ fn start_relay_with(
             keys: Keys::new(&[signer.public_key()]).unwrap(),
             events,
             locations,
+            peers: mesh_peers.clone(),
+            max_connections_per_ip: max_per_ip,
             grant_signer: signs.then(|| {
                 let key = SigningKey::from_pkcs8("k", signer.pkcs8()).unwrap();
                 Arc::new(move |g: &StreamGrant| key.sign(g)) as GrantSigner
@@ -90,9 +95,25 @@ fn start_relay_with(
     .unwrap();
     TestRelay {
         relay,
+        peers: mesh_peers,
         events: rx,
         _shutdown: shutdown.drop_guard(),
     }
+}
+
+/// The test relays' names, all accepted as mesh peers.
+fn peers() -> MeshPeers {
+    let p = MeshPeers::default();
+    p.set(
+        ["eu", "ap", "plain", "primary"]
+            .iter()
+            .map(|r| MeshPeer {
+                server_name: format!("{r}.relay.test"),
+                certs_valid_from: 0,
+            })
+            .collect(),
+    );
+    p
 }
 
 /// A QUIC client trusting `ca`, speaking `alpn`, with an optional client
@@ -515,6 +536,112 @@ async fn a_relay_that_holds_the_signing_key_grants_its_own_mesh_streams() {
         }
     };
     assert_eq!(open(&plain.relay).await, Err(OpenError::Denied));
-    let signing = start_relay_with(&ca, "primary", &signer, locations.clone(), true);
+    let signing = start_relay_with(&ca, "primary", &signer, locations.clone(), true, 0);
     assert_eq!(open(&signing.relay).await, Ok(()));
+}
+
+#[tokio::test]
+async fn a_relay_refuses_peers_that_are_not_or_no_longer_listed() {
+    devmesh_shared::runtime::install_crypto_provider();
+    let (ca, signer) = (Ca::new("mesh"), SigningKey::generate("k"));
+    let home = start_relay(&ca, "ap", &signer, Locations::default());
+    let (agent, _conn) = echo_agent(&ca, &home, &signer).await;
+    let header = MeshHeader {
+        agent_id: agent,
+        grant: grant(&signer, agent),
+        inner: StreamHeader::Tcp { port: 1 },
+    };
+    let dial = |name: &str| {
+        let (endpoint, config) = client(&ca, tunnel::MESH_ALPN, Some(ca.issue(name)));
+        let server_name = home.relay.advertised().server_name.clone();
+        let addr = home.relay.local_addr;
+        async move {
+            let c = endpoint
+                .connect_with(config, addr, &server_name)
+                .unwrap()
+                .await
+                .unwrap();
+            (endpoint, c)
+        }
+    };
+    let closed_with_5 = |c: Connection| async move {
+        let reason = tokio::time::timeout(Duration::from_secs(5), c.closed())
+            .await
+            .expect("the relay closes the connection");
+        matches!(reason, quinn::ConnectionError::ApplicationClosed(ref c) if c.error_code == 5u32.into())
+    };
+
+    // A mesh-CA certificate for a relay the primary never listed.
+    let (_e, stranger) = dial("gone.relay.test").await;
+    assert!(closed_with_5(stranger).await);
+
+    // A listed peer works until it is removed (its edge deleted): then its
+    // open link is closed and a new one refused.
+    let (_e, eu) = dial("eu.relay.test").await;
+    let (mut s, mut r) = eu.open_bi().await.unwrap();
+    tio::write_mesh_header(&mut s, &header).await.unwrap();
+    let mut status = [0u8; 1];
+    r.read_exact(&mut status).await.unwrap();
+    assert_eq!(status[0], tunnel::status::OK);
+    home.peers.set(vec![MeshPeer {
+        server_name: "primary.relay.test".into(),
+        certs_valid_from: 0,
+    }]);
+    assert!(closed_with_5(eu).await);
+    let (_e, again) = dial("eu.relay.test").await;
+    assert!(closed_with_5(again).await);
+
+    // Certificates issued before the edge's token was regenerated.
+    home.peers.set(vec![MeshPeer {
+        server_name: "eu.relay.test".into(),
+        certs_valid_from: chrono::Utc::now().timestamp() + 3600,
+    }]);
+    let (_e, old) = dial("eu.relay.test").await;
+    assert!(closed_with_5(old).await);
+    assert_eq!(
+        home.relay
+            .stats()
+            .mesh_peers_refused
+            .load(Ordering::Relaxed),
+        4
+    );
+}
+
+#[tokio::test]
+async fn strangers_get_one_stream_and_each_ip_a_bounded_number_of_connections() {
+    devmesh_shared::runtime::install_crypto_provider();
+    let (ca, signer) = (Ca::new("mesh"), SigningKey::generate("k"));
+    let relay = start_relay_with(&ca, "ap", &signer, Locations::default(), false, 2);
+    let connect = || {
+        let (endpoint, config) = client(&ca, tunnel::ALPN, None);
+        let addr = relay.relay.local_addr;
+        let name = relay.relay.advertised().server_name.clone();
+        async move {
+            let c = endpoint.connect_with(config, addr, &name).unwrap().await;
+            (endpoint, c)
+        }
+    };
+    // Before presenting a ticket, one stream (the control stream) and no more.
+    let (_e1, first) = connect().await;
+    let first = first.unwrap();
+    let (mut control, _r) = first.open_bi().await.unwrap();
+    control.write_all(b"\x01").await.unwrap();
+    let second = tokio::time::timeout(Duration::from_millis(500), first.open_bi()).await;
+    assert!(
+        second.is_err(),
+        "a second stream opened before authenticating"
+    );
+
+    // Two connections from this IP are allowed, a third is refused.
+    let (_e2, two) = connect().await;
+    assert!(two.is_ok());
+    let (_e3, three) = connect().await;
+    assert!(
+        three.is_err(),
+        "a third connection from one IP was accepted"
+    );
+    assert_eq!(
+        relay.relay.stats().refused_per_ip.load(Ordering::Relaxed),
+        1
+    );
 }
