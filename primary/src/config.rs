@@ -38,6 +38,11 @@ pub struct ServerArgs {
     /// External PostgreSQL (13+) URL; without it devmesh runs an embedded one.
     #[arg(long, env = "DEVMESH_POSTGRES_URL", hide_env_values = true)]
     pub postgres_url: Option<String>,
+    /// The key that encrypts devmesh's signing, CA and sealing keys in the
+    /// database; created on first start. Every primary replica needs the
+    /// same file; back it up [default: <data-dir>/secrets.key].
+    #[arg(long, env = "DEVMESH_SECRETS_KEY_FILE")]
+    pub secrets_key_file: Option<PathBuf>,
     /// Log format: text or json [default: text].
     #[arg(long, env = "DEVMESH_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -74,6 +79,7 @@ struct FileConfig {
     wildcard_access_url: Option<String>,
     data_dir: Option<PathBuf>,
     postgres_url: Option<String>,
+    secrets_key_file: Option<PathBuf>,
     log_format: Option<String>,
     relay_address: Option<String>,
     tls_cert: Option<PathBuf>,
@@ -96,6 +102,8 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// External database, or `None` for the embedded one.
     pub postgres_url: Option<Secret>,
+    /// The key-encryption key's file.
+    pub secrets_key_file: PathBuf,
     /// Log format.
     pub log_format: LogFormat,
     /// Where the relay binds (UDP).
@@ -201,6 +209,10 @@ impl ServerArgs {
                 "--relay-address {relay_address:?} is not an address like 127.0.0.1:3001"
             ))
         })?;
+        let secrets_key_file = match self.secrets_key_file.or(file.secrets_key_file) {
+            Some(p) if !p.as_os_str().is_empty() => absolute(&p)?,
+            _ => data_dir.join("secrets.key"),
+        };
         let mut http_limits = devmesh_shared::http::Limits::default();
         if let Some(n) = self.max_connections_per_ip.or(file.max_connections_per_ip) {
             http_limits.max_connections_per_ip = n;
@@ -215,6 +227,7 @@ impl ServerArgs {
             wildcard_access_url,
             data_dir,
             postgres_url: postgres_url.map(Secret::new),
+            secrets_key_file,
             log_format,
         })
     }
@@ -228,6 +241,7 @@ impl ServerConfig {
             http_address: "127.0.0.1:0".parse().expect("valid address"),
             access_url: "http://127.0.0.1".into(),
             wildcard_access_url: None,
+            secrets_key_file: data_dir.join("devmesh-tests-secrets.key"),
             data_dir,
             postgres_url: Some(postgres_url),
             log_format: LogFormat::Text,

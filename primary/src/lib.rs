@@ -13,6 +13,7 @@ pub mod metrics;
 pub use devmesh_proxy::ratelimit;
 pub mod relay;
 pub mod server;
+pub mod vault;
 
 pub use config::{ServerArgs, ServerConfig};
 pub use server::{RunningServer, start};

@@ -1,8 +1,9 @@
 //! The primary's keys: the mesh CA that every relay certificate chains to,
 //! the Ed25519 signing keys for attach tickets and app tokens, and the
 //! symmetric key that seals one-time app keys in redirects. All are created
-//! on first start and kept in PostgreSQL, so every primary replica and every
-//! restart uses the same ones.
+//! on first start and kept in PostgreSQL, encrypted under the secrets key
+//! ([`crate::vault`]), so every primary replica and every restart uses the
+//! same ones.
 
 use std::sync::Arc;
 
@@ -12,6 +13,8 @@ use devmesh_shared::signing::{PublicKey, SigningKey, Verifier};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use sqlx::PgPool;
+
+use crate::vault::{Stored, Vault};
 
 /// The distinguished name of the mesh CA. Leaf certificates are signed by a
 /// CA certificate rebuilt from these parameters and the stored key; the
@@ -55,7 +58,7 @@ fn ca_params() -> anyhow::Result<CertificateParams> {
 
 impl MeshCa {
     /// Loads the CA, creating it if this is the deployment's first start.
-    pub async fn load_or_create(db: &PgPool) -> anyhow::Result<Self> {
+    pub async fn load_or_create(db: &PgPool, vault: &Vault) -> anyhow::Result<Self> {
         let key = KeyPair::generate()?;
         let cert = ca_params()?.self_signed(&key)?;
         // Concurrent first starts: one insert wins, everyone reads the winner.
@@ -63,13 +66,22 @@ impl MeshCa {
             "INSERT INTO mesh_ca (cert_pem, key_pem) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
         )
         .bind(cert.pem())
-        .bind(key.serialize_pem())
+        .bind(vault.wrap_text("mesh_ca", &key.serialize_pem()))
         .execute(db)
         .await?;
-        let (cert_pem, key_pem): (String, String) =
+        let (cert_pem, stored): (String, String) =
             sqlx::query_as("SELECT cert_pem, key_pem FROM mesh_ca")
                 .fetch_one(db)
                 .await?;
+        let (key_pem, plain) = vault.unwrap_text("mesh_ca", &stored)?;
+        if plain {
+            sqlx::query("UPDATE mesh_ca SET key_pem = $1 WHERE key_pem = $2")
+                .bind(vault.wrap_text("mesh_ca", &key_pem))
+                .bind(&stored)
+                .execute(db)
+                .await?;
+            tracing::info!("encrypted the mesh CA key stored in plain text by an older version");
+        }
         let key = KeyPair::from_pem(&key_pem).context("stored mesh CA key")?;
         let issuer = ca_params()?.self_signed(&key)?;
         Ok(Self {
@@ -161,7 +173,7 @@ pub struct Signer {
 
 impl Signer {
     /// Loads the signing keys, creating the first on a new deployment.
-    pub async fn load_or_create(db: &PgPool) -> anyhow::Result<Self> {
+    pub async fn load_or_create(db: &PgPool, vault: &Vault) -> anyhow::Result<Self> {
         let rows: Vec<(String, Vec<u8>)> = sqlx::query_as(
             "SELECT kid, pkcs8 FROM signing_keys WHERE retired_at IS NULL ORDER BY created_at DESC",
         )
@@ -171,18 +183,29 @@ impl Signer {
             let key = SigningKey::generate(random_alphanumeric(12));
             sqlx::query("INSERT INTO signing_keys (kid, pkcs8) VALUES ($1, $2)")
                 .bind(key.kid())
-                .bind(key.pkcs8())
+                .bind(vault.wrap(&format!("signing_key:{}", key.kid()), key.pkcs8()))
                 .execute(db)
                 .await?;
-            return Box::pin(Self::load_or_create(db)).await;
+            return Box::pin(Self::load_or_create(db, vault)).await;
         }
-        let keys = rows
-            .iter()
-            .map(|(kid, pkcs8)| {
-                SigningKey::from_pkcs8(kid.clone(), pkcs8)
-                    .map_err(|e| anyhow::anyhow!("signing key {kid}: {e}"))
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let mut keys = Vec::with_capacity(rows.len());
+        for (kid, stored) in &rows {
+            let purpose = format!("signing_key:{kid}");
+            // A PKCS#8 document is a DER sequence: it starts with 0x30.
+            let pkcs8 = vault.unwrap(&purpose, stored, |b| b.first() == Some(&0x30))?;
+            if let Stored::Plain(p) = &pkcs8 {
+                sqlx::query("UPDATE signing_keys SET pkcs8 = $2 WHERE kid = $1")
+                    .bind(kid)
+                    .bind(vault.wrap(&purpose, p))
+                    .execute(db)
+                    .await?;
+                tracing::info!(kid = %kid, "encrypted a signing key stored in plain text by an older version");
+            }
+            keys.push(
+                SigningKey::from_pkcs8(kid.clone(), pkcs8.plain())
+                    .map_err(|e| anyhow::anyhow!("signing key {kid}: {e}"))?,
+            );
+        }
         let public: Vec<PublicKey> = keys.iter().map(SigningKey::public_key).collect();
         let verifier = Verifier::new(&public).map_err(|e| anyhow::anyhow!("signing keys: {e}"))?;
         let active = keys.into_iter().next().context("no signing key")?;
@@ -225,21 +248,34 @@ impl std::fmt::Debug for Sealer {
 
 impl Sealer {
     /// Loads the key, creating it on a new deployment.
-    pub async fn load_or_create(db: &PgPool) -> anyhow::Result<Self> {
+    pub async fn load_or_create(db: &PgPool, vault: &Vault) -> anyhow::Result<Self> {
         let mut fresh = [0u8; 32];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut fresh)
             .map_err(|_| anyhow::anyhow!("no randomness"))?;
+        let fresh_kid = random_alphanumeric(12);
         sqlx::query(
             "INSERT INTO app_encryption_keys (kid, key) SELECT $1, $2 WHERE NOT EXISTS (SELECT 1 FROM app_encryption_keys)",
         )
-        .bind(random_alphanumeric(12))
-        .bind(fresh.as_slice())
+        .bind(&fresh_kid)
+        .bind(vault.wrap(&format!("sealing_key:{fresh_kid}"), &fresh))
         .execute(db)
         .await?;
-        let (kid, key): (String, Vec<u8>) =
+        let (kid, stored): (String, Vec<u8>) =
             sqlx::query_as("SELECT kid, key FROM app_encryption_keys ORDER BY created_at LIMIT 1")
                 .fetch_one(db)
                 .await?;
+        let purpose = format!("sealing_key:{kid}");
+        // A plain key is exactly 32 bytes; a wrapped one is longer.
+        let key = vault.unwrap(&purpose, &stored, |b| b.len() == 32)?;
+        if let Stored::Plain(p) = &key {
+            sqlx::query("UPDATE app_encryption_keys SET key = $2 WHERE kid = $1")
+                .bind(&kid)
+                .bind(vault.wrap(&purpose, p))
+                .execute(db)
+                .await?;
+            tracing::info!("encrypted the sealing key stored in plain text by an older version");
+        }
+        let key = key.plain().to_vec();
         let unbound = ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, &key)
             .map_err(|_| anyhow::anyhow!("stored app encryption key is invalid"))?;
         Ok(Self {

@@ -113,7 +113,11 @@ pub async fn start(mut config: ServerConfig) -> anyhow::Result<RunningServer> {
             };
             let pg = tokio::task::spawn_blocking(move || EmbeddedPostgres::start(&opts)).await??;
             tracing::info!(version = %pg.version, data_dir = %config.data_dir.display(), "embedded PostgreSQL is up");
-            (pg.connect_options("postgres"), Some(pg))
+            let opts = pg
+                .app_options("postgres")
+                .await
+                .context("cannot set up devmesh's database role")?;
+            (opts, Some(pg))
         }
     };
     let pool = db::connect(options)
@@ -122,6 +126,15 @@ pub async fn start(mut config: ServerConfig) -> anyhow::Result<RunningServer> {
     db::migrate(&pool)
         .await
         .context("cannot apply database migrations")?;
+    if sqlx::query_scalar::<_, bool>("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+        .fetch_one(&pool)
+        .await
+        .unwrap_or(false)
+    {
+        tracing::warn!(
+            "connected to PostgreSQL as a superuser: give devmesh a role that only owns its database (see docs/deployment.md)"
+        );
+    }
 
     let has_users: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM users)")
         .fetch_one(&pool)
@@ -132,15 +145,16 @@ pub async fn start(mut config: ServerConfig) -> anyhow::Result<RunningServer> {
     let data_dir = config.data_dir.clone();
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
+    let vault = crate::vault::Vault::load_or_create(&config.secrets_key_file)?;
     let ca = Arc::new(
-        MeshCa::load_or_create(&pool)
+        MeshCa::load_or_create(&pool, &vault)
             .await
             .context("loading the mesh CA")?,
     );
-    let signer = Signer::load_or_create(&pool)
+    let signer = Signer::load_or_create(&pool, &vault)
         .await
         .context("loading the signing keys")?;
-    let sealer = Sealer::load_or_create(&pool)
+    let sealer = Sealer::load_or_create(&pool, &vault)
         .await
         .context("loading the app encryption key")?;
     let bus = crate::events::Bus::new(pool.clone());

@@ -40,6 +40,8 @@ impl World {
                 "--relay-address",
                 "127.0.0.1:0",
                 "--enable-path-apps",
+                "--secrets-key-file",
+                config.path().join("secrets.key").to_str().unwrap(),
             ],
             &[("DEVMESH_POSTGRES_URL", url.expose())],
             config.path(),
@@ -868,7 +870,8 @@ async fn stopped_workspaces_expired_tokens_and_tokens_for_other_hosts_are_refuse
         .parse()
         .unwrap();
 
-    // The primary's own signing key, read from its database: a token it could
+    // The primary's own signing key, read from its database and decrypted
+    // with its secrets key: a token it could
     // have minted, but expired, or for another host, must not open the app.
     let mut conn = {
         use sqlx::Connection;
@@ -879,7 +882,14 @@ async fn stopped_workspaces_expired_tokens_and_tokens_for_other_hosts_are_refuse
             .fetch_one(&mut conn)
             .await
             .unwrap();
-    let key = SigningKey::from_pkcs8(kid, &pkcs8).unwrap();
+    // Stored encrypted: what an operator holding the secrets key could do.
+    let vault =
+        devmesh_primary::vault::Vault::load_or_create(&w._config.path().join("secrets.key"))
+            .unwrap();
+    let pkcs8 = vault
+        .unwrap(&format!("signing_key:{kid}"), &pkcs8, |_| false)
+        .unwrap();
+    let key = SigningKey::from_pkcs8(kid, pkcs8.plain()).unwrap();
     // Cookie names carry a hash of the apps domain.
     let token_cookie = {
         use sha2::Digest;

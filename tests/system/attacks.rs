@@ -682,3 +682,48 @@ async fn an_edge_cannot_claim_agents_domains_or_addresses_it_was_not_given() {
         "40 replicas of one edge registered"
     );
 }
+
+#[tokio::test]
+async fn a_copy_of_the_database_mints_nothing_without_the_secrets_key() {
+    use devmesh_shared::signing::SigningKey;
+    let db = devmesh_tests::fresh_database().await;
+    let p = devmesh_tests::TestPrimary::start_on(db.clone()).await;
+    p.owner().await;
+    p.stop().await;
+    let mut conn = db.connect().await;
+    let read = |q: &'static str| sqlx::query_as::<_, (String, Vec<u8>)>(q);
+    let (kid, pkcs8) = read("SELECT kid, pkcs8 FROM signing_keys")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert!(SigningKey::from_pkcs8(kid.clone(), &pkcs8).is_err());
+    let (_, sealing) = read("SELECT kid, key FROM app_encryption_keys")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_ne!(sealing.len(), 32, "the sealing key is stored in the clear");
+    let ca: String = sqlx::query_scalar("SELECT key_pem FROM mesh_ca")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert!(!ca.contains("PRIVATE KEY") && rcgen::KeyPair::from_pem(&ca).is_err());
+
+    // Keys an older version stored in the clear are encrypted on the next
+    // start, and keep working.
+    let plain = SigningKey::generate(kid.clone());
+    sqlx::query("UPDATE signing_keys SET pkcs8 = $1 WHERE kid = $2")
+        .bind(plain.pkcs8())
+        .bind(&kid)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let p = devmesh_tests::TestPrimary::start_on(db.clone()).await;
+    let owner = p.anon().login("owner@example.com", "owner-password").await;
+    assert_eq!(owner.get("/users/me").await.0, StatusCode::OK);
+    let (_, stored) = read("SELECT kid, pkcs8 FROM signing_keys")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert!(SigningKey::from_pkcs8(kid.clone(), &stored).is_err());
+    p.stop().await;
+}

@@ -130,6 +130,48 @@ async fn embedded_database_keeps_everything_across_restarts_and_crashes() {
         Some(""),
         "listen address must be empty: {pid_file}"
     );
+    // The primary runs as a role that owns devmesh's tables and nothing
+    // more; the keys in them are encrypted under a key file of its own.
+    let superuser = sqlx::postgres::PgConnectOptions::new()
+        .socket(data.join("run"))
+        .port(5432)
+        .username("devmesh")
+        .password(
+            std::fs::read_to_string(data.join("postgres.password"))
+                .unwrap()
+                .trim(),
+        )
+        .database("postgres");
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect_with(&superuser)
+        .await
+        .unwrap();
+    let sessions: Vec<(String, bool)> = sqlx::query_as(
+        "SELECT a.usename::text, r.rolsuper FROM pg_stat_activity a JOIN pg_roles r ON r.rolname = a.usename
+         WHERE a.application_name = 'devmesh-primary'",
+    )
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    assert!(!sessions.is_empty());
+    assert!(
+        sessions.iter().all(|(u, sup)| u == "devmesh_app" && !sup),
+        "{sessions:?}"
+    );
+    let owners: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT tableowner::text FROM pg_tables WHERE schemaname = 'public'",
+    )
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!(owners, ["devmesh_app"]);
+    assert_eq!(
+        std::fs::metadata(data.join("secrets.key"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
     server.stop().await;
     assert!(
         !data.join("postgres/postmaster.pid").exists(),

@@ -33,6 +33,9 @@ use thiserror::Error;
 pub const MIN_MAJOR_VERSION: u32 = 13;
 /// The database role devmesh creates in its cluster.
 const DB_ROLE: &str = "devmesh";
+/// The role the primary connects as: it owns devmesh's database, nothing
+/// more.
+pub const APP_ROLE: &str = "devmesh_app";
 /// The port number only names the socket file; no TCP port is opened.
 const SOCKET_PORT: u16 = 5432;
 /// Unix socket paths are limited to 107 bytes on Linux.
@@ -131,6 +134,7 @@ pub struct EmbeddedPostgres {
     socket_dir: PathBuf,
     password: Secret,
     log_path: PathBuf,
+    data_dir: PathBuf,
     /// The OS user the cluster runs as, if not this process's.
     pub run_as: Option<String>,
     /// `major.minor` of the server.
@@ -248,6 +252,7 @@ impl EmbeddedPostgres {
             socket_dir,
             password,
             log_path,
+            data_dir: data_dir.clone(),
             run_as: user.switch_to.map(|_| user.name.clone()),
             version,
         };
@@ -263,6 +268,64 @@ impl EmbeddedPostgres {
             .username(DB_ROLE)
             .password(self.password.expose())
             .database(database)
+    }
+
+    /// Connection options for devmesh's own role on `database`: a login
+    /// role without any other privilege ([`APP_ROLE`]) that owns the
+    /// database and every table in it, so the primary never runs as a
+    /// superuser. Creates the role (its password kept beside the
+    /// superuser's) and hands it what earlier versions created as the
+    /// superuser; safe to repeat.
+    pub async fn app_options(&self, database: &str) -> Result<PgConnectOptions, sqlx::Error> {
+        use sqlx::Connection;
+        let path = self.data_dir.join("postgres.app-password");
+        let password = match fs::read_to_string(&path) {
+            Ok(p) => p.trim().to_owned(),
+            Err(_) => {
+                let p = random_alphanumeric(32);
+                write_private(&path, &p).map_err(|e| sqlx::Error::Io(std::io::Error::other(e)))?;
+                p
+            }
+        };
+        let mut admin = sqlx::PgConnection::connect_with(&self.connect_options(database)).await?;
+        // Role and database names are constants; the password is
+        // alphanumeric, so quoting it literally is safe.
+        sqlx::query(&format!(
+            "DO $$ BEGIN
+               IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{APP_ROLE}') THEN
+                 CREATE ROLE {APP_ROLE} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION;
+               END IF;
+             END $$"
+        ))
+        .execute(&mut admin)
+        .await?;
+        sqlx::query(&format!("ALTER ROLE {APP_ROLE} PASSWORD '{password}'"))
+            .execute(&mut admin)
+            .await?;
+        sqlx::query(&format!(
+            "ALTER DATABASE \"{database}\" OWNER TO {APP_ROLE}"
+        ))
+        .execute(&mut admin)
+        .await?;
+        sqlx::query(&format!(
+            "DO $$ DECLARE r record; BEGIN
+               FOR r IN SELECT tablename FROM pg_tables
+                        WHERE schemaname = 'public' AND tableowner <> '{APP_ROLE}' LOOP
+                 EXECUTE format('ALTER TABLE public.%I OWNER TO {APP_ROLE}', r.tablename);
+               END LOOP;
+               FOR r IN SELECT sequencename FROM pg_sequences
+                        WHERE schemaname = 'public' AND sequenceowner <> '{APP_ROLE}' LOOP
+                 EXECUTE format('ALTER SEQUENCE public.%I OWNER TO {APP_ROLE}', r.sequencename);
+               END LOOP;
+             END $$"
+        ))
+        .execute(&mut admin)
+        .await?;
+        admin.close().await?;
+        Ok(self
+            .connect_options(database)
+            .username(APP_ROLE)
+            .password(&password))
     }
 
     /// The same as a URL, for handing to another process.
