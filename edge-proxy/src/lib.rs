@@ -158,7 +158,7 @@ pub(crate) struct Edge {
     /// Recent refusals from the primary, same keys, kept a few seconds.
     pub(crate) refusals: moka::future::Cache<(String, [u8; 32]), devmesh_proxy::app::AppError>,
     /// Revoked users, workspaces and keys.
-    revocations: devmesh_proxy::revocations::Revocations,
+    revocations: Arc<devmesh_proxy::revocations::Revocations>,
     /// Calls to the primary each client IP may cause.
     pub(crate) primary_calls: devmesh_proxy::ratelimit::RateLimiter,
     pub(crate) metrics: Metrics,
@@ -623,6 +623,7 @@ fn start_relay(
             grant_signer: None,
             peers: edge.mesh_peers.clone(),
             max_connections_per_ip: edge.args.max_connections_per_ip,
+            revocations: edge.revocations.clone(),
         },
         shutdown.clone(),
         tracker,

@@ -141,6 +141,8 @@ pub struct Parts {
     pub locations: devmesh_proxy::relay::Locations,
     /// The relay's mesh peers, kept current from the bus.
     pub mesh_peers: devmesh_proxy::relay::MeshPeers,
+    /// Revocations, shared with the relay.
+    pub revocations: Arc<devmesh_proxy::revocations::Revocations>,
     /// Server shutdown.
     pub shutdown: tokio_util::sync::CancellationToken,
 }
@@ -167,7 +169,7 @@ impl AppState {
             shutdown: parts.shutdown,
             routes: apps::route_cache(),
             upstreams: Arc::default(),
-            revocations: Arc::default(),
+            revocations: parts.revocations,
             edge_probes: Arc::default(),
         }
     }

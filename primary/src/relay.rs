@@ -30,6 +30,7 @@ pub async fn start(
     ca: &MeshCa,
     bus: &Bus,
     max_connections_per_ip: usize,
+    revocations: Arc<devmesh_proxy::revocations::Revocations>,
     shutdown: CancellationToken,
     tracker: &TaskTracker,
 ) -> anyhow::Result<(Relay, Locations, MeshPeers)> {
@@ -64,6 +65,7 @@ pub async fn start(
             }),
             peers: peers.clone(),
             max_connections_per_ip,
+            revocations,
         },
         shutdown,
         tracker,

@@ -159,6 +159,7 @@ pub async fn start(mut config: ServerConfig) -> anyhow::Result<RunningServer> {
         .context("loading the app encryption key")?;
     let bus = crate::events::Bus::new(pool.clone());
     tracker.spawn(bus.clone().listen(shutdown.clone()));
+    let revocations = Arc::new(devmesh_proxy::revocations::Revocations::default());
     let (relay, locations, mesh_peers) = crate::relay::start(
         config.relay_address,
         &config.access_url,
@@ -167,6 +168,7 @@ pub async fn start(mut config: ServerConfig) -> anyhow::Result<RunningServer> {
         &ca,
         &bus,
         config.http_limits.max_connections_per_ip,
+        revocations.clone(),
         shutdown.clone(),
         &tracker,
     )
@@ -182,6 +184,7 @@ pub async fn start(mut config: ServerConfig) -> anyhow::Result<RunningServer> {
         bus,
         locations,
         mesh_peers,
+        revocations,
         shutdown: shutdown.clone(),
     };
     let state = AppState::new(pool.clone(), config, parts);

@@ -292,6 +292,9 @@ pub struct RelayConfig {
     /// QUIC connections one IP may have open (agents, probes and mesh
     /// peers alike); `0`: no limit.
     pub max_connections_per_ip: usize,
+    /// Revocations: an app token carried as a mesh grant must not be
+    /// revoked (its key deleted, its user signed out or suspended).
+    pub revocations: Arc<crate::revocations::Revocations>,
 }
 
 impl std::fmt::Debug for RelayConfig {
@@ -328,6 +331,7 @@ struct Inner {
     mesh_peers: MeshPeers,
     per_ip: Arc<devmesh_shared::http::PerIp>,
     max_per_ip: usize,
+    revocations: Arc<crate::revocations::Revocations>,
     stats: Arc<RelayStats>,
 }
 
@@ -382,6 +386,7 @@ impl Relay {
                 mesh_peers: config.peers,
                 per_ip: Arc::default(),
                 max_per_ip: config.max_connections_per_ip,
+                revocations: config.revocations,
                 stats: Arc::default(),
             }),
             local_addr,
@@ -539,7 +544,9 @@ impl Relay {
             return g.agent_id == header.agent_id && g.stream == wanted;
         }
         if let Ok(t) = self.inner.keys.verify::<AppToken>(&header.grant, now) {
-            return t.agent_id == header.agent_id && GrantedStream::Port(t.port) == wanted;
+            return t.agent_id == header.agent_id
+                && GrantedStream::Port(t.port) == wanted
+                && !self.inner.revocations.revokes(&t);
         }
         false
     }

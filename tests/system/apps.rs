@@ -749,6 +749,8 @@ async fn agents_recover_from_being_killed_and_from_primary_restarts() {
             "127.0.0.1:0",
             "--http-address",
             &addr,
+            "--secrets-key-file",
+            w._config.path().join("secrets.key").to_str().unwrap(),
         ],
         &[("DEVMESH_POSTGRES_URL", &w.db_url)],
         w._config.path(),

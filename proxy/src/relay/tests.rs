@@ -45,6 +45,7 @@ impl Ca {
 struct TestRelay {
     relay: Relay,
     peers: MeshPeers,
+    revocations: Arc<crate::revocations::Revocations>,
     events: mpsc::UnboundedReceiver<AttachEvent>,
     _shutdown: tokio_util::sync::DropGuard,
 }
@@ -68,6 +69,7 @@ fn start_relay_with(
     let (events, rx) = mpsc::unbounded_channel();
     let shutdown = CancellationToken::new();
     let mesh_peers = peers();
+    let revocations: Arc<crate::revocations::Revocations> = Arc::default();
     let relay = Relay::start(
         RelayConfig {
             socket,
@@ -84,6 +86,7 @@ fn start_relay_with(
             locations,
             peers: mesh_peers.clone(),
             max_connections_per_ip: max_per_ip,
+            revocations: revocations.clone(),
             grant_signer: signs.then(|| {
                 let key = SigningKey::from_pkcs8("k", signer.pkcs8()).unwrap();
                 Arc::new(move |g: &StreamGrant| key.sign(g)) as GrantSigner
@@ -96,6 +99,7 @@ fn start_relay_with(
     TestRelay {
         relay,
         peers: mesh_peers,
+        revocations,
         events: rx,
         _shutdown: shutdown.drop_guard(),
     }
@@ -436,7 +440,7 @@ async fn a_mesh_certificate_alone_opens_nothing_a_grant_opens_what_it_names() {
             target: devmesh_shared::signing::AppTarget::Slug("app".into()),
             host: "app.apps.test".into(),
             sharing_level: devmesh_shared::api::SharingLevel::Public,
-            key_id: None,
+            key_id: Some("key1".into()),
             port,
             https: false,
             base_path: "/".into(),
@@ -511,6 +515,15 @@ async fn a_mesh_certificate_alone_opens_nothing_a_grant_opens_what_it_names() {
             "{what}"
         );
     }
+    // The key the app token came from is deleted: the token opens nothing.
+    home.revocations.revoke(
+        devmesh_shared::api::RevokedSubject::Key { id: "key1".into() },
+        chrono::Utc::now().timestamp_millis(),
+    );
+    assert_eq!(
+        mesh_status(&ca, &home, &to(app_token(agent, 22), 22)).await,
+        tunnel::status::DENIED
+    );
 }
 
 #[tokio::test]
