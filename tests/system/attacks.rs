@@ -727,3 +727,127 @@ async fn a_copy_of_the_database_mints_nothing_without_the_secrets_key() {
     assert!(SigningKey::from_pkcs8(kid.clone(), &stored).is_err());
     p.stop().await;
 }
+
+#[tokio::test]
+async fn a_mesh_certificate_alone_reaches_no_agent_and_dies_with_its_edge() {
+    use crate::support::register;
+    use devmesh_shared::tunnel::{self, MeshHeader, StreamHeader, io as tio};
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let m = Mesh::start().await;
+    let primary = format!("http://127.0.0.1:{}", m.primary_port);
+    // An edge whose token leaked (or a hostile operator): it registers and
+    // gets a genuine mesh certificate.
+    let (s, e) = m
+        .owner
+        .post(
+            "/edges",
+            json!({"name": "rogue", "access_url": "https://edge.example.com", "relay_hosts": ["127.0.0.1"]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{e}");
+    let token = e["edge_token"].as_str().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .serialize_request(&key)
+        .unwrap()
+        .pem()
+        .unwrap();
+    let (s, reg) = register(
+        &primary,
+        token,
+        uuid::Uuid::new_v4(),
+        "127.0.0.1:40009",
+        json!({ "csr_pem": csr }),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{reg}");
+
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(reg["mesh_ca_pem"].as_str().unwrap().as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(reg["mesh_cert_pem"].as_str().unwrap().as_bytes())
+            .collect::<Result<_, _>>()
+            .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, PrivateKeyDer::Pkcs8(key.serialize_der().into()))
+        .unwrap();
+    tls.alpn_protocols = vec![tunnel::MESH_ALPN.to_vec()];
+    let config = quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
+    ));
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let (_, regions) = m.owner.get("/regions").await;
+    let eu_relay: std::net::SocketAddr = regions["regions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "eu")
+        .unwrap()["relay_address"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let dial = || async {
+        endpoint
+            .connect_with(
+                config.clone(),
+                eu_relay,
+                &devmesh_shared::names::relay_server_name("eu"),
+            )
+            .unwrap()
+            .await
+            .unwrap()
+    };
+    let weu_agent: uuid::Uuid = {
+        let (_, w) = m.alice.get("/users/me/workspaces/weu").await;
+        w["agents"][0]["id"].as_str().unwrap().parse().unwrap()
+    };
+
+    // Straight to the home relay of alice's agent, asking for its database
+    // port: refused without a grant naming that agent and port.
+    let conn = dial().await;
+    for grant in [String::new(), "forged.grant.x".to_owned()] {
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        tio::write_mesh_header(
+            &mut send,
+            &MeshHeader {
+                agent_id: weu_agent,
+                grant,
+                inner: StreamHeader::Tcp { port: 5432 },
+            },
+        )
+        .await
+        .unwrap();
+        let mut status = [0u8; 1];
+        recv.read_exact(&mut status).await.unwrap();
+        assert_eq!(status[0], tunnel::status::DENIED);
+    }
+
+    // The owner deletes the edge: its link is cut within seconds, and its
+    // certificate (still unexpired) opens no new one.
+    let (s, _) = m.owner.delete("/edges/rogue").await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed())
+        .await
+        .expect("the home relay cuts a deleted edge's mesh link");
+    assert!(
+        matches!(closed, quinn::ConnectionError::ApplicationClosed(ref c) if c.error_code == 5u32.into()),
+        "{closed:?}"
+    );
+    let again = dial().await;
+    let closed = tokio::time::timeout(Duration::from_secs(5), again.closed())
+        .await
+        .expect("a deleted edge's certificate opens no link");
+    assert!(
+        matches!(closed, quinn::ConnectionError::ApplicationClosed(ref c) if c.error_code == 5u32.into()),
+        "{closed:?}"
+    );
+}
