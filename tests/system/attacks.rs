@@ -764,25 +764,15 @@ async fn a_mesh_certificate_alone_reaches_no_agent_and_dies_with_its_edge() {
     .await;
     assert_eq!(s, StatusCode::OK, "{reg}");
 
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(reg["mesh_ca_pem"].as_str().unwrap().as_bytes()) {
-        roots.add(c.unwrap()).unwrap();
-    }
     let chain: Vec<CertificateDer<'static>> =
         CertificateDer::pem_slice_iter(reg["mesh_cert_pem"].as_str().unwrap().as_bytes())
             .collect::<Result<_, _>>()
             .unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, PrivateKeyDer::Pkcs8(key.serialize_der().into()))
-        .unwrap();
-    tls.alpn_protocols = vec![tunnel::MESH_ALPN.to_vec()];
-    let config = quinn::ClientConfig::new(Arc::new(
-        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
-    ));
+    let config = quic_client(
+        reg["mesh_ca_pem"].as_str().unwrap(),
+        tunnel::MESH_ALPN,
+        Some((chain, PrivateKeyDer::Pkcs8(key.serialize_der().into()))),
+    );
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     let (_, regions) = m.owner.get("/regions").await;
     let eu_relay: std::net::SocketAddr = regions["regions"]
@@ -850,4 +840,120 @@ async fn a_mesh_certificate_alone_reaches_no_agent_and_dies_with_its_edge() {
         matches!(closed, quinn::ConnectionError::ApplicationClosed(ref c) if c.error_code == 5u32.into()),
         "{closed:?}"
     );
+}
+
+/// A QUIC client config trusting the mesh CA in `ca_pem`, speaking `alpn`,
+/// with a client certificate when given.
+fn quic_client(
+    ca_pem: &str,
+    alpn: &[u8],
+    cert: Option<(
+        Vec<rustls::pki_types::CertificateDer<'static>>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    )>,
+) -> quinn::ClientConfig {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots);
+    let mut tls = match cert {
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key).unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
+    ))
+}
+
+#[tokio::test]
+async fn an_attach_ticket_works_once_and_only_at_the_relay_it_names() {
+    use devmesh_shared::tunnel::{self, Control, io as tio};
+    let m = Mesh::start().await;
+    let primary = format!("http://127.0.0.1:{}", m.primary_port);
+    let (s, ws) = m
+        .alice
+        .post("/workspaces", json!({"name": "wt", "template": "byo"}))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{ws}");
+    let agent_token = ws["agent_tokens"][0]["token"].as_str().unwrap().to_owned();
+    let manifest: Value = reqwest::Client::new()
+        .get(format!("{primary}/api/v2/workspaceagents/me/manifest"))
+        .header(devmesh_shared::api::AGENT_TOKEN_HEADER, &agent_token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let relay = |region: &str| {
+        let r = manifest["relays"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["region"] == region)
+            .unwrap_or_else(|| panic!("no {region} relay in {manifest}"));
+        (
+            r["address"].as_str().unwrap().to_owned(),
+            r["server_name"].as_str().unwrap().to_owned(),
+        )
+    };
+    let config = quic_client(
+        manifest["mesh_ca_pem"].as_str().unwrap(),
+        tunnel::ALPN,
+        None,
+    );
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let present = |(address, name): (String, String), ticket: String| {
+        let (endpoint, config) = (endpoint.clone(), config.clone());
+        async move {
+            let conn = endpoint
+                .connect_with(config, address.parse().unwrap(), &name)
+                .unwrap()
+                .await
+                .unwrap();
+            let (mut send, mut recv) = conn.open_bi().await.unwrap();
+            tio::write_control(&mut send, &Control::Attach { ticket })
+                .await
+                .unwrap();
+            let answer = tio::read_control(&mut recv).await.unwrap();
+            (conn, send, recv, answer)
+        }
+    };
+    let eu = relay("eu");
+    let ticket = ticket(&primary, &agent_token, &eu.0).await;
+
+    // Another relay that saw it (here, ap) cannot use it.
+    let (_c, _s, _r, answer) = present(relay("ap"), ticket.clone()).await;
+    assert!(
+        matches!(&answer, Some(Control::Refused { reason }) if reason.contains("another relay")),
+        "{answer:?}"
+    );
+    // At eu it attaches once; the same ticket again is refused.
+    let (_tunnel, _s, _r, answer) = present(eu.clone(), ticket.clone()).await;
+    assert!(
+        matches!(answer, Some(Control::Attached { .. })),
+        "{answer:?}"
+    );
+    let (_c, _s2, _r2, answer) = present(eu.clone(), ticket).await;
+    assert!(
+        matches!(&answer, Some(Control::Refused { reason }) if reason.contains("already used")),
+        "{answer:?}"
+    );
+    // No ticket at all for a relay that is not registered.
+    let r = reqwest::Client::new()
+        .post(format!("{primary}/api/v2/workspaceagents/me/attach-ticket"))
+        .header(devmesh_shared::api::AGENT_TOKEN_HEADER, &agent_token)
+        .json(&json!({ "relay": "203.0.113.9:4433" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
 }
