@@ -479,7 +479,8 @@ impl TestRelay {
 
 impl Drop for TestRelay {
     fn drop(&mut self) {
-        self.endpoint.close(0u32.into(), b"test over");
+        self.endpoint
+            .close(devmesh_shared::tunnel::close::SHUTDOWN.into(), b"test over");
     }
 }
 
@@ -504,7 +505,10 @@ async fn accept_loop(
             Err(_) => continue,
         };
         let Ok(Some(Control::Attach { ticket })) = wire::read_control(&mut recv).await else {
-            conn.close(9u32.into(), b"expected attach");
+            conn.close(
+                devmesh_shared::tunnel::close::EXPECTED_ATTACH.into(),
+                b"expected attach",
+            );
             continue;
         };
         tickets.lock().push(ticket.clone());
@@ -522,7 +526,7 @@ async fn accept_loop(
             // only if it does not, so the frame is not lost.
             tokio::spawn(async move {
                 let _ = tokio::time::timeout(DEADLINE, conn.closed()).await;
-                conn.close(3u32.into(), b"refused");
+                conn.close(devmesh_shared::tunnel::close::REFUSED.into(), b"refused");
             });
             continue;
         }

@@ -48,30 +48,25 @@ const PROBES_PER_RELAY: u32 = 3;
 
 /// QUIC application close codes the agent uses.
 pub(crate) mod close {
+    //! [`devmesh_shared::tunnel::close`] as QUIC varints.
+    use devmesh_shared::tunnel::close as code;
     use quinn::VarInt;
 
-    /// The agent shuts down.
-    pub(crate) const SHUTDOWN: VarInt = VarInt::from_u32(0);
-    /// The relay stopped answering pings or closed the control stream.
-    pub(crate) const LOST: VarInt = VarInt::from_u32(1);
-    /// The attach did not complete (refused, timed out, protocol error).
-    pub(crate) const ATTACH_FAILED: VarInt = VarInt::from_u32(2);
-    /// The connection only measured the round-trip time; it never attaches.
-    pub(crate) const PROBE: VarInt = VarInt::from_u32(3);
-    /// The agent attached to a nearer relay and leaves this one.
-    pub(crate) const MOVED: VarInt = VarInt::from_u32(4);
+    pub(crate) const SHUTDOWN: VarInt = VarInt::from_u32(code::SHUTDOWN);
+    pub(crate) const LOST: VarInt = VarInt::from_u32(code::LOST);
+    pub(crate) const ATTACH_FAILED: VarInt = VarInt::from_u32(code::ATTACH_FAILED);
+    pub(crate) const PROBE: VarInt = VarInt::from_u32(code::PROBE);
+    pub(crate) const MOVED: VarInt = VarInt::from_u32(code::MOVED);
 }
 
-/// Stream error codes (RESET_STREAM / STOP_SENDING).
 mod stream_code {
+    //! [`devmesh_shared::tunnel::stream_code`] as QUIC varints.
+    use devmesh_shared::tunnel::stream_code as code;
     use quinn::VarInt;
 
-    /// Done with the stream, nothing went wrong.
-    pub(super) const DONE: VarInt = VarInt::from_u32(0);
-    /// The header was invalid or did not arrive in time.
-    pub(super) const BAD_HEADER: VarInt = VarInt::from_u32(1);
-    /// The splice failed on one side; the other side is torn down.
-    pub(super) const FAILED: VarInt = VarInt::from_u32(2);
+    pub(super) const DONE: VarInt = VarInt::from_u32(code::DONE);
+    pub(super) const BAD_HEADER: VarInt = VarInt::from_u32(code::BAD_HEADER);
+    pub(super) const FAILED: VarInt = VarInt::from_u32(code::FAILED);
 }
 
 /// Timers of the tunnel; tests shorten them.

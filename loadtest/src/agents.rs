@@ -253,7 +253,7 @@ pub async fn run(
     sr.notes.push("RSS per agent is the primary's peak RSS during the attaches minus its RSS before, ÷ agents; memory the allocator kept from earlier scenarios is reused first, so this is a lower bound.".into());
     sr.notes.push("Each attach = ticket over HTTPS from the primary + QUIC handshake + attach exchange on the control stream.".into());
     for (conn, _, _) in &held {
-        conn.close(0u32.into(), b"done");
+        conn.close(devmesh_shared::tunnel::close::SHUTDOWN.into(), b"done");
     }
     drop(held);
     for e in &endpoints {

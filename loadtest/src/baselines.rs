@@ -349,7 +349,7 @@ pub async fn quinn_bulk(size: u64) -> anyhow::Result<Duration> {
     let recv = conn.accept_uni().await?;
     drain(recv, size).await?;
     let d = start.elapsed();
-    conn.close(0u32.into(), b"done");
+    conn.close(devmesh_shared::tunnel::close::SHUTDOWN.into(), b"done");
     let _ = tokio::time::timeout(Duration::from_secs(5), srv).await;
     Ok(d)
 }

@@ -27,7 +27,9 @@ use devmesh_shared::api::{AgentLocation, MeshPeer, RelayInfo};
 use devmesh_shared::signing::{
     AppToken, AttachTicket, Claims, GrantedStream, PublicKey, StreamGrant, TokenError, Verifier,
 };
-use devmesh_shared::tunnel::{self, Control, MeshHeader, StreamHeader, io as tio};
+use devmesh_shared::tunnel::{
+    self, Control, MeshHeader, StreamHeader, close, io as tio, stream_code,
+};
 use parking_lot::{Mutex, RwLock};
 use quinn::{Connection, RecvStream, SendStream};
 use rustls::pki_types::pem::PemObject;
@@ -415,7 +417,7 @@ impl Relay {
                     }
                 });
             }
-            endpoint.close(0u32.into(), b"shutdown");
+            endpoint.close(close::SHUTDOWN.into(), b"shutdown");
             endpoint.wait_idle().await;
         });
         tracing::info!(relay.address = %local_addr, relay.region = %relay.inner.advertised.region, "relay listening (QUIC)");
@@ -584,7 +586,7 @@ impl Relay {
                         return Ok((c, issued));
                     }
                     Ok(c) => {
-                        c.close(5u32.into(), b"not a mesh peer");
+                        c.close(close::NOT_A_MESH_PEER.into(), b"not a mesh peer");
                         tracing::warn!(relay.peer = %home.address, "a relay that is not a listed mesh peer answered; not sending to it");
                         return Err(OpenError::NotConnected);
                     }
@@ -620,11 +622,14 @@ impl Relay {
         if alpn.as_deref() == Some(tunnel::MESH_ALPN) {
             // rustls verified any certificate presented; a mesh peer must present one.
             if conn.peer_identity().is_none() {
-                conn.close(4u32.into(), b"mesh peers must present a mesh certificate");
+                conn.close(
+                    close::NO_MESH_CERTIFICATE.into(),
+                    b"mesh peers must present a mesh certificate",
+                );
                 anyhow::bail!("a mesh connection without a client certificate");
             }
             if !self.listed(&conn) {
-                conn.close(5u32.into(), b"not a mesh peer");
+                conn.close(close::NOT_A_MESH_PEER.into(), b"not a mesh peer");
                 anyhow::bail!("a mesh certificate of a relay that is not (or no longer) a peer");
             }
             // A listed peer carries every user connection between us.
@@ -658,7 +663,7 @@ impl Relay {
                 s = conn.accept_bi() => s?,
                 changed = peers.changed() => {
                     if changed.is_ok() && !self.listed(&conn) {
-                        conn.close(5u32.into(), b"no longer a mesh peer");
+                        conn.close(close::NOT_A_MESH_PEER.into(), b"no longer a mesh peer");
                         tracing::info!(relay.peer = %conn.remote_address(), "closed the mesh link of a relay that is no longer a peer");
                         return Ok(());
                     }
@@ -745,7 +750,7 @@ impl Relay {
             ticket: ticket_text,
         }) = first
         else {
-            conn.close(1u32.into(), b"expected attach");
+            conn.close(close::EXPECTED_ATTACH.into(), b"expected attach");
             anyhow::bail!("first control message was not Attach");
         };
         let now = chrono::Utc::now().timestamp();
@@ -766,7 +771,7 @@ impl Relay {
                 .await;
                 let _ = send.finish();
                 let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.closed()).await;
-                conn.close(3u32.into(), b"refused");
+                conn.close(close::REFUSED.into(), b"refused");
                 return Ok(());
             }
         };
@@ -792,7 +797,7 @@ impl Relay {
         match replaced {
             Some(old) => old
                 .conn
-                .close(2u32.into(), b"replaced by a newer connection"),
+                .close(close::REPLACED.into(), b"replaced by a newer connection"),
             None => {
                 self.inner.stats.attached.fetch_add(1, Ordering::Relaxed);
             }
@@ -945,8 +950,8 @@ async fn splice(a: (SendStream, RecvStream), b: (SendStream, RecvStream)) -> u64
                 n
             }
             Err(_) => {
-                let _ = b_send.reset(1u32.into());
-                let _ = a_recv.stop(1u32.into());
+                let _ = b_send.reset(stream_code::FAILED.into());
+                let _ = a_recv.stop(stream_code::FAILED.into());
                 0
             }
         }
@@ -958,8 +963,8 @@ async fn splice(a: (SendStream, RecvStream), b: (SendStream, RecvStream)) -> u64
                 n
             }
             Err(_) => {
-                let _ = a_send.reset(1u32.into());
-                let _ = b_recv.stop(1u32.into());
+                let _ = a_send.reset(stream_code::FAILED.into());
+                let _ = b_recv.stop(stream_code::FAILED.into());
                 0
             }
         }

@@ -26,6 +26,43 @@ pub const MAX_FRAME_LEN: usize = 16 * 1024;
 /// Bytes before a frame's body: version, kind and body length.
 pub const PREFIX_LEN: usize = 4;
 
+/// QUIC application close codes on tunnels and mesh links, one meaning
+/// each whichever side closes (agent codes below 16, relay codes from 16),
+/// so a log line or a test names the reason without knowing who sent it.
+pub mod close {
+    /// The side closing shuts down.
+    pub const SHUTDOWN: u32 = 0;
+    /// Agent: the relay stopped answering pings or closed the control stream.
+    pub const LOST: u32 = 1;
+    /// Agent: the attach did not complete (refused, timed out, protocol error).
+    pub const ATTACH_FAILED: u32 = 2;
+    /// Agent: the connection only measured the round-trip time.
+    pub const PROBE: u32 = 3;
+    /// Agent: it attached to a nearer relay and leaves this one.
+    pub const MOVED: u32 = 4;
+    /// Relay: the first control message was not an attach.
+    pub const EXPECTED_ATTACH: u32 = 16;
+    /// Relay: the attach ticket was refused.
+    pub const REFUSED: u32 = 17;
+    /// Relay: the agent attached again; this older tunnel is dropped.
+    pub const REPLACED: u32 = 18;
+    /// Relay: a mesh connection without a client certificate.
+    pub const NO_MESH_CERTIFICATE: u32 = 19;
+    /// Relay: the certificate is not (or no longer) a listed mesh peer's.
+    pub const NOT_A_MESH_PEER: u32 = 20;
+}
+
+/// QUIC stream error codes (RESET_STREAM / STOP_SENDING) on tunnel and
+/// mesh streams.
+pub mod stream_code {
+    /// Done with the stream, nothing went wrong.
+    pub const DONE: u32 = 0;
+    /// The header was invalid or did not arrive in time.
+    pub const BAD_HEADER: u32 = 1;
+    /// The splice failed on one side; the other side is torn down.
+    pub const FAILED: u32 = 2;
+}
+
 /// After reading a [`StreamHeader`], the agent answers with one status byte
 /// before any raw bytes, so the relay can tell "the app refused" from "the
 /// app closed". The relay may pipeline its first bytes without waiting.
@@ -745,6 +782,25 @@ mod tests {
             StreamHeader::decode(&bytes),
             Ok(Some((StreamHeader::Ssh, header_len)))
         );
+    }
+
+    #[test]
+    fn close_codes_have_one_meaning_each() {
+        use super::close::*;
+        let all = [
+            SHUTDOWN,
+            LOST,
+            ATTACH_FAILED,
+            PROBE,
+            MOVED,
+            EXPECTED_ATTACH,
+            REFUSED,
+            REPLACED,
+            NO_MESH_CERTIFICATE,
+            NOT_A_MESH_PEER,
+        ];
+        let distinct: std::collections::HashSet<_> = all.iter().collect();
+        assert_eq!(distinct.len(), all.len());
     }
 
     #[test]

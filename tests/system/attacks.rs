@@ -829,7 +829,7 @@ async fn a_mesh_certificate_alone_reaches_no_agent_and_dies_with_its_edge() {
         .await
         .expect("the home relay cuts a deleted edge's mesh link");
     assert!(
-        matches!(closed, quinn::ConnectionError::ApplicationClosed(ref c) if c.error_code == 5u32.into()),
+        matches!(closed, quinn::ConnectionError::ApplicationClosed(ref c) if c.error_code == tunnel::close::NOT_A_MESH_PEER.into()),
         "{closed:?}"
     );
     let again = dial().await;
@@ -837,7 +837,7 @@ async fn a_mesh_certificate_alone_reaches_no_agent_and_dies_with_its_edge() {
         .await
         .expect("a deleted edge's certificate opens no link");
     assert!(
-        matches!(closed, quinn::ConnectionError::ApplicationClosed(ref c) if c.error_code == 5u32.into()),
+        matches!(closed, quinn::ConnectionError::ApplicationClosed(ref c) if c.error_code == tunnel::close::NOT_A_MESH_PEER.into()),
         "{closed:?}"
     );
 }

@@ -322,7 +322,7 @@ async fn mesh_peers_need_a_certificate_from_the_mesh_ca() {
         .await
         .expect("the relay closes the connection");
     assert!(
-        matches!(reason, quinn::ConnectionError::ApplicationClosed(ref c) if c.error_code == 4u32.into()),
+        matches!(reason, quinn::ConnectionError::ApplicationClosed(ref c) if c.error_code == close::NO_MESH_CERTIFICATE.into()),
         "{reason:?}"
     );
 
@@ -581,7 +581,7 @@ async fn a_relay_refuses_peers_that_are_not_or_no_longer_listed() {
         let reason = tokio::time::timeout(Duration::from_secs(5), c.closed())
             .await
             .expect("the relay closes the connection");
-        matches!(reason, quinn::ConnectionError::ApplicationClosed(ref c) if c.error_code == 5u32.into())
+        matches!(reason, quinn::ConnectionError::ApplicationClosed(ref c) if c.error_code == close::NOT_A_MESH_PEER.into())
     };
 
     // A mesh-CA certificate for a relay the primary never listed.
