@@ -46,9 +46,9 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// packet delayed by a busy scheduler does not make a relay look far.
 const PROBES_PER_RELAY: u32 = 3;
 
-/// QUIC application close codes the agent uses.
+/// The QUIC application close codes the agent uses:
+/// [`devmesh_shared::tunnel::close`] as varints.
 pub(crate) mod close {
-    //! [`devmesh_shared::tunnel::close`] as QUIC varints.
     use devmesh_shared::tunnel::close as code;
     use quinn::VarInt;
 
@@ -59,8 +59,8 @@ pub(crate) mod close {
     pub(crate) const MOVED: VarInt = VarInt::from_u32(code::MOVED);
 }
 
+/// [`devmesh_shared::tunnel::stream_code`] as QUIC varints.
 mod stream_code {
-    //! [`devmesh_shared::tunnel::stream_code`] as QUIC varints.
     use devmesh_shared::tunnel::stream_code as code;
     use quinn::VarInt;
 
