@@ -147,6 +147,12 @@ impl Mesh {
         self.ap.as_ref().expect("the ap edge runs")
     }
 
+    /// The name of the primary's database.
+    pub(crate) fn db_name(&self) -> String {
+        let without_query = self.db_url.split('?').next().unwrap();
+        without_query.rsplit('/').next().unwrap().to_owned()
+    }
+
     /// Where the primary says the workspace's agent is attached (its relay's region).
     pub(crate) async fn attached_region(&self, workspace: &str) -> Option<String> {
         let mut db = <sqlx::PgConnection as sqlx::Connection>::connect(&self.db_url)
@@ -644,4 +650,108 @@ async fn refused_within_a_second<'a>(
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// What the eu edge answers a JSON client asking for `label` with `key`:
+/// status, denial and message.
+async fn refusal(m: &Mesh, label: &str, key: Option<String>) -> (StatusCode, String, String) {
+    let r = m
+        .get(&Mesh::url(&m.eu, "eu", label, "/"), key.as_deref())
+        .await;
+    let status = r.status();
+    let body: Value = r.json().await.unwrap_or_default();
+    let field = |f: &str| body[f].as_str().unwrap_or("").to_owned();
+    (status, field("denial"), field("message"))
+}
+
+#[tokio::test]
+async fn an_edge_shows_each_refusal_the_primary_names_even_with_its_database_down() {
+    let m = Mesh::start().await;
+    let anon = Api::new(&format!("http://127.0.0.1:{}", m.primary_port), None);
+    let bob = anon.login("bob", "bob-password").await;
+    let (s, ws) = m
+        .alice
+        .post("/workspaces", json!({"name": "woff", "template": "byo"}))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{ws}");
+    let woff = ws["workspace"]["id"].as_str().unwrap().to_owned();
+    let alice = m.alice_key();
+    let expect =
+        |got: (StatusCode, String, String), status: StatusCode, denial: &str, title: &str| {
+            assert_eq!((got.0, got.1.as_str()), (status, denial), "{}", got.2);
+            assert!(got.2.starts_with(title), "{}", got.2);
+        };
+    expect(
+        refusal(&m, "echo--nosuch--alice", Some(alice.clone())).await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "App not found",
+    );
+    expect(
+        refusal(&m, "echo--weu--alice", bob.token.clone()).await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        "Not authorized",
+    );
+    expect(
+        refusal(&m, "echo--weu--alice", None).await,
+        StatusCode::UNAUTHORIZED,
+        "unauthenticated",
+        "Not signed in",
+    );
+    expect(
+        refusal(&m, "echo--woff--alice", Some(alice.clone())).await,
+        StatusCode::BAD_GATEWAY,
+        "agent_not_connected",
+        "Agent not connected",
+    );
+    let (s, b) = m
+        .alice
+        .post(
+            &format!("/workspaces/{woff}/builds"),
+            json!({"transition": "stop"}),
+        )
+        .await;
+    assert!(s.is_success(), "{b}");
+    // Decisions are cached at the edge; the stop revokes them.
+    eventually(10, "the stop to reach the edge", || async {
+        let got = refusal(&m, "pub--woff--alice", Some(alice.clone())).await;
+        (got.1 == "stopped").then_some(())
+    })
+    .await;
+    expect(
+        refusal(&m, "pub--woff--alice", Some(alice.clone())).await,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "stopped",
+        "Workspace stopped",
+    );
+
+    // The primary's database goes away: a fresh decision is "unavailable",
+    // never "stopped" or "not connected".
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect_with(
+        &devmesh_tests::cluster().connect_options("postgres"),
+    )
+    .await
+    .unwrap();
+    let db = m.db_name();
+    sqlx::query(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS false"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+        .bind(&db)
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let owner_key = m.owner.token.clone();
+    expect(
+        refusal(&m, "pub--wap--alice", owner_key).await,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        "Temporarily unavailable",
+    );
+    sqlx::query(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS true"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
 }

@@ -117,6 +117,8 @@ impl From<sqlx::Error> for ApiError {
             );
             err.db_unavailable = true;
             err.retry_after = Some(5);
+            // Edges show their users why (never "workspace stopped").
+            err.body.denial = Some("unavailable".into());
             return err;
         }
         // Text PostgreSQL cannot store (a NUL byte, say) is the caller's
