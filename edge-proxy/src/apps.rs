@@ -1,6 +1,5 @@
-//! Apps and dev URLs on the edge's app domains.
-//!
-//! The same flow as the primary's, with the edge as the proxy:
+//! Apps and dev URLs on the edge's app domains: the app proxy pipeline
+//! ([`devmesh_proxy::pipeline`]) with the edge's source of decisions:
 //! 1. a browser back from signing in brings a sealed one-time grant for
 //!    this host, which the primary redeems (`app-connect`) for an app token
 //!    that becomes a cookie on this host alone;
@@ -19,179 +18,126 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use axum::extract::{Request, State};
-use axum::http::header;
 use axum::middleware::Next;
 use axum::response::Response;
-use devmesh_proxy::app::{
-    APP_TOKEN_RENEW_SECS, AppError, GRANT_PARAM, STATE_COOKIE, Target, cookie, cookie_allowed,
-    header_key, protect_page, query_param, request_host, sign_in, signed_in_redirect,
-    token_cookie_header, token_cookie_name, wants_html,
-};
-use devmesh_shared::apphost::{AppHost, AppTarget, parse_label, wildcard_label};
+use devmesh_proxy::app::{APP_TOKEN_RENEW_SECS, AppError, protect_page, wants_html};
+use devmesh_proxy::pipeline::{self, Ask, Decided, Decider, Plumbing};
 use devmesh_shared::signing::AppToken;
-use tokio::time::Instant;
 
-use crate::metrics::{CacheLabels, KindLabels, RequestLabels};
+use crate::metrics::CacheLabels;
 use crate::{Decision, Edge};
 
 /// A cached decision is refreshed in the background once its token has
 /// less than this long to live.
 const REFRESH_BEFORE_SECS: i64 = 10 * 60;
 
-/// Middleware: requests for the edge's app domains are proxied; the rest
-/// reach the edge's own endpoints.
+/// Middleware: requests for the edge's app domains go through the app
+/// proxy pipeline; the rest reach the edge's own endpoints.
 pub(crate) async fn route_apps(
     State(edge): State<Arc<Edge>>,
     req: Request,
     next: Next,
 ) -> Response {
-    let host = match request_host(&req) {
-        Ok(h) => h,
-        Err(e) => return e.respond(wants_html(req.headers())),
-    };
-    let Some((wildcard, label)) = edge
-        .wildcards
-        .iter()
-        .find_map(|w| Some((w.clone(), wildcard_label(&host, w)?.to_owned())))
-    else {
-        // The edge's own endpoints: never framed, HSTS over HTTPS.
-        let mut resp = next.run(req).await;
-        protect_page(&mut resp, edge.scheme == "https");
-        return resp;
-    };
-    let start = Instant::now();
-    let html = wants_html(req.headers());
-    let (kind, resp) = match parse_label(&label) {
-        None => (
-            "app",
-            AppError::NotFound(format!("{label:?} is not an app address.")).respond(html),
-        ),
-        Some(app) => {
-            let kind = match app.target {
-                AppTarget::Slug(_) => "app",
-                AppTarget::Port { .. } => "dev_url",
-            };
-            match serve(&edge, &host, &wildcard, app, req).await {
-                Ok(resp) => (kind, resp),
-                Err(e) => {
-                    tracing::debug!(app.host = %host, error = ?e, "app request refused");
-                    (kind, e.respond(html))
-                }
+    let Some(relay) = edge.relay.get() else {
+        // Not registered yet: nothing to decide with or send through.
+        let html = wants_html(req.headers());
+        return match pipeline::app_host(&req, &edge.wildcards) {
+            Ok(None) => {
+                let mut resp = next.run(req).await;
+                protect_page(&mut resp, edge.scheme == "https");
+                resp
             }
-        }
+            Ok(Some(_)) => AppError::PrimaryUnavailable.respond(html),
+            Err(e) => e.respond(html),
+        };
     };
-    edge.metrics
-        .duration
-        .get_or_create(&KindLabels { kind })
-        .observe(start.elapsed().as_secs_f64());
-    edge.metrics
-        .requests
-        .get_or_create(&RequestLabels {
-            kind,
-            status: resp.status().as_u16(),
-        })
-        .inc();
-    resp
+    let plumbing = Plumbing {
+        relay,
+        upstreams: &edge.upstreams,
+        scheme: edge.scheme,
+    };
+    pipeline::route(
+        &EdgeDecider(&edge),
+        plumbing,
+        &edge.metrics.proxy,
+        &edge.wildcards,
+        req,
+        next,
+    )
+    .await
 }
 
-async fn serve(
-    edge: &Arc<Edge>,
-    host: &str,
-    wildcard: &str,
-    app: AppHost,
-    req: Request,
-) -> Result<Response, AppError> {
-    let token_cookie = token_cookie_name(wildcard);
-    let secure = edge.scheme == "https";
-    let (head, body) = req.into_parts();
-    let client = head
-        .extensions
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map(|c| c.0.ip().to_string())
-        .unwrap_or_default();
+/// The edge's decisions: app tokens verified locally, the rest asked of
+/// the primary and cached.
+struct EdgeDecider<'a>(&'a Arc<Edge>);
 
-    // Phase: back from signing in with a sealed one-time grant.
-    if let Some(sealed) = query_param(&head.uri, GRANT_PARAM) {
-        let state = cookie(&head.headers, STATE_COOKIE).unwrap_or_default();
-        let d = edge.app_connect(&sealed, state, host).await?;
-        return Ok(signed_in_redirect(
-            &head.uri,
-            edge.scheme,
-            host,
-            &token_cookie,
-            &d.token,
-        ));
+impl Decider for EdgeDecider<'_> {
+    fn sign_in_url(&self) -> &str {
+        &self.0.primary
     }
 
-    // Phase: credentials and decision. A token cookie for this host is
-    // verified here; otherwise a decision for the key, cached or fresh.
-    let now = chrono::Utc::now().timestamp();
-    let from_cookie = cookie(&head.headers, &token_cookie)
-        .filter(|_| cookie_allowed(&head, host))
-        .and_then(|t| Some((t, edge.keys.verify::<AppToken>(t, now).ok()?)))
-        .filter(|(_, t)| t.host == host && t.target == app.target && !edge.revoked(t));
-    let (claims, grant, new_cookie) = match from_cookie {
-        Some((signed, t)) => {
-            count(edge, "token");
-            // An aging token is renewed once through the primary (cached,
-            // so only one request of a page pays for it); if that fails the
-            // old one serves until it expires.
-            let renewed = if t.exp - now < APP_TOKEN_RENEW_SECS {
-                decision(edge, host, Credential::Token(signed), &client)
-                    .await
-                    .ok()
-            } else {
-                None
-            };
-            (t, signed.to_owned(), renewed.map(|d| d.token.clone()))
-        }
-        None => {
-            let key = header_key(&head.headers);
-            let credential = key.as_deref().map_or(Credential::None, Credential::Key);
-            match decision(edge, host, credential, &client).await {
-                Ok(d) => (d.claims.clone(), d.token.clone(), Some(d.token.clone())),
-                Err(AppError::Unauthenticated) => {
-                    return sign_in(&edge.primary, edge.scheme, host, &head);
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    };
+    fn verify_token(&self, signed: &str) -> Option<AppToken> {
+        let now = chrono::Utc::now().timestamp();
+        self.0.keys.verify::<AppToken>(signed, now).ok()
+    }
 
-    // Phase: forward.
-    let target = Target {
-        agent_id: claims.agent_id,
-        port: claims.port,
-        https: claims.https,
-        base_path: if claims.base_path.is_empty() {
-            "/".into()
+    fn revoked(&self, token: &AppToken) -> bool {
+        self.0.revoked(token)
+    }
+
+    async fn redeem(
+        &self,
+        ask: Ask<'_>,
+        sealed: &str,
+        state: Option<&str>,
+    ) -> Result<String, AppError> {
+        let d = self
+            .0
+            .app_connect(sealed, state.unwrap_or_default(), ask.host)
+            .await?;
+        Ok(d.token)
+    }
+
+    async fn with_token(
+        &self,
+        ask: Ask<'_>,
+        token: &AppToken,
+        signed: &str,
+    ) -> Result<Decided, AppError> {
+        count(self.0, "token");
+        // An aging token is renewed once through the primary (cached, so
+        // only one request of a page pays for it); if that fails the old
+        // one serves until it expires.
+        let renewed = if token.exp - chrono::Utc::now().timestamp() < APP_TOKEN_RENEW_SECS {
+            decision(self.0, ask.host, Credential::Token(signed), ask.client)
+                .await
+                .ok()
+                .map(|d| d.token.clone())
         } else {
-            claims.base_path.clone()
-        },
+            None
+        };
         // The app token is what the agent's home relay checks when the
         // stream crosses the mesh.
-        grant: Some(grant),
-    };
-    let Some(relay) = edge.relay.get() else {
-        return Err(AppError::PrimaryUnavailable);
-    };
-    let mut resp = devmesh_proxy::app::forward(
-        &edge.upstreams,
-        relay,
-        &target,
-        host,
-        edge.scheme,
-        axum::extract::Request::from_parts(head, body),
-        None,
-    )
-    .await?;
-    if let Some(t) = new_cookie {
-        resp.headers_mut().append(
-            header::SET_COOKIE,
-            token_cookie_header(&token_cookie, &t, secure),
-        );
+        let grant = renewed.clone().unwrap_or_else(|| signed.to_owned());
+        Ok(Decided {
+            target: pipeline::target_of(token, Some(grant)),
+            set_token: renewed,
+        })
     }
-    Ok(resp)
+
+    async fn with_key(
+        &self,
+        ask: Ask<'_>,
+        key: Option<&str>,
+        _credentialed: bool,
+    ) -> Result<Decided, AppError> {
+        let credential = key.map_or(Credential::None, Credential::Key);
+        let d = decision(self.0, ask.host, credential, ask.client).await?;
+        Ok(Decided {
+            target: pipeline::target_of(&d.claims, Some(d.token.clone())),
+            set_token: Some(d.token.clone()),
+        })
+    }
 }
 
 /// What an app request presents to be decided on.

@@ -6,26 +6,9 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use devmesh_proxy::relay::RelayStats;
-
-/// Labels of a proxied request.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub(crate) struct RequestLabels {
-    /// `app`, `dev_url`, `sign_in` or `edge` (the edge's own endpoints).
-    pub(crate) kind: &'static str,
-    /// The status code.
-    pub(crate) status: u16,
-}
-
-/// Labels of a kind of request.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub(crate) struct KindLabels {
-    /// As in [`RequestLabels`].
-    pub(crate) kind: &'static str,
-}
 
 /// Labels of a cache lookup.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -35,13 +18,11 @@ pub(crate) struct CacheLabels {
     pub(crate) result: &'static str,
 }
 
-type Histograms = Family<KindLabels, Histogram, fn() -> Histogram>;
-
 /// Every metric of the edge.
 pub(crate) struct Metrics {
     registry: Registry,
-    pub(crate) requests: Family<RequestLabels, Counter>,
-    pub(crate) duration: Histograms,
+    /// App requests, as the primary counts its own.
+    pub(crate) proxy: devmesh_proxy::pipeline::ProxyMetrics,
     pub(crate) decisions: Family<CacheLabels, Counter>,
     pub(crate) primary_reachable: Gauge,
     pub(crate) events_connected: Gauge,
@@ -57,19 +38,7 @@ impl std::fmt::Debug for Metrics {
 impl Metrics {
     pub(crate) fn new() -> Self {
         let mut registry = Registry::with_prefix("devmesh_edge");
-        let requests = Family::<RequestLabels, Counter>::default();
-        registry.register(
-            "requests",
-            "Requests served, by kind and status",
-            requests.clone(),
-        );
-        let duration: Histograms =
-            Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.0002, 2.0, 18)));
-        registry.register(
-            "request_duration_seconds",
-            "Time to the response head, by kind",
-            duration.clone(),
-        );
+        let proxy = devmesh_proxy::pipeline::ProxyMetrics::register(&mut registry);
         let decisions = Family::<CacheLabels, Counter>::default();
         registry.register(
             "access_decisions",
@@ -96,8 +65,7 @@ impl Metrics {
         );
         Self {
             registry,
-            requests,
-            duration,
+            proxy,
             decisions,
             primary_reachable,
             events_connected,

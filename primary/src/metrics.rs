@@ -51,6 +51,9 @@ pub struct Metrics {
     /// Claims from edges the primary refused, by kind (`attachment_proof`,
     /// `registration`).
     pub edge_refusals: Family<ResultLabels, Counter>,
+    /// App requests on the primary's apps domain (`devmesh_app_*`), as
+    /// edges count theirs.
+    pub apps: devmesh_proxy::pipeline::ProxyMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -92,6 +95,9 @@ impl Metrics {
             "Claims from edges the primary refused",
             edge_refusals.clone(),
         );
+        let apps = devmesh_proxy::pipeline::ProxyMetrics::register(
+            registry.sub_registry_with_prefix("app"),
+        );
         let build_info = Family::<Vec<(String, String)>, Gauge>::default();
         build_info
             .get_or_create(&vec![("version".into(), devmesh_shared::VERSION.into())])
@@ -105,6 +111,7 @@ impl Metrics {
             key_checks,
             db_unavailable,
             edge_refusals,
+            apps,
         }
     }
 

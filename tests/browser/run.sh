@@ -49,7 +49,9 @@ node "$here/app-sign-in.js" \
 # The same through an edge: its app domain, its own cookies, one sign-in at
 # the primary, and the request crossing the mesh to the agent's relay.
 edge_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-edge_token=$("$bin" edges create eu 2>&1 | grep -oE '[0-9a-f-]{36}:[A-Za-z0-9]{32}')
+edge_token=$("$bin" edges create eu --access-url "https://eu.localhost:$edge_port" \
+  --wildcard-hostname "*.eu.apps.localhost:$edge_port" --relay-host 127.0.0.1 2>&1 \
+  | grep -oE '[0-9a-f-]{36}:[A-Za-z0-9]{32}')
 "$bin" edge --primary-url "$url" --edge-token "$edge_token" --access-url "https://eu.localhost:$edge_port" \
   --listen "127.0.0.1:$edge_port" --wildcard-access-url "*.eu.apps.localhost:$edge_port" \
   --relay-address 127.0.0.1:0 --tls-self-signed --tls-dir "$work/data/tls" \

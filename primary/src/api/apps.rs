@@ -1,10 +1,10 @@
 //! Workspace apps and dev URLs on the primary's wildcard domain.
 //!
 //! A request to `<slug|port>--[agent--]<workspace>--<user>.<apps domain>`
-//! goes through named phases: parse the host → redeem a one-time grant from
-//! the auth redirect → credentials (app token cookie for this host, session
-//! header or bearer key, or none for public apps) → decide against the
-//! database and the sharing level → open a stream to the agent → forward.
+//! goes through the app proxy pipeline every edge runs too
+//! ([`devmesh_proxy::pipeline`]); this module is its source of decisions
+//! (the database and the sharing level, [`Decider`] for [`AppState`]), the
+//! edges' decision endpoints, path apps, the auth redirect and login page.
 //!
 //! The apps domain never sees a devmesh key. Browsers without a token for
 //! the host are sent to `/api/v2/applications/auth-redirect` on the
@@ -30,10 +30,9 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use devmesh_proxy::app::{
-    APP_TOKEN_RENEW_SECS, AppError, GRANT_PARAM, STATE_COOKIE, Target, cookie, cookie_allowed,
-    header_key, html_escape, protect_page, query_param, request_host, signed_in_redirect,
-    token_cookie_header, token_cookie_name, wants_html,
+    APP_TOKEN_RENEW_SECS, AppError, GRANT_PARAM, Target, cookie, html_escape, wants_html,
 };
+use devmesh_proxy::pipeline::{Ask, Decided, Decider, Plumbing};
 
 use super::error::ApiResult;
 use super::extract::{ApiQuery, request_token};
@@ -48,47 +47,39 @@ const APP_TOKEN_LIFETIME: chrono::Duration =
 
 // === Entry point ===
 
-/// Middleware: requests for the apps domain are proxied; everything else
-/// goes on to the API router.
+/// Middleware: requests for the apps domain go through the app proxy
+/// pipeline (with this primary's database deciding); path apps and
+/// everything else go on to the API router.
 pub(crate) async fn route_apps(
     State(state): State<AppState>,
     req: Request,
     next: Next,
 ) -> Response {
-    let https = state.config.secure_cookies();
-    let host = match request_host(&req) {
-        Ok(h) => h,
-        Err(e) => return e.respond(wants_html(req.headers())),
-    };
+    let wildcards = state.config.wildcard_access_url.as_slice();
     // Path apps live on the dashboard origin under /@user/...; the router
     // cannot match a parameter that shares a segment with "@".
-    let label = state
-        .config
-        .wildcard_access_url
-        .as_deref()
-        .and_then(|w| wildcard_label(&host, w));
-    let Some(label) = label else {
-        if req.uri().path().starts_with("/@") {
-            use axum::extract::FromRequestParts;
-            let (mut parts, body) = req.into_parts();
-            let auth = super::extract::Authed::from_request_parts(&mut parts, &state).await;
-            return path_app(State(state), auth, Request::from_parts(parts, body)).await;
-        }
-        // devmesh's own pages and API: never framed, HSTS over HTTPS.
-        let mut resp = next.run(req).await;
-        protect_page(&mut resp, https);
-        return resp;
+    if req.uri().path().starts_with("/@")
+        && matches!(devmesh_proxy::pipeline::app_host(&req, wildcards), Ok(None))
+    {
+        use axum::extract::FromRequestParts;
+        let (mut parts, body) = req.into_parts();
+        let auth = super::extract::Authed::from_request_parts(&mut parts, &state).await;
+        return path_app(State(state), auth, Request::from_parts(parts, body)).await;
+    }
+    let plumbing = Plumbing {
+        relay: &state.relay,
+        upstreams: &state.upstreams,
+        scheme: scheme(&state),
     };
-    let html = wants_html(req.headers());
-    let Some(app) = parse_label(label) else {
-        return AppError::NotFound(format!("{label:?} is not an app address.")).respond(html);
-    };
-    match serve(&state, &host, app, req).await {
-        Ok(resp) => resp,
-        Err(e) => {
-            tracing::debug!(app.host = %host, error = ?e, "app request refused");
-            e.respond(html)
-        }
+    devmesh_proxy::pipeline::route(&state, plumbing, &state.metrics.apps, wildcards, req, next)
+        .await
+}
+
+fn scheme(state: &AppState) -> &'static str {
+    if state.config.secure_cookies() {
+        "https"
+    } else {
+        "http"
     }
 }
 
@@ -376,118 +367,75 @@ async fn renew(
 
 /// The app token cookie's claims, if it is valid for this host and target
 /// and the request may use cookies at all.
-fn token_from_cookie(
-    state: &AppState,
-    head: &axum::http::request::Parts,
-    host: &str,
-    app: &AppHost,
-    token_cookie: &str,
-) -> Option<AppToken> {
-    let now = Utc::now().timestamp();
-    cookie(&head.headers, token_cookie)
-        .filter(|_| cookie_allowed(head, host))
-        .and_then(|t| state.signer.verifier().verify::<AppToken>(t, now).ok())
-        .filter(|t| t.host == host && t.target == app.target)
-}
-
-async fn serve(
-    state: &AppState,
-    host: &str,
-    app: AppHost,
-    req: Request,
-) -> Result<Response, AppError> {
-    let wildcard = state
-        .config
-        .wildcard_access_url
-        .as_deref()
-        .unwrap_or_default();
-    let token_cookie = token_cookie_name(wildcard);
-    let scheme = if state.config.secure_cookies() {
-        "https"
-    } else {
-        "http"
-    };
-    let (head, body) = req.into_parts();
-
-    // Phase: the browser comes back from the auth redirect with a grant.
-    if let Some(sealed) = query_param(&head.uri, GRANT_PARAM) {
-        let (_, _, signed) = redeem_grant(
-            state,
-            &sealed,
-            cookie(&head.headers, STATE_COOKIE),
-            host,
-            &app,
-        )
-        .await?;
-        return Ok(signed_in_redirect(
-            &head.uri,
-            scheme,
-            host,
-            &token_cookie,
-            &signed,
-        ));
+/// The primary's decisions: against its database (routes cached for a
+/// second, keys for 30 s).
+impl Decider for AppState {
+    fn sign_in_url(&self) -> &str {
+        &self.config.access_url
     }
 
-    // Phase: credentials. An app token for this host and route is enough.
-    let verified = token_from_cookie(state, &head, host, &app, &token_cookie);
-    // A revoked token still shows its holder why (say, a stopped workspace).
-    let credentialed = verified.is_some();
-    let mut live = None;
-    if let Some(t) = verified
-        && !token_revoked(state, &t)
-    {
-        live = Some(t);
+    fn verify_token(&self, signed: &str) -> Option<AppToken> {
+        let now = Utc::now().timestamp();
+        self.signer.verifier().verify::<AppToken>(signed, now).ok()
     }
 
-    // Phase: decide.
-    let (route, new_token) = match live {
-        Some(t) => {
-            // The token proves who; the route (checked every second) proves
-            // the workspace still runs with the same agent and sharing.
-            let route = resolve(state, &app, false).await?;
-            if route.agent_id != t.agent_id || route.level != t.sharing_level {
-                return sign_in(state, scheme, host, &head);
-            }
-            let renewed = if t.exp - Utc::now().timestamp() < APP_TOKEN_RENEW_SECS {
-                renew(state, host, &app, &t).await.ok().map(|(_, t)| t)
-            } else {
-                None
-            };
-            (route, renewed)
+    fn revoked(&self, token: &AppToken) -> bool {
+        token_revoked(self, token)
+    }
+
+    async fn redeem(
+        &self,
+        ask: Ask<'_>,
+        sealed: &str,
+        state: Option<&str>,
+    ) -> Result<String, AppError> {
+        let (_, _, signed) = redeem_grant(self, sealed, state, ask.host, ask.app).await?;
+        Ok(signed)
+    }
+
+    async fn with_token(
+        &self,
+        ask: Ask<'_>,
+        token: &AppToken,
+        _signed: &str,
+    ) -> Result<Decided, AppError> {
+        // The token proves who; the route (checked every second) proves
+        // the workspace still runs with the same agent and sharing.
+        let route = resolve(self, ask.app, false).await?;
+        if route.agent_id != token.agent_id || route.level != token.sharing_level {
+            return Err(AppError::Unauthenticated);
         }
-        None => {
-            // A header that is not a devmesh key belongs to the app (its
-            // own bearer tokens).
-            let principal = match header_key(&head.headers) {
-                Some(k) => principal_for_key(state, &k).await?,
-                None => None,
-            };
-            match decide(state, host, &app, principal.as_ref(), credentialed).await {
-                Ok((route, token)) => (route, Some(token)),
-                Err(AppError::Unauthenticated) => return sign_in(state, scheme, host, &head),
-                Err(e) => return Err(e),
-            }
-        }
-    };
-
-    // Phase: forward.
-    let mut resp = forward(
-        state,
-        &route,
-        host,
-        scheme,
-        Request::from_parts(head, body),
-        None,
-    )
-    .await?;
-    if let Some(t) = new_token {
-        let signed = state.signer.sign(&t);
-        resp.headers_mut().append(
-            header::SET_COOKIE,
-            token_cookie_header(&token_cookie, &signed, scheme == "https"),
-        );
+        let renewed = if token.exp - Utc::now().timestamp() < APP_TOKEN_RENEW_SECS {
+            renew(self, ask.host, ask.app, token)
+                .await
+                .ok()
+                .map(|(_, t)| self.signer.sign(&t))
+        } else {
+            None
+        };
+        Ok(Decided {
+            target: target(self, &route).await,
+            set_token: renewed,
+        })
     }
-    Ok(resp)
+
+    async fn with_key(
+        &self,
+        ask: Ask<'_>,
+        key: Option<&str>,
+        credentialed: bool,
+    ) -> Result<Decided, AppError> {
+        let principal = match key {
+            Some(k) => principal_for_key(self, k).await?,
+            None => None,
+        };
+        let (route, token) =
+            decide(self, ask.host, ask.app, principal.as_ref(), credentialed).await?;
+        Ok(Decided {
+            target: target(self, &route).await,
+            set_token: Some(self.signer.sign(&token)),
+        })
+    }
 }
 
 // === For edges (`/api/v2/edges/me/app-*`) ===
@@ -593,28 +541,10 @@ pub(super) async fn edge_app_connect(
     }
 }
 
-/// Sends a browser to sign in at the primary; other clients get a 401.
-fn sign_in(
-    state: &AppState,
-    scheme: &str,
-    host: &str,
-    head: &axum::http::request::Parts,
-) -> Result<Response, AppError> {
-    devmesh_proxy::app::sign_in(&state.config.access_url, scheme, host, head)
-}
-
-/// Sends the request to the route's app through the relay (directly or over
-/// the mesh) and streams the response back.
-async fn forward(
-    state: &AppState,
-    route: &Route,
-    host: &str,
-    scheme: &str,
-    req: Request,
-    prefix: Option<&str>,
-) -> Result<Response, AppError> {
-    // Events may trail the database by a moment: locate an agent that is
-    // neither here nor known elsewhere yet.
+/// Where the route's app is, with its agent located: events may trail the
+/// database by a moment, so an agent that is neither here nor known
+/// elsewhere yet is looked up. The relay signs its own mesh grants.
+async fn target(state: &AppState, route: &Route) -> Target {
     if !state.relay.is_attached(route.agent_id)
         && state.locations.get(route.agent_id).is_none()
         && let Ok(Some(relay)) = crate::events::agent_location(&state.db, route.agent_id).await
@@ -624,23 +554,13 @@ async fn forward(
             relay: Some(relay),
         });
     }
-    let target = Target {
+    Target {
         agent_id: route.agent_id,
         port: route.port,
         https: route.https,
         base_path: route.base_path.clone(),
         grant: None,
-    };
-    devmesh_proxy::app::forward(
-        &state.upstreams,
-        &state.relay,
-        &target,
-        host,
-        scheme,
-        req,
-        prefix,
-    )
-    .await
+    }
 }
 
 // === Path-based apps (dashboard origin; off unless enabled) ===
@@ -720,15 +640,18 @@ pub(super) async fn path_app(
         .and_then(|h| h.to_str().ok())
         .unwrap_or_default()
         .to_owned();
-    let scheme = if state.config.secure_cookies() {
-        "https"
-    } else {
-        "http"
-    };
-    match forward(&state, &route, &host, scheme, req, Some(&prefix)).await {
-        Ok(r) => r,
-        Err(e) => e.respond(html),
-    }
+    let target = target(&state, &route).await;
+    let sent = devmesh_proxy::app::forward(
+        &state.upstreams,
+        &state.relay,
+        &target,
+        &host,
+        scheme(&state),
+        req,
+        Some(&prefix),
+    )
+    .await;
+    sent.unwrap_or_else(|e| e.respond(html))
 }
 
 // === Auth redirect and login page (dashboard origin) ===
