@@ -27,6 +27,58 @@ struct Cli {
     command: Command,
 }
 
+/// The long-running processes, parsed on their own: their flags are theirs
+/// alone, without the client's `--url`, `--token`, `--ca-cert` and `-o`.
+#[derive(Debug, Parser)]
+#[command(name = "devmesh", version)]
+struct Daemon {
+    #[command(subcommand)]
+    command: DaemonCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum DaemonCommand {
+    /// Run the primary server (API, embedded PostgreSQL by default).
+    Server(devmesh_primary::ServerArgs),
+    /// Run the workspace agent (inside the workspace).
+    Agent(devmesh_agent::AgentArgs),
+    /// Run a regional edge proxy.
+    Edge(devmesh_edge_proxy::EdgeArgs),
+}
+
+impl DaemonCommand {
+    const NAMES: [&'static str; 3] = ["server", "agent", "edge"];
+
+    async fn run(self) -> anyhow::Result<()> {
+        match self {
+            Self::Server(args) => commands::server::run(args).await,
+            Self::Agent(args) => commands::agent::run(args).await,
+            Self::Edge(args) => commands::agent::run_edge(args).await,
+        }
+    }
+}
+
+/// A parsed command line.
+enum Parsed {
+    /// A long-running process.
+    Daemon(DaemonCommand),
+    /// A client command.
+    Client(Cli),
+}
+
+/// Parses the command line: the daemons with their own parser, the rest
+/// with the client's global flags.
+fn parse() -> Result<Parsed, clap::Error> {
+    let daemon = std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| DaemonCommand::NAMES.iter().any(|n| a == *n));
+    if daemon {
+        Ok(Parsed::Daemon(Daemon::try_parse()?.command))
+    } else {
+        Cli::try_parse().map(Parsed::Client)
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the primary server (API, embedded PostgreSQL by default).
@@ -97,7 +149,7 @@ enum Command {
 
 fn main() -> ExitCode {
     devmesh_shared::runtime::install_crypto_provider();
-    let cli = match Cli::try_parse() {
+    let cli = match parse() {
         Ok(cli) => cli,
         Err(e) => {
             use clap::error::ErrorKind;
@@ -126,7 +178,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    let ran = match cli {
+        Parsed::Daemon(d) => runtime.block_on(d.run()),
+        Parsed::Client(cli) => runtime.block_on(run(cli)),
+    };
+    match ran {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let code = if e
@@ -147,7 +203,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let g = cli.global;
 
     match cli.command {
-        Command::Server(args) => commands::server::run(args).await,
+        // Reached only with client flags before the name
+        // (`devmesh -o json server`); they do not apply.
+        Command::Server(args) => DaemonCommand::Server(args).run().await,
         Command::Login(args) => commands::auth::login(&g, args).await,
         Command::Logout => commands::auth::logout(&g).await,
         Command::Whoami => commands::auth::whoami(&g).await,
@@ -170,7 +228,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             commands::workspaces::transition(&g, name, Transition::Delete).await
         }
         Command::Logs { name, follow } => commands::workspaces::logs(&g, name, follow).await,
-        Command::Agent(args) => commands::agent::run(args).await,
-        Command::Edge(args) => commands::agent::run_edge(args).await,
+        Command::Agent(args) => DaemonCommand::Agent(args).run().await,
+        Command::Edge(args) => DaemonCommand::Edge(args).run().await,
     }
 }

@@ -550,3 +550,43 @@ async fn refused_start(data: &std::path::Path) -> std::process::Output {
         .expect("refuses promptly")
         .unwrap()
 }
+
+#[tokio::test]
+async fn each_long_running_process_lists_only_its_own_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    // A flag only the client commands take.
+    let client_only = ["-o, --output"];
+    for (process, own, foreign) in [
+        (
+            "server",
+            "--data-dir",
+            &["--token <TOKEN>", "--url <URL>"][..],
+        ),
+        (
+            "edge",
+            "--edge-token",
+            &["--token <TOKEN>", "--url <URL>"][..],
+        ),
+        ("agent", "--token", &[][..]),
+    ] {
+        let help = ok(&cli(dir.path(), &[process, "--help"]).await);
+        assert!(help.contains(own), "{process}: {help}");
+        for flag in client_only.iter().chain(foreign) {
+            assert!(!help.contains(flag), "{process} lists {flag:?}: {help}");
+        }
+    }
+    // The client commands keep theirs, before or after the command.
+    let help = ok(&cli(dir.path(), &["whoami", "--help"]).await);
+    assert!(
+        help.contains("-o, --output") && help.contains("--url <URL>"),
+        "{help}"
+    );
+    let out = cli(
+        dir.path(),
+        &["-o", "json", "regions", "--url", "http://127.0.0.1:9"],
+    )
+    .await;
+    // Parsed (not a usage error, exit 64); it just has no session.
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("not signed in"), "{}", stderr(&out));
+}
