@@ -52,8 +52,8 @@ impl DaemonCommand {
     async fn run(self) -> anyhow::Result<()> {
         match self {
             Self::Server(args) => commands::server::run(args).await,
-            Self::Agent(args) => commands::agent::run(args).await,
-            Self::Edge(args) => commands::agent::run_edge(args).await,
+            Self::Agent(args) => commands::processes::agent(args).await,
+            Self::Edge(args) => commands::processes::edge(args).await,
         }
     }
 }

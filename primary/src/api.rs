@@ -6,6 +6,7 @@ pub(crate) mod apps;
 mod edges;
 pub mod error;
 pub mod extract;
+mod login;
 mod meta;
 mod templates;
 mod users;
@@ -29,7 +30,8 @@ use uuid::Uuid;
 
 use crate::auth::{KeyValidator, Principal};
 use crate::config::ServerConfig;
-use crate::mesh::{MeshCa, Sealer, Signer};
+use crate::keys::{Sealer, Signer};
+use crate::mesh::MeshCa;
 use crate::metrics::{HttpLabels, Metrics, RouteLabels};
 use crate::ratelimit::RateLimiter;
 use devmesh_proxy::relay::Relay;
@@ -305,7 +307,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(meta::healthz))
         .route("/metrics", get(meta::metrics))
         .route("/", get(meta::root))
-        .route("/login", get(apps::login_form).post(apps::login_submit))
+        .route("/login", get(login::login_form).post(login::login_submit))
 
         .fallback(api_not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -8,6 +8,7 @@ pub mod auth;
 pub mod config;
 pub mod db;
 pub mod events;
+pub mod keys;
 pub mod mesh;
 pub mod metrics;
 pub use devmesh_proxy::ratelimit;

@@ -14,7 +14,8 @@ use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use crate::events::Bus;
-use crate::mesh::{MeshCa, PRIMARY_RELAY_NAME, Signer};
+use crate::keys::Signer;
+use crate::mesh::{MeshCa, PRIMARY_RELAY_NAME};
 
 /// The region name of the primary's relay.
 pub const PRIMARY_REGION: &str = "primary";

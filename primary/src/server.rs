@@ -18,7 +18,8 @@ use tokio_util::task::TaskTracker;
 use crate::api::{AppState, Parts, router};
 use crate::config::{ServerConfig, Tls};
 use crate::db::{self, embedded::EmbeddedOptions, embedded::EmbeddedPostgres};
-use crate::mesh::{MeshCa, Sealer, Signer};
+use crate::keys::{Sealer, Signer};
+use crate::mesh::MeshCa;
 use devmesh_shared::tls;
 
 /// How long in-flight requests get to finish on shutdown.

@@ -1,9 +1,9 @@
 //! One module per command group.
 
-pub(crate) mod agent;
 pub(crate) mod auth;
 pub(crate) mod edges;
 pub(crate) mod keys;
+pub(crate) mod processes;
 pub(crate) mod server;
 pub(crate) mod users;
 pub(crate) mod workspaces;

@@ -18,10 +18,10 @@ fn until_signal() -> CancellationToken {
     shutdown
 }
 
-pub(crate) async fn run(args: devmesh_agent::AgentArgs) -> anyhow::Result<()> {
+pub(crate) async fn agent(args: devmesh_agent::AgentArgs) -> anyhow::Result<()> {
     devmesh_agent::run(args, until_signal()).await
 }
 
-pub(crate) async fn run_edge(args: devmesh_edge_proxy::EdgeArgs) -> anyhow::Result<()> {
+pub(crate) async fn edge(args: devmesh_edge_proxy::EdgeArgs) -> anyhow::Result<()> {
     devmesh_edge_proxy::run(args, until_signal()).await
 }
