@@ -666,6 +666,32 @@ pub struct UpdateEdgeRequest {
     pub relay_hosts: Option<Vec<String>>,
 }
 
+/// Whether an edge (or the primary's region) is up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EdgeStatus {
+    /// A replica heartbeated recently and the primary reaches it.
+    Ok,
+    /// It heartbeats, but the primary cannot call it back at its access URL
+    /// (or it cannot reach the primary).
+    Unhealthy,
+    /// No heartbeat for 30 s.
+    Unreachable,
+    /// No replica has registered.
+    Unregistered,
+}
+
+impl std::fmt::Display for EdgeStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Ok => "ok",
+            Self::Unhealthy => "unhealthy",
+            Self::Unreachable => "unreachable",
+            Self::Unregistered => "unregistered",
+        })
+    }
+}
+
 /// An edge (one region's proxy, possibly several replicas).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Edge {
@@ -675,8 +701,8 @@ pub struct Edge {
     pub name: String,
     /// Shown to users.
     pub display_name: String,
-    /// `ok`, `unhealthy`, `unreachable`, `unregistered`.
-    pub status: String,
+    /// Whether it is up.
+    pub status: EdgeStatus,
     /// Whether it serves traffic.
     pub healthy: bool,
     /// The region's base URL.
@@ -722,8 +748,8 @@ pub struct Region {
     pub display_name: String,
     /// Whether it serves traffic.
     pub healthy: bool,
-    /// `ok`, `unhealthy`, `unreachable`, `unregistered`.
-    pub status: String,
+    /// Whether it is up.
+    pub status: EdgeStatus,
     /// Base URL.
     pub access_url: Option<String>,
     /// App wildcard (`*.apps.example.com`).

@@ -117,7 +117,7 @@ pub(crate) async fn run(g: &Global, cmd: EdgesCommand) -> anyhow::Result<()> {
                         vec![
                             e.name.clone(),
                             e.display_name.clone(),
-                            e.status.clone(),
+                            e.status.to_string(),
                             e.access_url.clone().unwrap_or_default(),
                             e.id.to_string(),
                         ]
@@ -170,7 +170,7 @@ pub(crate) async fn regions(g: &Global) -> anyhow::Result<()> {
                 vec![
                     r.name.clone(),
                     r.display_name.clone(),
-                    r.status.clone(),
+                    r.status.to_string(),
                     r.access_url.clone().unwrap_or_default(),
                     r.wildcard_hostname.clone().unwrap_or_default(),
                 ]

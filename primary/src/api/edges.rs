@@ -6,8 +6,8 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use devmesh_shared::api::{
-    CreateEdgeRequest, CreateEdgeResponse, Edge, EdgesResponse, Region, RegionsResponse, RelayInfo,
-    UpdateEdgeRequest,
+    CreateEdgeRequest, CreateEdgeResponse, Edge, EdgeStatus, EdgesResponse, Region,
+    RegionsResponse, RelayInfo, UpdateEdgeRequest,
 };
 use devmesh_shared::names::validate_region_name;
 use devmesh_shared::token::new_edge_token;
@@ -44,12 +44,14 @@ impl EdgeRow {
     /// From heartbeats, and from the primary's last call to the edge's
     /// `/healthz-report` (`probe_failed`): a heartbeating edge the primary
     /// cannot reach at its access URL is `unhealthy`.
-    fn status(&self, probe_failed: bool) -> &'static str {
+    fn status(&self, probe_failed: bool) -> EdgeStatus {
         match self.last_heartbeat_at {
-            None => "unregistered",
-            Some(t) if (Utc::now() - t).num_seconds() > HEARTBEAT_TIMEOUT_SECS => "unreachable",
-            Some(_) if probe_failed => "unhealthy",
-            Some(_) => "ok",
+            None => EdgeStatus::Unregistered,
+            Some(t) if (Utc::now() - t).num_seconds() > HEARTBEAT_TIMEOUT_SECS => {
+                EdgeStatus::Unreachable
+            }
+            Some(_) if probe_failed => EdgeStatus::Unhealthy,
+            Some(_) => EdgeStatus::Ok,
         }
     }
 }
@@ -134,8 +136,8 @@ impl EdgeRow {
             id: r.id,
             name: r.name,
             display_name: r.display_name,
-            status: status.into(),
-            healthy: status == "ok",
+            status,
+            healthy: status == EdgeStatus::Ok,
             access_url: r.access_url,
             wildcard_hostname: r.wildcard_hostname,
             global_wildcard_hostname: r.global_wildcard_hostname,
@@ -501,7 +503,7 @@ pub(super) async fn regions(
         name: "primary".into(),
         display_name: "Primary".into(),
         healthy: true,
-        status: "ok".into(),
+        status: EdgeStatus::Ok,
         access_url: Some(state.config.access_url.clone()),
         wildcard_hostname: state.config.wildcard_access_url.clone(),
         relay_address: Some(state.relay_address.clone()),
@@ -512,8 +514,8 @@ pub(super) async fn regions(
             id: r.id,
             name: r.name,
             display_name: r.display_name,
-            healthy: status == "ok",
-            status: status.into(),
+            healthy: status == EdgeStatus::Ok,
+            status,
             access_url: r.access_url,
             wildcard_hostname: r.wildcard_hostname,
             relay_address: r.relay_address,
