@@ -55,6 +55,20 @@ const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
 /// mesh certificate), with one stream: enough for an attach, no more.
 const UNAUTHENTICATED_WINDOW: u32 = 64 * 1024;
 
+/// How many verified mesh grants a relay remembers.
+const GRANTS_KEPT: usize = 16_384;
+
+/// A mesh grant whose signature was verified.
+#[derive(Debug, Clone)]
+struct VerifiedGrant {
+    agent: Uuid,
+    stream: GrantedStream,
+    /// Expiry, unix seconds.
+    exp: i64,
+    /// The app token it is, checked against revocations on every use.
+    token: Option<Arc<AppToken>>,
+}
+
 /// How many spent ticket nonces a relay keeps before dropping expired ones.
 const SPENT_PRUNE_AT: usize = 4096;
 
@@ -319,6 +333,8 @@ struct Inner {
     agents: Mutex<HashMap<Uuid, AgentTunnel>>,
     /// Nonces of the tickets accepted here, until they expire (unix s).
     spent: Mutex<HashMap<String, i64>>,
+    /// Mesh grants verified here, by their signed form.
+    grants: Mutex<HashMap<String, VerifiedGrant>>,
     /// Mesh links this relay dialed, by address, with when the peer's
     /// certificate was issued.
     links: Mutex<HashMap<String, (Connection, i64)>>,
@@ -376,6 +392,7 @@ impl Relay {
             inner: Arc::new(Inner {
                 agents: Mutex::default(),
                 spent: Mutex::default(),
+                grants: Mutex::default(),
                 links: Mutex::default(),
                 endpoint: endpoint.clone(),
                 mesh_client: RwLock::new(mesh_client),
@@ -538,19 +555,56 @@ impl Relay {
     }
 
     /// Whether a mesh stream's grant, signed by the primary and not expired,
-    /// names its agent and what it opens.
+    /// names its agent and what it opens. A grant's signature is checked
+    /// once and remembered until it expires: an edge carries the same app
+    /// token for every stream of a session, and verifying Ed25519 per
+    /// stream costs more than the rest of opening one.
     fn authorised(&self, header: &MeshHeader) -> bool {
         let now = chrono::Utc::now().timestamp();
         let wanted = granted(&header.inner);
-        if let Ok(g) = self.inner.keys.verify::<StreamGrant>(&header.grant, now) {
-            return g.agent_id == header.agent_id && g.stream == wanted;
+        let known = self.inner.grants.lock().get(&header.grant).cloned();
+        let grant = match known {
+            Some(g) if g.exp > now => g,
+            _ => match self.verify_grant(&header.grant, now) {
+                Some(g) => {
+                    let mut grants = self.inner.grants.lock();
+                    if grants.len() >= GRANTS_KEPT {
+                        grants.retain(|_, g| g.exp > now);
+                        if grants.len() >= GRANTS_KEPT {
+                            grants.clear();
+                        }
+                    }
+                    grants.insert(header.grant.clone(), g.clone());
+                    g
+                }
+                None => return false,
+            },
+        };
+        grant.agent == header.agent_id
+            && grant.stream == wanted
+            && grant
+                .token
+                .as_deref()
+                .is_none_or(|t| !self.inner.revocations.revokes(t))
+    }
+
+    /// The grant a signed stream grant or app token makes.
+    fn verify_grant(&self, signed: &str, now: i64) -> Option<VerifiedGrant> {
+        if let Ok(g) = self.inner.keys.verify::<StreamGrant>(signed, now) {
+            return Some(VerifiedGrant {
+                agent: g.agent_id,
+                stream: g.stream,
+                exp: g.exp,
+                token: None,
+            });
         }
-        if let Ok(t) = self.inner.keys.verify::<AppToken>(&header.grant, now) {
-            return t.agent_id == header.agent_id
-                && GrantedStream::Port(t.port) == wanted
-                && !self.inner.revocations.revokes(&t);
-        }
-        false
+        let t = self.inner.keys.verify::<AppToken>(signed, now).ok()?;
+        Some(VerifiedGrant {
+            agent: t.agent_id,
+            stream: GrantedStream::Port(t.port),
+            exp: t.exp,
+            token: Some(Arc::new(t)),
+        })
     }
 
     /// A mesh connection to `home`, dialed if there is none (or `fresh`).
