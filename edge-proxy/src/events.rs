@@ -54,7 +54,7 @@ async fn stream_once(edge: &Edge, backoff: &mut Backoff) -> anyhow::Result<()> {
         anyhow::bail!("the primary answered {}", resp.status());
     }
     let mut body = resp.bytes_stream();
-    let mut buf: Vec<u8> = Vec::new();
+    let mut decoder = devmesh_shared::events::Decoder::new(MAX_LINE);
     let mut synced = false;
     loop {
         let chunk = tokio::time::timeout(SILENCE, body.next())
@@ -63,10 +63,7 @@ async fn stream_once(edge: &Edge, backoff: &mut Backoff) -> anyhow::Result<()> {
         let Some(chunk) = chunk else {
             anyhow::bail!("the primary closed the stream");
         };
-        buf.extend_from_slice(&chunk?);
-        while let Some(end) = buf.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = buf.drain(..=end).collect();
-            let event: EdgeEvent = serde_json::from_slice(&line[..line.len() - 1])?;
+        for event in decoder.push(&chunk?)? {
             if !synced && !matches!(event, EdgeEvent::Snapshot { .. }) {
                 anyhow::bail!("the stream did not start with a snapshot");
             }
@@ -74,9 +71,6 @@ async fn stream_once(edge: &Edge, backoff: &mut Backoff) -> anyhow::Result<()> {
             edge.apply(event);
             edge.metrics.events_connected.set(1);
             backoff.reset();
-        }
-        if buf.len() > MAX_LINE {
-            anyhow::bail!("an event longer than {MAX_LINE} bytes");
         }
     }
 }

@@ -921,11 +921,7 @@ pub(super) async fn events(
         mesh_peers: crate::relay::mesh_peers(&state.db).await?,
     };
     tracing::info!(edge = %edge.name, "edge subscribed to events");
-    let line = |e: &EdgeEvent| {
-        let mut s = serde_json::to_string(e).unwrap_or_default();
-        s.push('\n');
-        s
-    };
+    let line = devmesh_shared::events::encode;
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(10));
     tick.reset();
     let first = Some(line(&snapshot));
