@@ -73,7 +73,7 @@ struct EdgeDecider<'a>(&'a Arc<Edge>);
 
 impl Decider for EdgeDecider<'_> {
     fn sign_in_url(&self) -> &str {
-        &self.0.primary
+        self.0.primary.url()
     }
 
     fn verify_token(&self, signed: &str) -> Option<AppToken> {

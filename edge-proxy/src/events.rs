@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use devmesh_shared::api::{EDGE_TOKEN_HEADER, EdgeEvent};
+use devmesh_shared::api::EdgeEvent;
 use devmesh_shared::backoff::Backoff;
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -42,17 +42,7 @@ pub(crate) async fn follow(edge: Arc<Edge>, shutdown: CancellationToken) {
 }
 
 async fn stream_once(edge: &Edge, backoff: &mut Backoff) -> anyhow::Result<()> {
-    let resp = edge
-        .http
-        .get(format!("{}/api/v2/edges/me/events", edge.primary))
-        .header(EDGE_TOKEN_HEADER, &edge.token)
-        // The stream is long-lived; only its silence is a timeout.
-        .timeout(Duration::from_secs(365 * 86_400))
-        .send()
-        .await?;
-    if !resp.status().is_success() {
-        anyhow::bail!("the primary answered {}", resp.status());
-    }
+    let resp = edge.primary.events().await?;
     let mut body = resp.bytes_stream();
     let mut decoder = devmesh_shared::events::Decoder::new(MAX_LINE);
     let mut synced = false;

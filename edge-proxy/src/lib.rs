@@ -19,6 +19,7 @@
 mod apps;
 mod events;
 mod metrics;
+mod primary;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -35,9 +36,8 @@ use chrono::Utc;
 use devmesh_proxy::relay::{AttachEvent, Keys, Locations, MeshPeers, Relay, RelayConfig};
 use devmesh_proxy::upstream::Pool;
 use devmesh_shared::api::{
-    EDGE_TOKEN_HEADER, EdgeAppAccess, EdgeAppAccessRequest, EdgeAppConnectRequest,
-    EdgeDeregisterRequest, EdgeEvent, EdgeHealthReport, EdgeRegisterRequest, EdgeRegisterResponse,
-    RelayInfo,
+    EdgeAppAccess, EdgeAppAccessRequest, EdgeAppConnectRequest, EdgeEvent, EdgeHealthReport,
+    EdgeRegisterRequest, EdgeRegisterResponse, RelayInfo,
 };
 use devmesh_shared::backoff::Backoff;
 use devmesh_shared::signing::AppToken;
@@ -140,10 +140,8 @@ pub(crate) struct Decision {
 /// The edge, shared by its tasks and handlers.
 pub(crate) struct Edge {
     pub(crate) args: EdgeArgs,
-    pub(crate) http: reqwest::Client,
-    /// The primary's URL, without a trailing slash.
-    pub(crate) primary: String,
-    pub(crate) token: String,
+    /// The primary's edge API.
+    pub(crate) primary: primary::PrimaryClient,
     replica_id: Uuid,
     status: RwLock<Status>,
     /// Verifies attach tickets and app tokens (replaced when keys rotate).
@@ -176,7 +174,7 @@ impl std::fmt::Debug for Edge {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Edge")
             .field("replica_id", &self.replica_id)
-            .field("primary", &self.primary)
+            .field("primary", &self.primary.url())
             .finish_non_exhaustive()
     }
 }
@@ -247,7 +245,8 @@ impl Edge {
             key,
             token,
         };
-        self.primary_decision("app-access", &request).await
+        let answer = self.primary.app_access(&request).await;
+        self.decided(answer)
     }
 
     /// Redeems a sealed one-time grant through the primary, for an app
@@ -263,65 +262,41 @@ impl Edge {
             state: state.to_owned(),
             host: host.to_owned(),
         };
-        self.primary_decision("app-connect", &request).await
+        let answer = self.primary.app_connect(&request).await;
+        self.decided(answer)
     }
 
-    /// One call to `/api/v2/edges/me/{endpoint}` that answers with a
-    /// decision or a typed refusal.
-    async fn primary_decision(
+    /// Records what an access call to the primary says: whether the
+    /// primary answered, and where the agent is.
+    fn decided(
         &self,
-        endpoint: &str,
-        request: &impl serde::Serialize,
+        answer: Result<EdgeAppAccess, primary::DecisionError>,
     ) -> Result<Decision, devmesh_proxy::app::AppError> {
-        use devmesh_proxy::app::AppError;
         self.metrics.primary_requests.inc();
-        let resp = self
-            .http
-            .post(format!("{}/api/v2/edges/me/{endpoint}", self.primary))
-            .header(EDGE_TOKEN_HEADER, &self.token)
-            .json(request)
-            .timeout(Duration::from_secs(10))
-            .send()
-            .await;
-        let resp = match resp {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot reach the primary for an access decision");
+        let access = match answer {
+            Ok(access) => access,
+            Err(primary::DecisionError::Denied(e)) => {
+                self.metrics.primary_reachable.set(1);
+                return Err(e);
+            }
+            Err(primary::DecisionError::Unreachable(why)) => {
+                tracing::warn!(error = %why, "no access decision from the primary");
                 self.metrics.primary_reachable.set(0);
-                return Err(AppError::PrimaryUnavailable);
+                return Err(devmesh_proxy::app::AppError::PrimaryUnavailable);
             }
         };
         self.metrics.primary_reachable.set(1);
-        let status = resp.status();
-        if status.is_success() {
-            let access: EdgeAppAccess = resp.json().await.map_err(|e| {
-                AppError::BadGateway(format!("unreadable answer from the primary: {e}"))
-            })?;
-            if let Some(relay) = access.location {
-                self.locations.set(devmesh_shared::api::AgentLocation {
-                    agent_id: access.claims.agent_id,
-                    relay: Some(relay),
-                });
-            }
-            return Ok(Decision {
-                token: access.token,
-                claims: access.claims,
-                refreshing: false.into(),
+        if let Some(relay) = access.location {
+            self.locations.set(devmesh_shared::api::AgentLocation {
+                agent_id: access.claims.agent_id,
+                relay: Some(relay),
             });
         }
-        // The primary names its refusal; a status without one (a proxy in
-        // between, an overloaded primary) is the primary being unavailable.
-        match resp.json::<devmesh_shared::api::Error>().await {
-            Ok(devmesh_shared::api::Error {
-                denial: Some(code),
-                detail,
-                ..
-            }) => Err(AppError::from_code(&code, detail)),
-            _ => {
-                tracing::warn!(%status, %endpoint, "the primary answered without a decision");
-                Err(AppError::PrimaryUnavailable)
-            }
-        }
+        Ok(Decision {
+            token: access.token,
+            claims: access.claims,
+            refreshing: false.into(),
+        })
     }
 }
 
@@ -384,9 +359,7 @@ pub async fn run(args: EdgeArgs, shutdown: CancellationToken) -> anyhow::Result<
         None => bind_relay(&args.relay_address)?,
     };
     let edge = Arc::new(Edge {
-        primary: args.primary_url.trim_end_matches('/').to_owned(),
-        token: args.edge_token.clone(),
-        http,
+        primary: primary::PrimaryClient::new(http, &args.primary_url, &args.edge_token),
         replica_id: Uuid::new_v4(),
         status: RwLock::new(Status {
             registration: None,
@@ -498,73 +471,48 @@ async fn register_loop(
                 .map(Relay::attachment_proofs)
                 .unwrap_or_default(),
         };
-        let outcome = edge
-            .http
-            .post(format!("{}/api/v2/edges/me/register", edge.primary))
-            .header(EDGE_TOKEN_HEADER, &edge.token)
-            .json(&request)
-            .send()
-            .await;
-        let next = match outcome {
-            Ok(resp) if resp.status().is_success() => {
-                match resp.json::<EdgeRegisterResponse>().await {
-                    Ok(reg) => {
-                        let interval =
-                            Duration::from_secs(reg.heartbeat_interval_seconds.clamp(1, 60));
-                        if let Some((key, socket)) = relay_parts.take() {
-                            mesh_key_der = key.serialize_der();
-                            cert_name = Some(reg.edge_name.clone());
-                            if let Err(e) = edge.keys.set(&reg.app_token_keys) {
-                                tracing::warn!(error = %e, "unusable app token keys");
-                            }
-                            start_relay(edge, &reg, key, socket, shutdown, tracker)?;
-                            tracker.spawn(events::follow(edge.clone(), shutdown.clone()));
-                            tracing::info!(edge = %reg.edge_name, primary = %edge.primary, "registered with the primary");
-                        } else if (cert_loaded.elapsed() >= CERT_RENEW_AFTER
-                            || cert_name.as_deref() != Some(reg.edge_name.as_str()))
-                            && let Some(relay) = edge.relay.get()
-                        {
-                            // Every registration brings a fresh certificate
-                            // (valid an hour); take one every few minutes,
-                            // and at once when the edge was renamed.
-                            match renew(relay, &reg.mesh_cert_pem, &mesh_key_der) {
-                                Ok(()) => {
-                                    cert_loaded = tokio::time::Instant::now();
-                                    cert_name = Some(reg.edge_name.clone());
-                                    tracing::info!("renewed the relay's mesh certificate");
-                                }
-                                Err(e) => {
-                                    tracing::warn!(error = %e, "could not renew the relay's mesh certificate")
-                                }
-                            }
-                        }
-                        edge.metrics.primary_reachable.set(1);
-                        let mut s = edge.status.write();
-                        s.registration = Some(reg);
-                        s.last_registered_at = Some(Utc::now());
-                        s.last_error = None;
-                        backoff.reset();
-                        interval
+        let next = match edge.primary.register(&request).await {
+            Ok(reg) => {
+                let interval = Duration::from_secs(reg.heartbeat_interval_seconds.clamp(1, 60));
+                if let Some((key, socket)) = relay_parts.take() {
+                    mesh_key_der = key.serialize_der();
+                    cert_name = Some(reg.edge_name.clone());
+                    if let Err(e) = edge.keys.set(&reg.app_token_keys) {
+                        tracing::warn!(error = %e, "unusable app token keys");
                     }
-                    Err(e) => failure(edge, format!("unreadable answer: {e}"), &mut backoff),
+                    start_relay(edge, &reg, key, socket, shutdown, tracker)?;
+                    tracker.spawn(events::follow(edge.clone(), shutdown.clone()));
+                    tracing::info!(edge = %reg.edge_name, primary = %edge.primary.url(), "registered with the primary");
+                } else if (cert_loaded.elapsed() >= CERT_RENEW_AFTER
+                    || cert_name.as_deref() != Some(reg.edge_name.as_str()))
+                    && let Some(relay) = edge.relay.get()
+                {
+                    // Every registration brings a fresh certificate
+                    // (valid an hour); take one every few minutes,
+                    // and at once when the edge was renamed.
+                    match renew(relay, &reg.mesh_cert_pem, &mesh_key_der) {
+                        Ok(()) => {
+                            cert_loaded = tokio::time::Instant::now();
+                            cert_name = Some(reg.edge_name.clone());
+                            tracing::info!("renewed the relay's mesh certificate");
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not renew the relay's mesh certificate")
+                        }
+                    }
                 }
+                edge.metrics.primary_reachable.set(1);
+                let mut s = edge.status.write();
+                s.registration = Some(reg);
+                s.last_registered_at = Some(Utc::now());
+                s.last_error = None;
+                backoff.reset();
+                interval
             }
-            Ok(resp) if resp.status() == StatusCode::UNAUTHORIZED => {
-                return Err(anyhow::anyhow!(
-                    "the primary refused this edge's token: it was revoked (regenerated) or the edge was deleted; \
-                     get a new token with `devmesh edges regenerate-token`"
-                ));
+            Err(e @ (primary::CallError::TokenRefused | primary::CallError::Refused(_))) => {
+                return Err(e.into());
             }
-            Ok(resp) if resp.status() == StatusCode::CONFLICT => {
-                let text = resp.text().await.unwrap_or_default();
-                return Err(anyhow::anyhow!("the primary refused this edge: {text}"));
-            }
-            Ok(resp) => {
-                let code = resp.status();
-                let text = resp.text().await.unwrap_or_default();
-                failure(edge, format!("{code}: {text}"), &mut backoff)
-            }
-            Err(e) => failure(edge, format!("cannot reach the primary: {e}"), &mut backoff),
+            Err(e) => failure(edge, e.to_string(), &mut backoff),
         };
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -674,21 +622,8 @@ fn bind_relay(address: &str) -> anyhow::Result<(std::net::UdpSocket, String)> {
 }
 
 async fn deregister(edge: &Edge) {
-    let done = edge
-        .http
-        .post(format!("{}/api/v2/edges/me/deregister", edge.primary))
-        .header(EDGE_TOKEN_HEADER, &edge.token)
-        .json(&EdgeDeregisterRequest {
-            replica_id: edge.replica_id,
-        })
-        .timeout(Duration::from_secs(5))
-        .send()
-        .await;
-    match done {
-        Ok(r) if r.status().is_success() => tracing::info!("deregistered from the primary"),
-        Ok(r) => {
-            tracing::warn!(status = %r.status(), "the primary did not accept the deregistration")
-        }
+    match edge.primary.deregister(edge.replica_id).await {
+        Ok(()) => tracing::info!("deregistered from the primary"),
         Err(e) => {
             tracing::warn!(error = %e, "could not deregister; the primary will mark this replica unreachable")
         }
