@@ -1075,8 +1075,6 @@ pub struct EdgeRegisterResponse {
     pub mesh_ca_pem: String,
     /// Keys that verify app tokens.
     pub app_token_keys: Vec<crate::signing::PublicKey>,
-    /// Every other relay (the primary's and other replicas').
-    pub siblings: Vec<RelayInfo>,
     /// Register again within this many seconds to stay healthy.
     pub heartbeat_interval_seconds: u64,
 }

@@ -122,7 +122,7 @@ pub(super) async fn manifest(
         env: row.env.0,
         apps,
         scripts: row.scripts.0,
-        relays: super::edges::healthy_relays(&state.db, &state, None).await?,
+        relays: super::edges::healthy_relays(&state.db, &state).await?,
         mesh_ca_pem: state.ca.cert_pem().to_owned(),
     }))
 }

@@ -622,7 +622,6 @@ pub(super) async fn register(
         .bind(&req.relay_address)
         .execute(&mut *tx)
         .await?;
-    let siblings = healthy_relays(&mut *tx, &state, Some((edge.id, req.replica_id))).await?;
     tx.commit().await?;
     let me = devmesh_shared::api::RelayInfo {
         region: edge.name.clone(),
@@ -644,7 +643,6 @@ pub(super) async fn register(
         mesh_cert_pem,
         mesh_ca_pem: state.ca.cert_pem().to_owned(),
         app_token_keys: state.signer.public_keys().to_vec(),
-        siblings,
         heartbeat_interval_seconds: HEARTBEAT_INTERVAL_SECS,
     }))
 }
@@ -746,26 +744,19 @@ async fn check_registration(
     Ok(Ok(()))
 }
 
-/// Every relay an agent or a sibling relay can reach right now: the
-/// primary's first, then each edge replica that heartbeated within
-/// [`HEARTBEAT_TIMEOUT_SECS`], by edge name. Agents get this list in their
-/// manifest and pick the nearest; edges get it as their siblings, without
-/// `except` (the registering replica itself).
+/// Every relay an agent can reach right now: the primary's first, then
+/// each edge replica that heartbeated within [`HEARTBEAT_TIMEOUT_SECS`], by
+/// edge name. Agents get this list in their manifest and pick the nearest.
 pub(super) async fn healthy_relays<'c>(
     db: impl sqlx::PgExecutor<'c>,
     state: &AppState,
-    except: Option<(Uuid, Uuid)>,
 ) -> sqlx::Result<Vec<RelayInfo>> {
-    let (except_edge, except_replica) = except.unzip();
     let replicas: Vec<(String, String)> = sqlx::query_as(
         "SELECT e.name, r.relay_address FROM relay_replicas r JOIN edges e ON e.id = r.edge_id
          WHERE r.last_heartbeat_at > now() - make_interval(secs => $1)
-           AND ($2::uuid IS NULL OR (r.edge_id, r.replica_id) <> ($2, $3::uuid))
          ORDER BY e.name, r.replica_id",
     )
     .bind(HEARTBEAT_TIMEOUT_SECS as f64)
-    .bind(except_edge)
-    .bind(except_replica)
     .fetch_all(db)
     .await?;
     let mut relays = vec![state.relay.advertised().clone()];
