@@ -486,16 +486,21 @@ async fn ticket(primary: &str, agent_token: &str, relay: &str) -> String {
 
 /// The sum of a primary metric's samples whose line starts with `prefix`.
 async fn primary_metric(m: &Mesh, prefix: &str) -> u64 {
-    let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", m.primary_port))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
+    crate::support::metric(&format!("http://127.0.0.1:{}", m.primary_port), prefix).await
+}
+
+/// The token of an edge `name` the owner created for loopback addresses: a
+/// stolen token, or a hostile operator's.
+async fn rogue_edge(m: &Mesh, name: &str) -> String {
+    let (s, e) = m
+        .owner
+        .post(
+            "/edges",
+            json!({"name": name, "access_url": "https://edge.example.com", "relay_hosts": ["127.0.0.1"]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{e}");
+    e["edge_token"].as_str().unwrap().to_owned()
 }
 
 #[tokio::test]
@@ -504,19 +509,7 @@ async fn an_edge_cannot_claim_agents_domains_or_addresses_it_was_not_given() {
     use devmesh_shared::signing::{AttachTicket, SigningKey};
     let m = Mesh::start().await;
     let primary = format!("http://127.0.0.1:{}", m.primary_port);
-    let mut tokens = Vec::new();
-    for name in ["r1", "r2"] {
-        let (s, e) = m
-            .owner
-            .post(
-                "/edges",
-                json!({"name": name, "access_url": "https://edge.example.com", "relay_hosts": ["127.0.0.1"]}),
-            )
-            .await;
-        assert_eq!(s, StatusCode::CREATED, "{e}");
-        tokens.push(e["edge_token"].as_str().unwrap().to_owned());
-    }
-    let (r1, r2) = (&tokens[0], &tokens[1]);
+    let (r1, r2) = (&rogue_edge(&m, "r1").await, &rogue_edge(&m, "r2").await);
     let (_, regions) = m.owner.get("/regions").await;
     let eu_relay = regions["regions"]
         .as_array()
@@ -738,22 +731,8 @@ async fn a_mesh_certificate_alone_reaches_no_agent_and_dies_with_its_edge() {
     let primary = format!("http://127.0.0.1:{}", m.primary_port);
     // An edge whose token leaked (or a hostile operator): it registers and
     // gets a genuine mesh certificate.
-    let (s, e) = m
-        .owner
-        .post(
-            "/edges",
-            json!({"name": "rogue", "access_url": "https://edge.example.com", "relay_hosts": ["127.0.0.1"]}),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{e}");
-    let token = e["edge_token"].as_str().unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
-        .unwrap()
-        .serialize_request(&key)
-        .unwrap()
-        .pem()
-        .unwrap();
+    let token = &rogue_edge(&m, "rogue").await;
+    let (key, csr) = crate::support::csr();
     let (s, reg) = register(
         &primary,
         token,

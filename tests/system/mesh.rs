@@ -229,16 +229,7 @@ impl Mesh {
 
 /// A metric's value from an edge (summing its label sets).
 async fn edge_metric(edge: &EdgeProcess, name_and_labels: &str) -> u64 {
-    let text = reqwest::get(format!("{}/metrics", edge.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| l.starts_with(name_and_labels))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
+    crate::support::metric(&edge.url, name_and_labels).await
 }
 
 #[tokio::test]

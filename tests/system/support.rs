@@ -243,13 +243,7 @@ pub(crate) async fn register(
     relay_address: &str,
     with: serde_json::Value,
 ) -> (reqwest::StatusCode, serde_json::Value) {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
-        .unwrap()
-        .serialize_request(&key)
-        .unwrap()
-        .pem()
-        .unwrap();
+    let (_, csr) = csr();
     let mut body = serde_json::json!({
         "replica_id": replica, "version": env!("CARGO_PKG_VERSION"),
         "access_url": "https://edge.example.com", "relay_address": relay_address, "csr_pem": csr,
@@ -266,6 +260,33 @@ pub(crate) async fn register(
         .unwrap();
     let status = resp.status();
     (status, resp.json().await.unwrap_or_default())
+}
+
+/// A fresh key and a certificate signing request for it, as an edge makes.
+pub(crate) fn csr() -> (rcgen::KeyPair, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .serialize_request(&key)
+        .unwrap()
+        .pem()
+        .unwrap();
+    (key, csr)
+}
+
+/// The sum of the samples of a metric whose lines start with `prefix`, as
+/// the process at `base_url` exports them on `/metrics`.
+pub(crate) async fn metric(base_url: &str, prefix: &str) -> u64 {
+    let text = reqwest::get(format!("{base_url}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
 }
 
 /// A free loopback TCP port.
