@@ -522,6 +522,51 @@ pub struct Workspace {
     pub updated_at: DateTime<Utc>,
 }
 
+/// Reads a value stored in the database as its JSON name (what the
+/// `snake_case` enums here serialise to); `None` for an unknown name.
+pub fn from_stored<T: serde::de::DeserializeOwned>(stored: &str) -> Option<T> {
+    serde_json::from_value(serde_json::Value::String(stored.to_owned())).ok()
+}
+
+/// A build's progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BuildStatus {
+    /// Queued.
+    Pending,
+    /// Being carried out.
+    Running,
+    /// Done.
+    Succeeded,
+    /// It failed; the workspace is as the build left it.
+    Failed,
+}
+
+/// Whether an agent's tunnel is up, from its heartbeats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentStatus {
+    /// It has never attached.
+    Connecting,
+    /// Attached, and heard from recently.
+    Connected,
+    /// Its tunnel ended.
+    Disconnected,
+    /// Not heard from for too long.
+    Timeout,
+}
+
+impl std::fmt::Display for AgentStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Connecting => "connecting",
+            Self::Connected => "connected",
+            Self::Disconnected => "disconnected",
+            Self::Timeout => "timeout",
+        })
+    }
+}
+
 /// A build of a workspace.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct WorkspaceBuild {
@@ -531,8 +576,8 @@ pub struct WorkspaceBuild {
     pub build_number: i32,
     /// What it did.
     pub transition: Transition,
-    /// `pending`, `running`, `succeeded`, `failed`.
-    pub status: String,
+    /// Its progress.
+    pub status: BuildStatus,
     /// The template version it used.
     pub template_version_id: Uuid,
     /// Creation time.
@@ -548,10 +593,10 @@ pub struct WorkspaceAgent {
     pub id: Uuid,
     /// Unique in the workspace.
     pub name: String,
-    /// `created`, `starting`, `ready`, `start_error`, … `off`.
-    pub lifecycle_state: String,
-    /// `connecting`, `connected`, `disconnected`, `timeout`.
-    pub status: String,
+    /// Where its startup and stop scripts are.
+    pub lifecycle_state: LifecycleState,
+    /// Whether its tunnel is up.
+    pub status: AgentStatus,
     /// First time it connected.
     pub first_connected_at: Option<DateTime<Utc>>,
     /// Last heartbeat.
@@ -904,6 +949,12 @@ pub enum LifecycleState {
     ShutdownTimeout,
 }
 
+impl std::fmt::Display for LifecycleState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl LifecycleState {
     /// The name stored and shown.
     pub fn as_str(self) -> &'static str {
@@ -986,7 +1037,7 @@ pub struct AgentLogsResponse {
     /// Whether later output was dropped (1 MiB per agent).
     pub overflowed: bool,
     /// The agent's lifecycle state now.
-    pub lifecycle_state: String,
+    pub lifecycle_state: LifecycleState,
 }
 
 /// An app's health as the agent reports it.
@@ -1240,4 +1291,39 @@ pub struct EdgeAppConnectRequest {
     pub state: String,
     /// The app host it was brought to, with the port if not the default.
     pub host: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_names_are_the_json_names() {
+        for state in [
+            LifecycleState::Created,
+            LifecycleState::Starting,
+            LifecycleState::Ready,
+            LifecycleState::StartError,
+            LifecycleState::StartTimeout,
+            LifecycleState::ShuttingDown,
+            LifecycleState::Off,
+            LifecycleState::ShutdownError,
+            LifecycleState::ShutdownTimeout,
+        ] {
+            assert_eq!(from_stored::<LifecycleState>(state.as_str()), Some(state));
+            assert_eq!(
+                serde_json::to_value(state).unwrap(),
+                serde_json::Value::String(state.to_string())
+            );
+        }
+        assert_eq!(
+            from_stored::<BuildStatus>("succeeded"),
+            Some(BuildStatus::Succeeded)
+        );
+        assert_eq!(
+            serde_json::to_value(AgentStatus::Timeout).unwrap(),
+            serde_json::Value::String(AgentStatus::Timeout.to_string())
+        );
+        assert_eq!(from_stored::<BuildStatus>("exploded"), None);
+    }
 }

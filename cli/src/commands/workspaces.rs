@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use devmesh_shared::api::{
-    AgentLogsResponse, CreateBuildRequest, CreateTemplateRequest, ExternalDefinition, Template,
-    TemplateKind, TemplatesResponse, Transition, Workspace, WorkspaceBuildResponse,
-    WorkspacesResponse,
+    AgentLogsResponse, AgentStatus, CreateBuildRequest, CreateTemplateRequest, ExternalDefinition,
+    LifecycleState, Template, TemplateKind, TemplatesResponse, Transition, Workspace,
+    WorkspaceBuildResponse, WorkspacesResponse,
 };
 
 use super::Global;
@@ -166,8 +166,8 @@ pub(crate) async fn list(g: &Global, all: bool) -> anyhow::Result<()> {
                 let agents: Vec<String> = w
                     .agents
                     .iter()
-                    .map(|a| match (&a.relay_region, a.status.as_str()) {
-                        (Some(region), "connected") => {
+                    .map(|a| match (&a.relay_region, a.status) {
+                        (Some(region), AgentStatus::Connected) => {
                             format!("{} (connected via {region}, {})", a.name, a.lifecycle_state)
                         }
                         _ => format!("{} ({}, {})", a.name, a.status, a.lifecycle_state),
@@ -246,8 +246,8 @@ pub(crate) async fn logs(g: &Global, name: String, follow: bool) -> anyhow::Resu
                 eprintln!("(later output was dropped: the 1 MiB log limit was reached)");
             }
             if matches!(
-                resp.lifecycle_state.as_str(),
-                "created" | "starting" | "shutting_down"
+                resp.lifecycle_state,
+                LifecycleState::Created | LifecycleState::Starting | LifecycleState::ShuttingDown
             ) {
                 settled = false;
             }

@@ -279,9 +279,10 @@ pub(super) async fn get_logs(
     .fetch_optional(&state.db)
     .await?;
     let (overflowed, lifecycle_state) = match row {
-        Some((owner, overflowed, state)) if owner == auth.0.user_id || auth.0.is_owner() => {
-            (overflowed, state)
-        }
+        Some((owner, overflowed, state)) if owner == auth.0.user_id || auth.0.is_owner() => (
+            overflowed,
+            super::workspaces::stored(&state, devmesh_shared::api::LifecycleState::Created),
+        ),
         _ => return Err(ApiError::not_found("No such agent.")),
     };
     let rows: Vec<(i64, String, String, String, chrono::DateTime<Utc>)> = sqlx::query_as(

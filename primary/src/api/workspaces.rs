@@ -9,9 +9,10 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use devmesh_shared::api::{
-    AgentToken, CreateBuildRequest, CreateWorkspaceRequest, ExternalDefinition, HealthcheckSpec,
-    PortShare, PortSharesResponse, SharingLevel, Transition, Workspace, WorkspaceAgent,
-    WorkspaceApp, WorkspaceBuild, WorkspaceBuildResponse, WorkspacesResponse,
+    AgentStatus, AgentToken, BuildStatus, CreateBuildRequest, CreateWorkspaceRequest,
+    ExternalDefinition, HealthcheckSpec, LifecycleState, PortShare, PortSharesResponse,
+    SharingLevel, Transition, Workspace, WorkspaceAgent, WorkspaceApp, WorkspaceBuild,
+    WorkspaceBuildResponse, WorkspacesResponse,
 };
 use devmesh_shared::names::validate_name;
 use devmesh_shared::secret::{random_alphanumeric, sha256};
@@ -91,13 +92,26 @@ pub(super) fn agent_status(
     last: Option<DateTime<Utc>>,
     disconnected: Option<DateTime<Utc>>,
     now: DateTime<Utc>,
-) -> &'static str {
+) -> AgentStatus {
     match (first, last) {
-        (None, _) | (_, None) => "connecting",
-        (Some(_), Some(last)) if disconnected.is_some_and(|d| d >= last) => "disconnected",
-        (Some(_), Some(last)) if (now - last).num_seconds() > AGENT_TIMEOUT_SECS => "timeout",
-        _ => "connected",
+        (None, _) | (_, None) => AgentStatus::Connecting,
+        (Some(_), Some(last)) if disconnected.is_some_and(|d| d >= last) => {
+            AgentStatus::Disconnected
+        }
+        (Some(_), Some(last)) if (now - last).num_seconds() > AGENT_TIMEOUT_SECS => {
+            AgentStatus::Timeout
+        }
+        _ => AgentStatus::Connected,
     }
+}
+
+/// A state the database stores by name; an unknown name (a newer
+/// version's) is logged and read as `fallback`.
+pub(super) fn stored<T: serde::de::DeserializeOwned>(name: &str, fallback: T) -> T {
+    devmesh_shared::api::from_stored(name).unwrap_or_else(|| {
+        tracing::warn!(stored = %name, "an unknown state in the database");
+        fallback
+    })
 }
 
 const WORKSPACE_SELECT: &str =
@@ -160,12 +174,11 @@ async fn load(state: &AppState, row: WorkspaceRow) -> ApiResult<Workspace> {
                     g.last_connected_at,
                     g.disconnected_at,
                     now,
-                )
-                .into(),
+                ),
                 apps: apps.remove(&g.id).unwrap_or_default(),
                 id: g.id,
                 name: g.name,
-                lifecycle_state: g.lifecycle_state,
+                lifecycle_state: stored(&g.lifecycle_state, LifecycleState::Created),
                 first_connected_at: g.first_connected_at,
                 last_connected_at: g.last_connected_at,
                 disconnected_at: g.disconnected_at,
@@ -184,7 +197,7 @@ async fn load(state: &AppState, row: WorkspaceRow) -> ApiResult<Workspace> {
             id: build.id,
             build_number: build.build_number,
             transition: transition(&build.transition),
-            status: build.status,
+            status: stored(&build.status, BuildStatus::Failed),
             template_version_id: build.template_version_id,
             created_at: build.created_at,
             completed_at: build.completed_at,
@@ -618,13 +631,19 @@ mod tests {
     #[test]
     fn agent_status_follows_heartbeats() {
         let now = Utc::now();
-        assert_eq!(agent_status(None, None, None, now), "connecting");
-        assert_eq!(agent_status(Some(now), Some(now), None, now), "connected");
+        assert_eq!(agent_status(None, None, None, now), AgentStatus::Connecting);
+        assert_eq!(
+            agent_status(Some(now), Some(now), None, now),
+            AgentStatus::Connected
+        );
         let old = now - Duration::seconds(120);
-        assert_eq!(agent_status(Some(old), Some(old), None, now), "timeout");
+        assert_eq!(
+            agent_status(Some(old), Some(old), None, now),
+            AgentStatus::Timeout
+        );
         assert_eq!(
             agent_status(Some(old), Some(old), Some(now), now),
-            "disconnected"
+            AgentStatus::Disconnected
         );
     }
 }
