@@ -175,7 +175,13 @@ async fn checked(resp: reqwest::Response) -> Result<reqwest::Response, CallError
     if status.is_success() {
         return Ok(resp);
     }
-    let text = resp.text().await.unwrap_or_default();
+    let body = resp.text().await.unwrap_or_default();
+    // The API's errors are JSON: say the message and its detail.
+    let text = match serde_json::from_str::<devmesh_shared::api::Error>(&body) {
+        Ok(e) if e.detail.is_empty() => e.message,
+        Ok(e) => format!("{} ({})", e.message, e.detail),
+        Err(_) => body,
+    };
     Err(match status {
         StatusCode::UNAUTHORIZED => CallError::TokenRefused,
         StatusCode::CONFLICT => CallError::Refused(text),
