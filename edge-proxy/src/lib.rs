@@ -473,6 +473,9 @@ async fn register_loop(
         };
         let next = match edge.primary.register(&request).await {
             Ok(reg) => {
+                // Known before the relay starts, and again on every
+                // heartbeat in case an event was missed.
+                edge.mesh_peers.set(reg.mesh_peers.clone());
                 let interval = Duration::from_secs(reg.heartbeat_interval_seconds.clamp(1, 60));
                 if let Some((key, socket)) = relay_parts.take() {
                     mesh_key_der = key.serialize_der();

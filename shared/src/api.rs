@@ -1126,6 +1126,10 @@ pub struct EdgeRegisterResponse {
     pub mesh_ca_pem: String,
     /// Keys that verify app tokens.
     pub app_token_keys: Vec<crate::signing::PublicKey>,
+    /// The relays this replica's relay may exchange mesh traffic with now
+    /// (also pushed as events; each heartbeat brings it again).
+    #[serde(default)]
+    pub mesh_peers: Vec<MeshPeer>,
     /// Register again within this many seconds to stay healthy.
     pub heartbeat_interval_seconds: u64,
 }

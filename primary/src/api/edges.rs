@@ -643,6 +643,7 @@ pub(super) async fn register(
         mesh_cert_pem,
         mesh_ca_pem: state.ca.cert_pem().to_owned(),
         app_token_keys: state.signer.public_keys().to_vec(),
+        mesh_peers: crate::relay::mesh_peers(&state.db).await?,
         heartbeat_interval_seconds: HEARTBEAT_INTERVAL_SECS,
     }))
 }
