@@ -17,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 mod apps;
+mod config;
 mod events;
 mod metrics;
 mod primary;
@@ -47,76 +48,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
+pub use crate::config::{EdgeArgs, EdgeConfig, EdgeTls};
 use crate::metrics::Metrics;
-
-/// Flags of `devmesh edge`.
-#[derive(Clone, clap::Args)]
-pub struct EdgeArgs {
-    /// The primary's URL.
-    #[arg(long, env = "DEVMESH_PRIMARY_URL")]
-    pub primary_url: String,
-    /// This region's edge token (`<edge-id>:<secret>`, from `devmesh edges create`).
-    #[arg(long, env = "DEVMESH_EDGE_TOKEN", hide_env_values = true)]
-    pub edge_token: String,
-    /// The region's base URL as users reach it.
-    #[arg(long, env = "DEVMESH_ACCESS_URL")]
-    pub access_url: String,
-    /// The region's app wildcard, like `*.eu.apps.example.com`.
-    #[arg(long, env = "DEVMESH_WILDCARD_ACCESS_URL")]
-    pub wildcard_access_url: Option<String>,
-    /// A global app wildcard every edge serves behind GeoDNS, like `*.apps.example.com`.
-    #[arg(long, env = "DEVMESH_GLOBAL_WILDCARD_ACCESS_URL")]
-    pub global_wildcard_access_url: Option<String>,
-    /// UDP address of this edge's relay, as agents should dial it.
-    #[arg(long, env = "DEVMESH_RELAY_ADDRESS", default_value = "127.0.0.1:4001")]
-    pub relay_address: String,
-    /// Where the relay binds, when agents and other relays reach it through
-    /// a different address (a NAT, a UDP load balancer) [default: --relay-address].
-    #[arg(long, env = "DEVMESH_RELAY_BIND")]
-    pub relay_bind: Option<SocketAddr>,
-    /// Where the edge's HTTP endpoints listen.
-    #[arg(long, env = "DEVMESH_LISTEN", default_value = "127.0.0.1:4000")]
-    pub listen: SocketAddr,
-    /// PEM certificate chain the edge serves HTTPS with (the region's wildcard); reloaded on change.
-    #[arg(long, env = "DEVMESH_TLS_CERT", requires = "tls_key")]
-    pub tls_cert: Option<PathBuf>,
-    /// PEM private key of --tls-cert.
-    #[arg(long, env = "DEVMESH_TLS_KEY", requires = "tls_cert")]
-    pub tls_key: Option<PathBuf>,
-    /// Serve HTTPS with a certificate from a private CA created in
-    /// --tls-dir, for the access URL's host and the wildcards (for trying
-    /// devmesh out; use real certificates in production).
-    #[arg(long, env = "DEVMESH_TLS_SELF_SIGNED", conflicts_with = "tls_cert")]
-    pub tls_self_signed: bool,
-    /// Where --tls-self-signed keeps its CA and certificate [default: the
-    /// primary's default, `$XDG_DATA_HOME/devmesh/tls` (`/var/lib/devmesh/tls`
-    /// as root), so a primary and edges on one machine share one CA].
-    #[arg(long, env = "DEVMESH_TLS_DIR")]
-    pub tls_dir: Option<PathBuf>,
-    /// Extra PEM CA bundle to trust for the primary's HTTPS.
-    #[arg(long, env = "DEVMESH_CA_CERT")]
-    pub ca_cert: Option<PathBuf>,
-    /// Access checks one client IP may make the edge ask the primary a
-    /// minute (a browser needs one per app it opens, a script one per key;
-    /// a scanner trying made-up hosts or keys is cut off); 0 for no limit.
-    #[arg(long, env = "DEVMESH_ACCESS_CHECKS_PER_MINUTE", default_value_t = 120)]
-    pub access_checks_per_minute: u32,
-    /// HTTP connections, and QUIC connections to the relay, one client IP
-    /// may hold open at once; 0 for no limit.
-    #[arg(long, env = "DEVMESH_MAX_CONNECTIONS_PER_IP", default_value_t = 1024)]
-    pub max_connections_per_ip: usize,
-}
-
-impl std::fmt::Debug for EdgeArgs {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EdgeArgs")
-            .field("primary_url", &self.primary_url)
-            .field("edge_token", &"****")
-            .field("access_url", &self.access_url)
-            .field("listen", &self.listen)
-            .finish_non_exhaustive()
-    }
-}
 
 /// What the edge knows about its registration, for `/healthz-report`.
 #[derive(Debug)]
@@ -139,7 +72,7 @@ pub(crate) struct Decision {
 
 /// The edge, shared by its tasks and handlers.
 pub(crate) struct Edge {
-    pub(crate) args: EdgeArgs,
+    pub(crate) config: EdgeConfig,
     /// The primary's edge API.
     pub(crate) primary: primary::PrimaryClient,
     replica_id: Uuid,
@@ -304,30 +237,28 @@ impl Edge {
 /// the primary refuses the edge's token (revoked or wrong), with a message
 /// that says so.
 pub async fn run(args: EdgeArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // Every setting is checked before anything binds.
+    let config = args.resolve()?;
     let http = devmesh_shared::net::http_client(
         concat!("devmesh-edge/", env!("CARGO_PKG_VERSION")),
         Duration::from_secs(15),
-        args.ca_cert.as_deref(),
+        config.ca_cert.as_deref(),
     )?;
     let mesh_key = rcgen::KeyPair::generate()?;
     let csr = rcgen::CertificateParams::new(Vec::<String>::new())?
         .serialize_request(&mesh_key)?
         .pem()?;
-    let wildcards: Vec<String> = [&args.wildcard_access_url, &args.global_wildcard_access_url]
-        .into_iter()
-        .flatten()
-        .map(|w| w.to_ascii_lowercase())
-        .collect();
-    let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => Some(devmesh_shared::tls::server_config(
+    let wildcards = config.wildcards();
+    let tls = match &config.tls {
+        EdgeTls::Files { cert, key } => Some(devmesh_shared::tls::server_config(
             cert.clone(),
             key.clone(),
             shutdown.clone(),
         )?),
-        _ if args.tls_self_signed => {
+        EdgeTls::SelfSigned { dir } => {
             let host = |s: &str| s.split(':').next().unwrap_or_default().to_owned();
             let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
-            if let Some(h) = reqwest::Url::parse(&args.access_url)
+            if let Some(h) = reqwest::Url::parse(&config.access_url)
                 .ok()
                 .and_then(|u| u.host_str().map(str::to_owned))
             {
@@ -335,7 +266,7 @@ pub async fn run(args: EdgeArgs, shutdown: CancellationToken) -> anyhow::Result<
             }
             names.extend(wildcards.iter().map(|w| host(w)));
             names.dedup();
-            let dir = match &args.tls_dir {
+            let dir = match dir {
                 Some(d) => d.clone(),
                 None => default_tls_dir().context("no data directory: pass --tls-dir")?,
             };
@@ -347,19 +278,19 @@ pub async fn run(args: EdgeArgs, shutdown: CancellationToken) -> anyhow::Result<
                 shutdown.clone(),
             )?)
         }
-        _ => None,
+        EdgeTls::Off => None,
     };
     // Bound now, so a `:0` port is known before registering.
-    let (relay_socket, relay_address) = match args.relay_bind {
+    let (relay_socket, relay_address) = match config.relay_bind {
         Some(bind) => (
             devmesh_shared::net::udp_socket(bind)
                 .with_context(|| format!("cannot bind the relay to {bind}"))?,
-            args.relay_address.clone(),
+            config.relay_address.clone(),
         ),
-        None => bind_relay(&args.relay_address)?,
+        None => bind_relay(&config.relay_address)?,
     };
     let edge = Arc::new(Edge {
-        primary: primary::PrimaryClient::new(http, &args.primary_url, &args.edge_token),
+        primary: primary::PrimaryClient::new(http, &config.primary_url, config.edge_token.expose()),
         replica_id: Uuid::new_v4(),
         status: RwLock::new(Status {
             registration: None,
@@ -384,10 +315,7 @@ pub async fn run(args: EdgeArgs, shutdown: CancellationToken) -> anyhow::Result<
             .build(),
         revocations: Default::default(),
         primary_calls: devmesh_proxy::ratelimit::RateLimiter::new(
-            match args.access_checks_per_minute {
-                0 => u32::MAX,
-                n => n,
-            },
+            config.access_checks_per_minute,
             Duration::from_secs(60),
         ),
         metrics: Metrics::new(),
@@ -395,12 +323,12 @@ pub async fn run(args: EdgeArgs, shutdown: CancellationToken) -> anyhow::Result<
         scheme: if tls.is_some() { "https" } else { "http" },
         attachments_changed: Notify::new(),
         relay_address,
-        args,
+        config,
     });
 
-    let listener = tokio::net::TcpListener::bind(edge.args.listen)
+    let listener = tokio::net::TcpListener::bind(edge.config.listen)
         .await
-        .with_context(|| format!("cannot listen on {}", edge.args.listen))?;
+        .with_context(|| format!("cannot listen on {}", edge.config.listen))?;
     let local = listener.local_addr()?;
     let app = axum::Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -415,7 +343,7 @@ pub async fn run(args: EdgeArgs, shutdown: CancellationToken) -> anyhow::Result<
     let serve_shutdown = shutdown.clone();
     let scheme = edge.scheme;
     let limits = devmesh_shared::http::Limits {
-        max_connections_per_ip: edge.args.max_connections_per_ip,
+        max_connections_per_ip: edge.config.max_connections_per_ip,
         ..devmesh_shared::http::Limits::default()
     };
     let server = tokio::spawn(devmesh_shared::http::serve(
@@ -460,9 +388,9 @@ async fn register_loop(
         let request = EdgeRegisterRequest {
             replica_id: edge.replica_id,
             version: devmesh_shared::VERSION.into(),
-            access_url: edge.args.access_url.trim_end_matches('/').to_owned(),
-            wildcard_hostname: edge.args.wildcard_access_url.clone(),
-            global_wildcard_hostname: edge.args.global_wildcard_access_url.clone(),
+            access_url: edge.config.access_url.clone(),
+            wildcard_hostname: edge.config.wildcard_access_url.clone(),
+            global_wildcard_hostname: edge.config.global_wildcard_access_url.clone(),
             relay_address: edge.relay_address.clone(),
             csr_pem: csr.to_owned(),
             attachments: edge
@@ -573,7 +501,7 @@ fn start_relay(
             locations: edge.locations.clone(),
             grant_signer: None,
             peers: edge.mesh_peers.clone(),
-            max_connections_per_ip: edge.args.max_connections_per_ip,
+            max_connections_per_ip: edge.config.max_connections_per_ip,
             revocations: edge.revocations.clone(),
         },
         shutdown.clone(),

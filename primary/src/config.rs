@@ -8,12 +8,9 @@ use std::path::{Path, PathBuf};
 use devmesh_shared::runtime::LogFormat;
 use devmesh_shared::secret::Secret;
 use serde::Deserialize;
-use thiserror::Error;
 
-/// A configuration problem; the binary prints it on one line and exits 64.
-#[derive(Debug, Error)]
-#[error("{0}")]
-pub struct ConfigError(pub String);
+pub use devmesh_shared::config::ConfigError;
+use devmesh_shared::config::{validate_url, validate_wildcard};
 
 /// Flags of `devmesh server`.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -167,7 +164,7 @@ impl ServerArgs {
         let wildcard_access_url = self
             .wildcard_access_url
             .or(file.wildcard_access_url)
-            .map(|w| validate_wildcard(&w))
+            .map(|w| validate_wildcard("--wildcard-access-url", &w))
             .transpose()?;
         // On a loopback trial, apps work out of the box: browsers resolve
         // every *.localhost name to the loopback address.
@@ -259,53 +256,7 @@ impl ServerConfig {
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
-    toml::from_str(&text).map_err(|e| {
-        let msg = e.message().to_owned();
-        ConfigError(format!("config file {}: {msg}", path.display()))
-    })
-}
-
-fn validate_url(flag: &str, url: &str) -> Result<String, ConfigError> {
-    let rest = url
-        .strip_prefix("http://")
-        .or_else(|| url.strip_prefix("https://"))
-        .ok_or_else(|| {
-            ConfigError(format!(
-                "{flag} {url:?} must start with http:// or https://"
-            ))
-        })?;
-    let host = rest.split('/').next().unwrap_or_default();
-    if host.is_empty() || host.contains(char::is_whitespace) {
-        return Err(ConfigError(format!("{flag} {url:?} has no host")));
-    }
-    Ok(url.trim_end_matches('/').to_owned())
-}
-
-fn validate_wildcard(w: &str) -> Result<String, ConfigError> {
-    let rest = w.strip_prefix("*.").ok_or_else(|| {
-        ConfigError(format!(
-            "--wildcard-access-url {w:?} must look like *.apps.example.com"
-        ))
-    })?;
-    let (host, port) = match rest.rsplit_once(':') {
-        Some((h, p)) => (h, Some(p)),
-        None => (rest, None),
-    };
-    let labels_ok = !host.is_empty()
-        && host.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        });
-    let port_ok = port.is_none_or(|p| p.parse::<u16>().is_ok());
-    if !labels_ok || !port_ok {
-        return Err(ConfigError(format!(
-            "--wildcard-access-url {w:?} must look like *.apps.example.com"
-        )));
-    }
-    Ok(w.to_ascii_lowercase())
+    devmesh_shared::config::read_toml(path)
 }
 
 fn absolute(p: &Path) -> Result<PathBuf, ConfigError> {

@@ -10,6 +10,7 @@
 pub mod api;
 pub mod apphost;
 pub mod backoff;
+pub mod config;
 pub mod events;
 pub mod http;
 pub mod names;

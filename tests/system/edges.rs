@@ -270,3 +270,51 @@ async fn an_edge_the_primary_cannot_call_back_is_unhealthy() {
     let (_, edges) = owner.get("/edges").await;
     assert_eq!(edges["edges"][0]["status"], "unhealthy");
 }
+
+#[tokio::test]
+async fn an_edge_runs_from_a_settings_file_and_refuses_bad_settings_before_binding() {
+    let dir = tempfile::tempdir().unwrap();
+    let (primary, owner) = primary_with_owner(dir.path()).await;
+    let port = crate::support::free_port();
+    let (s, e) = owner
+        .post(
+            "/edges",
+            json!({"name": "eu", "access_url": format!("http://127.0.0.1:{port}"),
+                   "wildcard_hostname": "*.eu.apps.localhost", "relay_hosts": ["127.0.0.1"]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{e}");
+    let file = dir.path().join("edge.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "primary-url = \"{}\"\nedge-token = \"{}\"\naccess-url = \"http://127.0.0.1:{port}\"\n\
+             listen = \"127.0.0.1:{port}\"\nwildcard-access-url = \"*.eu.apps.localhost\"\n\
+             relay-address = \"127.0.0.1:0\"\n",
+            primary.url,
+            e["edge_token"].as_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let _edge = EdgeProcess::start_with_config(&file, dir.path()).await;
+    eventually(30, "the eu region healthy", || {
+        let owner = owner.clone();
+        async move { Some(region(&owner, "eu").await).filter(|r| r["healthy"] == true) }
+    })
+    .await;
+
+    // A bad setting is a usage error (exit 64) naming it, before anything binds.
+    std::fs::write(&file, "primary-url = \"ftp://x\"\nedge-token = \"x\"\n").unwrap();
+    let out = tokio::process::Command::new(crate::support::BIN)
+        .args(["edge", "--config"])
+        .arg(&file)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--primary-url") && err.lines().count() == 1,
+        "{err}"
+    );
+}

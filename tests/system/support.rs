@@ -364,9 +364,20 @@ impl EdgeProcess {
                 &format!("*.{region}.apps.localhost"),
             ]);
         }
+        cmd.args(extra).env("DEVMESH_EDGE_TOKEN", token);
+        Self::spawn(cmd, log).await
+    }
+
+    /// Starts `devmesh edge` with nothing but a settings file.
+    pub(crate) async fn start_with_config(config: &Path, log_dir: &Path) -> Self {
+        let log = log_dir.join(format!("edge-{}.log", uuid::Uuid::new_v4().simple()));
+        let mut cmd = Command::new(BIN);
+        cmd.args(["edge", "--config"]).arg(config);
+        Self::spawn(cmd, log).await
+    }
+
+    async fn spawn(mut cmd: Command, log: PathBuf) -> Self {
         let mut child = cmd
-            .args(extra)
-            .env("DEVMESH_EDGE_TOKEN", token)
             .env(
                 "DEVMESH_LOG",
                 "debug,hyper=info,reqwest=info,quinn=info,rustls=info,h2=info",
