@@ -1,18 +1,11 @@
 //! The app-request plumbing the primary and the edges share: error pages,
-//! cookie names and rules, credentials in headers, and forwarding a request
-//! to an app through a relay.
+//! cookie names and rules, credentials in headers, the sign-in redirect.
+//! Forwarding is the pipeline's last phase ([`crate::pipeline::forward`]).
 
-use std::sync::Arc;
-
-use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{Html, IntoResponse, Response};
-use hyper_util::rt::TokioIo;
 use uuid::Uuid;
-
-use crate::relay::{OpenError, Relay};
-use crate::upstream::{Key, Pool, SendError};
 
 /// The header clients send their session token in.
 pub const SESSION_HEADER: &str = "devmesh-session-token";
@@ -582,123 +575,6 @@ pub fn protect_page(resp: &mut Response, https: bool) {
             HeaderValue::from_static("max-age=31536000"),
         );
     }
-}
-
-// === Forwarding ===
-
-/// Sends the request down a tunnel stream (or over the mesh) and streams
-/// the response back. No devmesh cookie (on any of its domains) and no
-/// devmesh credential header reaches the app, forwarding headers are set by
-/// devmesh alone, upgrades are spliced, and the app cannot set devmesh
-/// cookies.
-pub async fn forward(
-    upstreams: &Arc<Pool>,
-    relay: &Relay,
-    route: &Target,
-    host: &str,
-    scheme: &str,
-    mut req: Request,
-    prefix: Option<&str>,
-) -> Result<Response, AppError> {
-    let client_ip = req
-        .extensions()
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map(|c| c.0.ip().to_string())
-        .unwrap_or_default();
-    let headers = req.headers_mut();
-    strip_devmesh_cookies(headers);
-    strip_devmesh_headers(headers);
-    // Forwarding headers are devmesh's to set, never the client's.
-    for h in [
-        "forwarded",
-        "x-forwarded-prefix",
-        "x-forwarded-port",
-        "x-real-ip",
-    ] {
-        headers.remove(h);
-    }
-    if let Some(v) = prefix.and_then(|p| HeaderValue::from_str(p).ok()) {
-        headers.insert("x-forwarded-prefix", v);
-    }
-    // HTTP/2 clients carry the host in the URI, which is cut to the path below.
-    if let Ok(v) = HeaderValue::from_str(host) {
-        headers.insert(header::HOST, v);
-    }
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {client_ip}"),
-        None => client_ip,
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert("x-forwarded-for", v);
-    }
-    headers.insert(
-        "x-forwarded-proto",
-        HeaderValue::from_static(if scheme == "https" { "https" } else { "http" }),
-    );
-    if let Ok(v) = HeaderValue::from_str(host) {
-        headers.insert("x-forwarded-host", v);
-    }
-    // Upstream path: the app's base path, then the request's.
-    if route.base_path != "/" && !route.base_path.is_empty() {
-        let pq = req
-            .uri()
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
-        let joined = format!("{}{}", route.base_path.trim_end_matches('/'), pq);
-        *req.uri_mut() = joined
-            .parse()
-            .map_err(|_| AppError::BadRequest("bad path".into()))?;
-    } else if let Some(pq) = req.uri().path_and_query().cloned() {
-        *req.uri_mut() = Uri::from(pq);
-    }
-    *req.version_mut() = axum::http::Version::HTTP_11;
-
-    let upgrade = req.headers().get(header::UPGRADE).is_some();
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let key = Key {
-        agent: route.agent_id,
-        port: route.port,
-        https: route.https,
-    };
-    let mut resp = upstreams
-        .send(relay, key, route.grant.as_deref(), req, upgrade)
-        .await
-        .map_err(|e| match e {
-            SendError::Open(OpenError::NotConnected) => AppError::AgentNotConnected,
-            SendError::Open(OpenError::Refused) => AppError::Refused,
-            SendError::Open(other) => AppError::BadGateway(other.to_string()),
-            SendError::App(why) => AppError::BadGateway(why),
-        })?;
-
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
-        && let Some(client_upgrade) = client_upgrade
-    {
-        let upstream = hyper::upgrade::on(&mut resp);
-        tokio::spawn(async move {
-            let (Ok(client), Ok(upstream)) = (client_upgrade.await, upstream.await) else {
-                return;
-            };
-            let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
-            if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-                tracing::debug!(error = %e, "upgraded connection ended");
-            }
-        });
-    }
-    // An app must not plant devmesh cookies (say, its owner's token) in the
-    // user's browser, nor cookies browsers would read another way.
-    let kept: Vec<HeaderValue> = resp
-        .headers()
-        .get_all(header::SET_COOKIE)
-        .iter()
-        .filter(|v| app_may_set_cookie(v.as_bytes()))
-        .cloned()
-        .collect();
-    resp.headers_mut().remove(header::SET_COOKIE);
-    for v in kept {
-        resp.headers_mut().append(header::SET_COOKIE, v);
-    }
-    Ok(resp.map(Body::new))
 }
 
 #[cfg(test)]

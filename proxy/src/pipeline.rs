@@ -37,12 +37,13 @@ use prometheus_client::registry::Registry;
 use tokio::time::Instant;
 
 use crate::app::{
-    AppError, GRANT_PARAM, STATE_COOKIE, Target, cookie, cookie_allowed, forward, header_key,
-    protect_page, query_param, request_host, sign_in, signed_in_redirect, token_cookie_header,
-    token_cookie_name, wants_html,
+    AppError, GRANT_PARAM, STATE_COOKIE, Target, app_may_set_cookie, cookie, cookie_allowed,
+    header_key, protect_page, query_param, request_host, sign_in, signed_in_redirect,
+    strip_devmesh_cookies, strip_devmesh_headers, token_cookie_header, token_cookie_name,
+    wants_html,
 };
-use crate::relay::Relay;
-use crate::upstream::Pool;
+use crate::relay::{OpenError, Relay};
+use crate::upstream::{Key, Pool, SendError};
 
 /// What a decision needs to know about the request.
 #[derive(Debug, Clone, Copy)]
@@ -294,13 +295,11 @@ pub async fn serve<D: Decider>(
 
     // Phase: forward.
     let mut resp = forward(
-        plumbing.upstreams,
-        plumbing.relay,
+        plumbing,
         &decided.target,
         host,
-        plumbing.scheme,
-        Request::from_parts(head, body),
         None,
+        Request::from_parts(head, body),
     )
     .await?;
     if let Some(t) = decided.set_token {
@@ -310,6 +309,141 @@ pub async fn serve<D: Decider>(
         );
     }
     Ok(resp)
+}
+
+// === Forwarding: build the upstream request, send it, filter the answer ===
+
+/// Sends the request to the target app down a tunnel stream (or over the
+/// mesh) and streams the response back. `prefix`: the path an app is
+/// mounted under on the dashboard origin (path apps), for
+/// `X-Forwarded-Prefix`.
+pub async fn forward(
+    plumbing: Plumbing<'_>,
+    target: &Target,
+    host: &str,
+    prefix: Option<&str>,
+    mut req: Request,
+) -> Result<Response, AppError> {
+    upstream_request(&mut req, target, host, plumbing.scheme, prefix)?;
+    let upgrade = req.headers().get(header::UPGRADE).is_some();
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let key = Key {
+        agent: target.agent_id,
+        port: target.port,
+        https: target.https,
+    };
+    let mut resp = plumbing
+        .upstreams
+        .send(plumbing.relay, key, target.grant.as_deref(), req, upgrade)
+        .await
+        .map_err(|e| match e {
+            SendError::Open(OpenError::NotConnected) => AppError::AgentNotConnected,
+            SendError::Open(OpenError::Refused) => AppError::Refused,
+            SendError::Open(other) => AppError::BadGateway(other.to_string()),
+            SendError::App(why) => AppError::BadGateway(why),
+        })?;
+    if resp.status() == axum::http::StatusCode::SWITCHING_PROTOCOLS
+        && let Some(client_upgrade) = client_upgrade
+    {
+        splice_upgrade(client_upgrade, hyper::upgrade::on(&mut resp));
+    }
+    filter_response(&mut resp);
+    Ok(resp.map(axum::body::Body::new))
+}
+
+/// Makes the client's request the app's: no devmesh cookie (on any of its
+/// domains) and no devmesh credential header, forwarding headers set by
+/// devmesh alone, the app's base path in front of the request's, HTTP/1.1.
+fn upstream_request(
+    req: &mut Request,
+    target: &Target,
+    host: &str,
+    scheme: &str,
+    prefix: Option<&str>,
+) -> Result<(), AppError> {
+    use axum::http::{HeaderValue, Uri};
+    let client_ip = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip().to_string())
+        .unwrap_or_default();
+    let headers = req.headers_mut();
+    strip_devmesh_cookies(headers);
+    strip_devmesh_headers(headers);
+    // Forwarding headers are devmesh's to set, never the client's.
+    for h in [
+        "forwarded",
+        "x-forwarded-prefix",
+        "x-forwarded-port",
+        "x-real-ip",
+    ] {
+        headers.remove(h);
+    }
+    if let Some(v) = prefix.and_then(|p| HeaderValue::from_str(p).ok()) {
+        headers.insert("x-forwarded-prefix", v);
+    }
+    // HTTP/2 clients carry the host in the URI, which is cut to the path below.
+    if let Ok(v) = HeaderValue::from_str(host) {
+        headers.insert(header::HOST, v.clone());
+        headers.insert("x-forwarded-host", v);
+    }
+    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {client_ip}"),
+        None => client_ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert("x-forwarded-for", v);
+    }
+    headers.insert(
+        "x-forwarded-proto",
+        HeaderValue::from_static(if scheme == "https" { "https" } else { "http" }),
+    );
+    if target.base_path != "/" && !target.base_path.is_empty() {
+        let pq = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        let joined = format!("{}{}", target.base_path.trim_end_matches('/'), pq);
+        *req.uri_mut() = joined
+            .parse()
+            .map_err(|_| AppError::BadRequest("bad path".into()))?;
+    } else if let Some(pq) = req.uri().path_and_query().cloned() {
+        *req.uri_mut() = Uri::from(pq);
+    }
+    *req.version_mut() = axum::http::Version::HTTP_11;
+    Ok(())
+}
+
+/// Splices an upgraded connection (WebSocket and the like) between the
+/// client and the app once both sides have switched.
+fn splice_upgrade(client: hyper::upgrade::OnUpgrade, app: hyper::upgrade::OnUpgrade) {
+    use hyper_util::rt::TokioIo;
+    tokio::spawn(async move {
+        let (Ok(client), Ok(app)) = (client.await, app.await) else {
+            return;
+        };
+        let (mut client, mut app) = (TokioIo::new(client), TokioIo::new(app));
+        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut app).await {
+            tracing::debug!(error = %e, "upgraded connection ended");
+        }
+    });
+}
+
+/// An app must not plant devmesh cookies (say, its owner's token) in the
+/// user's browser, nor cookies browsers would read another way.
+fn filter_response<B>(resp: &mut hyper::Response<B>) {
+    let kept: Vec<_> = resp
+        .headers()
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .filter(|v| app_may_set_cookie(v.as_bytes()))
+        .cloned()
+        .collect();
+    resp.headers_mut().remove(header::SET_COOKIE);
+    for v in kept {
+        resp.headers_mut().append(header::SET_COOKIE, v);
+    }
 }
 
 /// Where an app token's holder goes inside the workspace.

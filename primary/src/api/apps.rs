@@ -639,16 +639,12 @@ pub(super) async fn path_app(
         .unwrap_or_default()
         .to_owned();
     let target = target(&state, &route).await;
-    let sent = devmesh_proxy::app::forward(
-        &state.upstreams,
-        &state.relay,
-        &target,
-        &host,
-        scheme(&state),
-        req,
-        Some(&prefix),
-    )
-    .await;
+    let plumbing = Plumbing {
+        relay: &state.relay,
+        upstreams: &state.upstreams,
+        scheme: scheme(&state),
+    };
+    let sent = devmesh_proxy::pipeline::forward(plumbing, &target, &host, Some(&prefix), req).await;
     sent.unwrap_or_else(|e| e.respond(html))
 }
 
