@@ -625,8 +625,8 @@ pub struct WorkspaceApp {
     pub subdomain: bool,
     /// Who may open it.
     pub sharing_level: SharingLevel,
-    /// `disabled`, `initializing`, `healthy`, `unhealthy`.
-    pub health: String,
+    /// Its health check's verdict.
+    pub health: AppHealthState,
     /// The check, if any.
     pub healthcheck: Option<HealthcheckSpec>,
 }
@@ -1040,7 +1040,22 @@ pub struct AgentLogsResponse {
     pub lifecycle_state: LifecycleState,
 }
 
-/// An app's health as the agent reports it.
+/// An app's health as users see it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AppHealthState {
+    /// The app has no health check.
+    Disabled,
+    /// No check result yet.
+    Initializing,
+    /// The last check passed.
+    Healthy,
+    /// `threshold` checks in a row failed.
+    Unhealthy,
+}
+
+/// An app's health as the agent reports it (never `disabled`: that is the
+/// template's to say).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum AppHealth {

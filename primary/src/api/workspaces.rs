@@ -9,10 +9,10 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use devmesh_shared::api::{
-    AgentStatus, AgentToken, BuildStatus, CreateBuildRequest, CreateWorkspaceRequest,
-    ExternalDefinition, HealthcheckSpec, LifecycleState, PortShare, PortSharesResponse,
-    SharingLevel, Transition, Workspace, WorkspaceAgent, WorkspaceApp, WorkspaceBuild,
-    WorkspaceBuildResponse, WorkspacesResponse,
+    AgentStatus, AgentToken, AppHealthState, BuildStatus, CreateBuildRequest,
+    CreateWorkspaceRequest, ExternalDefinition, HealthcheckSpec, LifecycleState, PortShare,
+    PortSharesResponse, SharingLevel, Transition, Workspace, WorkspaceAgent, WorkspaceApp,
+    WorkspaceBuild, WorkspaceBuildResponse, WorkspacesResponse,
 };
 use devmesh_shared::names::validate_name;
 use devmesh_shared::secret::{random_alphanumeric, sha256};
@@ -161,7 +161,7 @@ async fn load(state: &AppState, row: WorkspaceRow) -> ApiResult<Workspace> {
                 url: a.url,
                 subdomain: a.subdomain,
                 sharing_level: SharingLevel::from_stored(&a.sharing_level),
-                health: a.health,
+                health: stored(&a.health, AppHealthState::Initializing),
                 healthcheck,
             });
         }
