@@ -18,7 +18,6 @@ use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use thiserror::Error;
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -456,10 +455,7 @@ impl Attached {
             control_recv,
             ..
         } = self;
-        // `read_control` is not cancel-safe, so it runs in its own task
-        // rather than in the select below.
-        let (control_tx, mut control_rx) = mpsc::channel(16);
-        let reader = tokio::spawn(read_controls(control_recv, control_tx));
+        let mut control = wire::ControlReader::new(control_recv);
         let mut ping =
             tokio::time::interval_at(Instant::now() + timing.ping_interval, timing.ping_interval);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -493,25 +489,24 @@ impl Attached {
                 () = &mut dead => {
                     break End::Lost(format!("no pong from the relay for {:?}", timing.dead_after));
                 }
-                message = control_rx.recv() => match message {
-                    Some(Ok(Control::Pong { .. })) => {
+                message = control.next() => match message {
+                    Ok(Some(Control::Pong { .. })) => {
                         dead.as_mut().reset(Instant::now() + timing.dead_after);
                     }
-                    Some(Ok(Control::Ping { nonce })) => {
+                    Ok(Some(Control::Ping { nonce })) => {
                         let pong = Control::Pong { nonce };
                         if let Err(e) = wire::write_control(&mut control_send, &pong).await {
                             break End::Lost(format!("cannot answer the relay's ping: {e}"));
                         }
                     }
-                    Some(Ok(other)) => {
+                    Ok(Some(other)) => {
                         tracing::debug!(kind = kind(&other), "ignoring a control message");
                     }
-                    Some(Err(e)) => break End::Lost(format!("control stream failed: {e}")),
-                    None => break End::Lost("the relay closed the control stream".into()),
+                    Err(e) => break End::Lost(format!("control stream failed: {e}")),
+                    Ok(None) => break End::Lost("the relay closed the control stream".into()),
                 },
             }
         };
-        reader.abort();
         match &end {
             End::Shutdown => conn.close(close::SHUTDOWN, b"shutdown"),
             End::Moved => conn.close(close::MOVED, b"moved to a nearer relay"),
@@ -521,23 +516,6 @@ impl Attached {
         // nothing will acknowledge it.
         let _ = tokio::time::timeout(CLOSE_GRACE, endpoint.wait_idle()).await;
         end
-    }
-}
-
-async fn read_controls(mut recv: RecvStream, tx: mpsc::Sender<std::io::Result<Control>>) {
-    loop {
-        match wire::read_control(&mut recv).await {
-            Ok(Some(message)) => {
-                if tx.send(Ok(message)).await.is_err() {
-                    return;
-                }
-            }
-            Ok(None) => return,
-            Err(e) => {
-                let _ = tx.send(Err(e)).await;
-                return;
-            }
-        }
     }
 }
 

@@ -863,11 +863,12 @@ impl Relay {
         });
         tracing::info!(agent.id = %agent, workspace.id = %ticket.workspace_id, client.addr = %conn.remote_address(), "agent attached");
 
+        let mut control = tio::ControlReader::new(recv);
         let mut last_alive = tokio::time::Instant::now();
         let result = async {
             loop {
                 tokio::select! {
-                    msg = tio::read_control(&mut recv) => match msg? {
+                    msg = control.next() => match msg? {
                         Some(Control::Ping { nonce }) => {
                             tio::write_control(&mut send, &Control::Pong { nonce }).await?;
                             if last_alive.elapsed() >= Duration::from_secs(30) {

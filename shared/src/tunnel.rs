@@ -609,6 +609,50 @@ pub mod io {
         whole(Control::decode(&frame), frame.len()).map(Some)
     }
 
+    /// Reads the control messages of one stream, safe to cancel: a
+    /// `select!` that drops [`ControlReader::next`] half-way through a
+    /// message loses nothing, since the bytes read so far stay buffered for
+    /// the next call (at most one frame, [`super::MAX_FRAME_LEN`], plus one
+    /// read).
+    #[derive(Debug)]
+    pub struct ControlReader<R> {
+        inner: R,
+        buf: Vec<u8>,
+    }
+
+    impl<R: AsyncRead + Unpin> ControlReader<R> {
+        /// Reads from `inner`.
+        pub fn new(inner: R) -> Self {
+            Self {
+                inner,
+                buf: Vec::new(),
+            }
+        }
+
+        /// The next message, like [`read_control`]: `Ok(None)` on a clean
+        /// end of stream between messages, `UnexpectedEof` inside one,
+        /// `InvalidData` for garbage (found as soon as its prefix arrives).
+        pub async fn next(&mut self) -> Result<Option<Control>> {
+            loop {
+                if let Some((message, used)) = Control::decode(&self.buf).map_err(invalid_data)? {
+                    self.buf.drain(..used);
+                    return Ok(Some(message));
+                }
+                let mut chunk = [0u8; 1024];
+                // Cancel-safe: nothing is consumed unless the read completes.
+                let n = self.inner.read(&mut chunk).await?;
+                if n == 0 {
+                    return if self.buf.is_empty() {
+                        Ok(None)
+                    } else {
+                        Err(ErrorKind::UnexpectedEof.into())
+                    };
+                }
+                self.buf.extend_from_slice(&chunk[..n]);
+            }
+        }
+    }
+
     /// Writes a control message and flushes it.
     ///
     /// A message too long to encode is `InvalidInput` and nothing is written.
@@ -782,6 +826,35 @@ mod tests {
             StreamHeader::decode(&bytes),
             Ok(Some((StreamHeader::Ssh, header_len)))
         );
+    }
+
+    #[tokio::test]
+    async fn a_control_reader_cancelled_mid_message_loses_nothing() {
+        use tokio::io::AsyncWriteExt;
+        let (mut tx, rx) = tokio::io::duplex(64);
+        let mut reader = super::io::ControlReader::new(rx);
+        let bytes = encoded_control(&Control::Ping { nonce: 7 });
+        let (first, rest) = bytes.split_at(3);
+        tx.write_all(first).await.unwrap();
+        // Another branch wins while the message is half there.
+        tokio::select! {
+            _ = reader.next() => panic!("a half message decoded"),
+            () = tokio::time::sleep(std::time::Duration::from_millis(20)) => {}
+        }
+        tx.write_all(rest).await.unwrap();
+        tx.write_all(&encoded_control(&Control::Pong { nonce: 8 }))
+            .await
+            .unwrap();
+        assert_eq!(
+            reader.next().await.unwrap(),
+            Some(Control::Ping { nonce: 7 })
+        );
+        assert_eq!(
+            reader.next().await.unwrap(),
+            Some(Control::Pong { nonce: 8 })
+        );
+        drop(tx);
+        assert_eq!(reader.next().await.unwrap(), None);
     }
 
     #[test]
