@@ -205,25 +205,18 @@ impl Mesh {
     /// Requests the primary served, except edges' heartbeats and event
     /// streams and the metrics scrape itself.
     async fn primary_requests(&self) -> u64 {
-        let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.primary_port))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .filter(|l| l.starts_with("devmesh_http_requests_total{"))
-            .filter(|l| {
-                ![
+        let base = format!("http://127.0.0.1:{}", self.primary_port);
+        crate::support::metric_where(&base, |l| {
+            l.starts_with("devmesh_http_requests_total{")
+                && ![
                     "/api/v2/edges/me/register",
                     "/api/v2/edges/me/events",
                     "/metrics",
                 ]
                 .iter()
                 .any(|r| l.contains(&format!("route=\"{r}\"")))
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum()
+        })
+        .await
     }
 }
 

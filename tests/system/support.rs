@@ -277,6 +277,11 @@ pub(crate) fn csr() -> (rcgen::KeyPair, String) {
 /// The sum of the samples of a metric whose lines start with `prefix`, as
 /// the process at `base_url` exports them on `/metrics`.
 pub(crate) async fn metric(base_url: &str, prefix: &str) -> u64 {
+    metric_where(base_url, |l| l.starts_with(prefix)).await
+}
+
+/// The sum of the metric samples at `base_url` whose lines `keep` accepts.
+pub(crate) async fn metric_where(base_url: &str, keep: impl Fn(&str) -> bool) -> u64 {
     let text = reqwest::get(format!("{base_url}/metrics"))
         .await
         .unwrap()
@@ -284,7 +289,7 @@ pub(crate) async fn metric(base_url: &str, prefix: &str) -> u64 {
         .await
         .unwrap();
     text.lines()
-        .filter(|l| l.starts_with(prefix))
+        .filter(|l| keep(l))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum()
 }

@@ -158,15 +158,16 @@ fn ticket_for(relay: &TestRelay) -> AttachTicket {
     }
 }
 
-/// Presents `ticket` to `relay` as an agent would; the tunnel and its
-/// control stream, or the relay's reason for refusing.
-async fn attach(
+/// A QUIC connection to `relay` speaking `alpn`, with a client
+/// certificate when given.
+async fn connect(
     ca: &Ca,
     relay: &TestRelay,
-    ticket: String,
-) -> Result<(Connection, SendStream, RecvStream), String> {
-    let (endpoint, config) = client(ca, tunnel::ALPN, None);
-    let conn = endpoint
+    alpn: &[u8],
+    cert: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Connection {
+    let (endpoint, config) = client(ca, alpn, cert);
+    endpoint
         .connect_with(
             config,
             relay.relay.local_addr,
@@ -174,7 +175,17 @@ async fn attach(
         )
         .unwrap()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// Presents `ticket` to `relay` as an agent would; the tunnel and its
+/// control stream, or the relay's reason for refusing.
+async fn attach(
+    ca: &Ca,
+    relay: &TestRelay,
+    ticket: String,
+) -> Result<(Connection, SendStream, RecvStream), String> {
+    let conn = connect(ca, relay, tunnel::ALPN, None).await;
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     tio::write_control(&mut send, &Control::Attach { ticket })
         .await
@@ -400,16 +411,13 @@ async fn a_renewed_certificate_is_served_to_new_connections() {
 /// Opens a mesh stream to `relay` with `header` on a connection with a
 /// valid mesh certificate; the home relay's status byte.
 async fn mesh_status(ca: &Ca, relay: &TestRelay, header: &MeshHeader) -> u8 {
-    let (endpoint, config) = client(ca, tunnel::MESH_ALPN, Some(ca.issue("eu.relay.test")));
-    let c = endpoint
-        .connect_with(
-            config,
-            relay.relay.local_addr,
-            &relay.relay.advertised().server_name,
-        )
-        .unwrap()
-        .await
-        .unwrap();
+    let c = connect(
+        ca,
+        relay,
+        tunnel::MESH_ALPN,
+        Some(ca.issue("eu.relay.test")),
+    )
+    .await;
     let (mut s, mut r) = c.open_bi().await.unwrap();
     tio::write_mesh_header(&mut s, header).await.unwrap();
     let mut status = [0u8; 1];
