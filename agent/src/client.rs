@@ -19,7 +19,7 @@ use serde::Serialize;
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
-use devmesh_shared::backoff::Backoff;
+use devmesh_net::backoff::Backoff;
 
 /// Timeout of every API request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -84,7 +84,7 @@ impl ApiClient {
             .join("api/v2/workspaceagents/me/")
             .context("cannot build the API URL")?;
 
-        let http = devmesh_shared::net::http_client(
+        let http = devmesh_net::sockets::http_client(
             concat!("devmesh-agent/", env!("CARGO_PKG_VERSION")),
             REQUEST_TIMEOUT,
             extra_roots,

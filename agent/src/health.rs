@@ -12,7 +12,7 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 use crate::client::{ApiClient, log_api_error};
-use devmesh_shared::backoff::Backoff;
+use devmesh_net::backoff::Backoff;
 
 /// No check waits longer than this, whatever the interval.
 const MAX_CHECK_TIMEOUT: Duration = Duration::from_secs(10);

@@ -100,7 +100,7 @@ async fn run_with(
     shutdown: CancellationToken,
     tuning: Tuning,
 ) -> anyhow::Result<()> {
-    devmesh_shared::runtime::install_crypto_provider();
+    devmesh_net::runtime::install_crypto_provider();
     let client = ApiClient::new(&args.url, Secret::new(args.token), args.ca_cert.as_deref())
         .context("invalid agent settings")?
         .pinned_to(args.relay_region.clone());

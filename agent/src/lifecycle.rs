@@ -7,7 +7,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::client::{ApiClient, log_api_error};
-use devmesh_shared::backoff::Backoff;
+use devmesh_net::backoff::Backoff;
 
 /// The handle to the reporter task.
 #[derive(Debug)]

@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::client::{ApiClient, ApiError, log_api_error};
-use devmesh_shared::backoff::Backoff;
+use devmesh_net::backoff::Backoff;
 
 /// The source of lines the agent writes itself (such as drop summaries).
 pub(crate) const AGENT_SOURCE: &str = "agent";

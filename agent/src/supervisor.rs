@@ -20,7 +20,7 @@ use tracing::Instrument;
 use crate::client::{self, ApiClient, log_api_error};
 use crate::nearest::{self, Decision, Measurement, RelayChooser};
 use crate::tunnel::{self, Attached, End, Timing};
-use devmesh_shared::backoff::Backoff;
+use devmesh_net::backoff::Backoff;
 
 /// Time a re-check may spend fetching the manifest; past it, the re-check
 /// measures the relays it already knows.

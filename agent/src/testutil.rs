@@ -22,9 +22,9 @@ use devmesh_shared::api::{
     LifecycleState, RelayInfo,
 };
 use devmesh_shared::secret::Secret;
-use devmesh_shared::tunnel::{Control, io as wire};
+use devmesh_shared::tunnel::io as wire;
+use devmesh_shared::tunnel::session::{Outbox, RelayEvent, RelaySession};
 use parking_lot::Mutex;
-use quinn::crypto::rustls::QuicServerConfig;
 use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -407,16 +407,9 @@ impl TestRelay {
     /// one manifest.
     pub(crate) async fn start_in(ca: Arc<TestCa>, options: RelayOptions) -> Self {
         let (chain, key) = ca.leaf(RELAY_NAME);
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .unwrap();
-        tls.alpn_protocols = vec![devmesh_shared::tunnel::ALPN.to_vec()];
-        let config =
-            quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls).unwrap()));
+        // The real relay's settings, so the agent is tested against them.
+        let roots = devmesh_net::quic::mesh_roots(&ca.pem).unwrap();
+        let (config, _) = devmesh_net::quic::relay(&roots, chain, key).unwrap();
         let endpoint = Endpoint::server(config, (Ipv4Addr::LOCALHOST, 0).into()).unwrap();
         let addr = endpoint.local_addr().unwrap();
         let (tx, attached) = mpsc::unbounded_channel();
@@ -504,7 +497,11 @@ async fn accept_loop(
             }
             Err(_) => continue,
         };
-        let Ok(Some(Control::Attach { ticket })) = wire::read_control(&mut recv).await else {
+        let mut session = RelaySession::new();
+        let first = wire::read_control(&mut recv).await;
+        let Ok(RelayEvent::Ticket(ticket)) =
+            session.receive(first.ok().flatten(), tokio::time::Instant::now())
+        else {
             conn.close(
                 devmesh_shared::tunnel::close::EXPECTED_ATTACH.into(),
                 b"expected attach",
@@ -514,13 +511,8 @@ async fn accept_loop(
         tickets.lock().push(ticket.clone());
         if refused < options.refuse_first {
             refused += 1;
-            let _ = wire::write_control(
-                &mut send,
-                &Control::Refused {
-                    reason: "ticket expired".into(),
-                },
-            )
-            .await;
+            session.refuse("ticket expired".into());
+            let _ = wire::flush(&mut send, &mut session).await;
             let _ = send.finish();
             // The agent closes after reading the refusal; close ourselves
             // only if it does not, so the frame is not lost.
@@ -531,14 +523,11 @@ async fn accept_loop(
             continue;
         }
         let attached_at = Instant::now();
-        let _ = wire::write_control(
-            &mut send,
-            &Control::Attached {
-                relay: "test-relay".into(),
-            },
-        )
-        .await;
-        let control = tokio::spawn(answer_pings(send, recv, options.answer_pings));
+        // As the real relay does once an agent authenticates.
+        conn.set_receive_window(devmesh_net::quic::CONNECTION_WINDOW.into());
+        session.accept("test-relay".into(), tokio::time::Instant::now());
+        let _ = wire::flush(&mut send, &mut session).await;
+        let control = tokio::spawn(answer_pings(session, send, recv, options.answer_pings));
         let _ = attached.send(RelayConn {
             conn,
             ticket,
@@ -549,13 +538,24 @@ async fn accept_loop(
     }
 }
 
-async fn answer_pings(mut send: SendStream, mut recv: RecvStream, answer: bool) {
-    while let Ok(Some(message)) = wire::read_control(&mut recv).await {
-        if let (Control::Ping { nonce }, true) = (message, answer)
-            && wire::write_control(&mut send, &Control::Pong { nonce })
-                .await
-                .is_err()
+/// Keeps the relay's end of the session going; a relay told not to answer
+/// pings reads them and stays silent, like a dead path would.
+async fn answer_pings(
+    mut session: RelaySession,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    answer: bool,
+) {
+    while let Ok(message) = wire::read_control(&mut recv).await {
+        if session
+            .receive(message, tokio::time::Instant::now())
+            .is_err()
         {
+            return;
+        }
+        if !answer {
+            while session.transmit().is_some() {}
+        } else if wire::flush(&mut send, &mut session).await.is_err() {
             return;
         }
     }

@@ -10,12 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use devmesh_shared::api::RelayInfo;
-use devmesh_shared::tunnel::{self, Control, StreamHeader, io as wire, status};
-use quinn::crypto::rustls::QuicClientConfig;
-use quinn::{Connection, Endpoint, EndpointConfig, IdleTimeout, RecvStream, SendStream, VarInt};
-use rustls::RootCertStore;
-use rustls::pki_types::CertificateDer;
-use rustls::pki_types::pem::PemObject;
+use devmesh_shared::tunnel::session::{AgentSession, PingTiming, SessionError};
+use devmesh_shared::tunnel::{StreamHeader, io as wire, status};
+use quinn::{Connection, Endpoint, EndpointConfig, RecvStream, SendStream};
 use thiserror::Error;
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
@@ -27,16 +24,6 @@ use crate::nearest::Measurement;
 
 // === Settings ===
 
-/// Relay-opened streams allowed at once: one per user connection.
-const MAX_STREAMS: u32 = 100_000;
-/// Flow-control window of one stream.
-const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
-/// Flow-control window of the whole connection, both directions.
-const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
-/// Keep-alives let both ends notice a dead path within the relay's idle
-/// timeout (6 s), which is what makes failover to another relay quick.
-const KEEP_ALIVE: Duration = Duration::from_secs(2);
-const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time to connect to a local port.
 const LOCAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time the close of a connection may take to reach the relay.
@@ -87,6 +74,16 @@ pub(crate) struct Timing {
     pub(crate) recheck_interval: Duration,
 }
 
+impl Timing {
+    /// The control stream's timers.
+    fn ping(&self) -> PingTiming {
+        PingTiming {
+            ping_interval: self.ping_interval,
+            dead_after: self.dead_after,
+        }
+    }
+}
+
 impl Default for Timing {
     fn default() -> Self {
         Self {
@@ -132,59 +129,30 @@ pub(crate) enum TunnelError {
     /// The relay refused the ticket.
     #[error("the relay refused the attach: {0}")]
     Refused(String),
-    /// The relay broke the control-stream protocol.
-    #[error("protocol error: {0}")]
-    Protocol(String),
-    /// Reading or writing the control stream failed.
-    #[error("control stream: {0}")]
-    ControlIo(#[from] std::io::Error),
+    /// The control-stream exchange failed otherwise.
+    #[error("{0}")]
+    Session(SessionError),
+}
+
+impl From<SessionError> for TunnelError {
+    fn from(e: SessionError) -> Self {
+        match e {
+            SessionError::Refused(reason) => Self::Refused(reason),
+            other => Self::Session(other),
+        }
+    }
 }
 
 // === Connecting ===
 
-/// The QUIC client configuration: trusts only the certificates in
-/// `mesh_ca_pem`, speaks ALPN [`tunnel::ALPN`] over TLS 1.3.
+/// The QUIC client configuration ([`devmesh_net::quic::agent_client`]):
+/// trusts only the certificates in `mesh_ca_pem`.
 pub(crate) fn client_config(mesh_ca_pem: &str) -> Result<quinn::ClientConfig, TunnelError> {
-    let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(mesh_ca_pem.as_bytes()) {
-        let cert = cert.map_err(|e| TunnelError::MeshCa(format!("invalid PEM: {e}")))?;
-        roots
-            .add(cert)
-            .map_err(|e| TunnelError::MeshCa(e.to_string()))?;
-    }
-    if roots.is_empty() {
-        return Err(TunnelError::MeshCa("the PEM holds no certificate".into()));
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| TunnelError::MeshCa(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![tunnel::ALPN.to_vec()];
-    let quic = QuicClientConfig::try_from(tls).map_err(|e| TunnelError::MeshCa(e.to_string()))?;
-    let mut config = quinn::ClientConfig::new(Arc::new(quic));
-    config.transport_config(Arc::new(transport_config()));
-    Ok(config)
-}
-
-fn transport_config() -> quinn::TransportConfig {
-    let mut t = quinn::TransportConfig::default();
-    t.max_concurrent_bidi_streams(MAX_STREAMS.into())
-        .max_concurrent_uni_streams(VarInt::from_u32(0))
-        .stream_receive_window(STREAM_WINDOW.into())
-        .receive_window(CONNECTION_WINDOW.into())
-        .send_window(CONNECTION_WINDOW.into())
-        .keep_alive_interval(Some(KEEP_ALIVE));
-    // 30 s is far below the limit of an idle timeout, so this always holds.
-    if let Ok(idle) = IdleTimeout::try_from(IDLE_TIMEOUT) {
-        t.max_idle_timeout(Some(idle));
-    }
-    t
+    devmesh_net::quic::agent_client(mesh_ca_pem).map_err(|e| TunnelError::MeshCa(e.to_string()))
 }
 
 /// A client endpoint on a fresh UDP socket of `remote`'s address family,
-/// with buffers as large as the OS allows (see `devmesh_shared::net`).
+/// with buffers as large as the OS allows (see `devmesh_net::sockets`).
 fn endpoint_for(remote: SocketAddr) -> std::io::Result<Endpoint> {
     let bind: SocketAddr = if remote.is_ipv6() {
         (Ipv6Addr::UNSPECIFIED, 0).into()
@@ -194,7 +162,7 @@ fn endpoint_for(remote: SocketAddr) -> std::io::Result<Endpoint> {
     Endpoint::new(
         EndpointConfig::default(),
         None,
-        devmesh_shared::net::udp_socket(bind)?,
+        devmesh_net::sockets::udp_socket(bind)?,
         Arc::new(quinn::TokioRuntime),
     )
 }
@@ -206,6 +174,7 @@ pub(crate) struct Attached {
     conn: Connection,
     control_send: SendStream,
     control_recv: RecvStream,
+    session: AgentSession,
     /// The relay's name, as it introduced itself.
     pub(crate) relay_name: String,
 }
@@ -237,7 +206,7 @@ pub(crate) async fn attach(
 /// The addresses `relay`'s address resolves to, in the resolver's order
 /// (hickory, honouring TTLs: a relay that moves in DNS is followed).
 async fn resolve(relay: &RelayInfo, timeout: Duration) -> Result<Vec<SocketAddr>, TunnelError> {
-    let lookup = devmesh_shared::net::resolve(&relay.address);
+    let lookup = devmesh_net::sockets::resolve(&relay.address);
     tokio::time::timeout(timeout, lookup)
         .await
         .map_err(|_| TunnelError::Timeout("resolving the relay's address"))?
@@ -262,7 +231,13 @@ async fn attach_addr(
     let conn = tokio::time::timeout(timing.handshake_timeout, connecting)
         .await
         .map_err(|_| TunnelError::Timeout("connecting to the relay"))??;
-    let exchanged = tokio::time::timeout(timing.handshake_timeout, exchange_attach(&conn, ticket))
+    let mut session = AgentSession::new(ticket.to_owned(), timing.ping(), Instant::now());
+    let exchange = async {
+        let (mut send, mut recv) = conn.open_bi().await?;
+        let relay = wire::attach(&mut send, &mut recv, &mut session).await?;
+        Ok::<_, TunnelError>((send, recv, relay))
+    };
+    let exchanged = tokio::time::timeout(timing.handshake_timeout, exchange)
         .await
         .unwrap_or(Err(TunnelError::Timeout("waiting for the relay to attach")));
     match exchanged {
@@ -271,6 +246,7 @@ async fn attach_addr(
             conn,
             control_send,
             control_recv,
+            session,
             relay_name,
         }),
         Err(e) => {
@@ -280,44 +256,6 @@ async fn attach_addr(
             let _ = tokio::time::timeout(Duration::from_millis(200), endpoint.wait_idle()).await;
             Err(e)
         }
-    }
-}
-
-/// Opens the control stream, presents the ticket and reads the answer.
-async fn exchange_attach(
-    conn: &Connection,
-    ticket: &str,
-) -> Result<(SendStream, RecvStream, String), TunnelError> {
-    let (mut send, mut recv) = conn.open_bi().await?;
-    wire::write_control(
-        &mut send,
-        &Control::Attach {
-            ticket: ticket.to_owned(),
-        },
-    )
-    .await?;
-    match wire::read_control(&mut recv).await? {
-        Some(Control::Attached { relay }) => Ok((send, recv, relay)),
-        Some(Control::Refused { reason }) => Err(TunnelError::Refused(reason)),
-        Some(other) => Err(TunnelError::Protocol(format!(
-            "expected attached or refused, got {}",
-            kind(&other)
-        ))),
-        None => Err(TunnelError::Protocol(
-            "the relay closed the control stream without answering".into(),
-        )),
-    }
-}
-
-/// A control message's name, for logs; never its contents (a ticket is a
-/// bearer credential).
-fn kind(c: &Control) -> &'static str {
-    match c {
-        Control::Attach { .. } => "attach",
-        Control::Attached { .. } => "attached",
-        Control::Refused { .. } => "refused",
-        Control::Ping { .. } => "ping",
-        Control::Pong { .. } => "pong",
     }
 }
 
@@ -453,15 +391,10 @@ impl Attached {
             conn,
             mut control_send,
             control_recv,
+            mut session,
             ..
         } = self;
         let mut control = wire::ControlReader::new(control_recv);
-        let mut ping =
-            tokio::time::interval_at(Instant::now() + timing.ping_interval, timing.ping_interval);
-        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut nonce = 0u64;
-        let dead = tokio::time::sleep(timing.dead_after);
-        tokio::pin!(dead);
 
         let end = loop {
             tokio::select! {
@@ -479,32 +412,20 @@ impl Attached {
                     }
                     Err(e) => break End::Lost(e.to_string()),
                 },
-                _ = ping.tick() => {
-                    nonce = nonce.wrapping_add(1);
-                    let ping = Control::Ping { nonce };
-                    if let Err(e) = wire::write_control(&mut control_send, &ping).await {
-                        break End::Lost(format!("cannot ping the relay: {e}"));
+                () = tokio::time::sleep_until(session.deadline()) => {
+                    if let Err(e) = session.tick(Instant::now()) {
+                        break End::Lost(e.to_string());
                     }
                 }
-                () = &mut dead => {
-                    break End::Lost(format!("no pong from the relay for {:?}", timing.dead_after));
+                message = control.next() => {
+                    let received = message.map_err(SessionError::from);
+                    if let Err(e) = received.and_then(|m| session.receive(m, Instant::now())) {
+                        break End::Lost(e.to_string());
+                    }
                 }
-                message = control.next() => match message {
-                    Ok(Some(Control::Pong { .. })) => {
-                        dead.as_mut().reset(Instant::now() + timing.dead_after);
-                    }
-                    Ok(Some(Control::Ping { nonce })) => {
-                        let pong = Control::Pong { nonce };
-                        if let Err(e) = wire::write_control(&mut control_send, &pong).await {
-                            break End::Lost(format!("cannot answer the relay's ping: {e}"));
-                        }
-                    }
-                    Ok(Some(other)) => {
-                        tracing::debug!(kind = kind(&other), "ignoring a control message");
-                    }
-                    Err(e) => break End::Lost(format!("control stream failed: {e}")),
-                    Ok(None) => break End::Lost("the relay closed the control stream".into()),
-                },
+            }
+            if let Err(e) = wire::flush(&mut control_send, &mut session).await {
+                break End::Lost(format!("cannot write to the relay: {e}"));
             }
         };
         match &end {

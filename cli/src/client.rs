@@ -21,7 +21,7 @@ impl Client {
         ca_cert: Option<&std::path::Path>,
     ) -> anyhow::Result<Self> {
         // Trusts a private CA on top of the system roots (--ca-cert / DEVMESH_CA_CERT).
-        let http = devmesh_shared::net::http_client(
+        let http = devmesh_net::sockets::http_client(
             concat!("devmesh-cli/", env!("CARGO_PKG_VERSION")),
             std::time::Duration::from_secs(60),
             ca_cert,

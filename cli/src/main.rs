@@ -148,7 +148,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    devmesh_shared::runtime::install_crypto_provider();
+    devmesh_net::runtime::install_crypto_provider();
     let cli = match parse() {
         Ok(cli) => cli,
         Err(e) => {

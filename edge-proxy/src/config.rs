@@ -7,7 +7,8 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use devmesh_shared::config::{ConfigError, read_toml, validate_url, validate_wildcard};
+use devmesh_net::config::{ConfigError, read_toml, validate_url, validate_wildcard};
+use devmesh_net::tls::{TlsArgs, TlsMode};
 use devmesh_shared::secret::Secret;
 use serde::Deserialize;
 
@@ -43,22 +44,9 @@ pub struct EdgeArgs {
     /// Where the edge's HTTP endpoints listen [default: 127.0.0.1:4000].
     #[arg(long, env = "DEVMESH_LISTEN")]
     pub listen: Option<String>,
-    /// PEM certificate chain the edge serves HTTPS with (the region's wildcard); reloaded on change.
-    #[arg(long, env = "DEVMESH_TLS_CERT")]
-    pub tls_cert: Option<PathBuf>,
-    /// PEM private key of --tls-cert.
-    #[arg(long, env = "DEVMESH_TLS_KEY")]
-    pub tls_key: Option<PathBuf>,
-    /// Serve HTTPS with a certificate from a private CA created in
-    /// --tls-dir, for the access URL's host and the wildcards (for trying
-    /// devmesh out; use real certificates in production).
-    #[arg(long, env = "DEVMESH_TLS_SELF_SIGNED")]
-    pub tls_self_signed: bool,
-    /// Where --tls-self-signed keeps its CA and certificate [default: the
-    /// primary's default, `$XDG_DATA_HOME/devmesh/tls` (`/var/lib/devmesh/tls`
-    /// as root), so a primary and edges on one machine share one CA].
-    #[arg(long, env = "DEVMESH_TLS_DIR")]
-    pub tls_dir: Option<PathBuf>,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub tls: TlsArgs,
     /// Extra PEM CA bundle to trust for the primary's HTTPS.
     #[arg(long, env = "DEVMESH_CA_CERT")]
     pub ca_cert: Option<PathBuf>,
@@ -106,25 +94,6 @@ struct FileConfig {
     max_connections_per_ip: Option<usize>,
 }
 
-/// How the edge serves HTTPS.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum EdgeTls {
-    /// Plain HTTP (behind a TLS-terminating proxy, or local use).
-    Off,
-    /// The operator's certificate and key (reloaded on change).
-    Files {
-        /// PEM chain.
-        cert: PathBuf,
-        /// PEM key.
-        key: PathBuf,
-    },
-    /// A certificate from a local CA in `dir` (`None`: the default place).
-    SelfSigned {
-        /// Where the CA and certificate live.
-        dir: Option<PathBuf>,
-    },
-}
-
 /// A checked edge configuration.
 #[derive(Debug, Clone)]
 pub struct EdgeConfig {
@@ -145,7 +114,7 @@ pub struct EdgeConfig {
     /// Where HTTP listens.
     pub listen: SocketAddr,
     /// HTTPS.
-    pub tls: EdgeTls,
+    pub tls: TlsMode,
     /// Extra CA to trust for the primary.
     pub ca_cert: Option<PathBuf>,
     /// Access checks per client IP a minute (`u32::MAX`: unlimited).
@@ -235,23 +204,16 @@ impl EdgeArgs {
                 .or(file.listen)
                 .unwrap_or_else(|| "127.0.0.1:4000".into()),
         )?;
-        let self_signed = self.tls_self_signed || file.tls_self_signed == Some(true);
-        let tls = match (
-            self.tls_cert.or(file.tls_cert),
-            self.tls_key.or(file.tls_key),
-        ) {
-            (Some(_), Some(_)) if self_signed => {
-                return Err(ConfigError(
-                    "--tls-self-signed and --tls-cert exclude each other".into(),
-                ));
-            }
-            (Some(cert), Some(key)) => EdgeTls::Files { cert, key },
-            (None, None) if self_signed => EdgeTls::SelfSigned {
-                dir: self.tls_dir.or(file.tls_dir),
-            },
-            (None, None) => EdgeTls::Off,
-            _ => return Err(ConfigError("--tls-cert and --tls-key go together".into())),
+        let file_tls = TlsArgs {
+            tls_cert: file.tls_cert,
+            tls_key: file.tls_key,
+            tls_self_signed: file.tls_self_signed == Some(true),
+            tls_dir: file.tls_dir,
         };
+        // By default the primary's CA on this machine, so one CA covers both.
+        let tls = self.tls.resolve(file_tls, || {
+            Ok(devmesh_net::config::default_data_dir()?.join("tls"))
+        })?;
         let access_checks_per_minute = match self
             .access_checks_per_minute
             .or(file.access_checks_per_minute)
@@ -303,7 +265,7 @@ mod tests {
         assert_eq!(c.wildcards(), ["*.eu.apps.example.com"]);
         assert_eq!(c.listen, "127.0.0.1:4000".parse().unwrap());
         assert_eq!(c.relay_address, "127.0.0.1:4001");
-        assert_eq!(c.tls, EdgeTls::Off);
+        assert_eq!(c.tls, TlsMode::Off);
         assert_eq!(c.access_checks_per_minute, 120);
         for (broken, needle) in [
             (
@@ -350,7 +312,10 @@ mod tests {
             ),
             (
                 EdgeArgs {
-                    tls_cert: Some("c.pem".into()),
+                    tls: TlsArgs {
+                        tls_cert: Some("c.pem".into()),
+                        ..Default::default()
+                    },
                     ..args()
                 },
                 "go together",
@@ -383,7 +348,11 @@ mod tests {
         .unwrap();
         assert_eq!(c.primary_url, "https://p.example.com");
         assert_eq!(c.listen, "127.0.0.1:6000".parse().unwrap(), "a flag wins");
-        assert_eq!(c.tls, EdgeTls::SelfSigned { dir: None });
+        assert!(
+            matches!(&c.tls, TlsMode::SelfSigned { dir } if dir.ends_with("devmesh/tls")),
+            "{:?}",
+            c.tls
+        );
         assert_eq!(c.access_checks_per_minute, u32::MAX);
         std::fs::write(&path, "primary-urll = \"x\"\n").unwrap();
         let err = EdgeArgs {

@@ -10,8 +10,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use devmesh_net::backoff::Backoff;
 use devmesh_shared::api::EdgeEvent;
-use devmesh_shared::backoff::Backoff;
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 

@@ -23,7 +23,6 @@ mod metrics;
 mod primary;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -34,13 +33,13 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use chrono::Utc;
+use devmesh_net::backoff::Backoff;
 use devmesh_proxy::relay::{AttachEvent, Keys, Locations, MeshPeers, Relay, RelayConfig};
 use devmesh_proxy::upstream::Pool;
 use devmesh_shared::api::{
     EdgeAppAccess, EdgeAppAccessRequest, EdgeAppConnectRequest, EdgeEvent, EdgeHealthReport,
     EdgeRegisterRequest, EdgeRegisterResponse, RelayInfo,
 };
-use devmesh_shared::backoff::Backoff;
 use devmesh_shared::signing::AppToken;
 use parking_lot::RwLock;
 use tokio::sync::Notify;
@@ -48,7 +47,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
-pub use crate::config::{EdgeArgs, EdgeConfig, EdgeTls};
+pub use crate::config::{EdgeArgs, EdgeConfig};
 use crate::metrics::Metrics;
 
 /// What the edge knows about its registration, for `/healthz-report`.
@@ -239,7 +238,7 @@ impl Edge {
 pub async fn run(args: EdgeArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     // Every setting is checked before anything binds.
     let config = args.resolve()?;
-    let http = devmesh_shared::net::http_client(
+    let http = devmesh_net::sockets::http_client(
         concat!("devmesh-edge/", env!("CARGO_PKG_VERSION")),
         Duration::from_secs(15),
         config.ca_cert.as_deref(),
@@ -249,41 +248,16 @@ pub async fn run(args: EdgeArgs, shutdown: CancellationToken) -> anyhow::Result<
         .serialize_request(&mesh_key)?
         .pem()?;
     let wildcards = config.wildcards();
-    let tls = match &config.tls {
-        EdgeTls::Files { cert, key } => Some(devmesh_shared::tls::server_config(
-            cert.clone(),
-            key.clone(),
-            shutdown.clone(),
-        )?),
-        EdgeTls::SelfSigned { dir } => {
-            let host = |s: &str| s.split(':').next().unwrap_or_default().to_owned();
-            let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
-            if let Some(h) = reqwest::Url::parse(&config.access_url)
-                .ok()
-                .and_then(|u| u.host_str().map(str::to_owned))
-            {
-                names.insert(0, h);
-            }
-            names.extend(wildcards.iter().map(|w| host(w)));
-            names.dedup();
-            let dir = match dir {
-                Some(d) => d.clone(),
-                None => default_tls_dir().context("no data directory: pass --tls-dir")?,
-            };
-            let (ca, cert, key) = devmesh_shared::tls::self_signed(&dir, &names)?;
-            tracing::info!(ca = %ca.display(), "serving HTTPS with a self-signed certificate; trust it with: curl --cacert {}", ca.display());
-            Some(devmesh_shared::tls::server_config(
-                cert,
-                key,
-                shutdown.clone(),
-            )?)
-        }
-        EdgeTls::Off => None,
-    };
+    let tls = devmesh_net::tls::https(
+        &config.tls,
+        &config.access_url,
+        &wildcards,
+        shutdown.clone(),
+    )?;
     // Bound now, so a `:0` port is known before registering.
     let (relay_socket, relay_address) = match config.relay_bind {
         Some(bind) => (
-            devmesh_shared::net::udp_socket(bind)
+            devmesh_net::sockets::udp_socket(bind)
                 .with_context(|| format!("cannot bind the relay to {bind}"))?,
             config.relay_address.clone(),
         ),
@@ -342,11 +316,11 @@ pub async fn run(args: EdgeArgs, shutdown: CancellationToken) -> anyhow::Result<
         .with_state(edge.clone());
     let serve_shutdown = shutdown.clone();
     let scheme = edge.scheme;
-    let limits = devmesh_shared::http::Limits {
+    let limits = devmesh_net::http::Limits {
         max_connections_per_ip: edge.config.max_connections_per_ip,
-        ..devmesh_shared::http::Limits::default()
+        ..devmesh_net::http::Limits::default()
     };
-    let server = tokio::spawn(devmesh_shared::http::serve(
+    let server = tokio::spawn(devmesh_net::http::serve(
         listener,
         app,
         tls,
@@ -519,21 +493,6 @@ fn start_relay(
     Ok(())
 }
 
-/// Where the primary keeps its self-signed CA by default: shared, so that
-/// one `curl --cacert` (or one browser import) covers a whole demo.
-fn default_tls_dir() -> Option<PathBuf> {
-    use std::os::unix::fs::MetadataExt;
-    let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
-    if root {
-        return Some(PathBuf::from("/var/lib/devmesh/tls"));
-    }
-    std::env::var_os("XDG_DATA_HOME")
-        .map(PathBuf::from)
-        .filter(|p| p.is_absolute())
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
-        .map(|d| d.join("devmesh/tls"))
-}
-
 /// Binds the relay's UDP socket for `--relay-address` and returns it with
 /// the address to advertise: the flag itself, with a `:0` port replaced by
 /// the one bound. A name binds every interface at its port.
@@ -546,7 +505,7 @@ fn bind_relay(address: &str) -> anyhow::Result<(std::net::UdpSocket, String)> {
         Ok(a) => a,
         Err(_) => SocketAddr::from(([0, 0, 0, 0], port)),
     };
-    let socket = devmesh_shared::net::udp_socket(bind)
+    let socket = devmesh_net::sockets::udp_socket(bind)
         .with_context(|| format!("cannot bind the relay to {bind}"))?;
     let bound = socket.local_addr()?.port();
     Ok((socket, format!("{host}:{bound}")))

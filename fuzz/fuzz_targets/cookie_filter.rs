@@ -19,7 +19,7 @@
 
 #![no_main]
 
-use devmesh_proxy::app::{app_may_set_cookie, is_devmesh_cookie, strip_devmesh_cookies};
+use devmesh_shared::cookies::{app_may_set_cookie, is_devmesh_cookie, strip_devmesh_cookies};
 use http::header::{COOKIE, SET_COOKIE};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use libfuzzer_sys::fuzz_target;

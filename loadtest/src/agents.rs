@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use devmesh_shared::api::{AGENT_TOKEN_HEADER, AgentManifest, AttachTicketResponse};
-use devmesh_shared::tunnel::{self, Control, io as wire};
+use devmesh_shared::tunnel::io as wire;
+use devmesh_shared::tunnel::session::{AgentSession, PingTiming};
 use futures_util::StreamExt;
 use serde_json::json;
 use tokio::time::Instant;
@@ -20,30 +21,17 @@ use crate::run::Ctx;
 use crate::scenario;
 use crate::stats::Samples;
 
+/// The control-stream timers of a real agent. These agents attach and
+/// then hold the stream; QUIC keep-alives keep them attached.
+const PING_TIMING: PingTiming = PingTiming {
+    ping_interval: Duration::from_secs(10),
+    dead_after: Duration::from_secs(30),
+};
+
 /// Agents sharing one client UDP socket.
 const AGENTS_PER_ENDPOINT: usize = 256;
 /// Attaches in flight at once.
 const IN_FLIGHT: usize = 64;
-
-fn quic_config(mesh_ca_pem: &str) -> anyhow::Result<quinn::ClientConfig> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(mesh_ca_pem.as_bytes()) {
-        roots.add(c?)?;
-    }
-    let mut tls = rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![tunnel::ALPN.to_vec()];
-    let mut c = quinn::ClientConfig::new(Arc::new(
-        quinn::crypto::rustls::QuicClientConfig::try_from(tls)?,
-    ));
-    let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(Duration::from_secs(5)));
-    c.transport_config(Arc::new(t));
-    Ok(c)
-}
 
 /// One agent's attach; returns the connection and its control stream (kept
 /// open for as long as the agent should stay attached).
@@ -76,25 +64,9 @@ async fn attach(
         .connect_with(config.clone(), addr, &relay.server_name)?
         .await?;
     let (mut send, mut recv) = conn.open_bi().await?;
-    wire::write_control(
-        &mut send,
-        &Control::Attach {
-            ticket: ticket.ticket,
-        },
-    )
-    .await?;
-    match wire::read_control(&mut recv).await? {
-        Some(Control::Attached { .. }) => Ok((conn, send, recv)),
-        Some(Control::Refused { reason }) => anyhow::bail!("refused: {reason}"),
-        other => anyhow::bail!(
-            "unexpected answer: {}",
-            if other.is_some() {
-                "another message"
-            } else {
-                "end of stream"
-            }
-        ),
-    }
+    let mut session = AgentSession::new(ticket.ticket, PING_TIMING, Instant::now());
+    wire::attach(&mut send, &mut recv, &mut session).await?;
+    Ok((conn, send, recv))
 }
 
 /// Runs scenario 4.
@@ -163,13 +135,14 @@ pub async fn run(
         .error_for_status()?
         .json()
         .await?;
-    let config = quic_config(&manifest.mesh_ca_pem)?;
+    // A real agent's QUIC settings, so the relay pays what it pays for one.
+    let config = devmesh_net::quic::agent_client(&manifest.mesh_ca_pem)?;
     let endpoints: Vec<quinn::Endpoint> = (0..cfg.count.div_ceil(AGENTS_PER_ENDPOINT))
         .map(|_| {
             quinn::Endpoint::new(
                 quinn::EndpointConfig::default(),
                 None,
-                devmesh_shared::net::udp_socket("127.0.0.1:0".parse().expect("addr"))?,
+                devmesh_net::sockets::udp_socket("127.0.0.1:0".parse().expect("addr"))?,
                 Arc::new(quinn::TokioRuntime),
             )
         })

@@ -296,16 +296,14 @@ pub async fn rustls_bulk(size: u64) -> anyhow::Result<Duration> {
     Ok(d)
 }
 
-/// Raw quinn over loopback UDP with the agent's window sizes: one task
+/// Raw quinn over loopback UDP with the tunnel's transport settings: one task
 /// sends `size` bytes on one stream, this task reads them.
 pub async fn quinn_bulk(size: u64) -> anyhow::Result<Duration> {
     let (cert, key) = self_signed()?;
-    let mut transport = quinn::TransportConfig::default();
-    transport
-        .stream_receive_window((8u32 * 1024 * 1024).into())
-        .receive_window((32u32 * 1024 * 1024).into())
-        .send_window(32 * 1024 * 1024);
-    let transport = Arc::new(transport);
+    let transport = Arc::new(devmesh_net::quic::transport(
+        1,
+        devmesh_net::quic::CONNECTION_WINDOW,
+    ));
     let mut tls = rustls::ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
         .with_no_client_auth()
         .with_single_cert(vec![cert.clone()], key)?;
@@ -317,7 +315,7 @@ pub async fn quinn_bulk(size: u64) -> anyhow::Result<Duration> {
     let server = quinn::Endpoint::new(
         quinn::EndpointConfig::default(),
         Some(server_config),
-        devmesh_shared::net::udp_socket("127.0.0.1:0".parse()?)?,
+        devmesh_net::sockets::udp_socket("127.0.0.1:0".parse()?)?,
         Arc::new(quinn::TokioRuntime),
     )?;
     let addr = server.local_addr()?;
@@ -339,7 +337,7 @@ pub async fn quinn_bulk(size: u64) -> anyhow::Result<Duration> {
     let client = quinn::Endpoint::new(
         quinn::EndpointConfig::default(),
         None,
-        devmesh_shared::net::udp_socket("127.0.0.1:0".parse()?)?,
+        devmesh_net::sockets::udp_socket("127.0.0.1:0".parse()?)?,
         Arc::new(quinn::TokioRuntime),
     )?;
     let start = Instant::now();

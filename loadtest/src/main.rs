@@ -81,7 +81,7 @@ struct RunArgs {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    devmesh_shared::runtime::install_crypto_provider();
+    devmesh_net::runtime::install_crypto_provider();
     match Cli::parse() {
         Cli::Run(args) => run(args).await,
         Cli::Tunnel(args) => tunnel(args).await,

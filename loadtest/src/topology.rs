@@ -308,8 +308,7 @@ impl Deployment {
             names.push(format!("*.{}.{APPS_DOMAIN}", r.name));
             names.push(format!("{}.localhost", r.name));
         }
-        let (ca_pem, cert, key) =
-            devmesh_shared::tls::self_signed(&dir.path().join("tls"), &names)?;
+        let (ca_pem, cert, key) = devmesh_net::tls::self_signed(&dir.path().join("tls"), &names)?;
         let monitor = Monitor::start(Duration::from_millis(250));
         let run_id = format!("lt{}", &uuid::Uuid::new_v4().simple().to_string()[..6]);
 

@@ -5,12 +5,13 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use devmesh_shared::runtime::LogFormat;
+use devmesh_net::runtime::LogFormat;
+use devmesh_net::tls::{TlsArgs, TlsMode};
 use devmesh_shared::secret::Secret;
 use serde::Deserialize;
 
-pub use devmesh_shared::config::ConfigError;
-use devmesh_shared::config::{validate_url, validate_wildcard};
+pub use devmesh_net::config::ConfigError;
+use devmesh_net::config::{validate_url, validate_wildcard};
 
 /// Flags of `devmesh server`.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -46,15 +47,9 @@ pub struct ServerArgs {
     /// UDP address of the relay agents attach to over QUIC [default: 127.0.0.1:3001].
     #[arg(long, env = "DEVMESH_RELAY_ADDRESS")]
     pub relay_address: Option<String>,
-    /// PEM certificate chain to serve HTTPS with (wildcards welcome); reloaded when it changes.
-    #[arg(long, env = "DEVMESH_TLS_CERT", requires = "tls_key")]
-    pub tls_cert: Option<PathBuf>,
-    /// PEM private key of --tls-cert.
-    #[arg(long, env = "DEVMESH_TLS_KEY", requires = "tls_cert")]
-    pub tls_key: Option<PathBuf>,
-    /// Serve HTTPS with a generated local CA (for trials; prints the CA's path for curl --cacert).
-    #[arg(long, env = "DEVMESH_TLS_SELF_SIGNED", conflicts_with = "tls_cert")]
-    pub tls_self_signed: bool,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub tls: TlsArgs,
     /// Serve apps declared with "subdomain": false under /@user/workspace.agent/apps/slug/
     /// on the dashboard's origin (owner-only). Off by default: such apps share the
     /// dashboard's origin.
@@ -82,6 +77,7 @@ struct FileConfig {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     tls_self_signed: Option<bool>,
+    tls_dir: Option<PathBuf>,
     enable_path_apps: Option<bool>,
     max_connections_per_ip: Option<usize>,
 }
@@ -106,27 +102,11 @@ pub struct ServerConfig {
     /// Where the relay binds (UDP).
     pub relay_address: SocketAddr,
     /// How HTTPS is served, if at all.
-    pub tls: Tls,
+    pub tls: TlsMode,
     /// Whether path-based apps are served.
     pub enable_path_apps: bool,
     /// Connection caps and timeouts of the HTTP listener.
-    pub http_limits: devmesh_shared::http::Limits,
-}
-
-/// The primary's TLS mode.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Tls {
-    /// Plain HTTP (behind a TLS-terminating proxy, or local use).
-    Off,
-    /// These PEM files.
-    Files {
-        /// Certificate chain.
-        cert: PathBuf,
-        /// Private key.
-        key: PathBuf,
-    },
-    /// A generated local CA under `<data-dir>/tls`.
-    SelfSigned,
+    pub http_limits: devmesh_net::http::Limits,
 }
 
 impl ServerArgs {
@@ -145,18 +125,21 @@ impl ServerArgs {
                 "--http-address {http_address:?} is not an address like 127.0.0.1:3000"
             ))
         })?;
-        let tls = match (
-            self.tls_cert.or(file.tls_cert),
-            self.tls_key.or(file.tls_key),
-        ) {
-            (Some(cert), Some(key)) => Tls::Files { cert, key },
-            (None, None) if self.tls_self_signed || file.tls_self_signed == Some(true) => {
-                Tls::SelfSigned
+        let data_dir = match self.data_dir.or(file.data_dir) {
+            Some(d) if d.as_os_str().is_empty() => {
+                return Err(ConfigError("--data-dir must not be empty".into()));
             }
-            (None, None) => Tls::Off,
-            _ => return Err(ConfigError("--tls-cert and --tls-key go together".into())),
+            Some(d) => absolute(&d)?,
+            None => devmesh_net::config::default_data_dir()?,
         };
-        let scheme = if tls == Tls::Off { "http" } else { "https" };
+        let file_tls = TlsArgs {
+            tls_cert: file.tls_cert,
+            tls_key: file.tls_key,
+            tls_self_signed: file.tls_self_signed == Some(true),
+            tls_dir: file.tls_dir,
+        };
+        let tls = self.tls.resolve(file_tls, || Ok(data_dir.join("tls")))?;
+        let scheme = tls.scheme();
         let access_url = match self.access_url.or(file.access_url) {
             Some(u) => validate_url("--access-url", &u)?,
             None => format!("{scheme}://{http_address}"),
@@ -173,13 +156,6 @@ impl ServerArgs {
             matches!(host, "127.0.0.1" | "localhost" | "[::1]")
                 .then(|| "*.apps.localhost".to_owned())
         });
-        let data_dir = match self.data_dir.or(file.data_dir) {
-            Some(d) if d.as_os_str().is_empty() => {
-                return Err(ConfigError("--data-dir must not be empty".into()));
-            }
-            Some(d) => absolute(&d)?,
-            None => default_data_dir()?,
-        };
         let postgres_url = self
             .postgres_url
             .or(file.postgres_url)
@@ -210,7 +186,7 @@ impl ServerArgs {
             Some(p) if !p.as_os_str().is_empty() => absolute(&p)?,
             _ => data_dir.join("secrets.key"),
         };
-        let mut http_limits = devmesh_shared::http::Limits::default();
+        let mut http_limits = devmesh_net::http::Limits::default();
         if let Some(n) = self.max_connections_per_ip.or(file.max_connections_per_ip) {
             http_limits.max_connections_per_ip = n;
         }
@@ -243,9 +219,9 @@ impl ServerConfig {
             postgres_url: Some(postgres_url),
             log_format: LogFormat::Text,
             relay_address: "127.0.0.1:0".parse().expect("valid address"),
-            tls: Tls::Off,
+            tls: TlsMode::Off,
             enable_path_apps: false,
-            http_limits: devmesh_shared::http::Limits::default(),
+            http_limits: devmesh_net::http::Limits::default(),
         }
     }
 
@@ -256,7 +232,7 @@ impl ServerConfig {
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
-    devmesh_shared::config::read_toml(path)
+    devmesh_net::config::read_toml(path)
 }
 
 fn absolute(p: &Path) -> Result<PathBuf, ConfigError> {
@@ -265,15 +241,6 @@ fn absolute(p: &Path) -> Result<PathBuf, ConfigError> {
 
 /// `$XDG_DATA_HOME/devmesh` for users; `/var/lib/devmesh` for root, whose
 /// home the unprivileged database user cannot enter.
-fn default_data_dir() -> Result<PathBuf, ConfigError> {
-    if nix::unistd::Uid::effective().is_root() {
-        return Ok(PathBuf::from("/var/lib/devmesh"));
-    }
-    dirs::data_dir().map(|d| d.join("devmesh")).ok_or_else(|| {
-        ConfigError("cannot find a data directory ($HOME unset): pass --data-dir".into())
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,8 +11,8 @@
 
 use std::time::Duration;
 
+use devmesh_net::backoff::Backoff;
 use devmesh_shared::api::{AgentLocation, EdgeEvent, RelayInfo, Revocation, RevokedSubject};
-use devmesh_shared::backoff::Backoff;
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use tokio::sync::broadcast;

@@ -43,7 +43,7 @@ pub async fn start(
     locations.replace(crate::events::agent_locations(db).await?);
     let keys = Keys::new(signer.public_keys()).map_err(|e| anyhow::anyhow!("signing keys: {e}"))?;
     // The port is known once bound: bind first, then advertise.
-    let socket = devmesh_shared::net::udp_socket(bind)?;
+    let socket = devmesh_net::sockets::udp_socket(bind)?;
     let bound = socket.local_addr()?;
     let advertised = RelayInfo {
         region: PRIMARY_REGION.into(),

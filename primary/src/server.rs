@@ -16,11 +16,11 @@ use std::sync::Arc;
 use tokio_util::task::TaskTracker;
 
 use crate::api::{AppState, Parts, router};
-use crate::config::{ServerConfig, Tls};
+use crate::config::ServerConfig;
 use crate::db::{self, embedded::EmbeddedOptions, embedded::EmbeddedPostgres};
 use crate::keys::{Sealer, Signer};
 use crate::mesh::MeshCa;
-use devmesh_shared::tls;
+use devmesh_net::tls;
 
 /// How long in-flight requests get to finish on shutdown.
 const GRACE_PERIOD: Duration = Duration::from_secs(10);
@@ -143,7 +143,6 @@ pub async fn start(mut config: ServerConfig) -> anyhow::Result<RunningServer> {
     let access_url = config.access_url.clone();
     let tls_mode = config.tls.clone();
     let wildcard = config.wildcard_access_url.clone();
-    let data_dir = config.data_dir.clone();
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
     let vault = crate::vault::Vault::load_or_create(&config.secrets_key_file)?;
@@ -189,30 +188,8 @@ pub async fn start(mut config: ServerConfig) -> anyhow::Result<RunningServer> {
         shutdown: shutdown.clone(),
     };
     let state = AppState::new(pool.clone(), config, parts);
-    let tls_config = match &tls_mode {
-        Tls::Off => None,
-        Tls::Files { cert, key } => Some(tls::server_config(
-            cert.clone(),
-            key.clone(),
-            shutdown.clone(),
-        )?),
-        Tls::SelfSigned => {
-            let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
-            if let Some(host) = url::Url::parse(&access_url)
-                .ok()
-                .and_then(|u| u.host_str().map(str::to_owned))
-            {
-                names.insert(0, host);
-            }
-            if let Some(w) = &wildcard {
-                names.push(w.split(':').next().unwrap_or(w).to_owned());
-            }
-            names.dedup();
-            let (ca, cert, key) = tls::self_signed(&data_dir.join("tls"), &names)?;
-            tracing::info!(ca = %ca.display(), "serving HTTPS with a self-signed certificate; trust it with: curl --cacert {}", ca.display());
-            Some(tls::server_config(cert, key, shutdown.clone())?)
-        }
-    };
+    let wildcards: Vec<String> = wildcard.iter().cloned().collect();
+    let tls_config = tls::https(&tls_mode, &access_url, &wildcards, shutdown.clone())?;
     let scheme = if tls_config.is_some() {
         "https"
     } else {
@@ -220,12 +197,12 @@ pub async fn start(mut config: ServerConfig) -> anyhow::Result<RunningServer> {
     };
     tracker.spawn(crate::api::apply_events(state.clone()));
     tracker.spawn(crate::api::probe_edges(state.clone()));
-    let limits = devmesh_shared::http::Limits {
+    let limits = devmesh_net::http::Limits {
         grace: GRACE_PERIOD,
         ..state.config.http_limits
     };
     let app = router(state);
-    let task = tokio::spawn(devmesh_shared::http::serve(
+    let task = tokio::spawn(devmesh_net::http::serve(
         listener,
         app,
         tls_config,

@@ -23,16 +23,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
+use devmesh_net::quic;
 use devmesh_shared::api::{AgentLocation, MeshPeer, RelayInfo};
 use devmesh_shared::signing::{
     AppToken, AttachTicket, Claims, GrantedStream, PublicKey, StreamGrant, TokenError, Verifier,
 };
-use devmesh_shared::tunnel::{
-    self, Control, MeshHeader, StreamHeader, close, io as tio, stream_code,
-};
+use devmesh_shared::tunnel::session::{RelayEvent, RelaySession, SessionError};
+use devmesh_shared::tunnel::{self, MeshHeader, StreamHeader, close, io as tio, stream_code};
 use parking_lot::{Mutex, RwLock};
 use quinn::{Connection, RecvStream, SendStream};
-use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -43,18 +42,6 @@ use uuid::Uuid;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long dialing another relay may take.
 const MESH_DIAL_TIMEOUT: Duration = Duration::from_secs(2);
-/// Streams a mesh peer may have open at once on one connection (it carries
-/// every user connection between two relays).
-const MAX_STREAMS: u32 = 100_000;
-/// What a connection may buffer in the relay once it is an attached agent
-/// or a mesh peer (each stream: [`STREAM_WINDOW`]).
-const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
-/// What one stream may buffer in the relay.
-const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
-/// What a connection may buffer before it has authenticated (a ticket or a
-/// mesh certificate), with one stream: enough for an attach, no more.
-const UNAUTHENTICATED_WINDOW: u32 = 64 * 1024;
-
 /// How many verified mesh grants a relay remembers.
 const GRANTS_KEPT: usize = 16_384;
 
@@ -284,7 +271,7 @@ pub struct RelayStats {
 
 /// Everything a relay is started with.
 pub struct RelayConfig {
-    /// The UDP socket to serve on (see `devmesh_shared::net::udp_socket`).
+    /// The UDP socket to serve on (see `devmesh_net::sockets::udp_socket`).
     pub socket: std::net::UdpSocket,
     /// How other relays and agents reach this one: its region, dial address
     /// and TLS name. A location naming this address means "here".
@@ -347,7 +334,7 @@ struct Inner {
     locations: Locations,
     grant_signer: Option<GrantSigner>,
     mesh_peers: MeshPeers,
-    per_ip: Arc<devmesh_shared::http::PerIp>,
+    per_ip: Arc<devmesh_net::http::PerIp>,
     max_per_ip: usize,
     revocations: Arc<crate::revocations::Revocations>,
     stats: Arc<RelayStats>,
@@ -377,8 +364,8 @@ impl Relay {
         shutdown: CancellationToken,
         tracker: &TaskTracker,
     ) -> anyhow::Result<Self> {
-        let roots = mesh_roots(&config.mesh_ca_pem)?;
-        let (server, mesh_client) = tls_configs(&roots, config.cert_chain, config.key)?;
+        let roots = quic::mesh_roots(&config.mesh_ca_pem)?;
+        let (server, mesh_client) = quic::relay(&roots, config.cert_chain, config.key)?;
 
         let socket = config.socket;
         let endpoint = quinn::Endpoint::new(
@@ -448,7 +435,7 @@ impl Relay {
         cert_chain: Vec<CertificateDer<'static>>,
         key: PrivateKeyDer<'static>,
     ) -> anyhow::Result<()> {
-        let (server, client) = tls_configs(&self.inner.roots, cert_chain, key)?;
+        let (server, client) = quic::relay(&self.inner.roots, cert_chain, key)?;
         self.inner.endpoint.set_server_config(Some(server));
         *self.inner.mesh_client.write() = client;
         Ok(())
@@ -620,7 +607,7 @@ impl Relay {
             return Ok(c.clone());
         }
         let dial = async {
-            let addrs = devmesh_shared::net::resolve(&home.address)
+            let addrs = devmesh_net::sockets::resolve(&home.address)
                 .await
                 .map_err(|_| OpenError::NotConnected)?;
             let mut last = OpenError::NotConnected;
@@ -687,8 +674,8 @@ impl Relay {
                 anyhow::bail!("a mesh certificate of a relay that is not (or no longer) a peer");
             }
             // A listed peer carries every user connection between us.
-            conn.set_max_concurrent_bi_streams(MAX_STREAMS.into());
-            conn.set_receive_window(CONNECTION_WINDOW.into());
+            conn.set_max_concurrent_bi_streams(quic::MAX_STREAMS.into());
+            conn.set_receive_window(quic::CONNECTION_WINDOW.into());
             self.serve_mesh(conn, tasks).await
         } else {
             self.serve_agent(conn).await
@@ -797,18 +784,18 @@ impl Relay {
     }
 
     async fn serve_agent(&self, conn: Connection) -> anyhow::Result<()> {
-        let (mut send, mut recv) =
-            tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.accept_bi()).await??;
-        let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, tio::read_control(&mut recv)).await??;
-        let Some(Control::Attach {
-            ticket: ticket_text,
-        }) = first
-        else {
-            conn.close(close::EXPECTED_ATTACH.into(), b"expected attach");
-            anyhow::bail!("first control message was not Attach");
+        let (mut send, recv) = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.accept_bi()).await??;
+        let mut control = tio::ControlReader::new(recv);
+        let mut session = RelaySession::new();
+        let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, control.next()).await??;
+        let ticket_text = match session.receive(first, tokio::time::Instant::now()) {
+            Ok(RelayEvent::Ticket(ticket)) => ticket,
+            other => {
+                conn.close(close::EXPECTED_ATTACH.into(), b"expected attach");
+                anyhow::bail!("the agent did not open with its ticket: {other:?}");
+            }
         };
-        let now = chrono::Utc::now().timestamp();
-        let ticket: AttachTicket = match self.admit(&ticket_text, now) {
+        let ticket: AttachTicket = match self.admit(&ticket_text, chrono::Utc::now().timestamp()) {
             Ok(t) => t,
             Err(e) => {
                 self.inner
@@ -816,13 +803,8 @@ impl Relay {
                     .attach_refused
                     .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(client.addr = %conn.remote_address(), error = %e, "refused an agent's attach ticket");
-                let _ = tio::write_control(
-                    &mut send,
-                    &Control::Refused {
-                        reason: format!("attach ticket: {e}"),
-                    },
-                )
-                .await;
+                session.refuse(format!("attach ticket: {e}"));
+                let _ = tio::flush(&mut send, &mut session).await;
                 let _ = send.finish();
                 let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.closed()).await;
                 conn.close(close::REFUSED.into(), b"refused");
@@ -832,15 +814,13 @@ impl Relay {
         let agent = ticket.agent_id;
         // An agent's data arrives on the streams the relay opens; it never
         // needs a second stream of its own.
-        conn.set_receive_window(CONNECTION_WINDOW.into());
+        conn.set_receive_window(quic::CONNECTION_WINDOW.into());
         // Answer first: an agent that cannot hear it never enters the registry.
-        tio::write_control(
-            &mut send,
-            &Control::Attached {
-                relay: self.inner.advertised.region.clone(),
-            },
-        )
-        .await?;
+        session.accept(
+            self.inner.advertised.region.clone(),
+            tokio::time::Instant::now(),
+        );
+        tio::flush(&mut send, &mut session).await?;
         let replaced = self.inner.agents.lock().insert(
             agent,
             AgentTunnel {
@@ -863,24 +843,20 @@ impl Relay {
         });
         tracing::info!(agent.id = %agent, workspace.id = %ticket.workspace_id, client.addr = %conn.remote_address(), "agent attached");
 
-        let mut control = tio::ControlReader::new(recv);
-        let mut last_alive = tokio::time::Instant::now();
         let result = async {
             loop {
                 tokio::select! {
-                    msg = control.next() => match msg? {
-                        Some(Control::Ping { nonce }) => {
-                            tio::write_control(&mut send, &Control::Pong { nonce }).await?;
-                            if last_alive.elapsed() >= Duration::from_secs(30) {
-                                let _ = self.inner.events.send(AttachEvent::Alive { agent });
-                                last_alive = tokio::time::Instant::now();
-                            }
+                    message = control.next() => match session.receive(message?, tokio::time::Instant::now()) {
+                        Ok(RelayEvent::Alive) => {
+                            let _ = self.inner.events.send(AttachEvent::Alive { agent });
                         }
-                        Some(_) => {}
-                        None => break,
+                        Ok(_) => {}
+                        Err(SessionError::Closed) => break,
+                        Err(e) => return Err(e.into()),
                     },
                     _ = conn.closed() => break,
                 }
+                tio::flush(&mut send, &mut session).await?;
             }
             anyhow::Ok(())
         }
@@ -902,52 +878,6 @@ impl Relay {
         }
         result
     }
-}
-
-/// The mesh CA as the only trust root.
-fn mesh_roots(mesh_ca_pem: &str) -> anyhow::Result<Arc<rustls::RootCertStore>> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(mesh_ca_pem.as_bytes()) {
-        roots.add(cert?)?;
-    }
-    Ok(Arc::new(roots))
-}
-
-/// The relay's server side (agents without a certificate, mesh peers with
-/// one, checked per ALPN) and its mesh client side, both TLS 1.3 on the
-/// relay's mesh certificate.
-fn tls_configs(
-    roots: &Arc<rustls::RootCertStore>,
-    cert_chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
-) -> anyhow::Result<(quinn::ServerConfig, quinn::ClientConfig)> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let client_verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        roots.clone(),
-        provider.clone(),
-    )
-    .allow_unauthenticated()
-    .build()?;
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(client_verifier)
-        .with_single_cert(cert_chain.clone(), key.clone_key())?;
-    tls.alpn_protocols = vec![tunnel::ALPN.to_vec(), tunnel::MESH_ALPN.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
-    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    server.transport_config(Arc::new(transport_config(1, UNAUTHENTICATED_WINDOW)));
-
-    let mut client_tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots.clone())
-        .with_client_auth_cert(cert_chain, key)?;
-    client_tls.alpn_protocols = vec![tunnel::MESH_ALPN.to_vec()];
-    let mut client = quinn::ClientConfig::new(Arc::new(
-        quinn::crypto::rustls::QuicClientConfig::try_from(client_tls)?,
-    ));
-    // The home relay never opens streams on a link we dialed.
-    client.transport_config(Arc::new(transport_config(0, CONNECTION_WINDOW)));
-    Ok((server, client))
 }
 
 /// Opens a stream on an agent's tunnel and reads its status byte.
@@ -1026,28 +956,6 @@ async fn splice(a: (SendStream, RecvStream), b: (SendStream, RecvStream)) -> u64
     };
     let (x, y) = tokio::join!(forward, back);
     x + y
-}
-
-/// The transport settings of relay connections: `peer_streams` streams the
-/// other side may open at once, `window` bytes it may have in flight to us.
-/// The relay's server side starts every connection at one stream and
-/// [`UNAUTHENTICATED_WINDOW`] and raises both once the peer authenticates.
-fn transport_config(peer_streams: u32, window: u32) -> quinn::TransportConfig {
-    let mut tc = quinn::TransportConfig::default();
-    tc.max_concurrent_bidi_streams(peer_streams.into());
-    tc.max_concurrent_uni_streams(0u32.into());
-    tc.stream_receive_window(STREAM_WINDOW.into());
-    tc.receive_window(window.into());
-    tc.send_window(u64::from(CONNECTION_WINDOW));
-    tc.keep_alive_interval(Some(Duration::from_secs(2)));
-    // A peer that vanishes (killed, unplugged) is declared gone after this
-    // (the smaller of the two peers' values applies), so an agent whose
-    // relay dies re-attaches elsewhere within seconds: three keep-alives
-    // lost in a row.
-    tc.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(
-        6_000,
-    ))));
-    tc
 }
 
 #[cfg(test)]

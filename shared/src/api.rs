@@ -220,38 +220,7 @@ pub struct KeysResponse {
 
 // === Templates ===
 
-/// Who may open an app.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum SharingLevel {
-    /// Only the workspace owner.
-    #[default]
-    Owner,
-    /// Any signed-in user.
-    Authenticated,
-    /// Anyone, signed in or not.
-    Public,
-}
-
-impl SharingLevel {
-    /// Parses a stored level; anything unknown is the most restrictive.
-    pub fn from_stored(s: &str) -> Self {
-        match s {
-            "public" => SharingLevel::Public,
-            "authenticated" => SharingLevel::Authenticated,
-            _ => SharingLevel::Owner,
-        }
-    }
-
-    /// The name stored and shown.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SharingLevel::Owner => "owner",
-            SharingLevel::Authenticated => "authenticated",
-            SharingLevel::Public => "public",
-        }
-    }
-}
+pub use crate::signing::SharingLevel;
 
 /// The kind of a template version.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]

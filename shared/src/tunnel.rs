@@ -5,7 +5,8 @@
 //! forwarded connection, starting with a [`StreamHeader`] frame after which
 //! raw bytes follow. Both are sans-IO: [`StreamHeader::decode`] and
 //! [`Control::decode`] take bytes and tell "incomplete" from "invalid";
-//! [`io`] holds the only async reads and writes.
+//! [`io`] holds the only async reads and writes. What the control stream
+//! says, and when, is [`session`]: one state machine per end.
 //!
 //! Every frame is `[version u8][kind u8][body_len u16 BE][body]`. The body
 //! length is checked against [`MAX_FRAME_LEN`] before anything is allocated,
@@ -553,11 +554,14 @@ impl Body<'_> {
 /// Reading and writing whole frames on tokio streams. These read exactly one
 /// frame (prefix, then the announced body), never further, so the raw bytes
 /// after a [`StreamHeader`] stay in the stream for the caller.
+pub mod session;
+
 pub mod io {
     use std::io::{Error, ErrorKind, Result};
 
     use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+    use super::session::{AgentSession, Outbox, SessionError};
     use super::{
         Control, DecodeError, EncodeError, MeshHeader, PREFIX_LEN, StreamHeader, check_prefix,
     };
@@ -660,6 +664,36 @@ pub mod io {
         let mut buf = Vec::new();
         c.try_encode(&mut buf).map_err(invalid_input)?;
         write_frame(w, &buf).await
+    }
+
+    /// Writes every message `session` has queued, in order.
+    pub async fn flush<W: AsyncWrite + Unpin>(w: &mut W, session: &mut impl Outbox) -> Result<()> {
+        while let Some(message) = session.transmit() {
+            write_control(w, &message).await?;
+        }
+        Ok(())
+    }
+
+    /// The agent's opening exchange: presents the session's ticket on a
+    /// fresh control stream and reads until the relay answers. Returns the
+    /// relay's name; a refusal is [`SessionError::Refused`].
+    pub async fn attach<W, R>(
+        send: &mut W,
+        recv: &mut R,
+        session: &mut AgentSession,
+    ) -> std::result::Result<String, SessionError>
+    where
+        W: AsyncWrite + Unpin,
+        R: AsyncRead + Unpin,
+    {
+        loop {
+            flush(send, session).await?;
+            if let Some(relay) = session.relay() {
+                return Ok(relay.to_owned());
+            }
+            let message = read_control(recv).await?;
+            session.receive(message, tokio::time::Instant::now())?;
+        }
     }
 
     /// Reads one frame's bytes: the prefix, validated before the body is

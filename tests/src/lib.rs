@@ -28,7 +28,7 @@ static CLUSTER: OnceLock<EmbeddedPostgres> = OnceLock::new();
 
 /// Installs the process's crypto provider (idempotent).
 pub fn install() {
-    devmesh_shared::runtime::install_crypto_provider();
+    devmesh_net::runtime::install_crypto_provider();
 }
 
 /// A directory other users (the `postgres` user when tests run as root) may
@@ -47,7 +47,7 @@ pub fn shared_tempdir(prefix: &str) -> PathBuf {
 /// `spawn_blocking` or through [`fresh_database`].
 pub fn cluster() -> &'static EmbeddedPostgres {
     CLUSTER.get_or_init(|| {
-        devmesh_shared::runtime::install_crypto_provider();
+        devmesh_net::runtime::install_crypto_provider();
         let opts = EmbeddedOptions {
             data_dir: shared_tempdir("devmesh-test-pg-"),
             ephemeral: true,
@@ -127,7 +127,7 @@ impl TestPrimary {
 
     /// Starts a primary on `db`.
     pub async fn start_on(db: TestDb) -> Self {
-        devmesh_shared::runtime::install_crypto_provider();
+        devmesh_net::runtime::install_crypto_provider();
         let config = ServerConfig::for_tests(db.url(), std::env::temp_dir());
         let server = devmesh_primary::start(config).await.expect("start primary");
         let url = server.url();

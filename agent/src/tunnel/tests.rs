@@ -1,6 +1,6 @@
 //! The tunnel against a real QUIC relay with a test mesh CA.
 
-use devmesh_shared::tunnel::{StreamHeader, status};
+use devmesh_shared::tunnel::{self, Control, StreamHeader, status};
 use quinn::{ConnectionError, ReadError, ReadToEndError};
 use tokio::task::JoinHandle;
 

@@ -7,7 +7,7 @@ use tokio_util::sync::CancellationToken;
 /// Logging for a long-running process, and a token cancelled by the first
 /// SIGTERM or SIGINT.
 fn until_signal() -> CancellationToken {
-    devmesh_shared::runtime::init_logging(devmesh_shared::runtime::LogFormat::Text);
+    devmesh_net::runtime::init_logging(devmesh_net::runtime::LogFormat::Text);
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();
     let signalled = super::server::shutdown_signal();

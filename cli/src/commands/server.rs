@@ -8,7 +8,7 @@ use devmesh_primary::ServerArgs;
 pub(crate) async fn run(args: ServerArgs) -> anyhow::Result<()> {
     // Validate everything before anything binds or starts.
     let config = args.resolve()?;
-    devmesh_shared::runtime::init_logging(config.log_format);
+    devmesh_net::runtime::init_logging(config.log_format);
     // Handlers go in before the "started" line: a supervisor that reads it
     // and stops the server at once must get a graceful stop, not a kill.
     let signalled = shutdown_signal();

@@ -83,7 +83,7 @@ pub(crate) async fn probe_edges(state: AppState) {
         // data directory (`devmesh edge --tls-self-signed`), which may
         // appear after we start: trust it too, looking again each round.
         let local_ca = state.config.data_dir.join("tls").join("ca.pem");
-        let Ok(http) = devmesh_shared::net::http_client(
+        let Ok(http) = devmesh_net::sockets::http_client(
             concat!("devmesh-primary/", env!("CARGO_PKG_VERSION")),
             std::time::Duration::from_secs(5),
             local_ca.exists().then_some(local_ca.as_path()),

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use devmesh_shared::signing::SigningKey;
+use devmesh_shared::tunnel::session::{AgentSession, PingTiming};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 
 use super::*;
@@ -63,7 +64,7 @@ fn start_relay_with(
     signs: bool,
     max_per_ip: usize,
 ) -> TestRelay {
-    let socket = devmesh_shared::net::udp_socket("127.0.0.1:0".parse().unwrap()).unwrap();
+    let socket = devmesh_net::sockets::udp_socket("127.0.0.1:0".parse().unwrap()).unwrap();
     let address = socket.local_addr().unwrap().to_string();
     let (chain, key) = ca.issue(&format!("{region}.relay.test"));
     let (events, rx) = mpsc::unbounded_channel();
@@ -187,13 +188,15 @@ async fn attach(
 ) -> Result<(Connection, SendStream, RecvStream), String> {
     let conn = connect(ca, relay, tunnel::ALPN, None).await;
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    tio::write_control(&mut send, &Control::Attach { ticket })
-        .await
-        .unwrap();
-    match tio::read_control(&mut recv).await.unwrap() {
-        Some(Control::Attached { .. }) => Ok((conn, send, recv)),
-        Some(Control::Refused { reason }) => Err(reason),
-        other => Err(format!("{other:?}")),
+    let timing = PingTiming {
+        ping_interval: Duration::from_secs(10),
+        dead_after: Duration::from_secs(30),
+    };
+    let mut session = AgentSession::new(ticket, timing, tokio::time::Instant::now());
+    match tio::attach(&mut send, &mut recv, &mut session).await {
+        Ok(_) => Ok((conn, send, recv)),
+        Err(SessionError::Refused(reason)) => Err(reason),
+        Err(other) => Err(other.to_string()),
     }
 }
 
@@ -220,7 +223,7 @@ async fn echo_agent(ca: &Ca, relay: &TestRelay, signer: &SigningKey) -> (Uuid, C
 
 #[tokio::test]
 async fn a_ticket_attaches_once_and_only_to_the_relay_it_names() {
-    devmesh_shared::runtime::install_crypto_provider();
+    devmesh_net::runtime::install_crypto_provider();
     let (ca, signer) = (Ca::new("mesh"), SigningKey::generate("k"));
     let eu = start_relay(&ca, "eu", &signer, Locations::default());
     let ap = start_relay(&ca, "ap", &signer, Locations::default());
@@ -265,7 +268,7 @@ async fn echo_through(
 
 #[tokio::test]
 async fn a_stream_for_an_agent_attached_elsewhere_crosses_the_mesh() {
-    devmesh_shared::runtime::install_crypto_provider();
+    devmesh_net::runtime::install_crypto_provider();
     let (ca, signer) = (Ca::new("mesh"), SigningKey::generate("k"));
     let locations = Locations::default();
     let a = start_relay(&ca, "eu", &signer, locations.clone());
@@ -311,7 +314,7 @@ async fn a_stream_for_an_agent_attached_elsewhere_crosses_the_mesh() {
 
 #[tokio::test]
 async fn mesh_peers_need_a_certificate_from_the_mesh_ca() {
-    devmesh_shared::runtime::install_crypto_provider();
+    devmesh_net::runtime::install_crypto_provider();
     let (ca, signer) = (Ca::new("mesh"), SigningKey::generate("k"));
     let b = start_relay(&ca, "ap", &signer, Locations::default());
     let (agent, _conn) = echo_agent(&ca, &b, &signer).await;
@@ -378,7 +381,7 @@ async fn mesh_peers_need_a_certificate_from_the_mesh_ca() {
 
 #[tokio::test]
 async fn a_renewed_certificate_is_served_to_new_connections() {
-    devmesh_shared::runtime::install_crypto_provider();
+    devmesh_net::runtime::install_crypto_provider();
     let (ca, signer) = (Ca::new("mesh"), SigningKey::generate("k"));
     let b = start_relay(&ca, "ap", &signer, Locations::default());
     let served = || async {
@@ -427,7 +430,7 @@ async fn mesh_status(ca: &Ca, relay: &TestRelay, header: &MeshHeader) -> u8 {
 
 #[tokio::test]
 async fn a_mesh_certificate_alone_opens_nothing_a_grant_opens_what_it_names() {
-    devmesh_shared::runtime::install_crypto_provider();
+    devmesh_net::runtime::install_crypto_provider();
     let (ca, signer) = (Ca::new("mesh"), SigningKey::generate("k"));
     let home = start_relay(&ca, "ap", &signer, Locations::default());
     let (agent, _conn) = echo_agent(&ca, &home, &signer).await;
@@ -536,7 +539,7 @@ async fn a_mesh_certificate_alone_opens_nothing_a_grant_opens_what_it_names() {
 
 #[tokio::test]
 async fn a_relay_that_holds_the_signing_key_grants_its_own_mesh_streams() {
-    devmesh_shared::runtime::install_crypto_provider();
+    devmesh_net::runtime::install_crypto_provider();
     let (ca, signer) = (Ca::new("mesh"), SigningKey::generate("k"));
     let locations = Locations::default();
     let plain = start_relay(&ca, "plain", &signer, locations.clone());
@@ -563,7 +566,7 @@ async fn a_relay_that_holds_the_signing_key_grants_its_own_mesh_streams() {
 
 #[tokio::test]
 async fn a_relay_refuses_peers_that_are_not_or_no_longer_listed() {
-    devmesh_shared::runtime::install_crypto_provider();
+    devmesh_net::runtime::install_crypto_provider();
     let (ca, signer) = (Ca::new("mesh"), SigningKey::generate("k"));
     let home = start_relay(&ca, "ap", &signer, Locations::default());
     let (agent, _conn) = echo_agent(&ca, &home, &signer).await;
@@ -630,7 +633,7 @@ async fn a_relay_refuses_peers_that_are_not_or_no_longer_listed() {
 
 #[tokio::test]
 async fn strangers_get_one_stream_and_each_ip_a_bounded_number_of_connections() {
-    devmesh_shared::runtime::install_crypto_provider();
+    devmesh_net::runtime::install_crypto_provider();
     let (ca, signer) = (Ca::new("mesh"), SigningKey::generate("k"));
     let relay = start_relay_with(&ca, "ap", &signer, Locations::default(), false, 2);
     let connect = || {

@@ -1,6 +1,9 @@
 //! HTTPS for the primary and edges: PEM certificates (wildcards welcome),
 //! reloaded when the files change, or a self-signed CA and certificate for
-//! local trials. The accept loop that serves them is [`crate::http`].
+//! local trials. Both daemons take the same `--tls-*` flags ([`TlsArgs`]),
+//! resolved into a [`TlsMode`] before anything binds and turned into a
+//! rustls config by [`https`]. The accept loop that serves them is
+//! [`crate::http`].
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -13,6 +16,125 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tokio_util::sync::CancellationToken;
+
+use crate::config::ConfigError;
+
+/// The `--tls-*` flags of every daemon that serves HTTPS.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TlsArgs {
+    /// PEM certificate chain to serve HTTPS with (wildcards welcome); reloaded when it changes.
+    #[arg(long, env = "DEVMESH_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "DEVMESH_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Serve HTTPS with a certificate from a private CA kept in --tls-dir,
+    /// for the access URL's host and the wildcards (for trying devmesh out;
+    /// use real certificates in production). Prints the CA's path for
+    /// `curl --cacert`.
+    #[arg(long, env = "DEVMESH_TLS_SELF_SIGNED")]
+    pub tls_self_signed: bool,
+    /// Where --tls-self-signed keeps its CA and certificate [default: the
+    /// primary's `<data-dir>/tls`, so a primary and edges on one machine
+    /// share one CA].
+    #[arg(long, env = "DEVMESH_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
+}
+
+/// How a daemon serves HTTP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsMode {
+    /// Plain HTTP (behind a TLS-terminating proxy, or local use).
+    Off,
+    /// The operator's certificate and key, reloaded when they change.
+    Files {
+        /// PEM chain.
+        cert: PathBuf,
+        /// PEM key.
+        key: PathBuf,
+    },
+    /// A certificate from a private CA in `dir`.
+    SelfSigned {
+        /// Where the CA and certificate live.
+        dir: PathBuf,
+    },
+}
+
+impl TlsMode {
+    /// `https` or `http`.
+    pub fn scheme(&self) -> &'static str {
+        match self {
+            TlsMode::Off => "http",
+            _ => "https",
+        }
+    }
+}
+
+impl TlsArgs {
+    /// The flags over a settings file's `tls-*` keys (`file`), checked.
+    /// `default_dir` is where a self-signed CA lives without --tls-dir.
+    pub fn resolve(
+        self,
+        file: TlsArgs,
+        default_dir: impl FnOnce() -> Result<PathBuf, ConfigError>,
+    ) -> Result<TlsMode, ConfigError> {
+        let self_signed = self.tls_self_signed || file.tls_self_signed;
+        match (
+            self.tls_cert.or(file.tls_cert),
+            self.tls_key.or(file.tls_key),
+        ) {
+            (Some(_), Some(_)) if self_signed => Err(ConfigError(
+                "--tls-self-signed and --tls-cert exclude each other".into(),
+            )),
+            (Some(cert), Some(key)) => Ok(TlsMode::Files { cert, key }),
+            (None, None) if self_signed => Ok(TlsMode::SelfSigned {
+                dir: match self.tls_dir.or(file.tls_dir) {
+                    Some(dir) => dir,
+                    None => default_dir()?,
+                },
+            }),
+            (None, None) => Ok(TlsMode::Off),
+            _ => Err(ConfigError("--tls-cert and --tls-key go together".into())),
+        }
+    }
+}
+
+/// The rustls config `mode` asks for, if any. A self-signed certificate
+/// names `access_url`'s host, `localhost`, `127.0.0.1` and each wildcard
+/// (`*.apps.example.com`, a port after it ignored); where its CA is, is
+/// logged for `curl --cacert`.
+pub fn https(
+    mode: &TlsMode,
+    access_url: &str,
+    wildcards: &[String],
+    shutdown: CancellationToken,
+) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>> {
+    let (cert, key) = match mode {
+        TlsMode::Off => return Ok(None),
+        TlsMode::Files { cert, key } => (cert.clone(), key.clone()),
+        TlsMode::SelfSigned { dir } => {
+            let mut names = Vec::new();
+            if let Some(host) = reqwest::Url::parse(access_url)
+                .ok()
+                .and_then(|u| u.host_str().map(str::to_owned))
+            {
+                names.push(host);
+            }
+            names.extend(["localhost".to_owned(), "127.0.0.1".to_owned()]);
+            names.extend(
+                wildcards
+                    .iter()
+                    .map(|w| w.split(':').next().unwrap_or(w).to_owned()),
+            );
+            let mut seen = std::collections::HashSet::new();
+            names.retain(|n| seen.insert(n.clone()));
+            let (ca, cert, key) = self_signed(dir, &names)?;
+            tracing::info!(ca = %ca.display(), "serving HTTPS with a self-signed certificate; trust it with: curl --cacert {}", ca.display());
+            (cert, key)
+        }
+    };
+    server_config(cert, key, shutdown).map(Some)
+}
 
 /// How often certificate files are checked for changes.
 const RELOAD_EVERY: Duration = Duration::from_secs(2);
@@ -132,7 +254,7 @@ pub fn self_signed(dir: &Path, names: &[String]) -> anyhow::Result<(PathBuf, Pat
         std::fs::write(&ca_path, &ca_pem)?;
     }
 
-    let tag = &crate::secret::sha256(names.join("\n").as_bytes());
+    let tag = &devmesh_shared::secret::sha256(names.join("\n").as_bytes());
     let tag = hex::encode(&tag[..6]);
     let (cert_path, key_path) = (
         dir.join(format!("cert-{tag}.pem")),
@@ -193,7 +315,7 @@ mod tests {
         let d = std::env::temp_dir().join(format!(
             "devmesh-tls-test-{}-{}",
             std::process::id(),
-            crate::secret::random_alphanumeric(8)
+            devmesh_shared::secret::random_alphanumeric(8)
         ));
         std::fs::create_dir_all(&d).unwrap();
         d

@@ -1,0 +1,127 @@
+//! The QUIC settings of the tunnel's two ends, in one place: the agent's
+//! client, the relay's server (agents and mesh peers) and its mesh client.
+//! All speak TLS 1.3 only, trust only the mesh CA, and share one set of
+//! flow-control windows and liveness timers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use devmesh_shared::tunnel;
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{IdleTimeout, TransportConfig, VarInt};
+use rustls::RootCertStore;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+/// Relay-opened streams an agent accepts at once: one per user connection.
+pub const MAX_STREAMS: u32 = 100_000;
+/// Flow-control window of one stream.
+pub const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
+/// Flow-control window of a whole connection, both directions.
+pub const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
+/// What a relay lets a peer that has not authenticated yet have in flight.
+pub const UNAUTHENTICATED_WINDOW: u32 = 64 * 1024;
+/// QUIC keep-alives, so both ends notice a dead path within [`IDLE_TIMEOUT`].
+pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
+/// A silent peer (killed, unplugged) is gone after this, three keep-alives
+/// lost in a row, so an agent whose relay dies re-attaches within seconds.
+/// The smaller of the two ends' values applies.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(6);
+
+/// Why a trust root or TLS configuration cannot be built.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct QuicConfigError(String);
+
+fn error(e: impl std::fmt::Display) -> QuicConfigError {
+    QuicConfigError(e.to_string())
+}
+
+/// The transport settings: `peer_streams` streams the other side may open
+/// at once, `window` bytes it may have in flight to us.
+pub fn transport(peer_streams: u32, window: u32) -> TransportConfig {
+    let mut t = TransportConfig::default();
+    t.max_concurrent_bidi_streams(peer_streams.into())
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .stream_receive_window(STREAM_WINDOW.into())
+        .receive_window(window.into())
+        .send_window(u64::from(CONNECTION_WINDOW))
+        .keep_alive_interval(Some(KEEP_ALIVE))
+        .max_idle_timeout(IdleTimeout::try_from(IDLE_TIMEOUT).ok());
+    t
+}
+
+/// The certificates of a PEM bundle (the mesh CA) as the only trust roots.
+pub fn mesh_roots(mesh_ca_pem: &str) -> Result<Arc<RootCertStore>, QuicConfigError> {
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(mesh_ca_pem.as_bytes()) {
+        roots
+            .add(cert.map_err(|e| error(format!("invalid PEM: {e}")))?)
+            .map_err(error)?;
+    }
+    if roots.is_empty() {
+        return Err(error("the PEM holds no certificate"));
+    }
+    Ok(Arc::new(roots))
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// An agent's client: trusts only `mesh_ca_pem`, no client certificate,
+/// ALPN [`tunnel::ALPN`]; accepts as many relay-opened streams as users
+/// open.
+pub fn agent_client(mesh_ca_pem: &str) -> Result<quinn::ClientConfig, QuicConfigError> {
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(error)?
+        .with_root_certificates(mesh_roots(mesh_ca_pem)?)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![tunnel::ALPN.to_vec()];
+    let mut config =
+        quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).map_err(error)?));
+    config.transport_config(Arc::new(transport(MAX_STREAMS, CONNECTION_WINDOW)));
+    Ok(config)
+}
+
+/// A relay's server side (agents without a certificate, mesh peers with
+/// one signed by `roots`, told apart by ALPN) and its mesh client side,
+/// both on the relay's mesh certificate. The server starts every
+/// connection at one stream and [`UNAUTHENTICATED_WINDOW`]; the relay
+/// raises both once the peer authenticates.
+pub fn relay(
+    roots: &Arc<RootCertStore>,
+    cert_chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<(quinn::ServerConfig, quinn::ClientConfig), QuicConfigError> {
+    let client_verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+            .allow_unauthenticated()
+            .build()
+            .map_err(error)?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(error)?
+        .with_client_cert_verifier(client_verifier)
+        .with_single_cert(cert_chain.clone(), key.clone_key())
+        .map_err(error)?;
+    tls.alpn_protocols = vec![tunnel::ALPN.to_vec(), tunnel::MESH_ALPN.to_vec()];
+    let mut server =
+        quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls).map_err(error)?));
+    server.transport_config(Arc::new(transport(1, UNAUTHENTICATED_WINDOW)));
+
+    let mut client_tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(error)?
+        .with_root_certificates(roots.clone())
+        .with_client_auth_cert(cert_chain, key)
+        .map_err(error)?;
+    client_tls.alpn_protocols = vec![tunnel::MESH_ALPN.to_vec()];
+    let mut client = quinn::ClientConfig::new(Arc::new(
+        QuicClientConfig::try_from(client_tls).map_err(error)?,
+    ));
+    // The home relay never opens streams on a link we dialed.
+    client.transport_config(Arc::new(transport(0, CONNECTION_WINDOW)));
+    Ok((server, client))
+}
