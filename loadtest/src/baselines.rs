@@ -5,7 +5,6 @@
 //! reported as missing (`loadtest/install-baselines.sh` installs them).
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 use tokio::time::Instant;
 
-use crate::topology::{Proc, free_port};
+use devmesh_tests::process::{Process, free_port};
 
 /// Finds a program on `PATH` or in the usual sbin folders.
 pub fn which(name: &str) -> Option<PathBuf> {
@@ -48,7 +47,7 @@ async fn wait_port(port: u16, what: &str, log: &Path) -> anyhow::Result<()> {
 pub struct Nginx {
     /// Its HTTPS port.
     pub port: u16,
-    _proc: Proc,
+    _proc: Process,
 }
 
 impl Nginx {
@@ -115,20 +114,9 @@ http {{
         let conf_path = dir.join("nginx.conf");
         std::fs::write(&conf_path, conf)?;
         let log = dir.join("stderr.log");
-        let child = Command::new(bin)
-            .arg("-c")
-            .arg(&conf_path)
-            .arg("-p")
-            .arg(&dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .kill_on_drop(true)
-            .spawn()?;
-        let proc = Proc {
-            child,
-            log: log.clone(),
-        };
+        let mut cmd = Command::new(bin);
+        cmd.arg("-c").arg(&conf_path).arg("-p").arg(&dir);
+        let proc = Process::spawn(cmd, log.clone())?;
         wait_port(port, "nginx", &log).await?;
         Ok(Self { port, _proc: proc })
     }
@@ -139,8 +127,8 @@ http {{
 pub struct Rathole {
     /// Where the tunnelled app is exposed (plain TCP).
     pub port: u16,
-    _server: Proc,
-    _client: Proc,
+    _server: Process,
+    _client: Process,
 }
 
 impl Rathole {
@@ -162,17 +150,11 @@ impl Rathole {
                 "[client]\nremote_addr = \"127.0.0.1:{control}\"\n[client.services.app]\ntoken = \"loadtest\"\nlocal_addr = \"127.0.0.1:{upstream}\"\n"
             ),
         )?;
-        let spawn = |side: &str| -> anyhow::Result<Proc> {
-            let log = dir.join(format!("{side}.log"));
-            let child = Command::new(&bin)
-                .arg(dir.join(format!("{side}.toml")))
-                .env("RUST_LOG", "warn")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&log)?)
-                .kill_on_drop(true)
-                .spawn()?;
-            Ok(Proc { child, log })
+        let spawn = |side: &str| -> anyhow::Result<Process> {
+            let mut cmd = Command::new(&bin);
+            cmd.arg(dir.join(format!("{side}.toml")))
+                .env("RUST_LOG", "warn");
+            Process::spawn(cmd, dir.join(format!("{side}.log")))
         };
         let server = spawn("server")?;
         wait_port(control, "rathole server", &server.log).await?;

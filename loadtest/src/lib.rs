@@ -14,5 +14,4 @@ pub mod scenario;
 pub mod scenarios;
 pub mod stats;
 pub mod topology;
-pub mod upstream;
 pub mod wan;

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use crate::stats::Samples;
 use crate::topology::Endpoint;
-use crate::upstream::{Verifier, pattern_chunk};
+use devmesh_tests::upstream::{Verifier, pattern_chunk};
 
 fn get(client: &reqwest::Client, ep: &Endpoint, path: &str) -> reqwest::RequestBuilder {
     let r = client.get(format!("{}{path}", ep.base));
@@ -27,9 +27,7 @@ pub async fn small_once(
     size: usize,
 ) -> anyhow::Result<Duration> {
     let t = Instant::now();
-    let resp = get(client, ep, &format!("/echo?size={size}"))
-        .send()
-        .await?;
+    let resp = get(client, ep, &format!("/blob/{size}")).send().await?;
     anyhow::ensure!(resp.status().is_success(), "HTTP {}", resp.status());
     let body = resp.bytes().await?;
     anyhow::ensure!(body.len() == size, "body of {} bytes", body.len());

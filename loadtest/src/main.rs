@@ -14,13 +14,13 @@
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use devmesh_tests::process::{AgentProcess, Launch, ServerProcess};
+use devmesh_tests::upstream::Upstream;
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::time::Instant;
 
 #[derive(Debug, Parser)]
@@ -141,48 +141,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn upstream() -> anyhow::Result<u16> {
-    use axum::body::{Body, Bytes};
-    use axum::extract::Path;
-    use axum::routing::get;
-    let app = axum::Router::new()
-        .route("/small", get(|| async { vec![b'x'; 1024] }))
-        .route(
-            "/bytes/{n}",
-            get(|Path(n): Path<u64>| async move {
-                let block = Bytes::from(vec![0xA5u8; 256 * 1024]);
-                let stream = futures_util::stream::unfold(0u64, move |sent| {
-                    let block = block.clone();
-                    async move {
-                        (sent < n).then(|| {
-                            let len = (n - sent).min(block.len() as u64);
-                            (
-                                Ok::<_, std::io::Error>(block.slice(..len as usize)),
-                                sent + len,
-                            )
-                        })
-                    }
-                });
-                (
-                    [("content-length", n.to_string())],
-                    Body::from_stream(stream),
-                )
-            }),
-        );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let port = listener.local_addr()?.port();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    Ok(port)
-}
-
-struct Proc(tokio::process::Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.start_kill();
-    }
-}
-
 async fn tunnel(args: TunnelArgs) -> anyhow::Result<()> {
     let devmesh = devmesh_binary(args.devmesh)?;
     let data = tempfile::Builder::new()
@@ -196,31 +154,24 @@ async fn tunnel(args: TunnelArgs) -> anyhow::Result<()> {
         "starting devmesh server (embedded PostgreSQL in {})",
         data.path().display()
     );
-    let mut server = tokio::process::Command::new(&devmesh)
-        .args([
-            "server",
-            "--http-address",
-            "127.0.0.1:0",
-            "--relay-address",
-            "127.0.0.1:0",
-        ])
-        .args(["--wildcard-access-url", "*.apps.localhost"])
-        .arg("--data-dir")
-        .arg(data.path().join("data"))
-        .env("DEVMESH_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()?;
-    let mut lines = BufReader::new(server.stdout.take().context("stdout")?).lines();
-    let base = loop {
-        let line = lines.next_line().await?.context("server exited")?;
-        if let Some(url) = line.strip_prefix("Started HTTP listener at ") {
-            break url.to_owned();
-        }
+    let launch = |name: &str| Launch {
+        bin: devmesh.clone(),
+        args: Vec::new(),
+        env: Vec::new(),
+        log: data.path().join(format!("{name}.log")),
+        log_filter: "warn".into(),
     };
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    let _server = Proc(server);
+    let server = ServerProcess::launch(
+        launch("server").args([
+            "--wildcard-access-url".to_owned(),
+            "*.apps.localhost".to_owned(),
+            "--data-dir".to_owned(),
+            data.path().join("data").display().to_string(),
+        ]),
+        Duration::from_secs(120),
+    )
+    .await?;
+    let base = server.url.clone();
     let port: u16 = base.rsplit(':').next().context("port")?.parse()?;
 
     let http = reqwest::Client::new();
@@ -255,7 +206,8 @@ async fn tunnel(args: TunnelArgs) -> anyhow::Result<()> {
         .as_str()
         .context("token")?
         .to_owned();
-    let up = upstream().await?;
+    let upstream = Upstream::try_start().await?;
+    let up = upstream.port();
     post("/templates", Some(&token), json!({"name": "bench", "definition": {"agents": [{"name": "main", "apps": [{"slug": "app", "port": up}]}]}})).await?;
     let ws = post(
         "/workspaces",
@@ -265,18 +217,8 @@ async fn tunnel(args: TunnelArgs) -> anyhow::Result<()> {
     .await?;
     let agent_token = ws["agent_tokens"][0]["token"]
         .as_str()
-        .context("agent token")?
-        .to_owned();
-    let agent = tokio::process::Command::new(&devmesh)
-        .arg("agent")
-        .env("DEVMESH_URL", &base)
-        .env("DEVMESH_AGENT_TOKEN", &agent_token)
-        .env("DEVMESH_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()?;
-    let _agent = Proc(agent);
+        .context("agent token")?;
+    let _agent = AgentProcess::launch(&base, agent_token, launch("agent"))?;
 
     let tunnel_base = format!("http://app--main--bench--bench.apps.localhost:{port}");
     let direct_base = format!("http://127.0.0.1:{up}");
@@ -289,7 +231,7 @@ async fn tunnel(args: TunnelArgs) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let r = client
-            .get(format!("{tunnel_base}/small"))
+            .get(format!("{tunnel_base}/blob/1024"))
             .header("Devmesh-Session-Token", &token)
             .send()
             .await;
@@ -318,12 +260,20 @@ async fn tunnel(args: TunnelArgs) -> anyhow::Result<()> {
         };
         // Warm up the keep-alive connection and the tunnel stream path.
         for _ in 0..50 {
-            get(format!("{url}/small")).send().await?.bytes().await?;
+            get(format!("{url}/blob/1024"))
+                .send()
+                .await?
+                .bytes()
+                .await?;
         }
         let mut lat = Vec::with_capacity(args.requests);
         for _ in 0..args.requests {
             let t = Instant::now();
-            let body = get(format!("{url}/small")).send().await?.bytes().await?;
+            let body = get(format!("{url}/blob/1024"))
+                .send()
+                .await?
+                .bytes()
+                .await?;
             lat.push(t.elapsed());
             anyhow::ensure!(body.len() == 1024, "short body");
         }

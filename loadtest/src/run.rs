@@ -105,7 +105,9 @@ pub async fn run(
             .expect("valid template"),
     );
     let stop = CancellationToken::new();
-    let app_port = crate::upstream::start(stop.clone()).await?;
+    // Serves until the run ends (dropped with it).
+    let upstream = devmesh_tests::upstream::Upstream::try_start().await?;
+    let app_port = upstream.port();
 
     let mut report = Report {
         name: scenario.name.clone(),

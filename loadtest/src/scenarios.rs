@@ -505,7 +505,7 @@ async fn browser_first_visit(ctx: &Ctx, ep: &Endpoint) -> anyhow::Result<(Durati
         .build()?;
     let t = Instant::now();
     let resp = client
-        .get(format!("{}/echo?size=1024", ep.base))
+        .get(format!("{}/blob/1024", ep.base))
         .header("Accept", "text/html")
         .send()
         .await?;

@@ -4,17 +4,17 @@
 //! front of every cross-region path. Or attaches to an existing deployment
 //! by URL and API key and only starts agents. Processes are killed on drop.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use devmesh_tests::process::{AgentProcess, EdgeProcess, Launch, ServerProcess};
+pub use devmesh_tests::process::{Loopback, Process, free_port, free_udp_port};
 use serde::Serialize;
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -56,34 +56,6 @@ impl std::fmt::Debug for Existing {
     }
 }
 
-/// A child process killed on drop.
-#[derive(Debug)]
-pub struct Proc {
-    /// The process.
-    pub child: Child,
-    /// Its log file.
-    pub log: PathBuf,
-}
-
-impl Proc {
-    /// Its pid while running.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.id()
-    }
-
-    /// SIGKILL, as a crash would, and reap.
-    pub async fn kill(&mut self) {
-        let _ = self.child.start_kill();
-        let _ = self.child.wait().await;
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-    }
-}
-
 /// One edge.
 #[derive(Debug)]
 pub struct EdgeNode {
@@ -92,13 +64,11 @@ pub struct EdgeNode {
     /// Where its HTTPS listens.
     pub listen: SocketAddr,
     /// The process, `None` after a kill.
-    pub proc: Option<Proc>,
+    pub proc: Option<Process>,
     /// How an app is reached through it, when it serves apps.
     pub app_host_suffix: Option<String>,
     /// Why the edge path is unavailable, when it is.
     pub unavailable: Option<String>,
-    /// The command to start it again.
-    pub args: Vec<String>,
 }
 
 /// One `devmesh agent`.
@@ -109,7 +79,7 @@ pub struct AgentNode {
     /// Its workspace.
     pub workspace: String,
     /// The process.
-    pub proc: Proc,
+    pub proc: Process,
 }
 
 /// An HTTP path to the app: a base URL and whether it needs the session token.
@@ -136,11 +106,13 @@ pub struct Deployment {
     /// Key of `cert`.
     pub key: PathBuf,
     /// The primary, when this run started it.
-    pub primary: Option<Proc>,
+    pub primary: Option<Process>,
     /// The primary's URL.
     pub url: String,
     /// The primary's socket address.
     pub primary_addr: SocketAddr,
+    /// The primary's relay address, when this run started the primary.
+    pub primary_relay: Option<SocketAddr>,
     /// Session token or API key.
     pub token: String,
     /// The user whose workspaces these are.
@@ -169,6 +141,8 @@ pub struct Deployment {
     pub devmesh: PathBuf,
     /// Logs.
     pub out: PathBuf,
+    /// Whether this run attached to an existing deployment.
+    pub existing: bool,
     stop: CancellationToken,
 }
 
@@ -183,21 +157,6 @@ pub struct WanFront {
     pub relay: TcpRelay,
     /// The link it emulates.
     pub spec: LinkSpec,
-}
-
-/// Resolves every name to 127.0.0.1 (so `*.apps.localhost` reaches the
-/// deployment whatever the resolver thinks of `.localhost`).
-#[derive(Debug, Clone)]
-pub struct Loopback;
-
-impl reqwest::dns::Resolve for Loopback {
-    fn resolve(&self, _: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        Box::pin(async {
-            let addrs: reqwest::dns::Addrs =
-                Box::new(std::iter::once(SocketAddr::from(([127, 0, 0, 1], 0))));
-            Ok(addrs)
-        })
-    }
 }
 
 /// An HTTP client for app traffic: loopback DNS, the run's CA, no redirects.
@@ -217,80 +176,41 @@ pub fn app_client(ca_pem: &Path, proto: Protocol) -> anyhow::Result<reqwest::Cli
     Ok(b.build()?)
 }
 
-/// A free TCP port on loopback (bound and released: a small race that the
-/// start-up check catches).
-pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+/// The WAN link settings between two regions of the scenario.
+fn link_between(scenario: &Scenario, a: &str, b: &str) -> LinkSpec {
+    LinkSpec {
+        jitter: Duration::from_secs_f64(scenario.wan.jitter_ms / 1000.0),
+        loss: scenario.wan.loss,
+        bytes_per_s: (scenario.wan.bandwidth_mbit > 0.0)
+            .then(|| scenario.wan.bandwidth_mbit * 1e6 / 8.0),
+        ..LinkSpec::rtt(scenario.wan.rtt(a, b))
+    }
 }
 
-/// A free UDP port on loopback.
-pub fn free_udp_port() -> anyhow::Result<u16> {
-    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+/// How the run reaches the primary's API.
+struct PrimaryAccess {
+    proc: Option<Process>,
+    url: String,
+    token: String,
+    http: reqwest::Client,
+    /// The primary's own relay address, when this run started it.
+    relay: Option<SocketAddr>,
+    /// The WAN front from the client's region, when it needs one at start.
+    front: Option<WanFront>,
 }
 
-fn log_file(out: &Path, name: &str) -> anyhow::Result<(PathBuf, std::fs::File)> {
-    let path = out.join("logs").join(format!("{name}.log"));
-    std::fs::create_dir_all(path.parent().expect("has a parent"))?;
-    let f = std::fs::File::create(&path)?;
-    Ok((path, f))
+/// The run's directory, CA and wildcard certificate.
+struct Files {
+    dir: tempfile::TempDir,
+    ca_pem: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
 }
 
-/// Spawns `devmesh <args>`, stderr to a log, and waits for the stdout line
-/// starting with `ready` (returning the rest of it).
-async fn spawn_ready(
-    devmesh: &Path,
-    args: &[String],
-    envs: &[(&str, String)],
-    out: &Path,
-    name: &str,
-    ready: &str,
-    timeout: Duration,
-) -> anyhow::Result<(Proc, String)> {
-    let (log, f) = log_file(out, name)?;
-    let mut child = Command::new(devmesh)
-        .args(args)
-        .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
-        .env("DEVMESH_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(f)
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("cannot start {}", devmesh.display()))?;
-    let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
-    let found = tokio::time::timeout(timeout, async {
-        while let Ok(Some(line)) = lines.next_line().await {
-            if let Some(rest) = line.strip_prefix(ready) {
-                return Some(rest.to_owned());
-            }
-        }
-        None
-    })
-    .await
-    .ok()
-    .flatten();
-    let Some(rest) = found else {
-        let tail = std::fs::read_to_string(&log).unwrap_or_default();
-        let tail: String = tail.lines().rev().take(10).collect::<Vec<_>>().join("\n");
-        bail!("{name} did not start (log {}):\n{tail}", log.display());
-    };
-    // Keep draining stdout so the process never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Ok((Proc { child, log }, rest))
-}
-
-impl Deployment {
-    /// Starts (or attaches to) the deployment the scenario describes.
-    pub async fn start(
-        scenario: &Scenario,
-        opts: &Options,
-        app_port: u16,
-        progress: &indicatif::ProgressBar,
-    ) -> anyhow::Result<Self> {
+impl Files {
+    /// A temporary directory the embedded PostgreSQL may enter, and one
+    /// certificate for the primary's and every region's names.
+    fn create(scenario: &Scenario) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("devmesh-loadtest-")
             .tempdir()?;
@@ -309,388 +229,59 @@ impl Deployment {
             names.push(format!("{}.localhost", r.name));
         }
         let (ca_pem, cert, key) = devmesh_net::tls::self_signed(&dir.path().join("tls"), &names)?;
-        let monitor = Monitor::start(Duration::from_millis(250));
-        let run_id = format!("lt{}", &uuid::Uuid::new_v4().simple().to_string()[..6]);
-
-        let mut primary_relay: Option<SocketAddr> = None;
-        let stop = CancellationToken::new();
-        let link = |a: &str, b: &str| LinkSpec {
-            jitter: Duration::from_secs_f64(scenario.wan.jitter_ms / 1000.0),
-            loss: scenario.wan.loss,
-            bytes_per_s: (scenario.wan.bandwidth_mbit > 0.0)
-                .then(|| scenario.wan.bandwidth_mbit * 1e6 / 8.0),
-            ..LinkSpec::rtt(scenario.wan.rtt(a, b))
-        };
-        // Fronts that must exist before the process behind them starts.
-        let mut early_fronts: Vec<WanFront> = Vec::new();
-        let (primary, url, token, http) = match &opts.existing {
-            Some(e) => {
-                let mut b = reqwest::Client::builder().timeout(Duration::from_secs(60));
-                if let Some(ca) = &e.ca_cert {
-                    b = b
-                        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(ca)?)?);
-                }
-                (
-                    None,
-                    e.url.trim_end_matches('/').to_owned(),
-                    e.api_key.clone(),
-                    b.build()?,
-                )
-            }
-            None => {
-                progress.set_message("starting devmesh server (embedded PostgreSQL)");
-                let port = free_port()?;
-                primary_relay = Some(([127, 0, 0, 1], free_udp_port()?).into());
-                // Clients in other regions reach the primary over their link,
-                // and its access URL names that front, so the app sign-in
-                // redirects (checked against it) come back the same way.
-                let mut access_port = port;
-                let (client, home) = (
-                    &scenario.topology.client_region,
-                    &scenario.topology.primary_region,
-                );
-                if scenario.wan.enabled && client != home {
-                    let spec = link(client, home);
-                    let relay =
-                        TcpRelay::start(([127, 0, 0, 1], port).into(), spec, stop.clone()).await?;
-                    access_port = relay.addr.port();
-                    early_fronts.push(WanFront {
-                        from: client.clone(),
-                        to: "primary".into(),
-                        relay,
-                        spec,
-                    });
-                }
-                // Every load client is 127.0.0.1: no per-IP cap.
-                let args: Vec<String> = [
-                    "server",
-                    "--max-connections-per-ip",
-                    "0",
-                    "--http-address",
-                    &format!("127.0.0.1:{port}"),
-                    "--relay-address",
-                    &primary_relay
-                        .map(|a: SocketAddr| a.to_string())
-                        .unwrap_or_default(),
-                    "--access-url",
-                    &format!("https://localhost:{access_port}"),
-                    "--wildcard-access-url",
-                    &format!("*.{APPS_DOMAIN}"),
-                    "--data-dir",
-                    &dir.path().join("data").display().to_string(),
-                    "--tls-cert",
-                    &cert.display().to_string(),
-                    "--tls-key",
-                    &key.display().to_string(),
-                ]
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
-                let (proc, url) = spawn_ready(
-                    &opts.devmesh,
-                    &args,
-                    &[],
-                    &opts.out,
-                    "primary",
-                    "Started HTTP listener at ",
-                    Duration::from_secs(120),
-                )
-                .await?;
-                monitor.add("primary", proc.pid().unwrap_or(0));
-                let http = reqwest::Client::builder()
-                    .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(&ca_pem)?)?)
-                    .timeout(Duration::from_secs(60))
-                    .build()?;
-                let url = url.replace("127.0.0.1", "localhost");
-                let api = |p: &str| format!("{url}/api/v2{p}");
-                call(&http, http.post(api("/users/first")), None, json!({"email": "loadtest@example.com", "username": "loadtest", "password": "loadtest-password"})).await?;
-                let login = call(
-                    &http,
-                    http.post(api("/users/login")),
-                    None,
-                    json!({"email": "loadtest", "password": "loadtest-password"}),
-                )
-                .await?;
-                let token = login["session_token"]
-                    .as_str()
-                    .context("session token")?
-                    .to_owned();
-                (Some(proc), url, token, http)
-            }
-        };
-        let api = |p: &str| format!("{url}/api/v2{p}");
-        let me = call(&http, http.get(api("/users/me")), Some(&token), Value::Null).await?;
-        let user = me["username"].as_str().context("username")?.to_owned();
-        let primary_addr = tokio::net::lookup_host(
-            url.split("://")
-                .nth(1)
-                .context("url")?
-                .split('/')
-                .next()
-                .context("host")?,
-        )
-        .await?
-        .find(|a| a.is_ipv4())
-        .context("the primary's address does not resolve")?;
-
-        let mut dep = Deployment {
+        Ok(Self {
             dir,
             ca_pem,
             cert,
             key,
-            primary,
-            url: url.clone(),
-            primary_addr,
-            token: token.clone(),
-            user,
-            run_id: run_id.clone(),
-            app_port,
-            edges: Vec::new(),
-            agents: Vec::new(),
-            http,
-            monitor,
-            wan: early_fronts,
-            relay_fronts: Vec::new(),
-            client_region: scenario.topology.client_region.clone(),
-            primary_region: scenario.topology.primary_region.clone(),
-            devmesh: opts.devmesh.clone(),
-            out: opts.out.clone(),
-            stop,
-        };
+        })
+    }
+}
 
-        // The template: one agent serving the upstream app.
+/// A daemon's launch for this run: the run's binary, quiet logs in the
+/// run's log folder.
+fn launch(bin: &Path, out: &Path, name: &str) -> anyhow::Result<Launch> {
+    let log = out.join("logs").join(format!("{name}.log"));
+    std::fs::create_dir_all(log.parent().expect("has a parent"))?;
+    Ok(Launch {
+        bin: bin.to_owned(),
+        args: Vec::new(),
+        env: Vec::new(),
+        log,
+        log_filter: "warn".into(),
+    })
+}
+
+impl Deployment {
+    /// Starts (or attaches to) the deployment the scenario describes: the
+    /// primary, the template, the edges, the WAN fronts, the agents; then
+    /// waits until every agent's app answers.
+    pub async fn start(
+        scenario: &Scenario,
+        opts: &Options,
+        app_port: u16,
+        progress: &indicatif::ProgressBar,
+    ) -> anyhow::Result<Self> {
+        let files = Files::create(scenario)?;
+        let stop = CancellationToken::new();
+        let access = match &opts.existing {
+            Some(e) => Self::existing_primary(e)?,
+            None => {
+                progress.set_message("starting devmesh server (embedded PostgreSQL)");
+                Self::start_primary(scenario, opts, &files, &stop).await?
+            }
+        };
+        let mut dep = Self::assemble(scenario, opts, files, access, app_port, stop).await?;
         dep.api_post(
             "/templates",
-            json!({"name": run_id, "definition": {"agents": [{"name": "main", "apps": [{"slug": "app", "port": app_port}]}]}}),
+            json!({"name": dep.run_id, "definition": {"agents": [{"name": "main", "apps": [{"slug": "app", "port": app_port}]}]}}),
         )
         .await?;
-
-        // Edges. Each relay's socket port is chosen first: with WAN
-        // emulation, an edge advertises a UDP front that applies its own
-        // region's link to agents and each peer's link to datagrams from
-        // that peer relay's socket (the mesh), so every relay link is
-        // emulated too.
-        let edge_regions: Vec<String> = scenario
-            .topology
-            .regions
-            .iter()
-            .filter(|r| r.edges > 0)
-            .map(|r| r.name.clone())
-            .collect();
-        let mut relay_binds = std::collections::HashMap::new();
-        for name in &edge_regions {
-            relay_binds.insert(
-                name.clone(),
-                SocketAddr::from(([127, 0, 0, 1], free_udp_port()?)),
-            );
-        }
-        for r in scenario.topology.regions.iter().filter(|r| r.edges > 0) {
-            progress.set_message(format!("starting edge {}", r.name));
-            let edge_name = if opts.existing.is_some() {
-                format!("{}-{}", r.name, &run_id[2..])
-            } else {
-                r.name.clone()
-            };
-            let port = free_port()?;
-            let bind = relay_binds[&r.name];
-            let mut advertised = bind;
-            if scenario.wan.enabled {
-                let mut by_source = std::collections::HashMap::new();
-                for (other, addr) in &relay_binds {
-                    if other != &r.name {
-                        by_source.insert(*addr, link(other, &r.name));
-                    }
-                }
-                if let Some(p) = primary_relay {
-                    by_source.insert(p, link(&dep.primary_region, &r.name));
-                }
-                let front = crate::wan::UdpRelay::start_by_source(
-                    bind,
-                    link(&r.name, &r.name),
-                    by_source,
-                    dep.stop.clone(),
-                )
-                .await?;
-                advertised = front.addr;
-                dep.relay_fronts.push((r.name.clone(), front));
-            }
-            // The edge reaches the primary over its region's link, and
-            // clients reach the edge over theirs: its access URL names the
-            // client's front, so sign-in redirects come back through it.
-            let (mut primary_url, mut access_port) = (url.clone(), port);
-            if scenario.wan.enabled {
-                let spec = link(&r.name, &dep.primary_region);
-                let relay = TcpRelay::start(dep.primary_addr, spec, dep.stop.clone()).await?;
-                primary_url = format!("https://localhost:{}", relay.addr.port());
-                dep.wan.push(WanFront {
-                    from: r.name.clone(),
-                    to: "primary".into(),
-                    relay,
-                    spec,
-                });
-                let spec = link(&dep.client_region, &r.name);
-                let relay =
-                    TcpRelay::start(([127, 0, 0, 1], port).into(), spec, dep.stop.clone()).await?;
-                access_port = relay.addr.port();
-                dep.wan.push(WanFront {
-                    from: dep.client_region.clone(),
-                    to: r.name.clone(),
-                    relay,
-                    spec,
-                });
-            }
-            // The owner sets where the edge is; it registers with exactly that.
-            let access_url = format!("https://{}.localhost:{access_port}", r.name);
-            let created = dep
-                .api_post(
-                    "/edges",
-                    json!({
-                        "name": edge_name,
-                        "access_url": access_url,
-                        "wildcard_hostname": format!("*.{}.{APPS_DOMAIN}", r.name),
-                        "relay_hosts": [advertised.ip().to_string()],
-                    }),
-                )
-                .await?;
-            let edge_token = created["edge_token"]
-                .as_str()
-                .context("edge token")?
-                .to_owned();
-            let args: Vec<String> = vec![
-                "edge".into(),
-                "--max-connections-per-ip".into(),
-                "0".into(),
-                "--access-checks-per-minute".into(),
-                "0".into(),
-                "--primary-url".into(),
-                primary_url,
-                "--edge-token".into(),
-                edge_token,
-                "--access-url".into(),
-                access_url,
-                "--wildcard-access-url".into(),
-                format!("*.{}.{APPS_DOMAIN}", r.name),
-                "--listen".into(),
-                format!("127.0.0.1:{port}"),
-                "--relay-address".into(),
-                advertised.to_string(),
-                "--relay-bind".into(),
-                bind.to_string(),
-                "--tls-cert".into(),
-                dep.cert.display().to_string(),
-                "--tls-key".into(),
-                dep.key.display().to_string(),
-                "--ca-cert".into(),
-                dep.ca_pem.display().to_string(),
-            ];
-            let (proc, _) = spawn_ready(
-                &dep.devmesh,
-                &args,
-                &[],
-                &dep.out,
-                &format!("edge-{}", r.name),
-                "Started edge listener at ",
-                Duration::from_secs(30),
-            )
-            .await?;
-            dep.monitor
-                .add(format!("edge {}", r.name), proc.pid().unwrap_or(0));
-            dep.edges.push(EdgeNode {
-                region: r.name.clone(),
-                listen: ([127, 0, 0, 1], port).into(),
-                proc: Some(proc),
-                app_host_suffix: None,
-                unavailable: None,
-                args,
-            });
-        }
-
-        // WAN relays in front of every entry point, from the client's region
-        // and from each agent region to the primary.
+        dep.start_edges(scenario, progress).await?;
         if scenario.wan.enabled {
-            let spec_for = |a: &str, b: &str| LinkSpec {
-                jitter: Duration::from_secs_f64(scenario.wan.jitter_ms / 1000.0),
-                loss: scenario.wan.loss,
-                bytes_per_s: (scenario.wan.bandwidth_mbit > 0.0)
-                    .then(|| scenario.wan.bandwidth_mbit * 1e6 / 8.0),
-                ..LinkSpec::rtt(scenario.wan.rtt(a, b))
-            };
-            let mut fronts = vec![(dep.client_region.clone(), "primary".to_owned())];
-            for e in &dep.edges {
-                fronts.push((dep.client_region.clone(), e.region.clone()));
-            }
-            for r in &scenario.topology.regions {
-                if r.agents > 0 && !fronts.contains(&(r.name.clone(), "primary".to_owned())) {
-                    fronts.push((r.name.clone(), "primary".to_owned()));
-                }
-            }
-            for (from, to) in fronts {
-                if dep.wan_front(&from, &to).is_some() {
-                    continue;
-                }
-                let (target, to_region) = if to == "primary" {
-                    (dep.primary_addr, dep.primary_region.clone())
-                } else {
-                    let e = dep.edges.iter().find(|e| e.region == to).expect("edge");
-                    (e.listen, e.region.clone())
-                };
-                let spec = spec_for(&from, &to_region);
-                let relay = TcpRelay::start(target, spec, dep.stop.clone()).await?;
-                dep.wan.push(WanFront {
-                    from,
-                    to,
-                    relay,
-                    spec,
-                });
-            }
+            dep.start_wan_fronts(scenario).await?;
         }
-
-        // Agents: one workspace each.
-        for r in &scenario.topology.regions {
-            for i in 0..r.agents {
-                let ws = format!("{run_id}-{}-{i}", r.name);
-                progress.set_message(format!("starting agent {ws}"));
-                let created = dep
-                    .api_post("/workspaces", json!({"name": ws, "template": run_id}))
-                    .await?;
-                let agent_token = created["agent_tokens"][0]["token"]
-                    .as_str()
-                    .context("agent token")?
-                    .to_owned();
-                // An agent outside the primary's region reaches the primary's
-                // API through its WAN link (its QUIC relay address comes from
-                // the manifest and is not emulated).
-                let primary_url = match dep.wan_front(&r.name, "primary") {
-                    Some(f) if r.name != dep.primary_region => {
-                        format!("https://localhost:{}", f.relay.addr.port())
-                    }
-                    _ => dep.url.clone(),
-                };
-                let (log, f) = log_file(&dep.out, &format!("agent-{ws}"))?;
-                let child = Command::new(&dep.devmesh)
-                    .arg("agent")
-                    .env("DEVMESH_URL", primary_url)
-                    .env("DEVMESH_AGENT_TOKEN", agent_token)
-                    .env("DEVMESH_CA_CERT", &dep.ca_pem)
-                    // Agents stay in their region while its edge answers
-                    // (on loopback every relay is equally near).
-                    .env("DEVMESH_RELAY_REGION", &r.name)
-                    .env("DEVMESH_LOG", "warn")
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(f)
-                    .kill_on_drop(true)
-                    .spawn()?;
-                let proc = Proc { child, log };
-                dep.monitor
-                    .add(format!("agent {}/{i}", r.name), proc.pid().unwrap_or(0));
-                dep.agents.push(AgentNode {
-                    region: r.name.clone(),
-                    workspace: ws,
-                    proc,
-                });
-            }
-        }
+        dep.start_agents(scenario, progress).await?;
         progress.set_message("waiting for the agents to attach");
         for i in 0..dep.agents.len() {
             dep.wait_attached(i, Duration::from_secs(60)).await?;
@@ -699,6 +290,390 @@ impl Deployment {
             dep.probe_edge(i).await;
         }
         Ok(dep)
+    }
+
+    /// An existing deployment, reached with its URL and an owner's key.
+    fn existing_primary(e: &Existing) -> anyhow::Result<PrimaryAccess> {
+        let mut b = reqwest::Client::builder().timeout(Duration::from_secs(60));
+        if let Some(ca) = &e.ca_cert {
+            b = b.add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(ca)?)?);
+        }
+        Ok(PrimaryAccess {
+            proc: None,
+            url: e.url.trim_end_matches('/').to_owned(),
+            token: e.api_key.clone(),
+            http: b.build()?,
+            relay: None,
+            front: None,
+        })
+    }
+
+    /// Starts `devmesh server` on the embedded database with the run's
+    /// certificate, creates the first user and signs in.
+    async fn start_primary(
+        scenario: &Scenario,
+        opts: &Options,
+        files: &Files,
+        stop: &CancellationToken,
+    ) -> anyhow::Result<PrimaryAccess> {
+        let port = free_port()?;
+        let relay = SocketAddr::from(([127, 0, 0, 1], free_udp_port()?));
+        // Clients in other regions reach the primary over their link, and
+        // its access URL names that front, so the app sign-in redirects
+        // (checked against it) come back the same way.
+        let (client, home) = (
+            &scenario.topology.client_region,
+            &scenario.topology.primary_region,
+        );
+        let mut front = None;
+        let mut access_port = port;
+        if scenario.wan.enabled && client != home {
+            let spec = link_between(scenario, client, home);
+            let relay = TcpRelay::start(([127, 0, 0, 1], port).into(), spec, stop.clone()).await?;
+            access_port = relay.addr.port();
+            front = Some(WanFront {
+                from: client.clone(),
+                to: "primary".into(),
+                relay,
+                spec,
+            });
+        }
+        // Every load client is 127.0.0.1: no per-IP cap.
+        let launch = launch(&opts.devmesh, &opts.out, "primary")?.args([
+            "--max-connections-per-ip".to_owned(),
+            "0".to_owned(),
+            "--http-address".to_owned(),
+            format!("127.0.0.1:{port}"),
+            "--relay-address".to_owned(),
+            relay.to_string(),
+            "--access-url".to_owned(),
+            format!("https://localhost:{access_port}"),
+            "--wildcard-access-url".to_owned(),
+            format!("*.{APPS_DOMAIN}"),
+            "--data-dir".to_owned(),
+            files.dir.path().join("data").display().to_string(),
+            "--tls-cert".to_owned(),
+            files.cert.display().to_string(),
+            "--tls-key".to_owned(),
+            files.key.display().to_string(),
+        ]);
+        let server = ServerProcess::launch(launch, Duration::from_secs(120)).await?;
+        let http = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(
+                &files.ca_pem,
+            )?)?)
+            .timeout(Duration::from_secs(60))
+            .build()?;
+        let url = server.url.replace("127.0.0.1", "localhost");
+        let api = |p: &str| format!("{url}/api/v2{p}");
+        call(&http, http.post(api("/users/first")), None, json!({"email": "loadtest@example.com", "username": "loadtest", "password": "loadtest-password"})).await?;
+        let login = call(
+            &http,
+            http.post(api("/users/login")),
+            None,
+            json!({"email": "loadtest", "password": "loadtest-password"}),
+        )
+        .await?;
+        let token = login["session_token"]
+            .as_str()
+            .context("session token")?
+            .to_owned();
+        Ok(PrimaryAccess {
+            proc: Some(server.process),
+            url,
+            token,
+            http,
+            relay: Some(relay),
+            front,
+        })
+    }
+
+    /// The deployment around a reachable primary, before edges and agents.
+    async fn assemble(
+        scenario: &Scenario,
+        opts: &Options,
+        files: Files,
+        access: PrimaryAccess,
+        app_port: u16,
+        stop: CancellationToken,
+    ) -> anyhow::Result<Self> {
+        let PrimaryAccess {
+            proc,
+            url,
+            token,
+            http,
+            relay,
+            front,
+        } = access;
+        let me = call(
+            &http,
+            http.get(format!("{url}/api/v2/users/me")),
+            Some(&token),
+            Value::Null,
+        )
+        .await?;
+        let user = me["username"].as_str().context("username")?.to_owned();
+        let host = url
+            .split("://")
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .context("the primary's URL has no host")?;
+        let primary_addr = tokio::net::lookup_host(host)
+            .await?
+            .find(|a| a.is_ipv4())
+            .context("the primary's address does not resolve")?;
+        Ok(Deployment {
+            dir: files.dir,
+            ca_pem: files.ca_pem,
+            cert: files.cert,
+            key: files.key,
+            primary: proc,
+            url,
+            primary_addr,
+            primary_relay: relay,
+            token,
+            user,
+            run_id: format!("lt{}", &uuid::Uuid::new_v4().simple().to_string()[..6]),
+            app_port,
+            edges: Vec::new(),
+            agents: Vec::new(),
+            http,
+            monitor: Monitor::start(Duration::from_millis(250)),
+            wan: front.into_iter().collect(),
+            relay_fronts: Vec::new(),
+            client_region: scenario.topology.client_region.clone(),
+            primary_region: scenario.topology.primary_region.clone(),
+            devmesh: opts.devmesh.clone(),
+            out: opts.out.clone(),
+            existing: opts.existing.is_some(),
+            stop,
+        })
+    }
+
+    /// One edge per region that asks for one. Each relay's socket port is
+    /// chosen first: with WAN emulation, an edge advertises a UDP front
+    /// that applies its own region's link to agents and each peer's link to
+    /// datagrams from that peer relay's socket (the mesh), so every relay
+    /// link is emulated too.
+    async fn start_edges(
+        &mut self,
+        scenario: &Scenario,
+        progress: &indicatif::ProgressBar,
+    ) -> anyhow::Result<()> {
+        let mut relay_binds = HashMap::new();
+        for r in scenario.topology.regions.iter().filter(|r| r.edges > 0) {
+            relay_binds.insert(
+                r.name.clone(),
+                SocketAddr::from(([127, 0, 0, 1], free_udp_port()?)),
+            );
+        }
+        for r in scenario.topology.regions.iter().filter(|r| r.edges > 0) {
+            progress.set_message(format!("starting edge {}", r.name));
+            self.start_edge(scenario, &r.name, &relay_binds).await?;
+        }
+        Ok(())
+    }
+
+    /// Starts the edge of `region`, behind its WAN fronts when emulating.
+    async fn start_edge(
+        &mut self,
+        scenario: &Scenario,
+        region: &str,
+        relay_binds: &HashMap<String, SocketAddr>,
+    ) -> anyhow::Result<()> {
+        let edge_name = if self.existing {
+            format!("{region}-{}", &self.run_id[2..])
+        } else {
+            region.to_owned()
+        };
+        let port = free_port()?;
+        let bind = relay_binds[region];
+        let mut advertised = bind;
+        // The edge reaches the primary over its region's link, and clients
+        // reach the edge over theirs: its access URL names the client's
+        // front, so sign-in redirects come back through it.
+        let (mut primary_url, mut access_port) = (self.url.clone(), port);
+        if scenario.wan.enabled {
+            let mut by_source = HashMap::new();
+            for (other, addr) in relay_binds {
+                if other != region {
+                    by_source.insert(*addr, link_between(scenario, other, region));
+                }
+            }
+            if let Some(p) = self.primary_relay {
+                by_source.insert(p, link_between(scenario, &self.primary_region, region));
+            }
+            let front = crate::wan::UdpRelay::start_by_source(
+                bind,
+                link_between(scenario, region, region),
+                by_source,
+                self.stop.clone(),
+            )
+            .await?;
+            advertised = front.addr;
+            self.relay_fronts.push((region.to_owned(), front));
+
+            let spec = link_between(scenario, region, &self.primary_region);
+            let relay = TcpRelay::start(self.primary_addr, spec, self.stop.clone()).await?;
+            primary_url = format!("https://localhost:{}", relay.addr.port());
+            self.wan.push(WanFront {
+                from: region.to_owned(),
+                to: "primary".into(),
+                relay,
+                spec,
+            });
+            let spec = link_between(scenario, &self.client_region, region);
+            let relay =
+                TcpRelay::start(([127, 0, 0, 1], port).into(), spec, self.stop.clone()).await?;
+            access_port = relay.addr.port();
+            self.wan.push(WanFront {
+                from: self.client_region.clone(),
+                to: region.to_owned(),
+                relay,
+                spec,
+            });
+        }
+        // The owner sets where the edge is; it registers with exactly that.
+        let access_url = format!("https://{region}.localhost:{access_port}");
+        let wildcard = format!("*.{region}.{APPS_DOMAIN}");
+        let created = self
+            .api_post(
+                "/edges",
+                json!({
+                    "name": edge_name,
+                    "access_url": access_url,
+                    "wildcard_hostname": wildcard,
+                    "relay_hosts": [advertised.ip().to_string()],
+                }),
+            )
+            .await?;
+        let edge_token = created["edge_token"]
+            .as_str()
+            .context("edge token")?
+            .to_owned();
+        let launch = launch(&self.devmesh, &self.out, &format!("edge-{region}"))?
+            .args([
+                "--max-connections-per-ip".to_owned(),
+                "0".to_owned(),
+                "--access-checks-per-minute".to_owned(),
+                "0".to_owned(),
+                "--primary-url".to_owned(),
+                primary_url,
+                "--access-url".to_owned(),
+                access_url,
+                "--wildcard-access-url".to_owned(),
+                wildcard,
+                "--listen".to_owned(),
+                format!("127.0.0.1:{port}"),
+                "--relay-address".to_owned(),
+                advertised.to_string(),
+                "--relay-bind".to_owned(),
+                bind.to_string(),
+                "--tls-cert".to_owned(),
+                self.cert.display().to_string(),
+                "--tls-key".to_owned(),
+                self.key.display().to_string(),
+                "--ca-cert".to_owned(),
+                self.ca_pem.display().to_string(),
+            ])
+            .envs([("DEVMESH_EDGE_TOKEN", edge_token)]);
+        let edge = EdgeProcess::launch(launch, Duration::from_secs(30)).await?;
+        self.monitor
+            .add(format!("edge {region}"), edge.process.pid().unwrap_or(0));
+        self.edges.push(EdgeNode {
+            region: region.to_owned(),
+            listen: ([127, 0, 0, 1], port).into(),
+            proc: Some(edge.process),
+            app_host_suffix: None,
+            unavailable: None,
+        });
+        Ok(())
+    }
+
+    /// WAN relays in front of every entry point not fronted yet: from the
+    /// client's region to the primary and each edge, and from each agent
+    /// region to the primary.
+    async fn start_wan_fronts(&mut self, scenario: &Scenario) -> anyhow::Result<()> {
+        let mut fronts = vec![(self.client_region.clone(), "primary".to_owned())];
+        for e in &self.edges {
+            fronts.push((self.client_region.clone(), e.region.clone()));
+        }
+        for r in &scenario.topology.regions {
+            if r.agents > 0 && !fronts.contains(&(r.name.clone(), "primary".to_owned())) {
+                fronts.push((r.name.clone(), "primary".to_owned()));
+            }
+        }
+        for (from, to) in fronts {
+            if self.wan_front(&from, &to).is_some() {
+                continue;
+            }
+            let (target, to_region) = if to == "primary" {
+                (self.primary_addr, self.primary_region.clone())
+            } else {
+                let e = self
+                    .edges
+                    .iter()
+                    .find(|e| e.region == to)
+                    .context("a front to an edge that is not there")?;
+                (e.listen, e.region.clone())
+            };
+            let spec = link_between(scenario, &from, &to_region);
+            let relay = TcpRelay::start(target, spec, self.stop.clone()).await?;
+            self.wan.push(WanFront {
+                from,
+                to,
+                relay,
+                spec,
+            });
+        }
+        Ok(())
+    }
+
+    /// One workspace and one `devmesh agent` per agent the scenario asks
+    /// for in each region.
+    async fn start_agents(
+        &mut self,
+        scenario: &Scenario,
+        progress: &indicatif::ProgressBar,
+    ) -> anyhow::Result<()> {
+        for r in &scenario.topology.regions {
+            for i in 0..r.agents {
+                let ws = format!("{}-{}-{i}", self.run_id, r.name);
+                progress.set_message(format!("starting agent {ws}"));
+                let created = self
+                    .api_post("/workspaces", json!({"name": ws, "template": self.run_id}))
+                    .await?;
+                let agent_token = created["agent_tokens"][0]["token"]
+                    .as_str()
+                    .context("agent token")?;
+                // An agent outside the primary's region reaches the
+                // primary's API through its WAN link (its QUIC relay address
+                // comes from the manifest and is not emulated).
+                let primary_url = match self.wan_front(&r.name, "primary") {
+                    Some(f) if r.name != self.primary_region => {
+                        format!("https://localhost:{}", f.relay.addr.port())
+                    }
+                    _ => self.url.clone(),
+                };
+                let launch = launch(&self.devmesh, &self.out, &format!("agent-{ws}"))?.envs([
+                    ("DEVMESH_CA_CERT", self.ca_pem.display().to_string()),
+                    // Agents stay in their region while its edge answers (on
+                    // loopback every relay is equally near).
+                    ("DEVMESH_RELAY_REGION", r.name.clone()),
+                ]);
+                let agent = AgentProcess::launch(&primary_url, agent_token, launch)?;
+                self.monitor.add(
+                    format!("agent {}/{i}", r.name),
+                    agent.process.pid().unwrap_or(0),
+                );
+                self.agents.push(AgentNode {
+                    region: r.name.clone(),
+                    workspace: ws,
+                    proc: agent.process,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// The WAN relay from `from` to `to` (`primary` or an edge's region).
@@ -751,7 +726,7 @@ impl Deployment {
             return false;
         };
         let url = format!(
-            "https://{}:{}/echo?size=16",
+            "https://{}:{}/blob/16",
             self.app_host(i, None),
             self.primary_addr.port()
         );
@@ -800,7 +775,7 @@ impl Deployment {
         let mut last = String::new();
         for suffix in [format!("{region}.{APPS_DOMAIN}"), APPS_DOMAIN.to_owned()] {
             let url = format!(
-                "https://{}:{port}/echo?size=16",
+                "https://{}:{port}/blob/16",
                 self.app_host(agent, Some(&suffix))
             );
             match client
@@ -852,11 +827,11 @@ impl Deployment {
     /// Every devmesh process by name and pid, for the report.
     pub fn processes(&self) -> Vec<(String, u32)> {
         let mut v = Vec::new();
-        if let Some(p) = self.primary.as_ref().and_then(Proc::pid) {
+        if let Some(p) = self.primary.as_ref().and_then(Process::pid) {
             v.push(("primary".to_owned(), p));
         }
         for e in &self.edges {
-            if let Some(p) = e.proc.as_ref().and_then(Proc::pid) {
+            if let Some(p) = e.proc.as_ref().and_then(Process::pid) {
                 v.push((format!("edge {}", e.region), p));
             }
         }

@@ -10,6 +10,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod process;
 pub mod upstream;
 
 use std::os::unix::fs::PermissionsExt;

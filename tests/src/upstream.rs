@@ -1,10 +1,13 @@
-//! Upstream apps for whole-system tests: what a workspace would serve.
+//! The upstream app every test and load run ends at: what a workspace
+//! would serve, on loopback, over HTTP and HTTPS (self-signed).
 //!
-//! One server on `127.0.0.1:0` with:
 //! * `GET /echo` → JSON of method, path, query and headers;
 //! * `POST /echo` → the request body back, streamed;
-//! * `GET /bytes/{n}` → `n` deterministic bytes ([`pattern`]), streamed;
+//! * `GET /blob/{n}` → `n` bytes of `x` in one body (small requests);
+//! * `GET /bytes/{n}` → `n` bytes of the [`pattern_byte`] pattern, streamed;
 //! * `POST /sha256` → `{len, sha256}` of the body, consumed as a stream;
+//! * `POST /upload` → `ok N` or `corrupt N`: the body checked against the
+//!   pattern at memcmp speed (a bulk upload's checksum);
 //! * `GET /sse` → server-sent events; each next event waits for `POST /sse/next`;
 //! * `GET /ws` → WebSocket echo;
 //! * `GET /healthz` → 200, or 500 after `POST /health/fail`;
@@ -49,35 +52,106 @@ impl Drop for Upstream {
     }
 }
 
-/// The byte at offset `i` of every `/bytes/{n}` response.
-pub fn pattern(i: u64) -> u8 {
-    (i.wrapping_mul(31) ^ (i >> 8)) as u8
+// === The byte pattern ===
+
+/// Period of the payload pattern: a prime, so that chunk boundaries never
+/// line up with it and a shifted or repeated chunk is caught.
+const PERIOD: usize = 251;
+/// Copies of the period in the reference buffer.
+const REFERENCE_PERIODS: usize = 1024;
+
+/// The pattern byte at offset `i`.
+pub fn pattern_byte(i: u64) -> u8 {
+    (i % PERIOD as u64) as u8
 }
 
-/// SHA-256 of the first `n` pattern bytes, computed the same way the server streams them.
+fn reference() -> &'static [u8] {
+    static REF: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    REF.get_or_init(|| {
+        (0..(PERIOD * REFERENCE_PERIODS) as u64)
+            .map(pattern_byte)
+            .collect()
+    })
+}
+
+/// `len` pattern bytes starting at offset `off`.
+pub fn pattern_chunk(off: u64, len: usize) -> Bytes {
+    let r = reference();
+    let start = (off % PERIOD as u64) as usize;
+    if start + len <= r.len() {
+        Bytes::copy_from_slice(&r[start..start + len])
+    } else {
+        Bytes::from(
+            (off..off + len as u64)
+                .map(pattern_byte)
+                .collect::<Vec<u8>>(),
+        )
+    }
+}
+
+/// Checks a received stream against the pattern, chunk by chunk: the
+/// transfer's checksum, at memcmp speed so it does not bound throughput.
+#[derive(Debug, Default, Clone)]
+pub struct Verifier {
+    /// Bytes checked so far.
+    pub offset: u64,
+    /// Whether every byte so far matched.
+    pub ok: bool,
+}
+
+impl Verifier {
+    /// A verifier at offset 0.
+    pub fn new() -> Self {
+        Self {
+            offset: 0,
+            ok: true,
+        }
+    }
+
+    /// Checks the next bytes of the stream.
+    pub fn update(&mut self, mut data: &[u8]) {
+        let r = reference();
+        while !data.is_empty() {
+            let start = (self.offset % PERIOD as u64) as usize;
+            let n = data.len().min(r.len() - start);
+            if data[..n] != r[start..start + n] {
+                self.ok = false;
+            }
+            self.offset += n as u64;
+            data = &data[n..];
+        }
+    }
+}
+
+/// SHA-256 of the first `n` pattern bytes.
 pub fn pattern_sha256(n: u64) -> String {
     let mut h = Sha256::new();
     let mut off = 0;
     while off < n {
         let len = (n - off).min(64 * 1024);
-        h.update(chunk(off, len));
+        h.update(pattern_chunk(off, len as usize));
         off += len;
     }
     hex::encode(h.finalize())
 }
 
-fn chunk(off: u64, len: u64) -> Vec<u8> {
-    (off..off + len).map(pattern).collect()
-}
+// === The app ===
 
 impl Upstream {
-    /// Starts the upstream on a free loopback port.
+    /// Starts the upstream on free loopback ports.
     pub async fn start() -> Self {
+        Self::try_start().await.expect("start the upstream app")
+    }
+
+    /// [`Upstream::start`], for callers that report errors.
+    pub async fn try_start() -> std::io::Result<Self> {
         let shared = Shared::default();
         let app = Router::new()
             .route("/echo", get(echo_get).post(echo_post))
+            .route("/blob/{n}", get(blob))
             .route("/bytes/{n}", get(bytes))
             .route("/sha256", post(sha256))
+            .route("/upload", post(upload))
             .route("/sse", get(sse))
             .route("/sse/next", post(sse_next))
             .route("/ws", get(ws))
@@ -86,24 +160,20 @@ impl Upstream {
             .route("/set-cookie", get(set_cookie))
             .fallback(echo_get)
             .with_state(shared);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind upstream");
-        let addr = listener.local_addr().expect("addr");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
         let plain_app = app.clone();
         let plain = tokio::spawn(async move {
             let _ = axum::serve(listener, plain_app).await;
         });
-        let tls_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind upstream");
-        let tls_addr = tls_listener.local_addr().expect("addr");
+        let tls_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let tls_addr = tls_listener.local_addr()?;
         let tls = tokio::spawn(serve_tls(tls_listener, app));
-        Self {
+        Ok(Self {
             addr,
             tls_addr,
             tasks: vec![plain, tls],
-        }
+        })
     }
 
     /// Its port.
@@ -161,21 +231,38 @@ async fn echo_post(headers: HeaderMap, body: Body) -> impl IntoResponse {
     resp
 }
 
+async fn blob(Path(n): Path<usize>) -> Vec<u8> {
+    vec![b'x'; n.min(16 * 1024 * 1024)]
+}
+
 async fn bytes(Path(n): Path<u64>) -> impl IntoResponse {
+    const CHUNK: u64 = 256 * 1024;
     let stream = futures_util::stream::unfold(0u64, move |off| async move {
-        if off >= n {
-            return None;
-        }
-        let len = (n - off).min(64 * 1024);
-        Some((
-            Ok::<_, std::io::Error>(Bytes::from(chunk(off, len))),
-            off + len,
-        ))
+        (off < n).then(|| {
+            let len = (n - off).min(CHUNK);
+            (
+                Ok::<_, std::io::Error>(pattern_chunk(off, len as usize)),
+                off + len,
+            )
+        })
     });
     (
         [("content-length", n.to_string())],
         Body::from_stream(stream),
     )
+}
+
+async fn upload(body: Body) -> impl IntoResponse {
+    let mut v = Verifier::new();
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(c) => v.update(&c),
+            Err(_) => return (StatusCode::BAD_REQUEST, "body error".to_owned()),
+        }
+    }
+    let verdict = if v.ok { "ok" } else { "corrupt" };
+    (StatusCode::OK, format!("{verdict} {}", v.offset))
 }
 
 async fn sha256(body: Body) -> impl IntoResponse {
@@ -279,5 +366,38 @@ async fn serve_tls(listener: tokio::net::TcpListener, app: Router) {
                     .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(tls), service)
                     .await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verifier_accepts_the_pattern_in_any_chunking_and_catches_a_flip() {
+        let total = 3 * PERIOD * REFERENCE_PERIODS + 17;
+        let data: Vec<u8> = (0..total as u64).map(pattern_byte).collect();
+        for step in [1, 250, 251, 4096, 300_000] {
+            let mut v = Verifier::new();
+            for c in data.chunks(step) {
+                v.update(c);
+            }
+            assert!(v.ok && v.offset == total as u64, "step {step}");
+        }
+        let mut bad = data.clone();
+        bad[100_000] ^= 1;
+        let mut v = Verifier::new();
+        v.update(&bad);
+        assert!(!v.ok);
+    }
+
+    #[test]
+    fn chunks_continue_the_pattern() {
+        let a = pattern_chunk(0, 1000);
+        let b = pattern_chunk(1000, PERIOD * REFERENCE_PERIODS + 5);
+        let mut v = Verifier::new();
+        v.update(&a);
+        v.update(&b);
+        assert!(v.ok);
     }
 }

@@ -110,7 +110,7 @@ impl World {
 
     async fn wait_agent(&self, status: &str, lifecycle: Option<&str>) -> Value {
         let id = self.ws_id();
-        let log = self.agent.as_ref().map(|a| a.log.clone());
+        let log = self.agent.as_ref().map(|a| a.log().to_path_buf());
         eventually(30, &format!("agent {status} (log: {log:?})"), || {
             let alice = self.alice.clone();
             let id = id.clone();

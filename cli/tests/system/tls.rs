@@ -234,7 +234,7 @@ async fn https_with_operator_certificates_reloads_them_and_serves_apps_to_agents
     // A broken replacement keeps the last good certificate.
     std::fs::write(dir.path().join("cert.pem"), "not a certificate").unwrap();
     // Wait for the server to have tried (and refused) the broken file.
-    let log = server.log.clone();
+    let log = server.log().to_path_buf();
     eventually(20, "the broken certificate refused", || {
         let log = log.clone();
         async move {
@@ -261,7 +261,7 @@ async fn the_self_signed_mode_creates_a_ca_that_curl_can_trust() {
     .await;
     let ca = dir.join("tls/ca.pem");
     assert!(ca.exists());
-    let log = std::fs::read_to_string(&server.log).unwrap();
+    let log = std::fs::read_to_string(server.log()).unwrap();
     assert!(log.contains("curl --cacert"), "{log}");
     let out = tokio::process::Command::new("curl")
         .args(["-sS", "--cacert", ca.to_str().unwrap()])

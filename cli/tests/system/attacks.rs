@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::mesh::Mesh;
-use crate::support::{EdgeProcess, app_client, app_client_with_jar, eventually};
+use crate::support::{app_client, app_client_with_jar, create_edge, eventually};
 
 /// A browser-like client: loopback DNS, a cookie jar, no redirects followed.
 fn browser() -> (reqwest::Client, Arc<reqwest::cookie::Jar>) {
@@ -277,7 +277,7 @@ async fn devmesh_pages_refuse_framing() {
 async fn silent_slow_and_greedy_clients_cannot_hold_the_listeners() {
     let m = Mesh::start().await;
     let primary = format!("http://127.0.0.1:{}", m.primary_port);
-    let (tight, _) = EdgeProcess::create(
+    let (tight, _) = create_edge(
         &m.owner,
         &primary,
         "tight",

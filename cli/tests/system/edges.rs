@@ -8,7 +8,7 @@ use nix::sys::signal::Signal;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::support::{EdgeProcess, ServerProcess, eventually, register};
+use crate::support::{EdgeProcess, ServerProcess, create_edge, eventually, register};
 
 /// A primary process on a fresh database, and its first user (an owner).
 async fn primary_with_owner(dir: &std::path::Path) -> (ServerProcess, Api) {
@@ -45,7 +45,7 @@ async fn region(owner: &Api, name: &str) -> Value {
 async fn an_edge_registers_reports_health_deregisters_and_stops_when_revoked() {
     let dir = tempfile::tempdir().unwrap();
     let (primary, owner) = primary_with_owner(dir.path()).await;
-    let (mut edge, token) = EdgeProcess::create(&owner, &primary.url, "eu", &[], dir.path()).await;
+    let (mut edge, token) = create_edge(&owner, &primary.url, "eu", &[], dir.path()).await;
     let edge_url = edge.url.clone();
     let r = eventually(30, "the eu region healthy", || {
         let owner = owner.clone();
@@ -115,7 +115,7 @@ async fn an_edge_terminates_tls_with_the_operators_certificate() {
     std::fs::write(dir.path().join("edge.key"), key.serialize_pem()).unwrap();
 
     let (cert, key) = (dir.path().join("edge.pem"), dir.path().join("edge.key"));
-    let (edge, _) = EdgeProcess::create(
+    let (edge, _) = create_edge(
         &owner,
         &primary.url,
         "ap",
@@ -253,7 +253,7 @@ async fn an_edge_the_primary_cannot_call_back_is_unhealthy() {
     let owner = p.owner().await;
     let dir = tempfile::tempdir().unwrap();
     // Heartbeats arrive, but nothing answers at the advertised access URL.
-    let _edge = EdgeProcess::create(
+    let _edge = create_edge(
         &owner,
         &p.url,
         "eu",
@@ -275,7 +275,7 @@ async fn an_edge_the_primary_cannot_call_back_is_unhealthy() {
 async fn an_edge_runs_from_a_settings_file_and_refuses_bad_settings_before_binding() {
     let dir = tempfile::tempdir().unwrap();
     let (primary, owner) = primary_with_owner(dir.path()).await;
-    let port = crate::support::free_port();
+    let port = crate::support::free_port().unwrap();
     let (s, e) = owner
         .post(
             "/edges",

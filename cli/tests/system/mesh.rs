@@ -12,7 +12,9 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use crate::support::{AgentProcess, EdgeProcess, ServerProcess, app_client, eventually};
+use crate::support::{
+    AgentProcess, EdgeProcess, ServerProcess, app_client, create_edge, eventually,
+};
 
 /// A primary, edges `eu` and `ap` (both also serving `*.global.localhost`),
 /// and alice's workspaces `weu` (agent pinned to `eu`) and `wap` (pinned to
@@ -73,8 +75,7 @@ impl Mesh {
         let global = ["--global-wildcard-access-url", "*.global.localhost"];
         let mut edges = Vec::new();
         for region in ["eu", "ap"] {
-            let (edge, _) =
-                EdgeProcess::create(&owner, &primary.url, region, &global, dir.path()).await;
+            let (edge, _) = create_edge(&owner, &primary.url, region, &global, dir.path()).await;
             edges.push(edge);
         }
         for region in ["eu", "ap"] {
@@ -171,7 +172,7 @@ impl Mesh {
     /// Waits until the primary says the workspace's agent is attached in `region`.
     async fn wait_attached(&self, workspace: &str, region: &str) {
         let edge = if region == "eu" { &self.eu } else { self.ap() };
-        let log = edge.log.clone();
+        let log = edge.process.log.clone();
         eventually(
             30,
             &format!("{workspace}'s agent attached in {region} ({log:?})"),
