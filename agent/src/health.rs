@@ -71,7 +71,7 @@ impl Tracker {
 pub(crate) struct Check {
     /// The app's slug.
     pub(crate) slug: String,
-    /// The URL polled.
+    /// The URL polled with GET; any 2xx or 3xx passes.
     pub(crate) url: String,
     /// Time between checks.
     pub(crate) interval: Duration,

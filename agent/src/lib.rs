@@ -1,7 +1,9 @@
-//! The workspace agent (`devmesh agent`): keeps one QUIC tunnel to the
-//! nearest relay and splices the relay's streams onto local ports, runs the
-//! startup and stop scripts and streams their output, checks app health and
-//! reports lifecycle, logs and health to the primary.
+//! The workspace agent (`devmesh agent`): connects a workspace's apps to the nearest relay.
+//!
+//! It keeps one QUIC tunnel to the nearest relay and splices the relay's
+//! streams onto local ports, runs the startup and stop scripts and streams
+//! their output, checks app health, and reports lifecycle, logs and health
+//! to the primary.
 //!
 //! [`run`] is the whole agent; the CLI parses [`AgentArgs`] and cancels the
 //! token on SIGTERM or SIGINT.
@@ -9,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 mod client;
+mod config;
 mod health;
 mod lifecycle;
 mod logs;
@@ -27,44 +30,14 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use devmesh_shared::api::{AgentManifest, LifecycleState, ScriptTrigger};
-use devmesh_shared::secret::Secret;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
+
+pub use crate::config::{AgentArgs, AgentConfig};
 
 use crate::client::ApiClient;
 use crate::lifecycle::Lifecycle;
 use crate::scripts::{OnFailure, Outcome, ScriptEnv};
-
-/// Command-line and environment settings of `devmesh agent`.
-#[derive(Clone, clap::Args)]
-pub struct AgentArgs {
-    /// URL of the primary (`https://devmesh.example.com`).
-    #[arg(long, env = "DEVMESH_URL")]
-    pub url: String,
-    /// The agent token the workspace build returned.
-    #[arg(long, env = "DEVMESH_AGENT_TOKEN", hide_env_values = true)]
-    pub token: String,
-    /// Extra PEM bundle trusted for the primary's HTTPS API, on top of the
-    /// system roots.
-    #[arg(long, env = "DEVMESH_CA_CERT")]
-    pub ca_cert: Option<PathBuf>,
-    /// Prefer this region's relays to the nearest whenever they answer
-    /// (failing over to the nearest other when they do not), for
-    /// workspaces that should stay in one region.
-    #[arg(long, env = "DEVMESH_RELAY_REGION")]
-    pub relay_region: Option<String>,
-}
-
-// Written by hand so the token never reaches a log through `{:?}`.
-impl std::fmt::Debug for AgentArgs {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AgentArgs")
-            .field("url", &self.url)
-            .field("token", &Secret::new(""))
-            .field("ca_cert", &self.ca_cert)
-            .finish()
-    }
-}
 
 /// Runs the agent until `shutdown` is cancelled, then runs the stop
 /// scripts, reports the final state, closes the tunnel and returns `Ok`.
@@ -73,7 +46,7 @@ impl std::fmt::Debug for AgentArgs {
 /// that can heal (the primary down, the token refused, relays unreachable)
 /// is retried with backoff and logged.
 pub async fn run(args: AgentArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    run_with(args, shutdown, Tuning::default()).await
+    run_with(args.resolve()?, shutdown, Tuning::default()).await
 }
 
 /// Timers and sizes that tests shorten.
@@ -96,15 +69,15 @@ impl Default for Tuning {
 }
 
 async fn run_with(
-    args: AgentArgs,
+    config: AgentConfig,
     shutdown: CancellationToken,
     tuning: Tuning,
 ) -> anyhow::Result<()> {
     devmesh_net::runtime::install_crypto_provider();
-    let client = ApiClient::new(&args.url, Secret::new(args.token), args.ca_cert.as_deref())
+    let client = ApiClient::new(&config.url, config.token, config.ca_cert.as_deref())
         .context("invalid agent settings")?
-        .pinned_to(args.relay_region.clone());
-    tracing::info!(version = devmesh_shared::VERSION, url = %args.url, "devmesh agent starting");
+        .pinned_to(config.relay_region.clone());
+    tracing::info!(version = devmesh_shared::VERSION, url = %config.url, "devmesh agent starting");
 
     let Some(manifest) =
         client::retry("fetching the manifest", &shutdown, || client.manifest()).await

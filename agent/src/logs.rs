@@ -138,7 +138,8 @@ impl LogReceiver {
     }
 }
 
-/// The running uploader.
+/// The task [`spawn`] started, which batches lines to the primary; call
+/// [`LogUploader::finish`] to flush what is queued before the agent exits.
 #[derive(Debug)]
 pub(crate) struct LogUploader {
     task: JoinHandle<()>,

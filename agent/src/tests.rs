@@ -24,13 +24,14 @@ fn tuning() -> Tuning {
     }
 }
 
-fn args(primary: &FakePrimary) -> AgentArgs {
+fn config(primary: &FakePrimary) -> AgentConfig {
     AgentArgs {
-        url: primary.url.clone(),
-        token: TOKEN.into(),
-        ca_cert: None,
-        relay_region: None,
+        url: Some(primary.url.clone()),
+        token: Some(TOKEN.into()),
+        ..Default::default()
     }
+    .resolve()
+    .unwrap()
 }
 
 fn script(name: &str, script: &str, run_on: ScriptTrigger) -> ScriptSpec {
@@ -51,7 +52,7 @@ struct Running {
 impl Running {
     fn start(primary: &FakePrimary) -> Self {
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(run_with(args(primary), shutdown.clone(), tuning()));
+        let task = tokio::spawn(run_with(config(primary), shutdown.clone(), tuning()));
         Self { shutdown, task }
     }
 
@@ -209,47 +210,108 @@ async fn shutdown_before_the_manifest_arrives_returns_ok() {
     primary.recorded(|r| assert!(r.lifecycle.is_empty()));
 }
 
-#[tokio::test]
-async fn unusable_settings_are_errors() {
-    let bad_url = AgentArgs {
-        url: "ftp://example.test".into(),
-        token: "t".into(),
-        ca_cert: None,
-        relay_region: None,
-    };
-    assert!(run(bad_url, CancellationToken::new()).await.is_err());
-
+#[test]
+fn unusable_settings_are_refused_before_anything_starts() {
     let dir = tempfile::tempdir().unwrap();
-    let missing = AgentArgs {
-        url: "https://example.test".into(),
-        token: "t".into(),
-        ca_cert: Some(dir.path().join("missing.pem")),
-        relay_region: None,
-    };
-    assert!(run(missing, CancellationToken::new()).await.is_err());
-
     let empty = dir.path().join("empty.pem");
     std::fs::write(&empty, "").unwrap();
-    let no_certs = AgentArgs {
-        url: "https://example.test".into(),
-        token: "t".into(),
-        ca_cert: Some(empty),
-        relay_region: None,
+    let good = || AgentArgs {
+        url: Some("https://example.test".into()),
+        token: Some("t".into()),
+        ..Default::default()
     };
-    assert!(run(no_certs, CancellationToken::new()).await.is_err());
+    for (broken, needle) in [
+        (
+            AgentArgs {
+                url: Some("ftp://example.test".into()),
+                ..good()
+            },
+            "--url",
+        ),
+        (
+            AgentArgs {
+                url: None,
+                ..good()
+            },
+            "--url",
+        ),
+        (
+            AgentArgs {
+                token: Some(" ".into()),
+                ..good()
+            },
+            "--token",
+        ),
+        (
+            AgentArgs {
+                ca_cert: Some(dir.path().join("missing.pem")),
+                ..good()
+            },
+            "missing.pem",
+        ),
+        (
+            AgentArgs {
+                ca_cert: Some(empty.clone()),
+                ..good()
+            },
+            "no PEM certificate",
+        ),
+        (
+            AgentArgs {
+                relay_region: Some("Not A Region".into()),
+                ..good()
+            },
+            "--relay-region",
+        ),
+    ] {
+        let err = broken.resolve().unwrap_err().to_string();
+        assert!(err.contains(needle), "{needle}: {err}");
+    }
+}
+
+#[test]
+fn a_settings_file_fills_what_flags_leave_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.toml");
+    std::fs::write(
+        &path,
+        "url = \"https://file.example.test/\"\ntoken = \"from-file\"\nrelay-region = \"sydney\"\n",
+    )
+    .unwrap();
+    let config = AgentArgs {
+        config: Some(path.clone()),
+        relay_region: Some("tokyo".into()),
+        ..Default::default()
+    }
+    .resolve()
+    .unwrap();
+    assert_eq!(config.url, "https://file.example.test");
+    assert_eq!(config.token.expose(), "from-file");
+    assert_eq!(config.relay_region.as_deref(), Some("tokyo"), "a flag wins");
+
+    std::fs::write(&path, "tokn = \"typo\"\n").unwrap();
+    let err = AgentArgs {
+        config: Some(path),
+        ..Default::default()
+    }
+    .resolve()
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("tokn"), "{err}");
 }
 
 #[test]
 fn debug_never_shows_the_token() {
     let args = AgentArgs {
-        url: "https://example.test".into(),
-        token: "super-secret".into(),
-        ca_cert: None,
-        relay_region: None,
+        url: Some("https://example.test".into()),
+        token: Some("super-secret".into()),
+        ..Default::default()
     };
     let shown = format!("{args:?}");
     assert!(!shown.contains("super-secret"), "{shown}");
     assert!(shown.contains("****"));
+    let shown = format!("{:?}", args.resolve().unwrap());
+    assert!(!shown.contains("super-secret"), "{shown}");
 }
 
 #[test]
@@ -271,8 +333,8 @@ fn args_parse_from_flags() {
         "/etc/ca.pem",
     ])
     .unwrap();
-    assert_eq!(cli.agent.url, "https://devmesh.test");
-    assert_eq!(cli.agent.token, "abc");
+    assert_eq!(cli.agent.url.as_deref(), Some("https://devmesh.test"));
+    assert_eq!(cli.agent.token.as_deref(), Some("abc"));
     assert_eq!(
         cli.agent.ca_cert.as_deref(),
         Some(std::path::Path::new("/etc/ca.pem"))

@@ -1,4 +1,5 @@
-//! `devmesh`: one binary for the server and the user's terminal workflow.
+//! `devmesh`: one binary for the daemons and for the user's terminal commands.
+//!
 //! Parse, validate, run; the logic lives in the libraries and the command
 //! modules.
 

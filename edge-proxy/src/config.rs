@@ -99,7 +99,8 @@ struct FileConfig {
 pub struct EdgeConfig {
     /// The primary's URL, without a trailing slash.
     pub primary_url: String,
-    /// The edge token.
+    /// `<edge-id>:<secret>`, its shape checked here; the primary checks
+    /// the secret on every call.
     pub edge_token: Secret,
     /// The region's base URL, without a trailing slash.
     pub access_url: String,
@@ -113,7 +114,8 @@ pub struct EdgeConfig {
     pub relay_bind: Option<SocketAddr>,
     /// Where HTTP listens.
     pub listen: SocketAddr,
-    /// HTTPS.
+    /// Whether the listener serves plain HTTP, the operator's certificate
+    /// or a self-signed one.
     pub tls: TlsMode,
     /// Extra CA to trust for the primary.
     pub ca_cert: Option<PathBuf>,
@@ -212,7 +214,7 @@ impl EdgeArgs {
         };
         // By default the primary's CA on this machine, so one CA covers both.
         let tls = self.tls.resolve(file_tls, || {
-            Ok(devmesh_net::config::default_data_dir()?.join("tls"))
+            Ok(devmesh_net::config::default_data_dir("--tls-dir")?.join("tls"))
         })?;
         let access_checks_per_minute = match self
             .access_checks_per_minute

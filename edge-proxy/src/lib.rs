@@ -1,4 +1,4 @@
-//! The regional edge proxy (`devmesh edge`).
+//! The regional edge proxy (`devmesh edge`): serves a region's apps and relays its agents.
 //!
 //! An edge generates its mesh key and registers with the primary, receiving
 //! a mesh certificate signed from its CSR, the app-token keys and its
@@ -61,9 +61,9 @@ struct Status {
 /// A cached access decision from the primary for one (app host, key).
 #[derive(Debug)]
 pub(crate) struct Decision {
-    /// The signed app token.
+    /// The signed app token: the mesh grant, and the browser's cookie.
     pub(crate) token: String,
-    /// Its claims.
+    /// `token`'s claims: its target, expiry and what revocations apply.
     pub(crate) claims: AppToken,
     /// Set while a background refresh runs, so only one does.
     refreshing: std::sync::atomic::AtomicBool,

@@ -10,7 +10,8 @@ use prometheus_client::registry::Registry;
 
 use devmesh_proxy::relay::RelayStats;
 
-/// Labels of a cache lookup.
+/// Labels of `devmesh_edge_access_decisions_total`: how one app request was
+/// authorised.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct CacheLabels {
     /// `token` (a valid app-token cookie), `hit`, `miss`, `refused` (a

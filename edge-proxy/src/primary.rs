@@ -45,7 +45,8 @@ pub(crate) enum DecisionError {
     Denied(AppError),
 }
 
-/// The client.
+/// The edge API of one primary, called with the edge token. Cheap to
+/// clone: clones share the HTTP connection pool.
 #[derive(Debug, Clone)]
 pub(crate) struct PrimaryClient {
     http: reqwest::Client,

@@ -303,7 +303,8 @@ pub async fn quinn_bulk(size: u64) -> anyhow::Result<Duration> {
     let addr = server.local_addr()?;
     let srv = tokio::spawn(async move {
         let conn = server.accept().await.context("no connection")?.await?;
-        let mut send = conn.open_uni().await?;
+        // A bidirectional stream, as the tunnel carries each connection on.
+        let (mut send, _recv) = conn.open_bi().await?;
         fill(&mut send, size).await?;
         send.finish()?;
         let _ = send.stopped().await;
@@ -326,7 +327,7 @@ pub async fn quinn_bulk(size: u64) -> anyhow::Result<Duration> {
     let conn = client
         .connect_with(client_config, addr, "localhost")?
         .await?;
-    let recv = conn.accept_uni().await?;
+    let (_send, recv) = conn.accept_bi().await?;
     drain(recv, size).await?;
     let d = start.elapsed();
     conn.close(devmesh_shared::tunnel::close::SHUTDOWN.into(), b"done");

@@ -65,11 +65,13 @@ pub fn validate_wildcard(flag: &str, w: &str) -> Result<String, ConfigError> {
 /// `/var/lib/devmesh` as root, else `$XDG_DATA_HOME/devmesh`
 /// (`~/.local/share/devmesh`). An edge on the same machine finds the
 /// primary's self-signed CA under it.
-pub fn default_data_dir() -> Result<std::path::PathBuf, ConfigError> {
+pub fn default_data_dir(flag: &str) -> Result<std::path::PathBuf, ConfigError> {
     if nix::unistd::Uid::effective().is_root() {
         return Ok("/var/lib/devmesh".into());
     }
     dirs::data_dir().map(|d| d.join("devmesh")).ok_or_else(|| {
-        ConfigError("cannot find a data directory ($HOME unset): pass --data-dir".into())
+        ConfigError(format!(
+            "cannot find a data directory ($HOME unset): pass {flag}"
+        ))
     })
 }

@@ -1,7 +1,12 @@
-//! The IO half of devmesh's common code: sockets sized for QUIC, the QUIC
-//! settings both tunnel ends use, TLS certificates and their reloading, the
-//! HTTP accept loop with its limits, retry backoff, and process setup (settings files, crypto, logging).
-//! Wire formats and rules live in `devmesh-shared`, which opens nothing.
+//! The IO devmesh's processes share: sockets, QUIC and TLS settings, HTTP serving, process setup.
+//!
+//! UDP sockets sized for QUIC, HTTP clients and name resolution
+//! ([`sockets`]); the QUIC settings both tunnel ends use ([`quic`]); HTTPS
+//! certificates, their reloading and the `--tls-*` flags ([`tls`]); the
+//! HTTP accept loop with its limits ([`http`]); retry backoff
+//! ([`backoff`]); settings files ([`config`]); crypto provider and logging
+//! ([`runtime`]). Wire formats and rules live in `devmesh-shared`, which
+//! opens nothing.
 
 #![forbid(unsafe_code)]
 

@@ -13,13 +13,16 @@ use rustls::RootCertStore;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-/// Relay-opened streams an agent accepts at once: one per user connection.
+/// Streams a peer carrying user connections may have open at once, one
+/// per connection: a relay towards its agent, and a listed mesh peer
+/// towards a relay (raised to this once it is known).
 pub const MAX_STREAMS: u32 = 100_000;
-/// Flow-control window of one stream.
+/// Flow-control window of one stream, in bytes.
 pub const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
-/// Flow-control window of a whole connection, both directions.
+/// Flow-control window of a whole connection, both directions, in bytes.
 pub const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
-/// What a relay lets a peer that has not authenticated yet have in flight.
+/// What a relay lets a peer that has not authenticated yet have in
+/// flight, in bytes: enough for an attach ticket, not for a flood.
 pub const UNAUTHENTICATED_WINDOW: u32 = 64 * 1024;
 /// QUIC keep-alives, so both ends notice a dead path within [`IDLE_TIMEOUT`].
 pub const KEEP_ALIVE: Duration = Duration::from_secs(2);

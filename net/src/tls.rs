@@ -48,14 +48,15 @@ pub enum TlsMode {
     Off,
     /// The operator's certificate and key, reloaded when they change.
     Files {
-        /// PEM chain.
+        /// The PEM certificate chain, leaf first (`--tls-cert`).
         cert: PathBuf,
-        /// PEM key.
+        /// The PEM private key of the leaf (`--tls-key`).
         key: PathBuf,
     },
     /// A certificate from a private CA in `dir`.
     SelfSigned {
-        /// Where the CA and certificate live.
+        /// The TLS directory (`--tls-dir`): `ca.pem`, the CA's key, and one
+        /// certificate and key per set of names, created on first use.
         dir: PathBuf,
     },
 }

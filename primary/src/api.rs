@@ -43,13 +43,13 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 /// Everything handlers share.
 #[derive(Debug, Clone)]
 pub struct AppState {
-    /// The database.
+    /// The connection pool to PostgreSQL (embedded or `--postgres-url`).
     pub db: PgPool,
     /// Validated configuration.
     pub config: Arc<ServerConfig>,
     /// API key validation and cache.
     pub keys: KeyValidator,
-    /// Metrics registry.
+    /// What `/metrics` serves; the middleware and handlers count into it.
     pub metrics: Arc<Metrics>,
     /// Login attempts per client IP.
     pub login_per_ip: Arc<RateLimiter>,
@@ -57,9 +57,10 @@ pub struct AppState {
     pub login_per_user: Arc<RateLimiter>,
     /// Signs attach tickets and app tokens.
     pub signer: Signer,
-    /// Seals one-time app keys for the auth redirect.
+    /// Seals the one-time sign-in grants of the auth redirect.
     pub sealer: Sealer,
-    /// The mesh CA.
+    /// The mesh CA: signs edges' relay certificates when they register;
+    /// its PEM goes into agents' manifests as their only trust root.
     pub ca: Arc<MeshCa>,
     /// The primary's relay.
     pub relay: Relay,
@@ -127,17 +128,17 @@ impl AppState {
 /// The primary's keys and relay, created at start.
 #[derive(Debug)]
 pub struct Parts {
-    /// Signing keys.
+    /// Signs attach tickets, app tokens and stream grants.
     pub signer: Signer,
-    /// Sealing key.
+    /// Seals sign-in grants.
     pub sealer: Sealer,
-    /// Mesh CA.
+    /// The mesh CA, loaded (or created on a new deployment) at start.
     pub ca: Arc<MeshCa>,
-    /// The relay.
+    /// The primary's relay, already serving.
     pub relay: Relay,
-    /// Its advertised address.
+    /// The relay's address as agents and other relays dial it.
     pub relay_address: String,
-    /// The event bus.
+    /// LISTEN/NOTIFY between replicas; the source of edges' event streams.
     pub bus: crate::events::Bus,
     /// Agent locations, kept current from the bus.
     pub locations: devmesh_proxy::relay::Locations,
@@ -145,7 +146,7 @@ pub struct Parts {
     pub mesh_peers: devmesh_proxy::relay::MeshPeers,
     /// Revocations, shared with the relay.
     pub revocations: Arc<devmesh_proxy::revocations::Revocations>,
-    /// Server shutdown.
+    /// Fires when the server shuts down.
     pub shutdown: tokio_util::sync::CancellationToken,
 }
 
@@ -400,7 +401,8 @@ impl Audit {
         }
     }
 
-    /// Which resource.
+    /// The resource acted on: its id and its name now, so the record stays
+    /// readable after the resource is gone.
     pub fn resource(mut self, id: impl ToString, name: impl Into<String>) -> Self {
         self.resource_id = id.to_string();
         self.resource_name = name.into();
@@ -419,7 +421,7 @@ impl Audit {
         self
     }
 
-    /// From where.
+    /// The client's address, as the HTTP listener saw the TCP peer.
     pub fn ip(mut self, ip: &str) -> Self {
         self.ip = Some(ip.to_owned());
         self

@@ -81,7 +81,8 @@ pub async fn verify_password(password: String, hash: Option<String>) -> bool {
 /// The identity behind a valid key.
 #[derive(Debug, Clone)]
 pub struct Principal {
-    /// The key's id.
+    /// The key's public id (the 10 characters before `-`): what app
+    /// tokens name and what deleting the key revokes.
     pub key_id: String,
     /// What the key may do.
     pub scope: KeyScope,
@@ -89,7 +90,8 @@ pub struct Principal {
     pub user_id: Uuid,
     /// Their username.
     pub username: String,
-    /// Their roles.
+    /// Their roles, as of when the key was validated (cached up to 30 s;
+    /// forgotten at once when the user is suspended or deleted).
     pub roles: Vec<Role>,
 }
 

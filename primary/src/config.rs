@@ -91,13 +91,15 @@ pub struct ServerConfig {
     pub access_url: String,
     /// `*.apps.example.com`, if apps get subdomains.
     pub wildcard_access_url: Option<String>,
-    /// State directory.
+    /// The state directory, absolute: the embedded database and, unless
+    /// set elsewhere, the secrets key and the self-signed TLS files.
     pub data_dir: PathBuf,
     /// External database, or `None` for the embedded one.
     pub postgres_url: Option<Secret>,
-    /// The key-encryption key's file.
+    /// The secrets key (absolute path) that encrypts the signing, CA and
+    /// sealing keys stored in the database; created on first start.
     pub secrets_key_file: PathBuf,
-    /// Log format.
+    /// Text or JSON lines on stderr (`--log-format`).
     pub log_format: LogFormat,
     /// Where the relay binds (UDP).
     pub relay_address: SocketAddr,
@@ -130,7 +132,7 @@ impl ServerArgs {
                 return Err(ConfigError("--data-dir must not be empty".into()));
             }
             Some(d) => absolute(&d)?,
-            None => devmesh_net::config::default_data_dir()?,
+            None => devmesh_net::config::default_data_dir("--data-dir")?,
         };
         let file_tls = TlsArgs {
             tls_cert: file.tls_cert,
@@ -239,8 +241,6 @@ fn absolute(p: &Path) -> Result<PathBuf, ConfigError> {
     std::path::absolute(p).map_err(|e| ConfigError(format!("--data-dir {}: {e}", p.display())))
 }
 
-/// `$XDG_DATA_HOME/devmesh` for users; `/var/lib/devmesh` for root, whose
-/// home the unprivileged database user cannot enter.
 #[cfg(test)]
 mod tests {
     use super::*;

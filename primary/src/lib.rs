@@ -1,7 +1,9 @@
-//! The devmesh primary: the one component that talks to PostgreSQL. It owns
-//! users and keys, templates, workspaces, edges and the audit log, and
-//! serves `/api/v2`. `devmesh server` is a thin wrapper around [`server::start`];
-//! tests start primaries in-process the same way.
+//! The primary (`devmesh server`): makes every decision and is the only component with a database.
+//!
+//! It owns users and keys, templates, workspaces, edges and the audit log,
+//! the signing keys and the mesh CA, serves `/api/v2` and its region's
+//! apps, and runs a relay of its own. `devmesh server` is a thin wrapper
+//! around [`server::start`]; tests start primaries in-process the same way.
 
 pub mod api;
 pub mod auth;

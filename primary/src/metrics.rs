@@ -22,14 +22,15 @@ pub struct HttpLabels {
 /// Labels carrying one outcome.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
-    /// The outcome.
+    /// The outcome; each counter lists its values where it is declared
+    /// on [`Metrics`].
     pub result: String,
 }
 
-/// Labels carrying a route.
+/// Labels of the request latency histograms.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
-    /// The matched route pattern.
+    /// As in [`HttpLabels::route`]: the pattern, never the raw path.
     pub route: String,
 }
 

@@ -29,7 +29,8 @@ pub const GRANT_PARAM: &str = "devmesh_app_grant";
 /// started it.
 pub const STATE_COOKIE: &str = "devmesh_app_state";
 
-/// Lifetime of an app token.
+/// How long an app token (and the cookie carrying it) is valid, in
+/// seconds; also how long edges cache a decision and keep revocations.
 pub const APP_TOKEN_LIFETIME_SECS: i64 = 30 * 60;
 /// A token cookie with less than this left is renewed on its next request,
 /// so a page open for hours keeps working without a sign-in bounce.
@@ -40,11 +41,13 @@ pub const APP_TOKEN_RENEW_SECS: i64 = 10 * 60;
 pub struct Target {
     /// The agent serving the app.
     pub agent_id: Uuid,
-    /// The port.
+    /// The app's port on the agent's loopback interface.
     pub port: u16,
-    /// TLS to the app.
+    /// Whether to speak TLS to the app (an `https://` app URL or a
+    /// `<port>s--` dev URL).
     pub https: bool,
-    /// The app's base path.
+    /// The path prefix of the app's URL in its declaration, put in front
+    /// of the request's path (`/` for most apps).
     pub base_path: String,
     /// What authorises the stream if it crosses the mesh: the app token
     /// the decision was signed as (an edge's); `None` where the relay signs
@@ -125,11 +128,12 @@ pub fn same_origin_request(headers: &HeaderMap, origin_host: &str) -> bool {
 /// served over HTTPS; `max_age` 0 deletes it.
 #[derive(Debug, Clone, Copy)]
 pub struct SetCookie<'a> {
-    /// Name.
+    /// Cookie name; devmesh's all start with `devmesh` (see
+    /// [`is_devmesh_cookie`]), which is what keeps them from apps.
     pub name: &'a str,
-    /// Value.
+    /// Cookie value, written as is: it must already be cookie-safe.
     pub value: &'a str,
-    /// Path.
+    /// `Path` attribute, usually `/`.
     pub path: &'a str,
     /// Domain, for cookies shared by every app host.
     pub domain: Option<&'a str>,

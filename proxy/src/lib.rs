@@ -1,9 +1,12 @@
-//! What the primary and the edges share to carry app traffic: the QUIC
-//! relay agents attach to and the mesh between relays ([`relay`]), pooled
-//! HTTP connections to apps over tunnel streams ([`upstream`]), the app
-//! proxy's phases with a pluggable source of decisions ([`pipeline`]), the
-//! app-request plumbing: error pages, cookies, forwarding ([`app`]), and
-//! the store app tokens are checked against ([`revocations`]).
+//! Carries app traffic to workspace agents, for the primary and the edges alike.
+//!
+//! The QUIC relay agents attach to and the mesh between relays
+//! ([`relay`]), pooled HTTP connections to apps over tunnel streams
+//! ([`upstream`]), the app proxy's phases with a pluggable source of
+//! decisions ([`pipeline`]), the app-request plumbing: error pages, cookie
+//! names, credentials in headers, the sign-in redirect ([`app`]), the store
+//! app tokens are checked against ([`revocations`]), and per-client rate
+//! limits ([`ratelimit`]).
 
 #![forbid(unsafe_code)]
 

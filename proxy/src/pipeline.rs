@@ -124,7 +124,8 @@ pub struct Plumbing<'a> {
 pub struct RequestLabels {
     /// `app` or `dev_url`.
     pub kind: &'static str,
-    /// The status code.
+    /// The status of the answer the client got, the proxy's own error
+    /// pages included.
     pub status: u16,
 }
 

@@ -104,21 +104,21 @@ const SELF_GRANT_SECS: i64 = 60;
 pub enum AttachEvent {
     /// The agent attached (or re-attached, replacing an older tunnel).
     Attached {
-        /// The agent.
+        /// The agent, as its attach ticket names it.
         agent: Uuid,
-        /// Its workspace.
+        /// The agent's workspace, from the same ticket.
         workspace: Uuid,
         /// When its ticket was issued, unix milliseconds.
         issued_at_ms: i64,
     },
     /// The agent pinged; sent at most every 30 s per agent.
     Alive {
-        /// The agent.
+        /// The agent that pinged.
         agent: Uuid,
     },
     /// The agent's tunnel ended and no newer one replaced it.
     Detached {
-        /// The agent.
+        /// The agent whose tunnel ended.
         agent: Uuid,
     },
 }
@@ -134,7 +134,8 @@ impl Keys {
         Ok(Self(Arc::new(RwLock::new(Arc::new(Verifier::new(keys)?)))))
     }
 
-    /// Replaces the keys.
+    /// Replaces the keys after the primary rotates them: tickets and
+    /// tokens signed with a key no longer listed stop verifying.
     pub fn set(&self, keys: &[PublicKey]) -> Result<(), TokenError> {
         *self.0.write() = Arc::new(Verifier::new(keys)?);
         Ok(())
@@ -278,7 +279,7 @@ pub struct RelayConfig {
     pub advertised: RelayInfo,
     /// This relay's mesh certificate chain (server and client auth).
     pub cert_chain: Vec<CertificateDer<'static>>,
-    /// Its key.
+    /// The private key of `cert_chain`'s leaf.
     pub key: PrivateKeyDer<'static>,
     /// The mesh CA, the only root trusted for mesh peers.
     pub mesh_ca_pem: String,
@@ -340,7 +341,8 @@ struct Inner {
     stats: Arc<RelayStats>,
 }
 
-/// A running relay.
+/// A running relay. Clones share one endpoint; it serves until the
+/// `shutdown` token given to [`Relay::start`] fires.
 #[derive(Clone)]
 pub struct Relay {
     inner: Arc<Inner>,

@@ -39,11 +39,13 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Which upstream a connection reaches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Key {
-    /// The agent.
+    /// The workspace agent whose tunnel carries the connection.
     pub agent: Uuid,
-    /// The port in the workspace.
+    /// The app's port on the agent's loopback interface.
     pub port: u16,
-    /// TLS to the app.
+    /// Whether the hop to the app runs TLS inside the tunnel stream (an
+    /// `https://` app or an `<port>s--` dev URL); the app's certificate is
+    /// not verified.
     pub https: bool,
 }
 
@@ -59,7 +61,8 @@ pub enum SendError {
 /// An idle connection and since when.
 type Idle = (Instant, SendRequest<Body>);
 
-/// The pool.
+/// Idle HTTP/1.1 connections to apps, by [`Key`]: at most 32 per key, none
+/// reused after 60 s idle. One per primary or edge, shared by its requests.
 #[derive(Debug, Default)]
 pub struct Pool {
     idle: Mutex<HashMap<Key, Vec<Idle>>>,

@@ -90,11 +90,13 @@ pub enum UserStatus {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateFirstUserRequest {
-    /// Email address.
+    /// Unique; must contain `@` (not at either end), no whitespace, at
+    /// most 254 bytes.
     pub email: String,
-    /// Username.
+    /// Unique; a name by [`crate::names::validate_name`], since it becomes
+    /// part of app hostnames.
     pub username: String,
-    /// Password, 8 characters or more.
+    /// 8 characters to 256 bytes.
     pub password: String,
 }
 
@@ -109,11 +111,11 @@ pub struct FirstUserStatus {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateUserRequest {
-    /// Email address.
+    /// As for [`CreateFirstUserRequest::email`].
     pub email: String,
-    /// Username.
+    /// As for [`CreateFirstUserRequest::username`].
     pub username: String,
-    /// Password, 8 characters or more.
+    /// 8 characters to 256 bytes.
     pub password: String,
     /// Extra roles (`member` is implied).
     #[serde(default)]
@@ -126,11 +128,11 @@ pub struct CreateUserRequest {
 pub struct LoginRequest {
     /// Email address or username.
     pub email: String,
-    /// Password.
+    /// At most 1,024 bytes (longer ones are refused before hashing).
     pub password: String,
 }
 
-/// A new session.
+/// The answer to a login: a new session.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LoginResponse {
     /// An `id-secret` key with scope `all`.
@@ -197,7 +199,7 @@ pub struct CreateKeyResponse {
 pub struct ApiKey {
     /// The public id, the part before the `-`.
     pub id: String,
-    /// The label.
+    /// The label given when it was created (`devmesh keys create --name`).
     pub name: String,
     /// `password` for login sessions, `token` for created keys.
     pub login_type: String,
@@ -501,11 +503,12 @@ pub fn from_stored<T: serde::de::DeserializeOwned>(stored: &str) -> Option<T> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BuildStatus {
-    /// Queued.
+    /// Recorded, not started yet. Not produced today: a build of an
+    /// `external` template succeeds as it is created.
     Pending,
     /// Being carried out.
     Running,
-    /// Done.
+    /// Finished: the workspace is as the transition asked.
     Succeeded,
     /// It failed; the workspace is as the build left it.
     Failed,
@@ -521,7 +524,7 @@ pub enum AgentStatus {
     Connected,
     /// Its tunnel ended.
     Disconnected,
-    /// Not heard from for too long.
+    /// Attached, but not heard from for over 60 s.
     Timeout,
 }
 
@@ -566,16 +569,17 @@ pub struct WorkspaceAgent {
     pub lifecycle_state: LifecycleState,
     /// Whether its tunnel is up.
     pub status: AgentStatus,
-    /// First time it connected.
+    /// When it first attached to a relay.
     pub first_connected_at: Option<DateTime<Utc>>,
-    /// Last heartbeat.
+    /// When it was last heard from: its relay reports an attached agent at
+    /// most every 30 s, so this lags by up to that.
     pub last_connected_at: Option<DateTime<Utc>>,
     /// When it went away.
     pub disconnected_at: Option<DateTime<Utc>>,
     /// The region of the relay it is attached to (`primary` or an edge's).
     #[serde(default)]
     pub relay_region: Option<String>,
-    /// Its web apps.
+    /// The apps its template declares for it.
     pub apps: Vec<WorkspaceApp>,
 }
 
@@ -590,7 +594,8 @@ pub struct WorkspaceApp {
     pub display_name: String,
     /// Upstream URL as the agent reaches it.
     pub url: String,
-    /// Subdomain or path routing.
+    /// `true`: served on its own hostname under the apps wildcard;
+    /// `false`: under the dashboard's origin, only with `--enable-path-apps`.
     pub subdomain: bool,
     /// Who may open it.
     pub sharing_level: SharingLevel,
@@ -715,9 +720,9 @@ pub struct Edge {
     pub name: String,
     /// Shown to users.
     pub display_name: String,
-    /// Whether it is up.
+    /// Registration and reachability, as the primary last saw them.
     pub status: EdgeStatus,
-    /// Whether it serves traffic.
+    /// `true` exactly when `status` is `ok`.
     pub healthy: bool,
     /// The region's base URL.
     pub access_url: Option<String>,
@@ -760,11 +765,12 @@ pub struct Region {
     pub name: String,
     /// Shown to users.
     pub display_name: String,
-    /// Whether it serves traffic.
+    /// `true` exactly when `status` is `ok` (always, for the primary).
     pub healthy: bool,
-    /// Whether it is up.
+    /// Registration and reachability, as the primary last saw them.
     pub status: EdgeStatus,
-    /// Base URL.
+    /// Where users reach the region (the primary's access URL for
+    /// `primary`).
     pub access_url: Option<String>,
     /// App wildcard (`*.apps.example.com`).
     pub wildcard_hostname: Option<String>,
@@ -795,7 +801,7 @@ pub struct BuildInfo {
 pub struct AuditEntry {
     /// Increasing id.
     pub id: i64,
-    /// When.
+    /// When the action happened.
     pub time: DateTime<Utc>,
     /// Who (absent for anonymous or failed logins).
     pub user_id: Option<Uuid>,
@@ -807,9 +813,9 @@ pub struct AuditEntry {
     pub action: String,
     /// `user`, `api_key`, `edge`, `workspace`, `template`, …
     pub resource_type: String,
-    /// The resource's id.
+    /// The resource's id; empty when there is none (a failed login).
     pub resource_id: String,
-    /// Its name.
+    /// The resource's name at the time, kept after it is deleted.
     pub resource_name: String,
     /// Anything else worth keeping.
     pub details: serde_json::Value,
@@ -857,9 +863,9 @@ pub struct AgentManifest {
 /// An app as the agent sees it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ManifestApp {
-    /// Slug.
+    /// The app's name in its hostname, unique per agent.
     pub slug: String,
-    /// Upstream URL.
+    /// Where the agent reaches the app (`http://127.0.0.1:8000`).
     pub url: String,
     /// Health check, if any.
     pub healthcheck: Option<HealthcheckSpec>,
@@ -1102,11 +1108,12 @@ pub struct EdgeRegisterRequest {
 pub struct EdgeRegisterResponse {
     /// The edge's id.
     pub edge_id: Uuid,
-    /// The region name.
+    /// The edge's name: its region, and the first label of its relay's
+    /// TLS name (`<name>.relay.devmesh.internal`).
     pub edge_name: String,
     /// The replica's mesh certificate, signed by the mesh CA.
     pub mesh_cert_pem: String,
-    /// The mesh CA.
+    /// PEM of the mesh CA: the only root the relay trusts for mesh peers.
     pub mesh_ca_pem: String,
     /// Keys that verify app tokens.
     pub app_token_keys: Vec<crate::signing::PublicKey>,
@@ -1129,9 +1136,9 @@ pub struct EdgeDeregisterRequest {
 /// `GET /healthz-report` on an edge.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct EdgeHealthReport {
-    /// The region.
+    /// The edge's name, once a registration has succeeded.
     pub edge_name: Option<String>,
-    /// This replica.
+    /// This replica's id, new each time the process starts.
     pub replica_id: Uuid,
     /// The edge's version.
     pub version: String,
@@ -1148,7 +1155,7 @@ pub struct EdgeHealthReport {
 pub struct AgentLocation {
     /// The agent.
     pub agent_id: Uuid,
-    /// Its home relay.
+    /// The relay it is attached to (its home relay); `None` once detached.
     pub relay: Option<RelayInfo>,
 }
 
@@ -1262,14 +1269,15 @@ pub struct EdgeAppAccessRequest {
 pub struct EdgeAppAccess {
     /// The signed token, for the browser's cookie and local verification.
     pub token: String,
-    /// Its claims.
+    /// `token`'s claims, decoded: what the edge caches the decision by and
+    /// checks expiry and revocations against.
     pub claims: crate::signing::AppToken,
     /// The agent's home relay, if attached.
     pub location: Option<RelayInfo>,
 }
 
-/// `POST /api/v2/edges/me/app-connect`: open the sealed one-time key a
-/// browser brought back from the auth redirect.
+/// `POST /api/v2/edges/me/app-connect`: redeem the sealed one-time grant a
+/// browser brought back from the auth redirect, for an app token.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EdgeAppConnectRequest {

@@ -23,7 +23,7 @@ const LONGEST_PORT_PREFIX: &str = "65535s";
 pub struct LabelTooLong {
     /// The label that does not fit.
     pub label: String,
-    /// Its length.
+    /// Its length in bytes, over [`MAX_LABEL_LEN`].
     pub len: usize,
 }
 

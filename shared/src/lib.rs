@@ -1,9 +1,15 @@
-//! Code every devmesh component shares: the JSON shapes of `/api/v2`, the
-//! naming rules that keep names hostname-safe, token formats, secrets
-//! handling, the agent↔relay tunnel protocol, signed tickets and tokens.
+//! What every devmesh component must agree on, as pure code without IO.
+//!
+//! The JSON shapes of `/api/v2` ([`api`]), the naming rules that keep names
+//! hostname-safe ([`names`], [`apphost`]), token formats ([`token`]),
+//! secrets handling ([`secret`]), signed tickets and tokens ([`signing`]),
+//! the cookie rules that keep devmesh cookies away from apps ([`cookies`]),
+//! the framing of the primary's event stream to edges ([`events`]), and the
+//! agent↔relay tunnel protocol: codecs and the attach session ([`tunnel`]).
 //!
 //! Nothing here opens a socket, a file or a runtime: IO lives in
-//! `devmesh-net`, policy in the component that owns it.
+//! `devmesh-net`, policy in the component that owns it. The fuzz targets
+//! build against this crate alone.
 
 #![forbid(unsafe_code)]
 

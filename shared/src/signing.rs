@@ -139,7 +139,7 @@ pub enum AppTarget {
     Slug(String),
     /// A port on the agent's machine.
     Port {
-        /// The local port.
+        /// The port on the agent's loopback interface (a dev URL's number).
         port: u16,
         /// Whether the app there speaks TLS.
         https: bool,
@@ -155,11 +155,12 @@ pub struct AppToken {
     /// The user it was minted for; `None` for anonymous access to a public
     /// app.
     pub user_id: Option<Uuid>,
-    /// The workspace.
+    /// The workspace; stopping or re-sharing it revokes the token.
     pub workspace_id: Uuid,
     /// The agent serving the app.
     pub agent_id: Uuid,
-    /// The app.
+    /// The app or dev-URL port the host names; checked against the
+    /// request's host so one token opens one app.
     pub target: AppTarget,
     /// The app host the token is valid for, so it cannot be replayed on
     /// another app's host.
@@ -213,7 +214,7 @@ pub enum GrantedStream {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StreamGrant {
-    /// The agent.
+    /// The agent the stream goes to; the home relay refuses any other.
     pub agent_id: Uuid,
     /// What may be opened.
     pub stream: GrantedStream,

@@ -27,7 +27,8 @@ pub struct NewApiKey {
     pub hashed_secret: [u8; 32],
 }
 
-/// Generates a new API key.
+/// A random `<10-char id>-<22-char secret>` key (alphanumeric, from an
+/// OS-seeded CSPRNG), with the hash to store; the token is shown once.
 pub fn new_api_key() -> NewApiKey {
     let id = random_alphanumeric(KEY_ID_LEN);
     let secret = random_alphanumeric(KEY_SECRET_LEN);

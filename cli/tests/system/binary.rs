@@ -53,6 +53,17 @@ async fn bad_configuration_exits_64_with_one_clear_line() {
             vec![("DEVMESH_HTTP_ADDRESS", "also-bad")],
             "--http-address",
         ),
+        (
+            vec!["agent", "--url", "ftp://devmesh.example.com"],
+            vec![("DEVMESH_AGENT_TOKEN", "t")],
+            "--url",
+        ),
+        (
+            vec!["agent", "--url", "http://127.0.0.1:9"],
+            vec![],
+            "--token",
+        ),
+        (vec!["agent", "--config", bad_toml], vec![], "unknown field"),
     ];
     for (args, env, needle) in cases {
         let out = Command::new(BIN)

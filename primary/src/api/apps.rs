@@ -39,7 +39,8 @@ use crate::auth::Principal;
 
 /// How long the sealed grant in the redirect is accepted.
 const SEALED_LIFETIME_SECS: i64 = 60;
-/// Lifetime of an app token.
+/// [`devmesh_proxy::app::APP_TOKEN_LIFETIME_SECS`] as a duration, for
+/// token expiries.
 const APP_TOKEN_LIFETIME: chrono::Duration =
     chrono::Duration::seconds(devmesh_proxy::app::APP_TOKEN_LIFETIME_SECS);
 
@@ -756,7 +757,9 @@ pub(super) async fn auth_redirect(
     Ok(Redirect::to(back.as_str()).into_response())
 }
 
-/// The route cache.
+/// An empty cache of resolved routes: entries live 1 s, and a change to
+/// who may open what empties it at once ([`AppState::workspace_changed`],
+/// [`AppState::access_changed`]).
 pub(crate) fn route_cache() -> moka::future::Cache<String, Route> {
     moka::future::Cache::builder()
         .time_to_live(Duration::from_secs(1))

@@ -11,7 +11,8 @@ use devmesh_shared::api;
 #[derive(Debug, Clone, Copy)]
 pub struct DbUnavailable;
 
-/// An API error response.
+/// A failed API request: a status, the JSON body every error shares
+/// (`{message, detail, validations}`) and, for 429 and 503, `Retry-After`.
 #[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
@@ -20,7 +21,8 @@ pub struct ApiError {
     db_unavailable: bool,
 }
 
-/// Handler result.
+/// What every handler returns: `?` on a `sqlx::Error` gives the right
+/// status (503 when the database is down).
 pub type ApiResult<T> = Result<T, ApiError>;
 
 impl ApiError {
@@ -39,23 +41,24 @@ impl ApiError {
         }
     }
 
-    /// 400.
+    /// 400: the request cannot be served as sent; `message` says why.
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, message)
     }
-    /// 401.
+    /// 401: no credentials, or ones that are invalid, expired or suspended.
     pub fn unauthorized(message: impl Into<String>) -> Self {
         Self::new(StatusCode::UNAUTHORIZED, message)
     }
-    /// 403.
+    /// 403: valid credentials without the right (role, scope, owner).
     pub fn forbidden(message: impl Into<String>) -> Self {
         Self::new(StatusCode::FORBIDDEN, message)
     }
-    /// 404.
+    /// 404: no such resource, or one the caller may not know exists.
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, message)
     }
-    /// 409.
+    /// 409: the request clashes with the current state (a name taken, a
+    /// template still in use).
     pub fn conflict(message: impl Into<String>) -> Self {
         Self::new(StatusCode::CONFLICT, message)
     }
@@ -78,7 +81,8 @@ impl ApiError {
         )
     }
 
-    /// Adds a detail.
+    /// Sets `detail`: the specifics behind `message` (which value, which
+    /// limit), for the client to show or log.
     pub fn detail(mut self, detail: impl Into<String>) -> Self {
         self.body.detail = detail.into();
         self

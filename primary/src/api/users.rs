@@ -211,13 +211,13 @@ pub(super) async fn login(
     ))
 }
 
-/// Checks a password login (rate limits, audit, suspension) and creates a
-/// session; returns the token and the `Set-Cookie` value for it.
 /// Longest email or username a login takes.
 const MAX_LOGIN_IDENT: usize = 254;
 /// Longest password a login takes (argon2 reads all of it).
 const MAX_PASSWORD: usize = 1024;
 
+/// Checks a password login (rate limits, audit, suspension) and creates a
+/// session; returns the token and the `Set-Cookie` value for it.
 pub(super) async fn password_login(
     state: &AppState,
     ip: &str,

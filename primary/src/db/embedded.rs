@@ -56,7 +56,7 @@ pub enum EmbeddedError {
     TooOld {
         /// The major version found.
         found: u32,
-        /// Where.
+        /// The directory the too-old `initdb` and `postgres` were found in.
         dir: String,
     },
     /// Running as root with no unprivileged user to run the cluster as.
