@@ -150,6 +150,9 @@ enum Command {
 
 fn main() -> ExitCode {
     devmesh_net::runtime::install_crypto_provider();
+    if invoked_as_terraform_provider() {
+        return terraform_provider();
+    }
     let cli = match parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -196,6 +199,43 @@ fn main() -> ExitCode {
             };
             eprintln!("error: {e:#}");
             ExitCode::from(code)
+        }
+    }
+}
+
+/// Whether this binary runs as `terraform-provider-devmesh…`: a
+/// provisioner installs it under that name in Terraform's filesystem
+/// mirror.
+fn invoked_as_terraform_provider() -> bool {
+    std::env::args_os()
+        .next()
+        .and_then(|a| {
+            std::path::Path::new(&a)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+        })
+        .is_some_and(|n| n.starts_with(devmesh_provisioner::provider::EXECUTABLE_PREFIX))
+}
+
+/// Serves the Terraform provider; logs go to stderr, which Terraform reads
+/// (stdout carries the plugin handshake).
+fn terraform_provider() -> ExitCode {
+    devmesh_net::runtime::init_logging(devmesh_net::runtime::LogFormat::Text);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(devmesh_provisioner::provider::serve()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -16,7 +16,7 @@
 //!    possibly a new token cookie (first sign-in, renewal); "sign in"
 //!    becomes the redirect to the primary for browsers.
 //! 5. **forward**: down the agent's tunnel or across the mesh
-//!    ([`crate::app::forward`]: credentials stripped, upgrades spliced,
+//!    ([`forward`]: credentials stripped, upgrades spliced,
 //!    cookies filtered).
 //! 6. **record**: requests and time to the response head, by kind.
 

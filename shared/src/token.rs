@@ -28,6 +28,20 @@ pub struct NewApiKey {
 }
 
 /// A random `<10-char id>-<22-char secret>` key (alphanumeric, from an
+/// Length of an agent token.
+const AGENT_TOKEN_LEN: usize = 32;
+
+/// A new agent token: random, alphanumeric. The primary stores only its
+/// hash; the agent presents it in `Devmesh-Agent-Token`.
+pub fn new_agent_token() -> String {
+    random_alphanumeric(AGENT_TOKEN_LEN)
+}
+
+/// Whether `s` has the shape of an agent token (not whether it is valid).
+pub fn looks_like_agent_token(s: &str) -> bool {
+    s.len() == AGENT_TOKEN_LEN && s.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
 /// OS-seeded CSPRNG), with the hash to store; the token is shown once.
 pub fn new_api_key() -> NewApiKey {
     let id = random_alphanumeric(KEY_ID_LEN);

@@ -14,4 +14,5 @@ mod edges;
 mod mesh;
 mod robustness;
 mod support;
+mod terraform;
 mod tls;

@@ -15,7 +15,7 @@ use devmesh_shared::api::{
     WorkspaceBuild, WorkspaceBuildResponse, WorkspacesResponse,
 };
 use devmesh_shared::names::validate_name;
-use devmesh_shared::secret::{random_alphanumeric, sha256};
+use devmesh_shared::secret::sha256;
 use uuid::Uuid;
 
 use super::error::{ApiError, ApiResult, Validator};
@@ -244,7 +244,7 @@ async fn create_agents(
     let mut tokens = Vec::with_capacity(def.agents.len());
     for agent in &def.agents {
         let agent_id = Uuid::new_v4();
-        let token = random_alphanumeric(32);
+        let token = devmesh_shared::token::new_agent_token();
         sqlx::query(
             "INSERT INTO workspace_agents (id, build_id, workspace_id, name, token_hash, directory, env, scripts)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
