@@ -60,6 +60,10 @@ pub struct ServerArgs {
     /// client addresses) [default: 1024].
     #[arg(long, env = "DEVMESH_MAX_CONNECTIONS_PER_IP")]
     pub max_connections_per_ip: Option<usize>,
+    /// The Terraform (or OpenTofu) binary that runs workspace builds
+    /// [default: terraform, then tofu, on PATH].
+    #[arg(long, env = "DEVMESH_TERRAFORM_PATH")]
+    pub terraform_path: Option<PathBuf>,
 }
 
 /// The same settings as a TOML file.
@@ -80,6 +84,7 @@ struct FileConfig {
     tls_dir: Option<PathBuf>,
     enable_path_apps: Option<bool>,
     max_connections_per_ip: Option<usize>,
+    terraform_path: Option<PathBuf>,
 }
 
 /// Validated configuration of a primary.
@@ -107,6 +112,8 @@ pub struct ServerConfig {
     pub tls: TlsMode,
     /// Whether path-based apps are served.
     pub enable_path_apps: bool,
+    /// An explicit Terraform binary (`None`: search `PATH`).
+    pub terraform_path: Option<PathBuf>,
     /// Connection caps and timeouts of the HTTP listener.
     pub http_limits: devmesh_net::http::Limits,
 }
@@ -193,6 +200,7 @@ impl ServerArgs {
             http_limits.max_connections_per_ip = n;
         }
         Ok(ServerConfig {
+            terraform_path: self.terraform_path.or(file.terraform_path),
             http_limits,
             enable_path_apps: self.enable_path_apps || file.enable_path_apps == Some(true),
             tls,
@@ -224,6 +232,7 @@ impl ServerConfig {
             tls: TlsMode::Off,
             enable_path_apps: false,
             http_limits: devmesh_net::http::Limits::default(),
+            terraform_path: None,
         }
     }
 

@@ -143,6 +143,7 @@ pub async fn start(mut config: ServerConfig) -> anyhow::Result<RunningServer> {
     let access_url = config.access_url.clone();
     let tls_mode = config.tls.clone();
     let wildcard = config.wildcard_access_url.clone();
+    let terraform_path = config.terraform_path.clone();
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
     let vault = crate::vault::Vault::load_or_create(&config.secrets_key_file)?;
@@ -212,6 +213,12 @@ pub async fn start(mut config: ServerConfig) -> anyhow::Result<RunningServer> {
     tracing::info!(version = devmesh_shared::VERSION, http.address = %local_addr, access_url = %access_url, "devmesh primary started");
     if !has_users {
         tracing::info!("no users yet: create the first one with `devmesh login {access_url}`");
+    }
+    match devmesh_provisioner::terraform::Terraform::find(terraform_path.as_deref()).await {
+        Ok(tf) => {
+            tracing::info!(terraform.version = tf.version(), terraform.path = %tf.path().display(), "Terraform found for workspace builds");
+        }
+        Err(e) => tracing::warn!("{e}; builds of Terraform templates will fail until it is"),
     }
     Ok(RunningServer {
         local_addr,

@@ -1,9 +1,10 @@
-//! Workspace provisioning with Terraform: the devmesh Terraform provider
-//! that templates use (served by the devmesh binary itself).
+//! Workspace provisioning with Terraform.
 //!
-//! The job queue and the provisioner daemons that run `terraform` will live
-//! here too.
+//! The devmesh Terraform provider that templates use, served by the devmesh
+//! binary itself ([`provider`]), and running Terraform as a provisioner does
+//! ([`terraform`]). The job queue and the daemons come next.
 
 #![forbid(unsafe_code)]
 
 pub mod provider;
+pub mod terraform;

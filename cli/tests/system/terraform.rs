@@ -4,62 +4,39 @@
 //! replace and destroy as Terraform expects, and it refuses bad templates
 //! with errors that point at the attribute.
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::process::Output;
+use std::time::Duration;
 
+use devmesh_provisioner::terraform::{self, RunError, Stream, Terraform};
 use serde_json::Value;
 use tokio::process::Command;
+use tokio_util::sync::CancellationToken;
 
 use crate::support::BIN;
 
-/// A Terraform working directory with the devmesh provider in a local
-/// mirror, as a provisioner sets one up.
+/// A Terraform working directory set up the way a provisioner sets it up
+/// ([`devmesh_provisioner::terraform::Workdir`]), with the test binary as
+/// the provider.
 struct Workdir {
     _dir: tempfile::TempDir,
-    root: PathBuf,
-    template: PathBuf,
+    wd: terraform::Workdir,
 }
 
 impl Workdir {
     fn new(main_tf: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().to_owned();
-        let platform = root.join(format!(
-            "mirror/registry.terraform.io/devmesh/devmesh/{}/linux_amd64",
-            env!("CARGO_PKG_VERSION")
-        ));
-        std::fs::create_dir_all(&platform).unwrap();
-        std::os::unix::fs::symlink(
-            BIN,
-            platform.join(format!(
-                "terraform-provider-devmesh_v{}",
-                env!("CARGO_PKG_VERSION")
-            )),
-        )
-        .unwrap();
-        std::fs::write(
-            root.join("terraform.rc"),
-            format!(
-                "provider_installation {{\n  filesystem_mirror {{\n    path = \"{}\"\n  }}\n}}\n",
-                root.join("mirror").display()
-            ),
-        )
-        .unwrap();
-        let template = root.join("template");
-        std::fs::create_dir_all(&template).unwrap();
-        std::fs::write(template.join("main.tf"), main_tf).unwrap();
-        Self {
-            _dir: dir,
-            root,
-            template,
-        }
+        let wd = terraform::Workdir::prepare(dir.path(), Path::new(BIN), env!("CARGO_PKG_VERSION"))
+            .unwrap();
+        std::fs::write(wd.template().join("main.tf"), main_tf).unwrap();
+        Self { _dir: dir, wd }
     }
 
     async fn terraform(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
         Command::new("terraform")
             .args(args)
-            .current_dir(&self.template)
-            .env("TF_CLI_CONFIG_FILE", self.root.join("terraform.rc"))
+            .current_dir(self.wd.template())
+            .env("TF_CLI_CONFIG_FILE", self.wd.cli_config())
             .env("TF_IN_AUTOMATION", "1")
             .env("CHECKPOINT_DISABLE", "1")
             .env("NO_COLOR", "1")
@@ -81,14 +58,12 @@ impl Workdir {
     }
 
     fn state(&self) -> Value {
-        serde_json::from_str(
-            &std::fs::read_to_string(self.template.join("terraform.tfstate")).unwrap(),
-        )
-        .unwrap()
+        let text = std::fs::read_to_string(self.wd.template().join("terraform.tfstate")).unwrap();
+        serde_json::from_str(&text).unwrap()
     }
 
     fn set_template(&self, main_tf: &str) {
-        std::fs::write(self.template.join("main.tf"), main_tf).unwrap();
+        std::fs::write(self.wd.template().join("main.tf"), main_tf).unwrap();
     }
 }
 
@@ -277,4 +252,160 @@ async fn the_provider_refuses_to_run_outside_terraform() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("Terraform starts it"), "{err}");
     assert!(out.stdout.is_empty(), "no handshake line");
+}
+
+/// A template whose apply runs `command` (with `terraform_data`, built
+/// into Terraform: no registry needed).
+fn running(command: &str) -> String {
+    format!(
+        r#"
+resource "terraform_data" "step" {{
+  triggers_replace = "{command}"
+  provisioner "local-exec" {{
+    command = "{command}"
+  }}
+}}
+"#
+    )
+}
+
+#[tokio::test]
+async fn a_provisioner_run_streams_terraform_output_and_reports_failure() {
+    let tf = Terraform::find(None).await.expect("terraform on PATH");
+    assert!(
+        tf.version().starts_with(|c: char| c.is_ascii_digit()),
+        "{}",
+        tf.version()
+    );
+    let wd = Workdir::new(&running("echo built-by-devmesh; echo to-stderr >&2"));
+    let never = CancellationToken::new();
+    let mut lines = Vec::new();
+    tf.run(&wd.wd, &["init", "-no-color"], &[], &never, |_, l| {
+        lines.push(l.to_owned())
+    })
+    .await
+    .unwrap();
+    tf.run(
+        &wd.wd,
+        &["apply", "-auto-approve", "-no-color"],
+        &[],
+        &never,
+        |s, l| lines.push(format!("{s:?} {l}")),
+    )
+    .await
+    .unwrap();
+    assert!(
+        lines.iter().any(|l| l.contains("built-by-devmesh")),
+        "{lines:#?}"
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("Apply complete!")),
+        "{lines:#?}"
+    );
+
+    wd.set_template(&running("echo about to fail; exit 3"));
+    let mut lines = Vec::new();
+    let err = tf
+        .run(
+            &wd.wd,
+            &["apply", "-auto-approve", "-no-color"],
+            &[],
+            &never,
+            |s, l| lines.push((s, l.to_owned())),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, RunError::Failed { ref command, .. } if command == "apply"),
+        "{err}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|(s, l)| *s == Stream::Stderr && l.contains("exit status 3")),
+        "{lines:#?}"
+    );
+}
+
+#[tokio::test]
+async fn canceling_a_run_interrupts_terraform_gracefully() {
+    let tf = Terraform::find(None).await.expect("terraform on PATH");
+    let wd = Workdir::new(&running("echo started; sleep 60"));
+    let never = CancellationToken::new();
+    tf.run(&wd.wd, &["init", "-no-color"], &[], &never, |_, _| {})
+        .await
+        .unwrap();
+    let cancel = CancellationToken::new();
+    let started = std::sync::Arc::new(tokio::sync::Notify::new());
+    let (c, s) = (cancel.clone(), started.clone());
+    tokio::spawn(async move {
+        s.notified().await;
+        c.cancel();
+    });
+    let at = tokio::time::Instant::now();
+    let mut lines = Vec::new();
+    let err = tf
+        .run(
+            &wd.wd,
+            &["apply", "-auto-approve", "-no-color"],
+            &[],
+            &cancel,
+            |_, l| {
+                if l.contains("started") {
+                    started.notify_one();
+                }
+                lines.push(l.to_owned());
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RunError::Canceled { .. }), "{err}");
+    assert!(
+        at.elapsed() < Duration::from_secs(30),
+        "the 60 s command was interrupted, not waited for ({:?})",
+        at.elapsed()
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("Interrupt received")),
+        "Terraform saw an interrupt, not a kill: {lines:#?}"
+    );
+}
+
+#[tokio::test]
+async fn the_server_says_in_one_line_whether_it_can_run_terraform() {
+    let dir = tempfile::tempdir().unwrap();
+    for (flag, needle) in [
+        (None, "Terraform found for workspace builds"),
+        (
+            Some("/nonexistent/terraform"),
+            "install Terraform 1.4 or later",
+        ),
+    ] {
+        let db = devmesh_tests::fresh_database().await;
+        let url = db.url();
+        let mut args = vec!["--data-dir", dir.path().to_str().unwrap()];
+        args.extend(flag.map(|f| ["--terraform-path", f]).into_iter().flatten());
+        let server = crate::support::ServerProcess::start(
+            &args,
+            &[("DEVMESH_POSTGRES_URL", url.expose())],
+            dir.path(),
+        )
+        .await;
+        let log = crate::support::eventually(10, needle, || async {
+            let text = std::fs::read_to_string(server.log()).unwrap_or_default();
+            text.contains(needle).then_some(text)
+        })
+        .await;
+        assert_eq!(
+            log.lines().filter(|l| l.contains("Terraform")).count(),
+            1,
+            "{log}"
+        );
+        // The server runs either way.
+        let health = reqwest::get(format!("{}/healthz", server.url))
+            .await
+            .unwrap();
+        assert!(health.status().is_success());
+        server.stop().await;
+    }
 }
