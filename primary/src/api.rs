@@ -234,6 +234,7 @@ pub fn router(state: AppState) -> Router {
     let x_request_id = HeaderName::from_static("x-request-id");
     let api = Router::new()
         .route("/buildinfo", get(meta::buildinfo))
+        .route("/buildinfo/agent/{os}/{arch}", get(meta::agent_binary))
         .route("/regions", get(edges::regions))
         .route("/audit", get(meta::audit))
         .route(

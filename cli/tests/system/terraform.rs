@@ -409,3 +409,102 @@ async fn the_server_says_in_one_line_whether_it_can_run_terraform() {
         server.stop().await;
     }
 }
+
+#[tokio::test]
+async fn an_init_script_downloads_the_agent_from_the_primary_and_runs_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = devmesh_tests::fresh_database().await;
+    let url = db.url();
+    let server = crate::support::ServerProcess::start(
+        &["--data-dir", dir.path().to_str().unwrap()],
+        &[("DEVMESH_POSTGRES_URL", url.expose())],
+        dir.path(),
+    )
+    .await;
+
+    // The primary serves its own binary for its own platform only.
+    let platform = terraform::platform().replace('_', "/");
+    let resp = reqwest::get(format!("{}/api/v2/buildinfo/agent/{platform}", server.url))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let served = resp.bytes().await.unwrap();
+    assert!(
+        served == std::fs::read(BIN).unwrap(),
+        "the served binary is the running one"
+    );
+    let other = reqwest::get(format!("{}/api/v2/buildinfo/agent/plan9/mips", server.url))
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 404);
+    assert!(
+        other
+            .text()
+            .await
+            .unwrap()
+            .contains(&format!("agent for {platform} only"))
+    );
+
+    // The provider's init script, as a template gets it.
+    let (os, arch) = platform.split_once('/').unwrap();
+    let wd = Workdir::new(&format!(
+        r#"
+terraform {{
+  required_providers {{
+    devmesh = {{ source = "devmesh/devmesh" }}
+  }}
+}}
+resource "devmesh_agent" "main" {{
+  os   = "{os}"
+  arch = "{arch}"
+}}
+"#
+    ));
+    wd.ok(&["init", "-input=false"], &[]).await;
+    wd.ok(
+        &["apply", "-auto-approve", "-input=false"],
+        &[("DEVMESH_ACCESS_URL", &server.url)],
+    )
+    .await;
+    let state = wd.state();
+    let script = resource(&state, "devmesh_agent.main")["init_script"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // Run it with a token the primary does not know: the downloaded agent
+    // starts and asks the primary, which refuses it.
+    let agent_dir = dir.path().join("agent");
+    let mut child = Command::new("sh")
+        .args(["-c", &script])
+        .env("DEVMESH_AGENT_TOKEN", "not-a-real-token")
+        .env("DEVMESH_AGENT_DIR", &agent_dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let refused = tokio::time::timeout(Duration::from_secs(60), async {
+        use tokio::io::AsyncBufReadExt;
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("rejected the agent token") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(
+        refused,
+        Ok(true),
+        "the downloaded agent ran and asked the primary"
+    );
+    assert_eq!(
+        std::fs::read(agent_dir.join("devmesh")).unwrap(),
+        std::fs::read(BIN).unwrap()
+    );
+    child.kill().await.unwrap();
+    server.stop().await;
+}

@@ -21,6 +21,52 @@ pub(super) async fn buildinfo(State(state): State<AppState>) -> Json<BuildInfo> 
     })
 }
 
+/// The agent binary for `os`/`arch`, which workspaces' init scripts
+/// download: the primary's own executable, when it was built for that
+/// platform (the one binary is server, CLI and agent). Public: it holds no
+/// secret, and a workspace has no credential yet when it fetches it.
+pub(super) async fn agent_binary(
+    axum::extract::Path((os, arch)): axum::extract::Path<(String, String)>,
+) -> ApiResult<axum::response::Response> {
+    let here = devmesh_provisioner::terraform::platform();
+    if format!("{os}_{arch}") != here {
+        return Err(ApiError::not_found(format!(
+            "this primary has the agent for {} only, not {os}/{arch}",
+            here.replace('_', "/")
+        )));
+    }
+    // The running executable, even if an upgrade replaced the file since.
+    let path = if cfg!(target_os = "linux") {
+        std::path::PathBuf::from("/proc/self/exe")
+    } else {
+        std::env::current_exe().map_err(|e| ApiError::internal(e.to_string()))?
+    };
+    let file = tokio::fs::File::open(&path)
+        .await
+        .map_err(|e| ApiError::internal(format!("cannot read the agent binary: {e}")))?;
+    let len = file
+        .metadata()
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .len();
+    let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
+        file,
+        256 * 1024,
+    ));
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+            (header::CONTENT_LENGTH, len.to_string()),
+            (
+                header::CONTENT_DISPOSITION,
+                "attachment; filename=\"devmesh\"".to_owned(),
+            ),
+        ],
+        body,
+    )
+        .into_response())
+}
+
 /// 200 while the database answers, 503 otherwise.
 pub(super) async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
     match sqlx::query("SELECT 1").execute(&state.db).await {
