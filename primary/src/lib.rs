@@ -10,6 +10,7 @@ pub mod auth;
 pub mod config;
 pub mod db;
 pub mod events;
+pub mod jobs;
 pub mod keys;
 pub mod mesh;
 pub mod metrics;

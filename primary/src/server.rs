@@ -198,6 +198,7 @@ pub async fn start(mut config: ServerConfig) -> anyhow::Result<RunningServer> {
     };
     tracker.spawn(crate::api::apply_events(state.clone()));
     tracker.spawn(crate::api::probe_edges(state.clone()));
+    tracker.spawn(crate::jobs::reap_stale(pool.clone(), shutdown.clone()));
     let limits = devmesh_net::http::Limits {
         grace: GRACE_PERIOD,
         ..state.config.http_limits

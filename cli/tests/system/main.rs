@@ -11,6 +11,7 @@ mod apps;
 mod attacks;
 mod binary;
 mod edges;
+mod jobs;
 mod mesh;
 mod robustness;
 mod support;
