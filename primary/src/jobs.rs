@@ -422,7 +422,10 @@ pub async fn reap_stale(db: PgPool, shutdown: tokio_util::sync::CancellationToke
         }
         match fail_stale(&db, HEARTBEAT_TIMEOUT).await {
             Ok(0) => {}
-            Ok(n) => tracing::warn!(jobs = n, "failed provisioner jobs whose daemon stopped responding"),
+            Ok(n) => tracing::warn!(
+                jobs = n,
+                "failed provisioner jobs whose daemon stopped responding"
+            ),
             Err(e) => tracing::warn!(error = %e, "cannot check for stale provisioner jobs"),
         }
     }

@@ -201,6 +201,44 @@ async fn terraform_runs_templates_against_the_devmesh_provider_from_a_local_mirr
         replaced["id"]
     );
 
+    // Each devmesh build gives the same agent a new token, kept for the
+    // whole build.
+    let with_build = |id| {
+        let mut env = BUILD.to_vec();
+        env.push(("DEVMESH_BUILD_ID", id));
+        env
+    };
+    let before = resource(&wd.state(), "devmesh_agent.main").clone();
+    wd.ok(
+        &["apply", "-auto-approve", "-input=false"],
+        &with_build("b1"),
+    )
+    .await;
+    let b1 = resource(&wd.state(), "devmesh_agent.main").clone();
+    assert_ne!(b1["token"], before["token"]);
+    assert_eq!(b1["id"], before["id"]);
+    let out = wd
+        .terraform(
+            &["plan", "-input=false", "-detailed-exitcode"],
+            &with_build("b1"),
+        )
+        .await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    wd.ok(
+        &["apply", "-auto-approve", "-input=false"],
+        &with_build("b2"),
+    )
+    .await;
+    assert_ne!(
+        resource(&wd.state(), "devmesh_agent.main")["token"],
+        b1["token"]
+    );
+
     // A stop build counts ephemeral resources out.
     let mut stop = BUILD.to_vec();
     stop[1] = ("DEVMESH_WORKSPACE_TRANSITION", "stop");

@@ -288,7 +288,9 @@ impl Provider {
         };
         let prior = value(req.prior_state.as_ref())?;
         let proposed = value(req.proposed_new_state.as_ref())?;
-        let (planned, replace) = resources::plan(kind, &prior, &proposed);
+        let prior_build = String::from_utf8_lossy(&req.prior_private);
+        let (planned, replace) =
+            resources::plan(kind, &prior, &proposed, &self.env.build_id, &prior_build);
         Ok(PlanResourceChangeResponse {
             planned_state: Some(cty::encode(&planned)),
             requires_replace: replace
@@ -299,7 +301,12 @@ impl Provider {
                     }],
                 })
                 .collect(),
-            planned_private: Vec::new(),
+            // Which build made the current token (see resources::plan).
+            planned_private: if self.env.build_id.is_empty() {
+                req.prior_private
+            } else {
+                self.env.build_id.clone().into_bytes()
+            },
             diagnostics: Vec::new(),
         })
     }
@@ -320,7 +327,7 @@ impl Provider {
         let planned = value(req.planned_state.as_ref())?;
         Ok(ApplyResourceChangeResponse {
             new_state: Some(cty::encode(&resources::apply(kind, &planned, &self.env))),
-            private: Vec::new(),
+            private: req.planned_private,
             diagnostics: Vec::new(),
         })
     }

@@ -327,6 +327,8 @@ pub(crate) struct BuildEnv {
     pub(crate) access_url: String,
     pub(crate) owner_name: String,
     pub(crate) owner_email: String,
+    /// The build being run (empty outside a devmesh build).
+    pub(crate) build_id: String,
     /// Parameter values by name.
     pub(crate) parameters: HashMap<String, String>,
 }
@@ -343,6 +345,7 @@ impl BuildEnv {
             access_url: var("DEVMESH_ACCESS_URL"),
             owner_name: var("DEVMESH_WORKSPACE_OWNER"),
             owner_email: var("DEVMESH_WORKSPACE_OWNER_EMAIL"),
+            build_id: var("DEVMESH_BUILD_ID"),
             parameters: serde_json::from_str(&var("DEVMESH_PARAMETERS")).unwrap_or_default(),
         }
     }
@@ -434,7 +437,17 @@ pub(crate) fn validate(kind: &Kind, config: &Value) -> Vec<Problem> {
 /// proposed state with computed attributes kept from the prior state, or
 /// unknown when creating or replacing. Returns the attributes whose change
 /// forces a replacement.
-pub(crate) fn plan(kind: &Kind, prior: &Value, proposed: &Value) -> (Value, Vec<&'static str>) {
+///
+/// An agent gets a new token in every devmesh build (`build` differs from
+/// `prior_build`, the build that made its current one), so a token lives
+/// exactly as long as its build.
+pub(crate) fn plan(
+    kind: &Kind,
+    prior: &Value,
+    proposed: &Value,
+    build: &str,
+    prior_build: &str,
+) -> (Value, Vec<&'static str>) {
     if proposed.is_nil() {
         return (Value::Nil, Vec::new());
     }
@@ -456,6 +469,9 @@ pub(crate) fn plan(kind: &Kind, prior: &Value, proposed: &Value) -> (Value, Vec<
             kept.clone()
         };
         set(&mut planned, a.name, value);
+    }
+    if kind.name == AGENT.name && !prior.is_nil() && !build.is_empty() && build != prior_build {
+        set(&mut planned, "token", unknown());
     }
     (planned, replace)
 }
@@ -563,7 +579,7 @@ mod tests {
     #[test]
     fn creating_an_agent_fills_its_id_token_and_init_script_once() {
         let config = obj(&[("os", "linux".into()), ("arch", "amd64".into())]);
-        let (planned, replace) = plan(&AGENT, &Value::Nil, &config);
+        let (planned, replace) = plan(&AGENT, &Value::Nil, &config, "", "");
         assert!(replace.is_empty());
         assert!(is_unknown(get(&planned, "token")));
         let env = BuildEnv {
@@ -585,16 +601,23 @@ mod tests {
         // A new startup script updates in place: same token.
         let mut changed = state.clone();
         set(&mut changed, "startup_script", "echo hi".into());
-        let (planned, replace) = plan(&AGENT, &state, &changed);
+        let (planned, replace) = plan(&AGENT, &state, &changed, "", "");
         assert!(replace.is_empty());
         assert_eq!(get_str(&planned, "token"), Some(token.as_str()));
         // Another architecture replaces it: a new token.
         set(&mut changed, "arch", "arm64".into());
-        let (planned, replace) = plan(&AGENT, &state, &changed);
+        let (planned, replace) = plan(&AGENT, &state, &changed, "", "");
         assert_eq!(replace, vec!["arch"]);
         assert!(is_unknown(get(&planned, "token")));
         // Deleting plans null.
-        assert_eq!(plan(&AGENT, &state, &Value::Nil).0, Value::Nil);
+        assert_eq!(plan(&AGENT, &state, &Value::Nil, "", "").0, Value::Nil);
+
+        // The same build keeps the token; the next build gets a new one.
+        let (same, _) = plan(&AGENT, &state, &state, "b1", "b1");
+        assert_eq!(get_str(&same, "token"), Some(token.as_str()));
+        let (next, _) = plan(&AGENT, &state, &state, "b2", "b1");
+        assert!(is_unknown(get(&next, "token")));
+        assert_eq!(get(&next, "id"), get(&state, "id"), "same agent, new token");
     }
 
     #[test]

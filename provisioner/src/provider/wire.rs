@@ -192,6 +192,8 @@ pub(crate) struct PlanResourceChangeRequest {
     pub(crate) proposed_new_state: Option<DynamicValue>,
     #[prost(message, optional, tag = "4")]
     pub(crate) config: Option<DynamicValue>,
+    #[prost(bytes = "vec", tag = "5")]
+    pub(crate) prior_private: Vec<u8>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -216,6 +218,8 @@ pub(crate) struct ApplyResourceChangeRequest {
     pub(crate) planned_state: Option<DynamicValue>,
     #[prost(message, optional, tag = "4")]
     pub(crate) config: Option<DynamicValue>,
+    #[prost(bytes = "vec", tag = "5")]
+    pub(crate) planned_private: Vec<u8>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
