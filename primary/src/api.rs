@@ -10,7 +10,7 @@ mod login;
 mod meta;
 mod templates;
 mod users;
-mod workspaces;
+pub(crate) mod workspaces;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -276,6 +276,7 @@ pub fn router(state: AppState) -> Router {
             get(workspaces::list).post(workspaces::create),
         )
         .route("/workspaces/{id}", get(workspaces::get))
+        .route("/jobs/{id}/logs", get(workspaces::job_logs))
         .route("/workspaces/{id}/builds", post(workspaces::build))
         .route("/edges", get(edges::list).post(edges::create))
         .route(

@@ -64,6 +64,10 @@ pub struct ServerArgs {
     /// [default: terraform, then tofu, on PATH].
     #[arg(long, env = "DEVMESH_TERRAFORM_PATH")]
     pub terraform_path: Option<PathBuf>,
+    /// Provisioner daemons this server runs for Terraform builds; 0 leaves
+    /// them to external daemons [default: 2].
+    #[arg(long, env = "DEVMESH_PROVISIONER_DAEMONS")]
+    pub provisioner_daemons: Option<usize>,
 }
 
 /// The same settings as a TOML file.
@@ -85,6 +89,7 @@ struct FileConfig {
     enable_path_apps: Option<bool>,
     max_connections_per_ip: Option<usize>,
     terraform_path: Option<PathBuf>,
+    provisioner_daemons: Option<usize>,
 }
 
 /// Validated configuration of a primary.
@@ -114,6 +119,8 @@ pub struct ServerConfig {
     pub enable_path_apps: bool,
     /// An explicit Terraform binary (`None`: search `PATH`).
     pub terraform_path: Option<PathBuf>,
+    /// Built-in provisioner daemons.
+    pub provisioner_daemons: usize,
     /// Connection caps and timeouts of the HTTP listener.
     pub http_limits: devmesh_net::http::Limits,
 }
@@ -201,6 +208,10 @@ impl ServerArgs {
         }
         Ok(ServerConfig {
             terraform_path: self.terraform_path.or(file.terraform_path),
+            provisioner_daemons: self
+                .provisioner_daemons
+                .or(file.provisioner_daemons)
+                .unwrap_or(2),
             http_limits,
             enable_path_apps: self.enable_path_apps || file.enable_path_apps == Some(true),
             tls,
@@ -233,6 +244,8 @@ impl ServerConfig {
             enable_path_apps: false,
             http_limits: devmesh_net::http::Limits::default(),
             terraform_path: None,
+            // Tests drive the job queue themselves.
+            provisioner_daemons: 0,
         }
     }
 

@@ -14,6 +14,7 @@ pub mod jobs;
 pub mod keys;
 pub mod mesh;
 pub mod metrics;
+pub mod provisioning;
 pub use devmesh_proxy::ratelimit;
 pub mod relay;
 pub mod server;

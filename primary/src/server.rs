@@ -144,6 +144,8 @@ pub async fn start(mut config: ServerConfig) -> anyhow::Result<RunningServer> {
     let tls_mode = config.tls.clone();
     let wildcard = config.wildcard_access_url.clone();
     let terraform_path = config.terraform_path.clone();
+    let provisioner_daemons = config.provisioner_daemons;
+    let provisioner_work = config.data_dir.join("provisioner");
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
     let vault = crate::vault::Vault::load_or_create(&config.secrets_key_file)?;
@@ -199,6 +201,7 @@ pub async fn start(mut config: ServerConfig) -> anyhow::Result<RunningServer> {
     tracker.spawn(crate::api::apply_events(state.clone()));
     tracker.spawn(crate::api::probe_edges(state.clone()));
     tracker.spawn(crate::jobs::reap_stale(pool.clone(), shutdown.clone()));
+    let provisioning_state = state.clone();
     let limits = devmesh_net::http::Limits {
         grace: GRACE_PERIOD,
         ..state.config.http_limits
@@ -215,11 +218,33 @@ pub async fn start(mut config: ServerConfig) -> anyhow::Result<RunningServer> {
     if !has_users {
         tracing::info!("no users yet: create the first one with `devmesh login {access_url}`");
     }
-    match devmesh_provisioner::terraform::Terraform::find(terraform_path.as_deref()).await {
+    let terraform = match devmesh_provisioner::terraform::Terraform::find(terraform_path.as_deref())
+        .await
+    {
         Ok(tf) => {
             tracing::info!(terraform.version = tf.version(), terraform.path = %tf.path().display(), "Terraform found for workspace builds");
+            Some(tf)
         }
-        Err(e) => tracing::warn!("{e}; builds of Terraform templates will fail until it is"),
+        Err(e) => {
+            tracing::warn!("{e}; builds of Terraform templates will fail until it is");
+            None
+        }
+    };
+    if provisioner_daemons > 0 {
+        match std::env::current_exe() {
+            Ok(provider) => crate::provisioning::spawn(
+                provisioning_state,
+                terraform,
+                provider,
+                provisioner_work,
+                provisioner_daemons,
+                &tracker,
+                shutdown.clone(),
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot find this binary to serve the Terraform provider; no built-in provisioner daemons")
+            }
+        }
     }
     Ok(RunningServer {
         local_addr,

@@ -6,5 +6,6 @@
 
 #![forbid(unsafe_code)]
 
+pub mod archive;
 pub mod provider;
 pub mod terraform;

@@ -232,6 +232,10 @@ pub enum TemplateKind {
     /// running `devmesh agent` anywhere with the token a build returns.
     #[default]
     External,
+    /// Terraform code (an uploaded directory): every build is a job a
+    /// provisioner daemon runs, and agents start by themselves in what
+    /// Terraform creates.
+    Terraform,
 }
 
 /// An external template's declaration.
@@ -356,9 +360,17 @@ pub struct CreateTemplateRequest {
     /// Defaults to `external`.
     #[serde(default)]
     pub kind: TemplateKind,
-    /// The declaration for `external` templates.
+    /// The declaration, for `external` templates.
+    #[serde(default)]
     pub definition: ExternalDefinition,
+    /// The template directory as a base64 tar archive, for `terraform`
+    /// templates (at most [`MAX_TEMPLATE_ARCHIVE`] bytes before encoding).
+    #[serde(default)]
+    pub archive: Option<String>,
 }
+
+/// The largest template archive (a tar of the template directory).
+pub const MAX_TEMPLATE_ARCHIVE: usize = 512 * 1024;
 
 /// `POST /api/v2/templates/{name}/versions`: a new active version.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -367,8 +379,12 @@ pub struct CreateTemplateVersionRequest {
     /// Defaults to `external`.
     #[serde(default)]
     pub kind: TemplateKind,
-    /// The new declaration.
+    /// The new declaration, for `external` templates.
+    #[serde(default)]
     pub definition: ExternalDefinition,
+    /// The new directory, for `terraform` templates (base64 tar).
+    #[serde(default)]
+    pub archive: Option<String>,
     /// What changed.
     #[serde(default)]
     pub message: String,
@@ -493,6 +509,31 @@ pub struct Workspace {
     pub updated_at: DateTime<Utc>,
 }
 
+/// `GET /api/v2/jobs/{id}/logs?after=N`: a provisioner job's state and
+/// its log lines after line `N` (0: from the start).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobLogsResponse {
+    /// `pending`, `running`, `succeeded`, `failed`, `canceling`, `canceled`.
+    pub status: String,
+    /// Why it failed, when it did.
+    pub error: Option<String>,
+    /// The lines, oldest first.
+    pub logs: Vec<JobLogLine>,
+}
+
+/// One line of a job's log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobLogLine {
+    /// Increasing: pass the last one seen as `after`.
+    pub id: i64,
+    /// `provisioner` (devmesh's own steps), `stdout` or `stderr`.
+    pub stream: String,
+    /// The text.
+    pub line: String,
+    /// When it was logged.
+    pub created_at: DateTime<Utc>,
+}
+
 /// Reads a value stored in the database as its JSON name (what the
 /// `snake_case` enums here serialise to); `None` for an unknown name.
 pub fn from_stored<T: serde::de::DeserializeOwned>(stored: &str) -> Option<T> {
@@ -503,8 +544,8 @@ pub fn from_stored<T: serde::de::DeserializeOwned>(stored: &str) -> Option<T> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BuildStatus {
-    /// Recorded, not started yet. Not produced today: a build of an
-    /// `external` template succeeds as it is created.
+    /// Recorded, waiting for a provisioner daemon (Terraform templates; a
+    /// build of an `external` template succeeds as it is created).
     Pending,
     /// Being carried out.
     Running,
@@ -550,6 +591,13 @@ pub struct WorkspaceBuild {
     pub transition: Transition,
     /// Its progress.
     pub status: BuildStatus,
+    /// The provisioner job running it (Terraform templates), whose logs
+    /// `GET /api/v2/jobs/{id}/logs` streams.
+    #[serde(default)]
+    pub job_id: Option<Uuid>,
+    /// Why it failed, when it did.
+    #[serde(default)]
+    pub error: Option<String>,
     /// The template version it used.
     pub template_version_id: Uuid,
     /// Creation time.

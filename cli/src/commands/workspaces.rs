@@ -55,6 +55,7 @@ pub(crate) async fn templates(g: &Global, cmd: TemplatesCommand) -> anyhow::Resu
                         description,
                         kind: TemplateKind::External,
                         definition,
+                        archive: None,
                     },
                 )
                 .await?;

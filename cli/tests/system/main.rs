@@ -13,6 +13,7 @@ mod binary;
 mod edges;
 mod jobs;
 mod mesh;
+mod provisioning;
 mod robustness;
 mod support;
 mod terraform;

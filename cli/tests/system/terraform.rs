@@ -435,7 +435,7 @@ async fn the_server_says_in_one_line_whether_it_can_run_terraform() {
         })
         .await;
         assert_eq!(
-            log.lines().filter(|l| l.contains("Terraform")).count(),
+            log.lines().filter(|l| l.contains(needle)).count(),
             1,
             "{log}"
         );

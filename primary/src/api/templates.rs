@@ -1,5 +1,7 @@
 //! Templates and their versions. Owners create them; everyone signed in
-//! may read them. The `external` kind declares agents and apps in JSON.
+//! may read them. The `external` kind declares agents and apps in JSON;
+//! the `terraform` kind is a directory of Terraform code, uploaded as a tar
+//! archive that is checked (size, paths, entry types) before it is stored.
 
 use std::collections::HashSet;
 
@@ -17,6 +19,85 @@ use uuid::Uuid;
 use super::error::{ApiError, ApiResult, Validator};
 use super::extract::{ApiJson, ApiPath, Authed, ClientIp};
 use super::{AppState, Audit, parse_uuid};
+
+/// What a version stores: its kind, its declaration (external) and its
+/// archive (terraform), checked.
+pub(super) struct VersionContent {
+    kind: TemplateKind,
+    definition: ExternalDefinition,
+    archive: Option<Vec<u8>>,
+}
+
+/// Checks what a create request gives for its kind.
+fn content(
+    kind: TemplateKind,
+    definition: ExternalDefinition,
+    archive: Option<String>,
+) -> ApiResult<VersionContent> {
+    use base64::Engine as _;
+    let mut v = Validator::default();
+    let archive = match (kind, archive) {
+        (TemplateKind::External, None) => {
+            validate_definition(&mut v, "definition", &definition);
+            None
+        }
+        (TemplateKind::External, Some(_)) => {
+            v.add("archive", "only terraform templates take an archive");
+            None
+        }
+        (TemplateKind::Terraform, None) => {
+            v.add(
+                "archive",
+                "a terraform template needs its directory as an archive",
+            );
+            None
+        }
+        (TemplateKind::Terraform, Some(encoded)) => {
+            if !definition.agents.is_empty() {
+                v.add(
+                    "definition",
+                    "terraform templates declare agents in Terraform code",
+                );
+            }
+            match base64::engine::general_purpose::STANDARD.decode(encoded.trim()) {
+                Err(_) => {
+                    v.add("archive", "must be base64");
+                    None
+                }
+                Ok(bytes) if bytes.len() > devmesh_shared::api::MAX_TEMPLATE_ARCHIVE => {
+                    v.add(
+                        "archive",
+                        format!(
+                            "at most {} KiB",
+                            devmesh_shared::api::MAX_TEMPLATE_ARCHIVE / 1024
+                        ),
+                    );
+                    None
+                }
+                Ok(bytes) => match devmesh_provisioner::archive::check(&bytes) {
+                    Ok(_) => Some(bytes),
+                    Err(e) => {
+                        v.add("archive", e.to_string());
+                        None
+                    }
+                },
+            }
+        }
+    };
+    v.finish()?;
+    Ok(VersionContent {
+        kind,
+        definition,
+        archive,
+    })
+}
+
+fn kind_name(kind: TemplateKind) -> &'static str {
+    match kind {
+        TemplateKind::External => "external",
+        TemplateKind::Terraform => "terraform",
+    }
+}
 
 /// Checks an external definition, recording problems under `prefix`.
 pub(super) fn validate_definition(v: &mut Validator, prefix: &str, def: &ExternalDefinition) {
@@ -146,6 +227,7 @@ fn is_http_url(url: &str) -> bool {
 pub(super) struct VersionRow {
     pub(super) id: Uuid,
     number: i32,
+    pub(super) kind: String,
     pub(super) definition: sqlx::types::Json<ExternalDefinition>,
     message: String,
     created_at: DateTime<Utc>,
@@ -156,7 +238,11 @@ impl From<VersionRow> for TemplateVersion {
         TemplateVersion {
             id: r.id,
             number: r.number,
-            kind: TemplateKind::External,
+            kind: if r.kind == "terraform" {
+                TemplateKind::Terraform
+            } else {
+                TemplateKind::External
+            },
             definition: r.definition.0,
             message: r.message,
             created_at: r.created_at,
@@ -164,7 +250,7 @@ impl From<VersionRow> for TemplateVersion {
     }
 }
 
-const VERSION_COLUMNS: &str = "id, number, definition, message, created_at";
+const VERSION_COLUMNS: &str = "id, number, kind, definition, message, created_at";
 
 #[derive(sqlx::FromRow)]
 pub(super) struct TemplateRow {
@@ -230,8 +316,8 @@ pub(super) async fn create(
     if req.description.chars().count() > 1024 {
         v.add("description", "must be at most 1024 characters");
     }
-    validate_definition(&mut v, "definition", &req.definition);
     v.finish()?;
+    let content = content(req.kind, req.definition, req.archive)?;
     let (id, version_id) = (Uuid::new_v4(), Uuid::new_v4());
     let mut tx = state.db.begin().await?;
     let inserted = sqlx::query(
@@ -256,11 +342,14 @@ pub(super) async fn create(
         }
     }
     sqlx::query(
-        "INSERT INTO template_versions (id, template_id, number, kind, definition, created_by) VALUES ($1, $2, 1, 'external', $3, $4)",
+        "INSERT INTO template_versions (id, template_id, number, kind, definition, archive, created_by)
+         VALUES ($1, $2, 1, $3, $4, $5, $6)",
     )
     .bind(version_id)
     .bind(id)
-    .bind(sqlx::types::Json(&req.definition))
+    .bind(kind_name(content.kind))
+    .bind(sqlx::types::Json(&content.definition))
+    .bind(&content.archive)
     .bind(auth.0.user_id)
     .execute(&mut *tx)
     .await?;
@@ -325,9 +414,7 @@ pub(super) async fn create_version(
     ApiJson(req): ApiJson<CreateTemplateVersionRequest>,
 ) -> ApiResult<(StatusCode, Json<Template>)> {
     auth.require_owner()?;
-    let mut v = Validator::default();
-    validate_definition(&mut v, "definition", &req.definition);
-    v.finish()?;
+    let content = content(req.kind, req.definition, req.archive)?;
     let row = find_template(&state, &template).await?;
     let mut tx = state.db.begin().await?;
     // Lock the template so concurrent versions get distinct numbers.
@@ -337,13 +424,15 @@ pub(super) async fn create_version(
         .await?;
     let version_id = Uuid::new_v4();
     let number: i32 = sqlx::query_scalar(
-        "INSERT INTO template_versions (id, template_id, number, kind, definition, message, created_by)
-         SELECT $1, $2, coalesce(max(number), 0) + 1, 'external', $3, $4, $5 FROM template_versions WHERE template_id = $2
+        "INSERT INTO template_versions (id, template_id, number, kind, definition, archive, message, created_by)
+         SELECT $1, $2, coalesce(max(number), 0) + 1, $3, $4, $5, $6, $7 FROM template_versions WHERE template_id = $2
          RETURNING number",
     )
     .bind(version_id)
     .bind(row.id)
-    .bind(sqlx::types::Json(&req.definition))
+    .bind(kind_name(content.kind))
+    .bind(sqlx::types::Json(&content.definition))
+    .bind(&content.archive)
     .bind(&req.message)
     .bind(auth.0.user_id)
     .fetch_one(&mut *tx)

@@ -9,7 +9,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use devmesh_shared::api::{
-    AgentStatus, AgentToken, AppHealthState, BuildStatus, CreateBuildRequest,
+    AgentSpec, AgentStatus, AgentToken, AppHealthState, BuildStatus, CreateBuildRequest,
     CreateWorkspaceRequest, ExternalDefinition, HealthcheckSpec, LifecycleState, PortShare,
     PortSharesResponse, SharingLevel, Transition, Workspace, WorkspaceAgent, WorkspaceApp,
     WorkspaceBuild, WorkspaceBuildResponse, WorkspacesResponse,
@@ -50,6 +50,8 @@ struct BuildRow {
     template_version_id: Uuid,
     created_at: DateTime<Utc>,
     completed_at: Option<DateTime<Utc>>,
+    job_id: Option<Uuid>,
+    error: Option<String>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -121,8 +123,10 @@ const WORKSPACE_SELECT: &str =
 
 async fn load(state: &AppState, row: WorkspaceRow) -> ApiResult<Workspace> {
     let build: BuildRow = sqlx::query_as(
-        "SELECT id, build_number, transition, status, template_version_id, created_at, completed_at
-         FROM workspace_builds WHERE workspace_id = $1 ORDER BY build_number DESC LIMIT 1",
+        "SELECT b.id, b.build_number, b.transition, b.status, b.template_version_id, b.created_at,
+                b.completed_at, b.job_id, j.error
+         FROM workspace_builds b LEFT JOIN provisioner_jobs j ON j.id = b.job_id
+         WHERE b.workspace_id = $1 ORDER BY b.build_number DESC LIMIT 1",
     )
     .bind(row.id)
     .fetch_one(&state.db)
@@ -201,6 +205,8 @@ async fn load(state: &AppState, row: WorkspaceRow) -> ApiResult<Workspace> {
             template_version_id: build.template_version_id,
             created_at: build.created_at,
             completed_at: build.completed_at,
+            job_id: build.job_id,
+            error: build.error,
         },
         agents,
         created_at: row.created_at,
@@ -241,10 +247,26 @@ async fn create_agents(
     build_id: Uuid,
     def: &ExternalDefinition,
 ) -> ApiResult<Vec<AgentToken>> {
-    let mut tokens = Vec::with_capacity(def.agents.len());
-    for agent in &def.agents {
+    let agents: Vec<(AgentSpec, String)> = def
+        .agents
+        .iter()
+        .map(|a| (a.clone(), devmesh_shared::token::new_agent_token()))
+        .collect();
+    Ok(insert_agents(tx, workspace_id, build_id, &agents).await?)
+}
+
+/// Records a start build's agents with their tokens (stored hashed) and
+/// their apps; returns the tokens with the agents' ids.
+pub(crate) async fn insert_agents(
+    tx: &mut sqlx::PgConnection,
+    workspace_id: Uuid,
+    build_id: Uuid,
+    agents: &[(AgentSpec, String)],
+) -> sqlx::Result<Vec<AgentToken>> {
+    let mut tokens = Vec::with_capacity(agents.len());
+    for (agent, token) in agents {
         let agent_id = Uuid::new_v4();
-        let token = devmesh_shared::token::new_agent_token();
+        let token = token.clone();
         sqlx::query(
             "INSERT INTO workspace_agents (id, build_id, workspace_id, name, token_hash, directory, env, scripts)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
@@ -317,6 +339,39 @@ async fn insert_build(
     Ok(id)
 }
 
+/// Records a build of a Terraform template: pending, with the provisioner
+/// job that will run it.
+async fn queue_build(
+    tx: &mut sqlx::PgConnection,
+    workspace_id: Uuid,
+    version_id: Uuid,
+    transition: Transition,
+    initiator: Uuid,
+) -> ApiResult<Uuid> {
+    let id = Uuid::new_v4();
+    let job = crate::jobs::enqueue(
+        &mut *tx,
+        crate::jobs::JobKind::Build,
+        &crate::jobs::Tags::new(),
+        &serde_json::json!({ "build_id": id }),
+    )
+    .await?;
+    sqlx::query(
+        "INSERT INTO workspace_builds (id, workspace_id, template_version_id, build_number, transition, status, initiator_id, job_id)
+         SELECT $1, $2, $3, coalesce(max(build_number), 0) + 1, $4, 'pending', $5, $6
+         FROM workspace_builds WHERE workspace_id = $2",
+    )
+    .bind(id)
+    .bind(workspace_id)
+    .bind(version_id)
+    .bind(transition.as_str())
+    .bind(initiator)
+    .bind(job)
+    .execute(&mut *tx)
+    .await?;
+    Ok(id)
+}
+
 /// Refuses workspaces whose app or dev-URL hostnames would not fit in one
 /// DNS label.
 fn check_hostnames(v: &mut Validator, def: &ExternalDefinition, workspace: &str, owner: &str) {
@@ -383,8 +438,14 @@ pub(super) async fn create(
             other?;
         }
     }
-    let build_id = insert_build(&mut tx, id, version.id, Transition::Start, auth.0.user_id).await?;
-    let agent_tokens = create_agents(&mut tx, id, build_id, &version.definition).await?;
+    let agent_tokens = if version.kind == "terraform" {
+        queue_build(&mut tx, id, version.id, Transition::Start, auth.0.user_id).await?;
+        Vec::new()
+    } else {
+        let build_id =
+            insert_build(&mut tx, id, version.id, Transition::Start, auth.0.user_id).await?;
+        create_agents(&mut tx, id, build_id, &version.definition).await?
+    };
     Audit::new("create", "workspace")
         .resource(id, format!("{owner_name}/{}", req.name))
         .by(&auth.0)
@@ -457,6 +518,49 @@ pub(super) async fn get(
     Ok(Json(load(&state, row).await?))
 }
 
+#[derive(Debug, serde::Deserialize)]
+pub(super) struct LogsQuery {
+    #[serde(default)]
+    after: i64,
+}
+
+/// A provisioner job's status and log, to whoever may see its workspace.
+pub(super) async fn job_logs(
+    State(state): State<AppState>,
+    auth: Authed,
+    ApiPath(id): ApiPath<String>,
+    super::extract::ApiQuery(q): super::extract::ApiQuery<LogsQuery>,
+) -> ApiResult<Json<devmesh_shared::api::JobLogsResponse>> {
+    let not_found = || ApiError::not_found("No such job.");
+    let id = parse_uuid(&id).ok_or_else(not_found)?;
+    let workspace: Option<Uuid> =
+        sqlx::query_scalar("SELECT workspace_id FROM workspace_builds WHERE job_id = $1")
+            .bind(id)
+            .fetch_optional(&state.db)
+            .await?;
+    let workspace = workspace.ok_or_else(not_found)?;
+    find_visible(&state, &auth, workspace, true)
+        .await
+        .map_err(|_| not_found())?;
+    let job = crate::jobs::get(&state.db, id)
+        .await?
+        .ok_or_else(not_found)?;
+    let logs = crate::jobs::logs(&state.db, id, q.after, 1000).await?;
+    Ok(Json(devmesh_shared::api::JobLogsResponse {
+        status: job.status.as_str().to_owned(),
+        error: job.error,
+        logs: logs
+            .into_iter()
+            .map(|l| devmesh_shared::api::JobLogLine {
+                id: l.id,
+                stream: l.stream,
+                line: l.line,
+                created_at: l.created_at,
+            })
+            .collect(),
+    }))
+}
+
 pub(super) async fn get_by_name(
     State(state): State<AppState>,
     auth: Authed,
@@ -495,13 +599,23 @@ pub(super) async fn build(
         .bind(id)
         .execute(&mut *tx)
         .await?;
-    let (latest, latest_version): (String, Uuid) = sqlx::query_as(
-        "SELECT transition, template_version_id FROM workspace_builds WHERE workspace_id = $1
+    let (latest, latest_status, latest_version): (String, String, Uuid) = sqlx::query_as(
+        "SELECT transition, status, template_version_id FROM workspace_builds WHERE workspace_id = $1
          ORDER BY build_number DESC LIMIT 1",
     )
     .bind(id)
     .fetch_one(&mut *tx)
     .await?;
+    if matches!(latest_status.as_str(), "pending" | "running") {
+        return Err(ApiError::conflict(
+            "A build of this workspace is still running; wait for it or cancel it.",
+        ));
+    }
+    let latest_kind: String =
+        sqlx::query_scalar("SELECT kind FROM template_versions WHERE id = $1")
+            .bind(latest_version)
+            .fetch_one(&mut *tx)
+            .await?;
     let mut agent_tokens = Vec::new();
     match (transition(&latest), req.transition) {
         (Transition::Start, Transition::Start) => {
@@ -513,9 +627,19 @@ pub(super) async fn build(
         (_, Transition::Start) => {
             let template = find_template(&state, &row.template_id.to_string()).await?;
             let version = load_version(&mut *tx, template.active_version_id).await?;
-            let build_id =
-                insert_build(&mut tx, id, version.id, Transition::Start, auth.0.user_id).await?;
-            agent_tokens = create_agents(&mut tx, id, build_id, &version.definition).await?;
+            if version.kind == "terraform" {
+                queue_build(&mut tx, id, version.id, Transition::Start, auth.0.user_id).await?;
+            } else {
+                let build_id =
+                    insert_build(&mut tx, id, version.id, Transition::Start, auth.0.user_id)
+                        .await?;
+                agent_tokens = create_agents(&mut tx, id, build_id, &version.definition).await?;
+            }
+        }
+        // Terraform stops and deletes run on a provisioner; a delete marks
+        // the workspace deleted only once Terraform destroyed it.
+        (_, t) if latest_kind == "terraform" => {
+            queue_build(&mut tx, id, latest_version, t, auth.0.user_id).await?;
         }
         (_, t) => {
             insert_build(&mut tx, id, latest_version, t, auth.0.user_id).await?;

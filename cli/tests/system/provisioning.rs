@@ -1,0 +1,300 @@
+//! Terraform templates end to end, with the real binary, real Terraform and
+//! the `local-process` starter template: push, create, the agent starts by
+//! itself and an app answers through the primary; stop (agent gone, home
+//! kept), start (same home), delete (all gone); failed builds keep their
+//! logs.
+
+use std::path::Path;
+
+use base64::Engine as _;
+use devmesh_tests::upstream::Upstream;
+use devmesh_tests::{Api, fresh_database};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::support::{ServerProcess, app_client, eventually};
+
+/// The local-process template with one app on `port`, as a base64 archive.
+fn local_process(port: u16) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let main = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/templates/local-process/main.tf"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("main.tf"),
+        format!(
+            "{main}\nresource \"devmesh_app\" \"web\" {{\n  agent_id = devmesh_agent.main.id\n  slug     = \"web\"\n  port     = {port}\n}}\n"
+        ),
+    )
+    .unwrap();
+    archive_of(dir.path())
+}
+
+fn archive_of(dir: &Path) -> String {
+    let tar = devmesh_provisioner::archive::pack(dir).unwrap();
+    base64::engine::general_purpose::STANDARD.encode(tar)
+}
+
+async fn primary(dir: &Path) -> (ServerProcess, Api) {
+    let db = fresh_database().await;
+    let url = db.url();
+    let server = ServerProcess::start(
+        &["--data-dir", dir.to_str().unwrap()],
+        &[("DEVMESH_POSTGRES_URL", url.expose())],
+        dir,
+    )
+    .await;
+    let anon = Api::new(&server.url, None);
+    anon.post(
+        "/users/first",
+        json!({"email": "owner@example.com", "username": "owner", "password": "owner-password"}),
+    )
+    .await;
+    let owner = anon.login("owner", "owner-password").await;
+    (server, owner)
+}
+
+/// Waits for the workspace's latest build to end; returns the workspace,
+/// failing with the build's log when it did not succeed.
+async fn built(api: &Api, ws: &str) -> Value {
+    let w = eventually(180, "the build to end", || async {
+        let (_, w) = api.get(&format!("/workspaces/{ws}")).await;
+        let status = w["latest_build"]["status"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned();
+        (!matches!(status.as_str(), "pending" | "running")).then_some(w)
+    })
+    .await;
+    if w["latest_build"]["status"] != "succeeded" {
+        let job = w["latest_build"]["job_id"].as_str().unwrap();
+        let (_, logs) = api.get(&format!("/jobs/{job}/logs")).await;
+        panic!("build failed: {}\n{logs:#}", w["latest_build"]);
+    }
+    w
+}
+
+async fn build(api: &Api, id: &str, transition: &str) {
+    let (status, body) = api
+        .post(
+            &format!("/workspaces/{id}/builds"),
+            json!({"transition": transition}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+}
+
+fn alive(pid: i32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+}
+
+#[tokio::test]
+async fn a_terraform_workspace_starts_its_agent_and_keeps_its_home_across_stop_and_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, owner) = primary(dir.path()).await;
+    let upstream = Upstream::start().await;
+    let (status, body) = owner
+        .post(
+            "/templates",
+            json!({"name": "local", "kind": "terraform", "archive": local_process(upstream.port())}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["active_version"]["kind"], "terraform");
+
+    let name = format!("tf{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let (status, body) = owner
+        .post("/workspaces", json!({"name": name, "template": "local"}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert!(
+        body["agent_tokens"].as_array().unwrap().is_empty(),
+        "no tokens to paste by hand"
+    );
+    let id = body["workspace"]["id"].as_str().unwrap().to_owned();
+    assert!(matches!(
+        body["workspace"]["latest_build"]["status"].as_str(),
+        Some("pending" | "running")
+    ));
+    let w = built(&owner, &id).await;
+    let job = w["latest_build"]["job_id"].as_str().unwrap().to_owned();
+
+    // The agent starts by itself and connects; its app answers.
+    eventually(60, "the agent to connect", || async {
+        let (_, w) = owner.get(&format!("/workspaces/{id}")).await;
+        (w["agents"][0]["status"] == "connected").then_some(())
+    })
+    .await;
+    let home = Path::new("/tmp/devmesh-workspaces/owner").join(&name);
+    let pid: i32 = std::fs::read_to_string(home.join(".devmesh-agent.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(alive(pid));
+    let port = server.url.rsplit(':').next().unwrap().to_owned();
+    let url = format!("http://web--main--{name}--owner.apps.localhost:{port}/echo");
+    let client = app_client(false);
+    let app = eventually(30, "the app through the primary", || async {
+        let r = client
+            .get(&url)
+            .header("Devmesh-Session-Token", owner.token.as_deref().unwrap())
+            .send()
+            .await
+            .ok()?;
+        (r.status() == StatusCode::OK).then_some(r)
+    })
+    .await;
+    assert_eq!(app.json::<Value>().await.unwrap()["path"], "/echo");
+    // The startup script ran in the home directory.
+    eventually(30, "the startup script", || async {
+        home.join("starts.log").exists().then_some(())
+    })
+    .await;
+
+    // The build's log is there for the owner to read.
+    let (status, logs) = owner.get(&format!("/jobs/{job}/logs")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(logs["status"], "succeeded");
+    let text: Vec<&str> = logs["logs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["line"].as_str().unwrap())
+        .collect();
+    assert!(
+        text.iter().any(|l| l.contains("Apply complete!")),
+        "{text:#?}"
+    );
+    assert!(
+        text.iter().any(|l| l.contains("devmesh: terraform init")),
+        "{text:#?}"
+    );
+
+    // Stop: the agent goes, the home stays.
+    build(&owner, &id, "stop").await;
+    built(&owner, &id).await;
+    eventually(15, "the agent process to exit", || async {
+        (!alive(pid)).then_some(())
+    })
+    .await;
+    assert!(home.join("starts.log").exists(), "the home survives a stop");
+
+    // Start: a new agent, the same home.
+    build(&owner, &id, "start").await;
+    built(&owner, &id).await;
+    eventually(60, "the agent to connect again", || async {
+        let (_, w) = owner.get(&format!("/workspaces/{id}")).await;
+        (w["agents"][0]["status"] == "connected").then_some(())
+    })
+    .await;
+    eventually(30, "a second start in the same home", || async {
+        let log = std::fs::read_to_string(home.join("starts.log")).ok()?;
+        (log.lines().count() == 2).then_some(())
+    })
+    .await;
+    let pid2: i32 = std::fs::read_to_string(home.join(".devmesh-agent.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+
+    // Delete: everything goes.
+    build(&owner, &id, "delete").await;
+    eventually(180, "the workspace to be deleted", || async {
+        let (status, _) = owner.get(&format!("/workspaces/{id}")).await;
+        (status == StatusCode::NOT_FOUND).then_some(())
+    })
+    .await;
+    eventually(15, "the agent process to exit", || async {
+        (!alive(pid2)).then_some(())
+    })
+    .await;
+    assert!(!home.exists(), "the home is removed with the workspace");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_failing_build_fails_with_its_log_and_bad_archives_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, owner) = primary(dir.path()).await;
+
+    // Refused before anything is stored or queued.
+    for (archive, needle) in [
+        ("not base64!".to_owned(), "base64"),
+        (
+            base64::engine::general_purpose::STANDARD.encode(b"not a tar archive at all"),
+            "archive",
+        ),
+    ] {
+        let (status, body) = owner
+            .post(
+                "/templates",
+                json!({"name": "bad", "kind": "terraform", "archive": archive}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert!(body.to_string().contains(needle), "{body}");
+    }
+
+    let tpl = tempfile::tempdir().unwrap();
+    std::fs::write(
+        tpl.path().join("main.tf"),
+        "resource \"terraform_data\" \"x\" {\n  provisioner \"local-exec\" {\n    command = \"echo going wrong; exit 7\"\n  }\n}\n",
+    )
+    .unwrap();
+    let (status, body) = owner
+        .post(
+            "/templates",
+            json!({"name": "broken", "kind": "terraform", "archive": archive_of(tpl.path())}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (_, body) = owner
+        .post(
+            "/workspaces",
+            json!({"name": "broken", "template": "broken"}),
+        )
+        .await;
+    let id = body["workspace"]["id"].as_str().unwrap().to_owned();
+    let w = eventually(120, "the build to fail", || async {
+        let (_, w) = owner.get(&format!("/workspaces/{id}")).await;
+        (w["latest_build"]["status"] == "failed").then_some(w)
+    })
+    .await;
+    assert!(
+        w["latest_build"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("terraform apply failed"),
+        "{}",
+        w["latest_build"]
+    );
+    let job = w["latest_build"]["job_id"].as_str().unwrap();
+    let (_, logs) = owner.get(&format!("/jobs/{job}/logs")).await;
+    let all = logs["logs"].to_string();
+    assert!(all.contains("going wrong"), "{all}");
+    assert!(all.contains("build failed"), "{all}");
+    // Another build may follow a failed one.
+    build(&owner, &id, "delete").await;
+    eventually(120, "the delete to run", || async {
+        let (status, _) = owner.get(&format!("/workspaces/{id}")).await;
+        (status == StatusCode::NOT_FOUND).then_some(())
+    })
+    .await;
+    // A stranger cannot read the logs.
+    let (_, stranger) = owner
+        .post(
+            "/users",
+            json!({"email": "s@example.com", "username": "stranger", "password": "stranger-password"}),
+        )
+        .await;
+    assert!(stranger["id"].is_string(), "{stranger}");
+    let s = Api::new(&server.url, None)
+        .login("stranger", "stranger-password")
+        .await;
+    let (status, _) = s.get(&format!("/jobs/{job}/logs")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    server.stop().await;
+}

@@ -1,0 +1,493 @@
+//! The provisioner daemons built into `devmesh server`: each claims build
+//! jobs from the queue ([`crate::jobs`]) and runs Terraform for them with
+//! the devmesh provider, keeping the workspace's state in the database.
+//!
+//! A build: the template version's archive is unpacked into a scratch
+//! directory beside the workspace's last state; `terraform init` and
+//! `apply` (`destroy` for a delete) run with the build in the provider's
+//! environment; every output line goes to the job's log; the state is
+//! saved whatever the outcome. A successful start build records the agents
+//! and apps the state declares, with the tokens the provider minted.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use devmesh_provisioner::terraform::{RunError, Stream, Terraform, Workdir};
+use devmesh_shared::api::{AgentSpec, AppSpec, HealthcheckSpec, ScriptSpec, ScriptTrigger};
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+use crate::api::AppState;
+use crate::jobs::{self, Beat, Daemon, Job, LogStream, Outcome, Tags};
+
+/// How often a running job's daemon heartbeats.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(10);
+/// How often an idle daemon looks for work.
+const POLL_EVERY: Duration = Duration::from_secs(1);
+
+/// What every built-in daemon shares.
+struct Shared {
+    state: AppState,
+    terraform: Option<Terraform>,
+    /// The devmesh binary, which serves the Terraform provider.
+    provider: PathBuf,
+    /// Scratch directories for runs.
+    work: PathBuf,
+}
+
+/// Starts `count` daemons on `tracker` until `shutdown`.
+pub fn spawn(
+    state: AppState,
+    terraform: Option<Terraform>,
+    provider: PathBuf,
+    work: PathBuf,
+    count: usize,
+    tracker: &TaskTracker,
+    shutdown: CancellationToken,
+) {
+    let shared = Arc::new(Shared {
+        state,
+        terraform,
+        provider,
+        work,
+    });
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "primary".into());
+    for i in 0..count {
+        let daemon = Daemon {
+            id: Uuid::new_v4(),
+            name: format!("{host}-built-in-{i}"),
+            tags: Tags::new(),
+        };
+        tracker.spawn(run_daemon(shared.clone(), daemon, shutdown.clone()));
+    }
+}
+
+async fn run_daemon(shared: Arc<Shared>, me: Daemon, shutdown: CancellationToken) {
+    let db = shared.state.db.clone();
+    if let Err(e) = jobs::register_daemon(&db, &me, true).await {
+        tracing::warn!(error = %e, daemon = %me.name, "cannot register a built-in provisioner daemon");
+    }
+    loop {
+        let wait = match jobs::acquire(&db, &me).await {
+            Ok(Some(job)) => {
+                run_job(&shared, &me, job, &shutdown).await;
+                continue;
+            }
+            Ok(None) => POLL_EVERY,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot look for provisioner jobs");
+                POLL_EVERY * 5
+            }
+        };
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// A build as the database has it.
+#[derive(sqlx::FromRow)]
+struct BuildRow {
+    id: Uuid,
+    workspace_id: Uuid,
+    transition: String,
+    workspace_name: String,
+    owner_name: String,
+    owner_email: String,
+    archive: Option<Vec<u8>>,
+    state: Option<Vec<u8>>,
+}
+
+async fn run_job(shared: &Shared, me: &Daemon, job: Job, shutdown: &CancellationToken) {
+    let db = &shared.state.db;
+    let build_id = job.input["build_id"]
+        .as_str()
+        .and_then(|s| Uuid::parse_str(s).ok());
+    let build: Option<BuildRow> = match build_id {
+        Some(id) => sqlx::query_as(
+            "SELECT b.id, b.workspace_id, b.transition, w.name AS workspace_name,
+                    u.username AS owner_name, u.email AS owner_email, v.archive, s.state
+             FROM workspace_builds b
+             JOIN workspaces w ON w.id = b.workspace_id
+             JOIN users u ON u.id = w.owner_id
+             JOIN template_versions v ON v.id = b.template_version_id
+             LEFT JOIN workspace_terraform_states s ON s.workspace_id = b.workspace_id
+             WHERE b.id = $1",
+        )
+        .bind(id)
+        .fetch_optional(db)
+        .await
+        .unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot load a build");
+            None
+        }),
+        None => None,
+    };
+    let Some(build) = build else {
+        let _ = jobs::complete(
+            db,
+            job.id,
+            me.id,
+            &Outcome::Failed("the job names no build".into()),
+        )
+        .await;
+        return;
+    };
+    let _ = sqlx::query("UPDATE workspace_builds SET status = 'running' WHERE id = $1")
+        .bind(build.id)
+        .execute(db)
+        .await;
+    tracing::info!(job.id = %job.id, build.id = %build.id, transition = %build.transition, "running a workspace build");
+
+    // The log writer, batching lines into the database.
+    let (log_tx, log_rx) = mpsc::unbounded_channel::<(LogStream, String)>();
+    let writer = tokio::spawn(write_logs(db.clone(), job.id, log_rx));
+    // The heartbeat, which also carries cancellation.
+    let cancel = shutdown.child_token();
+    let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let beat = tokio::spawn(heartbeat(
+        db.clone(),
+        job.id,
+        me.id,
+        cancel.clone(),
+        lost.clone(),
+    ));
+
+    let dir = shared.work.join(job.id.to_string());
+    let outcome = execute(shared, &build, &dir, &log_tx, &cancel).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    beat.abort();
+    let outcome = match outcome {
+        Ok(()) => match finish(shared, &build).await {
+            Ok(()) => Outcome::Succeeded,
+            Err(e) => Outcome::Failed(format!("recording the build's result failed: {e}")),
+        },
+        Err(RunError::Canceled { .. }) => Outcome::Canceled,
+        Err(e) => Outcome::Failed(e.to_string()),
+    };
+    let line = match &outcome {
+        Outcome::Succeeded => "devmesh: build succeeded".to_owned(),
+        Outcome::Failed(e) => format!("devmesh: build failed: {e}"),
+        Outcome::Canceled => "devmesh: build canceled".to_owned(),
+    };
+    let _ = log_tx.send((LogStream::Provisioner, line));
+    drop(log_tx);
+    let _ = writer.await;
+    if lost.load(std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(job.id = %job.id, "the job timed out while it ran; its result is dropped");
+        return;
+    }
+    let status = match outcome {
+        Outcome::Succeeded => "succeeded",
+        Outcome::Failed(_) => "failed",
+        Outcome::Canceled => "canceled",
+    };
+    if let Err(e) = jobs::complete(db, job.id, me.id, &outcome).await {
+        tracing::warn!(error = %e, "cannot record a job's outcome");
+    }
+    let _ =
+        sqlx::query("UPDATE workspace_builds SET status = $2, completed_at = now() WHERE id = $1")
+            .bind(build.id)
+            .bind(status)
+            .execute(db)
+            .await;
+    shared.state.workspace_changed(build.workspace_id).await;
+    tracing::info!(job.id = %job.id, build.id = %build.id, status, "workspace build ended");
+}
+
+/// Runs Terraform for `build` in `dir`; saves the state whatever happens.
+async fn execute(
+    shared: &Shared,
+    build: &BuildRow,
+    dir: &Path,
+    log: &mpsc::UnboundedSender<(LogStream, String)>,
+    cancel: &CancellationToken,
+) -> Result<(), RunError> {
+    let say = |line: String| {
+        let _ = log.send((LogStream::Provisioner, line));
+    };
+    let failed = |msg: String| RunError::Spawn(std::io::Error::other(msg));
+    let Some(tf) = &shared.terraform else {
+        let e = devmesh_provisioner::terraform::FindError::NotFound(
+            "the server found none when it started".into(),
+        );
+        say(format!("devmesh: {e}"));
+        return Err(failed(e.to_string()));
+    };
+    let Some(archive) = &build.archive else {
+        return Err(failed("the template version has no Terraform code".into()));
+    };
+    say(format!(
+        "devmesh: {} {} with Terraform {}",
+        build.transition,
+        build.workspace_name,
+        tf.version()
+    ));
+    let workdir = Workdir::prepare(dir, &shared.provider, devmesh_shared::VERSION)
+        .map_err(|e| failed(format!("cannot prepare {}: {e}", dir.display())))?;
+    devmesh_provisioner::archive::unpack(archive, &workdir.template())
+        .map_err(|e| failed(e.to_string()))?;
+    let state_file = workdir.template().join("terraform.tfstate");
+    if let Some(state) = &build.state {
+        std::fs::write(&state_file, state).map_err(|e| failed(e.to_string()))?;
+    }
+    let env: Vec<(String, String)> = [
+        ("DEVMESH_BUILD_ID", build.id.to_string()),
+        ("DEVMESH_WORKSPACE_ID", build.workspace_id.to_string()),
+        ("DEVMESH_WORKSPACE_NAME", build.workspace_name.clone()),
+        ("DEVMESH_WORKSPACE_TRANSITION", build.transition.clone()),
+        ("DEVMESH_WORKSPACE_OWNER", build.owner_name.clone()),
+        ("DEVMESH_WORKSPACE_OWNER_EMAIL", build.owner_email.clone()),
+        ("DEVMESH_ACCESS_URL", shared.state.config.access_url.clone()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let to_log = |s: Stream, l: &str| {
+        let stream = match s {
+            Stream::Stdout => LogStream::Stdout,
+            Stream::Stderr => LogStream::Stderr,
+        };
+        let _ = log.send((stream, l.to_owned()));
+    };
+    say("devmesh: terraform init".into());
+    tf.run(
+        &workdir,
+        &["init", "-no-color", "-input=false"],
+        &env,
+        cancel,
+        to_log,
+    )
+    .await?;
+    let args: &[&str] = if build.transition == "delete" {
+        &["destroy", "-auto-approve", "-no-color", "-input=false"]
+    } else {
+        &["apply", "-auto-approve", "-no-color", "-input=false"]
+    };
+    say(format!("devmesh: terraform {}", args[0]));
+    let ran = tf.run(&workdir, args, &env, cancel, to_log).await;
+    // The state is kept whatever the outcome: a failed apply may have
+    // created things the next build must know about.
+    match std::fs::read(&state_file) {
+        Ok(state) => {
+            if let Err(e) = sqlx::query(
+                "INSERT INTO workspace_terraform_states (workspace_id, state) VALUES ($1, $2)
+                 ON CONFLICT (workspace_id) DO UPDATE SET state = $2, updated_at = now()",
+            )
+            .bind(build.workspace_id)
+            .bind(&state)
+            .execute(&shared.state.db)
+            .await
+            {
+                say(format!("devmesh: cannot save the Terraform state: {e}"));
+                return Err(failed(format!("cannot save the Terraform state: {e}")));
+            }
+        }
+        Err(e) if build.state.is_some() || ran.is_ok() => {
+            say(format!("devmesh: Terraform left no state: {e}"));
+        }
+        Err(_) => {}
+    }
+    ran
+}
+
+/// Records what a successful build did: a start build's agents and apps,
+/// a delete build's workspace gone.
+async fn finish(shared: &Shared, build: &BuildRow) -> sqlx::Result<()> {
+    let db = &shared.state.db;
+    let mut tx = db.begin().await?;
+    match build.transition.as_str() {
+        "start" => {
+            let state: Option<Vec<u8>> = sqlx::query_scalar(
+                "SELECT state FROM workspace_terraform_states WHERE workspace_id = $1",
+            )
+            .bind(build.workspace_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let state: Value = state
+                .and_then(|s| serde_json::from_slice(&s).ok())
+                .unwrap_or_default();
+            let agents = agents_in(&state);
+            crate::api::workspaces::insert_agents(&mut tx, build.workspace_id, build.id, &agents)
+                .await?;
+        }
+        "delete" => {
+            sqlx::query("UPDATE workspaces SET deleted = true, updated_at = now() WHERE id = $1")
+                .bind(build.workspace_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        _ => {}
+    }
+    tx.commit().await
+}
+
+/// The agents (with their tokens) and apps a Terraform state declares.
+fn agents_in(state: &Value) -> Vec<(AgentSpec, String)> {
+    let instances = |ty: &str| -> Vec<(String, Value)> {
+        state["resources"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|r| r["type"] == ty && r["mode"] == "managed")
+            .flat_map(|r| {
+                let name = r["name"].as_str().unwrap_or("agent").replace('_', "-");
+                let many = r["instances"].as_array().map_or(0, Vec::len) > 1;
+                r["instances"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(move |i| {
+                        let n = match (&i["index_key"], many) {
+                            (Value::Number(k), true) => format!("{name}-{k}"),
+                            (Value::String(k), true) => format!("{name}-{k}"),
+                            _ => name.clone(),
+                        };
+                        (n, i["attributes"].clone())
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let apps = instances("devmesh_app");
+    instances("devmesh_agent")
+        .into_iter()
+        .filter_map(|(name, a)| {
+            let token = a["token"].as_str()?.to_owned();
+            let id = a["id"].as_str().unwrap_or_default();
+            let str_map = |v: &Value| -> std::collections::BTreeMap<String, String> {
+                v.as_object()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                    .collect()
+            };
+            let scripts = a["startup_script"]
+                .as_str()
+                .filter(|s| !s.trim().is_empty())
+                .map(|s| ScriptSpec {
+                    name: "startup".into(),
+                    script: s.to_owned(),
+                    run_on: ScriptTrigger::Start,
+                    timeout_seconds: 300,
+                })
+                .into_iter()
+                .collect();
+            let apps = apps
+                .iter()
+                .filter(|(_, app)| app["agent_id"] == id)
+                .map(|(_, app)| AppSpec {
+                    slug: app["slug"].as_str().unwrap_or_default().to_owned(),
+                    display_name: app["display_name"].as_str().map(str::to_owned),
+                    port: app["port"].as_u64().and_then(|p| u16::try_from(p).ok()),
+                    url: app["url"].as_str().map(str::to_owned),
+                    subdomain: app["subdomain"].as_bool().unwrap_or(true),
+                    sharing_level: devmesh_shared::api::SharingLevel::from_stored(
+                        app["share"].as_str().unwrap_or("owner"),
+                    ),
+                    healthcheck: app["healthcheck_url"].as_str().map(|url| HealthcheckSpec {
+                        url: url.to_owned(),
+                        interval_seconds: 5,
+                        threshold: 3,
+                    }),
+                })
+                .collect();
+            Some((
+                AgentSpec {
+                    name,
+                    directory: a["dir"].as_str().map(str::to_owned),
+                    env: str_map(&a["env"]),
+                    apps,
+                    scripts,
+                },
+                token,
+            ))
+        })
+        .collect()
+}
+
+/// Heartbeats until aborted; cancels `cancel` when someone asks to cancel
+/// the job or the job is lost (`lost` set).
+async fn heartbeat(
+    db: sqlx::PgPool,
+    job: Uuid,
+    daemon: Uuid,
+    cancel: CancellationToken,
+    lost: Arc<std::sync::atomic::AtomicBool>,
+) {
+    loop {
+        tokio::time::sleep(HEARTBEAT_EVERY).await;
+        match jobs::heartbeat(&db, job, daemon).await {
+            Ok(Beat::Continue) => {}
+            Ok(Beat::Cancel) => cancel.cancel(),
+            Ok(Beat::Lost) => {
+                lost.store(true, std::sync::atomic::Ordering::Relaxed);
+                cancel.cancel();
+                return;
+            }
+            Err(e) => tracing::warn!(error = %e, "a provisioner heartbeat failed"),
+        }
+    }
+}
+
+/// Writes log lines in batches until the channel closes.
+async fn write_logs(
+    db: sqlx::PgPool,
+    job: Uuid,
+    mut lines: mpsc::UnboundedReceiver<(LogStream, String)>,
+) {
+    let mut batch = Vec::new();
+    while let Some(first) = lines.recv().await {
+        batch.push(first);
+        // Whatever else is already waiting goes in the same insert.
+        while batch.len() < 500 {
+            match lines.try_recv() {
+                Ok(l) => batch.push(l),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = jobs::append_logs(&db, job, &batch).await {
+            tracing::warn!(error = %e, lines = batch.len(), "cannot store build log lines");
+        }
+        batch.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_state_names_its_agents_tokens_and_apps() {
+        let state = serde_json::json!({"resources": [
+            {"mode": "managed", "type": "devmesh_agent", "name": "main", "instances": [
+                {"attributes": {"id": "a1", "token": "t1", "dir": "/home/dev",
+                                "env": {"K": "v"}, "startup_script": "echo hi"}}]},
+            {"mode": "managed", "type": "devmesh_agent", "name": "gpu_box", "instances": [
+                {"index_key": 0, "attributes": {"id": "a2", "token": "t2"}},
+                {"index_key": 1, "attributes": {"id": "a3", "token": "t3"}}]},
+            {"mode": "managed", "type": "devmesh_app", "name": "web", "instances": [
+                {"attributes": {"agent_id": "a1", "slug": "web", "port": 8080, "share": "public"}}]},
+            {"mode": "data", "type": "devmesh_agent", "name": "ignored", "instances": []}
+        ]});
+        let agents = agents_in(&state);
+        let names: Vec<_> = agents.iter().map(|(a, _)| a.name.as_str()).collect();
+        assert_eq!(names, ["main", "gpu-box-0", "gpu-box-1"]);
+        let (main, token) = &agents[0];
+        assert_eq!(token, "t1");
+        assert_eq!(main.directory.as_deref(), Some("/home/dev"));
+        assert_eq!(main.env["K"], "v");
+        assert_eq!(main.scripts[0].script, "echo hi");
+        assert_eq!(main.apps[0].port, Some(8080));
+        assert_eq!(
+            main.apps[0].sharing_level,
+            devmesh_shared::api::SharingLevel::Public
+        );
+        assert!(agents[1].0.apps.is_empty());
+    }
+}
