@@ -27,6 +27,18 @@ pub(crate) enum TemplatesCommand {
         #[arg(long, default_value = "")]
         description: String,
     },
+    /// Push a Terraform template: the directory DIR becomes a new template,
+    /// or the template's new active version.
+    Push {
+        /// Template name.
+        name: String,
+        /// The template directory (its `.tf` files and whatever they use).
+        #[arg(long, short = 'd', default_value = ".")]
+        directory: PathBuf,
+        /// What changed (for a new version).
+        #[arg(long, short, default_value = "")]
+        message: String,
+    },
     /// List templates.
     List,
 }
@@ -62,6 +74,61 @@ pub(crate) async fn templates(g: &Global, cmd: TemplatesCommand) -> anyhow::Resu
             println!(
                 "Created template {} (version {}).",
                 t.name, t.active_version.number
+            );
+        }
+        TemplatesCommand::Push {
+            name,
+            directory,
+            message,
+        } => {
+            use base64::Engine as _;
+            let tar = devmesh_provisioner::archive::pack(&directory)?;
+            anyhow::ensure!(
+                tar.len() <= devmesh_shared::api::MAX_TEMPLATE_ARCHIVE,
+                "{} packs to {} KiB; templates may be at most {} KiB",
+                directory.display(),
+                tar.len() / 1024,
+                devmesh_shared::api::MAX_TEMPLATE_ARCHIVE / 1024
+            );
+            let archive = Some(base64::engine::general_purpose::STANDARD.encode(&tar));
+            let exists = client
+                .get::<Template>(&format!("/templates/{name}"))
+                .await
+                .is_ok();
+            let t: Template = if exists {
+                client
+                    .post(
+                        &format!("/templates/{name}/versions"),
+                        &devmesh_shared::api::CreateTemplateVersionRequest {
+                            kind: TemplateKind::Terraform,
+                            definition: ExternalDefinition::default(),
+                            archive,
+                            message,
+                        },
+                    )
+                    .await?
+            } else {
+                client
+                    .post(
+                        "/templates",
+                        &CreateTemplateRequest {
+                            name,
+                            description: String::new(),
+                            kind: TemplateKind::Terraform,
+                            definition: ExternalDefinition::default(),
+                            archive,
+                        },
+                    )
+                    .await?
+            };
+            if g.output == Format::Json {
+                return json(&t);
+            }
+            println!(
+                "Pushed template {} (version {}, {} KiB).",
+                t.name,
+                t.active_version.number,
+                tar.len().div_ceil(1024)
             );
         }
         TemplatesCommand::List => {
@@ -142,9 +209,50 @@ pub(crate) async fn create(g: &Global, name: String, template: String) -> anyhow
     if g.output == Format::Json {
         return json(&resp);
     }
-    println!("Created workspace {}.", resp.workspace.name);
+    let name = resp.workspace.name.clone();
+    follow_build(g, &client, &resp.workspace).await?;
+    println!("Created workspace {name}.");
     print_tokens(g, client.base(), &resp);
     Ok(())
+}
+
+/// For a build a provisioner runs (Terraform templates): prints its log
+/// as it comes and waits for it to end; errs when it did not succeed.
+async fn follow_build(
+    g: &Global,
+    client: &crate::client::Client,
+    ws: &Workspace,
+) -> anyhow::Result<()> {
+    let Some(job) = ws.latest_build.job_id else {
+        return Ok(());
+    };
+    let mut after = 0i64;
+    loop {
+        let resp: devmesh_shared::api::JobLogsResponse = client
+            .get(&format!("/jobs/{job}/logs?after={after}"))
+            .await?;
+        for l in &resp.logs {
+            if g.output != Format::Json {
+                let line = printable(&l.line);
+                match l.stream.as_str() {
+                    "provisioner" => println!("{line}"),
+                    "stderr" => eprintln!("  {line}"),
+                    _ => println!("  {line}"),
+                }
+            }
+            after = l.id;
+        }
+        match resp.status.as_str() {
+            "succeeded" => return Ok(()),
+            "failed" => anyhow::bail!(
+                "the build failed: {}",
+                resp.error.unwrap_or_else(|| "no reason given".into())
+            ),
+            "canceled" => anyhow::bail!("the build was canceled"),
+            _ if resp.logs.is_empty() => tokio::time::sleep(Duration::from_millis(300)).await,
+            _ => {}
+        }
+    }
 }
 
 pub(crate) async fn list(g: &Global, all: bool) -> anyhow::Result<()> {
@@ -204,6 +312,7 @@ pub(crate) async fn transition(
             &CreateBuildRequest { transition },
         )
         .await?;
+    follow_build(g, &client, &resp.workspace).await?;
     match transition {
         Transition::Start => {
             println!("Started {name}.");

@@ -298,3 +298,113 @@ async fn a_failing_build_fails_with_its_log_and_bad_archives_are_refused() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn the_cli_pushes_a_template_and_follows_each_build_to_its_end() {
+    use crate::support::{cli, ok};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path();
+    let db = fresh_database().await;
+    let url = db.url();
+    let server = ServerProcess::start(
+        &["--data-dir", cfg.to_str().unwrap()],
+        &[("DEVMESH_POSTGRES_URL", url.expose())],
+        cfg,
+    )
+    .await;
+    ok(&cli(
+        cfg,
+        &[
+            "login",
+            &server.url,
+            "--username",
+            "me",
+            "--email",
+            "me@example.com",
+            "--password",
+            "me-password",
+        ],
+    )
+    .await);
+    let template =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/templates/local-process");
+    let out = ok(&cli(
+        cfg,
+        &[
+            "templates",
+            "push",
+            "local",
+            "-d",
+            template.to_str().unwrap(),
+        ],
+    )
+    .await);
+    assert!(out.contains("Pushed template local (version 1"), "{out}");
+    let out = ok(&cli(
+        cfg,
+        &[
+            "templates",
+            "push",
+            "local",
+            "-d",
+            template.to_str().unwrap(),
+        ],
+    )
+    .await);
+    assert!(
+        out.contains("(version 2"),
+        "a second push is a new version: {out}"
+    );
+
+    let name = format!("cli{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let out = ok(&cli(cfg, &["create", &name, "--template", "local"]).await);
+    assert!(
+        out.contains("devmesh: terraform apply"),
+        "the build's log, live: {out}"
+    );
+    assert!(out.contains("Apply complete!"), "{out}");
+    assert!(
+        out.trim_end()
+            .ends_with(&format!("Created workspace {name}.")),
+        "{out}"
+    );
+    let home = Path::new("/tmp/devmesh-workspaces/me").join(&name);
+    assert!(home.is_dir());
+
+    let out = ok(&cli(cfg, &["stop", &name]).await);
+    assert!(
+        out.contains("Destroy") || out.contains("destroyed"),
+        "{out}"
+    );
+    assert!(
+        out.trim_end().ends_with(&format!("Stopped {name}.")),
+        "{out}"
+    );
+    let out = ok(&cli(cfg, &["delete", &name]).await);
+    assert!(
+        out.trim_end().ends_with(&format!("Deleted {name}.")),
+        "{out}"
+    );
+    assert!(!home.exists());
+
+    // A directory without Terraform code is refused before any upload.
+    let empty = tempfile::tempdir().unwrap();
+    let out = cli(
+        cfg,
+        &[
+            "templates",
+            "push",
+            "nothing",
+            "-d",
+            empty.path().to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no .tf file"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    server.stop().await;
+}
