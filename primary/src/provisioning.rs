@@ -22,6 +22,10 @@ use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use crate::api::AppState;
+use crate::vault::Vault;
+
+/// The vault purpose of stored Terraform states.
+const STATE_PURPOSE: &str = "terraform state";
 use crate::jobs::{self, Beat, Daemon, Job, LogStream, Outcome, Tags};
 
 /// How often a running job's daemon heartbeats.
@@ -32,6 +36,9 @@ const POLL_EVERY: Duration = Duration::from_secs(1);
 /// What every built-in daemon shares.
 struct Shared {
     state: AppState,
+    /// Encrypts workspaces' Terraform states at rest: they hold the agent
+    /// tokens and whatever secrets templates put in them.
+    vault: Arc<Vault>,
     terraform: Option<Terraform>,
     /// The devmesh binary, which serves the Terraform provider.
     provider: PathBuf,
@@ -40,8 +47,10 @@ struct Shared {
 }
 
 /// Starts `count` daemons on `tracker` until `shutdown`.
+#[allow(clippy::too_many_arguments)]
 pub fn spawn(
     state: AppState,
+    vault: Arc<Vault>,
     terraform: Option<Terraform>,
     provider: PathBuf,
     work: PathBuf,
@@ -51,6 +60,7 @@ pub fn spawn(
 ) {
     let shared = Arc::new(Shared {
         state,
+        vault,
         terraform,
         provider,
         work,
@@ -126,6 +136,28 @@ async fn run_job(shared: &Shared, me: &Daemon, job: Job, shutdown: &Cancellation
             tracing::warn!(error = %e, "cannot load a build");
             None
         }),
+        None => None,
+    };
+    // A state that cannot be read must not become "no state": Terraform
+    // would create everything again beside what exists.
+    let build = match build.map(|mut b| match b.state.take() {
+        Some(s) => open_state(&shared.vault, &s).map(|s| {
+            b.state = Some(s);
+            b
+        }),
+        None => Ok(b),
+    }) {
+        Some(Err(e)) => {
+            let _ = jobs::complete(db, job.id, me.id, &Outcome::Failed(e)).await;
+            let _ = sqlx::query(
+                "UPDATE workspace_builds SET status = 'failed', completed_at = now() WHERE id = $1",
+            )
+            .bind(build_id)
+            .execute(db)
+            .await;
+            return;
+        }
+        Some(Ok(b)) => Some(b),
         None => None,
     };
     let Some(build) = build else {
@@ -280,7 +312,7 @@ async fn execute(
                  ON CONFLICT (workspace_id) DO UPDATE SET state = $2, updated_at = now()",
             )
             .bind(build.workspace_id)
-            .bind(&state)
+            .bind(shared.vault.wrap(STATE_PURPOSE, &state))
             .execute(&shared.state.db)
             .await
             {
@@ -310,6 +342,7 @@ async fn finish(shared: &Shared, build: &BuildRow) -> sqlx::Result<()> {
             .fetch_optional(&mut *tx)
             .await?;
             let state: Value = state
+                .and_then(|s| open_state(&shared.vault, &s).ok())
                 .and_then(|s| serde_json::from_slice(&s).ok())
                 .unwrap_or_default();
             let agents = agents_in(&state);
@@ -325,6 +358,17 @@ async fn finish(shared: &Shared, build: &BuildRow) -> sqlx::Result<()> {
         _ => {}
     }
     tx.commit().await
+}
+
+/// A stored state, decrypted.
+fn open_state(vault: &Vault, stored: &[u8]) -> Result<Vec<u8>, String> {
+    vault
+        .unwrap(STATE_PURPOSE, stored, |_| false)
+        .map(|s| s.plain().to_vec())
+        .map_err(|e| {
+            tracing::error!(error = %e, "cannot decrypt a workspace's Terraform state");
+            format!("{e:#}")
+        })
 }
 
 /// The agents (with their tokens) and apps a Terraform state declares.

@@ -148,7 +148,9 @@ pub async fn start(mut config: ServerConfig) -> anyhow::Result<RunningServer> {
     let provisioner_work = config.data_dir.join("provisioner");
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let vault = crate::vault::Vault::load_or_create(&config.secrets_key_file)?;
+    let vault = Arc::new(crate::vault::Vault::load_or_create(
+        &config.secrets_key_file,
+    )?);
     let ca = Arc::new(
         MeshCa::load_or_create(&pool, &vault)
             .await
@@ -234,6 +236,7 @@ pub async fn start(mut config: ServerConfig) -> anyhow::Result<RunningServer> {
         match std::env::current_exe() {
             Ok(provider) => crate::provisioning::spawn(
                 provisioning_state,
+                vault.clone(),
                 terraform,
                 provider,
                 provisioner_work,

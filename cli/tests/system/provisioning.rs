@@ -37,6 +37,11 @@ fn archive_of(dir: &Path) -> String {
 }
 
 async fn primary(dir: &Path) -> (ServerProcess, Api) {
+    let (server, owner, _db) = primary_on_db(dir).await;
+    (server, owner)
+}
+
+async fn primary_on_db(dir: &Path) -> (ServerProcess, Api, devmesh_tests::TestDb) {
     let db = fresh_database().await;
     let url = db.url();
     let server = ServerProcess::start(
@@ -52,7 +57,7 @@ async fn primary(dir: &Path) -> (ServerProcess, Api) {
     )
     .await;
     let owner = anon.login("owner", "owner-password").await;
-    (server, owner)
+    (server, owner, db)
 }
 
 /// Waits for the workspace's latest build to end; returns the workspace,
@@ -92,7 +97,7 @@ fn alive(pid: i32) -> bool {
 #[tokio::test]
 async fn a_terraform_workspace_starts_its_agent_and_keeps_its_home_across_stop_and_start() {
     let dir = tempfile::tempdir().unwrap();
-    let (server, owner) = primary(dir.path()).await;
+    let (server, owner, db) = primary_on_db(dir.path()).await;
     let upstream = Upstream::start().await;
     let (status, body) = owner
         .post(
@@ -152,6 +157,18 @@ async fn a_terraform_workspace_starts_its_agent_and_keeps_its_home_across_stop_a
         home.join("starts.log").exists().then_some(())
     })
     .await;
+
+    // The saved state holds the agent's token: it is encrypted at rest.
+    let mut conn = db.connect().await;
+    let stored: Vec<u8> = sqlx::query_scalar(
+        "SELECT state FROM workspace_terraform_states WHERE workspace_id = $1::uuid",
+    )
+    .bind(&id)
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert!(serde_json::from_slice::<Value>(&stored).is_err());
+    assert!(!String::from_utf8_lossy(&stored).contains("devmesh_agent"));
 
     // The build's log is there for the owner to read.
     let (status, logs) = owner.get(&format!("/jobs/{job}/logs")).await;
