@@ -172,15 +172,8 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
     };
     let ran = match cli {
         Parsed::Daemon(d) => runtime.block_on(d.run()),
@@ -203,6 +196,21 @@ fn main() -> ExitCode {
     }
 }
 
+/// The async runtime every command runs on (`None`, said on stderr, when
+/// the OS refuses its threads).
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => Some(rt),
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            None
+        }
+    }
+}
+
 /// Whether this binary runs as `terraform-provider-devmesh…`: a
 /// provisioner installs it under that name in Terraform's filesystem
 /// mirror.
@@ -221,15 +229,8 @@ fn invoked_as_terraform_provider() -> bool {
 /// (stdout carries the plugin handshake).
 fn terraform_provider() -> ExitCode {
     devmesh_net::runtime::init_logging(devmesh_net::runtime::LogFormat::Text);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
     };
     match runtime.block_on(devmesh_provisioner::provider::serve()) {
         Ok(()) => ExitCode::SUCCESS,

@@ -90,6 +90,15 @@ async fn build(api: &Api, id: &str, transition: &str) {
     assert_eq!(status, StatusCode::CREATED, "{body}");
 }
 
+/// The pid the local-process template recorded for the workspace's agent.
+fn agent_pid(home: &Path) -> i32 {
+    std::fs::read_to_string(home.join(".devmesh-agent.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 fn alive(pid: i32) -> bool {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
 }
@@ -132,11 +141,7 @@ async fn a_terraform_workspace_starts_its_agent_and_keeps_its_home_across_stop_a
     })
     .await;
     let home = Path::new("/tmp/devmesh-workspaces/owner").join(&name);
-    let pid: i32 = std::fs::read_to_string(home.join(".devmesh-agent.pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let pid = agent_pid(&home);
     assert!(alive(pid));
     let port = server.url.rsplit(':').next().unwrap().to_owned();
     let url = format!("http://web--main--{name}--owner.apps.localhost:{port}/echo");
@@ -211,11 +216,7 @@ async fn a_terraform_workspace_starts_its_agent_and_keeps_its_home_across_stop_a
         (log.lines().count() == 2).then_some(())
     })
     .await;
-    let pid2: i32 = std::fs::read_to_string(home.join(".devmesh-agent.pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let pid2 = agent_pid(&home);
 
     // Delete: everything goes.
     build(&owner, &id, "delete").await;
@@ -345,29 +346,16 @@ async fn the_cli_pushes_a_template_and_follows_each_build_to_its_end() {
     .await);
     let template =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/templates/local-process");
-    let out = ok(&cli(
-        cfg,
-        &[
-            "templates",
-            "push",
-            "local",
-            "-d",
-            template.to_str().unwrap(),
-        ],
-    )
-    .await);
+    let push = [
+        "templates",
+        "push",
+        "local",
+        "-d",
+        template.to_str().unwrap(),
+    ];
+    let out = ok(&cli(cfg, &push).await);
     assert!(out.contains("Pushed template local (version 1"), "{out}");
-    let out = ok(&cli(
-        cfg,
-        &[
-            "templates",
-            "push",
-            "local",
-            "-d",
-            template.to_str().unwrap(),
-        ],
-    )
-    .await);
+    let out = ok(&cli(cfg, &push).await);
     assert!(
         out.contains("(version 2"),
         "a second push is a new version: {out}"

@@ -315,18 +315,22 @@ pub(crate) async fn insert_agents(
     Ok(tokens)
 }
 
-/// Records a build (complete at once for external templates).
+/// Records a build: complete at once for external templates, or pending
+/// with the provisioner `job` that will run it (Terraform templates).
 async fn insert_build(
     tx: &mut sqlx::PgConnection,
+    id: Uuid,
     workspace_id: Uuid,
     version_id: Uuid,
     transition: Transition,
     initiator: Uuid,
+    job: Option<Uuid>,
 ) -> ApiResult<Uuid> {
-    let id = Uuid::new_v4();
     sqlx::query(
-        "INSERT INTO workspace_builds (id, workspace_id, template_version_id, build_number, transition, status, initiator_id, completed_at)
-         SELECT $1, $2, $3, coalesce(max(build_number), 0) + 1, $4, 'succeeded', $5, now()
+        "INSERT INTO workspace_builds (id, workspace_id, template_version_id, build_number, transition, status, initiator_id, job_id, completed_at)
+         SELECT $1, $2, $3, coalesce(max(build_number), 0) + 1, $4,
+                CASE WHEN $6::uuid IS NULL THEN 'succeeded' ELSE 'pending' END, $5, $6,
+                CASE WHEN $6::uuid IS NULL THEN now() END
          FROM workspace_builds WHERE workspace_id = $2",
     )
     .bind(id)
@@ -334,6 +338,7 @@ async fn insert_build(
     .bind(version_id)
     .bind(transition.as_str())
     .bind(initiator)
+    .bind(job)
     .execute(&mut *tx)
     .await?;
     Ok(id)
@@ -356,20 +361,16 @@ async fn queue_build(
         &serde_json::json!({ "build_id": id }),
     )
     .await?;
-    sqlx::query(
-        "INSERT INTO workspace_builds (id, workspace_id, template_version_id, build_number, transition, status, initiator_id, job_id)
-         SELECT $1, $2, $3, coalesce(max(build_number), 0) + 1, $4, 'pending', $5, $6
-         FROM workspace_builds WHERE workspace_id = $2",
+    insert_build(
+        tx,
+        id,
+        workspace_id,
+        version_id,
+        transition,
+        initiator,
+        Some(job),
     )
-    .bind(id)
-    .bind(workspace_id)
-    .bind(version_id)
-    .bind(transition.as_str())
-    .bind(initiator)
-    .bind(job)
-    .execute(&mut *tx)
-    .await?;
-    Ok(id)
+    .await
 }
 
 /// Refuses workspaces whose app or dev-URL hostnames would not fit in one
@@ -442,8 +443,16 @@ pub(super) async fn create(
         queue_build(&mut tx, id, version.id, Transition::Start, auth.0.user_id).await?;
         Vec::new()
     } else {
-        let build_id =
-            insert_build(&mut tx, id, version.id, Transition::Start, auth.0.user_id).await?;
+        let build_id = insert_build(
+            &mut tx,
+            Uuid::new_v4(),
+            id,
+            version.id,
+            Transition::Start,
+            auth.0.user_id,
+            None,
+        )
+        .await?;
         create_agents(&mut tx, id, build_id, &version.definition).await?
     };
     Audit::new("create", "workspace")
@@ -630,9 +639,16 @@ pub(super) async fn build(
             if version.kind == "terraform" {
                 queue_build(&mut tx, id, version.id, Transition::Start, auth.0.user_id).await?;
             } else {
-                let build_id =
-                    insert_build(&mut tx, id, version.id, Transition::Start, auth.0.user_id)
-                        .await?;
+                let build_id = insert_build(
+                    &mut tx,
+                    Uuid::new_v4(),
+                    id,
+                    version.id,
+                    Transition::Start,
+                    auth.0.user_id,
+                    None,
+                )
+                .await?;
                 agent_tokens = create_agents(&mut tx, id, build_id, &version.definition).await?;
             }
         }
@@ -642,7 +658,16 @@ pub(super) async fn build(
             queue_build(&mut tx, id, latest_version, t, auth.0.user_id).await?;
         }
         (_, t) => {
-            insert_build(&mut tx, id, latest_version, t, auth.0.user_id).await?;
+            insert_build(
+                &mut tx,
+                Uuid::new_v4(),
+                id,
+                latest_version,
+                t,
+                auth.0.user_id,
+                None,
+            )
+            .await?;
             if t == Transition::Delete {
                 sqlx::query(
                     "UPDATE workspaces SET deleted = true, updated_at = now() WHERE id = $1",
