@@ -104,7 +104,8 @@ enum Command {
     /// Manage templates.
     #[command(subcommand)]
     Templates(commands::workspaces::TemplatesCommand),
-    /// Create a workspace from a template; prints each agent's token.
+    /// Create a workspace from a template: shows a Terraform template's build
+    /// as it runs, or prints each agent's token for a bring-your-own one.
     Create {
         /// Workspace name.
         name: String,
@@ -131,6 +132,12 @@ enum Command {
     },
     /// Delete a workspace.
     Delete {
+        /// Workspace name, or owner/name.
+        name: String,
+    },
+    /// Cancel a workspace's running build (Terraform is interrupted
+    /// gracefully).
+    Cancel {
         /// Workspace name, or owner/name.
         name: String,
     },
@@ -269,6 +276,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Delete { name } => {
             commands::workspaces::transition(&g, name, Transition::Delete).await
         }
+        Command::Cancel { name } => commands::workspaces::cancel(&g, name).await,
         Command::Logs { name, follow } => commands::workspaces::logs(&g, name, follow).await,
         Command::Agent(args) => DaemonCommand::Agent(args).run().await,
         Command::Edge(args) => DaemonCommand::Edge(args).run().await,

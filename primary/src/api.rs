@@ -278,6 +278,10 @@ pub fn router(state: AppState) -> Router {
         .route("/workspaces/{id}", get(workspaces::get))
         .route("/jobs/{id}/logs", get(workspaces::job_logs))
         .route("/workspaces/{id}/builds", post(workspaces::build))
+        .route(
+            "/workspaces/{id}/builds/cancel",
+            post(workspaces::cancel_build),
+        )
         .route("/edges", get(edges::list).post(edges::create))
         .route(
             "/edges/{edge}",

@@ -553,6 +553,8 @@ pub enum BuildStatus {
     Succeeded,
     /// It failed; the workspace is as the build left it.
     Failed,
+    /// Someone canceled it; the workspace is as the build left it.
+    Canceled,
 }
 
 /// Whether an agent's tunnel is up, from its heartbeats.

@@ -324,6 +324,19 @@ pub(crate) async fn transition(
     Ok(())
 }
 
+pub(crate) async fn cancel(g: &Global, name: String) -> anyhow::Result<()> {
+    let client = g.client()?;
+    let ws = find(&client, &name).await?;
+    let ws: Workspace = client
+        .post(&format!("/workspaces/{}/builds/cancel", ws.id), &())
+        .await?;
+    match ws.latest_build.status {
+        devmesh_shared::api::BuildStatus::Canceled => println!("Canceled the build of {name}."),
+        _ => println!("Canceling the build of {name}: Terraform is being interrupted."),
+    }
+    Ok(())
+}
+
 pub(crate) async fn logs(g: &Global, name: String, follow: bool) -> anyhow::Result<()> {
     let client = g.client()?;
     let ws = find(&client, &name).await?;

@@ -413,3 +413,89 @@ async fn the_cli_pushes_a_template_and_follows_each_build_to_its_end() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn canceling_a_running_build_interrupts_terraform_and_the_next_build_can_run() {
+    use crate::support::{cli, ok};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path();
+    let (server, owner) = primary(cfg).await;
+    let tpl = tempfile::tempdir().unwrap();
+    std::fs::write(
+        tpl.path().join("main.tf"),
+        "data \"devmesh_workspace\" \"me\" {}\n\
+         terraform {\n  required_providers {\n    devmesh = { source = \"devmesh/devmesh\" }\n  }\n}\n\
+         resource \"terraform_data\" \"slow\" {\n  count = data.devmesh_workspace.me.transition == \"start\" ? 1 : 0\n  \
+         provisioner \"local-exec\" {\n    command = \"echo slow start; sleep 120\"\n  }\n}\n",
+    )
+    .unwrap();
+    let (status, body) = owner
+        .post(
+            "/templates",
+            json!({"name": "slow", "kind": "terraform", "archive": archive_of(tpl.path())}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (_, body) = owner
+        .post("/workspaces", json!({"name": "slow", "template": "slow"}))
+        .await;
+    let id = body["workspace"]["id"].as_str().unwrap().to_owned();
+    let job = body["workspace"]["latest_build"]["job_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    eventually(60, "the slow step to start", || async {
+        let (_, logs) = owner.get(&format!("/jobs/{job}/logs")).await;
+        logs.to_string().contains("slow start").then_some(())
+    })
+    .await;
+    // Another build must wait for this one.
+    let (status, _) = owner
+        .post(
+            &format!("/workspaces/{id}/builds"),
+            json!({"transition": "stop"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+
+    // Cancel from the CLI, signed in with the owner's key.
+    ok(&cli(
+        cfg,
+        &[
+            "login",
+            &server.url,
+            "--token",
+            owner.token.as_deref().unwrap(),
+        ],
+    )
+    .await);
+    let out = ok(&cli(cfg, &["cancel", "slow"]).await);
+    assert!(out.contains("Canceling the build of slow"), "{out}");
+    let at = tokio::time::Instant::now();
+    eventually(60, "the build to be canceled", || async {
+        let (_, w) = owner.get(&format!("/workspaces/{id}")).await;
+        (w["latest_build"]["status"] == "canceled").then_some(())
+    })
+    .await;
+    assert!(at.elapsed().as_secs() < 40, "{:?}", at.elapsed());
+    let (_, logs) = owner.get(&format!("/jobs/{job}/logs")).await;
+    assert_eq!(logs["status"], "canceled");
+    let text = logs["logs"].to_string();
+    assert!(
+        text.contains("Interrupt received"),
+        "Terraform was interrupted: {text}"
+    );
+    assert!(text.contains("build canceled"), "{text}");
+    // Nothing runs now: canceling again is a conflict, and a build may follow.
+    let (status, _) = owner
+        .post(&format!("/workspaces/{id}/builds/cancel"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    build(&owner, &id, "delete").await;
+    eventually(120, "the delete", || async {
+        let (status, _) = owner.get(&format!("/workspaces/{id}")).await;
+        (status == StatusCode::NOT_FOUND).then_some(())
+    })
+    .await;
+    server.stop().await;
+}

@@ -570,6 +570,51 @@ pub(super) async fn job_logs(
     }))
 }
 
+/// Cancels a workspace's running build: a pending one at once, a running
+/// one as soon as its daemon hears of it (Terraform is interrupted
+/// gracefully). 409 when no build is running.
+pub(super) async fn cancel_build(
+    State(state): State<AppState>,
+    auth: Authed,
+    ClientIp(ip): ClientIp,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<Json<Workspace>> {
+    let id = parse_uuid(&id).ok_or_else(|| ApiError::not_found("No such workspace."))?;
+    let row = find_visible(&state, &auth, id, false).await?;
+    let latest: Option<(Uuid, Option<Uuid>, String)> = sqlx::query_as(
+        "SELECT id, job_id, status FROM workspace_builds WHERE workspace_id = $1
+         ORDER BY build_number DESC LIMIT 1",
+    )
+    .bind(id)
+    .fetch_optional(&state.db)
+    .await?;
+    let Some((build, Some(job), status)) =
+        latest.filter(|l| matches!(l.2.as_str(), "pending" | "running"))
+    else {
+        return Err(ApiError::conflict("No build of this workspace is running."));
+    };
+    if crate::jobs::cancel(&state.db, job).await? == Some(crate::jobs::JobStatus::Canceled) {
+        // No daemon had it: nobody else will record the outcome.
+        sqlx::query(
+            "UPDATE workspace_builds SET status = 'canceled', completed_at = now() WHERE id = $1",
+        )
+        .bind(build)
+        .execute(&state.db)
+        .await?;
+    }
+    let mut tx = state.db.begin().await?;
+    Audit::new("cancel", "workspace_build")
+        .resource(id, format!("{}/{}", row.owner_name, row.name))
+        .by(&auth.0)
+        .ip(&ip)
+        .details(serde_json::json!({"status_before": status}))
+        .write(&mut *tx)
+        .await;
+    tx.commit().await?;
+    let row = find_visible(&state, &auth, id, false).await?;
+    Ok(Json(load(&state, row).await?))
+}
+
 pub(super) async fn get_by_name(
     State(state): State<AppState>,
     auth: Authed,
