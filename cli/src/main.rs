@@ -112,6 +112,9 @@ enum Command {
         /// Template name.
         #[arg(long, short)]
         template: String,
+        /// A template parameter's value, as NAME=VALUE (repeatable).
+        #[arg(long = "parameter", short = 'p', value_name = "NAME=VALUE", value_parser = parse_parameter)]
+        parameters: Vec<(String, String)>,
     },
     /// List your workspaces.
     #[command(alias = "ls")]
@@ -203,6 +206,14 @@ fn main() -> ExitCode {
     }
 }
 
+/// `NAME=VALUE`.
+fn parse_parameter(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_owned(), v.to_owned()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("{s:?} is not NAME=VALUE"))
+}
+
 /// The async runtime every command runs on (`None`, said on stderr, when
 /// the OS refuses its threads).
 fn runtime() -> Option<tokio::runtime::Runtime> {
@@ -263,9 +274,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Edges(c) => commands::edges::run(&g, c).await,
         Command::Regions => commands::edges::regions(&g).await,
         Command::Templates(c) => commands::workspaces::templates(&g, c).await,
-        Command::Create { name, template } => {
-            commands::workspaces::create(&g, name, template).await
-        }
+        Command::Create {
+            name,
+            template,
+            parameters,
+        } => commands::workspaces::create(&g, name, template, parameters).await,
         Command::List { all } => commands::workspaces::list(&g, all).await,
         Command::Start { name } => {
             commands::workspaces::transition(&g, name, Transition::Start).await

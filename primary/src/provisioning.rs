@@ -84,7 +84,10 @@ async fn run_daemon(shared: Arc<Shared>, me: Daemon, shutdown: CancellationToken
     loop {
         let wait = match jobs::acquire(&db, &me).await {
             Ok(Some(job)) => {
-                run_job(&shared, &me, job, &shutdown).await;
+                match job.kind {
+                    jobs::JobKind::Build => run_job(&shared, &me, job, &shutdown).await,
+                    jobs::JobKind::Import => run_import(&shared, &me, job, &shutdown).await,
+                }
                 continue;
             }
             Ok(None) => POLL_EVERY,
@@ -111,6 +114,7 @@ struct BuildRow {
     owner_email: String,
     archive: Option<Vec<u8>>,
     state: Option<Vec<u8>>,
+    parameters: sqlx::types::Json<std::collections::BTreeMap<String, String>>,
 }
 
 async fn run_job(shared: &Shared, me: &Daemon, job: Job, shutdown: &CancellationToken) {
@@ -121,7 +125,8 @@ async fn run_job(shared: &Shared, me: &Daemon, job: Job, shutdown: &Cancellation
     let build: Option<BuildRow> = match build_id {
         Some(id) => sqlx::query_as(
             "SELECT b.id, b.workspace_id, b.transition, w.name AS workspace_name,
-                    u.username AS owner_name, u.email AS owner_email, v.archive, s.state
+                    u.username AS owner_name, u.email AS owner_email, v.archive, s.state,
+                    b.parameters
              FROM workspace_builds b
              JOIN workspaces w ON w.id = b.workspace_id
              JOIN users u ON u.id = w.owner_id
@@ -176,25 +181,11 @@ async fn run_job(shared: &Shared, me: &Daemon, job: Job, shutdown: &Cancellation
         .await;
     tracing::info!(job.id = %job.id, build.id = %build.id, transition = %build.transition, "running a workspace build");
 
-    // The log writer, batching lines into the database.
-    let (log_tx, log_rx) = mpsc::unbounded_channel::<(LogStream, String)>();
-    let writer = tokio::spawn(write_logs(db.clone(), job.id, log_rx));
-    // The heartbeat, which also carries cancellation.
-    let cancel = shutdown.child_token();
-    let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let beat = tokio::spawn(heartbeat(
-        db.clone(),
-        job.id,
-        me.id,
-        cancel.clone(),
-        lost.clone(),
-    ));
-
+    let attempt = Attempt::start(db, &job, me, shutdown);
     let dir = shared.work.join(job.id.to_string());
-    let outcome = execute(shared, &build, &dir, &log_tx, &cancel).await;
+    let ran = execute(shared, &build, &dir, &attempt.log, &attempt.cancel).await;
     let _ = std::fs::remove_dir_all(&dir);
-    beat.abort();
-    let outcome = match outcome {
+    let outcome = match ran {
         Ok(()) => match finish(shared, &build).await {
             Ok(()) => Outcome::Succeeded,
             Err(e) => Outcome::Failed(format!("recording the build's result failed: {e}")),
@@ -202,16 +193,7 @@ async fn run_job(shared: &Shared, me: &Daemon, job: Job, shutdown: &Cancellation
         Err(RunError::Canceled { .. }) => Outcome::Canceled,
         Err(e) => Outcome::Failed(e.to_string()),
     };
-    let line = match &outcome {
-        Outcome::Succeeded => "devmesh: build succeeded".to_owned(),
-        Outcome::Failed(e) => format!("devmesh: build failed: {e}"),
-        Outcome::Canceled => "devmesh: build canceled".to_owned(),
-    };
-    let _ = log_tx.send((LogStream::Provisioner, line));
-    drop(log_tx);
-    let _ = writer.await;
-    if lost.load(std::sync::atomic::Ordering::Relaxed) {
-        tracing::warn!(job.id = %job.id, "the job timed out while it ran; its result is dropped");
+    if !attempt.end("build", &outcome).await {
         return;
     }
     let status = match outcome {
@@ -219,9 +201,6 @@ async fn run_job(shared: &Shared, me: &Daemon, job: Job, shutdown: &Cancellation
         Outcome::Failed(_) => "failed",
         Outcome::Canceled => "canceled",
     };
-    if let Err(e) = jobs::complete(db, job.id, me.id, &outcome).await {
-        tracing::warn!(error = %e, "cannot record a job's outcome");
-    }
     let _ =
         sqlx::query("UPDATE workspace_builds SET status = $2, completed_at = now() WHERE id = $1")
             .bind(build.id)
@@ -230,6 +209,305 @@ async fn run_job(shared: &Shared, me: &Daemon, job: Job, shutdown: &Cancellation
             .await;
     shared.state.workspace_changed(build.workspace_id).await;
     tracing::info!(job.id = %job.id, build.id = %build.id, status, "workspace build ended");
+}
+
+/// A template version to import.
+#[derive(sqlx::FromRow)]
+struct ImportRow {
+    id: Uuid,
+    template_id: Uuid,
+    number: i32,
+    archive: Option<Vec<u8>>,
+}
+
+/// Imports a Terraform version: plans it as a start build of a stand-in
+/// workspace and records its parameters (the `devmesh_parameter` data
+/// sources Terraform read); a version that imports becomes the template's
+/// active one unless a newer one already is.
+async fn run_import(shared: &Shared, me: &Daemon, job: Job, shutdown: &CancellationToken) {
+    let db = &shared.state.db;
+    let version = job.input["version_id"]
+        .as_str()
+        .and_then(|s| Uuid::parse_str(s).ok());
+    let row: Option<ImportRow> = match version {
+        Some(id) => sqlx::query_as(
+            "SELECT id, template_id, number, archive FROM template_versions WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(db)
+        .await
+        .unwrap_or_default(),
+        None => None,
+    };
+    let Some(row) = row else {
+        let failed = Outcome::Failed("the job names no template version".into());
+        let _ = jobs::complete(db, job.id, me.id, &failed).await;
+        return;
+    };
+    let attempt = Attempt::start(db, &job, me, shutdown);
+    let dir = shared.work.join(job.id.to_string());
+    let imported = import(shared, &row, job.id, &dir, &attempt.log, &attempt.cancel).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let outcome = match imported {
+        Ok(params) => match record_import(db, &row, &params).await {
+            Ok(()) => {
+                let names: Vec<&str> = params.iter().map(|p| p.name.as_str()).collect();
+                let _ = attempt.log.send((
+                    LogStream::Provisioner,
+                    format!(
+                        "devmesh: parameters: {}",
+                        if names.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            names.join(", ")
+                        }
+                    ),
+                ));
+                Outcome::Succeeded
+            }
+            Err(e) => Outcome::Failed(format!("recording the import failed: {e}")),
+        },
+        Err(Imported::Canceled) => Outcome::Canceled,
+        Err(Imported::Failed(e)) => Outcome::Failed(e),
+    };
+    attempt.end("import", &outcome).await;
+}
+
+/// Why an import did not succeed.
+enum Imported {
+    Canceled,
+    Failed(String),
+}
+
+impl From<RunError> for Imported {
+    fn from(e: RunError) -> Self {
+        match e {
+            RunError::Canceled { .. } => Imported::Canceled,
+            e => Imported::Failed(e.to_string()),
+        }
+    }
+}
+
+async fn import(
+    shared: &Shared,
+    row: &ImportRow,
+    job: Uuid,
+    dir: &Path,
+    log: &mpsc::UnboundedSender<(LogStream, String)>,
+    cancel: &CancellationToken,
+) -> Result<Vec<devmesh_shared::parameters::TemplateParameter>, Imported> {
+    let say = |line: String| {
+        let _ = log.send((LogStream::Provisioner, line));
+    };
+    let Some(tf) = &shared.terraform else {
+        let e = devmesh_provisioner::terraform::FindError::NotFound(
+            "the server found none when it started".into(),
+        );
+        return Err(Imported::Failed(e.to_string()));
+    };
+    let archive = row
+        .archive
+        .as_deref()
+        .ok_or_else(|| Imported::Failed("the version has no Terraform code".into()))?;
+    say(format!(
+        "devmesh: importing version {} with Terraform {}",
+        row.number,
+        tf.version()
+    ));
+    let workdir = Workdir::prepare(dir, &shared.provider, devmesh_shared::VERSION)
+        .map_err(|e| Imported::Failed(format!("cannot prepare {}: {e}", dir.display())))?;
+    devmesh_provisioner::archive::unpack(archive, &workdir.template())
+        .map_err(|e| Imported::Failed(e.to_string()))?;
+    let env: Vec<(String, String)> = [
+        ("DEVMESH_BUILD_ID", job.to_string()),
+        ("DEVMESH_WORKSPACE_NAME", "import".to_owned()),
+        ("DEVMESH_WORKSPACE_TRANSITION", "start".to_owned()),
+        ("DEVMESH_WORKSPACE_OWNER", "import".to_owned()),
+        ("DEVMESH_ACCESS_URL", shared.state.config.access_url.clone()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let to_log = |s: Stream, l: &str| {
+        let stream = match s {
+            Stream::Stdout => LogStream::Stdout,
+            Stream::Stderr => LogStream::Stderr,
+        };
+        let _ = log.send((stream, l.to_owned()));
+    };
+    say("devmesh: terraform init".into());
+    tf.run(
+        &workdir,
+        &["init", "-no-color", "-input=false"],
+        &env,
+        cancel,
+        to_log,
+    )
+    .await?;
+    say("devmesh: terraform plan".into());
+    tf.run(
+        &workdir,
+        &[
+            "plan",
+            "-refresh=false",
+            "-no-color",
+            "-input=false",
+            "-out=devmesh.tfplan",
+        ],
+        &env,
+        cancel,
+        to_log,
+    )
+    .await?;
+    let mut json = String::new();
+    tf.run(
+        &workdir,
+        &["show", "-json", "devmesh.tfplan"],
+        &env,
+        cancel,
+        |s, l| match s {
+            Stream::Stdout => json.push_str(l),
+            Stream::Stderr => to_log(s, l),
+        },
+    )
+    .await?;
+    let plan: Value = serde_json::from_str(&json)
+        .map_err(|e| Imported::Failed(format!("terraform show printed no plan: {e}")))?;
+    parameters_in(&plan).map_err(Imported::Failed)
+}
+
+/// The parameters a plan read (its `devmesh_parameter` data sources, in
+/// every module), checked: unique names and usable patterns.
+fn parameters_in(
+    plan: &Value,
+) -> Result<Vec<devmesh_shared::parameters::TemplateParameter>, String> {
+    fn walk<'a>(module: &'a Value, out: &mut Vec<&'a Value>) {
+        for r in module["resources"].as_array().into_iter().flatten() {
+            if r["mode"] == "data" && r["type"] == "devmesh_parameter" {
+                out.push(&r["values"]);
+            }
+        }
+        for child in module["child_modules"].as_array().into_iter().flatten() {
+            walk(child, out);
+        }
+    }
+    let mut found = Vec::new();
+    walk(&plan["prior_state"]["values"]["root_module"], &mut found);
+    let mut params: Vec<devmesh_shared::parameters::TemplateParameter> = Vec::new();
+    for v in found {
+        let s = |k: &str| v[k].as_str().map(str::to_owned);
+        let p = devmesh_shared::parameters::TemplateParameter {
+            name: s("name").unwrap_or_default(),
+            kind: s("type").unwrap_or_else(|| "string".into()),
+            description: s("description"),
+            default: s("default"),
+            mutable: v["mutable"].as_bool().unwrap_or(false),
+            options: v["options"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|o| o.as_str().map(str::to_owned))
+                .collect(),
+            validation_min: v["validation_min"].as_f64(),
+            validation_max: v["validation_max"].as_f64(),
+            validation_regex: s("validation_regex"),
+        };
+        if params.iter().any(|q| q.name == p.name) {
+            return Err(format!(
+                "two devmesh_parameter data sources are named {:?}",
+                p.name
+            ));
+        }
+        if let Some(d) = &p.default {
+            devmesh_shared::parameters::check_value(&p, d)
+                .map_err(|e| format!("parameter {:?}: its default {e}", p.name))?;
+        }
+        params.push(p);
+    }
+    params.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(params)
+}
+
+async fn record_import(
+    db: &sqlx::PgPool,
+    row: &ImportRow,
+    params: &[devmesh_shared::parameters::TemplateParameter],
+) -> sqlx::Result<()> {
+    let mut tx = db.begin().await?;
+    sqlx::query("UPDATE template_versions SET parameters = $2 WHERE id = $1")
+        .bind(row.id)
+        .bind(sqlx::types::Json(params))
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "UPDATE templates t SET active_version_id = $2, updated_at = now()
+         WHERE t.id = $1 AND (SELECT number FROM template_versions WHERE id = t.active_version_id) <= $3",
+    )
+    .bind(row.template_id)
+    .bind(row.id)
+    .bind(row.number)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await
+}
+
+/// The bookkeeping of one job while a daemon runs it: its log writer and
+/// its heartbeat (which carries cancellation).
+struct Attempt {
+    job: Uuid,
+    daemon: Uuid,
+    db: sqlx::PgPool,
+    log: mpsc::UnboundedSender<(LogStream, String)>,
+    writer: tokio::task::JoinHandle<()>,
+    beat: tokio::task::JoinHandle<()>,
+    cancel: CancellationToken,
+    lost: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Attempt {
+    fn start(db: &sqlx::PgPool, job: &Job, me: &Daemon, shutdown: &CancellationToken) -> Self {
+        let (log, lines) = mpsc::unbounded_channel();
+        let cancel = shutdown.child_token();
+        let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        Self {
+            job: job.id,
+            daemon: me.id,
+            db: db.clone(),
+            log,
+            writer: tokio::spawn(write_logs(db.clone(), job.id, lines)),
+            beat: tokio::spawn(heartbeat(
+                db.clone(),
+                job.id,
+                me.id,
+                cancel.clone(),
+                lost.clone(),
+            )),
+            cancel,
+            lost,
+        }
+    }
+
+    /// Logs how the `what` ended, flushes the log and records the outcome;
+    /// false when the job timed out meanwhile (its result is dropped).
+    async fn end(self, what: &str, outcome: &Outcome) -> bool {
+        self.beat.abort();
+        let line = match outcome {
+            Outcome::Succeeded => format!("devmesh: {what} succeeded"),
+            Outcome::Failed(e) => format!("devmesh: {what} failed: {e}"),
+            Outcome::Canceled => format!("devmesh: {what} canceled"),
+        };
+        let _ = self.log.send((LogStream::Provisioner, line));
+        drop(self.log);
+        let _ = self.writer.await;
+        if self.lost.load(std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(job.id = %self.job, "the job timed out while it ran; its result is dropped");
+            return false;
+        }
+        if let Err(e) = jobs::complete(&self.db, self.job, self.daemon, outcome).await {
+            tracing::warn!(error = %e, "cannot record a job's outcome");
+        }
+        true
+    }
 }
 
 /// Runs Terraform for `build` in `dir`; saves the state whatever happens.
@@ -276,6 +554,10 @@ async fn execute(
         ("DEVMESH_WORKSPACE_OWNER", build.owner_name.clone()),
         ("DEVMESH_WORKSPACE_OWNER_EMAIL", build.owner_email.clone()),
         ("DEVMESH_ACCESS_URL", shared.state.config.access_url.clone()),
+        (
+            "DEVMESH_PARAMETERS",
+            serde_json::to_string(&build.parameters.0).unwrap_or_default(),
+        ),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))

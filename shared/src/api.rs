@@ -391,7 +391,7 @@ pub struct CreateTemplateVersionRequest {
 }
 
 /// A template.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Template {
     /// Stable id.
     pub id: Uuid,
@@ -408,7 +408,7 @@ pub struct Template {
 }
 
 /// One version of a template.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TemplateVersion {
     /// Stable id.
     pub id: Uuid,
@@ -418,10 +418,28 @@ pub struct TemplateVersion {
     pub kind: TemplateKind,
     /// The declaration.
     pub definition: ExternalDefinition,
+    /// Its parameters, once imported (Terraform templates).
+    #[serde(default)]
+    pub parameters: Vec<crate::parameters::TemplateParameter>,
+    /// The import job that plans a Terraform version and records its
+    /// parameters: workspaces can use the version once it succeeded.
+    #[serde(default)]
+    pub import: Option<VersionImport>,
     /// What changed.
     pub message: String,
     /// Creation time.
     pub created_at: DateTime<Utc>,
+}
+
+/// How a Terraform template version's import went.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VersionImport {
+    /// The provisioner job (its log: `GET /api/v2/jobs/{id}/logs`).
+    pub job_id: Uuid,
+    /// `pending`, `running`, `succeeded`, `failed`, `canceled`.
+    pub status: String,
+    /// Why it failed.
+    pub error: Option<String>,
 }
 
 /// `GET /api/v2/templates`.
@@ -474,6 +492,9 @@ pub struct CreateWorkspaceRequest {
     /// Owners may create workspaces for another user (username or id).
     #[serde(default)]
     pub owner: Option<String>,
+    /// Values of the template's parameters, by name (Terraform templates).
+    #[serde(default)]
+    pub parameters: BTreeMap<String, String>,
 }
 
 /// `POST /api/v2/workspaces/{id}/builds`.

@@ -18,6 +18,7 @@ pub mod apphost;
 pub mod cookies;
 pub mod events;
 pub mod names;
+pub mod parameters;
 pub mod secret;
 pub mod signing;
 pub mod token;

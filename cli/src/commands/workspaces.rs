@@ -121,15 +121,49 @@ pub(crate) async fn templates(g: &Global, cmd: TemplatesCommand) -> anyhow::Resu
                     )
                     .await?
             };
+            // The pushed version is the newest; it becomes active once its
+            // import (a provisioner planning it) succeeds.
+            let versions: devmesh_shared::api::TemplateVersionsResponse = client
+                .get(&format!("/templates/{}/versions", t.name))
+                .await?;
+            let pushed = versions
+                .versions
+                .first()
+                .context("the template has no versions")?;
+            if let Some(import) = &pushed.import {
+                follow_job(g, &client, import.job_id, "import").await?;
+            }
+            let versions: devmesh_shared::api::TemplateVersionsResponse = client
+                .get(&format!("/templates/{}/versions", t.name))
+                .await?;
+            let pushed = versions
+                .versions
+                .first()
+                .context("the template has no versions")?;
             if g.output == Format::Json {
-                return json(&t);
+                return json(pushed);
             }
             println!(
                 "Pushed template {} (version {}, {} KiB).",
                 t.name,
-                t.active_version.number,
+                pushed.number,
                 tar.len().div_ceil(1024)
             );
+            for p in &pushed.parameters {
+                let default = p
+                    .default
+                    .as_deref()
+                    .map_or("required".to_owned(), |d| format!("default {d:?}"));
+                println!(
+                    "  parameter {} ({}, {default}){}",
+                    p.name,
+                    p.kind,
+                    p.description
+                        .as_deref()
+                        .map(|d| format!(": {d}"))
+                        .unwrap_or_default()
+                );
+            }
         }
         TemplatesCommand::List => {
             let resp: TemplatesResponse = client.get("/templates").await?;
@@ -194,7 +228,12 @@ async fn find(client: &crate::client::Client, name: &str) -> anyhow::Result<Work
     client.get(&format!("/users/{owner}/workspaces/{ws}")).await
 }
 
-pub(crate) async fn create(g: &Global, name: String, template: String) -> anyhow::Result<()> {
+pub(crate) async fn create(
+    g: &Global,
+    name: String,
+    template: String,
+    parameters: Vec<(String, String)>,
+) -> anyhow::Result<()> {
     let client = g.client()?;
     let resp: WorkspaceBuildResponse = client
         .post(
@@ -203,6 +242,7 @@ pub(crate) async fn create(g: &Global, name: String, template: String) -> anyhow
                 name,
                 template,
                 owner: None,
+                parameters: parameters.into_iter().collect(),
             },
         )
         .await?;
@@ -223,9 +263,20 @@ async fn follow_build(
     client: &crate::client::Client,
     ws: &Workspace,
 ) -> anyhow::Result<()> {
-    let Some(job) = ws.latest_build.job_id else {
-        return Ok(());
-    };
+    match ws.latest_build.job_id {
+        Some(job) => follow_job(g, client, job, "build").await,
+        None => Ok(()),
+    }
+}
+
+/// Prints a provisioner job's log as it comes until the job ends; errs
+/// when it did not succeed.
+async fn follow_job(
+    g: &Global,
+    client: &crate::client::Client,
+    job: uuid::Uuid,
+    what: &str,
+) -> anyhow::Result<()> {
     let mut after = 0i64;
     loop {
         let resp: devmesh_shared::api::JobLogsResponse = client
@@ -245,10 +296,10 @@ async fn follow_build(
         match resp.status.as_str() {
             "succeeded" => return Ok(()),
             "failed" => anyhow::bail!(
-                "the build failed: {}",
+                "the {what} failed: {}",
                 resp.error.unwrap_or_else(|| "no reason given".into())
             ),
-            "canceled" => anyhow::bail!("the build was canceled"),
+            "canceled" => anyhow::bail!("the {what} was canceled"),
             _ if resp.logs.is_empty() => tokio::time::sleep(Duration::from_millis(300)).await,
             _ => {}
         }

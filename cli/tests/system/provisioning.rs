@@ -60,6 +60,27 @@ async fn primary_on_db(dir: &Path) -> (ServerProcess, Api, devmesh_tests::TestDb
     (server, owner, db)
 }
 
+/// Pushes a Terraform template through the API and waits for its import.
+async fn push(api: &Api, name: &str, archive: String) -> Value {
+    let (status, body) = api
+        .post(
+            "/templates",
+            json!({"name": name, "kind": "terraform", "archive": archive}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    eventually(120, "the template's import", || async {
+        let (_, t) = api.get(&format!("/templates/{name}")).await;
+        let import = &t["active_version"]["import"];
+        match import["status"].as_str() {
+            Some("succeeded") => Some(t),
+            Some("failed") => panic!("the import failed: {import}"),
+            _ => None,
+        }
+    })
+    .await
+}
+
 /// Waits for the workspace's latest build to end; returns the workspace,
 /// failing with the build's log when it did not succeed.
 async fn built(api: &Api, ws: &str) -> Value {
@@ -108,18 +129,31 @@ async fn a_terraform_workspace_starts_its_agent_and_keeps_its_home_across_stop_a
     let dir = tempfile::tempdir().unwrap();
     let (server, owner, db) = primary_on_db(dir.path()).await;
     let upstream = Upstream::start().await;
+    let template = push(&owner, "local", local_process(upstream.port())).await;
+    assert_eq!(template["active_version"]["kind"], "terraform");
+    // The import recorded the template's parameters.
+    let params = &template["active_version"]["parameters"];
+    assert_eq!(params[0]["name"], "home_root", "{params}");
+    assert_eq!(params[0]["default"], "/tmp/devmesh-workspaces");
+
+    // Parameters are checked before anything is queued.
     let (status, body) = owner
         .post(
-            "/templates",
-            json!({"name": "local", "kind": "terraform", "archive": local_process(upstream.port())}),
+            "/workspaces",
+            json!({"name": "typo", "template": "local", "parameters": {"home_rot": "/x"}}),
         )
         .await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
-    assert_eq!(body["active_version"]["kind"], "terraform");
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.to_string().contains("home_rot"), "{body}");
 
     let name = format!("tf{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let root = dir.path().join("homes");
     let (status, body) = owner
-        .post("/workspaces", json!({"name": name, "template": "local"}))
+        .post(
+            "/workspaces",
+            json!({"name": name, "template": "local",
+                   "parameters": {"home_root": root.to_str().unwrap()}}),
+        )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     assert!(
@@ -140,7 +174,8 @@ async fn a_terraform_workspace_starts_its_agent_and_keeps_its_home_across_stop_a
         (w["agents"][0]["status"] == "connected").then_some(())
     })
     .await;
-    let home = Path::new("/tmp/devmesh-workspaces/owner").join(&name);
+    // The build ran with the parameter's value.
+    let home = root.join("owner").join(&name);
     let pid = agent_pid(&home);
     assert!(alive(pid));
     let port = server.url.rsplit(':').next().unwrap().to_owned();
@@ -262,13 +297,7 @@ async fn a_failing_build_fails_with_its_log_and_bad_archives_are_refused() {
         "resource \"terraform_data\" \"x\" {\n  provisioner \"local-exec\" {\n    command = \"echo going wrong; exit 7\"\n  }\n}\n",
     )
     .unwrap();
-    let (status, body) = owner
-        .post(
-            "/templates",
-            json!({"name": "broken", "kind": "terraform", "archive": archive_of(tpl.path())}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
+    push(&owner, "broken", archive_of(tpl.path())).await;
     let (_, body) = owner
         .post(
             "/workspaces",
@@ -354,7 +383,15 @@ async fn the_cli_pushes_a_template_and_follows_each_build_to_its_end() {
         template.to_str().unwrap(),
     ];
     let out = ok(&cli(cfg, &push).await);
+    assert!(
+        out.contains("devmesh: terraform plan"),
+        "the import's log, live: {out}"
+    );
     assert!(out.contains("Pushed template local (version 1"), "{out}");
+    assert!(
+        out.contains("parameter home_root (string, default \"/tmp/devmesh-workspaces\")"),
+        "{out}"
+    );
     let out = ok(&cli(cfg, &push).await);
     assert!(
         out.contains("(version 2"),
@@ -362,7 +399,9 @@ async fn the_cli_pushes_a_template_and_follows_each_build_to_its_end() {
     );
 
     let name = format!("cli{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let out = ok(&cli(cfg, &["create", &name, "--template", "local"]).await);
+    let root = cfg.join("homes");
+    let param = format!("home_root={}", root.display());
+    let out = ok(&cli(cfg, &["create", &name, "--template", "local", "-p", &param]).await);
     assert!(
         out.contains("devmesh: terraform apply"),
         "the build's log, live: {out}"
@@ -373,8 +412,8 @@ async fn the_cli_pushes_a_template_and_follows_each_build_to_its_end() {
             .ends_with(&format!("Created workspace {name}.")),
         "{out}"
     );
-    let home = Path::new("/tmp/devmesh-workspaces/me").join(&name);
-    assert!(home.is_dir());
+    let home = root.join("me").join(&name);
+    assert!(home.is_dir(), "the parameter's value was used");
 
     let out = ok(&cli(cfg, &["stop", &name]).await);
     assert!(
@@ -391,6 +430,24 @@ async fn the_cli_pushes_a_template_and_follows_each_build_to_its_end() {
         "{out}"
     );
     assert!(!home.exists());
+
+    // Terraform code that does not plan fails its import, and the push says why.
+    let broken = tempfile::tempdir().unwrap();
+    std::fs::write(broken.path().join("main.tf"), "resource \"nope\" {\n").unwrap();
+    let out = cli(
+        cfg,
+        &[
+            "templates",
+            "push",
+            "broken",
+            "-d",
+            broken.path().to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("the import failed"), "{err}");
 
     // A directory without Terraform code is refused before any upload.
     let empty = tempfile::tempdir().unwrap();
@@ -429,13 +486,7 @@ async fn canceling_a_running_build_interrupts_terraform_and_the_next_build_can_r
          provisioner \"local-exec\" {\n    command = \"echo slow start; sleep 120\"\n  }\n}\n",
     )
     .unwrap();
-    let (status, body) = owner
-        .post(
-            "/templates",
-            json!({"name": "slow", "kind": "terraform", "archive": archive_of(tpl.path())}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
+    push(&owner, "slow", archive_of(tpl.path())).await;
     let (_, body) = owner
         .post("/workspaces", json!({"name": "slow", "template": "slow"}))
         .await;

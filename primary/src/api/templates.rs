@@ -14,6 +14,7 @@ use devmesh_shared::api::{
     TemplateKind, TemplateVersion, TemplateVersionsResponse, TemplatesResponse,
 };
 use devmesh_shared::names::validate_name;
+use devmesh_shared::parameters::TemplateParameter;
 use uuid::Uuid;
 
 use super::error::{ApiError, ApiResult, Validator};
@@ -90,6 +91,31 @@ fn content(
         definition,
         archive,
     })
+}
+
+/// Queues the import of a Terraform version: a provisioner plans it and
+/// records its parameters before workspaces may use it.
+async fn queue_import(
+    tx: &mut sqlx::PgConnection,
+    version: Uuid,
+    kind: TemplateKind,
+) -> ApiResult<()> {
+    if kind != TemplateKind::Terraform {
+        return Ok(());
+    }
+    let job = crate::jobs::enqueue(
+        &mut *tx,
+        crate::jobs::JobKind::Import,
+        &crate::jobs::Tags::new(),
+        &serde_json::json!({ "version_id": version }),
+    )
+    .await?;
+    sqlx::query("UPDATE template_versions SET import_job_id = $2 WHERE id = $1")
+        .bind(version)
+        .bind(job)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
 }
 
 fn kind_name(kind: TemplateKind) -> &'static str {
@@ -231,6 +257,29 @@ pub(super) struct VersionRow {
     pub(super) definition: sqlx::types::Json<ExternalDefinition>,
     message: String,
     created_at: DateTime<Utc>,
+    pub(super) parameters: sqlx::types::Json<Vec<TemplateParameter>>,
+    pub(super) import_job_id: Option<Uuid>,
+    pub(super) import_status: Option<String>,
+    pub(super) import_error: Option<String>,
+}
+
+impl VersionRow {
+    /// Why workspaces cannot use this version yet, if they cannot: a
+    /// Terraform version must have been imported.
+    pub(super) fn unusable(&self) -> Option<String> {
+        match (self.import_job_id, self.import_status.as_deref()) {
+            (None, _) | (Some(_), Some("succeeded")) => None,
+            (Some(_), Some("failed" | "canceled")) => Some(format!(
+                "Version {} of this template failed to import ({}); push a fixed one.",
+                self.number,
+                self.import_error.as_deref().unwrap_or("canceled")
+            )),
+            (Some(_), _) => Some(format!(
+                "Version {} of this template is still being imported; try again in a moment.",
+                self.number
+            )),
+        }
+    }
 }
 
 impl From<VersionRow> for TemplateVersion {
@@ -246,11 +295,23 @@ impl From<VersionRow> for TemplateVersion {
             definition: r.definition.0,
             message: r.message,
             created_at: r.created_at,
+            parameters: r.parameters.0,
+            import: r
+                .import_job_id
+                .map(|job_id| devmesh_shared::api::VersionImport {
+                    job_id,
+                    status: r.import_status.unwrap_or_default(),
+                    error: r.import_error,
+                }),
         }
     }
 }
 
-const VERSION_COLUMNS: &str = "id, number, kind, definition, message, created_at";
+const VERSION_COLUMNS: &str =
+    "v.id, v.number, v.kind, v.definition, v.message, v.created_at, v.parameters,
+    v.import_job_id, j.status AS import_status, j.error AS import_error";
+const VERSION_FROM: &str =
+    "template_versions v LEFT JOIN provisioner_jobs j ON j.id = v.import_job_id";
 
 #[derive(sqlx::FromRow)]
 pub(super) struct TemplateRow {
@@ -283,7 +344,7 @@ pub(super) async fn load_version<'e, E: sqlx::PgExecutor<'e>>(
     id: Uuid,
 ) -> ApiResult<VersionRow> {
     Ok(sqlx::query_as(&format!(
-        "SELECT {VERSION_COLUMNS} FROM template_versions WHERE id = $1"
+        "SELECT {VERSION_COLUMNS} FROM {VERSION_FROM} WHERE v.id = $1"
     ))
     .bind(id)
     .fetch_one(db)
@@ -353,6 +414,7 @@ pub(super) async fn create(
     .bind(auth.0.user_id)
     .execute(&mut *tx)
     .await?;
+    queue_import(&mut tx, version_id, content.kind).await?;
     Audit::new("create", "template")
         .resource(id, &req.name)
         .by(&auth.0)
@@ -396,7 +458,7 @@ pub(super) async fn versions(
 ) -> ApiResult<Json<TemplateVersionsResponse>> {
     let row = find_template(&state, &template).await?;
     let versions: Vec<VersionRow> = sqlx::query_as(&format!(
-        "SELECT {VERSION_COLUMNS} FROM template_versions WHERE template_id = $1 ORDER BY number DESC"
+        "SELECT {VERSION_COLUMNS} FROM {VERSION_FROM} WHERE v.template_id = $1 ORDER BY v.number DESC"
     ))
     .bind(row.id)
     .fetch_all(&state.db)
@@ -437,11 +499,18 @@ pub(super) async fn create_version(
     .bind(auth.0.user_id)
     .fetch_one(&mut *tx)
     .await?;
-    sqlx::query("UPDATE templates SET active_version_id = $2, updated_at = now() WHERE id = $1")
+    queue_import(&mut tx, version_id, content.kind).await?;
+    // A Terraform version becomes active once its import succeeded (its
+    // provisioner promotes it); until then workspaces keep the current one.
+    if content.kind != TemplateKind::Terraform {
+        sqlx::query(
+            "UPDATE templates SET active_version_id = $2, updated_at = now() WHERE id = $1",
+        )
         .bind(row.id)
         .bind(version_id)
         .execute(&mut *tx)
         .await?;
+    }
     Audit::new("create", "template_version")
         .resource(version_id, &row.name)
         .by(&auth.0)

@@ -2,7 +2,7 @@
 //! at once: a start build creates the declared agents and apps and returns
 //! each agent's token once; stop and delete builds take them down.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use axum::Json;
 use axum::extract::State;
@@ -315,22 +315,57 @@ pub(crate) async fn insert_agents(
     Ok(tokens)
 }
 
-/// Records a build: complete at once for external templates, or pending
-/// with the provisioner `job` that will run it (Terraform templates).
-async fn insert_build(
-    tx: &mut sqlx::PgConnection,
+/// A build about to be recorded.
+struct NewBuild<'a> {
     id: Uuid,
     workspace_id: Uuid,
     version_id: Uuid,
     transition: Transition,
     initiator: Uuid,
+    /// The provisioner job running it (Terraform templates).
     job: Option<Uuid>,
-) -> ApiResult<Uuid> {
+    parameters: &'a BTreeMap<String, String>,
+}
+
+const NO_PARAMETERS: &BTreeMap<String, String> = &BTreeMap::new();
+
+impl NewBuild<'_> {
+    /// A build of an external template, complete as it is recorded.
+    fn external(
+        workspace_id: Uuid,
+        version_id: Uuid,
+        transition: Transition,
+        initiator: Uuid,
+    ) -> Self {
+        Self {
+            id: Uuid::new_v4(),
+            workspace_id,
+            version_id,
+            transition,
+            initiator,
+            job: None,
+            parameters: NO_PARAMETERS,
+        }
+    }
+}
+
+/// Records a build: complete at once for external templates, or pending
+/// with the provisioner `job` that will run it (Terraform templates).
+async fn insert_build(tx: &mut sqlx::PgConnection, b: NewBuild<'_>) -> ApiResult<Uuid> {
+    let NewBuild {
+        id,
+        workspace_id,
+        version_id,
+        transition,
+        initiator,
+        job,
+        parameters,
+    } = b;
     sqlx::query(
-        "INSERT INTO workspace_builds (id, workspace_id, template_version_id, build_number, transition, status, initiator_id, job_id, completed_at)
+        "INSERT INTO workspace_builds (id, workspace_id, template_version_id, build_number, transition, status, initiator_id, job_id, completed_at, parameters)
          SELECT $1, $2, $3, coalesce(max(build_number), 0) + 1, $4,
                 CASE WHEN $6::uuid IS NULL THEN 'succeeded' ELSE 'pending' END, $5, $6,
-                CASE WHEN $6::uuid IS NULL THEN now() END
+                CASE WHEN $6::uuid IS NULL THEN now() END, $7
          FROM workspace_builds WHERE workspace_id = $2",
     )
     .bind(id)
@@ -339,6 +374,7 @@ async fn insert_build(
     .bind(transition.as_str())
     .bind(initiator)
     .bind(job)
+    .bind(sqlx::types::Json(parameters))
     .execute(&mut *tx)
     .await?;
     Ok(id)
@@ -352,6 +388,7 @@ async fn queue_build(
     version_id: Uuid,
     transition: Transition,
     initiator: Uuid,
+    parameters: &BTreeMap<String, String>,
 ) -> ApiResult<Uuid> {
     let id = Uuid::new_v4();
     let job = crate::jobs::enqueue(
@@ -361,16 +398,16 @@ async fn queue_build(
         &serde_json::json!({ "build_id": id }),
     )
     .await?;
-    insert_build(
-        tx,
+    let build = NewBuild {
         id,
         workspace_id,
         version_id,
         transition,
         initiator,
-        Some(job),
-    )
-    .await
+        job: Some(job),
+        parameters,
+    };
+    insert_build(tx, build).await
 }
 
 /// Refuses workspaces whose app or dev-URL hostnames would not fit in one
@@ -413,8 +450,24 @@ pub(super) async fn create(
     };
     let template = find_template(&state, &req.template).await?;
     let version = load_version(&state.db, template.active_version_id).await?;
+    if let Some(why) = version.unusable() {
+        return Err(ApiError::conflict(why));
+    }
     let mut v = Validator::default();
     check_hostnames(&mut v, &version.definition, &req.name, &owner_name);
+    let parameters = match devmesh_shared::parameters::resolve(
+        &version.parameters,
+        &req.parameters,
+        &BTreeMap::new(),
+    ) {
+        Ok(values) => values,
+        Err(problems) => {
+            for (name, problem) in problems {
+                v.add(format!("parameters.{name}"), problem);
+            }
+            BTreeMap::new()
+        }
+    };
     v.finish()?;
 
     let id = Uuid::new_v4();
@@ -440,17 +493,20 @@ pub(super) async fn create(
         }
     }
     let agent_tokens = if version.kind == "terraform" {
-        queue_build(&mut tx, id, version.id, Transition::Start, auth.0.user_id).await?;
-        Vec::new()
-    } else {
-        let build_id = insert_build(
+        queue_build(
             &mut tx,
-            Uuid::new_v4(),
             id,
             version.id,
             Transition::Start,
             auth.0.user_id,
-            None,
+            &parameters,
+        )
+        .await?;
+        Vec::new()
+    } else {
+        let build_id = insert_build(
+            &mut tx,
+            NewBuild::external(id, version.id, Transition::Start, auth.0.user_id),
         )
         .await?;
         create_agents(&mut tx, id, build_id, &version.definition).await?
@@ -533,7 +589,8 @@ pub(super) struct LogsQuery {
     after: i64,
 }
 
-/// A provisioner job's status and log, to whoever may see its workspace.
+/// A provisioner job's status and log: a build's to whoever may see its
+/// workspace, a template import's to owners.
 pub(super) async fn job_logs(
     State(state): State<AppState>,
     auth: Authed,
@@ -547,10 +604,25 @@ pub(super) async fn job_logs(
             .bind(id)
             .fetch_optional(&state.db)
             .await?;
-    let workspace = workspace.ok_or_else(not_found)?;
-    find_visible(&state, &auth, workspace, true)
-        .await
-        .map_err(|_| not_found())?;
+    match workspace {
+        Some(workspace) => {
+            find_visible(&state, &auth, workspace, true)
+                .await
+                .map_err(|_| not_found())?;
+        }
+        // A template import: owners push templates and read their imports.
+        None => {
+            let import: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM template_versions WHERE import_job_id = $1)",
+            )
+            .bind(id)
+            .fetch_one(&state.db)
+            .await?;
+            if !import || !auth.0.is_owner() {
+                return Err(not_found());
+            }
+        }
+    }
     let job = crate::jobs::get(&state.db, id)
         .await?
         .ok_or_else(not_found)?;
@@ -653,9 +725,14 @@ pub(super) async fn build(
         .bind(id)
         .execute(&mut *tx)
         .await?;
-    let (latest, latest_status, latest_version): (String, String, Uuid) = sqlx::query_as(
-        "SELECT transition, status, template_version_id FROM workspace_builds WHERE workspace_id = $1
-         ORDER BY build_number DESC LIMIT 1",
+    let (latest, latest_status, latest_version, previous): (
+        String,
+        String,
+        Uuid,
+        sqlx::types::Json<BTreeMap<String, String>>,
+    ) = sqlx::query_as(
+        "SELECT transition, status, template_version_id, parameters FROM workspace_builds
+         WHERE workspace_id = $1 ORDER BY build_number DESC LIMIT 1",
     )
     .bind(id)
     .fetch_one(&mut *tx)
@@ -682,16 +759,34 @@ pub(super) async fn build(
             let template = find_template(&state, &row.template_id.to_string()).await?;
             let version = load_version(&mut *tx, template.active_version_id).await?;
             if version.kind == "terraform" {
-                queue_build(&mut tx, id, version.id, Transition::Start, auth.0.user_id).await?;
-            } else {
-                let build_id = insert_build(
+                if let Some(why) = version.unusable() {
+                    return Err(ApiError::conflict(why));
+                }
+                let parameters = devmesh_shared::parameters::resolve(
+                    &version.parameters,
+                    &BTreeMap::new(),
+                    &previous.0,
+                )
+                .map_err(|problems| {
+                    let mut v = Validator::default();
+                    for (name, problem) in problems {
+                        v.add(format!("parameters.{name}"), problem);
+                    }
+                    v.finish().expect_err("problems were added")
+                })?;
+                queue_build(
                     &mut tx,
-                    Uuid::new_v4(),
                     id,
                     version.id,
                     Transition::Start,
                     auth.0.user_id,
-                    None,
+                    &parameters,
+                )
+                .await?;
+            } else {
+                let build_id = insert_build(
+                    &mut tx,
+                    NewBuild::external(id, version.id, Transition::Start, auth.0.user_id),
                 )
                 .await?;
                 agent_tokens = create_agents(&mut tx, id, build_id, &version.definition).await?;
@@ -700,17 +795,12 @@ pub(super) async fn build(
         // Terraform stops and deletes run on a provisioner; a delete marks
         // the workspace deleted only once Terraform destroyed it.
         (_, t) if latest_kind == "terraform" => {
-            queue_build(&mut tx, id, latest_version, t, auth.0.user_id).await?;
+            queue_build(&mut tx, id, latest_version, t, auth.0.user_id, &previous.0).await?;
         }
         (_, t) => {
             insert_build(
                 &mut tx,
-                Uuid::new_v4(),
-                id,
-                latest_version,
-                t,
-                auth.0.user_id,
-                None,
+                NewBuild::external(id, latest_version, t, auth.0.user_id),
             )
             .await?;
             if t == Transition::Delete {
