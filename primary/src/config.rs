@@ -68,6 +68,10 @@ pub struct ServerArgs {
     /// them to external daemons [default: 2].
     #[arg(long, env = "DEVMESH_PROVISIONER_DAEMONS")]
     pub provisioner_daemons: Option<usize>,
+    /// Seconds a running build's daemon may go silent before the build
+    /// fails, saying its daemon stopped responding [default: 60].
+    #[arg(long, env = "DEVMESH_PROVISIONER_TIMEOUT")]
+    pub provisioner_timeout: Option<u64>,
 }
 
 /// The same settings as a TOML file.
@@ -90,6 +94,7 @@ struct FileConfig {
     max_connections_per_ip: Option<usize>,
     terraform_path: Option<PathBuf>,
     provisioner_daemons: Option<usize>,
+    provisioner_timeout: Option<u64>,
 }
 
 /// Validated configuration of a primary.
@@ -121,6 +126,8 @@ pub struct ServerConfig {
     pub terraform_path: Option<PathBuf>,
     /// Built-in provisioner daemons.
     pub provisioner_daemons: usize,
+    /// How long a running job's daemon may go without a heartbeat.
+    pub provisioner_timeout: std::time::Duration,
     /// Connection caps and timeouts of the HTTP listener.
     pub http_limits: devmesh_net::http::Limits,
 }
@@ -202,6 +209,15 @@ impl ServerArgs {
             Some(p) if !p.as_os_str().is_empty() => absolute(&p)?,
             _ => data_dir.join("secrets.key"),
         };
+        let provisioner_timeout = match self.provisioner_timeout.or(file.provisioner_timeout) {
+            Some(s) if !(3..=3600).contains(&s) => {
+                return Err(ConfigError(
+                    "--provisioner-timeout must be between 3 and 3600 seconds".into(),
+                ));
+            }
+            Some(s) => std::time::Duration::from_secs(s),
+            None => crate::jobs::HEARTBEAT_TIMEOUT,
+        };
         let mut http_limits = devmesh_net::http::Limits::default();
         if let Some(n) = self.max_connections_per_ip.or(file.max_connections_per_ip) {
             http_limits.max_connections_per_ip = n;
@@ -212,6 +228,7 @@ impl ServerArgs {
                 .provisioner_daemons
                 .or(file.provisioner_daemons)
                 .unwrap_or(2),
+            provisioner_timeout,
             http_limits,
             enable_path_apps: self.enable_path_apps || file.enable_path_apps == Some(true),
             tls,
@@ -246,6 +263,7 @@ impl ServerConfig {
             terraform_path: None,
             // Tests drive the job queue themselves.
             provisioner_daemons: 0,
+            provisioner_timeout: crate::jobs::HEARTBEAT_TIMEOUT,
         }
     }
 

@@ -394,33 +394,52 @@ pub async fn cancel(db: &PgPool, job: Uuid) -> sqlx::Result<Option<JobStatus>> {
 }
 
 /// Fails every running job whose daemon has not heartbeat for `timeout`,
-/// saying so; returns how many. Run periodically by every primary.
+/// saying so, and the workspace build it ran; returns how many jobs. Run
+/// periodically by every primary.
 pub async fn fail_stale(db: &PgPool, timeout: Duration) -> sqlx::Result<u64> {
     let secs = timeout.as_secs_f64();
-    let done = sqlx::query(
-        "UPDATE provisioner_jobs SET status = 'failed', completed_at = now(),
-             error = format('its provisioner daemon stopped responding (no heartbeat for %s s)', $1::float8::int)
-         WHERE status IN ('running', 'canceling')
-           AND heartbeat_at < now() - make_interval(secs => $1)",
+    let failed: i64 = sqlx::query_scalar(
+        "WITH failed AS (
+             UPDATE provisioner_jobs SET status = 'failed', completed_at = now(),
+                 error = format('its provisioner daemon stopped responding (no heartbeat for %s s)', $1::float8::int)
+             WHERE status IN ('running', 'canceling')
+               AND heartbeat_at < now() - make_interval(secs => $1)
+             RETURNING id
+         ), builds AS (
+             UPDATE workspace_builds SET status = 'failed', completed_at = now()
+             WHERE job_id IN (SELECT id FROM failed) AND status IN ('pending', 'running')
+         )
+         SELECT count(*) FROM failed",
     )
     .bind(secs)
-    .execute(db)
+    .fetch_one(db)
     .await?;
-    Ok(done.rows_affected())
+    Ok(failed as u64)
 }
 
-/// How long a running job's daemon may go without a heartbeat.
+/// How long a running job's daemon may go without a heartbeat, unless the
+/// server says otherwise (`--provisioner-timeout`).
 pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Fails stale jobs every few seconds until `shutdown` (every primary runs
+/// How often a daemon heartbeats when jobs time out after `timeout`:
+/// three beats fit in it.
+pub fn heartbeat_every(timeout: Duration) -> Duration {
+    (timeout / 3).max(Duration::from_secs(1))
+}
+
+/// Fails jobs silent for `timeout` until `shutdown` (every primary runs
 /// this; the update is idempotent across replicas).
-pub async fn reap_stale(db: PgPool, shutdown: tokio_util::sync::CancellationToken) {
+pub async fn reap_stale(
+    db: PgPool,
+    timeout: Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(Duration::from_secs(10)) => {}
+            () = tokio::time::sleep(heartbeat_every(timeout)) => {}
         }
-        match fail_stale(&db, HEARTBEAT_TIMEOUT).await {
+        match fail_stale(&db, timeout).await {
             Ok(0) => {}
             Ok(n) => tracing::warn!(
                 jobs = n,

@@ -28,8 +28,6 @@ use crate::vault::Vault;
 const STATE_PURPOSE: &str = "terraform state";
 use crate::jobs::{self, Beat, Daemon, Job, LogStream, Outcome, Tags};
 
-/// How often a running job's daemon heartbeats.
-const HEARTBEAT_EVERY: Duration = Duration::from_secs(10);
 /// How often an idle daemon looks for work.
 const POLL_EVERY: Duration = Duration::from_secs(1);
 
@@ -44,6 +42,8 @@ struct Shared {
     provider: PathBuf,
     /// Scratch directories for runs.
     work: PathBuf,
+    /// How often a running job heartbeats.
+    heartbeat_every: Duration,
 }
 
 /// Starts `count` daemons on `tracker` until `shutdown`.
@@ -55,6 +55,7 @@ pub fn spawn(
     provider: PathBuf,
     work: PathBuf,
     count: usize,
+    timeout: Duration,
     tracker: &TaskTracker,
     shutdown: CancellationToken,
 ) {
@@ -64,6 +65,7 @@ pub fn spawn(
         terraform,
         provider,
         work,
+        heartbeat_every: jobs::heartbeat_every(timeout),
     });
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "primary".into());
     for i in 0..count {
@@ -181,7 +183,7 @@ async fn run_job(shared: &Shared, me: &Daemon, job: Job, shutdown: &Cancellation
         .await;
     tracing::info!(job.id = %job.id, build.id = %build.id, transition = %build.transition, "running a workspace build");
 
-    let attempt = Attempt::start(db, &job, me, shutdown);
+    let attempt = Attempt::start(db, &job, me, shared.heartbeat_every, shutdown);
     let dir = shared.work.join(job.id.to_string());
     let ran = execute(shared, &build, &dir, &attempt.log, &attempt.cancel).await;
     let _ = std::fs::remove_dir_all(&dir);
@@ -244,7 +246,7 @@ async fn run_import(shared: &Shared, me: &Daemon, job: Job, shutdown: &Cancellat
         let _ = jobs::complete(db, job.id, me.id, &failed).await;
         return;
     };
-    let attempt = Attempt::start(db, &job, me, shutdown);
+    let attempt = Attempt::start(db, &job, me, shared.heartbeat_every, shutdown);
     let dir = shared.work.join(job.id.to_string());
     let imported = import(shared, &row, job.id, &dir, &attempt.log, &attempt.cancel).await;
     let _ = std::fs::remove_dir_all(&dir);
@@ -465,7 +467,13 @@ struct Attempt {
 }
 
 impl Attempt {
-    fn start(db: &sqlx::PgPool, job: &Job, me: &Daemon, shutdown: &CancellationToken) -> Self {
+    fn start(
+        db: &sqlx::PgPool,
+        job: &Job,
+        me: &Daemon,
+        every: Duration,
+        shutdown: &CancellationToken,
+    ) -> Self {
         let (log, lines) = mpsc::unbounded_channel();
         let cancel = shutdown.child_token();
         let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -479,6 +487,7 @@ impl Attempt {
                 db.clone(),
                 job.id,
                 me.id,
+                every,
                 cancel.clone(),
                 lost.clone(),
             )),
@@ -743,11 +752,12 @@ async fn heartbeat(
     db: sqlx::PgPool,
     job: Uuid,
     daemon: Uuid,
+    every: Duration,
     cancel: CancellationToken,
     lost: Arc<std::sync::atomic::AtomicBool>,
 ) {
     loop {
-        tokio::time::sleep(HEARTBEAT_EVERY).await;
+        tokio::time::sleep(every).await;
         match jobs::heartbeat(&db, job, daemon).await {
             Ok(Beat::Continue) => {}
             Ok(Beat::Cancel) => cancel.cancel(),

@@ -145,6 +145,7 @@ pub async fn start(mut config: ServerConfig) -> anyhow::Result<RunningServer> {
     let wildcard = config.wildcard_access_url.clone();
     let terraform_path = config.terraform_path.clone();
     let provisioner_daemons = config.provisioner_daemons;
+    let provisioner_timeout = config.provisioner_timeout;
     let provisioner_work = config.data_dir.join("provisioner");
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -202,7 +203,11 @@ pub async fn start(mut config: ServerConfig) -> anyhow::Result<RunningServer> {
     };
     tracker.spawn(crate::api::apply_events(state.clone()));
     tracker.spawn(crate::api::probe_edges(state.clone()));
-    tracker.spawn(crate::jobs::reap_stale(pool.clone(), shutdown.clone()));
+    tracker.spawn(crate::jobs::reap_stale(
+        pool.clone(),
+        provisioner_timeout,
+        shutdown.clone(),
+    ));
     let provisioning_state = state.clone();
     let limits = devmesh_net::http::Limits {
         grace: GRACE_PERIOD,
@@ -241,6 +246,7 @@ pub async fn start(mut config: ServerConfig) -> anyhow::Result<RunningServer> {
                 provider,
                 provisioner_work,
                 provisioner_daemons,
+                provisioner_timeout,
                 &tracker,
                 shutdown.clone(),
             ),

@@ -550,3 +550,89 @@ async fn canceling_a_running_build_interrupts_terraform_and_the_next_build_can_r
     .await;
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_build_whose_primary_dies_mid_apply_fails_after_a_restart_and_the_workspace_builds_again()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let db = fresh_database().await;
+    let url = db.url();
+    let start = |data: &'static str| {
+        let data_dir = dir.path().join(data);
+        let url = url.clone();
+        let log_dir = dir.path().to_owned();
+        async move {
+            ServerProcess::start(
+                &[
+                    "--data-dir",
+                    data_dir.to_str().unwrap(),
+                    "--provisioner-timeout",
+                    "6",
+                ],
+                &[("DEVMESH_POSTGRES_URL", url.expose())],
+                &log_dir,
+            )
+            .await
+        }
+    };
+    let first = start("a").await;
+    let anon = Api::new(&first.url, None);
+    anon.post(
+        "/users/first",
+        json!({"email": "owner@example.com", "username": "owner", "password": "owner-password"}),
+    )
+    .await;
+    let owner = anon.login("owner", "owner-password").await;
+    let tpl = tempfile::tempdir().unwrap();
+    std::fs::write(
+        tpl.path().join("main.tf"),
+        "data \"devmesh_workspace\" \"me\" {}\n\
+         terraform {\n  required_providers {\n    devmesh = { source = \"devmesh/devmesh\" }\n  }\n}\n\
+         resource \"terraform_data\" \"slow\" {\n  count = data.devmesh_workspace.me.transition == \"start\" ? 1 : 0\n  \
+         provisioner \"local-exec\" {\n    command = \"echo slow start; sleep 15\"\n  }\n}\n",
+    )
+    .unwrap();
+    push(&owner, "slow", archive_of(tpl.path())).await;
+    let (_, body) = owner
+        .post("/workspaces", json!({"name": "doomed", "template": "slow"}))
+        .await;
+    let id = body["workspace"]["id"].as_str().unwrap().to_owned();
+    let job = body["workspace"]["latest_build"]["job_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    eventually(60, "the slow step to start", || async {
+        let (_, logs) = owner.get(&format!("/jobs/{job}/logs")).await;
+        logs.to_string().contains("slow start").then_some(())
+    })
+    .await;
+
+    // The primary, and its built-in daemons, die mid-apply.
+    first.crash().await;
+    let second = start("a").await;
+    let owner = Api::new(&second.url, owner.token.clone());
+    let w = eventually(60, "the orphaned build to fail", || async {
+        let (_, w) = owner.get(&format!("/workspaces/{id}")).await;
+        (w["latest_build"]["status"] == "failed").then_some(w)
+    })
+    .await;
+    assert!(
+        w["latest_build"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("stopped responding"),
+        "{}",
+        w["latest_build"]
+    );
+    // Its log up to the crash is kept.
+    let (_, logs) = owner.get(&format!("/jobs/{job}/logs")).await;
+    assert!(logs.to_string().contains("slow start"));
+    // The workspace is not stuck: the next build runs.
+    build(&owner, &id, "delete").await;
+    eventually(120, "the delete", || async {
+        let (status, _) = owner.get(&format!("/workspaces/{id}")).await;
+        (status == StatusCode::NOT_FOUND).then_some(())
+    })
+    .await;
+    second.stop().await;
+}
