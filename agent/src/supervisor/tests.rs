@@ -94,7 +94,9 @@ async fn attaches_to_the_nearer_of_two_relays() {
         "the ticket names the relay it is for"
     );
     echo_through(&rc).await;
-    eventually("the far relay to be probed", || far.probes() == 3).await;
+    // Measured, not attached to. (A round is three probes, but on a loaded
+    // machine one may exceed the probe timeout and end the round early.)
+    eventually("the far relay to be probed", || far.probes() >= 1).await;
     assert!(far.tickets().is_empty(), "no attach to the far relay");
     agent.stop().await;
 }
