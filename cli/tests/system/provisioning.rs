@@ -192,6 +192,23 @@ async fn a_terraform_workspace_starts_its_agent_and_keeps_its_home_across_stop_a
     })
     .await;
     assert_eq!(app.json::<Value>().await.unwrap()["path"], "/echo");
+    // And through a regional edge, which reaches the agent over the mesh.
+    let (edge, _) = crate::support::create_edge(&owner, &server.url, "eu", &[], dir.path()).await;
+    let edge_url = format!(
+        "http://web--main--{name}--owner.eu.apps.localhost:{}/echo",
+        edge.port()
+    );
+    let via_edge = eventually(60, "the app through the edge", || async {
+        let r = client
+            .get(&edge_url)
+            .header("Devmesh-Session-Token", owner.token.as_deref().unwrap())
+            .send()
+            .await
+            .ok()?;
+        (r.status() == StatusCode::OK).then_some(r)
+    })
+    .await;
+    assert_eq!(via_edge.json::<Value>().await.unwrap()["path"], "/echo");
     // The startup script ran in the home directory.
     eventually(30, "the startup script", || async {
         home.join("starts.log").exists().then_some(())
