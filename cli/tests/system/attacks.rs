@@ -346,12 +346,31 @@ async fn silent_slow_and_greedy_clients_cannot_hold_the_listeners() {
             .await;
         statuses.push(r.status());
     }
-    assert_eq!(
-        &statuses[..5],
-        &[StatusCode::UNAUTHORIZED; 5],
+    // Refused until the limit, then rate-limited; never served. (On a
+    // loaded machine an access check may time out: 503, "unavailable",
+    // which counts against the limit like any other.)
+    let refused = statuses
+        .iter()
+        .take_while(|s| **s != StatusCode::TOO_MANY_REQUESTS)
+        .collect::<Vec<_>>();
+    assert!(
+        refused.iter().all(|s| matches!(
+            **s,
+            StatusCode::UNAUTHORIZED | StatusCode::SERVICE_UNAVAILABLE
+        )) && refused.contains(&&StatusCode::UNAUTHORIZED),
         "{statuses:?}"
     );
-    assert_eq!(statuses[7], StatusCode::TOO_MANY_REQUESTS, "{statuses:?}");
+    assert_eq!(
+        refused.len(),
+        5,
+        "five checks a minute at most: {statuses:?}"
+    );
+    assert!(
+        statuses[5..]
+            .iter()
+            .all(|s| *s == StatusCode::TOO_MANY_REQUESTS),
+        "{statuses:?}"
+    );
 }
 
 #[tokio::test]
