@@ -26,6 +26,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from datetime import datetime
 from pathlib import Path
@@ -115,8 +116,13 @@ def main():
                 a["status"] == "connected" for a in api(base, token, "GET", f"/workspaces/{ws['id']}")["agents"]))
             create.append(time.monotonic() - t0)
             api(base, token, "POST", f"/workspaces/{ws['id']}/builds", {"transition": "delete"})
-            wait("the delete", lambda: api(base, token, "GET", f"/workspaces/{ws['id']}")
-                 ["latest_build"]["status"] == "succeeded", timeout=120)
+            def gone():
+                try:
+                    api(base, token, "GET", f"/workspaces/{ws['id']}")
+                    return False
+                except urllib.error.HTTPError as e:
+                    return e.code == 404
+            wait("the delete", gone, timeout=120)
 
             tf = work / f"byhand{i}"
             mirror = tf / "mirror/registry.terraform.io/devmesh/devmesh/0.1.0/linux_amd64"

@@ -72,6 +72,9 @@ pub struct AppState {
     pub locations: devmesh_proxy::relay::Locations,
     /// The relays the primary's relay may exchange mesh traffic with.
     pub mesh_peers: devmesh_proxy::relay::MeshPeers,
+    /// Wakes this server's idle provisioner daemons when a job is queued
+    /// here (jobs queued by other replicas are found by polling).
+    pub provisioner_wake: Arc<tokio::sync::Notify>,
     /// Fires when the server shuts down (ends long-lived streams).
     pub shutdown: tokio_util::sync::CancellationToken,
     /// Resolved app routes (short-lived; emptied on changes).
@@ -174,6 +177,7 @@ impl AppState {
             upstreams: Arc::default(),
             revocations: parts.revocations,
             edge_probes: Arc::default(),
+            provisioner_wake: Arc::default(),
         }
     }
 }

@@ -28,7 +28,8 @@ use crate::vault::Vault;
 const STATE_PURPOSE: &str = "terraform state";
 use crate::jobs::{self, Beat, Daemon, Job, LogStream, Outcome, Tags};
 
-/// How often an idle daemon looks for work.
+/// How often an idle daemon looks for work queued by another replica (this
+/// one's API wakes it at once).
 const POLL_EVERY: Duration = Duration::from_secs(1);
 
 /// What every built-in daemon shares.
@@ -84,6 +85,10 @@ async fn run_daemon(shared: Arc<Shared>, me: Daemon, shutdown: CancellationToken
         tracing::warn!(error = %e, daemon = %me.name, "cannot register a built-in provisioner daemon");
     }
     loop {
+        // Listening before looking, so a job queued in between still wakes us.
+        let wake = shared.state.provisioner_wake.notified();
+        tokio::pin!(wake);
+        wake.as_mut().enable();
         let wait = match jobs::acquire(&db, &me).await {
             Ok(Some(job)) => {
                 match job.kind {
@@ -101,6 +106,7 @@ async fn run_daemon(shared: Arc<Shared>, me: Daemon, shutdown: CancellationToken
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(wait) => {}
+            () = wake => {}
         }
     }
 }

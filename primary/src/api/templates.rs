@@ -422,6 +422,7 @@ pub(super) async fn create(
         .write(&mut *tx)
         .await;
     tx.commit().await?;
+    state.provisioner_wake.notify_waiters();
     let row = find_template(&state, &id.to_string()).await?;
     Ok((StatusCode::CREATED, Json(to_api(&state, row).await?)))
 }
@@ -519,6 +520,7 @@ pub(super) async fn create_version(
         .write(&mut *tx)
         .await;
     tx.commit().await?;
+    state.provisioner_wake.notify_waiters();
     let row = find_template(&state, &row.id.to_string()).await?;
     Ok((StatusCode::CREATED, Json(to_api(&state, row).await?)))
 }

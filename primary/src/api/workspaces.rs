@@ -519,6 +519,7 @@ pub(super) async fn create(
         .write(&mut *tx)
         .await;
     tx.commit().await?;
+    state.provisioner_wake.notify_waiters();
     let row = find_visible(&state, &auth, id, false).await?;
     let workspace = load(&state, row).await?;
     Ok((
@@ -683,6 +684,7 @@ pub(super) async fn cancel_build(
         .write(&mut *tx)
         .await;
     tx.commit().await?;
+    state.provisioner_wake.notify_waiters();
     let row = find_visible(&state, &auth, id, false).await?;
     Ok(Json(load(&state, row).await?))
 }
@@ -824,6 +826,7 @@ pub(super) async fn build(
         .write(&mut *tx)
         .await;
     tx.commit().await?;
+    state.provisioner_wake.notify_waiters();
     state.workspace_changed(id).await;
     let row = find_visible(&state, &auth, id, true).await?;
     let workspace = load(&state, row).await?;
