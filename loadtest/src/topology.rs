@@ -422,6 +422,10 @@ impl Deployment {
             .await?
             .find(|a| a.is_ipv4())
             .context("the primary's address does not resolve")?;
+        let monitor = Monitor::start(Duration::from_millis(250));
+        if let Some(pid) = proc.as_ref().and_then(Process::pid) {
+            monitor.add("primary", pid);
+        }
         Ok(Deployment {
             dir: files.dir,
             ca_pem: files.ca_pem,
@@ -438,7 +442,7 @@ impl Deployment {
             edges: Vec::new(),
             agents: Vec::new(),
             http,
-            monitor: Monitor::start(Duration::from_millis(250)),
+            monitor,
             wan: front.into_iter().collect(),
             relay_fronts: Vec::new(),
             client_region: scenario.topology.client_region.clone(),
