@@ -653,3 +653,64 @@ async fn a_build_whose_primary_dies_mid_apply_fails_after_a_restart_and_the_work
     .await;
     second.stop().await;
 }
+
+#[tokio::test]
+async fn members_cannot_push_code_for_the_server_to_run_nor_touch_others_builds() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, owner) = primary(dir.path()).await;
+    let (status, body) = owner
+        .post(
+            "/users",
+            json!({"email": "m@example.com", "username": "mallory", "password": "mallory-password"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let mallory = Api::new(&server.url, None)
+        .login("mallory", "mallory-password")
+        .await;
+    let tpl = tempfile::tempdir().unwrap();
+    std::fs::write(
+        tpl.path().join("main.tf"),
+        "resource \"terraform_data\" \"x\" {\n  provisioner \"local-exec\" {\n    command = \"echo ran as the provisioner\"\n  }\n}\n",
+    )
+    .unwrap();
+    // A Terraform template runs code on the provisioner: members may not push one.
+    let (status, _) = mallory
+        .post(
+            "/templates",
+            json!({"name": "evil", "kind": "terraform", "archive": archive_of(tpl.path())}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let template = push(&owner, "ok", archive_of(tpl.path())).await;
+    let (status, _) = mallory
+        .post(
+            "/templates/ok/versions",
+            json!({"kind": "terraform", "archive": archive_of(tpl.path())}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    // Nor read a template's import log.
+    let import = template["active_version"]["import"]["job_id"]
+        .as_str()
+        .unwrap();
+    let (status, _) = mallory.get(&format!("/jobs/{import}/logs")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    // Nor see or cancel the owner's builds.
+    let (_, body) = owner
+        .post("/workspaces", json!({"name": "mine", "template": "ok"}))
+        .await;
+    let id = body["workspace"]["id"].as_str().unwrap().to_owned();
+    let job = body["workspace"]["latest_build"]["job_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, _) = mallory
+        .post(&format!("/workspaces/{id}/builds/cancel"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = mallory.get(&format!("/jobs/{job}/logs")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    built(&owner, &id).await;
+    server.stop().await;
+}
