@@ -304,81 +304,33 @@ async fn import(
     log: &mpsc::UnboundedSender<(LogStream, String)>,
     cancel: &CancellationToken,
 ) -> Result<Vec<devmesh_shared::parameters::TemplateParameter>, Imported> {
-    let say = |line: String| {
-        let _ = log.send((LogStream::Provisioner, line));
-    };
-    let Some(tf) = &shared.terraform else {
-        let e = devmesh_provisioner::terraform::FindError::NotFound(
-            "the server found none when it started".into(),
-        );
-        return Err(Imported::Failed(e.to_string()));
-    };
-    let archive = row
-        .archive
-        .as_deref()
-        .ok_or_else(|| Imported::Failed("the version has no Terraform code".into()))?;
-    say(format!(
-        "devmesh: importing version {} with Terraform {}",
-        row.number,
-        tf.version()
-    ));
-    let workdir = Workdir::prepare(dir, &shared.provider, devmesh_shared::VERSION)
-        .map_err(|e| Imported::Failed(format!("cannot prepare {}: {e}", dir.display())))?;
-    devmesh_provisioner::archive::unpack(archive, &workdir.template())
-        .map_err(|e| Imported::Failed(e.to_string()))?;
-    let env: Vec<(String, String)> = [
+    let env = [
         ("DEVMESH_BUILD_ID", job.to_string()),
         ("DEVMESH_WORKSPACE_NAME", "import".to_owned()),
         ("DEVMESH_WORKSPACE_TRANSITION", "start".to_owned()),
         ("DEVMESH_WORKSPACE_OWNER", "import".to_owned()),
-        ("DEVMESH_ACCESS_URL", shared.state.config.access_url.clone()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect();
-    let to_log = |s: Stream, l: &str| {
-        let stream = match s {
-            Stream::Stdout => LogStream::Stdout,
-            Stream::Stderr => LogStream::Stderr,
-        };
-        let _ = log.send((stream, l.to_owned()));
-    };
-    say("devmesh: terraform init".into());
-    tf.run(
-        &workdir,
-        &["init", "-no-color", "-input=false"],
+    ];
+    let what = format!("importing version {}", row.number);
+    let run = Run::prepare(
+        shared,
+        row.archive.as_deref(),
+        dir,
+        &what,
         &env,
+        log,
         cancel,
-        to_log,
-    )
+    )?;
+    run.terraform(&["init", "-no-color", "-input=false"])
+        .await?;
+    run.terraform(&[
+        "plan",
+        "-refresh=false",
+        "-no-color",
+        "-input=false",
+        "-out=devmesh.tfplan",
+    ])
     .await?;
-    say("devmesh: terraform plan".into());
-    tf.run(
-        &workdir,
-        &[
-            "plan",
-            "-refresh=false",
-            "-no-color",
-            "-input=false",
-            "-out=devmesh.tfplan",
-        ],
-        &env,
-        cancel,
-        to_log,
-    )
-    .await?;
-    let mut json = String::new();
-    tf.run(
-        &workdir,
-        &["show", "-json", "devmesh.tfplan"],
-        &env,
-        cancel,
-        |s, l| match s {
-            Stream::Stdout => json.push_str(l),
-            Stream::Stderr => to_log(s, l),
-        },
-    )
-    .await?;
+    let json = run.output(&["show", "-json", "devmesh.tfplan"]).await?;
     let plan: Value = serde_json::from_str(&json)
         .map_err(|e| Imported::Failed(format!("terraform show printed no plan: {e}")))?;
     parameters_in(&plan).map_err(Imported::Failed)
@@ -525,6 +477,99 @@ impl Attempt {
     }
 }
 
+/// One Terraform run in a prepared working directory: the template
+/// unpacked beside the devmesh provider, the build's environment, its log
+/// and its cancellation.
+struct Run<'a> {
+    tf: &'a Terraform,
+    workdir: Workdir,
+    env: Vec<(String, String)>,
+    log: &'a mpsc::UnboundedSender<(LogStream, String)>,
+    cancel: &'a CancellationToken,
+}
+
+impl<'a> Run<'a> {
+    /// Unpacks `archive` into `dir` and says `what` it is about to do;
+    /// `env` comes on top of the access URL.
+    fn prepare(
+        shared: &'a Shared,
+        archive: Option<&[u8]>,
+        dir: &Path,
+        what: &str,
+        env: &[(&str, String)],
+        log: &'a mpsc::UnboundedSender<(LogStream, String)>,
+        cancel: &'a CancellationToken,
+    ) -> Result<Self, RunError> {
+        let failed = |msg: String| RunError::Spawn(std::io::Error::other(msg));
+        let Some(tf) = &shared.terraform else {
+            let e = devmesh_provisioner::terraform::FindError::NotFound(
+                "the server found none when it started".into(),
+            );
+            return Err(failed(e.to_string()));
+        };
+        let archive =
+            archive.ok_or_else(|| failed("the template version has no Terraform code".into()))?;
+        let workdir = Workdir::prepare(dir, &shared.provider, devmesh_shared::VERSION)
+            .map_err(|e| failed(format!("cannot prepare {}: {e}", dir.display())))?;
+        devmesh_provisioner::archive::unpack(archive, &workdir.template())
+            .map_err(|e| failed(e.to_string()))?;
+        let mut all = vec![(
+            "DEVMESH_ACCESS_URL".to_owned(),
+            shared.state.config.access_url.clone(),
+        )];
+        all.extend(env.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
+        let run = Self {
+            tf,
+            workdir,
+            env: all,
+            log,
+            cancel,
+        };
+        run.say(format!("devmesh: {what} with Terraform {}", tf.version()));
+        Ok(run)
+    }
+
+    fn say(&self, line: String) {
+        let _ = self.log.send((LogStream::Provisioner, line));
+    }
+
+    /// `terraform <args>`, announced, its output into the log.
+    async fn terraform(&self, args: &[&str]) -> Result<(), RunError> {
+        self.say(format!("devmesh: terraform {}", args[0]));
+        let log = self.log;
+        self.tf
+            .run(&self.workdir, args, &self.env, self.cancel, |s, l| {
+                let stream = match s {
+                    Stream::Stdout => LogStream::Stdout,
+                    Stream::Stderr => LogStream::Stderr,
+                };
+                let _ = log.send((stream, l.to_owned()));
+            })
+            .await
+    }
+
+    /// `terraform <args>`'s standard output (its errors into the log).
+    async fn output(&self, args: &[&str]) -> Result<String, RunError> {
+        let mut out = String::new();
+        let log = self.log;
+        self.tf
+            .run(
+                &self.workdir,
+                args,
+                &self.env,
+                self.cancel,
+                |s, l| match s {
+                    Stream::Stdout => out.push_str(l),
+                    Stream::Stderr => {
+                        let _ = log.send((LogStream::Stderr, l.to_owned()));
+                    }
+                },
+            )
+            .await?;
+        Ok(out)
+    }
+}
+
 /// Runs Terraform for `build` in `dir`; saves the state whatever happens.
 async fn execute(
     shared: &Shared,
@@ -533,73 +578,47 @@ async fn execute(
     log: &mpsc::UnboundedSender<(LogStream, String)>,
     cancel: &CancellationToken,
 ) -> Result<(), RunError> {
-    let say = |line: String| {
-        let _ = log.send((LogStream::Provisioner, line));
-    };
-    let failed = |msg: String| RunError::Spawn(std::io::Error::other(msg));
-    let Some(tf) = &shared.terraform else {
-        let e = devmesh_provisioner::terraform::FindError::NotFound(
-            "the server found none when it started".into(),
-        );
-        say(format!("devmesh: {e}"));
-        return Err(failed(e.to_string()));
-    };
-    let Some(archive) = &build.archive else {
-        return Err(failed("the template version has no Terraform code".into()));
-    };
-    say(format!(
-        "devmesh: {} {} with Terraform {}",
-        build.transition,
-        build.workspace_name,
-        tf.version()
-    ));
-    let workdir = Workdir::prepare(dir, &shared.provider, devmesh_shared::VERSION)
-        .map_err(|e| failed(format!("cannot prepare {}: {e}", dir.display())))?;
-    devmesh_provisioner::archive::unpack(archive, &workdir.template())
-        .map_err(|e| failed(e.to_string()))?;
-    let state_file = workdir.template().join("terraform.tfstate");
-    if let Some(state) = &build.state {
-        std::fs::write(&state_file, state).map_err(|e| failed(e.to_string()))?;
-    }
-    let env: Vec<(String, String)> = [
+    let env = [
         ("DEVMESH_BUILD_ID", build.id.to_string()),
         ("DEVMESH_WORKSPACE_ID", build.workspace_id.to_string()),
         ("DEVMESH_WORKSPACE_NAME", build.workspace_name.clone()),
         ("DEVMESH_WORKSPACE_TRANSITION", build.transition.clone()),
         ("DEVMESH_WORKSPACE_OWNER", build.owner_name.clone()),
         ("DEVMESH_WORKSPACE_OWNER_EMAIL", build.owner_email.clone()),
-        ("DEVMESH_ACCESS_URL", shared.state.config.access_url.clone()),
         (
             "DEVMESH_PARAMETERS",
             serde_json::to_string(&build.parameters.0).unwrap_or_default(),
         ),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect();
-    let to_log = |s: Stream, l: &str| {
-        let stream = match s {
-            Stream::Stdout => LogStream::Stdout,
-            Stream::Stderr => LogStream::Stderr,
-        };
-        let _ = log.send((stream, l.to_owned()));
-    };
-    say("devmesh: terraform init".into());
-    tf.run(
-        &workdir,
-        &["init", "-no-color", "-input=false"],
+    ];
+    let what = format!("{} {}", build.transition, build.workspace_name);
+    let run = match Run::prepare(
+        shared,
+        build.archive.as_deref(),
+        dir,
+        &what,
         &env,
+        log,
         cancel,
-        to_log,
-    )
-    .await?;
-    let args: &[&str] = if build.transition == "delete" {
-        &["destroy", "-auto-approve", "-no-color", "-input=false"]
-    } else {
-        &["apply", "-auto-approve", "-no-color", "-input=false"]
+    ) {
+        Ok(run) => run,
+        Err(e) => {
+            let _ = log.send((LogStream::Provisioner, format!("devmesh: {e}")));
+            return Err(e);
+        }
     };
-    say(format!("devmesh: terraform {}", args[0]));
-    let ran = tf.run(&workdir, args, &env, cancel, to_log).await;
+    let state_file = run.workdir.template().join("terraform.tfstate");
+    if let Some(state) = &build.state {
+        std::fs::write(&state_file, state).map_err(RunError::Spawn)?;
+    }
+    run.terraform(&["init", "-no-color", "-input=false"])
+        .await?;
+    let ran = if build.transition == "delete" {
+        run.terraform(&["destroy", "-auto-approve", "-no-color", "-input=false"])
+            .await
+    } else {
+        run.terraform(&["apply", "-auto-approve", "-no-color", "-input=false"])
+            .await
+    };
     // The state is kept whatever the outcome: a failed apply may have
     // created things the next build must know about.
     match std::fs::read(&state_file) {
@@ -613,12 +632,13 @@ async fn execute(
             .execute(&shared.state.db)
             .await
             {
-                say(format!("devmesh: cannot save the Terraform state: {e}"));
-                return Err(failed(format!("cannot save the Terraform state: {e}")));
+                let msg = format!("cannot save the Terraform state: {e}");
+                run.say(format!("devmesh: {msg}"));
+                return Err(RunError::Spawn(std::io::Error::other(msg)));
             }
         }
         Err(e) if build.state.is_some() || ran.is_ok() => {
-            say(format!("devmesh: Terraform left no state: {e}"));
+            run.say(format!("devmesh: Terraform left no state: {e}"));
         }
         Err(_) => {}
     }

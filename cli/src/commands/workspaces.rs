@@ -123,23 +123,20 @@ pub(crate) async fn templates(g: &Global, cmd: TemplatesCommand) -> anyhow::Resu
             };
             // The pushed version is the newest; it becomes active once its
             // import (a provisioner planning it) succeeds.
-            let versions: devmesh_shared::api::TemplateVersionsResponse = client
-                .get(&format!("/templates/{}/versions", t.name))
-                .await?;
-            let pushed = versions
-                .versions
-                .first()
-                .context("the template has no versions")?;
-            if let Some(import) = &pushed.import {
+            let newest = || async {
+                let versions: devmesh_shared::api::TemplateVersionsResponse = client
+                    .get(&format!("/templates/{}/versions", t.name))
+                    .await?;
+                versions
+                    .versions
+                    .into_iter()
+                    .next()
+                    .context("the template has no versions")
+            };
+            if let Some(import) = newest().await?.import {
                 follow_job(g, &client, import.job_id, "import").await?;
             }
-            let versions: devmesh_shared::api::TemplateVersionsResponse = client
-                .get(&format!("/templates/{}/versions", t.name))
-                .await?;
-            let pushed = versions
-                .versions
-                .first()
-                .context("the template has no versions")?;
+            let pushed = &newest().await?;
             if g.output == Format::Json {
                 return json(pushed);
             }

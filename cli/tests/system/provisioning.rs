@@ -31,6 +31,23 @@ fn local_process(port: u16) -> String {
     archive_of(dir.path())
 }
 
+/// A template whose start build runs a `secs`-second step after printing
+/// `slow start` (stop and delete builds do nothing), as a base64 archive.
+fn slow_template(secs: u32) -> String {
+    let tpl = tempfile::tempdir().unwrap();
+    std::fs::write(
+        tpl.path().join("main.tf"),
+        format!(
+            "data \"devmesh_workspace\" \"me\" {{}}\n\
+             terraform {{\n  required_providers {{\n    devmesh = {{ source = \"devmesh/devmesh\" }}\n  }}\n}}\n\
+             resource \"terraform_data\" \"slow\" {{\n  count = data.devmesh_workspace.me.transition == \"start\" ? 1 : 0\n  \
+             provisioner \"local-exec\" {{\n    command = \"echo slow start; sleep {secs}\"\n  }}\n}}\n"
+        ),
+    )
+    .unwrap();
+    archive_of(tpl.path())
+}
+
 fn archive_of(dir: &Path) -> String {
     let tar = devmesh_provisioner::archive::pack(dir).unwrap();
     base64::engine::general_purpose::STANDARD.encode(tar)
@@ -494,16 +511,7 @@ async fn canceling_a_running_build_interrupts_terraform_and_the_next_build_can_r
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path();
     let (server, owner) = primary(cfg).await;
-    let tpl = tempfile::tempdir().unwrap();
-    std::fs::write(
-        tpl.path().join("main.tf"),
-        "data \"devmesh_workspace\" \"me\" {}\n\
-         terraform {\n  required_providers {\n    devmesh = { source = \"devmesh/devmesh\" }\n  }\n}\n\
-         resource \"terraform_data\" \"slow\" {\n  count = data.devmesh_workspace.me.transition == \"start\" ? 1 : 0\n  \
-         provisioner \"local-exec\" {\n    command = \"echo slow start; sleep 120\"\n  }\n}\n",
-    )
-    .unwrap();
-    push(&owner, "slow", archive_of(tpl.path())).await;
+    push(&owner, "slow", slow_template(120)).await;
     let (_, body) = owner
         .post("/workspaces", json!({"name": "slow", "template": "slow"}))
         .await;
@@ -600,16 +608,7 @@ async fn a_build_whose_primary_dies_mid_apply_fails_after_a_restart_and_the_work
     )
     .await;
     let owner = anon.login("owner", "owner-password").await;
-    let tpl = tempfile::tempdir().unwrap();
-    std::fs::write(
-        tpl.path().join("main.tf"),
-        "data \"devmesh_workspace\" \"me\" {}\n\
-         terraform {\n  required_providers {\n    devmesh = { source = \"devmesh/devmesh\" }\n  }\n}\n\
-         resource \"terraform_data\" \"slow\" {\n  count = data.devmesh_workspace.me.transition == \"start\" ? 1 : 0\n  \
-         provisioner \"local-exec\" {\n    command = \"echo slow start; sleep 15\"\n  }\n}\n",
-    )
-    .unwrap();
-    push(&owner, "slow", archive_of(tpl.path())).await;
+    push(&owner, "slow", slow_template(15)).await;
     let (_, body) = owner
         .post("/workspaces", json!({"name": "doomed", "template": "slow"}))
         .await;

@@ -20,7 +20,7 @@ use uuid::Uuid;
 
 use super::error::{ApiError, ApiResult, Validator};
 use super::extract::{ApiJson, ApiPath, ApiQuery, Authed, ClientIp};
-use super::templates::{find_template, load_version};
+use super::templates::{VersionRow, find_template, load_version};
 use super::users::find_user;
 use super::{AppState, Audit, parse_uuid};
 
@@ -315,6 +315,25 @@ pub(crate) async fn insert_agents(
     Ok(tokens)
 }
 
+/// The parameter values a build of `version` runs with (`given` over
+/// `previous` over defaults); each problem goes to `v` under
+/// `parameters.<name>`.
+fn parameter_values(
+    v: &mut Validator,
+    version: &VersionRow,
+    given: &BTreeMap<String, String>,
+    previous: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    devmesh_shared::parameters::resolve(&version.parameters, given, previous).unwrap_or_else(
+        |problems| {
+            for (name, problem) in problems {
+                v.add(format!("parameters.{name}"), problem);
+            }
+            BTreeMap::new()
+        },
+    )
+}
+
 /// A build about to be recorded.
 struct NewBuild<'a> {
     id: Uuid,
@@ -455,19 +474,7 @@ pub(super) async fn create(
     }
     let mut v = Validator::default();
     check_hostnames(&mut v, &version.definition, &req.name, &owner_name);
-    let parameters = match devmesh_shared::parameters::resolve(
-        &version.parameters,
-        &req.parameters,
-        &BTreeMap::new(),
-    ) {
-        Ok(values) => values,
-        Err(problems) => {
-            for (name, problem) in problems {
-                v.add(format!("parameters.{name}"), problem);
-            }
-            BTreeMap::new()
-        }
-    };
+    let parameters = parameter_values(&mut v, &version, &req.parameters, &BTreeMap::new());
     v.finish()?;
 
     let id = Uuid::new_v4();
@@ -764,18 +771,9 @@ pub(super) async fn build(
                 if let Some(why) = version.unusable() {
                     return Err(ApiError::conflict(why));
                 }
-                let parameters = devmesh_shared::parameters::resolve(
-                    &version.parameters,
-                    &BTreeMap::new(),
-                    &previous.0,
-                )
-                .map_err(|problems| {
-                    let mut v = Validator::default();
-                    for (name, problem) in problems {
-                        v.add(format!("parameters.{name}"), problem);
-                    }
-                    v.finish().expect_err("problems were added")
-                })?;
+                let mut v = Validator::default();
+                let parameters = parameter_values(&mut v, &version, &BTreeMap::new(), &previous.0);
+                v.finish()?;
                 queue_build(
                     &mut tx,
                     id,
