@@ -41,6 +41,11 @@ pub(crate) enum TemplatesCommand {
     },
     /// List templates.
     List,
+    /// List a template's versions: number, kind, import state, parameters.
+    Versions {
+        /// Template name.
+        name: String,
+    },
 }
 
 pub(crate) async fn templates(g: &Global, cmd: TemplatesCommand) -> anyhow::Result<()> {
@@ -162,6 +167,45 @@ pub(crate) async fn templates(g: &Global, cmd: TemplatesCommand) -> anyhow::Resu
                 );
             }
         }
+        TemplatesCommand::Versions { name } => {
+            let t: Template = client.get(&format!("/templates/{name}")).await?;
+            let resp: devmesh_shared::api::TemplateVersionsResponse =
+                client.get(&format!("/templates/{name}/versions")).await?;
+            if g.output == Format::Json {
+                return json(&resp.versions);
+            }
+            table(
+                &[
+                    "VERSION",
+                    "KIND",
+                    "STATE",
+                    "PARAMETERS",
+                    "CREATED",
+                    "MESSAGE",
+                ],
+                resp.versions
+                    .iter()
+                    .map(|v| {
+                        let state = match (&v.import, v.id == t.active_version.id) {
+                            (_, true) => "active".to_owned(),
+                            (Some(i), false) if i.status == "succeeded" => "imported".to_owned(),
+                            (Some(i), false) => format!("import {}", i.status),
+                            (None, false) => "inactive".to_owned(),
+                        };
+                        let params: Vec<&str> =
+                            v.parameters.iter().map(|p| p.name.as_str()).collect();
+                        vec![
+                            v.number.to_string(),
+                            format!("{:?}", v.kind).to_lowercase(),
+                            state,
+                            params.join(","),
+                            v.created_at.format("%Y-%m-%d %H:%M").to_string(),
+                            v.message.clone(),
+                        ]
+                    })
+                    .collect(),
+            );
+        }
         TemplatesCommand::List => {
             let resp: TemplatesResponse = client.get("/templates").await?;
             if g.output == Format::Json {
@@ -250,6 +294,37 @@ pub(crate) async fn create(
     follow_build(g, &client, &resp.workspace).await?;
     println!("Created workspace {name}.");
     print_tokens(g, client.base(), &resp);
+    if resp.workspace.latest_build.job_id.is_some() {
+        print_app_urls(&client, resp.workspace.id).await?;
+    }
+    Ok(())
+}
+
+/// The URLs of a workspace's subdomain apps through the primary's region.
+async fn print_app_urls(client: &crate::client::Client, id: uuid::Uuid) -> anyhow::Result<()> {
+    let ws: Workspace = client.get(&format!("/workspaces/{id}")).await?;
+    let regions: devmesh_shared::api::RegionsResponse = client.get("/regions").await?;
+    let Some(primary) = regions.regions.iter().find(|r| r.name == "primary") else {
+        return Ok(());
+    };
+    let (Some(wildcard), Some(access)) = (&primary.wildcard_hostname, &primary.access_url) else {
+        return Ok(());
+    };
+    let (scheme, rest) = access.split_once("://").unwrap_or(("https", access));
+    let mut suffix = wildcard.trim_start_matches("*.").to_owned();
+    if !suffix.contains(':')
+        && let Some((_, port)) = rest.split('/').next().and_then(|h| h.rsplit_once(':'))
+    {
+        suffix = format!("{suffix}:{port}");
+    }
+    for agent in &ws.agents {
+        for app in agent.apps.iter().filter(|a| a.subdomain) {
+            println!(
+                "App {}: {scheme}://{}--{}--{}--{}.{suffix}/",
+                app.slug, app.slug, agent.name, ws.name, ws.owner_name
+            );
+        }
+    }
     Ok(())
 }
 
@@ -365,6 +440,9 @@ pub(crate) async fn transition(
         Transition::Start => {
             println!("Started {name}.");
             print_tokens(g, client.base(), &resp);
+            if resp.workspace.latest_build.job_id.is_some() {
+                print_app_urls(&client, resp.workspace.id).await?;
+            }
         }
         Transition::Stop => println!("Stopped {name}."),
         Transition::Delete => println!("Deleted {name}."),

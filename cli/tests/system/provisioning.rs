@@ -14,21 +14,9 @@ use serde_json::{Value, json};
 
 use crate::support::{ServerProcess, app_client, eventually};
 
-/// The local-process template with one app on `port`, as a base64 archive.
-fn local_process(port: u16) -> String {
-    let dir = tempfile::tempdir().unwrap();
-    let main = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/templates/local-process/main.tf"),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.path().join("main.tf"),
-        format!(
-            "{main}\nresource \"devmesh_app\" \"web\" {{\n  agent_id = devmesh_agent.main.id\n  slug     = \"web\"\n  port     = {port}\n}}\n"
-        ),
-    )
-    .unwrap();
-    archive_of(dir.path())
+/// The local-process starter template, as a base64 archive.
+fn local_process() -> String {
+    archive_of(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/templates/local-process"))
 }
 
 /// A template whose start build runs a `secs`-second step after printing
@@ -146,12 +134,14 @@ async fn a_terraform_workspace_starts_its_agent_and_keeps_its_home_across_stop_a
     let dir = tempfile::tempdir().unwrap();
     let (server, owner, db) = primary_on_db(dir.path()).await;
     let upstream = Upstream::start().await;
-    let template = push(&owner, "local", local_process(upstream.port())).await;
+    let template = push(&owner, "local", local_process()).await;
     assert_eq!(template["active_version"]["kind"], "terraform");
     // The import recorded the template's parameters.
     let params = &template["active_version"]["parameters"];
     assert_eq!(params[0]["name"], "home_root", "{params}");
     assert_eq!(params[0]["default"], "/tmp/devmesh-workspaces");
+    assert_eq!(params[1]["name"], "web_port", "{params}");
+    assert_eq!(params[1]["type"], "number");
 
     // Parameters are checked before anything is queued.
     let (status, body) = owner
@@ -169,7 +159,8 @@ async fn a_terraform_workspace_starts_its_agent_and_keeps_its_home_across_stop_a
         .post(
             "/workspaces",
             json!({"name": name, "template": "local",
-                   "parameters": {"home_root": root.to_str().unwrap()}}),
+                   "parameters": {"home_root": root.to_str().unwrap(),
+                                  "web_port": upstream.port().to_string()}}),
         )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
@@ -441,13 +432,21 @@ async fn the_cli_pushes_a_template_and_follows_each_build_to_its_end() {
         "the build's log, live: {out}"
     );
     assert!(out.contains("Apply complete!"), "{out}");
+    assert!(out.contains(&format!("Created workspace {name}.")), "{out}");
+    let port = server.url.rsplit(':').next().unwrap();
     assert!(
-        out.trim_end()
-            .ends_with(&format!("Created workspace {name}.")),
+        out.contains(&format!(
+            "App web: http://web--main--{name}--me.apps.localhost:{port}/"
+        )),
         "{out}"
     );
     let home = root.join("me").join(&name);
     assert!(home.is_dir(), "the parameter's value was used");
+    let out = ok(&cli(cfg, &["templates", "versions", "local"]).await);
+    assert!(
+        out.contains("active") && out.contains("home_root,web_port"),
+        "{out}"
+    );
 
     let out = ok(&cli(cfg, &["stop", &name]).await);
     assert!(

@@ -74,3 +74,19 @@ resource "terraform_data" "agent" {
     EOT
   }
 }
+
+data "devmesh_parameter" "web_port" {
+  name             = "web_port"
+  type             = "number"
+  description      = "The local port of the workspace's web app."
+  default          = "8000"
+  validation_min   = 1
+  validation_max   = 65535
+}
+
+# The workspace's web app: whatever listens on web_port in it.
+resource "devmesh_app" "web" {
+  agent_id = devmesh_agent.main.id
+  slug     = "web"
+  port     = data.devmesh_parameter.web_port.value
+}
