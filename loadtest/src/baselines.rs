@@ -116,7 +116,7 @@ http {{
         let log = dir.join("stderr.log");
         let mut cmd = Command::new(bin);
         cmd.arg("-c").arg(&conf_path).arg("-p").arg(&dir);
-        let proc = Process::spawn(cmd, log.clone())?;
+        let proc = Process::spawn_group(cmd, log.clone())?;
         wait_port(port, "nginx", &log).await?;
         Ok(Self { port, _proc: proc })
     }
@@ -154,7 +154,7 @@ impl Rathole {
             let mut cmd = Command::new(&bin);
             cmd.arg(dir.join(format!("{side}.toml")))
                 .env("RUST_LOG", "warn");
-            Process::spawn(cmd, dir.join(format!("{side}.log")))
+            Process::spawn_group(cmd, dir.join(format!("{side}.log")))
         };
         let server = spawn("server")?;
         wait_port(control, "rathole server", &server.log).await?;

@@ -34,12 +34,25 @@ pub fn devmesh_bin() -> PathBuf {
 }
 
 /// A child process that logs to a file and is killed (SIGKILL) when
-/// dropped.
+/// dropped — with every process it started, when it leads its own process
+/// group ([`Process::spawn_group`]).
 #[derive(Debug)]
 pub struct Process {
     child: Child,
     /// Where its output goes.
     pub log: PathBuf,
+    /// It leads a process group of its own: signals go to the group.
+    group: bool,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        // `kill_on_drop` ends the child itself; a group's other members
+        // (nginx's workers, say) would outlive it.
+        if self.group {
+            self.signal(Signal::SIGKILL);
+        }
+    }
 }
 
 impl Process {
@@ -54,7 +67,21 @@ impl Process {
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("cannot start {:?}", cmd.as_std().get_program()))?;
-        Ok(Self { child, log })
+        Ok(Self {
+            child,
+            log,
+            group: false,
+        })
+    }
+
+    /// [`Process::spawn`] in a new process group that `cmd` leads, so that
+    /// signals (and the kill on drop) reach the processes it forks too: a
+    /// daemon's master and its workers end together.
+    pub fn spawn_group(mut cmd: Command, log: PathBuf) -> anyhow::Result<Self> {
+        cmd.process_group(0);
+        let mut process = Self::spawn(cmd, log)?;
+        process.group = true;
+        Ok(process)
     }
 
     /// Starts `cmd` with stderr to `log`, reads its stdout until a line
@@ -89,7 +116,11 @@ impl Process {
         .await
         .ok()
         .flatten();
-        let process = Self { child, log };
+        let process = Self {
+            child,
+            log,
+            group: false,
+        };
         let Some(rest) = found else {
             bail!(
                 "{} did not start (log {}):\n{}",
@@ -107,10 +138,15 @@ impl Process {
         self.child.id()
     }
 
-    /// Sends `sig` if it still runs.
+    /// Sends `sig` if it still runs (to its whole group when it leads one).
     pub fn signal(&self, sig: Signal) {
         if let Some(id) = self.child.id() {
-            let _ = kill(Pid::from_raw(id as i32), sig);
+            let pid = Pid::from_raw(id as i32);
+            let _ = if self.group {
+                nix::sys::signal::killpg(pid, sig)
+            } else {
+                kill(pid, sig)
+            };
         }
     }
 
@@ -486,4 +522,63 @@ pub fn free_udp_port() -> std::io::Result<u16> {
     Ok(std::net::UdpSocket::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `sh -c` forked, as it wrote the pid into its log.
+    async fn forked_pid(log: &Path) -> i32 {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(pid) = std::fs::read_to_string(log)
+                .unwrap_or_default()
+                .trim()
+                .parse()
+            {
+                return pid;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no pid in {}",
+                log.display()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn alive(pid: i32) -> bool {
+        // A zombie awaiting its reaper counts as gone.
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| s.split(' ').nth(2).is_none_or(|state| state != "Z"))
+    }
+
+    #[tokio::test]
+    async fn a_group_leader_takes_what_it_forked_with_it_and_a_plain_child_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        for (group, survives) in [(true, false), (false, true)] {
+            let log = dir.path().join(format!("group-{group}.log"));
+            let mut cmd = Command::new("sh");
+            cmd.args(["-c", "sleep 30 & echo $!; wait"]);
+            let process = if group {
+                Process::spawn_group(cmd, log.clone()).unwrap()
+            } else {
+                Process::spawn(cmd, log.clone()).unwrap()
+            };
+            let forked = forked_pid(&log).await;
+            assert!(alive(forked));
+            drop(process);
+            // Gone within 5 s; a survivor is still there after half a second.
+            let wait = if survives { 500 } else { 5000 };
+            let deadline = tokio::time::Instant::now() + Duration::from_millis(wait);
+            while alive(forked) && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert_eq!(alive(forked), survives, "group {group}");
+            if survives {
+                let _ = kill(Pid::from_raw(forked), Signal::SIGKILL);
+            }
+        }
+    }
 }
