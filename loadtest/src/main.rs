@@ -82,10 +82,25 @@ struct RunArgs {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     devmesh_net::runtime::install_crypto_provider();
-    match Cli::parse() {
-        Cli::Run(args) => run(args).await,
-        Cli::Tunnel(args) => tunnel(args).await,
-    }
+    let work = async {
+        match Cli::parse() {
+            Cli::Run(args) => run(args).await,
+            Cli::Tunnel(args) => tunnel(args).await,
+        }
+    };
+    // Interrupted, the work is dropped before exiting: every process it
+    // started (the deployment, the baselines and their process groups)
+    // is killed on drop instead of outliving the run.
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let signal = tokio::select! {
+        done = work => return done,
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = terminate.recv() => "SIGTERM",
+    };
+    eprintln!("{signal}: stopping every process this run started");
+    // Let the kills land before this process exits.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    std::process::exit(130);
 }
 
 fn devmesh_binary(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
