@@ -530,22 +530,10 @@ mod tests {
 
     /// What `sh -c` forked, as it wrote the pid into its log.
     async fn forked_pid(log: &Path) -> i32 {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(pid) = std::fs::read_to_string(log)
-                .unwrap_or_default()
-                .trim()
-                .parse()
-            {
-                return pid;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no pid in {}",
-                log.display()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        eventually(10, "the forked pid in the log", || async {
+            std::fs::read_to_string(log).ok()?.trim().parse().ok()
+        })
+        .await
     }
 
     fn alive(pid: i32) -> bool {
@@ -567,13 +555,20 @@ mod tests {
                 Process::spawn(cmd, log.clone()).unwrap()
             };
             let forked = forked_pid(&log).await;
+            let leader = process.pid().expect("running") as i32;
             assert!(alive(forked));
             drop(process);
-            // Gone within 5 s; a survivor is still there after half a second.
-            let wait = if survives { 500 } else { 5000 };
-            let deadline = tokio::time::Instant::now() + Duration::from_millis(wait);
-            while alive(forked) && tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(20)).await;
+            // Once the leader is gone, what it forked is gone with it, or
+            // not, depending on the group.
+            eventually(5, "the leader to die", || async {
+                (!alive(leader)).then_some(())
+            })
+            .await;
+            if !survives {
+                eventually(5, "the forked process to die", || async {
+                    (!alive(forked)).then_some(())
+                })
+                .await;
             }
             assert_eq!(alive(forked), survives, "group {group}");
             if survives {

@@ -36,6 +36,26 @@ fn slow_template(secs: u32) -> String {
     archive_of(tpl.path())
 }
 
+/// Pushes [`slow_template`] as `slow` and creates workspace `name` from it;
+/// returns the workspace's id and its build's job once the slow step runs.
+async fn slow_build(owner: &Api, name: &str, secs: u32) -> (String, String) {
+    push(owner, "slow", slow_template(secs)).await;
+    let (_, body) = owner
+        .post("/workspaces", json!({"name": name, "template": "slow"}))
+        .await;
+    let id = body["workspace"]["id"].as_str().unwrap().to_owned();
+    let job = body["workspace"]["latest_build"]["job_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    eventually(60, "the slow step to start", || async {
+        let (_, logs) = owner.get(&format!("/jobs/{job}/logs")).await;
+        logs.to_string().contains("slow start").then_some(())
+    })
+    .await;
+    (id, job)
+}
+
 fn archive_of(dir: &Path) -> String {
     let tar = devmesh_provisioner::archive::pack(dir).unwrap();
     base64::engine::general_purpose::STANDARD.encode(tar)
@@ -510,20 +530,7 @@ async fn canceling_a_running_build_interrupts_terraform_and_the_next_build_can_r
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path();
     let (server, owner) = primary(cfg).await;
-    push(&owner, "slow", slow_template(120)).await;
-    let (_, body) = owner
-        .post("/workspaces", json!({"name": "slow", "template": "slow"}))
-        .await;
-    let id = body["workspace"]["id"].as_str().unwrap().to_owned();
-    let job = body["workspace"]["latest_build"]["job_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    eventually(60, "the slow step to start", || async {
-        let (_, logs) = owner.get(&format!("/jobs/{job}/logs")).await;
-        logs.to_string().contains("slow start").then_some(())
-    })
-    .await;
+    let (id, job) = slow_build(&owner, "slow", 120).await;
     // Another build must wait for this one.
     let (status, _) = owner
         .post(
@@ -607,20 +614,7 @@ async fn a_build_whose_primary_dies_mid_apply_fails_after_a_restart_and_the_work
     )
     .await;
     let owner = anon.login("owner", "owner-password").await;
-    push(&owner, "slow", slow_template(15)).await;
-    let (_, body) = owner
-        .post("/workspaces", json!({"name": "doomed", "template": "slow"}))
-        .await;
-    let id = body["workspace"]["id"].as_str().unwrap().to_owned();
-    let job = body["workspace"]["latest_build"]["job_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    eventually(60, "the slow step to start", || async {
-        let (_, logs) = owner.get(&format!("/jobs/{job}/logs")).await;
-        logs.to_string().contains("slow start").then_some(())
-    })
-    .await;
+    let (id, job) = slow_build(&owner, "doomed", 15).await;
 
     // The primary, and its built-in daemons, die mid-apply.
     first.crash().await;
