@@ -1,6 +1,6 @@
 //! A small typed client for `/api/v2`; API errors become readable messages.
 
-use anyhow::{Context, anyhow};
+use anyhow::Context;
 use devmesh_shared::api;
 use reqwest::{Method, StatusCode};
 use serde::Serialize;
@@ -12,7 +12,24 @@ pub(crate) struct Client {
     http: reqwest::Client,
     base: String,
     token: Option<String>,
+    /// The header the token goes in.
+    token_header: &'static str,
 }
+
+/// An error answer from the API, readable, with its status.
+#[derive(Debug)]
+pub(crate) struct ApiFailure {
+    pub(crate) status: StatusCode,
+    message: String,
+}
+
+impl std::fmt::Display for ApiFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ApiFailure {}
 
 impl Client {
     pub(crate) fn new(
@@ -30,7 +47,19 @@ impl Client {
             http,
             base: base.trim_end_matches('/').to_owned(),
             token,
+            token_header: "Devmesh-Session-Token",
         })
+    }
+
+    /// A client for a provisioner daemon: its key instead of a session.
+    pub(crate) fn provisioner(
+        base: &str,
+        key: String,
+        ca_cert: Option<&std::path::Path>,
+    ) -> anyhow::Result<Self> {
+        let mut c = Self::new(base, Some(key), ca_cert)?;
+        c.token_header = devmesh_shared::provisionerd::PROVISIONER_KEY_HEADER;
+        Ok(c)
     }
 
     pub(crate) fn base(&self) -> &str {
@@ -45,11 +74,19 @@ impl Client {
     ) -> anyhow::Result<reqwest::Response> {
         let url = format!("{}/api/v2{path}", self.base);
         let mut req = self.http.request(method, &url);
-        if let Some(t) = &self.token {
-            req = req.header("Devmesh-Session-Token", t);
-        }
         if let Some(b) = body {
             req = req.json(b);
+        }
+        self.exchange(req).await
+    }
+
+    /// Sends `req` with the token; error answers become [`ApiFailure`]s.
+    async fn exchange(
+        &self,
+        mut req: reqwest::RequestBuilder,
+    ) -> anyhow::Result<reqwest::Response> {
+        if let Some(t) = &self.token {
+            req = req.header(self.token_header, t);
         }
         let resp = req
             .send()
@@ -60,7 +97,7 @@ impl Client {
         }
         let status = resp.status();
         let text = resp.text().await.unwrap_or_default();
-        Err(match serde_json::from_str::<api::Error>(&text) {
+        let message = match serde_json::from_str::<api::Error>(&text) {
             Ok(e) => {
                 let mut msg = e.message;
                 if !e.validations.is_empty() {
@@ -70,13 +107,43 @@ impl Client {
                 } else if !e.detail.is_empty() {
                     msg.push_str(&format!(" ({})", e.detail));
                 }
-                if status == StatusCode::UNAUTHORIZED && self.token.is_some() {
+                if status == StatusCode::UNAUTHORIZED
+                    && self.token.is_some()
+                    && self.token_header == "Devmesh-Session-Token"
+                {
                     msg.push_str("\nRun `devmesh login` to sign in again.");
                 }
-                anyhow!(msg)
+                msg
             }
-            Err(_) => anyhow!("{status} from {}: {}", self.base, text.trim()),
-        })
+            Err(_) => format!("{status} from {}: {}", self.base, text.trim()),
+        };
+        Err(ApiFailure { status, message }.into())
+    }
+
+    /// POST a JSON body; `None` for a 204 answer.
+    pub(crate) async fn post_maybe<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<Option<T>> {
+        let resp = self.send(Method::POST, path, Some(body)).await?;
+        if resp.status() == StatusCode::NO_CONTENT {
+            return Ok(None);
+        }
+        Ok(Some(resp.json().await?))
+    }
+
+    /// POST a JSON body, ignoring the answer's body.
+    pub(crate) async fn post_unit<B: Serialize>(&self, path: &str, body: &B) -> anyhow::Result<()> {
+        self.send(Method::POST, path, Some(body)).await?;
+        Ok(())
+    }
+
+    /// PUT raw bytes.
+    pub(crate) async fn put_bytes(&self, path: &str, body: Vec<u8>) -> anyhow::Result<()> {
+        let url = format!("{}/api/v2{path}", self.base);
+        self.exchange(self.http.put(&url).body(body)).await?;
+        Ok(())
     }
 
     pub(crate) async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {

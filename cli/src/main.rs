@@ -101,6 +101,9 @@ enum Command {
     Edges(commands::edges::EdgesCommand),
     /// List regions and their health.
     Regions,
+    /// Provisioner daemons: run one (`start`), list them, manage their keys.
+    #[command(subcommand)]
+    Provisioner(commands::provisioner::ProvisionerCommand),
     /// Manage templates.
     #[command(subcommand)]
     Templates(commands::workspaces::TemplatesCommand),
@@ -273,6 +276,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Keys(c) => commands::keys::run(&g, c).await,
         Command::Edges(c) => commands::edges::run(&g, c).await,
         Command::Regions => commands::edges::regions(&g).await,
+        Command::Provisioner(c) => commands::provisioner::run(&g, c).await,
         Command::Templates(c) => commands::workspaces::templates(&g, c).await,
         Command::Create {
             name,

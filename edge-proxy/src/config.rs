@@ -152,7 +152,7 @@ impl EdgeArgs {
             &required(self.primary_url.or(file.primary_url), "--primary-url")?,
         )?;
         let edge_token = required(self.edge_token.or(file.edge_token), "--edge-token")?;
-        if devmesh_shared::token::parse_edge_token(edge_token.trim()).is_none() {
+        if devmesh_shared::token::parse_id_token(edge_token.trim()).is_none() {
             return Err(ConfigError(
                 "--edge-token is not an edge token (`<edge-id>:<secret>`, from `devmesh edges create`)"
                     .into(),

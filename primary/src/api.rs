@@ -8,6 +8,7 @@ pub mod error;
 pub mod extract;
 mod login;
 mod meta;
+pub(crate) mod provisioners;
 mod templates;
 mod users;
 pub(crate) mod workspaces;
@@ -75,6 +76,8 @@ pub struct AppState {
     /// Wakes this server's idle provisioner daemons when a job is queued
     /// here (jobs queued by other replicas are found by polling).
     pub provisioner_wake: Arc<tokio::sync::Notify>,
+    /// Encrypts secrets at rest (workspaces' Terraform states among them).
+    pub vault: Arc<crate::vault::Vault>,
     /// Fires when the server shuts down (ends long-lived streams).
     pub shutdown: tokio_util::sync::CancellationToken,
     /// Resolved app routes (short-lived; emptied on changes).
@@ -151,6 +154,8 @@ pub struct Parts {
     pub revocations: Arc<devmesh_proxy::revocations::Revocations>,
     /// Fires when the server shuts down.
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// Encrypts secrets at rest (workspaces' Terraform states among them).
+    pub vault: Arc<crate::vault::Vault>,
 }
 
 impl AppState {
@@ -178,6 +183,7 @@ impl AppState {
             revocations: parts.revocations,
             edge_probes: Arc::default(),
             provisioner_wake: Arc::default(),
+            vault: parts.vault,
         }
     }
 }
@@ -285,6 +291,36 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/workspaces/{id}/builds/cancel",
             post(workspaces::cancel_build),
+        )
+        .route(
+            "/provisioner-keys",
+            get(provisioners::list_keys).post(provisioners::create_key),
+        )
+        .route(
+            "/provisioner-keys/{name}",
+            axum::routing::delete(provisioners::delete_key),
+        )
+        .route("/provisioner-daemons", get(provisioners::list_daemons))
+        .route("/provisionerd/register", post(provisioners::register))
+        .route(
+            "/provisionerd/daemons/{daemon}/acquire",
+            post(provisioners::acquire),
+        )
+        .route(
+            "/provisionerd/daemons/{daemon}/jobs/{job}/heartbeat",
+            post(provisioners::heartbeat),
+        )
+        .route(
+            "/provisionerd/daemons/{daemon}/jobs/{job}/logs",
+            post(provisioners::append_logs),
+        )
+        .route(
+            "/provisionerd/daemons/{daemon}/jobs/{job}/state",
+            put(provisioners::save_state).layer(provisioners::state_body_limit()),
+        )
+        .route(
+            "/provisionerd/daemons/{daemon}/jobs/{job}/complete",
+            post(provisioners::complete),
         )
         .route("/edges", get(edges::list).post(edges::create))
         .route(

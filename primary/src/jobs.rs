@@ -8,7 +8,6 @@
 //! daemon that died never leaves a build hanging. Everything a job logs is
 //! stored with it, so a restarted primary loses neither jobs nor logs.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -16,31 +15,19 @@ use serde_json::Value;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-/// Tags a daemon offers or a job requires (`{"scope": "organization"}`).
-pub type Tags = BTreeMap<String, String>;
+pub use devmesh_shared::provisionerd::{Beat, JobKind, LogStream, MAX_LOG_LINE, Outcome, Tags};
 
-/// What a job is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum JobKind {
-    /// Validate a pushed template version and record its parameters.
-    Import,
-    /// Run a workspace build (start, stop or delete).
-    Build,
+fn kind_name(kind: JobKind) -> &'static str {
+    match kind {
+        JobKind::Import => "import",
+        JobKind::Build => "build",
+    }
 }
 
-impl JobKind {
-    fn as_str(self) -> &'static str {
-        match self {
-            JobKind::Import => "import",
-            JobKind::Build => "build",
-        }
-    }
-
-    fn from_stored(s: &str) -> Self {
-        match s {
-            "import" => JobKind::Import,
-            _ => JobKind::Build,
-        }
+fn stored_kind(s: &str) -> JobKind {
+    match s {
+        "import" => JobKind::Import,
+        _ => JobKind::Build,
     }
 }
 
@@ -132,7 +119,7 @@ impl From<JobRow> for Job {
     fn from(r: JobRow) -> Self {
         Self {
             id: r.id,
-            kind: JobKind::from_stored(&r.kind),
+            kind: stored_kind(&r.kind),
             status: JobStatus::from_stored(&r.status),
             tags: r.tags.0,
             input: r.input,
@@ -157,7 +144,7 @@ pub async fn enqueue<'e>(
         "INSERT INTO provisioner_jobs (id, kind, status, tags, input) VALUES ($1, $2, 'pending', $3, $4)",
     )
     .bind(id)
-    .bind(kind.as_str())
+    .bind(kind_name(kind))
     .bind(sqlx::types::Json(tags))
     .bind(input)
     .execute(db)
@@ -176,18 +163,25 @@ pub struct Daemon {
     pub tags: Tags,
 }
 
-/// Records (or refreshes) a daemon.
-pub async fn register_daemon(db: &PgPool, daemon: &Daemon, built_in: bool) -> sqlx::Result<()> {
+/// Records (or refreshes) a daemon: built into this primary (`key`
+/// `None`) or external, authenticated by provisioner key `key`.
+pub async fn register_daemon(
+    db: &PgPool,
+    daemon: &Daemon,
+    version: &str,
+    key: Option<Uuid>,
+) -> sqlx::Result<()> {
     sqlx::query(
-        "INSERT INTO provisioner_daemons (id, name, tags, version, built_in)
-         VALUES ($1, $2, $3, $4, $5)
+        "INSERT INTO provisioner_daemons (id, name, tags, version, built_in, key_id)
+         VALUES ($1, $2, $3, $4, $5, $6)
          ON CONFLICT (id) DO UPDATE SET name = $2, tags = $3, version = $4, last_seen_at = now()",
     )
     .bind(daemon.id)
     .bind(&daemon.name)
     .bind(sqlx::types::Json(&daemon.tags))
-    .bind(devmesh_shared::VERSION)
-    .bind(built_in)
+    .bind(version)
+    .bind(key.is_none())
+    .bind(key)
     .execute(db)
     .await?;
     Ok(())
@@ -220,21 +214,12 @@ pub async fn acquire(db: &PgPool, daemon: &Daemon) -> sqlx::Result<Option<Job>> 
     Ok(row.map(Job::from))
 }
 
-/// What a heartbeat learns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Beat {
-    /// Keep going.
-    Continue,
-    /// Someone asked to cancel: interrupt the work, then
-    /// [`complete`] with [`Outcome::Canceled`].
-    Cancel,
-    /// The job is no longer this daemon's (it timed out and failed, or was
-    /// completed elsewhere): stop working on it and report nothing.
-    Lost,
-}
-
 /// Refreshes the heartbeat of `job`, which `daemon` runs.
 pub async fn heartbeat(db: &PgPool, job: Uuid, daemon: Uuid) -> sqlx::Result<Beat> {
+    sqlx::query("UPDATE provisioner_daemons SET last_seen_at = now() WHERE id = $1")
+        .bind(daemon)
+        .execute(db)
+        .await?;
     let status: Option<String> = sqlx::query_scalar(
         "UPDATE provisioner_jobs SET heartbeat_at = now()
          WHERE id = $1 AND daemon_id = $2 AND status IN ('running', 'canceling')
@@ -250,30 +235,6 @@ pub async fn heartbeat(db: &PgPool, job: Uuid, daemon: Uuid) -> sqlx::Result<Bea
         None => Beat::Lost,
     })
 }
-
-/// Which stream a log line belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogStream {
-    /// devmesh's own steps.
-    Provisioner,
-    /// Terraform's standard output.
-    Stdout,
-    /// Terraform's standard error.
-    Stderr,
-}
-
-impl LogStream {
-    fn as_str(self) -> &'static str {
-        match self {
-            LogStream::Provisioner => "provisioner",
-            LogStream::Stdout => "stdout",
-            LogStream::Stderr => "stderr",
-        }
-    }
-}
-
-/// The longest log line stored; longer ones are cut, marked with `…`.
-pub const MAX_LOG_LINE: usize = 8 * 1024;
 
 /// Appends lines to `job`'s log, in order.
 pub async fn append_logs(
@@ -337,28 +298,17 @@ pub async fn logs(db: &PgPool, job: Uuid, after: i64, limit: i64) -> sqlx::Resul
     .await
 }
 
-/// How a job ended, as its daemon reports it.
-#[derive(Debug, Clone)]
-pub enum Outcome {
-    /// It did what it had to.
-    Succeeded,
-    /// It failed, for this reason.
-    Failed(String),
-    /// It stopped because it was canceled.
-    Canceled,
-}
-
 /// Records how `job` ended. Only the daemon running it may (a job that
 /// timed out and failed meanwhile stays failed); returns whether it did.
-pub async fn complete(
-    db: &PgPool,
+pub async fn complete<'e>(
+    db: impl sqlx::PgExecutor<'e>,
     job: Uuid,
     daemon: Uuid,
     outcome: &Outcome,
 ) -> sqlx::Result<bool> {
     let (status, error) = match outcome {
         Outcome::Succeeded => ("succeeded", None),
-        Outcome::Failed(e) => ("failed", Some(e.as_str())),
+        Outcome::Failed { error } => ("failed", Some(error.as_str())),
         Outcome::Canceled => ("canceled", None),
     };
     let done = sqlx::query(

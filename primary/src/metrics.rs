@@ -52,6 +52,10 @@ pub struct Metrics {
     /// Claims from edges the primary refused, by kind (`attachment_proof`,
     /// `registration`).
     pub edge_refusals: Family<ResultLabels, Counter>,
+    /// Calls from provisioner daemons the primary refused, by why (`key`:
+    /// no valid provisioner key; `daemon`: not a daemon of that key;
+    /// `job`: a job the daemon does not hold).
+    pub provisioner_refusals: Family<ResultLabels, Counter>,
     /// App requests on the primary's apps domain (`devmesh_app_*`), as
     /// edges count theirs.
     pub apps: devmesh_proxy::pipeline::ProxyMetrics,
@@ -96,6 +100,12 @@ impl Metrics {
             "Claims from edges the primary refused",
             edge_refusals.clone(),
         );
+        let provisioner_refusals = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "provisioner_refusals",
+            "Calls from provisioner daemons the primary refused",
+            provisioner_refusals.clone(),
+        );
         let apps = devmesh_proxy::pipeline::ProxyMetrics::register(
             registry.sub_registry_with_prefix("app"),
         );
@@ -112,6 +122,7 @@ impl Metrics {
             key_checks,
             db_unavailable,
             edge_refusals,
+            provisioner_refusals,
             apps,
         }
     }

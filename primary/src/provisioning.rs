@@ -1,73 +1,46 @@
-//! The provisioner daemons built into `devmesh server`: each claims build
-//! jobs from the queue ([`crate::jobs`]) and runs Terraform for them with
-//! the devmesh provider, keeping the workspace's state in the database.
+//! The primary's side of provisioning: it turns queued jobs ([`crate::jobs`])
+//! into the [`JobSpec`]s daemons run, records what they report (logs,
+//! Terraform states, outcomes, an import's parameters), and runs the
+//! daemons built into `devmesh server`.
 //!
-//! A build: the template version's archive is unpacked into a scratch
-//! directory beside the workspace's last state; `terraform init` and
-//! `apply` (`destroy` for a delete) run with the build in the provider's
-//! environment; every output line goes to the job's log; the state is
-//! saved whatever the outcome. A successful start build records the agents
-//! and apps the state declares, with the tokens the provider minted.
+//! Built-in daemons call these functions in-process ([`Local`]); external
+//! ones call the same functions through `/api/v2/provisionerd`. Either way
+//! a daemon sees only the jobs it holds, and the primary alone touches the
+//! database: a build's agents and apps come from the state the primary
+//! stored, never from what a daemon says they are.
 
-use std::path::{Path, PathBuf};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use devmesh_provisioner::terraform::{RunError, Stream, Terraform, Workdir};
+use devmesh_provisioner::daemon::{Coordinator, Runner};
 use devmesh_shared::api::{AgentSpec, AppSpec, HealthcheckSpec, ScriptSpec, ScriptTrigger};
+use devmesh_shared::provisionerd::{Completion, JobKind, JobSpec, LogLine, Outcome};
 use serde_json::Value;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use crate::api::AppState;
+use crate::jobs::{self, Beat, Daemon, Job, Tags};
 use crate::vault::Vault;
 
 /// The vault purpose of stored Terraform states.
 const STATE_PURPOSE: &str = "terraform state";
-use crate::jobs::{self, Beat, Daemon, Job, LogStream, Outcome, Tags};
 
-/// How often an idle daemon looks for work queued by another replica (this
-/// one's API wakes it at once).
+/// How often a waiting daemon looks for work queued by another replica
+/// (this one's API wakes it at once).
 const POLL_EVERY: Duration = Duration::from_secs(1);
 
-/// What every built-in daemon shares.
-struct Shared {
-    state: AppState,
-    /// Encrypts workspaces' Terraform states at rest: they hold the agent
-    /// tokens and whatever secrets templates put in them.
-    vault: Arc<Vault>,
-    terraform: Option<Terraform>,
-    /// The devmesh binary, which serves the Terraform provider.
-    provider: PathBuf,
-    /// Scratch directories for runs.
-    work: PathBuf,
-    /// How often a running job heartbeats.
-    heartbeat_every: Duration,
-}
-
-/// Starts `count` daemons on `tracker` until `shutdown`.
-#[allow(clippy::too_many_arguments)]
+/// Starts `count` built-in daemons on `tracker` until `shutdown`.
 pub fn spawn(
     state: AppState,
-    vault: Arc<Vault>,
-    terraform: Option<Terraform>,
-    provider: PathBuf,
-    work: PathBuf,
+    runner: Runner,
     count: usize,
-    timeout: Duration,
     tracker: &TaskTracker,
     shutdown: CancellationToken,
 ) {
-    let shared = Arc::new(Shared {
-        state,
-        vault,
-        terraform,
-        provider,
-        work,
-        heartbeat_every: jobs::heartbeat_every(timeout),
-    });
+    let runner = Arc::new(runner);
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "primary".into());
     for i in 0..count {
         let daemon = Daemon {
@@ -75,37 +48,98 @@ pub fn spawn(
             name: format!("{host}-built-in-{i}"),
             tags: Tags::new(),
         };
-        tracker.spawn(run_daemon(shared.clone(), daemon, shutdown.clone()));
+        let state = state.clone();
+        let runner = runner.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            if let Err(e) =
+                jobs::register_daemon(&state.db, &daemon, devmesh_shared::VERSION, None).await
+            {
+                tracing::warn!(error = %e, daemon = %daemon.name, "cannot register a built-in provisioner daemon");
+            }
+            let name = daemon.name.clone();
+            let local = Arc::new(Local { state, daemon });
+            devmesh_provisioner::daemon::serve(local, runner, name, shutdown).await;
+        });
     }
 }
 
-async fn run_daemon(shared: Arc<Shared>, me: Daemon, shutdown: CancellationToken) {
-    let db = shared.state.db.clone();
-    if let Err(e) = jobs::register_daemon(&db, &me, true).await {
-        tracing::warn!(error = %e, daemon = %me.name, "cannot register a built-in provisioner daemon");
+/// A built-in daemon's coordinator: this primary, in-process.
+struct Local {
+    state: AppState,
+    daemon: Daemon,
+}
+
+impl Coordinator for Local {
+    async fn acquire(&self) -> anyhow::Result<Option<JobSpec>> {
+        Ok(acquire(&self.state, &self.daemon, Duration::from_secs(20)).await?)
     }
+
+    async fn heartbeat(&self, job: Uuid) -> anyhow::Result<Beat> {
+        Ok(jobs::heartbeat(&self.state.db, job, self.daemon.id).await?)
+    }
+
+    async fn append_logs(&self, job: Uuid, lines: Vec<LogLine>) -> anyhow::Result<()> {
+        Ok(append_logs(&self.state, job, self.daemon.id, &lines).await?)
+    }
+
+    async fn save_state(&self, job: Uuid, state: Vec<u8>) -> anyhow::Result<()> {
+        Ok(save_state(&self.state, job, self.daemon.id, &state).await?)
+    }
+
+    async fn complete(&self, job: Uuid, completion: Completion) -> anyhow::Result<bool> {
+        Ok(complete(&self.state, job, self.daemon.id, completion).await?)
+    }
+}
+
+/// Why the primary refused a daemon's report.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// The job is not running on this daemon (it ended, timed out, or was
+    /// never its).
+    #[error("the job is not running on this daemon")]
+    NotHeld,
+    /// The database failed.
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+}
+
+/// The next job `daemon` may take, waiting up to `wait` for one to be
+/// queued. A job that cannot be run (its build or version is gone, its
+/// state cannot be decrypted) fails here, saying why, and the next is
+/// tried.
+pub async fn acquire(
+    state: &AppState,
+    daemon: &Daemon,
+    wait: Duration,
+) -> sqlx::Result<Option<JobSpec>> {
+    let deadline = tokio::time::Instant::now() + wait;
     loop {
         // Listening before looking, so a job queued in between still wakes us.
-        let wake = shared.state.provisioner_wake.notified();
+        let wake = state.provisioner_wake.notified();
         tokio::pin!(wake);
         wake.as_mut().enable();
-        let wait = match jobs::acquire(&db, &me).await {
-            Ok(Some(job)) => {
-                match job.kind {
-                    jobs::JobKind::Build => run_job(&shared, &me, job, &shutdown).await,
-                    jobs::JobKind::Import => run_import(&shared, &me, job, &shutdown).await,
+        if let Some(job) = jobs::acquire(&state.db, daemon).await? {
+            match spec(state, &job).await? {
+                Ok(spec) => return Ok(Some(spec)),
+                Err(why) => {
+                    tracing::warn!(job.id = %job.id, error = %why, "a provisioner job cannot run");
+                    let failed = Completion {
+                        outcome: Outcome::Failed { error: why },
+                        parameters: Vec::new(),
+                    };
+                    complete(state, job.id, daemon.id, failed).await?;
+                    continue;
                 }
-                continue;
             }
-            Ok(None) => POLL_EVERY,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot look for provisioner jobs");
-                POLL_EVERY * 5
-            }
-        };
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return Ok(None);
+        }
         tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(wait) => {}
+            () = state.shutdown.cancelled() => return Ok(None),
+            () = tokio::time::sleep(POLL_EVERY.min(deadline - now)) => {}
             () = wake => {}
         }
     }
@@ -122,559 +156,341 @@ struct BuildRow {
     owner_email: String,
     archive: Option<Vec<u8>>,
     state: Option<Vec<u8>>,
-    parameters: sqlx::types::Json<std::collections::BTreeMap<String, String>>,
-}
-
-async fn run_job(shared: &Shared, me: &Daemon, job: Job, shutdown: &CancellationToken) {
-    let db = &shared.state.db;
-    let build_id = job.input["build_id"]
-        .as_str()
-        .and_then(|s| Uuid::parse_str(s).ok());
-    let build: Option<BuildRow> = match build_id {
-        Some(id) => sqlx::query_as(
-            "SELECT b.id, b.workspace_id, b.transition, w.name AS workspace_name,
-                    u.username AS owner_name, u.email AS owner_email, v.archive, s.state,
-                    b.parameters
-             FROM workspace_builds b
-             JOIN workspaces w ON w.id = b.workspace_id
-             JOIN users u ON u.id = w.owner_id
-             JOIN template_versions v ON v.id = b.template_version_id
-             LEFT JOIN workspace_terraform_states s ON s.workspace_id = b.workspace_id
-             WHERE b.id = $1",
-        )
-        .bind(id)
-        .fetch_optional(db)
-        .await
-        .unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "cannot load a build");
-            None
-        }),
-        None => None,
-    };
-    // A state that cannot be read must not become "no state": Terraform
-    // would create everything again beside what exists.
-    let build = match build.map(|mut b| match b.state.take() {
-        Some(s) => open_state(&shared.vault, &s).map(|s| {
-            b.state = Some(s);
-            b
-        }),
-        None => Ok(b),
-    }) {
-        Some(Err(e)) => {
-            let _ = jobs::complete(db, job.id, me.id, &Outcome::Failed(e)).await;
-            let _ = sqlx::query(
-                "UPDATE workspace_builds SET status = 'failed', completed_at = now() WHERE id = $1",
-            )
-            .bind(build_id)
-            .execute(db)
-            .await;
-            return;
-        }
-        Some(Ok(b)) => Some(b),
-        None => None,
-    };
-    let Some(build) = build else {
-        let _ = jobs::complete(
-            db,
-            job.id,
-            me.id,
-            &Outcome::Failed("the job names no build".into()),
-        )
-        .await;
-        return;
-    };
-    let _ = sqlx::query("UPDATE workspace_builds SET status = 'running' WHERE id = $1")
-        .bind(build.id)
-        .execute(db)
-        .await;
-    tracing::info!(job.id = %job.id, build.id = %build.id, transition = %build.transition, "running a workspace build");
-
-    let attempt = Attempt::start(db, &job, me, shared.heartbeat_every, shutdown);
-    let dir = shared.work.join(job.id.to_string());
-    let ran = execute(shared, &build, &dir, &attempt.log, &attempt.cancel).await;
-    let _ = std::fs::remove_dir_all(&dir);
-    let outcome = match ran {
-        Ok(()) => match finish(shared, &build).await {
-            Ok(()) => Outcome::Succeeded,
-            Err(e) => Outcome::Failed(format!("recording the build's result failed: {e}")),
-        },
-        Err(RunError::Canceled { .. }) => Outcome::Canceled,
-        Err(e) => Outcome::Failed(e.to_string()),
-    };
-    if !attempt.end("build", &outcome).await {
-        return;
-    }
-    let status = match outcome {
-        Outcome::Succeeded => "succeeded",
-        Outcome::Failed(_) => "failed",
-        Outcome::Canceled => "canceled",
-    };
-    let _ =
-        sqlx::query("UPDATE workspace_builds SET status = $2, completed_at = now() WHERE id = $1")
-            .bind(build.id)
-            .bind(status)
-            .execute(db)
-            .await;
-    shared.state.workspace_changed(build.workspace_id).await;
-    tracing::info!(job.id = %job.id, build.id = %build.id, status, "workspace build ended");
+    parameters: sqlx::types::Json<BTreeMap<String, String>>,
 }
 
 /// A template version to import.
 #[derive(sqlx::FromRow)]
 struct ImportRow {
-    id: Uuid,
-    template_id: Uuid,
     number: i32,
     archive: Option<Vec<u8>>,
 }
 
-/// Imports a Terraform version: plans it as a start build of a stand-in
-/// workspace and records its parameters (the `devmesh_parameter` data
-/// sources Terraform read); a version that imports becomes the template's
-/// active one unless a newer one already is.
-async fn run_import(shared: &Shared, me: &Daemon, job: Job, shutdown: &CancellationToken) {
-    let db = &shared.state.db;
-    let version = job.input["version_id"]
-        .as_str()
-        .and_then(|s| Uuid::parse_str(s).ok());
-    let row: Option<ImportRow> = match version {
-        Some(id) => sqlx::query_as(
-            "SELECT id, template_id, number, archive FROM template_versions WHERE id = $1",
-        )
-        .bind(id)
-        .fetch_optional(db)
-        .await
-        .unwrap_or_default(),
-        None => None,
+/// What a daemon needs to run `job`, or why it cannot run.
+async fn spec(state: &AppState, job: &Job) -> sqlx::Result<Result<JobSpec, String>> {
+    let id_in = |key: &str| {
+        job.input[key]
+            .as_str()
+            .and_then(|s| Uuid::parse_str(s).ok())
     };
-    let Some(row) = row else {
-        let failed = Outcome::Failed("the job names no template version".into());
-        let _ = jobs::complete(db, job.id, me.id, &failed).await;
-        return;
-    };
-    let attempt = Attempt::start(db, &job, me, shared.heartbeat_every, shutdown);
-    let dir = shared.work.join(job.id.to_string());
-    let imported = import(shared, &row, job.id, &dir, &attempt.log, &attempt.cancel).await;
-    let _ = std::fs::remove_dir_all(&dir);
-    let outcome = match imported {
-        Ok(params) => match record_import(db, &row, &params).await {
-            Ok(()) => {
-                let names: Vec<&str> = params.iter().map(|p| p.name.as_str()).collect();
-                let _ = attempt.log.send((
-                    LogStream::Provisioner,
-                    format!(
-                        "devmesh: parameters: {}",
-                        if names.is_empty() {
-                            "none".to_owned()
-                        } else {
-                            names.join(", ")
-                        }
-                    ),
-                ));
-                Outcome::Succeeded
-            }
-            Err(e) => Outcome::Failed(format!("recording the import failed: {e}")),
-        },
-        Err(Imported::Canceled) => Outcome::Canceled,
-        Err(Imported::Failed(e)) => Outcome::Failed(e),
-    };
-    attempt.end("import", &outcome).await;
-}
-
-/// Why an import did not succeed.
-enum Imported {
-    Canceled,
-    Failed(String),
-}
-
-impl From<RunError> for Imported {
-    fn from(e: RunError) -> Self {
-        match e {
-            RunError::Canceled { .. } => Imported::Canceled,
-            e => Imported::Failed(e.to_string()),
+    let mut env = BTreeMap::from([(
+        "DEVMESH_ACCESS_URL".to_owned(),
+        state.config.access_url.clone(),
+    )]);
+    match job.kind {
+        JobKind::Import => {
+            let Some(version) = id_in("version_id") else {
+                return Ok(Err("the job names no template version".into()));
+            };
+            let row: Option<ImportRow> =
+                sqlx::query_as("SELECT number, archive FROM template_versions WHERE id = $1")
+                    .bind(version)
+                    .fetch_optional(&state.db)
+                    .await?;
+            let Some(ImportRow {
+                number,
+                archive: Some(archive),
+            }) = row
+            else {
+                return Ok(Err("the template version has no Terraform code".into()));
+            };
+            env.extend([
+                ("DEVMESH_BUILD_ID".to_owned(), job.id.to_string()),
+                ("DEVMESH_WORKSPACE_NAME".to_owned(), "import".to_owned()),
+                (
+                    "DEVMESH_WORKSPACE_TRANSITION".to_owned(),
+                    "start".to_owned(),
+                ),
+                ("DEVMESH_WORKSPACE_OWNER".to_owned(), "import".to_owned()),
+            ]);
+            Ok(Ok(JobSpec {
+                id: job.id,
+                kind: JobKind::Import,
+                what: format!("importing version {number}"),
+                archive,
+                env,
+                state: None,
+                destroy: false,
+            }))
+        }
+        JobKind::Build => {
+            let Some(build_id) = id_in("build_id") else {
+                return Ok(Err("the job names no build".into()));
+            };
+            let build: Option<BuildRow> = sqlx::query_as(
+                "SELECT b.id, b.workspace_id, b.transition, w.name AS workspace_name,
+                        u.username AS owner_name, u.email AS owner_email, v.archive, s.state,
+                        b.parameters
+                 FROM workspace_builds b
+                 JOIN workspaces w ON w.id = b.workspace_id
+                 JOIN users u ON u.id = w.owner_id
+                 JOIN template_versions v ON v.id = b.template_version_id
+                 LEFT JOIN workspace_terraform_states s ON s.workspace_id = b.workspace_id
+                 WHERE b.id = $1",
+            )
+            .bind(build_id)
+            .fetch_optional(&state.db)
+            .await?;
+            let Some(build) = build else {
+                return Ok(Err("the job's build no longer exists".into()));
+            };
+            let Some(archive) = build.archive else {
+                return Ok(Err("the template version has no Terraform code".into()));
+            };
+            // A state that cannot be read must not become "no state":
+            // Terraform would create everything again beside what exists.
+            let tf_state = match build.state.as_deref().map(|s| open_state(&state.vault, s)) {
+                Some(Err(e)) => return Ok(Err(e)),
+                Some(Ok(s)) => Some(s),
+                None => None,
+            };
+            sqlx::query("UPDATE workspace_builds SET status = 'running' WHERE id = $1")
+                .bind(build.id)
+                .execute(&state.db)
+                .await?;
+            env.extend([
+                ("DEVMESH_BUILD_ID".to_owned(), build.id.to_string()),
+                (
+                    "DEVMESH_WORKSPACE_ID".to_owned(),
+                    build.workspace_id.to_string(),
+                ),
+                (
+                    "DEVMESH_WORKSPACE_NAME".to_owned(),
+                    build.workspace_name.clone(),
+                ),
+                (
+                    "DEVMESH_WORKSPACE_TRANSITION".to_owned(),
+                    build.transition.clone(),
+                ),
+                ("DEVMESH_WORKSPACE_OWNER".to_owned(), build.owner_name),
+                (
+                    "DEVMESH_WORKSPACE_OWNER_EMAIL".to_owned(),
+                    build.owner_email,
+                ),
+                (
+                    "DEVMESH_PARAMETERS".to_owned(),
+                    serde_json::to_string(&build.parameters.0).unwrap_or_default(),
+                ),
+            ]);
+            Ok(Ok(JobSpec {
+                id: job.id,
+                kind: JobKind::Build,
+                what: format!("{} {}", build.transition, build.workspace_name),
+                archive,
+                env,
+                state: tf_state,
+                destroy: build.transition == "delete",
+            }))
         }
     }
 }
 
-async fn import(
-    shared: &Shared,
-    row: &ImportRow,
-    job: Uuid,
-    dir: &Path,
-    log: &mpsc::UnboundedSender<(LogStream, String)>,
-    cancel: &CancellationToken,
-) -> Result<Vec<devmesh_shared::parameters::TemplateParameter>, Imported> {
-    let env = [
-        ("DEVMESH_BUILD_ID", job.to_string()),
-        ("DEVMESH_WORKSPACE_NAME", "import".to_owned()),
-        ("DEVMESH_WORKSPACE_TRANSITION", "start".to_owned()),
-        ("DEVMESH_WORKSPACE_OWNER", "import".to_owned()),
-    ];
-    let what = format!("importing version {}", row.number);
-    let run = Run::prepare(
-        shared,
-        row.archive.as_deref(),
-        dir,
-        &what,
-        &env,
-        log,
-        cancel,
-    )?;
-    run.terraform(&["init", "-no-color", "-input=false"])
-        .await?;
-    run.terraform(&[
-        "plan",
-        "-refresh=false",
-        "-no-color",
-        "-input=false",
-        "-out=devmesh.tfplan",
-    ])
+/// Whether `daemon` runs `job` now.
+async fn holds(state: &AppState, job: Uuid, daemon: Uuid) -> Result<(), HostError> {
+    let held: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM provisioner_jobs
+                        WHERE id = $1 AND daemon_id = $2 AND status IN ('running', 'canceling'))",
+    )
+    .bind(job)
+    .bind(daemon)
+    .fetch_one(&state.db)
     .await?;
-    let json = run.output(&["show", "-json", "devmesh.tfplan"]).await?;
-    let plan: Value = serde_json::from_str(&json)
-        .map_err(|e| Imported::Failed(format!("terraform show printed no plan: {e}")))?;
-    parameters_in(&plan).map_err(Imported::Failed)
+    if held {
+        Ok(())
+    } else {
+        Err(HostError::NotHeld)
+    }
 }
 
-/// The parameters a plan read (its `devmesh_parameter` data sources, in
-/// every module), checked: unique names and usable patterns.
-fn parameters_in(
-    plan: &Value,
-) -> Result<Vec<devmesh_shared::parameters::TemplateParameter>, String> {
-    fn walk<'a>(module: &'a Value, out: &mut Vec<&'a Value>) {
-        for r in module["resources"].as_array().into_iter().flatten() {
-            if r["mode"] == "data" && r["type"] == "devmesh_parameter" {
-                out.push(&r["values"]);
+/// Appends a daemon's log lines to a job it holds.
+pub async fn append_logs(
+    state: &AppState,
+    job: Uuid,
+    daemon: Uuid,
+    lines: &[LogLine],
+) -> Result<(), HostError> {
+    holds(state, job, daemon).await?;
+    let lines: Vec<_> = lines.iter().map(|l| (l.stream, l.line.clone())).collect();
+    jobs::append_logs(&state.db, job, &lines).await?;
+    Ok(())
+}
+
+/// Saves the Terraform state a daemon's build left, encrypted.
+pub async fn save_state(
+    state: &AppState,
+    job: Uuid,
+    daemon: Uuid,
+    tf_state: &[u8],
+) -> Result<(), HostError> {
+    let workspace: Option<Uuid> = sqlx::query_scalar(
+        "SELECT b.workspace_id FROM provisioner_jobs j JOIN workspace_builds b ON b.job_id = j.id
+         WHERE j.id = $1 AND j.daemon_id = $2 AND j.status IN ('running', 'canceling')",
+    )
+    .bind(job)
+    .bind(daemon)
+    .fetch_optional(&state.db)
+    .await?;
+    let workspace = workspace.ok_or(HostError::NotHeld)?;
+    sqlx::query(
+        "INSERT INTO workspace_terraform_states (workspace_id, state) VALUES ($1, $2)
+         ON CONFLICT (workspace_id) DO UPDATE SET state = $2, updated_at = now()",
+    )
+    .bind(workspace)
+    .bind(state.vault.wrap(STATE_PURPOSE, tf_state))
+    .execute(&state.db)
+    .await?;
+    Ok(())
+}
+
+/// Records how a job `daemon` holds ended, with what it implies (a start
+/// build's agents, a delete build's workspace gone, an import's
+/// parameters), all in one transaction. False when the job was no longer
+/// the daemon's: nothing is recorded.
+pub async fn complete(
+    state: &AppState,
+    job: Uuid,
+    daemon: Uuid,
+    completion: Completion,
+) -> sqlx::Result<bool> {
+    match record(state, job, daemon, &completion).await {
+        Err(e) if completion.outcome == Outcome::Succeeded => {
+            tracing::warn!(job.id = %job, error = %e, "cannot record a job's result");
+            let failed = Completion {
+                outcome: Outcome::Failed {
+                    error: format!("recording the result failed: {e}"),
+                },
+                parameters: Vec::new(),
+            };
+            record(state, job, daemon, &failed).await
+        }
+        other => other,
+    }
+}
+
+async fn record(
+    state: &AppState,
+    job: Uuid,
+    daemon: Uuid,
+    completion: &Completion,
+) -> sqlx::Result<bool> {
+    let mut tx = state.db.begin().await?;
+    let held: Option<(String, Value)> = sqlx::query_as(
+        "SELECT kind, input FROM provisioner_jobs
+         WHERE id = $1 AND daemon_id = $2 AND status IN ('running', 'canceling')
+         FOR UPDATE",
+    )
+    .bind(job)
+    .bind(daemon)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((kind, input)) = held else {
+        return Ok(false);
+    };
+    let mut outcome = completion.outcome.clone();
+    let mut changed_workspace = None;
+    if kind == "import" {
+        let version = input["version_id"]
+            .as_str()
+            .and_then(|s| Uuid::parse_str(s).ok());
+        if let (Outcome::Succeeded, Some(version)) = (&outcome, version) {
+            match devmesh_shared::parameters::check_definitions(&completion.parameters) {
+                Ok(()) => record_import(&mut tx, version, &completion.parameters).await?,
+                Err(error) => outcome = Outcome::Failed { error },
             }
         }
-        for child in module["child_modules"].as_array().into_iter().flatten() {
-            walk(child, out);
+    } else if let Some(build) = input["build_id"]
+        .as_str()
+        .and_then(|s| Uuid::parse_str(s).ok())
+    {
+        let row: Option<(Uuid, String)> =
+            sqlx::query_as("SELECT workspace_id, transition FROM workspace_builds WHERE id = $1")
+                .bind(build)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if let Some((workspace, transition)) = row {
+            if outcome == Outcome::Succeeded {
+                finish(&state.vault, &mut tx, build, workspace, &transition).await?;
+            }
+            let status = match outcome {
+                Outcome::Succeeded => "succeeded",
+                Outcome::Failed { .. } => "failed",
+                Outcome::Canceled => "canceled",
+            };
+            sqlx::query(
+                "UPDATE workspace_builds SET status = $2, completed_at = now() WHERE id = $1",
+            )
+            .bind(build)
+            .bind(status)
+            .execute(&mut *tx)
+            .await?;
+            changed_workspace = Some(workspace);
         }
     }
-    let mut found = Vec::new();
-    walk(&plan["prior_state"]["values"]["root_module"], &mut found);
-    let mut params: Vec<devmesh_shared::parameters::TemplateParameter> = Vec::new();
-    for v in found {
-        let s = |k: &str| v[k].as_str().map(str::to_owned);
-        let p = devmesh_shared::parameters::TemplateParameter {
-            name: s("name").unwrap_or_default(),
-            kind: s("type").unwrap_or_else(|| "string".into()),
-            description: s("description"),
-            default: s("default"),
-            mutable: v["mutable"].as_bool().unwrap_or(false),
-            options: v["options"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|o| o.as_str().map(str::to_owned))
-                .collect(),
-            validation_min: v["validation_min"].as_f64(),
-            validation_max: v["validation_max"].as_f64(),
-            validation_regex: s("validation_regex"),
-        };
-        if params.iter().any(|q| q.name == p.name) {
-            return Err(format!(
-                "two devmesh_parameter data sources are named {:?}",
-                p.name
-            ));
-        }
-        if let Some(d) = &p.default {
-            devmesh_shared::parameters::check_value(&p, d)
-                .map_err(|e| format!("parameter {:?}: its default {e}", p.name))?;
-        }
-        params.push(p);
+    let done = jobs::complete(&mut *tx, job, daemon, &outcome).await?;
+    tx.commit().await?;
+    if let Some(workspace) = changed_workspace {
+        state.workspace_changed(workspace).await;
     }
-    params.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(params)
+    Ok(done)
 }
 
+/// Records an imported version's parameters; a version that imports
+/// becomes its template's active one unless a newer one already is.
 async fn record_import(
-    db: &sqlx::PgPool,
-    row: &ImportRow,
+    tx: &mut sqlx::PgConnection,
+    version: Uuid,
     params: &[devmesh_shared::parameters::TemplateParameter],
 ) -> sqlx::Result<()> {
-    let mut tx = db.begin().await?;
     sqlx::query("UPDATE template_versions SET parameters = $2 WHERE id = $1")
-        .bind(row.id)
+        .bind(version)
         .bind(sqlx::types::Json(params))
         .execute(&mut *tx)
         .await?;
     sqlx::query(
-        "UPDATE templates t SET active_version_id = $2, updated_at = now()
-         WHERE t.id = $1 AND (SELECT number FROM template_versions WHERE id = t.active_version_id) <= $3",
+        "UPDATE templates t SET active_version_id = v.id, updated_at = now()
+         FROM template_versions v
+         WHERE v.id = $1 AND t.id = v.template_id
+           AND (SELECT number FROM template_versions WHERE id = t.active_version_id) <= v.number",
     )
-    .bind(row.template_id)
-    .bind(row.id)
-    .bind(row.number)
+    .bind(version)
     .execute(&mut *tx)
     .await?;
-    tx.commit().await
+    Ok(())
 }
 
-/// The bookkeeping of one job while a daemon runs it: its log writer and
-/// its heartbeat (which carries cancellation).
-struct Attempt {
-    job: Uuid,
-    daemon: Uuid,
-    db: sqlx::PgPool,
-    log: mpsc::UnboundedSender<(LogStream, String)>,
-    writer: tokio::task::JoinHandle<()>,
-    beat: tokio::task::JoinHandle<()>,
-    cancel: CancellationToken,
-    lost: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl Attempt {
-    fn start(
-        db: &sqlx::PgPool,
-        job: &Job,
-        me: &Daemon,
-        every: Duration,
-        shutdown: &CancellationToken,
-    ) -> Self {
-        let (log, lines) = mpsc::unbounded_channel();
-        let cancel = shutdown.child_token();
-        let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        Self {
-            job: job.id,
-            daemon: me.id,
-            db: db.clone(),
-            log,
-            writer: tokio::spawn(write_logs(db.clone(), job.id, lines)),
-            beat: tokio::spawn(heartbeat(
-                db.clone(),
-                job.id,
-                me.id,
-                every,
-                cancel.clone(),
-                lost.clone(),
-            )),
-            cancel,
-            lost,
-        }
-    }
-
-    /// Logs how the `what` ended, flushes the log and records the outcome;
-    /// false when the job timed out meanwhile (its result is dropped).
-    async fn end(self, what: &str, outcome: &Outcome) -> bool {
-        self.beat.abort();
-        let line = match outcome {
-            Outcome::Succeeded => format!("devmesh: {what} succeeded"),
-            Outcome::Failed(e) => format!("devmesh: {what} failed: {e}"),
-            Outcome::Canceled => format!("devmesh: {what} canceled"),
-        };
-        let _ = self.log.send((LogStream::Provisioner, line));
-        drop(self.log);
-        let _ = self.writer.await;
-        if self.lost.load(std::sync::atomic::Ordering::Relaxed) {
-            tracing::warn!(job.id = %self.job, "the job timed out while it ran; its result is dropped");
-            return false;
-        }
-        if let Err(e) = jobs::complete(&self.db, self.job, self.daemon, outcome).await {
-            tracing::warn!(error = %e, "cannot record a job's outcome");
-        }
-        true
-    }
-}
-
-/// One Terraform run in a prepared working directory: the template
-/// unpacked beside the devmesh provider, the build's environment, its log
-/// and its cancellation.
-struct Run<'a> {
-    tf: &'a Terraform,
-    workdir: Workdir,
-    env: Vec<(String, String)>,
-    log: &'a mpsc::UnboundedSender<(LogStream, String)>,
-    cancel: &'a CancellationToken,
-}
-
-impl<'a> Run<'a> {
-    /// Unpacks `archive` into `dir` and says `what` it is about to do;
-    /// `env` comes on top of the access URL.
-    fn prepare(
-        shared: &'a Shared,
-        archive: Option<&[u8]>,
-        dir: &Path,
-        what: &str,
-        env: &[(&str, String)],
-        log: &'a mpsc::UnboundedSender<(LogStream, String)>,
-        cancel: &'a CancellationToken,
-    ) -> Result<Self, RunError> {
-        let failed = |msg: String| RunError::Spawn(std::io::Error::other(msg));
-        let Some(tf) = &shared.terraform else {
-            let e = devmesh_provisioner::terraform::FindError::NotFound(
-                "the server found none when it started".into(),
-            );
-            return Err(failed(e.to_string()));
-        };
-        let archive =
-            archive.ok_or_else(|| failed("the template version has no Terraform code".into()))?;
-        let workdir = Workdir::prepare(dir, &shared.provider, devmesh_shared::VERSION)
-            .map_err(|e| failed(format!("cannot prepare {}: {e}", dir.display())))?;
-        devmesh_provisioner::archive::unpack(archive, &workdir.template())
-            .map_err(|e| failed(e.to_string()))?;
-        let mut all = vec![(
-            "DEVMESH_ACCESS_URL".to_owned(),
-            shared.state.config.access_url.clone(),
-        )];
-        all.extend(env.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
-        let run = Self {
-            tf,
-            workdir,
-            env: all,
-            log,
-            cancel,
-        };
-        run.say(format!("devmesh: {what} with Terraform {}", tf.version()));
-        Ok(run)
-    }
-
-    fn say(&self, line: String) {
-        let _ = self.log.send((LogStream::Provisioner, line));
-    }
-
-    /// `terraform <args>`, announced, its output into the log.
-    async fn terraform(&self, args: &[&str]) -> Result<(), RunError> {
-        self.say(format!("devmesh: terraform {}", args[0]));
-        let log = self.log;
-        self.tf
-            .run(&self.workdir, args, &self.env, self.cancel, |s, l| {
-                let stream = match s {
-                    Stream::Stdout => LogStream::Stdout,
-                    Stream::Stderr => LogStream::Stderr,
-                };
-                let _ = log.send((stream, l.to_owned()));
-            })
-            .await
-    }
-
-    /// `terraform <args>`'s standard output (its errors into the log).
-    async fn output(&self, args: &[&str]) -> Result<String, RunError> {
-        let mut out = String::new();
-        let log = self.log;
-        self.tf
-            .run(
-                &self.workdir,
-                args,
-                &self.env,
-                self.cancel,
-                |s, l| match s {
-                    Stream::Stdout => out.push_str(l),
-                    Stream::Stderr => {
-                        let _ = log.send((LogStream::Stderr, l.to_owned()));
-                    }
-                },
-            )
-            .await?;
-        Ok(out)
-    }
-}
-
-/// Runs Terraform for `build` in `dir`; saves the state whatever happens.
-async fn execute(
-    shared: &Shared,
-    build: &BuildRow,
-    dir: &Path,
-    log: &mpsc::UnboundedSender<(LogStream, String)>,
-    cancel: &CancellationToken,
-) -> Result<(), RunError> {
-    let env = [
-        ("DEVMESH_BUILD_ID", build.id.to_string()),
-        ("DEVMESH_WORKSPACE_ID", build.workspace_id.to_string()),
-        ("DEVMESH_WORKSPACE_NAME", build.workspace_name.clone()),
-        ("DEVMESH_WORKSPACE_TRANSITION", build.transition.clone()),
-        ("DEVMESH_WORKSPACE_OWNER", build.owner_name.clone()),
-        ("DEVMESH_WORKSPACE_OWNER_EMAIL", build.owner_email.clone()),
-        (
-            "DEVMESH_PARAMETERS",
-            serde_json::to_string(&build.parameters.0).unwrap_or_default(),
-        ),
-    ];
-    let what = format!("{} {}", build.transition, build.workspace_name);
-    let run = match Run::prepare(
-        shared,
-        build.archive.as_deref(),
-        dir,
-        &what,
-        &env,
-        log,
-        cancel,
-    ) {
-        Ok(run) => run,
-        Err(e) => {
-            let _ = log.send((LogStream::Provisioner, format!("devmesh: {e}")));
-            return Err(e);
-        }
-    };
-    let state_file = run.workdir.template().join("terraform.tfstate");
-    if let Some(state) = &build.state {
-        std::fs::write(&state_file, state).map_err(RunError::Spawn)?;
-    }
-    run.terraform(&["init", "-no-color", "-input=false"])
-        .await?;
-    let ran = if build.transition == "delete" {
-        run.terraform(&["destroy", "-auto-approve", "-no-color", "-input=false"])
-            .await
-    } else {
-        run.terraform(&["apply", "-auto-approve", "-no-color", "-input=false"])
-            .await
-    };
-    // The state is kept whatever the outcome: a failed apply may have
-    // created things the next build must know about.
-    match std::fs::read(&state_file) {
-        Ok(state) => {
-            if let Err(e) = sqlx::query(
-                "INSERT INTO workspace_terraform_states (workspace_id, state) VALUES ($1, $2)
-                 ON CONFLICT (workspace_id) DO UPDATE SET state = $2, updated_at = now()",
-            )
-            .bind(build.workspace_id)
-            .bind(shared.vault.wrap(STATE_PURPOSE, &state))
-            .execute(&shared.state.db)
-            .await
-            {
-                let msg = format!("cannot save the Terraform state: {e}");
-                run.say(format!("devmesh: {msg}"));
-                return Err(RunError::Spawn(std::io::Error::other(msg)));
-            }
-        }
-        Err(e) if build.state.is_some() || ran.is_ok() => {
-            run.say(format!("devmesh: Terraform left no state: {e}"));
-        }
-        Err(_) => {}
-    }
-    ran
-}
-
-/// Records what a successful build did: a start build's agents and apps,
-/// a delete build's workspace gone.
-async fn finish(shared: &Shared, build: &BuildRow) -> sqlx::Result<()> {
-    let db = &shared.state.db;
-    let mut tx = db.begin().await?;
-    match build.transition.as_str() {
+/// Records what a successful build did: a start build's agents and apps
+/// (from the state the primary stored), a delete build's workspace gone.
+async fn finish(
+    vault: &Vault,
+    tx: &mut sqlx::PgConnection,
+    build: Uuid,
+    workspace: Uuid,
+    transition: &str,
+) -> sqlx::Result<()> {
+    match transition {
         "start" => {
-            let state: Option<Vec<u8>> = sqlx::query_scalar(
+            let stored: Option<Vec<u8>> = sqlx::query_scalar(
                 "SELECT state FROM workspace_terraform_states WHERE workspace_id = $1",
             )
-            .bind(build.workspace_id)
+            .bind(workspace)
             .fetch_optional(&mut *tx)
             .await?;
-            let state: Value = state
-                .and_then(|s| open_state(&shared.vault, &s).ok())
+            let tf_state: Value = stored
+                .and_then(|s| open_state(vault, &s).ok())
                 .and_then(|s| serde_json::from_slice(&s).ok())
                 .unwrap_or_default();
-            let agents = agents_in(&state);
-            crate::api::workspaces::insert_agents(&mut tx, build.workspace_id, build.id, &agents)
-                .await?;
+            let agents = agents_in(&tf_state);
+            crate::api::workspaces::insert_agents(tx, workspace, build, &agents).await?;
         }
         "delete" => {
             sqlx::query("UPDATE workspaces SET deleted = true, updated_at = now() WHERE id = $1")
-                .bind(build.workspace_id)
+                .bind(workspace)
                 .execute(&mut *tx)
                 .await?;
         }
         _ => {}
     }
-    tx.commit().await
+    Ok(())
 }
 
 /// A stored state, decrypted.
@@ -770,54 +586,6 @@ fn agents_in(state: &Value) -> Vec<(AgentSpec, String)> {
             ))
         })
         .collect()
-}
-
-/// Heartbeats until aborted; cancels `cancel` when someone asks to cancel
-/// the job or the job is lost (`lost` set).
-async fn heartbeat(
-    db: sqlx::PgPool,
-    job: Uuid,
-    daemon: Uuid,
-    every: Duration,
-    cancel: CancellationToken,
-    lost: Arc<std::sync::atomic::AtomicBool>,
-) {
-    loop {
-        tokio::time::sleep(every).await;
-        match jobs::heartbeat(&db, job, daemon).await {
-            Ok(Beat::Continue) => {}
-            Ok(Beat::Cancel) => cancel.cancel(),
-            Ok(Beat::Lost) => {
-                lost.store(true, std::sync::atomic::Ordering::Relaxed);
-                cancel.cancel();
-                return;
-            }
-            Err(e) => tracing::warn!(error = %e, "a provisioner heartbeat failed"),
-        }
-    }
-}
-
-/// Writes log lines in batches until the channel closes.
-async fn write_logs(
-    db: sqlx::PgPool,
-    job: Uuid,
-    mut lines: mpsc::UnboundedReceiver<(LogStream, String)>,
-) {
-    let mut batch = Vec::new();
-    while let Some(first) = lines.recv().await {
-        batch.push(first);
-        // Whatever else is already waiting goes in the same insert.
-        while batch.len() < 500 {
-            match lines.try_recv() {
-                Ok(l) => batch.push(l),
-                Err(_) => break,
-            }
-        }
-        if let Err(e) = jobs::append_logs(&db, job, &batch).await {
-            tracing::warn!(error = %e, lines = batch.len(), "cannot store build log lines");
-        }
-        batch.clear();
-    }
 }
 
 #[cfg(test)]

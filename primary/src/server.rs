@@ -192,6 +192,7 @@ pub async fn start(mut config: ServerConfig) -> anyhow::Result<RunningServer> {
         mesh_peers,
         revocations,
         shutdown: shutdown.clone(),
+        vault: vault.clone(),
     };
     let state = AppState::new(pool.clone(), config, parts);
     let wildcards: Vec<String> = wildcard.iter().cloned().collect();
@@ -241,12 +242,13 @@ pub async fn start(mut config: ServerConfig) -> anyhow::Result<RunningServer> {
         match std::env::current_exe() {
             Ok(provider) => crate::provisioning::spawn(
                 provisioning_state,
-                vault.clone(),
-                terraform,
-                provider,
-                provisioner_work,
+                devmesh_provisioner::daemon::Runner {
+                    terraform,
+                    provider,
+                    work: provisioner_work,
+                    heartbeat_every: crate::jobs::heartbeat_every(provisioner_timeout),
+                },
                 provisioner_daemons,
-                provisioner_timeout,
                 &tracker,
                 shutdown.clone(),
             ),

@@ -367,6 +367,10 @@ pub struct CreateTemplateRequest {
     /// templates (at most [`MAX_TEMPLATE_ARCHIVE`] bytes before encoding).
     #[serde(default)]
     pub archive: Option<String>,
+    /// The tags a provisioner daemon needs to run this version's jobs
+    /// (`terraform` templates; empty: any daemon without tags).
+    #[serde(default)]
+    pub provisioner_tags: crate::provisionerd::Tags,
 }
 
 /// The largest template archive (a tar of the template directory).
@@ -385,6 +389,9 @@ pub struct CreateTemplateVersionRequest {
     /// The new directory, for `terraform` templates (base64 tar).
     #[serde(default)]
     pub archive: Option<String>,
+    /// The tags a provisioner daemon needs to run this version's jobs.
+    #[serde(default)]
+    pub provisioner_tags: crate::provisionerd::Tags,
     /// What changed.
     #[serde(default)]
     pub message: String,
@@ -421,6 +428,9 @@ pub struct TemplateVersion {
     /// Its parameters, once imported (Terraform templates).
     #[serde(default)]
     pub parameters: Vec<crate::parameters::TemplateParameter>,
+    /// The tags a provisioner daemon needs to run its jobs.
+    #[serde(default)]
+    pub provisioner_tags: crate::provisionerd::Tags,
     /// The import job that plans a Terraform version and records its
     /// parameters: workspaces can use the version once it succeeded.
     #[serde(default)]
@@ -538,6 +548,10 @@ pub struct JobLogsResponse {
     pub status: String,
     /// Why it failed, when it did.
     pub error: Option<String>,
+    /// Why a pending job is not being taken (no connected daemon serves
+    /// its tags), when that is so.
+    #[serde(default)]
+    pub waiting: Option<String>,
     /// The lines, oldest first.
     pub logs: Vec<JobLogLine>,
 }

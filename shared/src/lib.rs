@@ -19,6 +19,7 @@ pub mod cookies;
 pub mod events;
 pub mod names;
 pub mod parameters;
+pub mod provisionerd;
 pub mod secret;
 pub mod signing;
 pub mod token;

@@ -74,6 +74,43 @@ pub fn check_value(p: &TemplateParameter, value: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks a version's parameters as a whole (what an import found, or what
+/// a daemon reports): unique names, known types, usable patterns, and
+/// defaults that pass their own checks. At most 64 parameters.
+pub fn check_definitions(params: &[TemplateParameter]) -> Result<(), String> {
+    if params.len() > 64 {
+        return Err(format!("{} parameters: at most 64", params.len()));
+    }
+    for (i, p) in params.iter().enumerate() {
+        if p.name.is_empty() || p.name.len() > 64 {
+            return Err(format!(
+                "parameter {:?}: a name is 1 to 64 characters",
+                p.name
+            ));
+        }
+        if params[..i].iter().any(|q| q.name == p.name) {
+            return Err(format!(
+                "two devmesh_parameter data sources are named {:?}",
+                p.name
+            ));
+        }
+        if !matches!(
+            p.kind.as_str(),
+            "string" | "number" | "bool" | "list(string)"
+        ) {
+            return Err(format!("parameter {:?}: unknown type {:?}", p.name, p.kind));
+        }
+        if let Some(pattern) = &p.validation_regex {
+            regex_lite::Regex::new(&format!("^(?:{pattern})$"))
+                .map_err(|e| format!("parameter {:?}: its pattern is invalid: {e}", p.name))?;
+        }
+        if let Some(d) = &p.default {
+            check_value(p, d).map_err(|e| format!("parameter {:?}: its default {e}", p.name))?;
+        }
+    }
+    Ok(())
+}
+
 /// The values a build runs with: `given` over `previous` (an earlier
 /// build's) over defaults, each checked. Errors name every problem by
 /// parameter. A value for a parameter the template does not have is an
@@ -125,6 +162,34 @@ mod tests {
             kind: kind.into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn definitions_are_checked_as_a_whole() {
+        let ok = vec![param("a", "string"), param("b", "number")];
+        assert!(check_definitions(&ok).is_ok());
+        let twice = vec![param("a", "string"), param("a", "bool")];
+        assert!(check_definitions(&twice).unwrap_err().contains("two"));
+        let odd = vec![param("a", "map")];
+        assert!(
+            check_definitions(&odd)
+                .unwrap_err()
+                .contains("unknown type")
+        );
+        let bad_default = vec![TemplateParameter {
+            default: Some("x".into()),
+            ..param("n", "number")
+        }];
+        assert!(
+            check_definitions(&bad_default)
+                .unwrap_err()
+                .contains("default")
+        );
+        let bad_pattern = vec![TemplateParameter {
+            validation_regex: Some("(".into()),
+            ..param("s", "string")
+        }];
+        assert!(check_definitions(&bad_pattern).is_err());
     }
 
     #[test]

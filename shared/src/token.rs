@@ -61,26 +61,27 @@ pub fn parse_api_key(token: &str) -> Option<(&str, &str)> {
     (ok(id, KEY_ID_LEN) && ok(secret, KEY_SECRET_LEN)).then_some((id, secret))
 }
 
-/// A freshly generated edge secret with its stored hash.
+/// A freshly generated `<id>:<secret>` token (an edge's token, a
+/// provisioner key) with its stored hash.
 #[derive(Debug, Clone)]
-pub struct NewEdgeSecret {
-    /// The whole `<edge-id>:<secret>` token handed to the operator.
+pub struct NewIdToken {
+    /// The whole `<id>:<secret>` token handed to the operator.
     pub token: Secret,
     /// `sha256(secret)`.
     pub hashed_secret: [u8; 32],
 }
 
-/// Generates a new secret for edge `id`.
-pub fn new_edge_token(id: Uuid) -> NewEdgeSecret {
+/// Generates a new secret for the edge or provisioner key `id`.
+pub fn new_id_token(id: Uuid) -> NewIdToken {
     let secret = random_alphanumeric(EDGE_SECRET_LEN);
-    NewEdgeSecret {
+    NewIdToken {
         hashed_secret: sha256(secret.as_bytes()),
         token: Secret::new(format!("{id}:{secret}")),
     }
 }
 
-/// Splits an edge token into its edge id and secret.
-pub fn parse_edge_token(token: &str) -> Option<(Uuid, &str)> {
+/// Splits an `<id>:<secret>` token into its id and secret.
+pub fn parse_id_token(token: &str) -> Option<(Uuid, &str)> {
     let (id, secret) = token.split_once(':')?;
     let id = Uuid::parse_str(id).ok()?;
     (secret.len() == EDGE_SECRET_LEN && secret.bytes().all(|b| b.is_ascii_alphanumeric()))
@@ -114,12 +115,12 @@ mod tests {
     }
 
     #[test]
-    fn edge_tokens_round_trip() {
+    fn id_tokens_round_trip() {
         let id = Uuid::new_v4();
-        let t = new_edge_token(id);
-        let (pid, secret) = parse_edge_token(t.token.expose()).unwrap();
+        let t = new_id_token(id);
+        let (pid, secret) = parse_id_token(t.token.expose()).unwrap();
         assert_eq!(pid, id);
         assert_eq!(sha256(secret.as_bytes()), t.hashed_secret);
-        assert_eq!(parse_edge_token("nope:x"), None);
+        assert_eq!(parse_id_token("nope:x"), None);
     }
 }

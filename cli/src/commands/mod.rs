@@ -4,6 +4,7 @@ pub(crate) mod auth;
 pub(crate) mod edges;
 pub(crate) mod keys;
 pub(crate) mod processes;
+pub(crate) mod provisioner;
 pub(crate) mod server;
 pub(crate) mod users;
 pub(crate) mod workspaces;

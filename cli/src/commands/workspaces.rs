@@ -38,6 +38,10 @@ pub(crate) enum TemplatesCommand {
         /// What changed (for a new version).
         #[arg(long, short, default_value = "")]
         message: String,
+        /// A tag a provisioner daemon needs to build this version, as
+        /// KEY=VALUE (repeatable; none: any daemon without tags).
+        #[arg(long = "provisioner-tag", value_name = "KEY=VALUE", value_parser = devmesh_shared::provisionerd::parse_tag)]
+        provisioner_tags: Vec<(String, String)>,
     },
     /// List templates.
     List,
@@ -73,6 +77,7 @@ pub(crate) async fn templates(g: &Global, cmd: TemplatesCommand) -> anyhow::Resu
                         kind: TemplateKind::External,
                         definition,
                         archive: None,
+                        provisioner_tags: Default::default(),
                     },
                 )
                 .await?;
@@ -85,7 +90,10 @@ pub(crate) async fn templates(g: &Global, cmd: TemplatesCommand) -> anyhow::Resu
             name,
             directory,
             message,
+            provisioner_tags,
         } => {
+            let provisioner_tags: devmesh_shared::provisionerd::Tags =
+                provisioner_tags.into_iter().collect();
             use base64::Engine as _;
             let tar = devmesh_provisioner::archive::pack(&directory)?;
             anyhow::ensure!(
@@ -109,6 +117,7 @@ pub(crate) async fn templates(g: &Global, cmd: TemplatesCommand) -> anyhow::Resu
                             definition: ExternalDefinition::default(),
                             archive,
                             message,
+                            provisioner_tags,
                         },
                     )
                     .await?
@@ -122,6 +131,7 @@ pub(crate) async fn templates(g: &Global, cmd: TemplatesCommand) -> anyhow::Resu
                             kind: TemplateKind::Terraform,
                             definition: ExternalDefinition::default(),
                             archive,
+                            provisioner_tags,
                         },
                     )
                     .await?
@@ -350,10 +360,15 @@ async fn follow_job(
     what: &str,
 ) -> anyhow::Result<()> {
     let mut after = 0i64;
+    let mut said_waiting = false;
     loop {
         let resp: devmesh_shared::api::JobLogsResponse = client
             .get(&format!("/jobs/{job}/logs?after={after}"))
             .await?;
+        if let Some(why) = resp.waiting.as_deref().filter(|_| !said_waiting) {
+            eprintln!("{why}");
+            said_waiting = true;
+        }
         for l in &resp.logs {
             if g.output != Format::Json {
                 let line = printable(&l.line);

@@ -22,7 +22,7 @@ async fn daemon(db: &sqlx::PgPool, name: &str, t: Tags) -> Daemon {
         name: name.into(),
         tags: t,
     };
-    jobs::register_daemon(db, &d, false).await.unwrap();
+    jobs::register_daemon(db, &d, "test", None).await.unwrap();
     d
 }
 

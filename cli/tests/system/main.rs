@@ -13,6 +13,7 @@ mod binary;
 mod edges;
 mod jobs;
 mod mesh;
+mod provisioner_daemons;
 mod provisioning;
 mod robustness;
 mod support;

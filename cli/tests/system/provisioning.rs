@@ -15,13 +15,13 @@ use serde_json::{Value, json};
 use crate::support::{ServerProcess, app_client, eventually};
 
 /// The local-process starter template, as a base64 archive.
-fn local_process() -> String {
+pub(crate) fn local_process() -> String {
     archive_of(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/templates/local-process"))
 }
 
 /// A template whose start build runs a `secs`-second step after printing
 /// `slow start` (stop and delete builds do nothing), as a base64 archive.
-fn slow_template(secs: u32) -> String {
+pub(crate) fn slow_template(secs: u32) -> String {
     let tpl = tempfile::tempdir().unwrap();
     std::fs::write(
         tpl.path().join("main.tf"),
@@ -56,7 +56,7 @@ async fn slow_build(owner: &Api, name: &str, secs: u32) -> (String, String) {
     (id, job)
 }
 
-fn archive_of(dir: &Path) -> String {
+pub(crate) fn archive_of(dir: &Path) -> String {
     let tar = devmesh_provisioner::archive::pack(dir).unwrap();
     base64::engine::general_purpose::STANDARD.encode(tar)
 }
@@ -66,15 +66,20 @@ async fn primary(dir: &Path) -> (ServerProcess, Api) {
     (server, owner)
 }
 
-async fn primary_on_db(dir: &Path) -> (ServerProcess, Api, devmesh_tests::TestDb) {
+pub(crate) async fn primary_on_db(dir: &Path) -> (ServerProcess, Api, devmesh_tests::TestDb) {
+    primary_with(dir, &[]).await
+}
+
+/// A primary on a fresh database with `args` on top, and its first owner.
+pub(crate) async fn primary_with(
+    dir: &Path,
+    args: &[&str],
+) -> (ServerProcess, Api, devmesh_tests::TestDb) {
     let db = fresh_database().await;
     let url = db.url();
-    let server = ServerProcess::start(
-        &["--data-dir", dir.to_str().unwrap()],
-        &[("DEVMESH_POSTGRES_URL", url.expose())],
-        dir,
-    )
-    .await;
+    let mut all = vec!["--data-dir", dir.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let server = ServerProcess::start(&all, &[("DEVMESH_POSTGRES_URL", url.expose())], dir).await;
     let anon = Api::new(&server.url, None);
     anon.post(
         "/users/first",
@@ -86,7 +91,7 @@ async fn primary_on_db(dir: &Path) -> (ServerProcess, Api, devmesh_tests::TestDb
 }
 
 /// Pushes a Terraform template through the API and waits for its import.
-async fn push(api: &Api, name: &str, archive: String) -> Value {
+pub(crate) async fn push(api: &Api, name: &str, archive: String) -> Value {
     let (status, body) = api
         .post(
             "/templates",
@@ -108,7 +113,7 @@ async fn push(api: &Api, name: &str, archive: String) -> Value {
 
 /// Waits for the workspace's latest build to end; returns the workspace,
 /// failing with the build's log when it did not succeed.
-async fn built(api: &Api, ws: &str) -> Value {
+pub(crate) async fn built(api: &Api, ws: &str) -> Value {
     let w = eventually(180, "the build to end", || async {
         let (_, w) = api.get(&format!("/workspaces/{ws}")).await;
         let status = w["latest_build"]["status"]
@@ -126,7 +131,7 @@ async fn built(api: &Api, ws: &str) -> Value {
     w
 }
 
-async fn build(api: &Api, id: &str, transition: &str) {
+pub(crate) async fn build(api: &Api, id: &str, transition: &str) {
     let (status, body) = api
         .post(
             &format!("/workspaces/{id}/builds"),

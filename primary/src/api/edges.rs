@@ -10,7 +10,7 @@ use devmesh_shared::api::{
     RegionsResponse, RelayInfo, UpdateEdgeRequest,
 };
 use devmesh_shared::names::validate_region_name;
-use devmesh_shared::token::new_edge_token;
+use devmesh_shared::token::new_id_token;
 use uuid::Uuid;
 
 use super::error::{ApiError, ApiResult, Validator};
@@ -308,7 +308,7 @@ pub(super) async fn create(
     {
         return Err(ApiError::conflict(format!("Another edge serves {w}.")));
     }
-    let token = new_edge_token(id);
+    let token = new_id_token(id);
     let row: EdgeRow = sqlx::query_as(&format!(
         "INSERT INTO edges (id, name, display_name, token_hash, access_url, wildcard_hostname, global_wildcard_hostname, relay_hosts)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {EDGE_COLUMNS}"
@@ -467,7 +467,7 @@ pub(super) async fn regenerate_token(
 ) -> ApiResult<Json<CreateEdgeResponse>> {
     auth.require_owner()?;
     let row = find(&state, &edge).await?;
-    let token = new_edge_token(row.id);
+    let token = new_id_token(row.id);
     let row: EdgeRow = sqlx::query_as(&format!(
         "UPDATE edges SET token_hash = $2, certs_valid_from = $3, updated_at = now() WHERE id = $1 RETURNING {EDGE_COLUMNS}"
     ))
@@ -554,7 +554,7 @@ impl axum::extract::FromRequestParts<AppState> for EdgeAuth {
             .and_then(|v| v.to_str().ok())
             .ok_or_else(refused)?;
         let (id, secret) =
-            devmesh_shared::token::parse_edge_token(token.trim()).ok_or_else(refused)?;
+            devmesh_shared::token::parse_id_token(token.trim()).ok_or_else(refused)?;
         let row: Option<(String, Vec<u8>)> =
             sqlx::query_as("SELECT name, token_hash FROM edges WHERE id = $1")
                 .bind(id)

@@ -27,6 +27,8 @@ pub(super) struct VersionContent {
     kind: TemplateKind,
     definition: ExternalDefinition,
     archive: Option<Vec<u8>>,
+    /// The tags a provisioner daemon needs to run its jobs.
+    tags: devmesh_shared::provisionerd::Tags,
 }
 
 /// Checks what a create request gives for its kind.
@@ -34,9 +36,20 @@ fn content(
     kind: TemplateKind,
     definition: ExternalDefinition,
     archive: Option<String>,
+    tags: devmesh_shared::provisionerd::Tags,
 ) -> ApiResult<VersionContent> {
     use base64::Engine as _;
     let mut v = Validator::default();
+    v.check(
+        "provisioner_tags",
+        devmesh_shared::provisionerd::check_tags(&tags),
+    );
+    if kind != TemplateKind::Terraform && !tags.is_empty() {
+        v.add(
+            "provisioner_tags",
+            "only terraform templates run on provisioners",
+        );
+    }
     let archive = match (kind, archive) {
         (TemplateKind::External, None) => {
             validate_definition(&mut v, "definition", &definition);
@@ -90,6 +103,7 @@ fn content(
         kind,
         definition,
         archive,
+        tags,
     })
 }
 
@@ -98,15 +112,15 @@ fn content(
 async fn queue_import(
     tx: &mut sqlx::PgConnection,
     version: Uuid,
-    kind: TemplateKind,
+    content: &VersionContent,
 ) -> ApiResult<()> {
-    if kind != TemplateKind::Terraform {
+    if content.kind != TemplateKind::Terraform {
         return Ok(());
     }
     let job = crate::jobs::enqueue(
         &mut *tx,
         crate::jobs::JobKind::Import,
-        &crate::jobs::Tags::new(),
+        &content.tags,
         &serde_json::json!({ "version_id": version }),
     )
     .await?;
@@ -259,6 +273,7 @@ pub(super) struct VersionRow {
     created_at: DateTime<Utc>,
     pub(super) parameters: sqlx::types::Json<Vec<TemplateParameter>>,
     pub(super) import_job_id: Option<Uuid>,
+    provisioner_tags: sqlx::types::Json<devmesh_shared::provisionerd::Tags>,
     pub(super) import_status: Option<String>,
     pub(super) import_error: Option<String>,
 }
@@ -296,6 +311,7 @@ impl From<VersionRow> for TemplateVersion {
             message: r.message,
             created_at: r.created_at,
             parameters: r.parameters.0,
+            provisioner_tags: r.provisioner_tags.0,
             import: r
                 .import_job_id
                 .map(|job_id| devmesh_shared::api::VersionImport {
@@ -309,7 +325,7 @@ impl From<VersionRow> for TemplateVersion {
 
 const VERSION_COLUMNS: &str =
     "v.id, v.number, v.kind, v.definition, v.message, v.created_at, v.parameters,
-    v.import_job_id, j.status AS import_status, j.error AS import_error";
+    v.import_job_id, v.provisioner_tags, j.status AS import_status, j.error AS import_error";
 const VERSION_FROM: &str =
     "template_versions v LEFT JOIN provisioner_jobs j ON j.id = v.import_job_id";
 
@@ -378,7 +394,7 @@ pub(super) async fn create(
         v.add("description", "must be at most 1024 characters");
     }
     v.finish()?;
-    let content = content(req.kind, req.definition, req.archive)?;
+    let content = content(req.kind, req.definition, req.archive, req.provisioner_tags)?;
     let (id, version_id) = (Uuid::new_v4(), Uuid::new_v4());
     let mut tx = state.db.begin().await?;
     let inserted = sqlx::query(
@@ -403,8 +419,8 @@ pub(super) async fn create(
         }
     }
     sqlx::query(
-        "INSERT INTO template_versions (id, template_id, number, kind, definition, archive, created_by)
-         VALUES ($1, $2, 1, $3, $4, $5, $6)",
+        "INSERT INTO template_versions (id, template_id, number, kind, definition, archive, created_by, provisioner_tags)
+         VALUES ($1, $2, 1, $3, $4, $5, $6, $7)",
     )
     .bind(version_id)
     .bind(id)
@@ -412,9 +428,10 @@ pub(super) async fn create(
     .bind(sqlx::types::Json(&content.definition))
     .bind(&content.archive)
     .bind(auth.0.user_id)
+    .bind(sqlx::types::Json(&content.tags))
     .execute(&mut *tx)
     .await?;
-    queue_import(&mut tx, version_id, content.kind).await?;
+    queue_import(&mut tx, version_id, &content).await?;
     Audit::new("create", "template")
         .resource(id, &req.name)
         .by(&auth.0)
@@ -477,7 +494,7 @@ pub(super) async fn create_version(
     ApiJson(req): ApiJson<CreateTemplateVersionRequest>,
 ) -> ApiResult<(StatusCode, Json<Template>)> {
     auth.require_owner()?;
-    let content = content(req.kind, req.definition, req.archive)?;
+    let content = content(req.kind, req.definition, req.archive, req.provisioner_tags)?;
     let row = find_template(&state, &template).await?;
     let mut tx = state.db.begin().await?;
     // Lock the template so concurrent versions get distinct numbers.
@@ -487,8 +504,8 @@ pub(super) async fn create_version(
         .await?;
     let version_id = Uuid::new_v4();
     let number: i32 = sqlx::query_scalar(
-        "INSERT INTO template_versions (id, template_id, number, kind, definition, archive, message, created_by)
-         SELECT $1, $2, coalesce(max(number), 0) + 1, $3, $4, $5, $6, $7 FROM template_versions WHERE template_id = $2
+        "INSERT INTO template_versions (id, template_id, number, kind, definition, archive, message, created_by, provisioner_tags)
+         SELECT $1, $2, coalesce(max(number), 0) + 1, $3, $4, $5, $6, $7, $8 FROM template_versions WHERE template_id = $2
          RETURNING number",
     )
     .bind(version_id)
@@ -498,9 +515,10 @@ pub(super) async fn create_version(
     .bind(&content.archive)
     .bind(&req.message)
     .bind(auth.0.user_id)
+    .bind(sqlx::types::Json(&content.tags))
     .fetch_one(&mut *tx)
     .await?;
-    queue_import(&mut tx, version_id, content.kind).await?;
+    queue_import(&mut tx, version_id, &content).await?;
     // A Terraform version becomes active once its import succeeded (its
     // provisioner promotes it); until then workspaces keep the current one.
     if content.kind != TemplateKind::Terraform {

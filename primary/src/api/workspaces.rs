@@ -410,10 +410,15 @@ async fn queue_build(
     parameters: &BTreeMap<String, String>,
 ) -> ApiResult<Uuid> {
     let id = Uuid::new_v4();
+    let tags: sqlx::types::Json<crate::jobs::Tags> =
+        sqlx::query_scalar("SELECT provisioner_tags FROM template_versions WHERE id = $1")
+            .bind(version_id)
+            .fetch_one(&mut *tx)
+            .await?;
     let job = crate::jobs::enqueue(
         &mut *tx,
         crate::jobs::JobKind::Build,
-        &crate::jobs::Tags::new(),
+        &tags.0,
         &serde_json::json!({ "build_id": id }),
     )
     .await?;
@@ -635,9 +640,22 @@ pub(super) async fn job_logs(
         .await?
         .ok_or_else(not_found)?;
     let logs = crate::jobs::logs(&state.db, id, q.after, 1000).await?;
+    // A job no daemon can take says so instead of waiting silently.
+    let waiting = if job.status == crate::jobs::JobStatus::Pending
+        && !crate::jobs::takeable(&state.db, &job.tags, super::provisioners::CONNECTED_WITHIN)
+            .await?
+    {
+        Some(format!(
+            "No connected provisioner daemon serves tags {}: the job waits until one does (`devmesh provisioner list` shows them; start one with `devmesh provisioner start`).",
+            devmesh_shared::provisionerd::show_tags(&job.tags)
+        ))
+    } else {
+        None
+    };
     Ok(Json(devmesh_shared::api::JobLogsResponse {
         status: job.status.as_str().to_owned(),
         error: job.error,
+        waiting,
         logs: logs
             .into_iter()
             .map(|l| devmesh_shared::api::JobLogLine {

@@ -1,0 +1,495 @@
+//! A provisioner daemon: claims jobs from a [`Coordinator`] and runs
+//! Terraform for them with the devmesh provider.
+//!
+//! The same loop runs inside `devmesh server` (its coordinator is the
+//! database, in-process) and as `devmesh provisioner start` (its
+//! coordinator is the primary's `/api/v2/provisionerd`). A job comes with
+//! everything it needs ([`JobSpec`]); the daemon unpacks the template beside
+//! the workspace's last state, runs `terraform init` and `apply` (or
+//! `destroy`), streams every output line to the job's log, heartbeats, saves
+//! the state whatever the outcome, and reports how it ended. An import
+//! plans the version and reports the parameters it declares.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use devmesh_shared::parameters::TemplateParameter;
+use devmesh_shared::provisionerd::{
+    Beat, Completion, JobKind, JobSpec, LogLine, LogStream, MAX_LOG_BATCH, Outcome, outcome_line,
+};
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::terraform::{FindError, RunError, Stream, Terraform, Workdir};
+
+/// Where a daemon gets jobs and reports on them. Every call is about a job
+/// this daemon holds; the coordinator refuses the others.
+pub trait Coordinator: Send + Sync + 'static {
+    /// The next job this daemon may take, waiting a while for one (`None`:
+    /// none came; ask again).
+    fn acquire(&self) -> impl Future<Output = anyhow::Result<Option<JobSpec>>> + Send;
+    /// Says the job is still being worked on; learns of cancellation.
+    fn heartbeat(&self, job: Uuid) -> impl Future<Output = anyhow::Result<Beat>> + Send;
+    /// Appends lines to the job's log, in order.
+    fn append_logs(
+        &self,
+        job: Uuid,
+        lines: Vec<LogLine>,
+    ) -> impl Future<Output = anyhow::Result<()>> + Send;
+    /// Saves the workspace's Terraform state after a build's run.
+    fn save_state(
+        &self,
+        job: Uuid,
+        state: Vec<u8>,
+    ) -> impl Future<Output = anyhow::Result<()>> + Send;
+    /// Reports how the job ended; false when it was no longer this
+    /// daemon's (the result is dropped).
+    fn complete(
+        &self,
+        job: Uuid,
+        completion: Completion,
+    ) -> impl Future<Output = anyhow::Result<bool>> + Send;
+}
+
+/// What a daemon runs jobs with.
+#[derive(Debug, Clone)]
+pub struct Runner {
+    /// Terraform, when the machine has it (jobs fail saying what to
+    /// install when it does not).
+    pub terraform: Option<Terraform>,
+    /// The devmesh binary, which serves the Terraform provider.
+    pub provider: PathBuf,
+    /// Scratch directories for runs.
+    pub work: PathBuf,
+    /// How often a running job heartbeats.
+    pub heartbeat_every: Duration,
+}
+
+/// Claims and runs jobs until `shutdown`; `name` is for the log.
+pub async fn serve<C: Coordinator>(
+    coord: Arc<C>,
+    runner: Arc<Runner>,
+    name: String,
+    shutdown: CancellationToken,
+) {
+    let mut failures = 0u32;
+    loop {
+        let acquired = tokio::select! {
+            () = shutdown.cancelled() => return,
+            a = coord.acquire() => a,
+        };
+        match acquired {
+            Ok(Some(job)) => {
+                failures = 0;
+                run(&coord, &runner, job, &shutdown).await;
+            }
+            Ok(None) => failures = 0,
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                let wait = Duration::from_millis(500 * 2u64.pow(failures.min(5)));
+                tracing::warn!(daemon = %name, error = %format!("{e:#}"), retry_in = ?wait, "cannot ask for provisioner jobs");
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Runs one job and reports its outcome.
+async fn run<C: Coordinator>(
+    coord: &Arc<C>,
+    runner: &Runner,
+    job: JobSpec,
+    shutdown: &CancellationToken,
+) {
+    tracing::info!(job.id = %job.id, what = %job.what, "running a provisioner job");
+    let attempt = Attempt::start(coord, runner.heartbeat_every, job.id, shutdown);
+    let dir = runner.work.join(job.id.to_string());
+    let (outcome, parameters) = match job.kind {
+        JobKind::Build => match build(&**coord, runner, &job, &dir, &attempt).await {
+            Ok(()) => (Outcome::Succeeded, Vec::new()),
+            Err(e) => (outcome_of(e), Vec::new()),
+        },
+        JobKind::Import => match import(runner, &job, &dir, &attempt).await {
+            Ok(params) => {
+                let names: Vec<&str> = params.iter().map(|p| p.name.as_str()).collect();
+                attempt.say(format!(
+                    "devmesh: parameters: {}",
+                    if names.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        names.join(", ")
+                    }
+                ));
+                (Outcome::Succeeded, params)
+            }
+            Err(e) => (outcome_of(e), Vec::new()),
+        },
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    let what = match job.kind {
+        JobKind::Build => "build",
+        JobKind::Import => "import",
+    };
+    let recorded = attempt
+        .end(
+            &**coord,
+            job.id,
+            what,
+            Completion {
+                outcome: outcome.clone(),
+                parameters,
+            },
+        )
+        .await;
+    match recorded {
+        Some(true) => tracing::info!(job.id = %job.id, outcome = ?outcome, "provisioner job ended"),
+        Some(false) | None => {
+            tracing::warn!(job.id = %job.id, "the job was no longer this daemon's; its result is dropped")
+        }
+    }
+}
+
+fn outcome_of(e: RunError) -> Outcome {
+    match e {
+        RunError::Canceled { .. } => Outcome::Canceled,
+        e => Outcome::Failed {
+            error: e.to_string(),
+        },
+    }
+}
+
+/// The bookkeeping of one job while it runs: its log (shipped in batches
+/// by a task of its own) and its heartbeat (which carries cancellation).
+struct Attempt {
+    log: mpsc::UnboundedSender<LogLine>,
+    shipper: tokio::task::JoinHandle<()>,
+    beat: tokio::task::JoinHandle<()>,
+    cancel: CancellationToken,
+    lost: Arc<AtomicBool>,
+}
+
+impl Attempt {
+    fn start<C: Coordinator>(
+        coord: &Arc<C>,
+        every: Duration,
+        job: Uuid,
+        shutdown: &CancellationToken,
+    ) -> Self {
+        let (log, lines) = mpsc::unbounded_channel();
+        let cancel = shutdown.child_token();
+        let lost = Arc::new(AtomicBool::new(false));
+        Self {
+            log,
+            shipper: tokio::spawn(ship_logs(coord.clone(), job, lines)),
+            beat: tokio::spawn(heartbeat(
+                coord.clone(),
+                job,
+                every,
+                cancel.clone(),
+                lost.clone(),
+            )),
+            cancel,
+            lost,
+        }
+    }
+
+    fn say(&self, line: String) {
+        let _ = self.log.send(LogLine {
+            stream: LogStream::Provisioner,
+            line,
+        });
+    }
+
+    /// Logs how it ended, flushes the log and reports the outcome; `None`
+    /// when the job was lost while it ran (nothing is reported).
+    async fn end<C: Coordinator>(
+        self,
+        coord: &C,
+        job: Uuid,
+        what: &str,
+        completion: Completion,
+    ) -> Option<bool> {
+        self.beat.abort();
+        self.say(outcome_line(what, &completion.outcome));
+        drop(self.log);
+        let _ = self.shipper.await;
+        if self.lost.load(Ordering::Relaxed) {
+            return None;
+        }
+        // The outcome must land: a job left running would fail only at the
+        // heartbeat timeout, saying its daemon died when it did not.
+        let mut wait = Duration::from_millis(200);
+        for _ in 0..6 {
+            match coord.complete(job, completion.clone()).await {
+                Ok(recorded) => return Some(recorded),
+                Err(e) => {
+                    tracing::warn!(job.id = %job, error = %format!("{e:#}"), "cannot report a job's outcome; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait *= 2;
+                }
+            }
+        }
+        None
+    }
+}
+
+/// Heartbeats until aborted; cancels `cancel` when someone asks to cancel
+/// the job or the job is lost (`lost` set).
+async fn heartbeat<C: Coordinator>(
+    coord: Arc<C>,
+    job: Uuid,
+    every: Duration,
+    cancel: CancellationToken,
+    lost: Arc<AtomicBool>,
+) {
+    loop {
+        tokio::time::sleep(every).await;
+        match coord.heartbeat(job).await {
+            Ok(Beat::Continue) => {}
+            Ok(Beat::Cancel) => cancel.cancel(),
+            Ok(Beat::Lost) => {
+                lost.store(true, Ordering::Relaxed);
+                cancel.cancel();
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(job.id = %job, error = %format!("{e:#}"), "a provisioner heartbeat failed")
+            }
+        }
+    }
+}
+
+/// Ships log lines in batches until the channel closes.
+async fn ship_logs<C: Coordinator>(
+    coord: Arc<C>,
+    job: Uuid,
+    mut lines: mpsc::UnboundedReceiver<LogLine>,
+) {
+    let mut batch = Vec::new();
+    while let Some(first) = lines.recv().await {
+        batch.push(first);
+        // Whatever else is already waiting goes in the same call.
+        while batch.len() < MAX_LOG_BATCH {
+            match lines.try_recv() {
+                Ok(l) => batch.push(l),
+                Err(_) => break,
+            }
+        }
+        let n = batch.len();
+        if let Err(e) = coord.append_logs(job, std::mem::take(&mut batch)).await {
+            tracing::warn!(job.id = %job, error = %format!("{e:#}"), lines = n, "cannot store build log lines");
+        }
+    }
+}
+
+/// One Terraform run in a prepared working directory: the template
+/// unpacked beside the devmesh provider, the job's environment, its log
+/// and its cancellation.
+struct Run<'a> {
+    tf: &'a Terraform,
+    workdir: Workdir,
+    env: Vec<(String, String)>,
+    attempt: &'a Attempt,
+}
+
+impl<'a> Run<'a> {
+    /// Unpacks the job's archive into `dir` and says what it is about to do.
+    fn prepare(
+        runner: &'a Runner,
+        job: &JobSpec,
+        dir: &Path,
+        attempt: &'a Attempt,
+    ) -> Result<Self, RunError> {
+        let failed = |msg: String| {
+            attempt.say(format!("devmesh: {msg}"));
+            RunError::Spawn(std::io::Error::other(msg))
+        };
+        let Some(tf) = &runner.terraform else {
+            let e = FindError::NotFound("the daemon found none when it started".into());
+            return Err(failed(e.to_string()));
+        };
+        let workdir = Workdir::prepare(dir, &runner.provider, devmesh_shared::VERSION)
+            .map_err(|e| failed(format!("cannot prepare {}: {e}", dir.display())))?;
+        crate::archive::unpack(&job.archive, &workdir.template())
+            .map_err(|e| failed(e.to_string()))?;
+        let run = Self {
+            tf,
+            workdir,
+            env: job
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            attempt,
+        };
+        attempt.say(format!(
+            "devmesh: {} with Terraform {}",
+            job.what,
+            tf.version()
+        ));
+        Ok(run)
+    }
+
+    /// `terraform <args>`, announced, its output into the log.
+    async fn terraform(&self, args: &[&str]) -> Result<(), RunError> {
+        self.attempt.say(format!("devmesh: terraform {}", args[0]));
+        let log = &self.attempt.log;
+        self.tf
+            .run(
+                &self.workdir,
+                args,
+                &self.env,
+                &self.attempt.cancel,
+                |s, l| {
+                    let stream = match s {
+                        Stream::Stdout => LogStream::Stdout,
+                        Stream::Stderr => LogStream::Stderr,
+                    };
+                    let _ = log.send(LogLine {
+                        stream,
+                        line: l.to_owned(),
+                    });
+                },
+            )
+            .await
+    }
+
+    /// `terraform <args>`'s standard output (its errors into the log).
+    async fn output(&self, args: &[&str]) -> Result<String, RunError> {
+        let mut out = String::new();
+        let log = &self.attempt.log;
+        self.tf
+            .run(
+                &self.workdir,
+                args,
+                &self.env,
+                &self.attempt.cancel,
+                |s, l| match s {
+                    Stream::Stdout => out.push_str(l),
+                    Stream::Stderr => {
+                        let _ = log.send(LogLine {
+                            stream: LogStream::Stderr,
+                            line: l.to_owned(),
+                        });
+                    }
+                },
+            )
+            .await?;
+        Ok(out)
+    }
+}
+
+/// Runs Terraform for a build; saves the state whatever happens.
+async fn build<C: Coordinator>(
+    coord: &C,
+    runner: &Runner,
+    job: &JobSpec,
+    dir: &Path,
+    attempt: &Attempt,
+) -> Result<(), RunError> {
+    let run = Run::prepare(runner, job, dir, attempt)?;
+    let state_file = run.workdir.template().join("terraform.tfstate");
+    if let Some(state) = &job.state {
+        std::fs::write(&state_file, state).map_err(RunError::Spawn)?;
+    }
+    run.terraform(&["init", "-no-color", "-input=false"])
+        .await?;
+    let verb = if job.destroy { "destroy" } else { "apply" };
+    let ran = run
+        .terraform(&[verb, "-auto-approve", "-no-color", "-input=false"])
+        .await;
+    // The state is kept whatever the outcome: a failed apply may have
+    // created things the next build must know about.
+    match std::fs::read(&state_file) {
+        Ok(state) => {
+            if let Err(e) = coord.save_state(job.id, state).await {
+                let msg = format!("cannot save the Terraform state: {e:#}");
+                attempt.say(format!("devmesh: {msg}"));
+                return Err(RunError::Spawn(std::io::Error::other(msg)));
+            }
+        }
+        Err(e) if job.state.is_some() || ran.is_ok() => {
+            attempt.say(format!("devmesh: Terraform left no state: {e}"));
+        }
+        Err(_) => {}
+    }
+    ran
+}
+
+/// Plans a template version as a start build of a stand-in workspace and
+/// returns the parameters it declares.
+async fn import(
+    runner: &Runner,
+    job: &JobSpec,
+    dir: &Path,
+    attempt: &Attempt,
+) -> Result<Vec<TemplateParameter>, RunError> {
+    let run = Run::prepare(runner, job, dir, attempt)?;
+    run.terraform(&["init", "-no-color", "-input=false"])
+        .await?;
+    run.terraform(&[
+        "plan",
+        "-refresh=false",
+        "-no-color",
+        "-input=false",
+        "-out=devmesh.tfplan",
+    ])
+    .await?;
+    let json = run.output(&["show", "-json", "devmesh.tfplan"]).await?;
+    let failed = |msg: String| {
+        attempt.say(format!("devmesh: {msg}"));
+        RunError::Spawn(std::io::Error::other(msg))
+    };
+    let plan: Value = serde_json::from_str(&json)
+        .map_err(|e| failed(format!("terraform show printed no plan: {e}")))?;
+    parameters_in(&plan).map_err(failed)
+}
+
+/// The parameters a plan read (its `devmesh_parameter` data sources, in
+/// every module), checked.
+pub fn parameters_in(plan: &Value) -> Result<Vec<TemplateParameter>, String> {
+    fn walk<'a>(module: &'a Value, out: &mut Vec<&'a Value>) {
+        for r in module["resources"].as_array().into_iter().flatten() {
+            if r["mode"] == "data" && r["type"] == "devmesh_parameter" {
+                out.push(&r["values"]);
+            }
+        }
+        for child in module["child_modules"].as_array().into_iter().flatten() {
+            walk(child, out);
+        }
+    }
+    let mut found = Vec::new();
+    walk(&plan["prior_state"]["values"]["root_module"], &mut found);
+    let mut params: Vec<TemplateParameter> = found
+        .into_iter()
+        .map(|v| {
+            let s = |k: &str| v[k].as_str().map(str::to_owned);
+            TemplateParameter {
+                name: s("name").unwrap_or_default(),
+                kind: s("type").unwrap_or_else(|| "string".into()),
+                description: s("description"),
+                default: s("default"),
+                mutable: v["mutable"].as_bool().unwrap_or(false),
+                options: v["options"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|o| o.as_str().map(str::to_owned))
+                    .collect(),
+                validation_min: v["validation_min"].as_f64(),
+                validation_max: v["validation_max"].as_f64(),
+                validation_regex: s("validation_regex"),
+            }
+        })
+        .collect();
+    devmesh_shared::parameters::check_definitions(&params)?;
+    params.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(params)
+}
