@@ -141,6 +141,26 @@ enum Command {
         /// Workspace name, or owner/name.
         name: String,
     },
+    /// Show a workspace: its latest build, resources (persistent or
+    /// ephemeral), agents and app URLs.
+    Show {
+        /// Workspace name, or owner/name.
+        name: String,
+    },
+    /// Restart a workspace: stop it, then start it.
+    Restart {
+        /// Workspace name, or owner/name.
+        name: String,
+    },
+    /// Move a workspace to its template's active version, and change
+    /// mutable parameters; a started workspace stays started.
+    Update {
+        /// Workspace name, or owner/name.
+        name: String,
+        /// A new value of a mutable parameter, as NAME=VALUE (repeatable).
+        #[arg(long = "parameter", short = 'p', value_name = "NAME=VALUE", value_parser = parse_parameter)]
+        parameters: Vec<(String, String)>,
+    },
     /// Cancel a workspace's running build (Terraform is interrupted
     /// gracefully).
     Cancel {
@@ -292,6 +312,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Delete { name } => {
             commands::workspaces::transition(&g, name, Transition::Delete).await
+        }
+        Command::Show { name } => commands::workspaces::show(&g, name).await,
+        Command::Restart { name } => commands::workspaces::restart(&g, name).await,
+        Command::Update { name, parameters } => {
+            commands::workspaces::update(&g, name, parameters).await
         }
         Command::Cancel { name } => commands::workspaces::cancel(&g, name).await,
         Command::Logs { name, follow } => commands::workspaces::logs(&g, name, follow).await,

@@ -14,8 +14,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use devmesh_provisioner::daemon::{Coordinator, Runner};
-use devmesh_shared::api::{AgentSpec, AppSpec, HealthcheckSpec, ScriptSpec, ScriptTrigger};
-use devmesh_shared::provisionerd::{Completion, JobKind, JobSpec, LogLine, Outcome};
+use devmesh_shared::api::{
+    AgentSpec, AppSpec, HealthcheckSpec, ScriptSpec, ScriptTrigger, WorkspaceResource,
+};
+use devmesh_shared::provisionerd::{
+    Completion, JobKind, JobSpec, LogLine, Outcome, TemplateResource,
+};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -124,11 +128,7 @@ pub async fn acquire(
                 Ok(spec) => return Ok(Some(spec)),
                 Err(why) => {
                     tracing::warn!(job.id = %job.id, error = %why, "a provisioner job cannot run");
-                    let failed = Completion {
-                        outcome: Outcome::Failed { error: why },
-                        parameters: Vec::new(),
-                    };
-                    complete(state, job.id, daemon.id, failed).await?;
+                    complete(state, job.id, daemon.id, Completion::failed(why)).await?;
                     continue;
                 }
             }
@@ -355,12 +355,7 @@ pub async fn complete(
     match record(state, job, daemon, &completion).await {
         Err(e) if completion.outcome == Outcome::Succeeded => {
             tracing::warn!(job.id = %job, error = %e, "cannot record a job's result");
-            let failed = Completion {
-                outcome: Outcome::Failed {
-                    error: format!("recording the result failed: {e}"),
-                },
-                parameters: Vec::new(),
-            };
+            let failed = Completion::failed(format!("recording the result failed: {e}"));
             record(state, job, daemon, &failed).await
         }
         other => other,
@@ -393,8 +388,18 @@ async fn record(
             .as_str()
             .and_then(|s| Uuid::parse_str(s).ok());
         if let (Outcome::Succeeded, Some(version)) = (&outcome, version) {
-            match devmesh_shared::parameters::check_definitions(&completion.parameters) {
-                Ok(()) => record_import(&mut tx, version, &completion.parameters).await?,
+            let checked = devmesh_shared::parameters::check_definitions(&completion.parameters)
+                .and_then(|()| check_resources(&completion.resources));
+            match checked {
+                Ok(()) => {
+                    record_import(
+                        &mut tx,
+                        version,
+                        &completion.parameters,
+                        &completion.resources,
+                    )
+                    .await?
+                }
                 Err(error) => outcome = Outcome::Failed { error },
             }
         }
@@ -434,16 +439,32 @@ async fn record(
     Ok(done)
 }
 
-/// Records an imported version's parameters; a version that imports
-/// becomes its template's active one unless a newer one already is.
+/// Checks the resources a daemon says an import found.
+fn check_resources(resources: &[TemplateResource]) -> Result<(), String> {
+    if resources.len() > devmesh_shared::provisionerd::MAX_TEMPLATE_RESOURCES {
+        return Err(format!("{} resources: too many", resources.len()));
+    }
+    match resources
+        .iter()
+        .find(|r| r.address.is_empty() || r.address.len() > 512 || r.kind.len() > 128)
+    {
+        Some(r) => Err(format!("resource {:?}: not a resource address", r.address)),
+        None => Ok(()),
+    }
+}
+
+/// Records an imported version's parameters and resources; a version that
+/// imports becomes its template's active one unless a newer one already is.
 async fn record_import(
     tx: &mut sqlx::PgConnection,
     version: Uuid,
     params: &[devmesh_shared::parameters::TemplateParameter],
+    resources: &[TemplateResource],
 ) -> sqlx::Result<()> {
-    sqlx::query("UPDATE template_versions SET parameters = $2 WHERE id = $1")
+    sqlx::query("UPDATE template_versions SET parameters = $2, resources = $3 WHERE id = $1")
         .bind(version)
         .bind(sqlx::types::Json(params))
+        .bind(sqlx::types::Json(resources))
         .execute(&mut *tx)
         .await?;
     sqlx::query(
@@ -458,8 +479,9 @@ async fn record_import(
     Ok(())
 }
 
-/// Records what a successful build did: a start build's agents and apps
-/// (from the state the primary stored), a delete build's workspace gone.
+/// Records what a successful build did: the resources its state holds, a
+/// start build's agents and apps (from the state the primary stored), a
+/// delete build's workspace gone.
 async fn finish(
     vault: &Vault,
     tx: &mut sqlx::PgConnection,
@@ -467,30 +489,117 @@ async fn finish(
     workspace: Uuid,
     transition: &str,
 ) -> sqlx::Result<()> {
-    match transition {
-        "start" => {
-            let stored: Option<Vec<u8>> = sqlx::query_scalar(
-                "SELECT state FROM workspace_terraform_states WHERE workspace_id = $1",
-            )
+    if transition == "delete" {
+        sqlx::query("UPDATE workspaces SET deleted = true, updated_at = now() WHERE id = $1")
+            .bind(workspace)
+            .execute(&mut *tx)
+            .await?;
+        return Ok(());
+    }
+    let stored: Option<Vec<u8>> =
+        sqlx::query_scalar("SELECT state FROM workspace_terraform_states WHERE workspace_id = $1")
             .bind(workspace)
             .fetch_optional(&mut *tx)
             .await?;
-            let tf_state: Value = stored
-                .and_then(|s| open_state(vault, &s).ok())
-                .and_then(|s| serde_json::from_slice(&s).ok())
-                .unwrap_or_default();
-            let agents = agents_in(&tf_state);
-            crate::api::workspaces::insert_agents(tx, workspace, build, &agents).await?;
-        }
-        "delete" => {
-            sqlx::query("UPDATE workspaces SET deleted = true, updated_at = now() WHERE id = $1")
-                .bind(workspace)
-                .execute(&mut *tx)
-                .await?;
-        }
-        _ => {}
+    let tf_state: Value = stored
+        .and_then(|s| open_state(vault, &s).ok())
+        .and_then(|s| serde_json::from_slice(&s).ok())
+        .unwrap_or_default();
+    let declared: sqlx::types::Json<Vec<TemplateResource>> = sqlx::query_scalar(
+        "SELECT v.resources FROM workspace_builds b
+         JOIN template_versions v ON v.id = b.template_version_id WHERE b.id = $1",
+    )
+    .bind(build)
+    .fetch_one(&mut *tx)
+    .await?;
+    let resources = resources_in(&tf_state, &declared.0);
+    sqlx::query("UPDATE workspace_builds SET resources = $2 WHERE id = $1")
+        .bind(build)
+        .bind(sqlx::types::Json(&resources))
+        .execute(&mut *tx)
+        .await?;
+    if transition == "start" {
+        let agents = agents_in(&tf_state);
+        crate::api::workspaces::insert_agents(tx, workspace, build, &agents).await?;
     }
     Ok(())
+}
+
+/// The resources a Terraform state holds (devmesh's own bookkeeping
+/// resources aside): persistent as the version's import found, with the
+/// agents each depends on (it runs them) and the metadata attached to it.
+fn resources_in(state: &Value, declared: &[TemplateResource]) -> Vec<WorkspaceResource> {
+    let managed = || {
+        state["resources"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|r| r["mode"] == "managed")
+    };
+    let address_of = |r: &Value| {
+        let base = format!(
+            "{}.{}",
+            r["type"].as_str().unwrap_or_default(),
+            r["name"].as_str().unwrap_or_default()
+        );
+        match r["module"].as_str() {
+            Some(m) => format!("{m}.{base}"),
+            None => base,
+        }
+    };
+    // Metadata by the id of the resource it describes.
+    let mut metadata: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+    for r in managed().filter(|r| r["type"] == "devmesh_metadata") {
+        for i in r["instances"].as_array().into_iter().flatten() {
+            let a = &i["attributes"];
+            if let Some(id) = a["resource_id"].as_str() {
+                let items = a["items"]
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())));
+                metadata.entry(id.to_owned()).or_default().extend(items);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for r in managed() {
+        let kind = r["type"].as_str().unwrap_or_default();
+        if kind.starts_with("devmesh_") {
+            continue;
+        }
+        let bare = address_of(r);
+        let persistent = declared
+            .iter()
+            .find(|d| d.address == bare)
+            .map(|d| d.persistent);
+        for i in r["instances"].as_array().into_iter().flatten() {
+            let address = match &i["index_key"] {
+                Value::Number(n) => format!("{bare}[{n}]"),
+                Value::String(k) => format!("{bare}[{k:?}]"),
+                _ => bare.clone(),
+            };
+            let agents = i["dependencies"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|d| d.as_str()?.rsplit_once("devmesh_agent.").map(|(_, n)| n))
+                .map(|n| n.replace('_', "-"))
+                .collect();
+            let metadata = i["attributes"]["id"]
+                .as_str()
+                .and_then(|id| metadata.get(id).cloned())
+                .unwrap_or_default();
+            out.push(WorkspaceResource {
+                address,
+                kind: kind.to_owned(),
+                persistent,
+                agents,
+                metadata,
+            });
+        }
+    }
+    out
 }
 
 /// A stored state, decrypted.
@@ -591,6 +700,52 @@ fn agents_in(state: &Value) -> Vec<(AgentSpec, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_state_names_its_resources_with_their_agents_and_metadata() {
+        let state = serde_json::json!({"resources": [
+            {"mode": "managed", "type": "devmesh_agent", "name": "main", "instances": [
+                {"attributes": {"id": "a1", "token": "t1"}}]},
+            {"mode": "managed", "type": "terraform_data", "name": "home", "instances": [
+                {"attributes": {"id": "h1"}}]},
+            {"mode": "managed", "type": "terraform_data", "name": "agent", "instances": [
+                {"index_key": 0, "attributes": {"id": "p1"},
+                 "dependencies": ["devmesh_agent.main", "terraform_data.home"]}]},
+            {"mode": "managed", "module": "module.disk", "type": "docker_volume", "name": "v",
+             "instances": [{"attributes": {"id": "v1"}}]},
+            {"mode": "managed", "type": "devmesh_metadata", "name": "m", "instances": [
+                {"attributes": {"resource_id": "h1", "items": {"size": "10 GiB"}}}]},
+            {"mode": "data", "type": "devmesh_workspace", "name": "me", "instances": []}
+        ]});
+        let declared = [
+            TemplateResource {
+                address: "terraform_data.home".into(),
+                kind: "terraform_data".into(),
+                persistent: true,
+            },
+            TemplateResource {
+                address: "terraform_data.agent".into(),
+                kind: "terraform_data".into(),
+                persistent: false,
+            },
+        ];
+        let got = resources_in(&state, &declared);
+        let addresses: Vec<_> = got.iter().map(|r| r.address.as_str()).collect();
+        assert_eq!(
+            addresses,
+            [
+                "terraform_data.home",
+                "terraform_data.agent[0]",
+                "module.disk.docker_volume.v"
+            ]
+        );
+        assert_eq!(got[0].persistent, Some(true));
+        assert_eq!(got[0].metadata["size"], "10 GiB");
+        assert!(got[0].agents.is_empty(), "peripheral");
+        assert_eq!(got[1].persistent, Some(false));
+        assert_eq!(got[1].agents, ["main"], "computational");
+        assert_eq!(got[2].persistent, None, "the import did not say");
+    }
 
     #[test]
     fn a_state_names_its_agents_tokens_and_apps() {

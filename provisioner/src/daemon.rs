@@ -17,7 +17,8 @@ use std::time::Duration;
 
 use devmesh_shared::parameters::TemplateParameter;
 use devmesh_shared::provisionerd::{
-    Beat, Completion, JobKind, JobSpec, LogLine, LogStream, MAX_LOG_BATCH, Outcome, outcome_line,
+    Beat, Completion, JobKind, JobSpec, LogLine, LogStream, MAX_LOG_BATCH, Outcome,
+    TemplateResource, outcome_line,
 };
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -111,13 +112,13 @@ async fn run<C: Coordinator>(
     tracing::info!(job.id = %job.id, what = %job.what, "running a provisioner job");
     let attempt = Attempt::start(coord, runner.heartbeat_every, job.id, shutdown);
     let dir = runner.work.join(job.id.to_string());
-    let (outcome, parameters) = match job.kind {
+    let (outcome, parameters, resources) = match job.kind {
         JobKind::Build => match build(&**coord, runner, &job, &dir, &attempt).await {
-            Ok(()) => (Outcome::Succeeded, Vec::new()),
-            Err(e) => (outcome_of(e), Vec::new()),
+            Ok(()) => (Outcome::Succeeded, Vec::new(), Vec::new()),
+            Err(e) => (outcome_of(e), Vec::new(), Vec::new()),
         },
         JobKind::Import => match import(runner, &job, &dir, &attempt).await {
-            Ok(params) => {
+            Ok((params, resources)) => {
                 let names: Vec<&str> = params.iter().map(|p| p.name.as_str()).collect();
                 attempt.say(format!(
                     "devmesh: parameters: {}",
@@ -127,9 +128,28 @@ async fn run<C: Coordinator>(
                         names.join(", ")
                     }
                 ));
-                (Outcome::Succeeded, params)
+                attempt.say(format!(
+                    "devmesh: resources: {}",
+                    if resources.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        resources
+                            .iter()
+                            .map(|r| {
+                                let kind = if r.persistent {
+                                    "persistent"
+                                } else {
+                                    "ephemeral"
+                                };
+                                format!("{} ({kind})", r.address)
+                            })
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    }
+                ));
+                (Outcome::Succeeded, params, resources)
             }
-            Err(e) => (outcome_of(e), Vec::new()),
+            Err(e) => (outcome_of(e), Vec::new(), Vec::new()),
         },
     };
     let _ = std::fs::remove_dir_all(&dir);
@@ -145,6 +165,7 @@ async fn run<C: Coordinator>(
             Completion {
                 outcome: outcome.clone(),
                 parameters,
+                resources,
             },
         )
         .await;
@@ -337,6 +358,12 @@ impl<'a> Run<'a> {
         Ok(run)
     }
 
+    /// Sets (or replaces) one variable of the run's environment.
+    fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_owned(), value.to_owned()));
+    }
+
     /// `terraform <args>`, announced, its output into the log.
     async fn terraform(&self, args: &[&str]) -> Result<(), RunError> {
         self.attempt.say(format!("devmesh: terraform {}", args[0]));
@@ -423,33 +450,75 @@ async fn build<C: Coordinator>(
     ran
 }
 
-/// Plans a template version as a start build of a stand-in workspace and
-/// returns the parameters it declares.
+/// Plans a template version as a start build of a stand-in workspace, and
+/// as a stop build; returns the parameters it declares and its resources
+/// (those the stop plan keeps are persistent).
 async fn import(
     runner: &Runner,
     job: &JobSpec,
     dir: &Path,
     attempt: &Attempt,
-) -> Result<Vec<TemplateParameter>, RunError> {
-    let run = Run::prepare(runner, job, dir, attempt)?;
+) -> Result<(Vec<TemplateParameter>, Vec<TemplateResource>), RunError> {
+    let mut run = Run::prepare(runner, job, dir, attempt)?;
     run.terraform(&["init", "-no-color", "-input=false"])
         .await?;
-    run.terraform(&[
-        "plan",
-        "-refresh=false",
-        "-no-color",
-        "-input=false",
-        "-out=devmesh.tfplan",
-    ])
-    .await?;
-    let json = run.output(&["show", "-json", "devmesh.tfplan"]).await?;
     let failed = |msg: String| {
         attempt.say(format!("devmesh: {msg}"));
         RunError::Spawn(std::io::Error::other(msg))
     };
-    let plan: Value = serde_json::from_str(&json)
-        .map_err(|e| failed(format!("terraform show printed no plan: {e}")))?;
-    parameters_in(&plan).map_err(failed)
+    let mut plans = Vec::new();
+    for transition in ["start", "stop"] {
+        run.set_env("DEVMESH_WORKSPACE_TRANSITION", transition);
+        let file = format!("-out={transition}.tfplan");
+        run.terraform(&["plan", "-refresh=false", "-no-color", "-input=false", &file])
+            .await?;
+        let json = run
+            .output(&["show", "-json", &format!("{transition}.tfplan")])
+            .await?;
+        let plan: Value = serde_json::from_str(&json)
+            .map_err(|e| failed(format!("terraform show printed no plan: {e}")))?;
+        plans.push(plan);
+    }
+    let params = parameters_in(&plans[0]).map_err(failed)?;
+    Ok((params, resources_in(&plans[0], &plans[1])))
+}
+
+/// The managed resources a start plan creates (devmesh's own bookkeeping
+/// resources aside), persistent when the stop plan keeps them.
+pub fn resources_in(start: &Value, stop: &Value) -> Vec<TemplateResource> {
+    fn walk(module: &Value, out: &mut Vec<(String, String)>) {
+        for r in module["resources"].as_array().into_iter().flatten() {
+            let kind = r["type"].as_str().unwrap_or_default();
+            if r["mode"] == "managed" && !kind.starts_with("devmesh_") {
+                let address = r["address"].as_str().unwrap_or_default();
+                let bare = match address.strip_suffix(']') {
+                    Some(a) => a.rsplit_once('[').map_or(address, |(a, _)| a),
+                    None => address,
+                };
+                out.push((bare.to_owned(), kind.to_owned()));
+            }
+        }
+        for child in module["child_modules"].as_array().into_iter().flatten() {
+            walk(child, out);
+        }
+    }
+    let mut started = Vec::new();
+    walk(&start["planned_values"]["root_module"], &mut started);
+    let mut kept = Vec::new();
+    walk(&stop["planned_values"]["root_module"], &mut kept);
+    let mut out: Vec<TemplateResource> = Vec::new();
+    for (address, kind) in started {
+        if out.iter().any(|r| r.address == address) {
+            continue;
+        }
+        let persistent = kept.iter().any(|(a, _)| *a == address);
+        out.push(TemplateResource {
+            address,
+            kind,
+            persistent,
+        });
+    }
+    out
 }
 
 /// The parameters a plan read (its `devmesh_parameter` data sources, in
@@ -492,4 +561,46 @@ pub fn parameters_in(plan: &Value) -> Result<Vec<TemplateParameter>, String> {
     devmesh_shared::parameters::check_definitions(&params)?;
     params.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(params)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resources_the_stop_plan_keeps_are_persistent() {
+        let start = serde_json::json!({"planned_values": {"root_module": {
+            "resources": [
+                {"address": "devmesh_agent.main", "mode": "managed", "type": "devmesh_agent"},
+                {"address": "terraform_data.home", "mode": "managed", "type": "terraform_data"},
+                {"address": "terraform_data.agent[0]", "mode": "managed", "type": "terraform_data"},
+                {"address": "data.devmesh_workspace.me", "mode": "data", "type": "devmesh_workspace"}
+            ],
+            "child_modules": [{"resources": [
+                {"address": "module.disk.docker_volume.v[\"a\"]", "mode": "managed", "type": "docker_volume"},
+                {"address": "module.disk.docker_volume.v[\"b\"]", "mode": "managed", "type": "docker_volume"}
+            ]}]
+        }}});
+        let stop = serde_json::json!({"planned_values": {"root_module": {
+            "resources": [
+                {"address": "terraform_data.home", "mode": "managed", "type": "terraform_data"}
+            ],
+            "child_modules": [{"resources": [
+                {"address": "module.disk.docker_volume.v[\"a\"]", "mode": "managed", "type": "docker_volume"}
+            ]}]
+        }}});
+        let got = resources_in(&start, &stop);
+        let summary: Vec<_> = got
+            .iter()
+            .map(|r| (r.address.as_str(), r.persistent))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("terraform_data.home", true),
+                ("terraform_data.agent", false),
+                ("module.disk.docker_volume.v", true),
+            ]
+        );
+    }
 }

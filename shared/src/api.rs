@@ -431,6 +431,9 @@ pub struct TemplateVersion {
     /// The tags a provisioner daemon needs to run its jobs.
     #[serde(default)]
     pub provisioner_tags: crate::provisionerd::Tags,
+    /// The resources it declares, once imported.
+    #[serde(default)]
+    pub resources: Vec<crate::provisionerd::TemplateResource>,
     /// The import job that plans a Terraform version and records its
     /// parameters: workspaces can use the version once it succeeded.
     #[serde(default)]
@@ -513,6 +516,14 @@ pub struct CreateWorkspaceRequest {
 pub struct CreateBuildRequest {
     /// What to do.
     pub transition: Transition,
+    /// Start builds: move to the template's active version (otherwise a
+    /// Terraform workspace starts with the version it has). Allowed on a
+    /// started workspace: Terraform applies the difference.
+    #[serde(default)]
+    pub update: bool,
+    /// Start builds: new values of the template's mutable parameters.
+    #[serde(default)]
+    pub parameters: BTreeMap<String, String>,
 }
 
 /// A workspace.
@@ -534,6 +545,9 @@ pub struct Workspace {
     pub latest_build: WorkspaceBuild,
     /// The agents of the latest start build (empty when stopped).
     pub agents: Vec<WorkspaceAgent>,
+    /// What the latest successful build left (Terraform templates).
+    #[serde(default)]
+    pub resources: Vec<WorkspaceResource>,
     /// Creation time.
     pub created_at: DateTime<Utc>,
     /// Last change.
@@ -615,6 +629,24 @@ impl std::fmt::Display for AgentStatus {
             Self::Timeout => "timeout",
         })
     }
+}
+
+/// A resource a workspace's Terraform state holds.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WorkspaceResource {
+    /// Its full address (`terraform_data.agent[0]`).
+    pub address: String,
+    /// Its resource type.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Survives a stop (`None`: its version's import did not say).
+    pub persistent: Option<bool>,
+    /// The agents it runs (computational when not empty, else peripheral).
+    #[serde(default)]
+    pub agents: Vec<String>,
+    /// Items a `devmesh_metadata` resource attached to it.
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
 }
 
 /// A build of a workspace.

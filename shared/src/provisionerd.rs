@@ -325,6 +325,21 @@ pub enum Outcome {
     Canceled,
 }
 
+/// A resource a template version declares, as its import planned it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateResource {
+    /// Its address without an index (`terraform_data.home`,
+    /// `module.disk.docker_volume.home`).
+    pub address: String,
+    /// Its resource type.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Still planned when the workspace is stopped: it survives a stop
+    /// (a home volume); otherwise it is ephemeral (counted by
+    /// `start_count`, destroyed on stop).
+    pub persistent: bool,
+}
+
 /// `POST /api/v2/provisionerd/jobs/{id}/complete`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -334,7 +349,26 @@ pub struct Completion {
     /// An import's parameters (the `devmesh_parameter` data sources).
     #[serde(default)]
     pub parameters: Vec<TemplateParameter>,
+    /// An import's resources.
+    #[serde(default)]
+    pub resources: Vec<TemplateResource>,
 }
+
+impl Completion {
+    /// A failure, for this reason.
+    pub fn failed(error: impl Into<String>) -> Self {
+        Self {
+            outcome: Outcome::Failed {
+                error: error.into(),
+            },
+            parameters: Vec::new(),
+            resources: Vec::new(),
+        }
+    }
+}
+
+/// The largest number of resources an import may report.
+pub const MAX_TEMPLATE_RESOURCES: usize = 1000;
 
 /// The answer to a completion.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -442,18 +442,54 @@ pub(crate) async fn transition(
     name: String,
     transition: Transition,
 ) -> anyhow::Result<()> {
+    let req = CreateBuildRequest {
+        transition,
+        update: false,
+        parameters: Default::default(),
+    };
+    run_build(g, &name, req).await
+}
+
+/// `devmesh update`: the template's active version (and new values of
+/// mutable parameters), applied by a start build.
+pub(crate) async fn update(
+    g: &Global,
+    name: String,
+    parameters: Vec<(String, String)>,
+) -> anyhow::Result<()> {
+    let req = CreateBuildRequest {
+        transition: Transition::Start,
+        update: true,
+        parameters: parameters.into_iter().collect(),
+    };
+    run_build(g, &name, req).await
+}
+
+/// `devmesh restart`: a stop build, then a start build once it ended.
+pub(crate) async fn restart(g: &Global, name: String) -> anyhow::Result<()> {
     let client = g.client()?;
     let ws = find(&client, &name).await?;
+    if ws.latest_build.transition == Transition::Start {
+        transition(g, name.clone(), Transition::Stop).await?;
+    }
+    transition(g, name, Transition::Start).await
+}
+
+async fn run_build(g: &Global, name: &str, req: CreateBuildRequest) -> anyhow::Result<()> {
+    let client = g.client()?;
+    let ws = find(&client, name).await?;
+    let transition = req.transition;
     let resp: WorkspaceBuildResponse = client
-        .post(
-            &format!("/workspaces/{}/builds", ws.id),
-            &CreateBuildRequest { transition },
-        )
+        .post(&format!("/workspaces/{}/builds", ws.id), &req)
         .await?;
     follow_build(g, &client, &resp.workspace).await?;
     match transition {
         Transition::Start => {
-            println!("Started {name}.");
+            if req.update {
+                println!("Updated {name}.");
+            } else {
+                println!("Started {name}.");
+            }
             print_tokens(g, client.base(), &resp);
             if resp.workspace.latest_build.job_id.is_some() {
                 print_app_urls(&client, resp.workspace.id).await?;
@@ -461,6 +497,88 @@ pub(crate) async fn transition(
         }
         Transition::Stop => println!("Stopped {name}."),
         Transition::Delete => println!("Deleted {name}."),
+    }
+    Ok(())
+}
+
+/// `devmesh show`: a workspace's build, resources, agents and app URLs.
+pub(crate) async fn show(g: &Global, name: String) -> anyhow::Result<()> {
+    let client = g.client()?;
+    let ws = find(&client, &name).await?;
+    if g.output == Format::Json {
+        return json(&ws);
+    }
+    let b = &ws.latest_build;
+    println!(
+        "Workspace {}/{} (template {})",
+        ws.owner_name, ws.name, ws.template_name
+    );
+    println!(
+        "Build #{}: {} {}{}",
+        b.build_number,
+        b.transition.as_str(),
+        serde_json::to_value(b.status)?.as_str().unwrap_or_default(),
+        b.error
+            .as_deref()
+            .map(|e| format!(" ({e})"))
+            .unwrap_or_default()
+    );
+    if !ws.resources.is_empty() {
+        println!();
+        table(
+            &["RESOURCE", "LIFETIME", "AGENTS", "METADATA"],
+            ws.resources
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.address.clone(),
+                        match r.persistent {
+                            Some(true) => "persistent",
+                            Some(false) => "ephemeral",
+                            None => "-",
+                        }
+                        .to_owned(),
+                        if r.agents.is_empty() {
+                            "-".to_owned()
+                        } else {
+                            r.agents.join(", ")
+                        },
+                        r.metadata
+                            .iter()
+                            .map(|(k, v)| format!("{k}={}", printable(v)))
+                            .collect::<Vec<_>>()
+                            .join(" "),
+                    ]
+                })
+                .collect(),
+        );
+    }
+    if !ws.agents.is_empty() {
+        println!();
+        table(
+            &["AGENT", "STATUS", "LIFECYCLE", "REGION", "APPS"],
+            ws.agents
+                .iter()
+                .map(|a| {
+                    vec![
+                        a.name.clone(),
+                        a.status.to_string(),
+                        serde_json::to_value(a.lifecycle_state)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_owned))
+                            .unwrap_or_default(),
+                        a.relay_region.clone().unwrap_or_else(|| "-".into()),
+                        a.apps
+                            .iter()
+                            .map(|app| app.slug.clone())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    ]
+                })
+                .collect(),
+        );
+        println!();
+        print_app_urls(&client, ws.id).await?;
     }
     Ok(())
 }

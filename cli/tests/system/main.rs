@@ -19,3 +19,4 @@ mod robustness;
 mod support;
 mod terraform;
 mod tls;
+mod workspace_lifecycle;

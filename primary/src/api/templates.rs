@@ -274,6 +274,7 @@ pub(super) struct VersionRow {
     pub(super) parameters: sqlx::types::Json<Vec<TemplateParameter>>,
     pub(super) import_job_id: Option<Uuid>,
     provisioner_tags: sqlx::types::Json<devmesh_shared::provisionerd::Tags>,
+    resources: sqlx::types::Json<Vec<devmesh_shared::provisionerd::TemplateResource>>,
     pub(super) import_status: Option<String>,
     pub(super) import_error: Option<String>,
 }
@@ -312,6 +313,7 @@ impl From<VersionRow> for TemplateVersion {
             created_at: r.created_at,
             parameters: r.parameters.0,
             provisioner_tags: r.provisioner_tags.0,
+            resources: r.resources.0,
             import: r
                 .import_job_id
                 .map(|job_id| devmesh_shared::api::VersionImport {
@@ -325,7 +327,7 @@ impl From<VersionRow> for TemplateVersion {
 
 const VERSION_COLUMNS: &str =
     "v.id, v.number, v.kind, v.definition, v.message, v.created_at, v.parameters,
-    v.import_job_id, v.provisioner_tags, j.status AS import_status, j.error AS import_error";
+    v.import_job_id, v.provisioner_tags, v.resources, j.status AS import_status, j.error AS import_error";
 const VERSION_FROM: &str =
     "template_versions v LEFT JOIN provisioner_jobs j ON j.id = v.import_job_id";
 

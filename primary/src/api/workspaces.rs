@@ -190,7 +190,16 @@ async fn load(state: &AppState, row: WorkspaceRow) -> ApiResult<Workspace> {
             })
             .collect();
     }
+    let resources: Option<sqlx::types::Json<Vec<devmesh_shared::api::WorkspaceResource>>> =
+        sqlx::query_scalar(
+            "SELECT resources FROM workspace_builds WHERE workspace_id = $1 AND status = 'succeeded'
+             ORDER BY build_number DESC LIMIT 1",
+        )
+        .bind(row.id)
+        .fetch_optional(&state.db)
+        .await?;
     Ok(Workspace {
+        resources: resources.map(|r| r.0).unwrap_or_default(),
         id: row.id,
         name: row.name,
         owner_id: row.owner_id,
@@ -775,22 +784,50 @@ pub(super) async fn build(
             .fetch_one(&mut *tx)
             .await?;
     let mut agent_tokens = Vec::new();
+    let changes = req.update || !req.parameters.is_empty();
+    if changes && req.transition != Transition::Start {
+        return Err(ApiError::bad_request(
+            "Only start builds update the workspace or change its parameters.",
+        ));
+    }
     match (transition(&latest), req.transition) {
-        (Transition::Start, Transition::Start) => {
-            return Err(ApiError::conflict("The workspace is already started."));
+        (Transition::Start, Transition::Start) if !(changes && latest_kind == "terraform") => {
+            return Err(ApiError::conflict("The workspace is already started.")
+                .detail("`devmesh update` applies a new version or parameters to a started workspace; `devmesh restart` stops and starts it"));
         }
         (Transition::Stop, Transition::Stop) => {
             return Err(ApiError::conflict("The workspace is already stopped."));
         }
         (_, Transition::Start) => {
             let template = find_template(&state, &row.template_id.to_string()).await?;
-            let version = load_version(&mut *tx, template.active_version_id).await?;
+            // A Terraform workspace keeps its version until it is updated;
+            // external templates have nothing to keep (each start declares
+            // the agents afresh).
+            let version_id = if latest_kind == "terraform" && !req.update {
+                latest_version
+            } else {
+                template.active_version_id
+            };
+            let version = load_version(&mut *tx, version_id).await?;
             if version.kind == "terraform" {
                 if let Some(why) = version.unusable() {
                     return Err(ApiError::conflict(why));
                 }
                 let mut v = Validator::default();
-                let parameters = parameter_values(&mut v, &version, &BTreeMap::new(), &previous.0);
+                for (name, value) in &req.parameters {
+                    let fixed = version
+                        .parameters
+                        .iter()
+                        .find(|p| &p.name == name)
+                        .is_some_and(|p| !p.mutable);
+                    if fixed && previous.0.get(name).is_some_and(|old| old != value) {
+                        v.add(
+                            format!("parameters.{name}"),
+                            "is not mutable: it cannot change once the workspace exists",
+                        );
+                    }
+                }
+                let parameters = parameter_values(&mut v, &version, &req.parameters, &previous.0);
                 v.finish()?;
                 queue_build(
                     &mut tx,
@@ -802,6 +839,11 @@ pub(super) async fn build(
                 )
                 .await?;
             } else {
+                if !req.parameters.is_empty() {
+                    return Err(ApiError::bad_request(
+                        "This workspace's template has no parameters.",
+                    ));
+                }
                 let build_id = insert_build(
                     &mut tx,
                     NewBuild::external(id, version.id, Transition::Start, auth.0.user_id),
