@@ -139,6 +139,16 @@ impl Client {
         Ok(())
     }
 
+    /// GET a raw body.
+    pub(crate) async fn get_bytes(&self, path: &str) -> anyhow::Result<Vec<u8>> {
+        Ok(self
+            .send::<()>(Method::GET, path, None)
+            .await?
+            .bytes()
+            .await?
+            .to_vec())
+    }
+
     /// PUT raw bytes.
     pub(crate) async fn put_bytes(&self, path: &str, body: Vec<u8>) -> anyhow::Result<()> {
         let url = format!("{}/api/v2{path}", self.base);

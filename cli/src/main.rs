@@ -118,6 +118,10 @@ enum Command {
         /// A template parameter's value, as NAME=VALUE (repeatable).
         #[arg(long = "parameter", short = 'p', value_name = "NAME=VALUE", value_parser = parse_parameter)]
         parameters: Vec<(String, String)>,
+        /// Ask nothing: parameters not given take their defaults (a
+        /// required one missing is an error).
+        #[arg(long, short)]
+        yes: bool,
     },
     /// List your workspaces.
     #[command(alias = "ls")]
@@ -302,7 +306,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             name,
             template,
             parameters,
-        } => commands::workspaces::create(&g, name, template, parameters).await,
+            yes,
+        } => commands::workspaces::create(&g, name, template, parameters, yes).await,
         Command::List { all } => commands::workspaces::list(&g, all).await,
         Command::Start { name } => {
             commands::workspaces::transition(&g, name, Transition::Start).await

@@ -282,6 +282,22 @@ pub fn router(state: AppState) -> Router {
             get(templates::versions).post(templates::create_version),
         )
         .route(
+            "/templates/{template}/versions/{number}/promote",
+            post(templates::promote),
+        )
+        .route(
+            "/templates/{template}/versions/{number}/archive",
+            post(templates::archive),
+        )
+        .route(
+            "/templates/{template}/versions/{number}/unarchive",
+            post(templates::unarchive),
+        )
+        .route(
+            "/templates/{template}/versions/{number}/files",
+            get(templates::files),
+        )
+        .route(
             "/workspaces",
             get(workspaces::list).post(workspaces::create),
         )

@@ -72,6 +72,11 @@ pub struct ServerArgs {
     /// fails, saying its daemon stopped responding [default: 60].
     #[arg(long, env = "DEVMESH_PROVISIONER_TIMEOUT")]
     pub provisioner_timeout: Option<u64>,
+    /// Seconds a build or import may run before its daemon interrupts
+    /// Terraform and fails it (a hung provider, a stuck script)
+    /// [default: 3600].
+    #[arg(long, env = "DEVMESH_PROVISIONER_JOB_TIMEOUT")]
+    pub provisioner_job_timeout: Option<u64>,
 }
 
 /// The same settings as a TOML file.
@@ -95,6 +100,7 @@ struct FileConfig {
     terraform_path: Option<PathBuf>,
     provisioner_daemons: Option<usize>,
     provisioner_timeout: Option<u64>,
+    provisioner_job_timeout: Option<u64>,
 }
 
 /// Validated configuration of a primary.
@@ -128,6 +134,8 @@ pub struct ServerConfig {
     pub provisioner_daemons: usize,
     /// How long a running job's daemon may go without a heartbeat.
     pub provisioner_timeout: std::time::Duration,
+    /// How long a job may run before its daemon interrupts it.
+    pub provisioner_job_timeout: std::time::Duration,
     /// Connection caps and timeouts of the HTTP listener.
     pub http_limits: devmesh_net::http::Limits,
 }
@@ -218,6 +226,18 @@ impl ServerArgs {
             Some(s) => std::time::Duration::from_secs(s),
             None => crate::jobs::HEARTBEAT_TIMEOUT,
         };
+        let provisioner_job_timeout = match self
+            .provisioner_job_timeout
+            .or(file.provisioner_job_timeout)
+        {
+            Some(s) if !(3..=7 * 24 * 3600).contains(&s) => {
+                return Err(ConfigError(
+                    "--provisioner-job-timeout must be between 3 seconds and 7 days".into(),
+                ));
+            }
+            Some(s) => std::time::Duration::from_secs(s),
+            None => crate::jobs::JOB_TIMEOUT,
+        };
         let mut http_limits = devmesh_net::http::Limits::default();
         if let Some(n) = self.max_connections_per_ip.or(file.max_connections_per_ip) {
             http_limits.max_connections_per_ip = n;
@@ -229,6 +249,7 @@ impl ServerArgs {
                 .or(file.provisioner_daemons)
                 .unwrap_or(2),
             provisioner_timeout,
+            provisioner_job_timeout,
             http_limits,
             enable_path_apps: self.enable_path_apps || file.enable_path_apps == Some(true),
             tls,
@@ -264,6 +285,7 @@ impl ServerConfig {
             // Tests drive the job queue themselves.
             provisioner_daemons: 0,
             provisioner_timeout: crate::jobs::HEARTBEAT_TIMEOUT,
+            provisioner_job_timeout: crate::jobs::JOB_TIMEOUT,
         }
     }
 

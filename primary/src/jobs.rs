@@ -371,6 +371,10 @@ pub async fn fail_stale(db: &PgPool, timeout: Duration) -> sqlx::Result<u64> {
 /// server says otherwise (`--provisioner-timeout`).
 pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How long a job may run before its daemon interrupts Terraform and fails
+/// it, unless the server says otherwise (`--provisioner-job-timeout`).
+pub const JOB_TIMEOUT: Duration = Duration::from_secs(3600);
+
 /// How often a daemon heartbeats when jobs time out after `timeout`:
 /// three beats fit in it.
 pub fn heartbeat_every(timeout: Duration) -> Duration {

@@ -211,6 +211,7 @@ async fn spec(state: &AppState, job: &Job) -> sqlx::Result<Result<JobSpec, Strin
                 env,
                 state: None,
                 destroy: false,
+                timeout_secs: state.config.provisioner_job_timeout.as_secs(),
             }))
         }
         JobKind::Build => {
@@ -280,6 +281,7 @@ async fn spec(state: &AppState, job: &Job) -> sqlx::Result<Result<JobSpec, Strin
                 env,
                 state: tf_state,
                 destroy: build.transition == "delete",
+                timeout_secs: state.config.provisioner_job_timeout.as_secs(),
             }))
         }
     }

@@ -111,6 +111,18 @@ async fn run<C: Coordinator>(
 ) {
     tracing::info!(job.id = %job.id, what = %job.what, "running a provisioner job");
     let attempt = Attempt::start(coord, runner.heartbeat_every, job.id, shutdown);
+    // A job that runs too long (a hung provider, a stuck script) is
+    // interrupted like a cancellation, and fails saying why.
+    let timed_out = Arc::new(AtomicBool::new(false));
+    let deadline = (job.timeout_secs > 0).then(|| {
+        let (cancel, timed_out) = (attempt.cancel.clone(), timed_out.clone());
+        let limit = Duration::from_secs(job.timeout_secs);
+        tokio::spawn(async move {
+            tokio::time::sleep(limit).await;
+            timed_out.store(true, Ordering::Relaxed);
+            cancel.cancel();
+        })
+    });
     let dir = runner.work.join(job.id.to_string());
     let (outcome, parameters, resources) = match job.kind {
         JobKind::Build => match build(&**coord, runner, &job, &dir, &attempt).await {
@@ -153,6 +165,19 @@ async fn run<C: Coordinator>(
         },
     };
     let _ = std::fs::remove_dir_all(&dir);
+    if let Some(d) = deadline {
+        d.abort();
+    }
+    let outcome = if outcome == Outcome::Canceled && timed_out.load(Ordering::Relaxed) {
+        Outcome::Failed {
+            error: format!(
+                "Terraform did not finish within {} s, so it was interrupted",
+                job.timeout_secs
+            ),
+        }
+    } else {
+        outcome
+    };
     let what = match job.kind {
         JobKind::Build => "build",
         JobKind::Import => "import",
@@ -429,9 +454,17 @@ async fn build<C: Coordinator>(
     run.terraform(&["init", "-no-color", "-input=false"])
         .await?;
     let verb = if job.destroy { "destroy" } else { "apply" };
-    let ran = run
-        .terraform(&[verb, "-auto-approve", "-no-color", "-input=false"])
-        .await;
+    // Terraform writes the state as each resource is done: saving it as it
+    // changes means a daemon killed mid-apply loses nothing it created.
+    let done = CancellationToken::new();
+    let apply = async {
+        let ran = run
+            .terraform(&[verb, "-auto-approve", "-no-color", "-input=false"])
+            .await;
+        done.cancel();
+        ran
+    };
+    let (ran, ()) = tokio::join!(apply, save_as_it_changes(coord, job, &state_file, &done));
     // The state is kept whatever the outcome: a failed apply may have
     // created things the next build must know about.
     match std::fs::read(&state_file) {
@@ -448,6 +481,42 @@ async fn build<C: Coordinator>(
         Err(_) => {}
     }
     ran
+}
+
+/// How often a running build's state file is checked for changes.
+const STATE_POLL: Duration = Duration::from_secs(1);
+
+/// Saves `file` each time it changes until `done`.
+async fn save_as_it_changes<C: Coordinator>(
+    coord: &C,
+    job: &JobSpec,
+    file: &Path,
+    done: &CancellationToken,
+) {
+    let mut last = job.state.clone();
+    loop {
+        tokio::select! {
+            () = done.cancelled() => return,
+            () = tokio::time::sleep(STATE_POLL) => {}
+        }
+        let Ok(now) = tokio::fs::read(file).await else {
+            continue;
+        };
+        // Terraform replaces the file whole; a half-written one would not
+        // parse, and is left for the next look.
+        if last.as_ref() == Some(&now) || serde_json::from_slice::<Value>(&now).is_err() {
+            continue;
+        }
+        match coord.save_state(job.id, now.clone()).await {
+            Ok(()) => {
+                tracing::info!(job.id = %job.id, bytes = now.len(), "saved the running build's Terraform state");
+                last = Some(now);
+            }
+            Err(e) => {
+                tracing::warn!(job.id = %job.id, error = %format!("{e:#}"), "cannot save a running build's state")
+            }
+        }
+    }
 }
 
 /// Plans a template version as a start build of a stand-in workspace, and

@@ -434,6 +434,10 @@ pub struct TemplateVersion {
     /// The resources it declares, once imported.
     #[serde(default)]
     pub resources: Vec<crate::provisionerd::TemplateResource>,
+    /// Archived: it cannot be promoted or updated to (workspaces already
+    /// on it keep working).
+    #[serde(default)]
+    pub archived: bool,
     /// The import job that plans a Terraform version and records its
     /// parameters: workspaces can use the version once it succeeded.
     #[serde(default)]

@@ -247,6 +247,10 @@ pub struct JobSpec {
     /// Run `terraform destroy` rather than `apply` (delete builds).
     #[serde(default)]
     pub destroy: bool,
+    /// How long the job may run before the daemon interrupts Terraform
+    /// and fails it (seconds; 0: no limit).
+    #[serde(default)]
+    pub timeout_secs: u64,
 }
 
 /// What a heartbeat learns.
@@ -401,6 +405,7 @@ mod tests {
             env: BTreeMap::from([("K".into(), "v".into())]),
             state: Some(b"{}".to_vec()),
             destroy: false,
+            timeout_secs: 60,
         };
         let json = serde_json::to_value(&spec).unwrap();
         assert_eq!(json["archive"], "AAEC/w==");

@@ -45,14 +45,113 @@ pub(crate) enum TemplatesCommand {
     },
     /// List templates.
     List,
-    /// List a template's versions: number, kind, import state, parameters.
-    Versions {
+    /// A template's versions: list, promote, archive.
+    #[command(subcommand)]
+    Versions(VersionsCommand),
+    /// Download a version's directory (owners).
+    Pull {
         /// Template name.
         name: String,
+        /// The version (defaults to the active one).
+        #[arg(long)]
+        version: Option<i32>,
+        /// Where to write it (must not exist, or be empty).
+        #[arg(long, short = 'd')]
+        directory: PathBuf,
+    },
+    /// Start a template from a starter: local-process, docker, kubernetes.
+    Init {
+        /// Where to write it (must not exist, or be empty).
+        directory: PathBuf,
+        /// The starter.
+        #[arg(long, default_value = "local-process", value_parser = clap::builder::PossibleValuesParser::new(STARTERS.iter().map(|(n, _)| *n)))]
+        starter: String,
     },
 }
 
+#[derive(Debug, Clone, clap::Subcommand)]
+pub(crate) enum VersionsCommand {
+    /// List a template's versions: number, kind, state, parameters.
+    List {
+        /// Template name.
+        name: String,
+    },
+    /// Make a version the active one (new workspaces and `update` use it).
+    Promote {
+        /// Template name.
+        name: String,
+        /// The version's number.
+        version: i32,
+    },
+    /// Archive a version: it can no longer be promoted or updated to.
+    Archive {
+        /// Template name.
+        name: String,
+        /// The version's number.
+        version: i32,
+    },
+    /// Undo `archive`.
+    Unarchive {
+        /// Template name.
+        name: String,
+        /// The version's number.
+        version: i32,
+    },
+}
+
+/// The starter templates, built into the binary: name and `main.tf`.
+const STARTERS: &[(&str, &str)] = &[
+    (
+        "local-process",
+        include_str!("../../../examples/templates/local-process/main.tf"),
+    ),
+    (
+        "docker",
+        include_str!("../../../examples/templates/docker/main.tf"),
+    ),
+    (
+        "kubernetes",
+        include_str!("../../../examples/templates/kubernetes/main.tf"),
+    ),
+];
+
+/// `templates init`: writes a starter into `dir`.
+fn init(dir: &std::path::Path, starter: &str) -> anyhow::Result<()> {
+    let (_, main_tf) = STARTERS
+        .iter()
+        .find(|(n, _)| *n == starter)
+        .with_context(|| format!("no starter named {starter}"))?;
+    fresh_directory(dir)?;
+    let path = dir.join("main.tf");
+    std::fs::write(&path, main_tf).with_context(|| format!("writing {}", path.display()))?;
+    println!("Wrote the {starter} starter to {}.", path.display());
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| starter.to_owned());
+    println!(
+        "Push it with: devmesh templates push {name} -d {}",
+        dir.display()
+    );
+    Ok(())
+}
+
+/// Refuses a directory that exists and is not empty.
+fn fresh_directory(dir: &std::path::Path) -> anyhow::Result<()> {
+    if let Ok(mut entries) = std::fs::read_dir(dir) {
+        anyhow::ensure!(
+            entries.next().is_none(),
+            "{} is not empty; choose a new directory",
+            dir.display()
+        );
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))
+}
+
 pub(crate) async fn templates(g: &Global, cmd: TemplatesCommand) -> anyhow::Result<()> {
+    if let TemplatesCommand::Init { directory, starter } = &cmd {
+        return init(directory, starter);
+    }
     let client = g.client()?;
     match cmd {
         TemplatesCommand::Create {
@@ -177,7 +276,7 @@ pub(crate) async fn templates(g: &Global, cmd: TemplatesCommand) -> anyhow::Resu
                 );
             }
         }
-        TemplatesCommand::Versions { name } => {
+        TemplatesCommand::Versions(VersionsCommand::List { name }) => {
             let t: Template = client.get(&format!("/templates/{name}")).await?;
             let resp: devmesh_shared::api::TemplateVersionsResponse =
                 client.get(&format!("/templates/{name}/versions")).await?;
@@ -198,6 +297,7 @@ pub(crate) async fn templates(g: &Global, cmd: TemplatesCommand) -> anyhow::Resu
                     .map(|v| {
                         let state = match (&v.import, v.id == t.active_version.id) {
                             (_, true) => "active".to_owned(),
+                            _ if v.archived => "archived".to_owned(),
                             (Some(i), false) if i.status == "succeeded" => "imported".to_owned(),
                             (Some(i), false) => format!("import {}", i.status),
                             (None, false) => "inactive".to_owned(),
@@ -216,6 +316,59 @@ pub(crate) async fn templates(g: &Global, cmd: TemplatesCommand) -> anyhow::Resu
                     .collect(),
             );
         }
+        TemplatesCommand::Versions(VersionsCommand::Promote { name, version }) => {
+            let t: Template = client
+                .post(
+                    &format!("/templates/{name}/versions/{version}/promote"),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            println!(
+                "Version {} of {} is active: new workspaces use it, `devmesh update` moves existing ones.",
+                t.active_version.number, t.name
+            );
+        }
+        TemplatesCommand::Versions(VersionsCommand::Archive { name, version }) => {
+            client
+                .post::<_, serde_json::Value>(
+                    &format!("/templates/{name}/versions/{version}/archive"),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            println!("Archived version {version} of {name}.");
+        }
+        TemplatesCommand::Versions(VersionsCommand::Unarchive { name, version }) => {
+            client
+                .post::<_, serde_json::Value>(
+                    &format!("/templates/{name}/versions/{version}/unarchive"),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            println!("Unarchived version {version} of {name}.");
+        }
+        TemplatesCommand::Pull {
+            name,
+            version,
+            directory,
+        } => {
+            let number = match version {
+                Some(n) => n,
+                None => {
+                    let t: Template = client.get(&format!("/templates/{name}")).await?;
+                    t.active_version.number
+                }
+            };
+            let tar = client
+                .get_bytes(&format!("/templates/{name}/versions/{number}/files"))
+                .await?;
+            fresh_directory(&directory)?;
+            devmesh_provisioner::archive::unpack(&tar, &directory)?;
+            println!(
+                "Pulled version {number} of {name} into {}.",
+                directory.display()
+            );
+        }
+        TemplatesCommand::Init { .. } => unreachable!("handled before signing in"),
         TemplatesCommand::List => {
             let resp: TemplatesResponse = client.get("/templates").await?;
             if g.output == Format::Json {
@@ -284,8 +437,23 @@ pub(crate) async fn create(
     name: String,
     template: String,
     parameters: Vec<(String, String)>,
+    yes: bool,
 ) -> anyhow::Result<()> {
     let client = g.client()?;
+    let mut parameters: std::collections::BTreeMap<String, String> =
+        parameters.into_iter().collect();
+    // At a terminal, ask for the required parameters not given (each
+    // checked as it is typed); elsewhere, or with --yes, the server's
+    // answer names whatever is missing.
+    if !yes && std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        let t: Template = client.get(&format!("/templates/{template}")).await?;
+        for p in &t.active_version.parameters {
+            if p.default.is_none() && !parameters.contains_key(&p.name) {
+                let value = ask(p)?;
+                parameters.insert(p.name.clone(), value);
+            }
+        }
+    }
     let resp: WorkspaceBuildResponse = client
         .post(
             "/workspaces",
@@ -293,7 +461,7 @@ pub(crate) async fn create(
                 name,
                 template,
                 owner: None,
-                parameters: parameters.into_iter().collect(),
+                parameters,
             },
         )
         .await?;
@@ -308,6 +476,32 @@ pub(crate) async fn create(
         print_app_urls(&client, resp.workspace.id).await?;
     }
     Ok(())
+}
+
+/// Asks for one parameter's value at the terminal until it passes the
+/// parameter's checks.
+fn ask(p: &devmesh_shared::parameters::TemplateParameter) -> anyhow::Result<String> {
+    use std::io::{BufRead, Write};
+    let mut hint = p.kind.clone();
+    if !p.options.is_empty() {
+        hint = format!("one of {}", p.options.join(", "));
+    }
+    if let Some(d) = &p.description {
+        eprintln!("{}: {d}", p.name);
+    }
+    loop {
+        eprint!("{} ({hint}): ", p.name);
+        std::io::stderr().flush()?;
+        let mut line = String::new();
+        if std::io::stdin().lock().read_line(&mut line)? == 0 {
+            anyhow::bail!("no value for parameter {}", p.name);
+        }
+        let value = line.trim().to_owned();
+        match devmesh_shared::parameters::check_value(p, &value) {
+            Ok(()) => return Ok(value),
+            Err(e) => eprintln!("  {} {e}", p.name),
+        }
+    }
 }
 
 /// The URLs of a workspace's subdomain apps through the primary's region.

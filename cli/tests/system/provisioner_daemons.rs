@@ -311,8 +311,22 @@ async fn ten_workspaces_build_at_once_over_three_daemons_and_a_killed_daemon_fai
     );
 
     // A daemon killed mid-build: its job fails within the heartbeat
-    // timeout, saying why, and the workspace builds again elsewhere.
-    push(&owner, "slow", step_template("echo slow start; sleep 120")).await;
+    // timeout, saying why; what the build had created by then is in the
+    // stored state, so the next build (on another daemon) destroys it.
+    let tpl = tempfile::tempdir().unwrap();
+    std::fs::write(
+        tpl.path().join("main.tf"),
+        "data \"devmesh_workspace\" \"me\" {}\n\
+         terraform {\n  required_providers {\n    devmesh = { source = \"devmesh/devmesh\" }\n  }\n}\n\
+         resource \"terraform_data\" \"first\" {\n  \
+           provisioner \"local-exec\" {\n    when    = destroy\n    command = \"echo destroying first\"\n  }\n}\n\
+         resource \"terraform_data\" \"slow\" {\n  \
+           count      = data.devmesh_workspace.me.transition == \"start\" ? 1 : 0\n  \
+           depends_on = [terraform_data.first]\n  \
+           provisioner \"local-exec\" {\n    command = \"echo slow start; sleep 20\"\n  }\n}\n",
+    )
+    .unwrap();
+    push(&owner, "slow", archive_of(tpl.path())).await;
     let (_, body) = owner
         .post("/workspaces", json!({"name": "slow", "template": "slow"}))
         .await;
@@ -339,8 +353,16 @@ async fn ten_workspaces_build_at_once_over_three_daemons_and_a_killed_daemon_fai
         .as_str()
         .unwrap()
         .to_owned();
-    let at = tokio::time::Instant::now();
     let i: usize = holder.strip_prefix("pool-").unwrap().parse().unwrap();
+    eventually(30, "the daemon to save the state as it runs", || async {
+        daemons[i]
+            .log_text()
+            .lines()
+            .any(|l| l.contains("saved the running build's Terraform state") && l.contains(&job))
+            .then_some(())
+    })
+    .await;
+    let at = tokio::time::Instant::now();
     daemons[i].kill().await;
     let logs = job_ends(&owner, &job, "failed").await;
     assert!(
@@ -351,12 +373,22 @@ async fn ten_workspaces_build_at_once_over_three_daemons_and_a_killed_daemon_fai
         "{logs}"
     );
     assert!(at.elapsed() < Duration::from_secs(30), "{:?}", at.elapsed());
-    build(&owner, &id, "delete").await;
-    eventually(120, "the delete to run on another daemon", || async {
-        let (status, _) = owner.get(&format!("/workspaces/{id}")).await;
-        (status == StatusCode::NOT_FOUND).then_some(())
-    })
-    .await;
+    let (status, body) = owner
+        .post(
+            &format!("/workspaces/{id}/builds"),
+            json!({"transition": "delete"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let delete = body["workspace"]["latest_build"]["job_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let logs = job_ends(&owner, &delete, "succeeded").await;
+    assert!(
+        logs["logs"].to_string().contains("destroying first"),
+        "the killed build's resource was in the saved state: {logs:#}"
+    );
 }
 
 /// Calls `/api/v2/provisionerd…` with a provisioner key.
@@ -584,4 +616,40 @@ async fn a_provisioner_key_opens_only_the_daemon_api_and_a_daemon_only_its_own_j
         metrics.contains("devmesh_provisioner_refusals_total{result=\"job\"}"),
         "{metrics}"
     );
+}
+
+#[tokio::test]
+async fn a_build_that_runs_past_the_job_timeout_is_interrupted_and_fails_saying_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, owner, _db) = primary_with(dir.path(), &["--provisioner-job-timeout", "4"]).await;
+    push(&owner, "hangs", step_template("echo hanging; sleep 60")).await;
+    let (status, body) = owner
+        .post("/workspaces", json!({"name": "hung", "template": "hangs"}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let id = body["workspace"]["id"].as_str().unwrap().to_owned();
+    let job = body["workspace"]["latest_build"]["job_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let logs = job_ends(&owner, &job, "failed").await;
+    assert!(
+        logs["error"]
+            .as_str()
+            .unwrap()
+            .contains("did not finish within 4 s"),
+        "{logs}"
+    );
+    assert!(
+        logs["logs"].to_string().contains("Interrupt received"),
+        "Terraform was interrupted gracefully: {logs:#}"
+    );
+    let (_, w) = owner.get(&format!("/workspaces/{id}")).await;
+    assert_eq!(w["latest_build"]["status"], "failed", "{w}");
+    build(&owner, &id, "delete").await;
+    eventually(60, "the delete to run", || async {
+        let (status, _) = owner.get(&format!("/workspaces/{id}")).await;
+        (status == StatusCode::NOT_FOUND).then_some(())
+    })
+    .await;
 }

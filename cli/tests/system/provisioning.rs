@@ -467,7 +467,7 @@ async fn the_cli_pushes_a_template_and_follows_each_build_to_its_end() {
     );
     let home = root.join("me").join(&name);
     assert!(home.is_dir(), "the parameter's value was used");
-    let out = ok(&cli(cfg, &["templates", "versions", "local"]).await);
+    let out = ok(&cli(cfg, &["templates", "versions", "list", "local"]).await);
     assert!(
         out.contains("active") && out.contains("home_root,web_port"),
         "{out}"

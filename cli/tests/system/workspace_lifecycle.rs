@@ -145,3 +145,216 @@ async fn show_restart_and_update_a_terraform_workspace_with_the_cli() {
     assert!(!shown.contains("terraform_data.session"), "{shown}");
     ok(&run(&["delete", "box"]).await);
 }
+
+#[tokio::test]
+async fn templates_are_initialised_from_starters_pulled_promoted_and_archived() {
+    let dir = tempfile::tempdir().unwrap();
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/templates");
+    // The starters are valid, formatted Terraform (`terraform fmt` needs no
+    // provider; docker and kubernetes cannot be applied on this machine).
+    let fmt = std::process::Command::new("terraform")
+        .args(["fmt", "-check", "-recursive"])
+        .arg(&examples)
+        .output()
+        .unwrap();
+    assert!(
+        fmt.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fmt.stdout)
+    );
+
+    // `init` needs no deployment: the starters are in the binary.
+    let cfg = dir.path().join("cli");
+    let first = dir.path().join("lp");
+    ok(&cli(&cfg, &["templates", "init", first.to_str().unwrap()]).await);
+    let original = std::fs::read_to_string(first.join("main.tf")).unwrap();
+    assert_eq!(
+        original,
+        std::fs::read_to_string(examples.join("local-process/main.tf")).unwrap()
+    );
+    let again = cli(&cfg, &["templates", "init", first.to_str().unwrap()]).await;
+    assert!(!again.status.success());
+    assert!(stderr(&again).contains("not empty"), "{}", stderr(&again));
+    let docker = dir.path().join("docker");
+    let out = ok(&cli(
+        &cfg,
+        &[
+            "templates",
+            "init",
+            "--starter",
+            "docker",
+            docker.to_str().unwrap(),
+        ],
+    )
+    .await);
+    assert!(out.contains("devmesh templates push docker"), "{out}");
+    assert!(
+        std::fs::read_to_string(docker.join("main.tf"))
+            .unwrap()
+            .contains("docker_volume")
+    );
+
+    let (server, owner, _db) = primary_with(dir.path(), &[]).await;
+    let token = owner.token.clone().unwrap();
+    let run = |args: &[&str]| {
+        let mut all = vec!["--url", server.url.as_str(), "--token", token.as_str()];
+        all.extend_from_slice(args);
+        let cfg = cfg.clone();
+        let all: Vec<String> = all.into_iter().map(str::to_owned).collect();
+        async move {
+            let args: Vec<&str> = all.iter().map(String::as_str).collect();
+            cli(&cfg, &args).await
+        }
+    };
+    ok(&run(&["templates", "push", "lp", "-d", first.to_str().unwrap()]).await);
+    let changed = format!("{original}\n# version two\n");
+    std::fs::write(first.join("main.tf"), &changed).unwrap();
+    ok(&run(&["templates", "push", "lp", "-d", first.to_str().unwrap()]).await);
+
+    // `pull` gives back exactly what was pushed, by version.
+    let p1 = dir.path().join("p1");
+    ok(&run(&[
+        "templates",
+        "pull",
+        "lp",
+        "--version",
+        "1",
+        "-d",
+        p1.to_str().unwrap(),
+    ])
+    .await);
+    assert_eq!(
+        std::fs::read_to_string(p1.join("main.tf")).unwrap(),
+        original
+    );
+    let p2 = dir.path().join("p2");
+    ok(&run(&["templates", "pull", "lp", "-d", p2.to_str().unwrap()]).await);
+    assert_eq!(
+        std::fs::read_to_string(p2.join("main.tf")).unwrap(),
+        changed
+    );
+    // Members choose templates; they do not read their code.
+    let (status, _) = owner
+        .post(
+            "/users",
+            serde_json::json!({"email": "m@example.com", "username": "member", "password": "member-password"}),
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::CREATED);
+    let member = devmesh_tests::Api::new(&server.url, None)
+        .login("member", "member-password")
+        .await;
+    assert_eq!(
+        member.get("/templates/lp/versions/1/files").await.0,
+        reqwest::StatusCode::FORBIDDEN
+    );
+
+    // Promote back to 1; the active version cannot be archived; an
+    // archived one cannot be promoted until unarchived.
+    let out = ok(&run(&["templates", "versions", "promote", "lp", "1"]).await);
+    assert!(out.contains("Version 1 of lp is active"), "{out}");
+    let out = run(&["templates", "versions", "archive", "lp", "1"]).await;
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("active version"), "{}", stderr(&out));
+    ok(&run(&["templates", "versions", "archive", "lp", "2"]).await);
+    let list = ok(&run(&["templates", "versions", "list", "lp"]).await);
+    let row = |n: &str| {
+        list.lines()
+            .find(|l| l.starts_with(n))
+            .unwrap_or_else(|| panic!("no version {n} in\n{list}"))
+            .to_owned()
+    };
+    assert!(row("1 ").contains("active"), "{list}");
+    assert!(row("2 ").contains("archived"), "{list}");
+    let out = run(&["templates", "versions", "promote", "lp", "2"]).await;
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("archived"), "{}", stderr(&out));
+    ok(&run(&["templates", "versions", "unarchive", "lp", "2"]).await);
+    ok(&run(&["templates", "versions", "promote", "lp", "2"]).await);
+}
+
+#[tokio::test]
+async fn create_asks_at_a_terminal_for_required_parameters_until_they_are_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, owner, _db) = primary_with(dir.path(), &[]).await;
+    let token = owner.token.clone().unwrap();
+    let tpl = dir.path().join("req");
+    std::fs::create_dir_all(&tpl).unwrap();
+    std::fs::write(
+        tpl.join("main.tf"),
+        r#"terraform {
+  required_providers {
+    devmesh = { source = "devmesh/devmesh" }
+  }
+}
+data "devmesh_parameter" "replicas" {
+  name           = "replicas"
+  type           = "number"
+  description    = "How many."
+  validation_min = 1
+  validation_max = 9
+}
+resource "terraform_data" "echo" {
+  provisioner "local-exec" {
+    command = "echo replicas=${data.devmesh_parameter.replicas.value}"
+  }
+}
+"#,
+    )
+    .unwrap();
+    let cfg = dir.path().join("cli");
+    let base = ["--url", server.url.as_str(), "--token", token.as_str()];
+    let mut push = base.to_vec();
+    push.extend(["templates", "push", "req", "-d", tpl.to_str().unwrap()]);
+    ok(&cli(&cfg, &push).await);
+
+    // Not at a terminal: nothing is asked, and the server names what is
+    // missing before anything is queued.
+    let mut create = base.to_vec();
+    create.extend(["create", "quiet", "--template", "req"]);
+    let out = cli(&cfg, &create).await;
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("replicas"), "{}", stderr(&out));
+
+    // At a terminal (`script` gives the CLI one): asked, a bad answer
+    // refused with the reason, a good one used.
+    let command = format!(
+        "'{}' --url '{}' --token '{}' create asked --template req",
+        crate::support::BIN,
+        server.url,
+        token
+    );
+    let mut child = tokio::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .env("DEVMESH_CONFIG_DIR", &cfg)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"12\n3\n").await.unwrap();
+        // Keep the terminal open until the command is done.
+        let out = tokio::time::timeout(std::time::Duration::from_secs(120), async {
+            let mut text = String::new();
+            let mut stdout = child.stdout.take().unwrap();
+            tokio::io::AsyncReadExt::read_to_string(&mut stdout, &mut text)
+                .await
+                .unwrap();
+            text
+        })
+        .await
+        .expect("create finished");
+        drop(stdin);
+        assert!(out.contains("replicas: How many."), "{out}");
+        assert!(out.contains("must be at most 9"), "{out}");
+        assert!(
+            out.contains("replicas=3"),
+            "the build used the answer: {out}"
+        );
+        assert!(out.contains("Created workspace asked."), "{out}");
+    }
+    assert!(child.wait().await.unwrap().success());
+}

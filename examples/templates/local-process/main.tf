@@ -76,12 +76,12 @@ resource "terraform_data" "agent" {
 }
 
 data "devmesh_parameter" "web_port" {
-  name             = "web_port"
-  type             = "number"
-  description      = "The local port of the workspace's web app."
-  default          = "8000"
-  validation_min   = 1
-  validation_max   = 65535
+  name           = "web_port"
+  type           = "number"
+  description    = "The local port of the workspace's web app."
+  default        = "8000"
+  validation_min = 1
+  validation_max = 65535
 }
 
 # The workspace's web app: whatever listens on web_port in it.

@@ -275,6 +275,7 @@ pub(super) struct VersionRow {
     pub(super) import_job_id: Option<Uuid>,
     provisioner_tags: sqlx::types::Json<devmesh_shared::provisionerd::Tags>,
     resources: sqlx::types::Json<Vec<devmesh_shared::provisionerd::TemplateResource>>,
+    archived: bool,
     pub(super) import_status: Option<String>,
     pub(super) import_error: Option<String>,
 }
@@ -314,6 +315,7 @@ impl From<VersionRow> for TemplateVersion {
             parameters: r.parameters.0,
             provisioner_tags: r.provisioner_tags.0,
             resources: r.resources.0,
+            archived: r.archived,
             import: r
                 .import_job_id
                 .map(|job_id| devmesh_shared::api::VersionImport {
@@ -327,7 +329,7 @@ impl From<VersionRow> for TemplateVersion {
 
 const VERSION_COLUMNS: &str =
     "v.id, v.number, v.kind, v.definition, v.message, v.created_at, v.parameters,
-    v.import_job_id, v.provisioner_tags, v.resources, j.status AS import_status, j.error AS import_error";
+    v.import_job_id, v.provisioner_tags, v.resources, v.archived, j.status AS import_status, j.error AS import_error";
 const VERSION_FROM: &str =
     "template_versions v LEFT JOIN provisioner_jobs j ON j.id = v.import_job_id";
 
@@ -576,4 +578,140 @@ pub(super) async fn delete(
         .write(&state.db)
         .await;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// A version of `template` by number.
+async fn find_version(
+    state: &AppState,
+    template: &TemplateRow,
+    number: i32,
+) -> ApiResult<VersionRow> {
+    let row: Option<VersionRow> = sqlx::query_as(&format!(
+        "SELECT {VERSION_COLUMNS} FROM {VERSION_FROM} WHERE v.template_id = $1 AND v.number = $2"
+    ))
+    .bind(template.id)
+    .bind(number)
+    .fetch_optional(&state.db)
+    .await?;
+    row.ok_or_else(|| {
+        ApiError::not_found(format!(
+            "Template {} has no version {number}.",
+            template.name
+        ))
+    })
+}
+
+/// `POST /templates/{template}/versions/{number}/promote`: makes an
+/// imported, unarchived version the active one (new workspaces and
+/// `update` use it).
+pub(super) async fn promote(
+    State(state): State<AppState>,
+    auth: Authed,
+    ClientIp(ip): ClientIp,
+    ApiPath((template, number)): ApiPath<(String, i32)>,
+) -> ApiResult<Json<Template>> {
+    auth.require_owner()?;
+    let row = find_template(&state, &template).await?;
+    let version = find_version(&state, &row, number).await?;
+    if version.archived {
+        return Err(ApiError::conflict(format!(
+            "Version {number} is archived; unarchive it first."
+        )));
+    }
+    if let Some(why) = version.unusable() {
+        return Err(ApiError::conflict(why));
+    }
+    sqlx::query("UPDATE templates SET active_version_id = $2, updated_at = now() WHERE id = $1")
+        .bind(row.id)
+        .bind(version.id)
+        .execute(&state.db)
+        .await?;
+    Audit::new("promote", "template")
+        .resource(row.id, &row.name)
+        .by(&auth.0)
+        .ip(&ip)
+        .details(serde_json::json!({ "version": number }))
+        .write(&state.db)
+        .await;
+    let row = find_template(&state, &template).await?;
+    Ok(Json(to_api(&state, row).await?))
+}
+
+/// `POST /templates/{template}/versions/{number}/archive`.
+pub(super) async fn archive(
+    state: State<AppState>,
+    auth: Authed,
+    ip: ClientIp,
+    path: ApiPath<(String, i32)>,
+) -> ApiResult<Json<TemplateVersion>> {
+    set_archived(state, auth, ip, path, true).await
+}
+
+/// `POST /templates/{template}/versions/{number}/unarchive`.
+pub(super) async fn unarchive(
+    state: State<AppState>,
+    auth: Authed,
+    ip: ClientIp,
+    path: ApiPath<(String, i32)>,
+) -> ApiResult<Json<TemplateVersion>> {
+    set_archived(state, auth, ip, path, false).await
+}
+
+async fn set_archived(
+    State(state): State<AppState>,
+    auth: Authed,
+    ClientIp(ip): ClientIp,
+    ApiPath((template, number)): ApiPath<(String, i32)>,
+    archived: bool,
+) -> ApiResult<Json<TemplateVersion>> {
+    auth.require_owner()?;
+    let row = find_template(&state, &template).await?;
+    let version = find_version(&state, &row, number).await?;
+    if archived && version.id == row.active_version_id {
+        return Err(ApiError::conflict(format!(
+            "Version {number} is the active version; promote another one first."
+        )));
+    }
+    sqlx::query("UPDATE template_versions SET archived = $2 WHERE id = $1")
+        .bind(version.id)
+        .bind(archived)
+        .execute(&state.db)
+        .await?;
+    Audit::new(if archived { "archive" } else { "unarchive" }, "template")
+        .resource(row.id, &row.name)
+        .by(&auth.0)
+        .ip(&ip)
+        .details(serde_json::json!({ "version": number }))
+        .write(&state.db)
+        .await;
+    Ok(Json(find_version(&state, &row, number).await?.into()))
+}
+
+/// `GET /templates/{template}/versions/{number}/files`: a Terraform
+/// version's directory as the tar archive it was pushed as (owners: the
+/// code may hold what members should not read).
+pub(super) async fn files(
+    State(state): State<AppState>,
+    auth: Authed,
+    ApiPath((template, number)): ApiPath<(String, i32)>,
+) -> ApiResult<axum::response::Response> {
+    use axum::response::IntoResponse;
+    auth.require_owner()?;
+    let row = find_template(&state, &template).await?;
+    let version = find_version(&state, &row, number).await?;
+    let archive: Option<Vec<u8>> =
+        sqlx::query_scalar("SELECT archive FROM template_versions WHERE id = $1")
+            .bind(version.id)
+            .fetch_one(&state.db)
+            .await?;
+    let archive = archive.ok_or_else(|| {
+        ApiError::not_found(format!(
+            "Version {number} is an external template: it has no files."
+        ))
+    })?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/x-tar")],
+        archive,
+    )
+        .into_response())
 }
