@@ -176,6 +176,20 @@ impl ApiClient {
         .map(drop)
     }
 
+    /// `POST metadata`: the values that changed.
+    pub(crate) async fn metadata(
+        &self,
+        metadata: Vec<devmesh_shared::api::AgentMetadata>,
+    ) -> Result<(), ApiError> {
+        self.call(
+            Method::POST,
+            "metadata",
+            Some(&devmesh_shared::api::AgentMetadataRequest { metadata }),
+        )
+        .await
+        .map(drop)
+    }
+
     async fn call<B: Serialize>(
         &self,
         method: Method,

@@ -15,6 +15,7 @@ mod config;
 mod health;
 mod lifecycle;
 mod logs;
+mod metadata;
 mod nearest;
 mod scripts;
 mod supervisor;
@@ -106,6 +107,7 @@ async fn serve(
         workspace = %manifest.workspace_name,
         owner = %manifest.owner_name,
         scripts = manifest.scripts.len(),
+        metadata = manifest.metadata.len(),
         apps = manifest.apps.len(),
         relays = manifest.relays.len(),
         "manifest received"
@@ -138,6 +140,12 @@ async fn serve(
         directory: manifest.directory.as_ref().map(PathBuf::from),
         env: manifest.env.clone(),
     };
+    let mut measuring = metadata::spawn(
+        client.clone(),
+        &manifest.metadata,
+        &env,
+        shutdown.child_token(),
+    );
 
     // === Start ===
     lifecycle.set(LifecycleState::Starting);
@@ -167,6 +175,7 @@ async fn serve(
     // === Shutdown ===
     tracing::info!("shutting down");
     while health.join_next().await.is_some() {}
+    while measuring.join_next().await.is_some() {}
     lifecycle.set(LifecycleState::ShuttingDown);
     let stopped = scripts::run_all(
         &manifest.scripts,

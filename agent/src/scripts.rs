@@ -39,6 +39,19 @@ pub(crate) struct ScriptEnv {
     pub(crate) env: BTreeMap<String, String>,
 }
 
+impl ScriptEnv {
+    /// Gives `cmd` this environment and directory, and the marker that it
+    /// runs under the agent; never the agent's token.
+    pub(crate) fn apply(&self, cmd: &mut Command) {
+        cmd.env_remove(TOKEN_ENV)
+            .envs(&self.env)
+            .env(AGENT_ENV, "1");
+        if let Some(dir) = &self.directory {
+            cmd.current_dir(dir);
+        }
+    }
+}
+
 /// How one script ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Outcome {
@@ -90,9 +103,6 @@ pub(crate) async fn run_one(spec: &ScriptSpec, env: &ScriptEnv, logs: &LogSender
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
         .arg(&spec.script)
-        .env_remove(TOKEN_ENV)
-        .envs(&env.env)
-        .env(AGENT_ENV, "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -100,9 +110,7 @@ pub(crate) async fn run_one(spec: &ScriptSpec, env: &ScriptEnv, logs: &LogSender
         // everything it started and not just `sh`.
         .process_group(0)
         .kill_on_drop(true);
-    if let Some(dir) = &env.directory {
-        cmd.current_dir(dir);
-    }
+    env.apply(&mut cmd);
     let mut child = match cmd.spawn() {
         Ok(child) => child,
         Err(e) => {

@@ -127,6 +127,7 @@ pub(crate) fn empty_manifest() -> AgentManifest {
         env: BTreeMap::new(),
         apps: Vec::new(),
         scripts: Vec::new(),
+        metadata: Vec::new(),
         relays: Vec::new(),
         mesh_ca_pem: String::new(),
     }

@@ -357,6 +357,7 @@ pub fn router(state: AppState) -> Router {
         .route("/workspaceagents/me/lifecycle", post(agents::lifecycle))
         .route("/workspaceagents/me/logs", post(agents::post_logs))
         .route("/workspaceagents/me/app-health", post(agents::app_health))
+        .route("/workspaceagents/me/metadata", post(agents::metadata))
         .route("/workspaceagents/{id}/logs", get(agents::get_logs))
         .route(
             "/workspaces/{id}/port-shares",

@@ -685,6 +685,19 @@ fn agents_in(state: &Value) -> Vec<(AgentSpec, String)> {
                     }),
                 })
                 .collect();
+            let interval = a["metadata_interval"]
+                .as_u64()
+                .map_or(10, |i| i.clamp(1, 86_400) as u32);
+            let metadata = str_map(&a["metadata"])
+                .into_iter()
+                .take(devmesh_shared::api::MAX_AGENT_METADATA)
+                .map(|(key, script)| devmesh_shared::api::MetadataSpec {
+                    key,
+                    script,
+                    interval_seconds: interval,
+                    timeout_seconds: interval.min(10),
+                })
+                .collect();
             Some((
                 AgentSpec {
                     name,
@@ -692,6 +705,7 @@ fn agents_in(state: &Value) -> Vec<(AgentSpec, String)> {
                     env: str_map(&a["env"]),
                     apps,
                     scripts,
+                    metadata,
                 },
                 token,
             ))
@@ -754,7 +768,8 @@ mod tests {
         let state = serde_json::json!({"resources": [
             {"mode": "managed", "type": "devmesh_agent", "name": "main", "instances": [
                 {"attributes": {"id": "a1", "token": "t1", "dir": "/home/dev",
-                                "env": {"K": "v"}, "startup_script": "echo hi"}}]},
+                                "env": {"K": "v"}, "startup_script": "echo hi",
+                                "metadata": {"disk": "df -h /"}, "metadata_interval": 30}}]},
             {"mode": "managed", "type": "devmesh_agent", "name": "gpu_box", "instances": [
                 {"index_key": 0, "attributes": {"id": "a2", "token": "t2"}},
                 {"index_key": 1, "attributes": {"id": "a3", "token": "t3"}}]},
@@ -770,6 +785,9 @@ mod tests {
         assert_eq!(main.directory.as_deref(), Some("/home/dev"));
         assert_eq!(main.env["K"], "v");
         assert_eq!(main.scripts[0].script, "echo hi");
+        assert_eq!(main.metadata[0].key, "disk");
+        assert_eq!(main.metadata[0].script, "df -h /");
+        assert_eq!(main.metadata[0].interval_seconds, 30);
         assert_eq!(main.apps[0].port, Some(8080));
         assert_eq!(
             main.apps[0].sharing_level,

@@ -264,6 +264,61 @@ pub struct AgentSpec {
     /// Startup and stop scripts.
     #[serde(default)]
     pub scripts: Vec<ScriptSpec>,
+    /// Values the agent measures and reports (disk free, the branch checked
+    /// out), each by running a command periodically.
+    #[serde(default)]
+    pub metadata: Vec<MetadataSpec>,
+}
+
+/// One value an agent measures: `script`'s first line of output, every
+/// `interval_seconds`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MetadataSpec {
+    /// Its name (1 to 64 characters), unique per agent.
+    pub key: String,
+    /// A shell command (`sh -c`) run in the agent's directory and
+    /// environment; at most 8 KiB.
+    pub script: String,
+    /// How often it runs (1 s to a day).
+    #[serde(default = "ten")]
+    pub interval_seconds: u32,
+    /// How long a run may take before it is killed (at most the interval).
+    #[serde(default = "ten")]
+    pub timeout_seconds: u32,
+}
+
+fn ten() -> u32 {
+    10
+}
+
+/// At most this many metadata items per agent.
+pub const MAX_AGENT_METADATA: usize = 16;
+
+/// The longest metadata value kept (bytes); longer ones are cut.
+pub const MAX_METADATA_VALUE: usize = 1024;
+
+/// A metadata value as last reported.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AgentMetadata {
+    /// Its name.
+    pub key: String,
+    /// The first line the script printed (empty until it first ran).
+    pub value: String,
+    /// Why the last run failed (a non-zero exit, a timeout), if it did.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// When the primary received it (agents send none).
+    #[serde(default)]
+    pub collected_at: Option<DateTime<Utc>>,
+}
+
+/// `POST /api/v2/workspaceagents/me/metadata`: values that changed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentMetadataRequest {
+    /// The changed values.
+    pub metadata: Vec<AgentMetadata>,
 }
 
 /// A web app served by an agent.
@@ -702,6 +757,9 @@ pub struct WorkspaceAgent {
     pub relay_region: Option<String>,
     /// The apps its template declares for it.
     pub apps: Vec<WorkspaceApp>,
+    /// The values it measures, in the template's order.
+    #[serde(default)]
+    pub metadata: Vec<AgentMetadata>,
 }
 
 /// A web app of an agent.
@@ -975,6 +1033,9 @@ pub struct AgentManifest {
     pub apps: Vec<ManifestApp>,
     /// Startup and stop scripts.
     pub scripts: Vec<ScriptSpec>,
+    /// Values to measure and report.
+    #[serde(default)]
+    pub metadata: Vec<MetadataSpec>,
     /// Relays the agent may attach to, nearest-first candidates.
     pub relays: Vec<RelayInfo>,
     /// PEM of the mesh CA: the only root the agent trusts for relays.

@@ -771,6 +771,27 @@ pub(crate) async fn show(g: &Global, name: String) -> anyhow::Result<()> {
                 })
                 .collect(),
         );
+        let measured: Vec<Vec<String>> = ws
+            .agents
+            .iter()
+            .flat_map(|a| {
+                a.metadata.iter().map(|m| {
+                    vec![
+                        a.name.clone(),
+                        m.key.clone(),
+                        printable(&m.value).into_owned(),
+                        m.error
+                            .as_deref()
+                            .map(|e| printable(e).into_owned())
+                            .unwrap_or_default(),
+                    ]
+                })
+            })
+            .collect();
+        if !measured.is_empty() {
+            println!();
+            table(&["AGENT", "METADATA", "VALUE", "ERROR"], measured);
+        }
         println!();
         print_app_urls(&client, ws.id).await?;
     }

@@ -32,8 +32,10 @@ data "devmesh_parameter" "greeting" {
   mutable = true
 }
 resource "devmesh_agent" "main" {
-  os   = "linux"
-  arch = "amd64"
+  os                = "linux"
+  arch              = "amd64"
+  metadata          = { load = "cat /proc/loadavg" }
+  metadata_interval = 5
 }
 resource "terraform_data" "home" {
   input = data.devmesh_parameter.size.value
@@ -107,6 +109,12 @@ async fn show_restart_and_update_a_terraform_workspace_with_the_cli() {
     );
     assert!(shown.contains("Build #1: start succeeded"), "{shown}");
     assert!(line("main ").contains("connecting"), "{shown}");
+    assert!(
+        shown
+            .lines()
+            .any(|l| l.starts_with("main") && l.contains("load")),
+        "the agent's metadata item: {shown}"
+    );
 
     // A new active version does not change the workspace until it is
     // updated: `restart` keeps its version.
@@ -357,4 +365,77 @@ resource "terraform_data" "echo" {
         assert!(out.contains("Created workspace asked."), "{out}");
     }
     assert!(child.wait().await.unwrap().success());
+}
+
+#[tokio::test]
+async fn an_agent_measures_its_metadata_and_reports_only_what_its_template_declares() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, owner, _db) = primary_with(dir.path(), &[]).await;
+    let (status, body) = owner
+        .post(
+            "/templates",
+            serde_json::json!({"name": "byo", "definition": {"agents": [{
+                "name": "main",
+                "env": {"SIX": "6"},
+                "metadata": [
+                    {"key": "answer", "script": "echo answer=$((SIX * 7))", "interval_seconds": 1, "timeout_seconds": 1},
+                    {"key": "broken", "script": "echo nope >&2; exit 2", "interval_seconds": 1, "timeout_seconds": 1}
+                ]
+            }]}}),
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::CREATED, "{body}");
+    // Bad declarations are refused, naming the field.
+    let (status, body) = owner
+        .post(
+            "/templates",
+            serde_json::json!({"name": "bad", "definition": {"agents": [{
+                "name": "main",
+                "metadata": [{"key": "x", "script": "true", "interval_seconds": 5, "timeout_seconds": 9}]
+            }]}}),
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.to_string().contains("timeout_seconds"), "{body}");
+
+    let (_, created) = owner
+        .post(
+            "/workspaces",
+            serde_json::json!({"name": "m", "template": "byo"}),
+        )
+        .await;
+    let id = created["workspace"]["id"].as_str().unwrap().to_owned();
+    let token = created["agent_tokens"][0]["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let _agent = crate::support::AgentProcess::start(&server.url, &token, dir.path());
+    let agent = crate::support::eventually(60, "the metadata to be reported", || async {
+        let (_, w) = owner.get(&format!("/workspaces/{id}")).await;
+        let agent = w["agents"][0].clone();
+        (agent["metadata"][0]["value"] == "answer=42"
+            && agent["metadata"][1]["error"].as_str().is_some())
+        .then_some(agent)
+    })
+    .await;
+    assert!(
+        agent["metadata"][1]["error"]
+            .as_str()
+            .unwrap()
+            .contains("nope"),
+        "{agent}"
+    );
+    assert!(agent["metadata"][0]["collected_at"].is_string(), "{agent}");
+    // An agent (or whoever holds its token) cannot add keys its template
+    // does not declare.
+    let resp = reqwest::Client::new()
+        .post(format!("{}/api/v2/workspaceagents/me/metadata", server.url))
+        .header("Devmesh-Agent-Token", &token)
+        .json(&serde_json::json!({"metadata": [{"key": "injected", "value": "x"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), reqwest::StatusCode::BAD_REQUEST);
+    let (_, w) = owner.get(&format!("/workspaces/{id}")).await;
+    assert!(!w.to_string().contains("injected"), "{w}");
 }

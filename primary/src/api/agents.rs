@@ -77,6 +77,7 @@ struct ManifestRow {
     directory: Option<String>,
     env: sqlx::types::Json<std::collections::BTreeMap<String, String>>,
     scripts: sqlx::types::Json<Vec<devmesh_shared::api::ScriptSpec>>,
+    metadata_specs: sqlx::types::Json<Vec<devmesh_shared::api::MetadataSpec>>,
     workspace_name: String,
     owner_name: String,
 }
@@ -86,7 +87,7 @@ pub(super) async fn manifest(
     agent: AgentAuth,
 ) -> ApiResult<Json<AgentManifest>> {
     let row: ManifestRow = sqlx::query_as(
-        "SELECT g.name AS agent_name, g.directory, g.env, g.scripts, w.name AS workspace_name, u.username AS owner_name
+        "SELECT g.name AS agent_name, g.directory, g.env, g.scripts, g.metadata_specs, w.name AS workspace_name, u.username AS owner_name
          FROM workspace_agents g JOIN workspaces w ON w.id = g.workspace_id JOIN users u ON u.id = w.owner_id
          WHERE g.id = $1",
     )
@@ -122,6 +123,7 @@ pub(super) async fn manifest(
         env: row.env.0,
         apps,
         scripts: row.scripts.0,
+        metadata: row.metadata_specs.0,
         relays: super::edges::healthy_relays(&state.db, &state).await?,
         mesh_ca_pem: state.ca.cert_pem().to_owned(),
     }))
@@ -254,6 +256,58 @@ pub(super) async fn app_health(
             .execute(&state.db)
             .await?;
     }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /api/v2/workspaceagents/me/metadata`: values the agent measured,
+/// timed on arrival. Only keys its template declares are kept; long values
+/// are cut.
+pub(super) async fn metadata(
+    State(state): State<AppState>,
+    agent: AgentAuth,
+    ApiJson(req): ApiJson<devmesh_shared::api::AgentMetadataRequest>,
+) -> ApiResult<StatusCode> {
+    use devmesh_shared::api::{MAX_AGENT_METADATA, MAX_METADATA_VALUE, MetadataSpec};
+    if req.metadata.len() > MAX_AGENT_METADATA {
+        return Err(ApiError::bad_request(format!(
+            "At most {MAX_AGENT_METADATA} values per call."
+        )));
+    }
+    let specs: sqlx::types::Json<Vec<MetadataSpec>> =
+        sqlx::query_scalar("SELECT metadata_specs FROM workspace_agents WHERE id = $1")
+            .bind(agent.agent_id)
+            .fetch_one(&state.db)
+            .await?;
+    let cut = |s: &str| {
+        let mut end = s.len().min(MAX_METADATA_VALUE);
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s[..end].to_owned()
+    };
+    let mut changed = serde_json::Map::new();
+    for m in req.metadata {
+        if !specs.0.iter().any(|s| s.key == m.key) {
+            return Err(ApiError::bad_request(format!(
+                "The template declares no metadata {:?} for this agent.",
+                m.key
+            )));
+        }
+        changed.insert(
+            m.key,
+            serde_json::json!({
+                "value": cut(&m.value),
+                "error": m.error.as_deref().map(cut),
+                // The primary's clock: agents' clocks may be anywhere.
+                "collected_at": chrono::Utc::now(),
+            }),
+        );
+    }
+    sqlx::query("UPDATE workspace_agents SET metadata = metadata || $2 WHERE id = $1")
+        .bind(agent.agent_id)
+        .bind(serde_json::Value::Object(changed))
+        .execute(&state.db)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

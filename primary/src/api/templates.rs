@@ -228,6 +228,32 @@ pub(super) fn validate_definition(v: &mut Validator, prefix: &str, def: &Externa
                 v.add(format!("{at}.timeout_seconds"), "must be 1-86400");
             }
         }
+        if agent.metadata.len() > devmesh_shared::api::MAX_AGENT_METADATA {
+            v.add(
+                format!("{at}.metadata"),
+                format!("at most {} items", devmesh_shared::api::MAX_AGENT_METADATA),
+            );
+        }
+        let mut keys = HashSet::new();
+        for (j, m) in agent.metadata.iter().enumerate() {
+            let at = format!("{at}.metadata[{j}]");
+            if m.key.is_empty() || m.key.chars().count() > 64 || m.key.chars().any(char::is_control)
+            {
+                v.add(format!("{at}.key"), "must be 1-64 printable characters");
+            }
+            if !keys.insert(&m.key) {
+                v.add(format!("{at}.key"), "is used twice");
+            }
+            if m.script.is_empty() || m.script.len() > 8 * 1024 {
+                v.add(format!("{at}.script"), "must be 1 byte to 8 KiB");
+            }
+            if m.interval_seconds == 0 || m.interval_seconds > 86_400 {
+                v.add(format!("{at}.interval_seconds"), "must be 1-86400");
+            }
+            if m.timeout_seconds == 0 || m.timeout_seconds > m.interval_seconds {
+                v.add(format!("{at}.timeout_seconds"), "must be 1 to the interval");
+            }
+        }
     }
 }
 

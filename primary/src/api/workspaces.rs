@@ -63,6 +63,8 @@ struct AgentRow {
     last_connected_at: Option<DateTime<Utc>>,
     disconnected_at: Option<DateTime<Utc>>,
     relay_region: Option<String>,
+    metadata_specs: sqlx::types::Json<Vec<devmesh_shared::api::MetadataSpec>>,
+    metadata: sqlx::types::Json<BTreeMap<String, serde_json::Value>>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -135,7 +137,7 @@ async fn load(state: &AppState, row: WorkspaceRow) -> ApiResult<Workspace> {
     if build.transition == "start" {
         let agent_rows: Vec<AgentRow> = sqlx::query_as(
             "SELECT g.id, g.name, g.lifecycle_state, g.first_connected_at, g.last_connected_at,
-                    g.disconnected_at, a.relay AS relay_region
+                    g.disconnected_at, a.relay AS relay_region, g.metadata_specs, g.metadata
              FROM workspace_agents g LEFT JOIN agent_attachments a ON a.agent_id = g.id
              WHERE g.build_id = $1 ORDER BY g.name",
         )
@@ -187,6 +189,25 @@ async fn load(state: &AppState, row: WorkspaceRow) -> ApiResult<Workspace> {
                 last_connected_at: g.last_connected_at,
                 disconnected_at: g.disconnected_at,
                 relay_region: g.relay_region,
+                metadata: g
+                    .metadata_specs
+                    .0
+                    .iter()
+                    .map(|spec| {
+                        let v = g.metadata.0.get(&spec.key);
+                        devmesh_shared::api::AgentMetadata {
+                            key: spec.key.clone(),
+                            value: v
+                                .and_then(|v| v["value"].as_str())
+                                .unwrap_or_default()
+                                .to_owned(),
+                            error: v.and_then(|v| v["error"].as_str()).map(str::to_owned),
+                            collected_at: v.and_then(|v| {
+                                serde_json::from_value(v["collected_at"].clone()).ok()
+                            }),
+                        }
+                    })
+                    .collect(),
             })
             .collect();
     }
@@ -277,8 +298,8 @@ pub(crate) async fn insert_agents(
         let agent_id = Uuid::new_v4();
         let token = token.clone();
         sqlx::query(
-            "INSERT INTO workspace_agents (id, build_id, workspace_id, name, token_hash, directory, env, scripts)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            "INSERT INTO workspace_agents (id, build_id, workspace_id, name, token_hash, directory, env, scripts, metadata_specs)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .bind(agent_id)
         .bind(build_id)
@@ -288,6 +309,7 @@ pub(crate) async fn insert_agents(
         .bind(&agent.directory)
         .bind(sqlx::types::Json(&agent.env))
         .bind(sqlx::types::Json(&agent.scripts))
+        .bind(sqlx::types::Json(&agent.metadata))
         .execute(&mut *tx)
         .await?;
         for app in &agent.apps {

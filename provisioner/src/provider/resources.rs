@@ -142,6 +142,18 @@ pub(crate) const AGENT: Kind = Kind {
             Optional,
             "Shell script run when the agent starts.",
         ),
+        attr(
+            "metadata",
+            STRING_MAP,
+            Optional,
+            "Values the agent measures and reports: name → shell command, whose first line of output is the value.",
+        ),
+        attr(
+            "metadata_interval",
+            NUMBER,
+            Optional,
+            "Seconds between two runs of each metadata command (default 10).",
+        ),
         attr("id", STRING, Computed, "The agent's id."),
         secret(attr(
             "token",
