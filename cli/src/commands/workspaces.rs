@@ -553,38 +553,77 @@ async fn follow_job(
     job: uuid::Uuid,
     what: &str,
 ) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
     let mut after = 0i64;
     let mut said_waiting = false;
-    loop {
+    // At a terminal, a spinner under the log says which step runs and for
+    // how long; piped output stays plain lines.
+    let progress = (g.output != Format::Json
+        && std::io::stdout().is_terminal()
+        && std::io::stderr().is_terminal())
+    .then(|| {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {msg} ({elapsed})")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        bar.set_message(format!("{what}: waiting for a provisioner"));
+        bar.enable_steady_tick(Duration::from_millis(120));
+        bar
+    });
+    let say = |text: &str, err: bool| match &progress {
+        Some(bar) => bar.suspend(|| {
+            if err {
+                eprintln!("{text}");
+            } else {
+                println!("{text}");
+            }
+        }),
+        None if err => eprintln!("{text}"),
+        None => println!("{text}"),
+    };
+    let ended = loop {
         let resp: devmesh_shared::api::JobLogsResponse = client
             .get(&format!("/jobs/{job}/logs?after={after}"))
             .await?;
         if let Some(why) = resp.waiting.as_deref().filter(|_| !said_waiting) {
-            eprintln!("{why}");
+            say(why, true);
             said_waiting = true;
         }
         for l in &resp.logs {
             if g.output != Format::Json {
                 let line = printable(&l.line);
                 match l.stream.as_str() {
-                    "provisioner" => println!("{line}"),
-                    "stderr" => eprintln!("  {line}"),
-                    _ => println!("  {line}"),
+                    "provisioner" => {
+                        if let (Some(bar), Some(step)) = (&progress, line.strip_prefix("devmesh: "))
+                        {
+                            bar.set_message(format!("{what}: {step}"));
+                        }
+                        say(&line, false);
+                    }
+                    "stderr" => say(&format!("  {line}"), true),
+                    _ => say(&format!("  {line}"), false),
                 }
             }
             after = l.id;
         }
         match resp.status.as_str() {
-            "succeeded" => return Ok(()),
-            "failed" => anyhow::bail!(
-                "the {what} failed: {}",
-                resp.error.unwrap_or_else(|| "no reason given".into())
-            ),
-            "canceled" => anyhow::bail!("the {what} was canceled"),
+            "succeeded" => break Ok(()),
+            "failed" => {
+                break Err(anyhow::anyhow!(
+                    "the {what} failed: {}",
+                    resp.error.unwrap_or_else(|| "no reason given".into())
+                ));
+            }
+            "canceled" => break Err(anyhow::anyhow!("the {what} was canceled")),
             _ if resp.logs.is_empty() => tokio::time::sleep(Duration::from_millis(300)).await,
             _ => {}
         }
+    };
+    if let Some(bar) = progress {
+        bar.finish_and_clear();
     }
+    ended
 }
 
 pub(crate) async fn list(g: &Global, all: bool) -> anyhow::Result<()> {
