@@ -69,6 +69,69 @@ pub async fn small(
     (all, start.elapsed())
 }
 
+/// `h2load`, a C load generator far cheaper per request than this tool's
+/// own client, as the driver of small requests: `requests` GETs of
+/// `/blob/{size}` over `concurrency` connections (one stream each), with
+/// HTTP/1.1 or HTTP/2. Every request's latency comes from its log file.
+pub async fn small_h2load(
+    h2load: &std::path::Path,
+    ep: &Endpoint,
+    http2: bool,
+    size: usize,
+    requests: usize,
+    concurrency: usize,
+    scratch: &std::path::Path,
+) -> anyhow::Result<(Samples, Duration)> {
+    use anyhow::Context;
+    let (scheme, rest) = ep.base.split_once("://").context("no scheme")?;
+    let port = rest.rsplit_once(':').map_or("443", |(_, p)| p);
+    let log = scratch.join(format!("h2load-{}.log", uuid::Uuid::new_v4().simple()));
+    let mut cmd = tokio::process::Command::new(h2load);
+    cmd.arg("-n")
+        .arg(requests.to_string())
+        .arg("-c")
+        .arg(concurrency.to_string())
+        .args(["-t", "1", "-m", "1"])
+        .arg(format!("--connect-to=127.0.0.1:{port}"))
+        .arg(format!("--log-file={}", log.display()));
+    if !http2 {
+        cmd.arg("--h1");
+    }
+    if let Some(t) = &ep.token {
+        cmd.arg("-H").arg(format!("Devmesh-Session-Token: {t}"));
+    }
+    cmd.arg(format!("{scheme}://{rest}/blob/{size}"))
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let start = Instant::now();
+    let out = cmd.output().await.context("cannot run h2load")?;
+    let elapsed = start.elapsed();
+    anyhow::ensure!(
+        out.status.success(),
+        "h2load failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let text = std::fs::read_to_string(&log).context("h2load wrote no log")?;
+    let _ = std::fs::remove_file(&log);
+    let mut s = Samples::default();
+    // Each line: start time (µs since the epoch), status, duration (µs), client.
+    for line in text.lines() {
+        let mut f = line.split('\t');
+        let (_, status, micros) = (f.next(), f.next(), f.next());
+        match (
+            status.and_then(|v| v.parse::<u16>().ok()),
+            micros.and_then(|v| v.parse::<u64>().ok()),
+        ) {
+            (Some(200..=299), Some(us)) => s.ok(Duration::from_micros(us)),
+            _ => s.errors += 1,
+        }
+    }
+    // Requests that never completed are not in the log.
+    s.errors += requests.saturating_sub(s.ms.len() + s.errors);
+    s.bytes = (s.ms.len() * size) as u64;
+    Ok((s, elapsed))
+}
+
 /// Downloads `/bytes/{size}` and checks every byte; returns bytes received.
 pub async fn download(
     client: &reqwest::Client,

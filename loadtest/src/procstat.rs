@@ -41,6 +41,95 @@ pub fn parse(stat: &str, status: &str) -> Option<Reading> {
     })
 }
 
+/// The load generator's own CPU seconds: this process (every thread) and
+/// the children it has waited for (a `wrk` driver), from
+/// `/proc/self/stat`.
+pub fn generator_cpu_s() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime, stime, cutime, cstime: fields 14 to 17 of the whole line.
+    let ticks: u64 = fields
+        .get(11..15)?
+        .iter()
+        .map(|f| f.parse::<u64>().ok())
+        .sum::<Option<u64>>()?;
+    Some(ticks as f64 / TICKS_PER_SECOND)
+}
+
+/// The generator's CPU over a window that just ended, sampled in the
+/// background (a plain thread, so a busy runtime does not skew it).
+pub mod generator {
+    use std::collections::VecDeque;
+    use std::sync::OnceLock;
+    use std::time::Duration;
+
+    use tokio::time::Instant;
+
+    use parking_lot::Mutex;
+
+    /// How often the sampler reads `/proc/self/stat`.
+    const PERIOD: Duration = Duration::from_millis(100);
+
+    fn samples() -> &'static Mutex<VecDeque<(Instant, f64)>> {
+        static SAMPLES: OnceLock<Mutex<VecDeque<(Instant, f64)>>> = OnceLock::new();
+        SAMPLES.get_or_init(|| {
+            std::thread::Builder::new()
+                .name("generator-cpu".into())
+                .spawn(|| {
+                    loop {
+                        if let Some(cpu) = super::generator_cpu_s() {
+                            let mut s = samples().lock();
+                            s.push_back((Instant::now(), cpu));
+                            // Two hours at 10 Hz.
+                            if s.len() > 72_000 {
+                                s.pop_front();
+                            }
+                        }
+                        std::thread::sleep(PERIOD);
+                    }
+                })
+                .ok();
+            Mutex::new(VecDeque::new())
+        })
+    }
+
+    /// Starts sampling (call once before measuring).
+    pub fn start() {
+        samples();
+    }
+
+    /// Windows shorter than this are not attributed: the sampling period
+    /// would dominate them.
+    const SHORTEST: Duration = Duration::from_millis(500);
+
+    /// CPU seconds the generator used over the last `window`, and its
+    /// share of the machine (`cpu ÷ (window × cores)`); `None` for a
+    /// window too short to tell, or one the sampler did not see start.
+    pub fn over(window: Duration) -> Option<(f64, f64)> {
+        if window < SHORTEST {
+            return None;
+        }
+        let now = super::generator_cpu_s()?;
+        let start = Instant::now().checked_sub(window)?;
+        let s = samples().lock();
+        // The CPU reading at the window's start, between the samples around it.
+        let at = s.iter().rposition(|(t, _)| *t <= start)?;
+        let (t0, c0) = s[at];
+        let before = match s.get(at + 1) {
+            Some(&(t1, c1)) if t1 > t0 => {
+                let f =
+                    start.duration_since(t0).as_secs_f64() / t1.duration_since(t0).as_secs_f64();
+                c0 + (c1 - c0) * f.clamp(0.0, 1.0)
+            }
+            _ => c0,
+        };
+        let cores = std::thread::available_parallelism().map_or(1, usize::from) as f64;
+        let cpu = (now - before).max(0.0);
+        Some((cpu, (cpu / (window.as_secs_f64() * cores)).min(1.0)))
+    }
+}
+
 /// Reads a live process; `None` once it has exited.
 pub fn read(pid: u32) -> Option<Reading> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;

@@ -63,6 +63,10 @@ pub struct Row {
     pub target: String,
     /// The figures.
     pub summary: Summary,
+    /// CPU seconds the load generator itself used during the case.
+    pub generator_cpu_s: Option<f64>,
+    /// Its share of the machine during the case (1.0: every core busy).
+    pub generator_share: Option<f64>,
     /// Sorted latencies in ms, for the CDF plots.
     #[serde(skip)]
     pub sorted_ms: Vec<f64>,
@@ -88,10 +92,13 @@ impl ScenarioReport {
         elapsed: std::time::Duration,
     ) -> &Row {
         let summary = samples.summary(elapsed);
+        let generator = crate::procstat::generator::over(elapsed);
         self.rows.push(Row {
             case: case.into(),
             target: target.into(),
             summary,
+            generator_cpu_s: generator.map(|g| g.0),
+            generator_share: generator.map(|g| g.1),
             sorted_ms: samples.ms,
         });
         self.rows.last().expect("just pushed")
@@ -153,13 +160,13 @@ pub fn markdown(r: &Report, plots: &[String]) -> String {
         if !s.rows.is_empty() {
             let _ = writeln!(
                 md,
-                "\n| case | target | p50 ms | p90 ms | p99 ms | p99.9 ms | ops/s | MiB/s | ok | errors |\n|---|---|---|---|---|---|---|---|---|---|"
+                "\n| case | target | p50 ms | p90 ms | p99 ms | p99.9 ms | ops/s | MiB/s | ok | errors | generator CPU s | generator share |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
             );
             for row in &s.rows {
                 let m = &row.summary;
                 let _ = writeln!(
                     md,
-                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                     row.case,
                     row.target,
                     f(m.p50_ms),
@@ -169,7 +176,10 @@ pub fn markdown(r: &Report, plots: &[String]) -> String {
                     f(Some(m.ops_per_s)),
                     f(m.mib_per_s),
                     m.count,
-                    m.errors
+                    m.errors,
+                    f(row.generator_cpu_s),
+                    row.generator_share
+                        .map_or("—".into(), |s| format!("{:.0}%", s * 100.0)),
                 );
             }
             let ratios = ratio_rows(s);

@@ -95,6 +95,7 @@ pub async fn run(
     quick: bool,
 ) -> anyhow::Result<(PathBuf, Vec<String>)> {
     raise_nofile();
+    crate::procstat::generator::start();
     let started = Instant::now();
     let started_at = chrono::Utc::now().to_rfc3339();
     std::fs::create_dir_all(&opts.out)?;

@@ -426,6 +426,9 @@ impl Deployment {
         if let Some(pid) = proc.as_ref().and_then(Process::pid) {
             monitor.add("primary", pid);
         }
+        // The tool itself competes for the same cores: its CPU is shown
+        // beside devmesh's.
+        monitor.add("load generator", std::process::id());
         Ok(Deployment {
             dir: files.dir,
             ca_pem: files.ca_pem,
