@@ -12,8 +12,10 @@ use devmesh_tests::upstream::Upstream;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::provisioning::{archive_of, build, built, local_process, primary_with, push};
-use crate::support::{BIN, app_client, cli, eventually, ok};
+use crate::provisioning::{
+    archive_of, build, built, local_process, primary_with, push, step_template,
+};
+use crate::support::{BIN, app_client, cli_as, eventually, ok};
 
 /// `devmesh provisioner start` against `url` with `key` and `tags`,
 /// logging to a file in `dir`.
@@ -36,23 +38,6 @@ fn start_daemon(url: &str, key: &str, name: &str, tags: &[&str], dir: &Path) -> 
         .env("DEVMESH_LOG", "info")
         .env_remove("DEVMESH_URL");
     Process::spawn(cmd, dir.join(format!("{name}.log"))).unwrap()
-}
-
-/// A template whose start build runs `command` (stop and delete builds do
-/// nothing), as a base64 archive.
-fn step_template(command: &str) -> String {
-    let tpl = tempfile::tempdir().unwrap();
-    std::fs::write(
-        tpl.path().join("main.tf"),
-        format!(
-            "data \"devmesh_workspace\" \"me\" {{}}\n\
-             terraform {{\n  required_providers {{\n    devmesh = {{ source = \"devmesh/devmesh\" }}\n  }}\n}}\n\
-             resource \"terraform_data\" \"step\" {{\n  count = data.devmesh_workspace.me.transition == \"start\" ? 1 : 0\n  \
-             provisioner \"local-exec\" {{\n    command = \"{command}\"\n  }}\n}}\n"
-        ),
-    )
-    .unwrap();
-    archive_of(tpl.path())
 }
 
 /// Creates a provisioner key through the API; returns its secret.
@@ -107,26 +92,20 @@ async fn an_external_daemon_builds_only_the_jobs_its_tags_cover_end_to_end() {
     let (server, owner, _db) = primary_with(dir.path(), &["--provisioner-daemons", "0"]).await;
     let token = owner.token.clone().unwrap();
     let config = dir.path().join("cli");
-    let as_owner = |args: &[&str]| {
-        let mut all = vec!["--url", server.url.as_str(), "--token", token.as_str()];
-        all.extend_from_slice(args);
-        all.into_iter().map(str::to_owned).collect::<Vec<_>>()
-    };
 
     // An owner creates a key for Sydney's daemons with the CLI.
-    let out = cli(
+    let out = cli_as(
         &config,
-        &as_owner(&[
+        &server.url,
+        &token,
+        &[
             "provisioner",
             "keys",
             "create",
             "sydney",
             "--tag",
             "region=sydney",
-        ])
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>(),
+        ],
     )
     .await;
     let printed = ok(&out);
@@ -226,14 +205,7 @@ async fn an_external_daemon_builds_only_the_jobs_its_tags_cover_end_to_end() {
     );
 
     // Owners see the daemons, their tags and keys.
-    let out = cli(
-        &config,
-        &as_owner(&["provisioner", "list"])
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    )
-    .await;
+    let out = cli_as(&config, &server.url, &token, &["provisioner", "list"]).await;
     let list = ok(&out);
     let row = |name: &str| {
         list.lines()
@@ -391,33 +363,26 @@ async fn ten_workspaces_build_at_once_over_three_daemons_and_a_killed_daemon_fai
     );
 }
 
-/// Calls `/api/v2/provisionerd…` with a provisioner key.
-async fn daemon_call(
-    base: &str,
-    key: &str,
-    method: reqwest::Method,
-    path: &str,
-    body: Option<Value>,
-) -> (StatusCode, Value) {
-    let mut req = reqwest::Client::new()
-        .request(method, format!("{base}/api/v2/provisionerd{path}"))
-        .header("Devmesh-Provisioner-Key", key);
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    let resp = req.send().await.unwrap();
+/// POSTs `body` to `/api/v2/provisionerd{path}` with a provisioner key.
+async fn daemon_post(base: &str, key: &str, path: &str, body: Value) -> (StatusCode, Value) {
+    let resp = reqwest::Client::new()
+        .post(format!("{base}/api/v2/provisionerd{path}"))
+        .header("Devmesh-Provisioner-Key", key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     let status = resp.status();
     let text = resp.text().await.unwrap();
     (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
 async fn register(base: &str, key: &str, name: &str, tags: Value) -> (StatusCode, Value) {
-    daemon_call(
+    daemon_post(
         base,
         key,
-        reqwest::Method::POST,
         "/register",
-        Some(json!({"name": name, "tags": tags, "version": devmesh_shared::VERSION})),
+        json!({"name": name, "tags": tags, "version": devmesh_shared::VERSION}),
     )
     .await
 }
@@ -427,7 +392,6 @@ async fn a_provisioner_key_opens_only_the_daemon_api_and_a_daemon_only_its_own_j
     let dir = tempfile::tempdir().unwrap();
     let (server, owner, _db) = primary_with(dir.path(), &["--provisioner-daemons", "0"]).await;
     let base = server.url.as_str();
-    use reqwest::Method;
 
     // Members manage neither keys nor daemons.
     let (status, _) = owner
@@ -481,26 +445,12 @@ async fn a_provisioner_key_opens_only_the_daemon_api_and_a_daemon_only_its_own_j
     let (_, d1) = register(base, &k1, "d1", json!({})).await;
     let d1 = d1["id"].as_str().unwrap().to_owned();
     // A daemon id is usable only with its own key.
-    let (status, _) = daemon_call(
-        base,
-        &k2,
-        Method::POST,
-        &format!("/daemons/{d1}/acquire"),
-        Some(json!({})),
-    )
-    .await;
+    let (status, _) = daemon_post(base, &k2, &format!("/daemons/{d1}/acquire"), json!({})).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 
     // d1 takes an import job and gets what it needs to run it.
     let job = push_queued(&owner, "t", step_template("true"), json!({})).await;
-    let (status, spec) = daemon_call(
-        base,
-        &k1,
-        Method::POST,
-        &format!("/daemons/{d1}/acquire"),
-        Some(json!({})),
-    )
-    .await;
+    let (status, spec) = daemon_post(base, &k1, &format!("/daemons/{d1}/acquire"), json!({})).await;
     assert_eq!(status, StatusCode::OK, "{spec}");
     assert_eq!(spec["id"], job.as_str());
     assert_eq!(spec["kind"], "import");
@@ -509,21 +459,19 @@ async fn a_provisioner_key_opens_only_the_daemon_api_and_a_daemon_only_its_own_j
     // Another daemon can neither log to it, nor save state for it, nor
     // end it.
     let on = |d: &str, what: &str| format!("/daemons/{d}/jobs/{job}/{what}");
-    let (status, _) = daemon_call(
+    let (status, _) = daemon_post(
         base,
         &k2,
-        Method::POST,
         &on(&d2, "logs"),
-        Some(json!({"lines": [{"stream": "stdout", "line": "forged"}]})),
+        json!({"lines": [{"stream": "stdout", "line": "forged"}]}),
     )
     .await;
     assert_eq!(status, StatusCode::CONFLICT);
-    let (status, body) = daemon_call(
+    let (status, body) = daemon_post(
         base,
         &k2,
-        Method::POST,
         &on(&d2, "complete"),
-        Some(json!({"outcome": {"status": "failed", "error": "forged"}})),
+        json!({"outcome": {"status": "failed", "error": "forged"}}),
     )
     .await;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -547,14 +495,8 @@ async fn a_provisioner_key_opens_only_the_daemon_api_and_a_daemon_only_its_own_j
 
     // The primary checks what a daemon reports: parameters that cannot be
     // valid fail the import.
-    let (status, body) = daemon_call(
-        base,
-        &k1,
-        Method::POST,
-        &on(&d1, "complete"),
-        Some(json!({"outcome": {"status": "succeeded"},
-                    "parameters": [{"name": "a", "type": "string"}, {"name": "a", "type": "string"}]})),
-    )
+    let (status, body) = daemon_post(base, &k1, &on(&d1, "complete"), json!({"outcome": {"status": "succeeded"},
+                    "parameters": [{"name": "a", "type": "string"}, {"name": "a", "type": "string"}]}))
     .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["recorded"], true);
@@ -571,14 +513,7 @@ async fn a_provisioner_key_opens_only_the_daemon_api_and_a_daemon_only_its_own_j
         )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
-    let (status, spec) = daemon_call(
-        base,
-        &k1,
-        Method::POST,
-        &format!("/daemons/{d1}/acquire"),
-        Some(json!({})),
-    )
-    .await;
+    let (status, spec) = daemon_post(base, &k1, &format!("/daemons/{d1}/acquire"), json!({})).await;
     assert_eq!(status, StatusCode::OK, "{spec}");
     let second = spec["id"].as_str().unwrap().to_owned();
     assert_eq!(
@@ -591,12 +526,11 @@ async fn a_provisioner_key_opens_only_the_daemon_api_and_a_daemon_only_its_own_j
         logs["error"].as_str().unwrap().contains("deleted"),
         "{logs}"
     );
-    let (status, _) = daemon_call(
+    let (status, _) = daemon_post(
         base,
         &k1,
-        Method::POST,
         &format!("/daemons/{d1}/jobs/{second}/heartbeat"),
-        Some(json!({})),
+        json!({}),
     )
     .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);

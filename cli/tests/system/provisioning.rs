@@ -19,21 +19,27 @@ pub(crate) fn local_process() -> String {
     archive_of(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/templates/local-process"))
 }
 
-/// A template whose start build runs a `secs`-second step after printing
-/// `slow start` (stop and delete builds do nothing), as a base64 archive.
-pub(crate) fn slow_template(secs: u32) -> String {
+/// A template whose start build runs `command` (stop and delete builds do
+/// nothing), as a base64 archive.
+pub(crate) fn step_template(command: &str) -> String {
     let tpl = tempfile::tempdir().unwrap();
     std::fs::write(
         tpl.path().join("main.tf"),
         format!(
             "data \"devmesh_workspace\" \"me\" {{}}\n\
              terraform {{\n  required_providers {{\n    devmesh = {{ source = \"devmesh/devmesh\" }}\n  }}\n}}\n\
-             resource \"terraform_data\" \"slow\" {{\n  count = data.devmesh_workspace.me.transition == \"start\" ? 1 : 0\n  \
-             provisioner \"local-exec\" {{\n    command = \"echo slow start; sleep {secs}\"\n  }}\n}}\n"
+             resource \"terraform_data\" \"step\" {{\n  count = data.devmesh_workspace.me.transition == \"start\" ? 1 : 0\n  \
+             provisioner \"local-exec\" {{\n    command = \"{command}\"\n  }}\n}}\n"
         ),
     )
     .unwrap();
     archive_of(tpl.path())
+}
+
+/// A template whose start build runs a `secs`-second step after printing
+/// `slow start`, as a base64 archive.
+pub(crate) fn slow_template(secs: u32) -> String {
+    step_template(&format!("echo slow start; sleep {secs}"))
 }
 
 /// Pushes [`slow_template`] as `slow` and creates workspace `name` from it;

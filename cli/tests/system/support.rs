@@ -24,6 +24,13 @@ pub(crate) async fn cli(config: &Path, args: &[&str]) -> Output {
         .expect("run devmesh")
 }
 
+/// Runs the CLI against `url` with `token` (the flags every command takes).
+pub(crate) async fn cli_as(config: &Path, url: &str, token: &str, args: &[&str]) -> Output {
+    let mut all = vec!["--url", url, "--token", token];
+    all.extend_from_slice(args);
+    cli(config, &all).await
+}
+
 #[track_caller]
 pub(crate) fn ok(out: &Output) -> String {
     assert!(
