@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use crate::provisioning::{
     archive_of, build, built, local_process, primary_with, push, step_template,
 };
-use crate::support::{BIN, app_client, cli_as, eventually, ok};
+use crate::support::{BIN, CliAs, app_client, eventually, ok};
 
 /// `devmesh provisioner start` against `url` with `key` and `tags`,
 /// logging to a file in `dir`.
@@ -91,23 +91,23 @@ async fn an_external_daemon_builds_only_the_jobs_its_tags_cover_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
     let (server, owner, _db) = primary_with(dir.path(), &["--provisioner-daemons", "0"]).await;
     let token = owner.token.clone().unwrap();
-    let config = dir.path().join("cli");
+    let me = CliAs {
+        config: dir.path().join("cli"),
+        url: server.url.clone(),
+        token: token.clone(),
+    };
 
     // An owner creates a key for Sydney's daemons with the CLI.
-    let out = cli_as(
-        &config,
-        &server.url,
-        &token,
-        &[
+    let out = me
+        .run(&[
             "provisioner",
             "keys",
             "create",
             "sydney",
             "--tag",
             "region=sydney",
-        ],
-    )
-    .await;
+        ])
+        .await;
     let printed = ok(&out);
     let sydney_key = printed
         .lines()
@@ -205,7 +205,7 @@ async fn an_external_daemon_builds_only_the_jobs_its_tags_cover_end_to_end() {
     );
 
     // Owners see the daemons, their tags and keys.
-    let out = cli_as(&config, &server.url, &token, &["provisioner", "list"]).await;
+    let out = me.run(&["provisioner", "list"]).await;
     let list = ok(&out);
     let row = |name: &str| {
         list.lines()

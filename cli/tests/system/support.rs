@@ -24,11 +24,21 @@ pub(crate) async fn cli(config: &Path, args: &[&str]) -> Output {
         .expect("run devmesh")
 }
 
-/// Runs the CLI against `url` with `token` (the flags every command takes).
-pub(crate) async fn cli_as(config: &Path, url: &str, token: &str, args: &[&str]) -> Output {
-    let mut all = vec!["--url", url, "--token", token];
-    all.extend_from_slice(args);
-    cli(config, &all).await
+/// The CLI of one user of one deployment: its config directory, the URL
+/// and the user's token (the flags every command takes).
+pub(crate) struct CliAs {
+    pub(crate) config: std::path::PathBuf,
+    pub(crate) url: String,
+    pub(crate) token: String,
+}
+
+impl CliAs {
+    /// Runs `devmesh --url … --token … <args>`.
+    pub(crate) async fn run(&self, args: &[&str]) -> Output {
+        let mut all = vec!["--url", &self.url, "--token", &self.token];
+        all.extend_from_slice(args);
+        cli(&self.config, &all).await
+    }
 }
 
 #[track_caller]

@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use crate::provisioning::primary_with;
-use crate::support::{cli, cli_as, ok, stderr};
+use crate::support::{CliAs, cli, ok, stderr};
 
 /// A small template: a persistent `home` sized by the immutable `size`,
 /// with metadata; an ephemeral `session` that runs agent `main` and prints
@@ -65,30 +65,27 @@ async fn show_restart_and_update_a_terraform_workspace_with_the_cli() {
     let (server, owner, _db) = primary_with(dir.path(), &[]).await;
     let cfg = dir.path().join("cli");
     let token = owner.token.clone().unwrap();
+    let me = CliAs {
+        config: cfg.clone(),
+        url: server.url.clone(),
+        token: token.clone(),
+    };
     let tpl = dir.path().join("tiny");
     write_template(&tpl, false);
-    let out = ok(&cli_as(
-        &cfg,
-        &server.url,
-        &token,
-        &["templates", "push", "tiny", "-d", tpl.to_str().unwrap()],
-    )
-    .await);
+    let out = ok(&me
+        .run(&["templates", "push", "tiny", "-d", tpl.to_str().unwrap()])
+        .await);
     assert!(
         out.contains("terraform_data.home (persistent)")
             && out.contains("terraform_data.session (ephemeral)"),
         "the import planned a start and a stop: {out}"
     );
-    ok(&cli_as(
-        &cfg,
-        &server.url,
-        &token,
-        &["create", "box", "--template", "tiny", "-p", "size=2"],
-    )
-    .await);
+    ok(&me
+        .run(&["create", "box", "--template", "tiny", "-p", "size=2"])
+        .await);
 
     // `show`: resources with their lifetime, agents and metadata.
-    let shown = ok(&cli_as(&cfg, &server.url, &token, &["show", "box"]).await);
+    let shown = ok(&me.run(&["show", "box"]).await);
     let line = |needle: &str| {
         shown
             .lines()
@@ -121,14 +118,10 @@ async fn show_restart_and_update_a_terraform_workspace_with_the_cli() {
     // A new active version does not change the workspace until it is
     // updated: `restart` keeps its version.
     write_template(&tpl, true);
-    ok(&cli_as(
-        &cfg,
-        &server.url,
-        &token,
-        &["templates", "push", "tiny", "-d", tpl.to_str().unwrap()],
-    )
-    .await);
-    let out = ok(&cli_as(&cfg, &server.url, &token, &["restart", "box"]).await);
+    ok(&me
+        .run(&["templates", "push", "tiny", "-d", tpl.to_str().unwrap()])
+        .await);
+    let out = ok(&me.run(&["restart", "box"]).await);
     assert!(
         out.contains("Stopped box.") && out.contains("Started box."),
         "{out}"
@@ -138,40 +131,28 @@ async fn show_restart_and_update_a_terraform_workspace_with_the_cli() {
     assert_eq!(w["latest_build"]["build_number"], 3);
     assert!(!w.to_string().contains("terraform_data.extra"), "{w}");
     // Starting a started workspace says what to do instead.
-    let out = cli_as(&cfg, &server.url, &token, &["start", "box"]).await;
+    let out = me.run(&["start", "box"]).await;
     assert!(!out.status.success());
     assert!(stderr(&out).contains("devmesh update"), "{}", stderr(&out));
 
     // Immutable parameters stay; mutable ones change with `update`, which
     // also moves to the active version while the workspace runs.
-    let out = cli_as(
-        &cfg,
-        &server.url,
-        &token,
-        &["update", "box", "-p", "size=3"],
-    )
-    .await;
+    let out = me.run(&["update", "box", "-p", "size=3"]).await;
     assert!(!out.status.success());
     assert!(stderr(&out).contains("not mutable"), "{}", stderr(&out));
-    let out = ok(&cli_as(
-        &cfg,
-        &server.url,
-        &token,
-        &["update", "box", "-p", "greeting=hi"],
-    )
-    .await);
+    let out = ok(&me.run(&["update", "box", "-p", "greeting=hi"]).await);
     assert!(out.contains("greeting=hi"), "the build's log, live: {out}");
     assert!(out.contains("Updated box."), "{out}");
-    let shown = ok(&cli_as(&cfg, &server.url, &token, &["show", "box"]).await);
+    let shown = ok(&me.run(&["show", "box"]).await);
     assert!(shown.contains("terraform_data.extra"), "{shown}");
     assert!(shown.contains("size=2 GiB"), "{shown}");
 
     // Stopped: only the persistent resources remain.
-    ok(&cli_as(&cfg, &server.url, &token, &["stop", "box"]).await);
-    let shown = ok(&cli_as(&cfg, &server.url, &token, &["show", "box"]).await);
+    ok(&me.run(&["stop", "box"]).await);
+    let shown = ok(&me.run(&["show", "box"]).await);
     assert!(shown.contains("terraform_data.home"), "{shown}");
     assert!(!shown.contains("terraform_data.session"), "{shown}");
-    ok(&cli_as(&cfg, &server.url, &token, &["delete", "box"]).await);
+    ok(&me.run(&["delete", "box"]).await);
 }
 
 #[tokio::test]
@@ -223,31 +204,24 @@ async fn templates_are_initialised_from_starters_pulled_promoted_and_archived() 
     );
 
     let (server, owner, _db) = primary_with(dir.path(), &[]).await;
-    let token = owner.token.clone().unwrap();
-    ok(&cli_as(
-        &cfg,
-        &server.url,
-        &token,
-        &["templates", "push", "lp", "-d", first.to_str().unwrap()],
-    )
-    .await);
+    let me = CliAs {
+        config: cfg.clone(),
+        url: server.url.clone(),
+        token: owner.token.clone().unwrap(),
+    };
+    ok(&me
+        .run(&["templates", "push", "lp", "-d", first.to_str().unwrap()])
+        .await);
     let changed = format!("{original}\n# version two\n");
     std::fs::write(first.join("main.tf"), &changed).unwrap();
-    ok(&cli_as(
-        &cfg,
-        &server.url,
-        &token,
-        &["templates", "push", "lp", "-d", first.to_str().unwrap()],
-    )
-    .await);
+    ok(&me
+        .run(&["templates", "push", "lp", "-d", first.to_str().unwrap()])
+        .await);
 
     // `pull` gives back exactly what was pushed, by version.
     let p1 = dir.path().join("p1");
-    ok(&cli_as(
-        &cfg,
-        &server.url,
-        &token,
-        &[
+    ok(&me
+        .run(&[
             "templates",
             "pull",
             "lp",
@@ -255,21 +229,16 @@ async fn templates_are_initialised_from_starters_pulled_promoted_and_archived() 
             "1",
             "-d",
             p1.to_str().unwrap(),
-        ],
-    )
-    .await);
+        ])
+        .await);
     assert_eq!(
         std::fs::read_to_string(p1.join("main.tf")).unwrap(),
         original
     );
     let p2 = dir.path().join("p2");
-    ok(&cli_as(
-        &cfg,
-        &server.url,
-        &token,
-        &["templates", "pull", "lp", "-d", p2.to_str().unwrap()],
-    )
-    .await);
+    ok(&me
+        .run(&["templates", "pull", "lp", "-d", p2.to_str().unwrap()])
+        .await);
     assert_eq!(
         std::fs::read_to_string(p2.join("main.tf")).unwrap(),
         changed
@@ -292,37 +261,19 @@ async fn templates_are_initialised_from_starters_pulled_promoted_and_archived() 
 
     // Promote back to 1; the active version cannot be archived; an
     // archived one cannot be promoted until unarchived.
-    let out = ok(&cli_as(
-        &cfg,
-        &server.url,
-        &token,
-        &["templates", "versions", "promote", "lp", "1"],
-    )
-    .await);
+    let out = ok(&me
+        .run(&["templates", "versions", "promote", "lp", "1"])
+        .await);
     assert!(out.contains("Version 1 of lp is active"), "{out}");
-    let out = cli_as(
-        &cfg,
-        &server.url,
-        &token,
-        &["templates", "versions", "archive", "lp", "1"],
-    )
-    .await;
+    let out = me
+        .run(&["templates", "versions", "archive", "lp", "1"])
+        .await;
     assert!(!out.status.success());
     assert!(stderr(&out).contains("active version"), "{}", stderr(&out));
-    ok(&cli_as(
-        &cfg,
-        &server.url,
-        &token,
-        &["templates", "versions", "archive", "lp", "2"],
-    )
-    .await);
-    let list = ok(&cli_as(
-        &cfg,
-        &server.url,
-        &token,
-        &["templates", "versions", "list", "lp"],
-    )
-    .await);
+    ok(&me
+        .run(&["templates", "versions", "archive", "lp", "2"])
+        .await);
+    let list = ok(&me.run(&["templates", "versions", "list", "lp"]).await);
     let row = |n: &str| {
         list.lines()
             .find(|l| l.starts_with(n))
@@ -331,29 +282,17 @@ async fn templates_are_initialised_from_starters_pulled_promoted_and_archived() 
     };
     assert!(row("1 ").contains("active"), "{list}");
     assert!(row("2 ").contains("archived"), "{list}");
-    let out = cli_as(
-        &cfg,
-        &server.url,
-        &token,
-        &["templates", "versions", "promote", "lp", "2"],
-    )
-    .await;
+    let out = me
+        .run(&["templates", "versions", "promote", "lp", "2"])
+        .await;
     assert!(!out.status.success());
     assert!(stderr(&out).contains("archived"), "{}", stderr(&out));
-    ok(&cli_as(
-        &cfg,
-        &server.url,
-        &token,
-        &["templates", "versions", "unarchive", "lp", "2"],
-    )
-    .await);
-    ok(&cli_as(
-        &cfg,
-        &server.url,
-        &token,
-        &["templates", "versions", "promote", "lp", "2"],
-    )
-    .await);
+    ok(&me
+        .run(&["templates", "versions", "unarchive", "lp", "2"])
+        .await);
+    ok(&me
+        .run(&["templates", "versions", "promote", "lp", "2"])
+        .await);
 }
 
 #[tokio::test]
