@@ -89,24 +89,33 @@ pub(crate) async fn run(
         .process_group(0)
         .kill_on_drop(true);
     env.apply(&mut cmd);
-    let child = match cmd.spawn() {
+    let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => return (String::new(), Some(format!("cannot run sh: {e}"))),
     };
     let pid = child.id();
-    match tokio::time::timeout(timeout, child.wait_with_output()).await {
-        Ok(Ok(out)) => {
-            let first = |b: &[u8]| {
-                let text = String::from_utf8_lossy(b);
-                let line = text.lines().next().unwrap_or_default().trim().to_owned();
-                cut(line)
-            };
-            let value = first(&out.stdout);
-            if out.status.success() {
+    // Only the start of the output matters: a command that prints without
+    // end (`yes`) must not fill the agent's memory. Past the limit the
+    // pipes close and the command gets SIGPIPE.
+    let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+    let ran = tokio::time::timeout(timeout, async {
+        let out = head(stdout, OUTPUT_LIMIT);
+        let err = head(stderr, 4 * 1024);
+        let (out, err) = tokio::join!(out, err);
+        (child.wait().await, out, err)
+    })
+    .await;
+    let first = |b: &[u8]| {
+        let text = String::from_utf8_lossy(b);
+        cut(text.lines().next().unwrap_or_default().trim().to_owned())
+    };
+    match ran {
+        Ok((Ok(status), out, err)) => {
+            let value = first(&out);
+            if status.success() {
                 (value, None)
             } else {
-                let why = first(&out.stderr);
-                let status = out.status;
+                let why = first(&err);
                 (
                     value,
                     Some(if why.is_empty() {
@@ -117,7 +126,7 @@ pub(crate) async fn run(
                 )
             }
         }
-        Ok(Err(e)) => (String::new(), Some(format!("cannot read its output: {e}"))),
+        Ok((Err(e), _, _)) => (String::new(), Some(format!("cannot wait for it: {e}"))),
         Err(_) => {
             if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
                 let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
@@ -128,6 +137,19 @@ pub(crate) async fn run(
             )
         }
     }
+}
+
+/// How much of a command's output is read.
+const OUTPUT_LIMIT: u64 = 64 * 1024;
+
+/// At most `limit` bytes of `pipe`; the pipe is closed after.
+async fn head<R: tokio::io::AsyncRead + Unpin>(pipe: Option<R>, limit: u64) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    if let Some(p) = pipe {
+        let _ = p.take(limit).read_to_end(&mut buf).await;
+    }
+    buf
 }
 
 fn cut(mut s: String) -> String {
@@ -210,6 +232,9 @@ mod tests {
         assert!(error.unwrap().contains("timed out"));
         let (value, _) = run("head -c 5000 /dev/zero | tr '\\0' x", &env, second).await;
         assert_eq!(value.len(), MAX_METADATA_VALUE);
+        // Endless output is cut, not buffered.
+        let (value, _) = run("yes", &env, second).await;
+        assert_eq!(value, "y");
     }
 
     #[tokio::test]

@@ -157,7 +157,8 @@ enum Command {
         name: String,
     },
     /// Move a workspace to its template's active version, and change
-    /// mutable parameters; a started workspace stays started.
+    /// mutable parameters, with a start build (a stopped workspace is
+    /// started; a started one is updated in place).
     Update {
         /// Workspace name, or owner/name.
         name: String,

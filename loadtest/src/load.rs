@@ -104,15 +104,17 @@ pub async fn small_h2load(
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true);
     let start = Instant::now();
-    let out = cmd.output().await.context("cannot run h2load")?;
+    let out = cmd.output().await;
     let elapsed = start.elapsed();
+    let text = std::fs::read_to_string(&log);
+    let _ = std::fs::remove_file(&log);
+    let out = out.context("cannot run h2load")?;
     anyhow::ensure!(
         out.status.success(),
         "h2load failed: {}",
         String::from_utf8_lossy(&out.stderr).trim()
     );
-    let text = std::fs::read_to_string(&log).context("h2load wrote no log")?;
-    let _ = std::fs::remove_file(&log);
+    let text = text.context("h2load wrote no log")?;
     let mut s = Samples::default();
     // Each line: start time (µs since the epoch), status, duration (µs), client.
     for line in text.lines() {

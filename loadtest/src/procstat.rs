@@ -107,25 +107,38 @@ pub mod generator {
     /// share of the machine (`cpu ÷ (window × cores)`); `None` for a
     /// window too short to tell, or one the sampler did not see start.
     pub fn over(window: Duration) -> Option<(f64, f64)> {
+        let now = Instant::now();
+        between(now.checked_sub(window)?, now)
+    }
+
+    /// Like [`over`], for the window from `start` to `end` (both past).
+    pub fn between(start: Instant, end: Instant) -> Option<(f64, f64)> {
+        let window = end.checked_duration_since(start)?;
         if window < SHORTEST {
             return None;
         }
-        let now = super::generator_cpu_s()?;
-        let start = Instant::now().checked_sub(window)?;
         let s = samples().lock();
-        // The CPU reading at the window's start, between the samples around it.
-        let at = s.iter().rposition(|(t, _)| *t <= start)?;
-        let (t0, c0) = s[at];
-        let before = match s.get(at + 1) {
-            Some(&(t1, c1)) if t1 > t0 => {
-                let f =
-                    start.duration_since(t0).as_secs_f64() / t1.duration_since(t0).as_secs_f64();
-                c0 + (c1 - c0) * f.clamp(0.0, 1.0)
-            }
-            _ => c0,
+        let at = |t: Instant| -> Option<f64> {
+            // The CPU reading at `t`, between the samples around it.
+            let i = s.iter().rposition(|(ti, _)| *ti <= t)?;
+            let (t0, c0) = s[i];
+            Some(match s.get(i + 1) {
+                Some(&(t1, c1)) if t1 > t0 => {
+                    let f =
+                        t.duration_since(t0).as_secs_f64() / t1.duration_since(t0).as_secs_f64();
+                    c0 + (c1 - c0) * f.clamp(0.0, 1.0)
+                }
+                _ => c0,
+            })
+        };
+        let begin = at(start)?;
+        let finish = if end + PERIOD >= Instant::now() {
+            super::generator_cpu_s()?
+        } else {
+            at(end)?
         };
         let cores = std::thread::available_parallelism().map_or(1, usize::from) as f64;
-        let cpu = (now - before).max(0.0);
+        let cpu = (finish - begin).max(0.0);
         Some((cpu, (cpu / (window.as_secs_f64() * cores)).min(1.0)))
     }
 }

@@ -83,16 +83,31 @@ impl ScenarioReport {
         }
     }
 
-    /// Adds a row from collected samples.
+    /// Adds a row from samples collected over the `elapsed` that just
+    /// ended.
     pub fn add(
         &mut self,
         case: impl Into<String>,
         target: impl Into<String>,
+        samples: crate::stats::Samples,
+        elapsed: std::time::Duration,
+    ) -> &Row {
+        let end = tokio::time::Instant::now();
+        self.add_window(case, target, samples, end - elapsed, elapsed)
+    }
+
+    /// Adds a row from samples collected over `elapsed` from `start` (for
+    /// a case that ended before the row is added).
+    pub fn add_window(
+        &mut self,
+        case: impl Into<String>,
+        target: impl Into<String>,
         mut samples: crate::stats::Samples,
+        start: tokio::time::Instant,
         elapsed: std::time::Duration,
     ) -> &Row {
         let summary = samples.summary(elapsed);
-        let generator = crate::procstat::generator::over(elapsed);
+        let generator = crate::procstat::generator::between(start, start + elapsed);
         self.rows.push(Row {
             case: case.into(),
             target: target.into(),

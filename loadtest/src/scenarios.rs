@@ -289,10 +289,11 @@ pub async fn websockets(
         let n = opened.load(Ordering::Relaxed);
         let connect = std::mem::take(&mut *connect.lock());
         let echo = std::mem::take(&mut *echo.lock());
-        sr.add(
+        sr.add_window(
             format!("connect ({} connections)", cfg.connections),
             &t.name,
             connect,
+            start,
             open_time,
         );
         sr.add(
@@ -748,10 +749,11 @@ pub async fn failover(
             Err(()) => s.errors += 1,
         }
     }
-    sr.add(
+    sr.add_window(
         "8 clients before the kill",
         &ep.name,
         before,
+        start,
         Duration::from_secs_f64(killed_at),
     );
     sr.add(

@@ -1,7 +1,7 @@
 //! A load-test run interrupted halfway (Ctrl-C) leaves no process behind:
-//! the processes a run starts (the primary and its PostgreSQL, edges,
-//! agents, nginx master and workers, rathole, h2load) are listed before the
-//! run and after it, and nothing new may remain.
+//! every process the run started (the primary and its PostgreSQL, edges,
+//! agents, nginx master and workers, rathole, h2load) is recorded while it
+//! runs, and none may remain once it has ended.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -9,39 +9,50 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// The programs a run starts, by their `comm` (at most 15 characters).
-const STARTED: &[&str] = &["devmesh", "postgres", "nginx", "rathole", "h2load"];
-
-/// Live processes running one of [`STARTED`]: pid → command line.
-fn processes() -> BTreeMap<u32, String> {
-    let mut found = BTreeMap::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
-            continue;
-        };
-        let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
-        if !STARTED.contains(&comm.trim()) {
-            continue;
-        }
-        // Zombies are gone already; only their parent has to reap them.
-        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
-        if stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
-        {
-            continue;
-        }
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        found.insert(pid, String::from_utf8_lossy(&cmdline).replace('\0', " "));
-    }
-    found
+/// A process as `/proc` shows it.
+#[derive(Debug, Clone, PartialEq)]
+struct Proc {
+    parent: u32,
+    /// Clock ticks after boot: with the pid, names one process for good.
+    started: u64,
+    zombie: bool,
+    cmdline: String,
 }
 
-fn new_since(before: &BTreeMap<u32, String>) -> BTreeMap<u32, String> {
-    processes()
+fn read(pid: u32) -> Option<Proc> {
+    let dir = Path::new("/proc").join(pid.to_string());
+    let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+    // After the command name: state, parent, … starttime is field 22.
+    let rest: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let cmdline = std::fs::read(dir.join("cmdline")).unwrap_or_default();
+    Some(Proc {
+        zombie: rest.first() == Some(&"Z"),
+        parent: rest.get(1)?.parse().ok()?,
+        started: rest.get(19)?.parse().ok()?,
+        cmdline: String::from_utf8_lossy(&cmdline).replace('\0', " "),
+    })
+}
+
+/// Every live process descending from `root`.
+fn descendants(root: u32) -> BTreeMap<u32, Proc> {
+    let all: BTreeMap<u32, Proc> = std::fs::read_dir("/proc")
         .into_iter()
-        .filter(|(pid, _)| !before.contains_key(pid))
-        .collect()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter_map(|pid| Some((pid, read(pid)?)))
+        .collect();
+    let mut found = BTreeMap::new();
+    let mut frontier = vec![root];
+    while let Some(p) = frontier.pop() {
+        for (pid, proc) in &all {
+            if proc.parent == p && !found.contains_key(pid) {
+                found.insert(*pid, proc.clone());
+                frontier.push(*pid);
+            }
+        }
+    }
+    found
 }
 
 #[test]
@@ -54,8 +65,6 @@ fn a_quick_run_interrupted_halfway_leaves_no_process_behind() {
     );
     let scenario = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/full.toml");
     let out = tempfile::tempdir().unwrap();
-    let log = out.path().join("run.log");
-    let before = processes();
     let mut run = std::process::Command::new(env!("CARGO_BIN_EXE_devmesh-loadtest"))
         .arg("run")
         .arg(&scenario)
@@ -64,23 +73,30 @@ fn a_quick_run_interrupted_halfway_leaves_no_process_behind() {
         .arg("--out")
         .arg(out.path())
         .stdin(std::process::Stdio::null())
-        .stdout(std::fs::File::create(&log).unwrap())
+        .stdout(std::fs::File::create(out.path().join("run.log")).unwrap())
         .stderr(std::fs::File::create(out.path().join("run.err")).unwrap())
         .spawn()
         .unwrap();
 
     // Halfway: the deployment and the baselines are up and the scenarios
     // have begun (the primary, its database, edges and agents run; so does
-    // nginx where it is installed).
+    // nginx where it is installed). Everything seen meanwhile is recorded.
     let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
         .iter()
         .any(|p| Path::new(p).exists());
+    let mut seen: BTreeMap<u32, Proc> = BTreeMap::new();
     let deadline = Instant::now() + Duration::from_secs(300);
+    let mut up_since = None;
     loop {
-        let started = new_since(&before);
-        let count = |comm: &str| started.values().filter(|c| c.contains(comm)).count();
-        let up = count("devmesh") >= 3 && count("postgres") >= 1 && (!nginx || count("nginx") >= 2);
-        if up {
+        seen.extend(descendants(run.id()));
+        let count = |what: &str| seen.values().filter(|p| p.cmdline.contains(what)).count();
+        let up = count("devmesh") >= 3
+            && count("postgres") >= 1
+            && (!nginx || count("nginx: worker") >= 1);
+        if up && up_since.is_none() {
+            up_since = Some(Instant::now());
+        }
+        if up_since.is_some_and(|t| t.elapsed() > Duration::from_secs(3)) {
             break;
         }
         if let Some(status) = run.try_wait().unwrap() {
@@ -91,12 +107,10 @@ fn a_quick_run_interrupted_halfway_leaves_no_process_behind() {
         }
         assert!(
             Instant::now() < deadline,
-            "the run never got going; started: {started:#?}"
+            "the run never got going; started: {seen:#?}"
         );
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(Duration::from_millis(100));
     }
-    std::thread::sleep(Duration::from_secs(3));
-    let during = new_since(&before);
 
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(run.id() as i32),
@@ -108,29 +122,36 @@ fn a_quick_run_interrupted_halfway_leaves_no_process_behind() {
         if let Some(s) = run.try_wait().unwrap() {
             break s;
         }
+        seen.extend(descendants(run.id()));
         if Instant::now() > deadline {
             let _ = run.kill();
             panic!("the run did not stop within 90 s of Ctrl-C");
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(status.code(), Some(130), "Ctrl-C ends the run with 130");
 
-    // What it started is gone (give the kernel a moment to reap).
+    // None of them remains (orphans would now belong to init; the pid and
+    // start time together tell a leftover from a newcomer reusing the pid).
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let left = new_since(&before);
+        let left: Vec<(&u32, &Proc)> = seen
+            .iter()
+            .filter(|(pid, p)| {
+                read(**pid).is_some_and(|now| now.started == p.started && !now.zombie)
+            })
+            .collect();
         if left.is_empty() {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "left behind after the run ended: {left:#?}\n(while it ran: {during:#?})"
+            "left behind after the run ended: {left:#?}"
         );
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(
-        during.len() >= 5,
-        "the run had started its processes before the interrupt: {during:#?}"
+        seen.len() >= 5,
+        "the run had started its processes before the interrupt: {seen:#?}"
     );
 }

@@ -332,7 +332,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route(
             "/provisionerd/daemons/{daemon}/jobs/{job}/state",
-            put(provisioners::save_state).layer(provisioners::state_body_limit()),
+            put(provisioners::save_state),
         )
         .route(
             "/provisionerd/daemons/{daemon}/jobs/{job}/complete",

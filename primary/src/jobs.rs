@@ -393,6 +393,18 @@ pub async fn reap_stale(
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(heartbeat_every(timeout)) => {}
         }
+        // Daemons gone for a week (each start registers a new one) are
+        // forgotten; their old jobs keep their history.
+        if let Err(e) = sqlx::query(
+            "DELETE FROM provisioner_daemons d WHERE last_seen_at < now() - interval '7 days'
+             AND NOT EXISTS (SELECT 1 FROM provisioner_jobs j
+                             WHERE j.daemon_id = d.id AND j.status IN ('running', 'canceling'))",
+        )
+        .execute(&db)
+        .await
+        {
+            tracing::warn!(error = %e, "cannot forget old provisioner daemons");
+        }
         match fail_stale(&db, timeout).await {
             Ok(0) => {}
             Ok(n) => tracing::warn!(

@@ -5,9 +5,10 @@
 //!
 //! Built-in daemons call these functions in-process ([`Local`]); external
 //! ones call the same functions through `/api/v2/provisionerd`. Either way
-//! a daemon sees only the jobs it holds, and the primary alone touches the
-//! database: a build's agents and apps come from the state the primary
-//! stored, never from what a daemon says they are.
+//! a daemon acts only on the jobs it holds, and the primary alone touches
+//! the database. A daemon controls what it builds (the agents and apps come
+//! from the Terraform state it saved); what it reports about an import is
+//! checked again.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -288,7 +289,7 @@ async fn spec(state: &AppState, job: &Job) -> sqlx::Result<Result<JobSpec, Strin
 }
 
 /// Whether `daemon` runs `job` now.
-async fn holds(state: &AppState, job: Uuid, daemon: Uuid) -> Result<(), HostError> {
+pub(crate) async fn holds(state: &AppState, job: Uuid, daemon: Uuid) -> Result<(), HostError> {
     let held: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM provisioner_jobs
                         WHERE id = $1 AND daemon_id = $2 AND status IN ('running', 'canceling'))",
@@ -324,23 +325,22 @@ pub async fn save_state(
     daemon: Uuid,
     tf_state: &[u8],
 ) -> Result<(), HostError> {
-    let workspace: Option<Uuid> = sqlx::query_scalar(
-        "SELECT b.workspace_id FROM provisioner_jobs j JOIN workspace_builds b ON b.job_id = j.id
-         WHERE j.id = $1 AND j.daemon_id = $2 AND j.status IN ('running', 'canceling')",
+    // One statement: the check that the daemon still holds the job and
+    // the write cannot be split by the job timing out in between.
+    let saved = sqlx::query(
+        "INSERT INTO workspace_terraform_states (workspace_id, state)
+         SELECT b.workspace_id, $3 FROM provisioner_jobs j JOIN workspace_builds b ON b.job_id = j.id
+         WHERE j.id = $1 AND j.daemon_id = $2 AND j.status IN ('running', 'canceling')
+         ON CONFLICT (workspace_id) DO UPDATE SET state = $3, updated_at = now()",
     )
     .bind(job)
     .bind(daemon)
-    .fetch_optional(&state.db)
-    .await?;
-    let workspace = workspace.ok_or(HostError::NotHeld)?;
-    sqlx::query(
-        "INSERT INTO workspace_terraform_states (workspace_id, state) VALUES ($1, $2)
-         ON CONFLICT (workspace_id) DO UPDATE SET state = $2, updated_at = now()",
-    )
-    .bind(workspace)
     .bind(state.vault.wrap(STATE_PURPOSE, tf_state))
     .execute(&state.db)
     .await?;
+    if saved.rows_affected() == 0 {
+        return Err(HostError::NotHeld);
+    }
     Ok(())
 }
 
@@ -472,7 +472,7 @@ async fn record_import(
     sqlx::query(
         "UPDATE templates t SET active_version_id = v.id, updated_at = now()
          FROM template_versions v
-         WHERE v.id = $1 AND t.id = v.template_id
+         WHERE v.id = $1 AND t.id = v.template_id AND NOT v.archived
            AND (SELECT number FROM template_versions WHERE id = t.active_version_id) <= v.number",
     )
     .bind(version)

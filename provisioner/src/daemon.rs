@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use devmesh_shared::parameters::TemplateParameter;
 use devmesh_shared::provisionerd::{
-    Beat, Completion, JobKind, JobSpec, LogLine, LogStream, MAX_LOG_BATCH, Outcome,
+    Beat, Completion, JobKind, JobSpec, LogLine, LogStream, MAX_LOG_BATCH, MAX_LOG_LINE, Outcome,
     TemplateResource, outcome_line,
 };
 use serde_json::Value;
@@ -312,26 +312,45 @@ async fn heartbeat<C: Coordinator>(
     }
 }
 
-/// Ships log lines in batches until the channel closes.
+/// The most log bytes sent in one call (the primary takes bodies of up
+/// to 1 MiB).
+const MAX_BATCH_BYTES: usize = 256 * 1024;
+
+/// Ships log lines in batches until the channel closes; lines longer than
+/// [`MAX_LOG_LINE`] are cut.
 async fn ship_logs<C: Coordinator>(
     coord: Arc<C>,
     job: Uuid,
     mut lines: mpsc::UnboundedReceiver<LogLine>,
 ) {
     let mut batch = Vec::new();
-    while let Some(first) = lines.recv().await {
-        batch.push(first);
-        // Whatever else is already waiting goes in the same call.
-        while batch.len() < MAX_LOG_BATCH {
-            match lines.try_recv() {
-                Ok(l) => batch.push(l),
-                Err(_) => break,
+    let mut bytes = 0;
+    let mut next = lines.recv().await;
+    while let Some(mut line) = next.take() {
+        if line.line.len() > MAX_LOG_LINE {
+            let mut end = MAX_LOG_LINE;
+            while !line.line.is_char_boundary(end) {
+                end -= 1;
             }
+            line.line.truncate(end);
+            line.line.push('…');
+        }
+        bytes += line.line.len() + 32;
+        batch.push(line);
+        // Whatever else is already waiting goes in the same call.
+        if batch.len() < MAX_LOG_BATCH
+            && bytes < MAX_BATCH_BYTES
+            && let Ok(l) = lines.try_recv()
+        {
+            next = Some(l);
+            continue;
         }
         let n = batch.len();
         if let Err(e) = coord.append_logs(job, std::mem::take(&mut batch)).await {
             tracing::warn!(job.id = %job, error = %format!("{e:#}"), lines = n, "cannot store build log lines");
         }
+        bytes = 0;
+        next = lines.recv().await;
     }
 }
 

@@ -168,6 +168,16 @@ impl Workdir {
             .join("mirror/registry.terraform.io/devmesh/devmesh")
             .join(version)
             .join(platform());
+        // The run's state holds agent tokens and provider secrets: the
+        // directory is the daemon's user's alone.
+        {
+            use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(root)?;
+            std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))?;
+        }
         std::fs::create_dir_all(&platform_dir)?;
         std::fs::create_dir_all(root.join("template"))?;
         let exe = platform_dir.join(format!("{}_v{version}", crate::provider::EXECUTABLE_PREFIX));
@@ -257,6 +267,10 @@ impl Terraform {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            // Its own process group: a forced stop reaches the providers and
+            // scripts it started too, which would otherwise hold its output
+            // open and outlive it.
+            .process_group(0)
             .kill_on_drop(true)
             .spawn()
             .map_err(RunError::Spawn)?;
@@ -292,8 +306,18 @@ impl Terraform {
                     }
                 }
                 () = kill_at => {
-                    log(Stream::Stderr, "terraform did not stop in time after the interrupt; killed");
-                    let _ = child.start_kill();
+                    log(Stream::Stderr, "terraform did not stop in time after the interrupt; killed with what it started");
+                    match child.id() {
+                        Some(pid) => {
+                            let _ = nix::sys::signal::killpg(
+                                nix::unistd::Pid::from_raw(pid as i32),
+                                nix::sys::signal::Signal::SIGKILL,
+                            );
+                        }
+                        None => {
+                            let _ = child.start_kill();
+                        }
+                    }
                     deadline = None;
                 }
             }

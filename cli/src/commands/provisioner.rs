@@ -36,7 +36,8 @@ pub(crate) enum ProvisionerCommand {
 
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct StartArgs {
-    /// The provisioner key (`devmesh provisioner keys create`).
+    /// The provisioner key (`devmesh provisioner keys create`); prefer the
+    /// environment variable, which `ps` does not show.
     #[arg(long, env = "DEVMESH_PROVISIONER_KEY", hide_env_values = true)]
     key: String,
     /// A tag this daemon serves, as KEY=VALUE (repeatable); a key created
@@ -99,9 +100,11 @@ pub(crate) async fn run(g: &Global, cmd: ProvisionerCommand) -> anyhow::Result<(
                     );
                     println!("Key (shown once): {}", created.secret);
                     println!(
-                        "Start a daemon with: devmesh provisioner start --url {} --key '{}'",
-                        g.client()?.base(),
-                        created.secret
+                        "Start a daemon with the key in its environment (not on its command line, where ps shows it):"
+                    );
+                    println!(
+                        "  DEVMESH_PROVISIONER_KEY='<key>' devmesh provisioner start --url {}",
+                        g.client()?.base()
                     );
                 }
             }
@@ -336,11 +339,25 @@ async fn start(g: &Global, args: StartArgs) -> anyhow::Result<()> {
             None
         }
     };
-    let work = match args.work_dir {
-        Some(w) => w,
-        None => std::env::temp_dir().join(format!("devmesh-provisioner-{}", registered.id)),
+    // Runs hold Terraform states (agent tokens, provider secrets): their
+    // directory is this user's alone. A directory the daemon made for
+    // itself goes when it stops; one it was given stays (each run removes
+    // its own subdirectory).
+    let (work, owned) = match args.work_dir {
+        Some(w) => (w, false),
+        None => (
+            std::env::temp_dir().join(format!("devmesh-provisioner-{}", registered.id)),
+            true,
+        ),
     };
-    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&work)
+            .with_context(|| format!("creating {}", work.display()))?;
+    }
     let runner = Arc::new(Runner {
         terraform,
         provider: std::env::current_exe().context("cannot find this binary (the provider)")?,
@@ -360,7 +377,9 @@ async fn start(g: &Global, args: StartArgs) -> anyhow::Result<()> {
         stop.cancel();
     });
     devmesh_provisioner::daemon::serve(remote.clone(), runner, name, shutdown).await;
-    let _ = std::fs::remove_dir_all(&work);
+    if owned {
+        let _ = std::fs::remove_dir_all(&work);
+    }
     if remote.refused.is_cancelled() {
         anyhow::bail!(
             "the primary refused the provisioner key (deleted?); an owner creates a new one with `devmesh provisioner keys create`"

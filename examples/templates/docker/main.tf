@@ -33,7 +33,10 @@ data "devmesh_parameter" "image" {
 }
 
 locals {
-  name = "devmesh-${data.devmesh_workspace_owner.me.name}-${data.devmesh_workspace.me.name}"
+  # Named after the workspace's id: owner and workspace names may contain
+  # hyphens, so joining them could collide ("a-b" + "c" and "a" + "b-c")
+  # and hand one user another's volume.
+  name = "devmesh-${data.devmesh_workspace.me.id}"
 }
 
 resource "devmesh_agent" "main" {
@@ -45,6 +48,10 @@ resource "devmesh_agent" "main" {
 # Persistent: the home directory.
 resource "docker_volume" "home" {
   name = "${local.name}-home"
+  labels {
+    label = "devmesh.owner"
+    value = data.devmesh_workspace_owner.me.name
+  }
   lifecycle {
     ignore_changes = all
   }

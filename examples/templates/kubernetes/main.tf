@@ -4,11 +4,12 @@
 #
 #   devmesh templates init --starter kubernetes ./kubernetes
 #   devmesh templates push kubernetes -d ./kubernetes
-#   devmesh create dev --template kubernetes -p namespace=dev-workspaces
+#   devmesh create dev --template kubernetes
 #
 # Needs: a cluster the provisioner reaches (KUBE_CONFIG_PATH, or in-cluster
 # credentials when the provisioner daemon runs as a pod with a service
-# account allowed to manage pods, secrets and claims in the namespace), and
+# account allowed to manage pods, secrets and claims in the namespace set
+# below), and
 # the hashicorp/kubernetes provider from the Terraform registry (or a
 # mirror). Pods must reach the primary's access URL.
 
@@ -23,13 +24,6 @@ provider "kubernetes" {}
 
 data "devmesh_workspace" "me" {}
 data "devmesh_workspace_owner" "me" {}
-
-data "devmesh_parameter" "namespace" {
-  name             = "namespace"
-  description      = "The namespace workspaces run in."
-  default          = "devmesh-workspaces"
-  validation_regex = "[a-z0-9]([-a-z0-9]*[a-z0-9])?"
-}
 
 data "devmesh_parameter" "image" {
   name        = "image"
@@ -58,12 +52,18 @@ data "devmesh_parameter" "cpu" {
 }
 
 locals {
-  name      = "devmesh-${data.devmesh_workspace_owner.me.name}-${data.devmesh_workspace.me.name}"
-  namespace = data.devmesh_parameter.namespace.value
+  # Named after the workspace's id: owner and workspace names may contain
+  # hyphens, so joining them could collide and hand one user another's
+  # volume.
+  name = "devmesh-${data.devmesh_workspace.me.id}"
+  # Fixed by the template's author, not chosen by whoever creates a
+  # workspace: the daemon's service account needs rights here only.
+  namespace = "devmesh-workspaces"
   labels = {
     "app.kubernetes.io/name"       = "devmesh-workspace"
     "app.kubernetes.io/instance"   = local.name
     "devmesh.dev/workspace-id"     = data.devmesh_workspace.me.id
+    "devmesh.dev/owner"            = data.devmesh_workspace_owner.me.name
     "app.kubernetes.io/managed-by" = "devmesh"
   }
 }

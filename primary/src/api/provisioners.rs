@@ -30,6 +30,9 @@ use super::{AppState, Audit};
 use crate::jobs::{self, Daemon};
 use crate::provisioning::{self, HostError};
 
+/// Registrations one key may make per hour.
+const MAX_REGISTRATIONS_PER_HOUR: i64 = 200;
+
 /// A daemon seen within this long is connected (an idle one asks for work
 /// at least every [`devmesh_shared::provisionerd::ACQUIRE_WAIT_SECS`]).
 pub(crate) const CONNECTED_WITHIN: Duration = Duration::from_secs(60);
@@ -119,8 +122,11 @@ pub(super) async fn list_keys(
     }))
 }
 
-/// Deletes a key: its daemons are refused from their next call, and the
-/// jobs they run fail at once, saying why.
+/// Deletes a key: its daemons are refused from their next call (and stop,
+/// interrupting what they run). Their running jobs fail once the heartbeat
+/// timeout passes, not at once: until then the daemon may still be
+/// interrupting Terraform, and another build of the workspace must not run
+/// beside it.
 pub(super) async fn delete_key(
     State(state): State<AppState>,
     auth: Authed,
@@ -128,33 +134,16 @@ pub(super) async fn delete_key(
     ApiPath(name): ApiPath<String>,
 ) -> ApiResult<StatusCode> {
     auth.require_owner()?;
-    let mut tx = state.db.begin().await?;
     let id: Option<Uuid> =
         sqlx::query_scalar("DELETE FROM provisioner_keys WHERE name = $1 RETURNING id")
             .bind(&name)
-            .fetch_optional(&mut *tx)
+            .fetch_optional(&state.db)
             .await?;
     let Some(id) = id else {
         return Err(ApiError::not_found(format!(
             "No provisioner key is named {name:?}."
         )));
     };
-    // The daemons are gone with the key (ON DELETE CASCADE), which left
-    // their jobs without a daemon: fail those now rather than at the
-    // heartbeat timeout.
-    sqlx::query(
-        "WITH failed AS (
-             UPDATE provisioner_jobs SET status = 'failed', completed_at = now(),
-                 error = 'the provisioner key of its daemon was deleted'
-             WHERE status IN ('running', 'canceling') AND daemon_id IS NULL
-             RETURNING id
-         )
-         UPDATE workspace_builds SET status = 'failed', completed_at = now()
-         WHERE job_id IN (SELECT id FROM failed) AND status IN ('pending', 'running')",
-    )
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
     Audit::new("delete", "provisioner_key")
         .resource(id, &name)
         .by(&auth.0)
@@ -302,8 +291,28 @@ pub(super) async fn register(
     if req.name.is_empty() || req.name.len() > 64 || req.name.chars().any(char::is_control) {
         v.add("name", "1 to 64 printable characters");
     }
+    if req.version.is_empty() || req.version.len() > 64 || req.version.chars().any(char::is_control)
+    {
+        v.add("version", "1 to 64 printable characters");
+    }
     v.check("tags", check_tags(&req.tags));
     v.finish()?;
+    // Each start registers anew; a key whose daemons register endlessly
+    // (a crash loop, a script gone wrong) must not fill the database.
+    let recent: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM provisioner_daemons
+         WHERE key_id = $1 AND created_at > now() - interval '1 hour'",
+    )
+    .bind(key.id)
+    .fetch_one(&state.db)
+    .await?;
+    if recent >= MAX_REGISTRATIONS_PER_HOUR {
+        crate::metrics::Metrics::count(&state.metrics.provisioner_refusals, "registrations");
+        return Err(ApiError::too_many_requests(60).detail(format!(
+            "provisioner key {:?} registered {recent} daemons in the last hour",
+            key.name
+        )));
+    }
     // A key with tags decides what its daemons serve; one without lets
     // each daemon declare its own.
     let tags = if key.tags.is_empty() {
@@ -378,14 +387,29 @@ pub(super) async fn append_logs(
 }
 
 /// The body is the state file itself (at most
-/// [`devmesh_shared::provisionerd::MAX_STATE_BYTES`]).
+/// [`devmesh_shared::provisionerd::MAX_STATE_BYTES`]), read only once the
+/// daemon is known to hold the job.
 pub(super) async fn save_state(
     State(state): State<AppState>,
     key: KeyAuth,
     ApiPath((daemon, job)): ApiPath<(Uuid, Uuid)>,
-    body: Bytes,
+    body: axum::body::Body,
 ) -> ApiResult<StatusCode> {
     let daemon = daemon_of(&state, &key, daemon).await?;
+    provisioning::holds(&state, job, daemon.id)
+        .await
+        .map_err(|e| refused(&state, e))?;
+    let body: Bytes = axum::body::to_bytes(body, MAX_STATE_BYTES)
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "A Terraform state may be at most {} MiB.",
+                    MAX_STATE_BYTES / (1024 * 1024)
+                ),
+            )
+        })?;
     if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() {
         return Err(ApiError::bad_request(
             "The body is not a Terraform state (JSON).",
@@ -406,9 +430,4 @@ pub(super) async fn complete(
     let daemon = daemon_of(&state, &key, daemon).await?;
     let recorded = provisioning::complete(&state, job, daemon.id, req).await?;
     Ok(Json(CompleteResponse { recorded }))
-}
-
-/// The body limit of [`save_state`].
-pub(super) fn state_body_limit() -> axum::extract::DefaultBodyLimit {
-    axum::extract::DefaultBodyLimit::max(MAX_STATE_BYTES)
 }

@@ -647,11 +647,20 @@ pub(super) async fn promote(
     if let Some(why) = version.unusable() {
         return Err(ApiError::conflict(why));
     }
-    sqlx::query("UPDATE templates SET active_version_id = $2, updated_at = now() WHERE id = $1")
-        .bind(row.id)
-        .bind(version.id)
-        .execute(&state.db)
-        .await?;
+    // Checked again in the update itself: an archive in between wins.
+    let promoted = sqlx::query(
+        "UPDATE templates t SET active_version_id = v.id, updated_at = now()
+         FROM template_versions v WHERE t.id = $1 AND v.id = $2 AND NOT v.archived",
+    )
+    .bind(row.id)
+    .bind(version.id)
+    .execute(&state.db)
+    .await?;
+    if promoted.rows_affected() == 0 {
+        return Err(ApiError::conflict(format!(
+            "Version {number} is archived; unarchive it first."
+        )));
+    }
     Audit::new("promote", "template")
         .resource(row.id, &row.name)
         .by(&auth.0)
@@ -693,16 +702,21 @@ async fn set_archived(
     auth.require_owner()?;
     let row = find_template(&state, &template).await?;
     let version = find_version(&state, &row, number).await?;
-    if archived && version.id == row.active_version_id {
+    // One conditional update: a promotion in between cannot leave the
+    // active version archived.
+    let changed = sqlx::query(
+        "UPDATE template_versions v SET archived = $2 WHERE v.id = $1
+         AND NOT ($2 AND EXISTS (SELECT 1 FROM templates t WHERE t.active_version_id = v.id))",
+    )
+    .bind(version.id)
+    .bind(archived)
+    .execute(&state.db)
+    .await?;
+    if changed.rows_affected() == 0 {
         return Err(ApiError::conflict(format!(
             "Version {number} is the active version; promote another one first."
         )));
     }
-    sqlx::query("UPDATE template_versions SET archived = $2 WHERE id = $1")
-        .bind(version.id)
-        .bind(archived)
-        .execute(&state.db)
-        .await?;
     Audit::new(if archived { "archive" } else { "unarchive" }, "template")
         .resource(row.id, &row.name)
         .by(&auth.0)
