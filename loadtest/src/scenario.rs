@@ -195,6 +195,22 @@ pub struct Small {
     /// `http1` and/or `http2`.
     #[serde(default = "default_protocols")]
     pub protocols: Vec<Protocol>,
+    /// What sends the requests.
+    #[serde(default)]
+    pub driver: Driver,
+}
+
+/// What drives the small-request cases.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Driver {
+    /// h2load when installed, else the tool's own client.
+    #[default]
+    Auto,
+    /// h2load (the scenario fails without it).
+    H2load,
+    /// The tool's own reqwest client (to compare against h2load).
+    Client,
 }
 
 fn default_small_body() -> usize {

@@ -33,9 +33,17 @@ pub async fn small(
     // The tool's own client costs far more CPU per request than what it
     // measures on a small machine; h2load, where installed, drives these
     // cases instead, so the figures are devmesh's and not the client's.
-    let h2load = baselines::which("h2load");
+    let h2load = match cfg.driver {
+        scenario::Driver::Client => None,
+        scenario::Driver::Auto => baselines::which("h2load"),
+        scenario::Driver::H2load => Some(
+            baselines::which("h2load")
+                .context("driver = \"h2load\" but h2load is not installed")?,
+        ),
+    };
     sr.notes.push(match &h2load {
         Some(_) => "Driver: h2load (one stream per connection); the tool's own client only warms up.".into(),
+        None if cfg.driver == scenario::Driver::Client => "Driver: the tool's own reqwest client (driver = \"client\"); see the generator share column before trusting a ratio.".into(),
         None => "Driver: the tool's own reqwest client (h2load not found: install nghttp2-client); see the generator share column before trusting a ratio.".into(),
     });
     for &c in &cfg.concurrency {
