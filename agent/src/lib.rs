@@ -18,6 +18,7 @@ mod logs;
 mod metadata;
 mod nearest;
 mod scripts;
+mod ssh;
 mod supervisor;
 mod tunnel;
 
@@ -140,6 +141,9 @@ async fn serve(
         directory: manifest.directory.as_ref().map(PathBuf::from),
         env: manifest.env.clone(),
     };
+    if let Err(e) = ssh::install(env.clone()) {
+        tracing::warn!(error = %format!("{e:#}"), "cannot start the ssh server; ssh to this agent will fail");
+    }
     let mut measuring = metadata::spawn(
         client.clone(),
         &manifest.metadata,

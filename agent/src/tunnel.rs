@@ -463,7 +463,16 @@ async fn handle_stream(mut send: SendStream, mut recv: RecvStream, header_timeou
             tracing::Span::current().record("stream.port", port);
             forward_tcp(port, send, recv).await;
         }
-        StreamHeader::Ssh | StreamHeader::Pty { .. } => {
+        StreamHeader::Ssh if crate::ssh::ready() => {
+            if send.write_all(&[status::OK]).await.is_ok() {
+                crate::ssh::spawn_session(tokio::io::join(recv, send));
+            }
+        }
+        StreamHeader::Ssh => {
+            tracing::debug!("an ssh stream before the manifest");
+            answer_and_finish(send, recv, status::UNSUPPORTED).await;
+        }
+        StreamHeader::Pty { .. } => {
             tracing::debug!("stream kind not served yet");
             answer_and_finish(send, recv, status::UNSUPPORTED).await;
         }

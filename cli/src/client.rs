@@ -37,10 +37,34 @@ impl Client {
         token: Option<String>,
         ca_cert: Option<&std::path::Path>,
     ) -> anyhow::Result<Self> {
+        Self::with_timeout(base, token, ca_cert, std::time::Duration::from_secs(60))
+    }
+
+    /// A client whose requests may last as long as a session does (an SSH
+    /// connection carried by one request).
+    pub(crate) fn long_lived(
+        base: &str,
+        token: Option<String>,
+        ca_cert: Option<&std::path::Path>,
+    ) -> anyhow::Result<Self> {
+        Self::with_timeout(
+            base,
+            token,
+            ca_cert,
+            std::time::Duration::from_secs(365 * 24 * 3600),
+        )
+    }
+
+    fn with_timeout(
+        base: &str,
+        token: Option<String>,
+        ca_cert: Option<&std::path::Path>,
+        timeout: std::time::Duration,
+    ) -> anyhow::Result<Self> {
         // Trusts a private CA on top of the system roots (--ca-cert / DEVMESH_CA_CERT).
         let http = devmesh_net::sockets::http_client(
             concat!("devmesh-cli/", env!("CARGO_PKG_VERSION")),
-            std::time::Duration::from_secs(60),
+            timeout,
             ca_cert,
         )?;
         Ok(Self {
@@ -137,6 +161,16 @@ impl Client {
     pub(crate) async fn post_unit<B: Serialize>(&self, path: &str, body: &B) -> anyhow::Result<()> {
         self.send(Method::POST, path, Some(body)).await?;
         Ok(())
+    }
+
+    /// POST a streamed body; the answer's body streams back.
+    pub(crate) async fn post_stream(
+        &self,
+        path: &str,
+        body: reqwest::Body,
+    ) -> anyhow::Result<reqwest::Response> {
+        let url = format!("{}/api/v2{path}", self.base);
+        self.exchange(self.http.post(&url).body(body)).await
     }
 
     /// GET a raw body.

@@ -172,6 +172,19 @@ enum Command {
         /// Workspace name, or owner/name.
         name: String,
     },
+    /// SSH into a workspace (OpenSSH through the deployment's HTTPS):
+    /// interactive, or `-- CMD…` with its exit status.
+    Ssh {
+        /// WS, WS.AGENT, OWNER/WS or OWNER/WS.AGENT.
+        target: String,
+        /// Only carry the connection on stdin and stdout (OpenSSH's
+        /// ProxyCommand).
+        #[arg(long)]
+        stdio: bool,
+        /// The command to run, after `--`.
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
     /// Show a workspace's startup script output.
     Logs {
         /// Workspace name, or owner/name.
@@ -325,6 +338,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             commands::workspaces::update(&g, name, parameters).await
         }
         Command::Cancel { name } => commands::workspaces::cancel(&g, name).await,
+        Command::Ssh {
+            target,
+            stdio,
+            command,
+        } => commands::ssh::ssh(&g, target, stdio, command).await,
         Command::Logs { name, follow } => commands::workspaces::logs(&g, name, follow).await,
         Command::Agent(args) => DaemonCommand::Agent(args).run().await,
         Command::Edge(args) => DaemonCommand::Edge(args).run().await,

@@ -9,6 +9,7 @@ pub mod extract;
 mod login;
 mod meta;
 pub(crate) mod provisioners;
+mod ssh;
 mod templates;
 mod users;
 pub(crate) mod workspaces;
@@ -359,6 +360,7 @@ pub fn router(state: AppState) -> Router {
         .route("/workspaceagents/me/app-health", post(agents::app_health))
         .route("/workspaceagents/me/metadata", post(agents::metadata))
         .route("/workspaceagents/{id}/logs", get(agents::get_logs))
+        .route("/workspaceagents/{id}/ssh", post(ssh::ssh))
         .route(
             "/workspaces/{id}/port-shares",
             get(workspaces::list_port_shares).post(workspaces::set_port_share),

@@ -6,6 +6,7 @@ pub(crate) mod keys;
 pub(crate) mod processes;
 pub(crate) mod provisioner;
 pub(crate) mod server;
+pub(crate) mod ssh;
 pub(crate) mod users;
 pub(crate) mod workspaces;
 

@@ -16,6 +16,7 @@ mod mesh;
 mod provisioner_daemons;
 mod provisioning;
 mod robustness;
+mod ssh;
 mod support;
 mod terraform;
 mod tls;

@@ -1,0 +1,291 @@
+//! The agent's SSH server, on `Ssh` tunnel streams. The stream itself is
+//! the authentication: the relay opened it only for the workspace's owner
+//! (the primary checked who, and audits it), so the SSH layer accepts the
+//! user as they come, with no key on disk. Commands run as the agent's user
+//! in the agent's directory and environment, never with its token.
+//!
+//! Served: `exec` (a command with its exit status), `shell` (the login
+//! shell), environment variables, and end of input. Not yet: terminals
+//! (PTY), sftp, agent and port forwarding.
+
+use std::collections::HashMap;
+use std::process::Stdio;
+use std::sync::Arc;
+
+use russh::keys::PrivateKey;
+use russh::server::{Auth, Handle, Msg, Session};
+use russh::{Channel, ChannelId};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::{ChildStdin, Command};
+
+use crate::scripts::ScriptEnv;
+
+/// What SSH streams are served with: the server's settings and the
+/// environment commands run in. Installed once the manifest is known; an
+/// agent process serves one agent.
+struct Service {
+    config: Arc<russh::server::Config>,
+    env: ScriptEnv,
+}
+
+static SERVICE: std::sync::OnceLock<Service> = std::sync::OnceLock::new();
+
+/// Makes `Ssh` streams served, with commands in `env`.
+pub(crate) fn install(env: ScriptEnv) -> anyhow::Result<()> {
+    let config = config()?;
+    let _ = SERVICE.set(Service { config, env });
+    Ok(())
+}
+
+/// Whether `Ssh` streams are served yet.
+pub(crate) fn ready() -> bool {
+    SERVICE.get().is_some()
+}
+
+/// Serves one `Ssh` stream (dropped when SSH is not installed).
+pub(crate) fn spawn_session<S>(stream: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    if let Some(service) = SERVICE.get() {
+        tokio::spawn(serve(service.config.clone(), service.env.clone(), stream));
+    }
+}
+
+/// The server's settings and host key (new each time the agent starts: the
+/// tunnel, not the key, proves which workspace this is).
+fn config() -> anyhow::Result<Arc<russh::server::Config>> {
+    let mut seed = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut seed);
+    let key = PrivateKey::from(russh::keys::ssh_key::private::Ed25519Keypair::from_seed(
+        &seed,
+    ));
+    Ok(Arc::new(russh::server::Config {
+        keys: vec![key],
+        auth_rejection_time: std::time::Duration::from_millis(0),
+        auth_rejection_time_initial: Some(std::time::Duration::from_millis(0)),
+        inactivity_timeout: None,
+        ..Default::default()
+    }))
+}
+
+/// Serves one SSH connection over `stream` until it ends.
+async fn serve<S>(config: Arc<russh::server::Config>, env: ScriptEnv, stream: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let handler = Sessions {
+        env,
+        channels: HashMap::new(),
+    };
+    match russh::server::run_stream(config, stream, handler).await {
+        Ok(running) => {
+            if let Err(e) = running.await {
+                tracing::debug!(error = %e, "ssh session ended with an error");
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "ssh handshake failed"),
+    }
+}
+
+/// One channel's state.
+#[derive(Default)]
+struct ChannelState {
+    env: Vec<(String, String)>,
+    stdin: Option<ChildStdin>,
+}
+
+struct Sessions {
+    env: ScriptEnv,
+    channels: HashMap<ChannelId, ChannelState>,
+}
+
+impl Sessions {
+    /// Starts `command` (`None`: the login shell) on `channel`, streaming
+    /// its output and, when it ends, its exit status.
+    fn start(
+        &mut self,
+        channel: ChannelId,
+        command: Option<String>,
+        handle: Handle,
+    ) -> std::io::Result<()> {
+        let shell = std::env::var("SHELL")
+            .ok()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "/bin/sh".into());
+        let mut cmd = Command::new(&shell);
+        match &command {
+            Some(c) => cmd.arg("-c").arg(c),
+            None => cmd.arg("-l"),
+        };
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        self.env.apply(&mut cmd);
+        let state = self.channels.entry(channel).or_default();
+        cmd.envs(state.env.iter().map(|(k, v)| (k, v)));
+        let mut child = cmd.spawn()?;
+        state.stdin = child.stdin.take();
+        let mut stdout = child.stdout.take().expect("piped");
+        let mut stderr = child.stderr.take().expect("piped");
+        tokio::spawn(async move {
+            let out = {
+                let handle = handle.clone();
+                async move {
+                    let mut buf = vec![0u8; 32 * 1024];
+                    while let Ok(n) = stdout.read(&mut buf).await {
+                        if n == 0 || handle.data(channel, buf[..n].to_vec()).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            };
+            let err = {
+                let handle = handle.clone();
+                async move {
+                    let mut buf = vec![0u8; 32 * 1024];
+                    while let Ok(n) = stderr.read(&mut buf).await {
+                        if n == 0
+                            || handle
+                                .extended_data(channel, 1, buf[..n].to_vec())
+                                .await
+                                .is_err()
+                        {
+                            break;
+                        }
+                    }
+                }
+            };
+            tokio::join!(out, err);
+            let code = match child.wait().await {
+                Ok(s) => s.code().unwrap_or(128 + signal_of(&s)),
+                Err(_) => 255,
+            };
+            let _ = handle.exit_status_request(channel, code as u32).await;
+            let _ = handle.eof(channel).await;
+            let _ = handle.close(channel).await;
+        });
+        Ok(())
+    }
+}
+
+fn signal_of(status: &std::process::ExitStatus) -> i32 {
+    std::os::unix::process::ExitStatusExt::signal(status).unwrap_or(127)
+}
+
+impl russh::server::Handler for Sessions {
+    type Error = russh::Error;
+
+    async fn auth_none(&mut self, _user: &str) -> Result<Auth, Self::Error> {
+        Ok(Auth::Accept)
+    }
+
+    async fn auth_publickey(
+        &mut self,
+        _user: &str,
+        _key: russh::server::VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
+        Ok(Auth::Accept)
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: russh::server::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.channels.insert(channel.id(), ChannelState::default());
+        reply.accept().await;
+        Ok(())
+    }
+
+    async fn env_request(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+        value: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        // The token stays the agent's, whatever the client sends.
+        if name != "DEVMESH_AGENT_TOKEN" {
+            self.channels
+                .entry(channel)
+                .or_default()
+                .env
+                .push((name.to_owned(), value.to_owned()));
+        }
+        session.channel_success(channel)?;
+        Ok(())
+    }
+
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let command = String::from_utf8_lossy(data).into_owned();
+        match self.start(channel, Some(command), session.handle()) {
+            Ok(()) => session.channel_success(channel)?,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot start an ssh command");
+                session.channel_failure(channel)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn shell_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        match self.start(channel, None, session.handle()) {
+            Ok(()) => session.channel_success(channel)?,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot start an ssh shell");
+                session.channel_failure(channel)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn data(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(stdin) = self
+            .channels
+            .get_mut(&channel)
+            .and_then(|c| c.stdin.as_mut())
+            && stdin.write_all(data).await.is_err()
+        {
+            // The command stopped reading; what it said still comes back.
+            self.channels.get_mut(&channel).map(|c| c.stdin.take());
+        }
+        Ok(())
+    }
+
+    async fn channel_eof(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(c) = self.channels.get_mut(&channel) {
+            c.stdin = None;
+        }
+        Ok(())
+    }
+
+    async fn channel_close(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.channels.remove(&channel);
+        Ok(())
+    }
+}
