@@ -24,11 +24,11 @@ pub(crate) const MAX_LINE: usize = 16 * 1024;
 const OUTPUT_GRACE: Duration = Duration::from_millis(500);
 
 /// Set for every script, so scripts can tell they run under the agent.
-const AGENT_ENV: &str = "DEVMESH_AGENT";
+pub(crate) const AGENT_ENV: &str = "DEVMESH_AGENT";
 
 /// Never handed to scripts: the agent token is the agent's secret, not the
 /// workspace's.
-const TOKEN_ENV: &str = "DEVMESH_AGENT_TOKEN";
+pub(crate) const TOKEN_ENV: &str = "DEVMESH_AGENT_TOKEN";
 
 /// Where and with what environment scripts run.
 #[derive(Debug, Clone, Default)]

@@ -5,8 +5,9 @@
 //! in the agent's directory and environment, never with its token.
 //!
 //! Served: `exec` (a command with its exit status), `shell` (the login
-//! shell), environment variables, and end of input. Not yet: terminals
-//! (PTY), sftp, agent and port forwarding.
+//! shell), terminals (a pty of the client's size and `TERM`, resized as the
+//! client's window changes), environment variables, and end of input. Not
+//! yet: sftp, agent and port forwarding.
 
 use std::collections::HashMap;
 use std::process::Stdio;
@@ -88,11 +89,28 @@ where
     }
 }
 
+/// Where a channel's input goes.
+enum Input {
+    /// A command's standard input.
+    Pipe(ChildStdin),
+    /// A terminal (also resized through it).
+    Pty(pty_process::OwnedWritePty),
+}
+
+/// A terminal the client asked for.
+#[derive(Clone)]
+struct Terminal {
+    term: String,
+    cols: u16,
+    rows: u16,
+}
+
 /// One channel's state.
 #[derive(Default)]
 struct ChannelState {
     env: Vec<(String, String)>,
-    stdin: Option<ChildStdin>,
+    terminal: Option<Terminal>,
+    stdin: Option<Input>,
 }
 
 struct Sessions {
@@ -113,6 +131,9 @@ impl Sessions {
             .ok()
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| "/bin/sh".into());
+        if let Some(terminal) = self.channels.get(&channel).and_then(|c| c.terminal.clone()) {
+            return self.start_terminal(channel, &shell, command, terminal, handle);
+        }
         let mut cmd = Command::new(&shell);
         match &command {
             Some(c) => cmd.arg("-c").arg(c),
@@ -126,7 +147,7 @@ impl Sessions {
         let state = self.channels.entry(channel).or_default();
         cmd.envs(state.env.iter().map(|(k, v)| (k, v)));
         let mut child = cmd.spawn()?;
-        state.stdin = child.stdin.take();
+        state.stdin = child.stdin.take().map(Input::Pipe);
         let mut stdout = child.stdout.take().expect("piped");
         let mut stderr = child.stderr.take().expect("piped");
         tokio::spawn(async move {
@@ -159,6 +180,70 @@ impl Sessions {
             };
             tokio::join!(out, err);
             let code = match child.wait().await {
+                Ok(s) => s.code().unwrap_or(128 + signal_of(&s)),
+                Err(_) => 255,
+            };
+            let _ = handle.exit_status_request(channel, code as u32).await;
+            let _ = handle.eof(channel).await;
+            let _ = handle.close(channel).await;
+        });
+        Ok(())
+    }
+}
+
+impl Sessions {
+    /// Like [`Sessions::start`], on a new terminal the command leads.
+    fn start_terminal(
+        &mut self,
+        channel: ChannelId,
+        shell: &str,
+        command: Option<String>,
+        terminal: Terminal,
+        handle: Handle,
+    ) -> std::io::Result<()> {
+        let failed = |e: pty_process::Error| std::io::Error::other(e.to_string());
+        let (pty, pts) = pty_process::open().map_err(failed)?;
+        pty.resize(pty_process::Size::new(terminal.rows, terminal.cols))
+            .map_err(failed)?;
+        let mut cmd = pty_process::Command::new(shell);
+        cmd = match &command {
+            Some(c) => cmd.arg("-c").arg(c),
+            None => cmd.arg("-l"),
+        };
+        cmd = cmd
+            .env_remove(crate::scripts::TOKEN_ENV)
+            .envs(&self.env.env)
+            .env(crate::scripts::AGENT_ENV, "1")
+            .env("TERM", &terminal.term)
+            .kill_on_drop(true);
+        if let Some(dir) = &self.env.directory {
+            cmd = cmd.current_dir(dir);
+        }
+        let state = self.channels.entry(channel).or_default();
+        cmd = cmd.envs(state.env.iter().map(|(k, v)| (k, v)));
+        let mut child = cmd.spawn(pts).map_err(failed)?;
+        let (mut output, input) = pty.into_split();
+        state.stdin = Some(Input::Pty(input));
+        tokio::spawn(async move {
+            let copy = async {
+                let mut buf = vec![0u8; 32 * 1024];
+                // Ends with an error once nothing holds the terminal open.
+                while let Ok(n) = output.read(&mut buf).await {
+                    if n == 0 || handle.data(channel, buf[..n].to_vec()).await.is_err() {
+                        break;
+                    }
+                }
+            };
+            tokio::pin!(copy);
+            let status = tokio::select! {
+                s = child.wait() => {
+                    // What the command wrote last is still in the terminal.
+                    let _ = tokio::time::timeout(std::time::Duration::from_millis(200), &mut copy).await;
+                    s
+                }
+                () = &mut copy => child.wait().await,
+            };
+            let code = match status {
                 Ok(s) => s.code().unwrap_or(128 + signal_of(&s)),
                 Err(_) => 255,
             };
@@ -257,12 +342,16 @@ impl russh::server::Handler for Sessions {
         data: &[u8],
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if let Some(stdin) = self
+        let written = match self
             .channels
             .get_mut(&channel)
             .and_then(|c| c.stdin.as_mut())
-            && stdin.write_all(data).await.is_err()
         {
+            Some(Input::Pipe(p)) => p.write_all(data).await,
+            Some(Input::Pty(t)) => t.write_all(data).await,
+            None => Ok(()),
+        };
+        if written.is_err() {
             // The command stopped reading; what it said still comes back.
             self.channels.get_mut(&channel).map(|c| c.stdin.take());
         }
@@ -274,8 +363,61 @@ impl russh::server::Handler for Sessions {
         channel: ChannelId,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if let Some(c) = self.channels.get_mut(&channel) {
+        // End of input closes a command's stdin; a terminal stays (its
+        // shell ends with `exit`, as at a desk).
+        if let Some(c) = self.channels.get_mut(&channel)
+            && matches!(c.stdin, Some(Input::Pipe(_)))
+        {
             c.stdin = None;
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn pty_request(
+        &mut self,
+        channel: ChannelId,
+        term: &str,
+        cols: u32,
+        rows: u32,
+        _pix_width: u32,
+        _pix_height: u32,
+        _modes: &[(russh::Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let clamp = |v: u32, default: u16| match u16::try_from(v) {
+            Ok(0) | Err(_) => default,
+            Ok(v) => v,
+        };
+        let term = if term.is_empty() || term.len() > 64 || term.chars().any(char::is_control) {
+            "xterm".to_owned()
+        } else {
+            term.to_owned()
+        };
+        self.channels.entry(channel).or_default().terminal = Some(Terminal {
+            term,
+            cols: clamp(cols, 80),
+            rows: clamp(rows, 24),
+        });
+        session.channel_success(channel)?;
+        Ok(())
+    }
+
+    async fn window_change_request(
+        &mut self,
+        channel: ChannelId,
+        cols: u32,
+        rows: u32,
+        _pix_width: u32,
+        _pix_height: u32,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(Input::Pty(t)) = self.channels.get(&channel).and_then(|c| c.stdin.as_ref())
+            && let (Ok(cols), Ok(rows)) = (u16::try_from(cols), u16::try_from(rows))
+            && cols > 0
+            && rows > 0
+        {
+            let _ = t.resize(pty_process::Size::new(rows, cols));
         }
         Ok(())
     }

@@ -127,3 +127,71 @@ async fn ssh_runs_a_command_in_the_workspace_with_its_output_input_and_exit_stat
     let why = resp.text().await.unwrap();
     assert!(why.contains("Devmesh-Session-Token header"), "{why}");
 }
+
+#[tokio::test]
+async fn an_interactive_ssh_session_gets_a_terminal_of_the_clients_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, owner, _db) = primary_with(dir.path(), &[]).await;
+    let (status, body) = owner
+        .post(
+            "/templates",
+            json!({"name": "byo", "definition": {"agents": [{"name": "main"}]}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (_, created) = owner
+        .post("/workspaces", json!({"name": "tty", "template": "byo"}))
+        .await;
+    let id = created["workspace"]["id"].as_str().unwrap().to_owned();
+    let token = created["agent_tokens"][0]["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let _agent = AgentProcess::start(&server.url, &token, dir.path());
+    eventually(60, "the agent to connect", || async {
+        let (_, w) = owner.get(&format!("/workspaces/{id}")).await;
+        (w["agents"][0]["status"] == "connected").then_some(())
+    })
+    .await;
+
+    // `script` gives the CLI (and so OpenSSH) a terminal, of 100×30.
+    let command = format!("stty cols 100 rows 30; '{}' ssh tty", crate::support::BIN);
+    let mut child = tokio::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .env("DEVMESH_CONFIG_DIR", dir.path().join("cli"))
+        .env("DEVMESH_URL", &server.url)
+        .env("DEVMESH_SESSION_TOKEN", owner.token.clone().unwrap())
+        .env("TERM", "xterm-256color")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin
+            .write_all(b"echo \"tty=$(tty) size=$(stty size) term=$TERM\"; exit 7\n")
+            .await
+            .unwrap();
+        let out = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+            let mut text = String::new();
+            let mut stdout = child.stdout.take().unwrap();
+            tokio::io::AsyncReadExt::read_to_string(&mut stdout, &mut text)
+                .await
+                .unwrap();
+            text
+        })
+        .await
+        .expect("the session ended");
+        drop(stdin);
+        assert!(out.contains("tty=/dev/pts/"), "a terminal: {out}");
+        assert!(out.contains("size=30 100"), "the client's size: {out}");
+        assert!(
+            out.contains("term=xterm-256color"),
+            "the client's TERM: {out}"
+        );
+    }
+    let status = child.wait().await.unwrap();
+    assert_eq!(status.code(), Some(7), "the shell's exit status");
+}
