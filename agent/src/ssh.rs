@@ -6,8 +6,9 @@
 //!
 //! Served: `exec` (a command with its exit status), `shell` (the login
 //! shell), terminals (a pty of the client's size and `TERM`, resized as the
-//! client's window changes), environment variables, and end of input. Not
-//! yet: sftp, agent and port forwarding.
+//! client's window changes), environment variables, end of input, and
+//! local forwarding (`ssh -L`, `-D`: connections from the workspace to
+//! where the client asks). Not yet: sftp, agent and remote forwarding.
 
 use std::collections::HashMap;
 use std::process::Stdio;
@@ -418,6 +419,40 @@ impl russh::server::Handler for Sessions {
             && rows > 0
         {
             let _ = t.resize(pty_process::Size::new(rows, cols));
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        host: &str,
+        port: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: russh::server::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Ok(port) = u16::try_from(port) else {
+            reply.reject(russh::ChannelOpenFailure::ConnectFailed).await;
+            return Ok(());
+        };
+        // Connect first, so a refused port is refused to the client at once.
+        let connect = tokio::net::TcpStream::connect((host.to_owned(), port));
+        match tokio::time::timeout(std::time::Duration::from_secs(10), connect).await {
+            Ok(Ok(mut tcp)) => {
+                let _ = tcp.set_nodelay(true);
+                reply.accept().await;
+                tokio::spawn(async move {
+                    let mut stream = channel.into_stream();
+                    let _ = tokio::io::copy_bidirectional(&mut stream, &mut tcp).await;
+                });
+            }
+            _ => {
+                tracing::debug!(host, port, "a forwarded connection was refused");
+                reply.reject(russh::ChannelOpenFailure::ConnectFailed).await;
+            }
         }
         Ok(())
     }

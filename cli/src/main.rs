@@ -185,6 +185,16 @@ enum Command {
         #[arg(last = true)]
         command: Vec<String>,
     },
+    /// Forward local ports to ports in a workspace, through its SSH
+    /// connection, until interrupted.
+    PortForward {
+        /// WS, WS.AGENT, OWNER/WS or OWNER/WS.AGENT.
+        target: String,
+        /// [ADDR:]LOCAL:REMOTE (repeatable): listen on LOCAL (on ADDR,
+        /// 127.0.0.1 by default), connect to REMOTE in the workspace.
+        #[arg(long)]
+        tcp: Vec<String>,
+    },
     /// Show a workspace's startup script output.
     Logs {
         /// Workspace name, or owner/name.
@@ -343,6 +353,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             stdio,
             command,
         } => commands::ssh::ssh(&g, target, stdio, command).await,
+        Command::PortForward { target, tcp } => commands::ssh::port_forward(&g, target, tcp).await,
         Command::Logs { name, follow } => commands::workspaces::logs(&g, name, follow).await,
         Command::Agent(args) => DaemonCommand::Agent(args).run().await,
         Command::Edge(args) => DaemonCommand::Edge(args).run().await,

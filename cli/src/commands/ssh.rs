@@ -36,6 +36,54 @@ pub(crate) async fn ssh(
     if stdio {
         return pipe(g, ws, agent).await;
     }
+    openssh(g, &target, &[], &command)
+}
+
+/// `devmesh port-forward WS --tcp [ADDR:]LOCAL:REMOTE…`: OpenSSH's local
+/// forwards (`-L`), each connection a channel to the workspace's
+/// `127.0.0.1:REMOTE`, until interrupted.
+pub(crate) async fn port_forward(
+    g: &Global,
+    target: String,
+    tcp: Vec<String>,
+) -> anyhow::Result<()> {
+    parse_target(&target)?;
+    anyhow::ensure!(!tcp.is_empty(), "say what to forward: --tcp LOCAL:REMOTE");
+    // INFO: OpenSSH then says when a connection's remote port refused.
+    let mut args = vec![
+        "-N".to_owned(),
+        "-o".to_owned(),
+        "ExitOnForwardFailure=yes".to_owned(),
+        "-o".to_owned(),
+        "LogLevel=INFO".to_owned(),
+    ];
+    for spec in &tcp {
+        let parts: Vec<&str> = spec.split(':').collect();
+        let (addr, local, remote) = match parts.as_slice() {
+            [l, r] => ("127.0.0.1", *l, *r),
+            [a, l, r] => (*a, *l, *r),
+            _ => anyhow::bail!("{spec:?}: write a forward as [ADDR:]LOCAL:REMOTE"),
+        };
+        for p in [local, remote] {
+            p.parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .with_context(|| format!("{spec:?}: {p:?} is not a port"))?;
+        }
+        anyhow::ensure!(
+            addr.parse::<std::net::IpAddr>().is_ok() || addr == "localhost",
+            "{spec:?}: {addr:?} is not an address to listen on"
+        );
+        eprintln!("Forwarding {addr}:{local} to port {remote} in {target}.");
+        args.push("-L".into());
+        args.push(format!("{addr}:{local}:127.0.0.1:{remote}"));
+    }
+    openssh(g, &target, &args, &[])
+}
+
+/// Becomes OpenSSH to `target` with `options` and `command`, this binary
+/// as its ProxyCommand (so the exit status is ssh's).
+fn openssh(g: &Global, target: &str, options: &[String], command: &[String]) -> anyhow::Result<()> {
     // OpenSSH does the rest: terminals, scp, port forwards, its own
     // options. This binary is its ProxyCommand; the deployment and key go
     // in the environment, not on command lines that `ps` shows.
@@ -59,21 +107,22 @@ pub(crate) async fn ssh(
             "StrictHostKeyChecking=no",
             "-o",
             "UserKnownHostsFile=/dev/null",
-            "-o",
-            "LogLevel=ERROR",
         ])
+        .args(options)
+        // Quiet unless the caller asks (options come first: OpenSSH keeps
+        // the first value of an option).
+        .args(["-o", "LogLevel=ERROR"])
         .arg(format!("devmesh.{}", target.replace('/', "--")))
-        .args(&command)
+        .args(command)
         .env("DEVMESH_URL", client.base())
         .env("DEVMESH_SESSION_TOKEN", token);
     if let Some(ca) = &g.ca_cert {
         ssh.env("DEVMESH_CA_CERT", ca);
     }
-    let status = ssh
-        .status()
-        .context("cannot run ssh (install the OpenSSH client)")?;
-    // The remote command's status is ssh's; pass it on.
-    std::process::exit(status.code().unwrap_or(255));
+    // This process becomes ssh: signals (Ctrl-C, a kill) reach it
+    // directly, and no ssh outlives a killed devmesh.
+    let e = std::os::unix::process::CommandExt::exec(&mut ssh);
+    Err(anyhow::Error::new(e).context("cannot run ssh (install the OpenSSH client)"))
 }
 
 /// Splices stdin and stdout to the agent's SSH server.

@@ -195,3 +195,96 @@ async fn an_interactive_ssh_session_gets_a_terminal_of_the_clients_size() {
     let status = child.wait().await.unwrap();
     assert_eq!(status.code(), Some(7), "the shell's exit status");
 }
+
+#[tokio::test]
+async fn port_forward_carries_local_connections_to_a_port_in_the_workspace() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, owner, _db) = primary_with(dir.path(), &[]).await;
+    let upstream = devmesh_tests::upstream::Upstream::start().await;
+    let (status, body) = owner
+        .post(
+            "/templates",
+            json!({"name": "byo", "definition": {"agents": [{"name": "main"}]}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (_, created) = owner
+        .post("/workspaces", json!({"name": "fw", "template": "byo"}))
+        .await;
+    let id = created["workspace"]["id"].as_str().unwrap().to_owned();
+    let token = created["agent_tokens"][0]["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let _agent = AgentProcess::start(&server.url, &token, dir.path());
+    eventually(60, "the agent to connect", || async {
+        let (_, w) = owner.get(&format!("/workspaces/{id}")).await;
+        (w["agents"][0]["status"] == "connected").then_some(())
+    })
+    .await;
+
+    let port = || crate::support::free_port().unwrap();
+    let (local, closed, refused) = (port(), port(), port());
+    let mut forward = tokio::process::Command::new(crate::support::BIN)
+        .args(["port-forward", "fw", "--tcp"])
+        .arg(format!("{local}:{}", upstream.port()))
+        .arg("--tcp")
+        .arg(format!("{closed}:{refused}"))
+        .env("DEVMESH_CONFIG_DIR", dir.path().join("cli"))
+        .env("DEVMESH_URL", &server.url)
+        .env("DEVMESH_SESSION_TOKEN", owner.token.clone().unwrap())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("forward.err")).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // Many connections at once, each its own channel.
+    let client = reqwest::Client::new();
+    eventually(30, "the forward to listen", || async {
+        client
+            .get(format!("http://127.0.0.1:{local}/healthz"))
+            .send()
+            .await
+            .ok()
+            .filter(|r| r.status().is_success())
+    })
+    .await;
+    let answers = futures_util::future::join_all((0..20).map(|i| {
+        let client = client.clone();
+        async move {
+            let r = client
+                .get(format!("http://127.0.0.1:{local}/echo?n={i}"))
+                .send()
+                .await
+                .unwrap();
+            (r.status(), r.json::<serde_json::Value>().await.unwrap())
+        }
+    }))
+    .await;
+    for (status, body) in &answers {
+        assert_eq!(*status, StatusCode::OK, "{body}");
+        assert_eq!(body["path"], "/echo", "{body}");
+    }
+    // A remote port nobody listens on: the local connection is closed, and
+    // OpenSSH says why.
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", closed))
+        .await
+        .unwrap();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read(&mut conn, &mut buf),
+    )
+    .await
+    .expect("closed, not hanging")
+    .unwrap_or(0);
+    assert_eq!(n, 0);
+    let said = eventually(10, "OpenSSH to say why", || async {
+        let err = std::fs::read_to_string(dir.path().join("forward.err")).unwrap_or_default();
+        err.contains("open failed").then_some(err)
+    })
+    .await;
+    assert!(said.contains("connect failed"), "{said}");
+    forward.kill().await.unwrap();
+}
