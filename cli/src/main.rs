@@ -185,6 +185,19 @@ enum Command {
         #[arg(last = true)]
         command: Vec<String>,
     },
+    /// Write a managed block into ~/.ssh/config so `ssh devmesh.WS`, scp,
+    /// sftp and editors' remote-SSH reach your workspaces.
+    ConfigSsh {
+        /// The SSH config file [default: ~/.ssh/config].
+        #[arg(long)]
+        file: Option<std::path::PathBuf>,
+        /// Change it without asking.
+        #[arg(long, short)]
+        yes: bool,
+        /// Only show what would change.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Forward local ports to ports in a workspace, through its SSH
     /// connection, until interrupted.
     PortForward {
@@ -353,6 +366,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             stdio,
             command,
         } => commands::ssh::ssh(&g, target, stdio, command).await,
+        Command::ConfigSsh { file, yes, dry_run } => {
+            commands::ssh::config_ssh(&g, file, yes, dry_run).await
+        }
         Command::PortForward { target, tcp } => commands::ssh::port_forward(&g, target, tcp).await,
         Command::Logs { name, follow } => commands::workspaces::logs(&g, name, follow).await,
         Command::Agent(args) => DaemonCommand::Agent(args).run().await,

@@ -158,3 +158,150 @@ async fn pipe(g: &Global, ws: &str, agent: Option<&str>) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The lines that delimit the block `config-ssh` manages.
+const BLOCK_START: &str = "# ------------START-DEVMESH------------";
+const BLOCK_END: &str = "# ------------END-DEVMESH------------";
+
+/// `devmesh config-ssh`: a managed block in `~/.ssh/config` with one
+/// `Host devmesh.WS` per workspace, so plain `ssh devmesh.WS`, `scp`,
+/// `sftp` and editors' remote-SSH work. Lines outside the block are never
+/// touched; running it again changes nothing unless the workspaces did.
+pub(crate) async fn config_ssh(
+    g: &Global,
+    file: Option<std::path::PathBuf>,
+    yes: bool,
+    dry_run: bool,
+) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    let client = g.client()?;
+    let list: devmesh_shared::api::WorkspacesResponse = client.get("/workspaces").await?;
+    let exe = std::env::current_exe().context("cannot find this binary")?;
+    let exe = exe.to_str().context("this binary's path is not UTF-8")?;
+    anyhow::ensure!(
+        !exe.contains('\''),
+        "this binary's path holds a quote; move it"
+    );
+    let path = match file {
+        Some(f) => f,
+        None => dirs::home_dir()
+            .context("no home directory")?
+            .join(".ssh/config"),
+    };
+    let old = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let mut block = vec![
+        BLOCK_START.to_owned(),
+        format!(
+            "# Managed by `devmesh config-ssh` for {}: what is inside is replaced.",
+            client.base()
+        ),
+    ];
+    let mut names: Vec<&str> = list.workspaces.iter().map(|w| w.name.as_str()).collect();
+    names.sort_unstable();
+    for name in names {
+        block.push(format!("Host devmesh.{name}"));
+        block.push(format!(
+            "    ProxyCommand '{exe}' --url '{}' ssh --stdio {name}",
+            client.base()
+        ));
+        block.push("    StrictHostKeyChecking no".into());
+        block.push("    UserKnownHostsFile /dev/null".into());
+        block.push("    LogLevel ERROR".into());
+    }
+    block.push(BLOCK_END.to_owned());
+    // Replace the block where it is, or append it.
+    let lines: Vec<&str> = old.lines().collect();
+    let start = lines.iter().position(|l| l.trim_end() == BLOCK_START);
+    let end = lines.iter().position(|l| l.trim_end() == BLOCK_END);
+    let (before, current, after): (Vec<&str>, Vec<&str>, Vec<&str>) = match (start, end) {
+        (Some(s), Some(e)) if s < e => (
+            lines[..s].to_vec(),
+            lines[s..=e].to_vec(),
+            lines[e + 1..].to_vec(),
+        ),
+        (None, None) => (lines.clone(), Vec::new(), Vec::new()),
+        _ => anyhow::bail!(
+            "{} has a broken devmesh block (a start without an end, or the reverse); fix it by hand",
+            path.display()
+        ),
+    };
+    if current == block.iter().map(String::as_str).collect::<Vec<_>>() {
+        println!("{} is up to date.", path.display());
+        return Ok(());
+    }
+    for l in &current {
+        if !block.iter().any(|b| b == l) {
+            println!("- {l}");
+        }
+    }
+    for l in &block {
+        if !current.contains(&l.as_str()) {
+            println!("+ {l}");
+        }
+    }
+    if dry_run {
+        println!("(dry run: {} not changed)", path.display());
+        return Ok(());
+    }
+    if !yes {
+        anyhow::ensure!(
+            std::io::stdin().is_terminal(),
+            "pass --yes to change {} when not at a terminal",
+            path.display()
+        );
+        eprint!("Change {}? [y/N] ", path.display());
+        let mut answer = String::new();
+        std::io::stdin().read_line(&mut answer)?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            println!("Nothing changed.");
+            return Ok(());
+        }
+    }
+    let mut text = String::new();
+    for l in before {
+        text.push_str(l);
+        text.push('\n');
+    }
+    if !text.is_empty() && !text.ends_with("\n\n") && current.is_empty() {
+        text.push('\n');
+    }
+    for l in &block {
+        text.push_str(l);
+        text.push('\n');
+    }
+    for l in after {
+        text.push_str(l);
+        text.push('\n');
+    }
+    if let Some(dir) = path.parent() {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
+    // Whole or not at all: a new file renamed over the old one.
+    let tmp = path.with_extension("devmesh-tmp");
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::io::Write::write_all(&mut f, text.as_bytes())?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, &path).with_context(|| format!("replacing {}", path.display()))?;
+    println!(
+        "Updated {}: ssh devmesh.WORKSPACE now reaches each of your workspaces.",
+        path.display()
+    );
+    Ok(())
+}

@@ -288,3 +288,104 @@ async fn port_forward_carries_local_connections_to_a_port_in_the_workspace() {
     assert!(said.contains("connect failed"), "{said}");
     forward.kill().await.unwrap();
 }
+
+#[tokio::test]
+async fn config_ssh_keeps_a_managed_block_that_plain_ssh_uses() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, owner, _db) = primary_with(dir.path(), &[]).await;
+    let (status, body) = owner
+        .post(
+            "/templates",
+            json!({"name": "byo", "definition": {"agents": [{"name": "main"}]}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (_, created) = owner
+        .post("/workspaces", json!({"name": "box", "template": "byo"}))
+        .await;
+    let id = created["workspace"]["id"].as_str().unwrap().to_owned();
+    let token = created["agent_tokens"][0]["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let _agent = AgentProcess::start(&server.url, &token, dir.path());
+    eventually(60, "the agent to connect", || async {
+        let (_, w) = owner.get(&format!("/workspaces/{id}")).await;
+        (w["agents"][0]["status"] == "connected").then_some(())
+    })
+    .await;
+    let me = CliAs {
+        config: dir.path().join("cli"),
+        url: server.url.clone(),
+        token: owner.token.clone().unwrap(),
+    };
+    let file = dir.path().join("ssh_config");
+    let mine = "Host other\n    User someone\n";
+    std::fs::write(&file, mine).unwrap();
+    let f = file.to_str().unwrap();
+
+    // Shown first; not written without --yes when nobody can be asked.
+    let out = me.run(&["config-ssh", "--file", f, "--dry-run"]).await;
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("+ Host devmesh.box"),
+        "{out:?}"
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), mine);
+    let out = me.run(&["config-ssh", "--file", f]).await;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--yes"),
+        "{out:?}"
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), mine);
+
+    // Written beside the user's own lines, which stay as they were.
+    let out = me.run(&["config-ssh", "--file", f, "--yes"]).await;
+    assert!(out.status.success(), "{out:?}");
+    let written = std::fs::read_to_string(&file).unwrap();
+    assert!(written.starts_with(mine), "{written}");
+    assert!(written.contains("Host devmesh.box"), "{written}");
+    // Again: nothing to do.
+    let out = me.run(&["config-ssh", "--file", f, "--yes"]).await;
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("up to date"),
+        "{out:?}"
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), written);
+
+    // Plain OpenSSH with that file reaches the workspace.
+    let out = tokio::process::Command::new("ssh")
+        .args(["-F", f, "devmesh.box", "echo via-config"])
+        .env("DEVMESH_CONFIG_DIR", dir.path().join("cli"))
+        .env("DEVMESH_SESSION_TOKEN", owner.token.clone().unwrap())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("via-config"),
+        "{out:?}"
+    );
+
+    // A workspace that is gone leaves the block; a new one joins it.
+    let (status, _) = owner
+        .post("/workspaces", json!({"name": "two", "template": "byo"}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, _) = owner
+        .post(
+            &format!("/workspaces/{id}/builds"),
+            json!({"transition": "delete"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let out = me.run(&["config-ssh", "--file", f, "--yes"]).await;
+    assert!(out.status.success(), "{out:?}");
+    let now = std::fs::read_to_string(&file).unwrap();
+    assert!(now.starts_with(mine), "{now}");
+    assert!(
+        now.contains("Host devmesh.two") && !now.contains("Host devmesh.box"),
+        "{now}"
+    );
+    assert_eq!(now.matches("START-DEVMESH").count(), 1, "{now}");
+}
