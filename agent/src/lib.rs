@@ -18,6 +18,7 @@ mod logs;
 mod metadata;
 mod nearest;
 mod scripts;
+mod sftp;
 mod ssh;
 mod supervisor;
 mod tunnel;

@@ -8,7 +8,8 @@
 //! shell), terminals (a pty of the client's size and `TERM`, resized as the
 //! client's window changes), environment variables, end of input, and
 //! local forwarding (`ssh -L`, `-D`: connections from the workspace to
-//! where the client asks). Not yet: sftp, agent and remote forwarding.
+//! where the client asks), and the `sftp` subsystem (so `sftp` and `scp`
+//! work). Not yet: agent and remote forwarding.
 
 use std::collections::HashMap;
 use std::process::Stdio;
@@ -79,6 +80,7 @@ where
     let handler = Sessions {
         env,
         channels: HashMap::new(),
+        pending: HashMap::new(),
     };
     match russh::server::run_stream(config, stream, handler).await {
         Ok(running) => {
@@ -117,6 +119,9 @@ struct ChannelState {
 struct Sessions {
     env: ScriptEnv,
     channels: HashMap<ChannelId, ChannelState>,
+    /// Session channels not yet given a use: a subsystem takes the channel
+    /// itself as a stream.
+    pending: HashMap<ChannelId, Channel<Msg>>,
 }
 
 impl Sessions {
@@ -282,6 +287,7 @@ impl russh::server::Handler for Sessions {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         self.channels.insert(channel.id(), ChannelState::default());
+        self.pending.insert(channel.id(), channel);
         reply.accept().await;
         Ok(())
     }
@@ -312,6 +318,7 @@ impl russh::server::Handler for Sessions {
         session: &mut Session,
     ) -> Result<(), Self::Error> {
         let command = String::from_utf8_lossy(data).into_owned();
+        self.pending.remove(&channel);
         match self.start(channel, Some(command), session.handle()) {
             Ok(()) => session.channel_success(channel)?,
             Err(e) => {
@@ -327,6 +334,7 @@ impl russh::server::Handler for Sessions {
         channel: ChannelId,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
+        self.pending.remove(&channel);
         match self.start(channel, None, session.handle()) {
             Ok(()) => session.channel_success(channel)?,
             Err(e) => {
@@ -457,12 +465,49 @@ impl russh::server::Handler for Sessions {
         Ok(())
     }
 
+    async fn subsystem_request(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        match (name, self.pending.remove(&channel)) {
+            ("sftp", Some(ch)) => {
+                session.channel_success(channel)?;
+                let home = self
+                    .env
+                    .directory
+                    .clone()
+                    .or_else(|| std::env::var_os("HOME").map(Into::into))
+                    .unwrap_or_else(|| "/".into());
+                // The sftp server runs on one end of a pipe, the channel is
+                // spliced to the other: when both are done the client gets
+                // an exit status, as from OpenSSH's sftp-server (scp fails
+                // without one).
+                let (ours, theirs) = tokio::io::duplex(256 * 1024);
+                russh_sftp::server::run(theirs, crate::sftp::Sftp::new(home)).await;
+                let handle = session.handle();
+                tokio::spawn(async move {
+                    let mut stream = ch.into_stream();
+                    let mut ours = ours;
+                    let _ = tokio::io::copy_bidirectional(&mut stream, &mut ours).await;
+                    let _ = handle.exit_status_request(channel, 0).await;
+                    let _ = handle.eof(channel).await;
+                    let _ = handle.close(channel).await;
+                });
+            }
+            _ => session.channel_failure(channel)?,
+        }
+        Ok(())
+    }
+
     async fn channel_close(
         &mut self,
         channel: ChannelId,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         self.channels.remove(&channel);
+        self.pending.remove(&channel);
         Ok(())
     }
 }

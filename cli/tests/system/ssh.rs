@@ -82,6 +82,66 @@ async fn ssh_runs_a_command_in_the_workspace_with_its_output_input_and_exit_stat
         "{out:?}"
     );
 
+    // Files: scp (sftp underneath, since OpenSSH 9) both ways, and sftp.
+    let cfg = dir.path().join("ssh_config");
+    std::fs::write(
+        &cfg,
+        format!(
+            "Host devmesh.box\n    ProxyCommand '{}' ssh --stdio box\n    StrictHostKeyChecking no\n    UserKnownHostsFile /dev/null\n    LogLevel ERROR\n",
+            crate::support::BIN
+        ),
+    )
+    .unwrap();
+    let openssh = |program: &str| {
+        let mut c = tokio::process::Command::new(program);
+        c.arg("-F")
+            .arg(&cfg)
+            .env("DEVMESH_CONFIG_DIR", dir.path().join("cli"))
+            .env("DEVMESH_URL", &server.url)
+            .env("DEVMESH_SESSION_TOKEN", owner.token.clone().unwrap())
+            .stdin(std::process::Stdio::null());
+        c
+    };
+    let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let local = dir.path().join("local.bin");
+    std::fs::write(&local, &payload).unwrap();
+    let out = openssh("scp")
+        .arg(&local)
+        .arg("devmesh.box:copied.bin")
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(std::fs::read(home.join("copied.bin")).unwrap(), payload);
+    let back = dir.path().join("back.bin");
+    let out = openssh("scp")
+        .arg("devmesh.box:copied.bin")
+        .arg(&back)
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(std::fs::read(&back).unwrap(), payload);
+    let batch = dir.path().join("batch");
+    std::fs::write(
+        &batch,
+        "mkdir made\nrename copied.bin made/moved.bin\nls made\n",
+    )
+    .unwrap();
+    let out = openssh("sftp")
+        .arg("-b")
+        .arg(&batch)
+        .arg("devmesh.box")
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("moved.bin"),
+        "{out:?}"
+    );
+    assert!(home.join("made/moved.bin").is_file());
+
     // Every session is audited.
     let (_, audit) = owner.get("/audit").await;
     assert!(
