@@ -55,6 +55,24 @@ fn descendants(root: u32) -> BTreeMap<u32, Proc> {
     found
 }
 
+/// Calls `step` every `every` until it returns `Some`, failing with `what`
+/// (and what `step` last saw) after `within`.
+fn poll<T>(
+    within: Duration,
+    every: Duration,
+    what: &str,
+    mut step: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = step() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(every);
+    }
+}
+
 #[test]
 fn a_quick_run_interrupted_halfway_leaves_no_process_behind() {
     let devmesh = devmesh_tests::process::devmesh_bin();
@@ -85,71 +103,68 @@ fn a_quick_run_interrupted_halfway_leaves_no_process_behind() {
         .iter()
         .any(|p| Path::new(p).exists());
     let mut seen: BTreeMap<u32, Proc> = BTreeMap::new();
-    let deadline = Instant::now() + Duration::from_secs(300);
     let mut up_since = None;
-    loop {
-        seen.extend(descendants(run.id()));
-        let count = |what: &str| seen.values().filter(|p| p.cmdline.contains(what)).count();
-        let up = count("devmesh") >= 3
-            && count("postgres") >= 1
-            && (!nginx || count("nginx: worker") >= 1);
-        if up && up_since.is_none() {
-            up_since = Some(Instant::now());
-        }
-        if up_since.is_some_and(|t| t.elapsed() > Duration::from_secs(3)) {
-            break;
-        }
-        if let Some(status) = run.try_wait().unwrap() {
-            panic!(
-                "the run ended before it was interrupted ({status}):\n{}",
-                std::fs::read_to_string(out.path().join("run.err")).unwrap_or_default()
-            );
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the run never got going; started: {seen:#?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    poll(
+        Duration::from_secs(300),
+        Duration::from_millis(100),
+        "the run to get going",
+        || {
+            seen.extend(descendants(run.id()));
+            let count = |what: &str| seen.values().filter(|p| p.cmdline.contains(what)).count();
+            let up = count("devmesh") >= 3
+                && count("postgres") >= 1
+                && (!nginx || count("nginx: worker") >= 1);
+            if up && up_since.is_none() {
+                up_since = Some(Instant::now());
+            }
+            if let Some(status) = run.try_wait().unwrap() {
+                panic!(
+                    "the run ended before it was interrupted ({status}):\n{}",
+                    std::fs::read_to_string(out.path().join("run.err")).unwrap_or_default()
+                );
+            }
+            up_since
+                .is_some_and(|t| t.elapsed() > Duration::from_secs(3))
+                .then_some(())
+        },
+    );
 
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(run.id() as i32),
         nix::sys::signal::Signal::SIGINT,
     )
     .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let status = loop {
-        if let Some(s) = run.try_wait().unwrap() {
-            break s;
-        }
-        seen.extend(descendants(run.id()));
-        if Instant::now() > deadline {
-            let _ = run.kill();
-            panic!("the run did not stop within 90 s of Ctrl-C");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = poll(
+        Duration::from_secs(90),
+        Duration::from_millis(50),
+        "the run to stop after Ctrl-C",
+        || {
+            let done = run.try_wait().unwrap();
+            if done.is_none() {
+                seen.extend(descendants(run.id()));
+            }
+            done
+        },
+    );
     assert_eq!(status.code(), Some(130), "Ctrl-C ends the run with 130");
 
     // None of them remains (orphans would now belong to init; the pid and
     // start time together tell a leftover from a newcomer reusing the pid).
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let left: Vec<(&u32, &Proc)> = seen
-            .iter()
-            .filter(|(pid, p)| {
-                read(**pid).is_some_and(|now| now.started == p.started && !now.zombie)
-            })
-            .collect();
-        if left.is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "left behind after the run ended: {left:#?}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let alive =
+        |pid: &u32, p: &Proc| read(*pid).is_some_and(|now| now.started == p.started && !now.zombie);
+    // Up to 15 s to end; then whatever is left is named below.
+    let give_up = Instant::now() + Duration::from_secs(15);
+    poll(
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        "every process the run started to end",
+        || (seen.iter().all(|(pid, p)| !alive(pid, p)) || Instant::now() > give_up).then_some(()),
+    );
+    let left: Vec<_> = seen.iter().filter(|(pid, p)| alive(pid, p)).collect();
+    assert!(
+        left.is_empty(),
+        "left behind after the run ended: {left:#?}"
+    );
     assert!(
         seen.len() >= 5,
         "the run had started its processes before the interrupt: {seen:#?}"
