@@ -53,6 +53,15 @@ impl Revocations {
                 .is_some_and(|id| cut(RevokedSubject::Key { id: id.clone() }))
     }
 
+    /// Whether `subject` was revoked at or after `issued_at_ms` (a session
+    /// that began then must end).
+    pub fn cuts(&self, subject: &RevokedSubject, issued_at_ms: i64) -> bool {
+        self.cut_offs
+            .read()
+            .get(subject)
+            .is_some_and(|at| issued_at_ms <= *at)
+    }
+
     /// How many subjects are revoked.
     pub fn len(&self) -> usize {
         self.cut_offs.read().len()

@@ -156,7 +156,10 @@ async fn pipe(g: &Global, ws: &str, agent: Option<&str>) -> anyhow::Result<()> {
         out.write_all(&chunk).await?;
         out.flush().await?;
     }
-    Ok(())
+    // The connection is over (the session ended, or the primary ended it).
+    // Exit now: the read of stdin blocks a thread the runtime would wait
+    // for, and OpenSSH notices the end only when this process goes.
+    std::process::exit(0);
 }
 
 /// The lines that delimit the block `config-ssh` manages.

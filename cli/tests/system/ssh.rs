@@ -449,3 +449,96 @@ async fn config_ssh_keeps_a_managed_block_that_plain_ssh_uses() {
     );
     assert_eq!(now.matches("START-DEVMESH").count(), 1, "{now}");
 }
+
+#[tokio::test]
+async fn deleting_the_key_or_signing_out_ends_open_ssh_sessions_within_a_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, owner, _db) = primary_with(dir.path(), &[]).await;
+    let (status, body) = owner
+        .post(
+            "/templates",
+            json!({"name": "byo", "definition": {"agents": [{"name": "main"}]}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (_, created) = owner
+        .post("/workspaces", json!({"name": "long", "template": "byo"}))
+        .await;
+    let id = created["workspace"]["id"].as_str().unwrap().to_owned();
+    let token = created["agent_tokens"][0]["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let _agent = AgentProcess::start(&server.url, &token, dir.path());
+    eventually(60, "the agent to connect", || async {
+        let (_, w) = owner.get(&format!("/workspaces/{id}")).await;
+        (w["agents"][0]["status"] == "connected").then_some(())
+    })
+    .await;
+
+    // A session opened with an API key, running a long command.
+    let (status, key) = owner
+        .post("/users/me/keys", json!({"name": "laptop"}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{key}");
+    let session = |token: String| {
+        tokio::process::Command::new(crate::support::BIN)
+            .args(["ssh", "long", "--", "echo started; sleep 60"])
+            .env("DEVMESH_CONFIG_DIR", dir.path().join("cli"))
+            .env("DEVMESH_URL", &server.url)
+            .env("DEVMESH_SESSION_TOKEN", token)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    };
+    let started = |child: &mut tokio::process::Child| {
+        let mut out = tokio::io::BufReader::new(child.stdout.take().unwrap());
+        async move {
+            let mut line = String::new();
+            tokio::io::AsyncBufReadExt::read_line(&mut out, &mut line)
+                .await
+                .unwrap();
+            assert_eq!(line.trim(), "started");
+            out
+        }
+    };
+    let mut with_key = session(key["key"].as_str().unwrap().to_owned());
+    let _out = started(&mut with_key).await;
+    let key_id = key["id"].as_str().unwrap();
+    let at = tokio::time::Instant::now();
+    assert_eq!(
+        owner.delete(&format!("/users/me/keys/{key_id}")).await.0,
+        StatusCode::NO_CONTENT
+    );
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(10), with_key.wait())
+        .await
+        .expect("the session ended")
+        .unwrap();
+    assert!(!ended.success());
+    assert!(
+        at.elapsed() < std::time::Duration::from_secs(3),
+        "{:?}",
+        at.elapsed()
+    );
+
+    // A session of a signed-in user ends when they sign out.
+    let signed_in = devmesh_tests::Api::new(&server.url, None)
+        .login("owner", "owner-password")
+        .await;
+    let mut with_session = session(signed_in.token.clone().unwrap());
+    let _out = started(&mut with_session).await;
+    let at = tokio::time::Instant::now();
+    let (status, _) = signed_in.post("/users/logout", json!({})).await;
+    assert!(status.is_success(), "{status}");
+    tokio::time::timeout(std::time::Duration::from_secs(10), with_session.wait())
+        .await
+        .expect("the session ended")
+        .unwrap();
+    assert!(
+        at.elapsed() < std::time::Duration::from_secs(3),
+        "{:?}",
+        at.elapsed()
+    );
+}

@@ -14,6 +14,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
+use devmesh_shared::api::RevokedSubject;
 use devmesh_shared::tunnel::StreamHeader;
 use futures_util::StreamExt;
 use uuid::Uuid;
@@ -73,14 +74,40 @@ pub(super) async fn ssh(
         }))
         .write(&state.db)
         .await;
+    // The session ends when the server stops, or within a second of the
+    // user signing out (or being suspended) or the key being deleted.
+    let ended = state.shutdown.child_token();
+    {
+        let (ended, revocations) = (ended.clone(), state.revocations.clone());
+        let began = chrono::Utc::now().timestamp_millis();
+        let subjects = [
+            RevokedSubject::User { id: auth.0.user_id },
+            RevokedSubject::Key {
+                id: auth.0.key_id.clone(),
+            },
+        ];
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = ended.cancelled() => return,
+                    () = tokio::time::sleep(std::time::Duration::from_millis(250)) => {}
+                }
+                if subjects.iter().any(|s| revocations.cuts(s, began)) {
+                    tracing::info!(agent = %agent, "an ssh session's key or user was revoked; ending it");
+                    ended.cancel();
+                    return;
+                }
+            }
+        });
+    }
     // Client → agent, until the client's body ends.
-    let shutdown = state.shutdown.clone();
+    let up_ended = ended.clone();
     tokio::spawn(async move {
         let mut up = body.into_data_stream();
         loop {
             let chunk = tokio::select! {
                 c = up.next() => c,
-                () = shutdown.cancelled() => None,
+                () = up_ended.cancelled() => None,
             };
             match chunk {
                 Some(Ok(b)) if send.write_all(&b).await.is_ok() => {}
@@ -90,14 +117,24 @@ pub(super) async fn ssh(
         let _ = send.finish();
     });
     // Agent → client, as the response body.
-    let down = futures_util::stream::unfold(recv, |mut recv| async move {
+    let down = futures_util::stream::unfold((recv, ended), |(mut recv, ended)| async move {
         let mut buf = vec![0u8; 32 * 1024];
-        match recv.read(&mut buf).await {
+        let read = tokio::select! {
+            r = recv.read(&mut buf) => r,
+            () = ended.cancelled() => {
+                let _ = recv.stop(devmesh_shared::tunnel::stream_code::DONE.into());
+                return None;
+            }
+        };
+        match read {
             Ok(Some(n)) => {
                 buf.truncate(n);
-                Some((Ok::<_, std::io::Error>(Bytes::from(buf)), recv))
+                Some((Ok::<_, std::io::Error>(Bytes::from(buf)), (recv, ended)))
             }
-            _ => None,
+            _ => {
+                ended.cancel();
+                None
+            }
         }
     });
     Response::builder()
