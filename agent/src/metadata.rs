@@ -4,13 +4,11 @@
 //! output is the value. One reporter posts only the values that changed.
 
 use std::collections::BTreeMap;
-use std::process::Stdio;
 use std::time::Duration;
 
 use devmesh_shared::api::{AgentMetadata, MAX_METADATA_VALUE, MetadataSpec};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use tokio::process::Command;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::MissedTickBehavior;
@@ -80,16 +78,7 @@ pub(crate) async fn run(
     env: &ScriptEnv,
     timeout: Duration,
 ) -> (String, Option<String>) {
-    let mut cmd = Command::new("sh");
-    cmd.arg("-c")
-        .arg(script)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
-    env.apply(&mut cmd);
-    let mut child = match cmd.spawn() {
+    let mut child = match env.sh(script).spawn() {
         Ok(c) => c,
         Err(e) => return (String::new(), Some(format!("cannot run sh: {e}"))),
     };

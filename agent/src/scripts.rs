@@ -40,6 +40,22 @@ pub(crate) struct ScriptEnv {
 }
 
 impl ScriptEnv {
+    /// `sh -c script` in this environment, its output piped, no input,
+    /// leading a process group of its own so a timeout can kill everything
+    /// it started and not just `sh`; killed if dropped.
+    pub(crate) fn sh(&self, script: &str) -> Command {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(script)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        self.apply(&mut cmd);
+        cmd
+    }
+
     /// Gives `cmd` this environment and directory, and the marker that it
     /// runs under the agent; never the agent's token.
     pub(crate) fn apply(&self, cmd: &mut Command) {
@@ -100,18 +116,7 @@ pub(crate) async fn run_all(
 /// none). Dropping the future kills the script's process group.
 pub(crate) async fn run_one(spec: &ScriptSpec, env: &ScriptEnv, logs: &LogSender) -> Outcome {
     let name = spec.name.as_str();
-    let mut cmd = Command::new("sh");
-    cmd.arg("-c")
-        .arg(&spec.script)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // The script leads a new process group, so a timeout can kill
-        // everything it started and not just `sh`.
-        .process_group(0)
-        .kill_on_drop(true);
-    env.apply(&mut cmd);
-    let mut child = match cmd.spawn() {
+    let mut child = match env.sh(&spec.script).spawn() {
         Ok(child) => child,
         Err(e) => {
             tracing::warn!(script = name, error = %e, "cannot start script");

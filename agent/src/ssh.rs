@@ -261,6 +261,28 @@ impl Sessions {
     }
 }
 
+impl Sessions {
+    /// Starts `command` (`None`: the shell) on `channel` and tells the
+    /// client whether it could.
+    fn begin(
+        &mut self,
+        channel: ChannelId,
+        command: Option<String>,
+        session: &mut Session,
+    ) -> Result<(), russh::Error> {
+        // The channel's use is known now: its messages go to the callbacks.
+        self.pending.remove(&channel);
+        match self.start(channel, command, session.handle()) {
+            Ok(()) => session.channel_success(channel)?,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot start an ssh command or shell");
+                session.channel_failure(channel)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 fn signal_of(status: &std::process::ExitStatus) -> i32 {
     std::os::unix::process::ExitStatusExt::signal(status).unwrap_or(127)
 }
@@ -318,15 +340,7 @@ impl russh::server::Handler for Sessions {
         session: &mut Session,
     ) -> Result<(), Self::Error> {
         let command = String::from_utf8_lossy(data).into_owned();
-        self.pending.remove(&channel);
-        match self.start(channel, Some(command), session.handle()) {
-            Ok(()) => session.channel_success(channel)?,
-            Err(e) => {
-                tracing::debug!(error = %e, "cannot start an ssh command");
-                session.channel_failure(channel)?;
-            }
-        }
-        Ok(())
+        self.begin(channel, Some(command), session)
     }
 
     async fn shell_request(
@@ -334,15 +348,7 @@ impl russh::server::Handler for Sessions {
         channel: ChannelId,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        self.pending.remove(&channel);
-        match self.start(channel, None, session.handle()) {
-            Ok(()) => session.channel_success(channel)?,
-            Err(e) => {
-                tracing::debug!(error = %e, "cannot start an ssh shell");
-                session.channel_failure(channel)?;
-            }
-        }
-        Ok(())
+        self.begin(channel, None, session)
     }
 
     async fn data(

@@ -7,26 +7,28 @@ use serde_json::json;
 use crate::provisioning::primary_with;
 use crate::support::{AgentProcess, CliAs, eventually};
 
-#[tokio::test]
-async fn ssh_runs_a_command_in_the_workspace_with_its_output_input_and_exit_status() {
-    let dir = tempfile::tempdir().unwrap();
-    let (server, owner, _db) = primary_with(dir.path(), &[]).await;
-    let home = dir.path().join("home");
-    std::fs::create_dir_all(&home).unwrap();
+/// Workspace `name` of a new bring-your-own template whose one agent is
+/// `agent` (JSON), with that agent running and connected; returns the
+/// workspace's id, the agent's id and the agent process.
+async fn running_workspace(
+    server: &crate::support::ServerProcess,
+    owner: &devmesh_tests::Api,
+    dir: &std::path::Path,
+    name: &str,
+    agent: serde_json::Value,
+) -> (String, String, AgentProcess) {
+    let template = format!("byo-{name}");
     let (status, body) = owner
         .post(
             "/templates",
-            json!({"name": "byo", "definition": {"agents": [{
-                "name": "main",
-                "directory": home.to_str().unwrap(),
-                "env": {"GREETING": "hello"}
-            }]}}),
+            json!({"name": template, "definition": {"agents": [agent]}}),
         )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
-    let (_, created) = owner
-        .post("/workspaces", json!({"name": "box", "template": "byo"}))
+    let (status, created) = owner
+        .post("/workspaces", json!({"name": name, "template": template}))
         .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
     let id = created["workspace"]["id"].as_str().unwrap().to_owned();
     let token = created["agent_tokens"][0]["token"]
         .as_str()
@@ -36,11 +38,32 @@ async fn ssh_runs_a_command_in_the_workspace_with_its_output_input_and_exit_stat
         .as_str()
         .unwrap()
         .to_owned();
-    let _agent = AgentProcess::start(&server.url, &token, dir.path());
+    let process = AgentProcess::start(&server.url, &token, dir);
     eventually(60, "the agent to connect", || async {
         let (_, w) = owner.get(&format!("/workspaces/{id}")).await;
         (w["agents"][0]["status"] == "connected").then_some(())
     })
+    .await;
+    (id, agent_id, process)
+}
+
+#[tokio::test]
+async fn ssh_runs_a_command_in_the_workspace_with_its_output_input_and_exit_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, owner, _db) = primary_with(dir.path(), &[]).await;
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let (_id, agent_id, _agent) = running_workspace(
+        &server,
+        &owner,
+        dir.path(),
+        "box",
+        json!({
+            "name": "main",
+            "directory": home.to_str().unwrap(),
+            "env": {"GREETING": "hello"}
+        }),
+    )
     .await;
 
     let me = CliAs {
@@ -192,67 +215,30 @@ async fn ssh_runs_a_command_in_the_workspace_with_its_output_input_and_exit_stat
 async fn an_interactive_ssh_session_gets_a_terminal_of_the_clients_size() {
     let dir = tempfile::tempdir().unwrap();
     let (server, owner, _db) = primary_with(dir.path(), &[]).await;
-    let (status, body) = owner
-        .post(
-            "/templates",
-            json!({"name": "byo", "definition": {"agents": [{"name": "main"}]}}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
-    let (_, created) = owner
-        .post("/workspaces", json!({"name": "tty", "template": "byo"}))
-        .await;
-    let id = created["workspace"]["id"].as_str().unwrap().to_owned();
-    let token = created["agent_tokens"][0]["token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let _agent = AgentProcess::start(&server.url, &token, dir.path());
-    eventually(60, "the agent to connect", || async {
-        let (_, w) = owner.get(&format!("/workspaces/{id}")).await;
-        (w["agents"][0]["status"] == "connected").then_some(())
-    })
-    .await;
+    let (_id, _agent_id, _agent) =
+        running_workspace(&server, &owner, dir.path(), "tty", json!({"name": "main"})).await;
 
     // `script` gives the CLI (and so OpenSSH) a terminal, of 100×30.
     let command = format!("stty cols 100 rows 30; '{}' ssh tty", crate::support::BIN);
-    let mut child = tokio::process::Command::new("script")
-        .args(["-qec", &command, "/dev/null"])
-        .env("DEVMESH_CONFIG_DIR", dir.path().join("cli"))
-        .env("DEVMESH_URL", &server.url)
-        .env("DEVMESH_SESSION_TOKEN", owner.token.clone().unwrap())
-        .env("TERM", "xterm-256color")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        use tokio::io::AsyncWriteExt;
-        let mut stdin = child.stdin.take().unwrap();
-        stdin
-            .write_all(b"echo \"tty=$(tty) size=$(stty size) term=$TERM\"; exit 7\n")
-            .await
-            .unwrap();
-        let out = tokio::time::timeout(std::time::Duration::from_secs(60), async {
-            let mut text = String::new();
-            let mut stdout = child.stdout.take().unwrap();
-            tokio::io::AsyncReadExt::read_to_string(&mut stdout, &mut text)
-                .await
-                .unwrap();
-            text
-        })
-        .await
-        .expect("the session ended");
-        drop(stdin);
-        assert!(out.contains("tty=/dev/pts/"), "a terminal: {out}");
-        assert!(out.contains("size=30 100"), "the client's size: {out}");
-        assert!(
-            out.contains("term=xterm-256color"),
-            "the client's TERM: {out}"
-        );
-    }
-    let status = child.wait().await.unwrap();
+    let token = owner.token.clone().unwrap();
+    let cfg = dir.path().join("cli");
+    let (out, status) = crate::support::at_terminal(
+        &command,
+        &[
+            ("DEVMESH_CONFIG_DIR", cfg.to_str().unwrap()),
+            ("DEVMESH_URL", server.url.as_str()),
+            ("DEVMESH_SESSION_TOKEN", token.as_str()),
+            ("TERM", "xterm-256color"),
+        ],
+        b"echo \"tty=$(tty) size=$(stty size) term=$TERM\"; exit 7\n",
+    )
+    .await;
+    assert!(out.contains("tty=/dev/pts/"), "a terminal: {out}");
+    assert!(out.contains("size=30 100"), "the client's size: {out}");
+    assert!(
+        out.contains("term=xterm-256color"),
+        "the client's TERM: {out}"
+    );
     assert_eq!(status.code(), Some(7), "the shell's exit status");
 }
 
@@ -261,27 +247,8 @@ async fn port_forward_carries_local_connections_to_a_port_in_the_workspace() {
     let dir = tempfile::tempdir().unwrap();
     let (server, owner, _db) = primary_with(dir.path(), &[]).await;
     let upstream = devmesh_tests::upstream::Upstream::start().await;
-    let (status, body) = owner
-        .post(
-            "/templates",
-            json!({"name": "byo", "definition": {"agents": [{"name": "main"}]}}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
-    let (_, created) = owner
-        .post("/workspaces", json!({"name": "fw", "template": "byo"}))
-        .await;
-    let id = created["workspace"]["id"].as_str().unwrap().to_owned();
-    let token = created["agent_tokens"][0]["token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let _agent = AgentProcess::start(&server.url, &token, dir.path());
-    eventually(60, "the agent to connect", || async {
-        let (_, w) = owner.get(&format!("/workspaces/{id}")).await;
-        (w["agents"][0]["status"] == "connected").then_some(())
-    })
-    .await;
+    let (_id, _agent_id, _agent) =
+        running_workspace(&server, &owner, dir.path(), "fw", json!({"name": "main"})).await;
 
     let port = || crate::support::free_port().unwrap();
     let (local, closed, refused) = (port(), port(), port());
@@ -353,27 +320,8 @@ async fn port_forward_carries_local_connections_to_a_port_in_the_workspace() {
 async fn config_ssh_keeps_a_managed_block_that_plain_ssh_uses() {
     let dir = tempfile::tempdir().unwrap();
     let (server, owner, _db) = primary_with(dir.path(), &[]).await;
-    let (status, body) = owner
-        .post(
-            "/templates",
-            json!({"name": "byo", "definition": {"agents": [{"name": "main"}]}}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
-    let (_, created) = owner
-        .post("/workspaces", json!({"name": "box", "template": "byo"}))
-        .await;
-    let id = created["workspace"]["id"].as_str().unwrap().to_owned();
-    let token = created["agent_tokens"][0]["token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let _agent = AgentProcess::start(&server.url, &token, dir.path());
-    eventually(60, "the agent to connect", || async {
-        let (_, w) = owner.get(&format!("/workspaces/{id}")).await;
-        (w["agents"][0]["status"] == "connected").then_some(())
-    })
-    .await;
+    let (id, _agent_id, _agent) =
+        running_workspace(&server, &owner, dir.path(), "box", json!({"name": "main"})).await;
     let me = CliAs {
         config: dir.path().join("cli"),
         url: server.url.clone(),
@@ -429,7 +377,7 @@ async fn config_ssh_keeps_a_managed_block_that_plain_ssh_uses() {
 
     // A workspace that is gone leaves the block; a new one joins it.
     let (status, _) = owner
-        .post("/workspaces", json!({"name": "two", "template": "byo"}))
+        .post("/workspaces", json!({"name": "two", "template": "byo-box"}))
         .await;
     assert_eq!(status, StatusCode::CREATED);
     let (status, _) = owner
@@ -454,27 +402,8 @@ async fn config_ssh_keeps_a_managed_block_that_plain_ssh_uses() {
 async fn deleting_the_key_or_signing_out_ends_open_ssh_sessions_within_a_second() {
     let dir = tempfile::tempdir().unwrap();
     let (server, owner, _db) = primary_with(dir.path(), &[]).await;
-    let (status, body) = owner
-        .post(
-            "/templates",
-            json!({"name": "byo", "definition": {"agents": [{"name": "main"}]}}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
-    let (_, created) = owner
-        .post("/workspaces", json!({"name": "long", "template": "byo"}))
-        .await;
-    let id = created["workspace"]["id"].as_str().unwrap().to_owned();
-    let token = created["agent_tokens"][0]["token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let _agent = AgentProcess::start(&server.url, &token, dir.path());
-    eventually(60, "the agent to connect", || async {
-        let (_, w) = owner.get(&format!("/workspaces/{id}")).await;
-        (w["agents"][0]["status"] == "connected").then_some(())
-    })
-    .await;
+    let (_id, _agent_id, _agent) =
+        running_workspace(&server, &owner, dir.path(), "long", json!({"name": "main"})).await;
 
     // A session opened with an API key, running a long command.
     let (status, key) = owner

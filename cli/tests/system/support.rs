@@ -178,3 +178,35 @@ pub(crate) async fn create_edge(
     let edge = EdgeProcess::start(primary, &token, region, port, extra, log_dir).await;
     (edge, token)
 }
+
+/// Runs `command` (a shell line) at a terminal (`script` gives it one),
+/// typing `input`; returns what the terminal showed and the exit status.
+pub(crate) async fn at_terminal(
+    command: &str,
+    env: &[(&str, &str)],
+    input: &[u8],
+) -> (String, std::process::ExitStatus) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut child = Command::new("script")
+        .args(["-qec", command, "/dev/null"])
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run script");
+    let mut stdin = child.stdin.take().expect("piped");
+    stdin.write_all(input).await.expect("type");
+    // The terminal stays open until the command is done.
+    let shown = tokio::time::timeout(std::time::Duration::from_secs(120), async {
+        let mut text = String::new();
+        let mut stdout = child.stdout.take().expect("piped");
+        let _ = stdout.read_to_string(&mut text).await;
+        text
+    })
+    .await
+    .expect("the command finished at its terminal");
+    drop(stdin);
+    (shown, child.wait().await.expect("wait"))
+}

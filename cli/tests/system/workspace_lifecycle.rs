@@ -346,39 +346,21 @@ resource "terraform_data" "echo" {
         server.url,
         token
     );
-    let mut child = tokio::process::Command::new("script")
-        .args(["-qec", &command, "/dev/null"])
-        .env("DEVMESH_CONFIG_DIR", &cfg)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        use tokio::io::AsyncWriteExt;
-        let mut stdin = child.stdin.take().unwrap();
-        stdin.write_all(b"12\n3\n").await.unwrap();
-        // Keep the terminal open until the command is done.
-        let out = tokio::time::timeout(std::time::Duration::from_secs(120), async {
-            let mut text = String::new();
-            let mut stdout = child.stdout.take().unwrap();
-            tokio::io::AsyncReadExt::read_to_string(&mut stdout, &mut text)
-                .await
-                .unwrap();
-            text
-        })
-        .await
-        .expect("create finished");
-        drop(stdin);
-        assert!(out.contains("replicas: How many."), "{out}");
-        assert!(out.contains("must be at most 9"), "{out}");
-        assert!(
-            out.contains("replicas=3"),
-            "the build used the answer: {out}"
-        );
-        assert!(out.contains("Created workspace asked."), "{out}");
-    }
-    assert!(child.wait().await.unwrap().success());
+    let cfg_dir = cfg.to_str().unwrap().to_owned();
+    let (out, status) = crate::support::at_terminal(
+        &command,
+        &[("DEVMESH_CONFIG_DIR", cfg_dir.as_str())],
+        b"12\n3\n",
+    )
+    .await;
+    assert!(out.contains("replicas: How many."), "{out}");
+    assert!(out.contains("must be at most 9"), "{out}");
+    assert!(
+        out.contains("replicas=3"),
+        "the build used the answer: {out}"
+    );
+    assert!(out.contains("Created workspace asked."), "{out}");
+    assert!(status.success());
 }
 
 #[tokio::test]
