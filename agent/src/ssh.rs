@@ -185,13 +185,7 @@ impl Sessions {
                 }
             };
             tokio::join!(out, err);
-            let code = match child.wait().await {
-                Ok(s) => s.code().unwrap_or(128 + signal_of(&s)),
-                Err(_) => 255,
-            };
-            let _ = handle.exit_status_request(channel, code as u32).await;
-            let _ = handle.eof(channel).await;
-            let _ = handle.close(channel).await;
+            ended(&handle, channel, child.wait().await).await;
         });
         Ok(())
     }
@@ -249,13 +243,7 @@ impl Sessions {
                 }
                 () = &mut copy => child.wait().await,
             };
-            let code = match status {
-                Ok(s) => s.code().unwrap_or(128 + signal_of(&s)),
-                Err(_) => 255,
-            };
-            let _ = handle.exit_status_request(channel, code as u32).await;
-            let _ = handle.eof(channel).await;
-            let _ = handle.close(channel).await;
+            ended(&handle, channel, status).await;
         });
         Ok(())
     }
@@ -281,6 +269,22 @@ impl Sessions {
         }
         Ok(())
     }
+}
+
+/// Tells the client how the command on `channel` ended (a signal as
+/// 128 + its number, as shells do) and closes the channel.
+async fn ended(
+    handle: &Handle,
+    channel: ChannelId,
+    status: std::io::Result<std::process::ExitStatus>,
+) {
+    let code = match status {
+        Ok(s) => s.code().unwrap_or(128 + signal_of(&s)),
+        Err(_) => 255,
+    };
+    let _ = handle.exit_status_request(channel, code as u32).await;
+    let _ = handle.eof(channel).await;
+    let _ = handle.close(channel).await;
 }
 
 fn signal_of(status: &std::process::ExitStatus) -> i32 {
