@@ -8,8 +8,9 @@
 //! shell), terminals (a pty of the client's size and `TERM`, resized as the
 //! client's window changes), environment variables, end of input, and
 //! local forwarding (`ssh -L`, `-D`: connections from the workspace to
-//! where the client asks), and the `sftp` subsystem (so `sftp` and `scp`
-//! work). Not yet: agent and remote forwarding.
+//! where the client asks), remote forwarding (`ssh -R`: a listener in the
+//! workspace whose connections come back to the client), and the `sftp`
+//! subsystem (so `sftp` and `scp` work). Not yet: agent forwarding.
 
 use std::collections::HashMap;
 use std::process::Stdio;
@@ -78,6 +79,7 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let handler = Sessions {
+        forwards: HashMap::new(),
         env,
         channels: HashMap::new(),
         pending: HashMap::new(),
@@ -117,6 +119,9 @@ struct ChannelState {
 }
 
 struct Sessions {
+    /// Listeners of remote forwards (`ssh -R`), by address and port; each
+    /// stops when its entry goes (cancelled, or the session ended).
+    forwards: HashMap<(String, u32), tokio_util::sync::DropGuard>,
     env: ScriptEnv,
     channels: HashMap<ChannelId, ChannelState>,
     /// Session channels not yet given a use: a subsystem takes the channel
@@ -509,6 +514,77 @@ impl russh::server::Handler for Sessions {
             _ => session.channel_failure(channel)?,
         }
         Ok(())
+    }
+
+    async fn tcpip_forward(
+        &mut self,
+        address: &str,
+        port: &mut u32,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        // Listen in the workspace (loopback unless the client names an
+        // address); each connection becomes a channel back to the client.
+        let bind = match address {
+            "" | "localhost" => "127.0.0.1",
+            "*" | "0.0.0.0" => "0.0.0.0",
+            other => other,
+        };
+        let Ok(wanted) = u16::try_from(*port) else {
+            return Ok(false);
+        };
+        let listener = match tokio::net::TcpListener::bind((bind, wanted)).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::debug!(address, port = wanted, error = %e, "cannot listen for a remote forward");
+                return Ok(false);
+            }
+        };
+        let Ok(local) = listener.local_addr() else {
+            return Ok(false);
+        };
+        *port = u32::from(local.port());
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (handle, address) = (session.handle(), address.to_owned());
+        let announced = (address.clone(), *port);
+        let until = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    a = listener.accept() => a,
+                    () = until.cancelled() => return,
+                };
+                let Ok((mut tcp, peer)) = accepted else {
+                    continue;
+                };
+                let (handle, address) = (handle.clone(), address.clone());
+                let port = u32::from(local.port());
+                tokio::spawn(async move {
+                    let opened = handle
+                        .channel_open_forwarded_tcpip(
+                            address,
+                            port,
+                            peer.ip().to_string(),
+                            u32::from(peer.port()),
+                        )
+                        .await;
+                    if let Ok(channel) = opened {
+                        let mut stream = channel.into_stream();
+                        let _ = tokio::io::copy_bidirectional(&mut stream, &mut tcp).await;
+                    }
+                });
+            }
+        });
+        self.forwards.insert(announced, stop.drop_guard());
+        Ok(true)
+    }
+
+    async fn cancel_tcpip_forward(
+        &mut self,
+        address: &str,
+        port: u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        Ok(self.forwards.remove(&(address.to_owned(), port)).is_some())
     }
 
     async fn channel_close(

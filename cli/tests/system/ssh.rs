@@ -47,6 +47,21 @@ async fn running_workspace(
     (id, agent_id, process)
 }
 
+/// An OpenSSH config file in `dir` with `Host devmesh.NAME` reaching
+/// workspace `name` through `devmesh ssh --stdio`.
+fn ssh_config(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+    let cfg = dir.join(format!("ssh_config_{name}"));
+    std::fs::write(
+        &cfg,
+        format!(
+            "Host devmesh.{name}\n    ProxyCommand '{}' ssh --stdio {name}\n    StrictHostKeyChecking no\n    UserKnownHostsFile /dev/null\n    LogLevel ERROR\n",
+            crate::support::BIN
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
 #[tokio::test]
 async fn ssh_runs_a_command_in_the_workspace_with_its_output_input_and_exit_status() {
     let dir = tempfile::tempdir().unwrap();
@@ -106,15 +121,7 @@ async fn ssh_runs_a_command_in_the_workspace_with_its_output_input_and_exit_stat
     );
 
     // Files: scp (sftp underneath, since OpenSSH 9) both ways, and sftp.
-    let cfg = dir.path().join("ssh_config");
-    std::fs::write(
-        &cfg,
-        format!(
-            "Host devmesh.box\n    ProxyCommand '{}' ssh --stdio box\n    StrictHostKeyChecking no\n    UserKnownHostsFile /dev/null\n    LogLevel ERROR\n",
-            crate::support::BIN
-        ),
-    )
-    .unwrap();
+    let cfg = ssh_config(dir.path(), "box");
     let openssh = |program: &str| {
         let mut c = tokio::process::Command::new(program);
         c.arg("-F")
@@ -314,6 +321,49 @@ async fn port_forward_carries_local_connections_to_a_port_in_the_workspace() {
     .await;
     assert!(said.contains("connect failed"), "{said}");
     forward.kill().await.unwrap();
+
+    // Remote forwarding (`ssh -R`): a port in the workspace whose
+    // connections come back to the client's side; it closes with the
+    // session.
+    let remote = port();
+    let mut reverse = tokio::process::Command::new("ssh")
+        .arg("-F")
+        .arg(ssh_config(dir.path(), "fw"))
+        .args(["-N", "-o", "ExitOnForwardFailure=yes", "-R"])
+        .arg(format!("127.0.0.1:{remote}:127.0.0.1:{}", upstream.port()))
+        .arg("devmesh.fw")
+        .env("DEVMESH_CONFIG_DIR", dir.path().join("cli"))
+        .env("DEVMESH_URL", &server.url)
+        .env("DEVMESH_SESSION_TOKEN", owner.token.clone().unwrap())
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let answer = eventually(30, "the remote forward to answer", || async {
+        client
+            .get(format!("http://127.0.0.1:{remote}/echo"))
+            .send()
+            .await
+            .ok()
+            .filter(|r| r.status().is_success())
+    })
+    .await;
+    assert_eq!(
+        answer.json::<serde_json::Value>().await.unwrap()["path"],
+        "/echo"
+    );
+    reverse.kill().await.unwrap();
+    eventually(
+        15,
+        "the remote forward to close with the session",
+        || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", remote))
+                .await
+                .is_err()
+                .then_some(())
+        },
+    )
+    .await;
 }
 
 #[tokio::test]
