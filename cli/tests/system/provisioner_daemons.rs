@@ -544,6 +544,23 @@ async fn a_provisioner_key_opens_only_the_daemon_api_and_a_daemon_only_its_own_j
         "{logs}"
     );
 
+    // A key whose daemons register without end (a crash loop) is cut off
+    // before it fills the database: 200 registrations an hour.
+    let k3 = create_key(&owner, "looping", json!({})).await;
+    let mut refused_at = None;
+    for i in 0..205 {
+        let (status, _) = register(base, &k3, &format!("loop-{i}"), json!({})).await;
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            refused_at = Some(i);
+            break;
+        }
+        assert_eq!(status, StatusCode::OK);
+    }
+    assert_eq!(refused_at, Some(200), "the 201st registration is refused");
+    // Other keys are not affected.
+    let (status, _) = register(base, &k2, "d2-again", json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+
     // Every refusal was counted.
     let metrics = reqwest::get(format!("{base}/metrics"))
         .await
