@@ -13,9 +13,10 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use crate::provisioning::{
-    archive_of, build, built, local_process, primary_with, push, step_template,
+    app_answers, archive_of, build, built, create_workspace, local_process, primary_with, push,
+    step_template,
 };
-use crate::support::{BIN, CliAs, app_client, eventually, ok};
+use crate::support::{BIN, CliAs, eventually, ok};
 
 /// `devmesh provisioner start` against `url` with `key` (in the
 /// environment, as the docs advise) and `tags`, working in `dir/NAME-work`
@@ -183,17 +184,8 @@ async fn an_external_daemon_builds_only_the_jobs_its_tags_cover_end_to_end() {
     .await;
     let port = server.url.rsplit(':').next().unwrap().to_owned();
     let url = format!("http://web--main--syd--owner.apps.localhost:{port}/echo");
-    let client = app_client(false);
-    eventually(30, "the app through the primary", || async {
-        let r = client
-            .get(&url)
-            .header("Devmesh-Session-Token", token.as_str())
-            .send()
-            .await
-            .ok()?;
-        (r.status() == StatusCode::OK).then_some(())
-    })
-    .await;
+    let app = app_answers("the app through the primary", &url, &token).await;
+    assert_eq!(app["path"], "/echo");
     assert!(sydney.log_text().contains("running a provisioner job"));
     assert!(
         !anywhere.log_text().contains("start syd"),
@@ -301,14 +293,7 @@ async fn ten_workspaces_build_at_once_over_three_daemons_and_a_killed_daemon_fai
     )
     .unwrap();
     push(&owner, "slow", archive_of(tpl.path())).await;
-    let (_, body) = owner
-        .post("/workspaces", json!({"name": "slow", "template": "slow"}))
-        .await;
-    let id = body["workspace"]["id"].as_str().unwrap().to_owned();
-    let job = body["workspace"]["latest_build"]["job_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (id, job) = create_workspace(&owner, "slow", "slow").await;
     eventually(60, "the slow step to start", || async {
         job_status(&owner, &job)
             .await
@@ -583,15 +568,7 @@ async fn a_build_that_runs_past_the_job_timeout_is_interrupted_and_fails_saying_
     let dir = tempfile::tempdir().unwrap();
     let (_server, owner, _db) = primary_with(dir.path(), &["--provisioner-job-timeout", "4"]).await;
     push(&owner, "hangs", step_template("echo hanging; sleep 60")).await;
-    let (status, body) = owner
-        .post("/workspaces", json!({"name": "hung", "template": "hangs"}))
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
-    let id = body["workspace"]["id"].as_str().unwrap().to_owned();
-    let job = body["workspace"]["latest_build"]["job_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (id, job) = create_workspace(&owner, "hung", "hangs").await;
     let logs = job_ends(&owner, &job, "failed").await;
     assert!(
         logs["error"]

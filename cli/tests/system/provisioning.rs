@@ -42,18 +42,43 @@ pub(crate) fn slow_template(secs: u32) -> String {
     step_template(&format!("echo slow start; sleep {secs}"))
 }
 
-/// Pushes [`slow_template`] as `slow` and creates workspace `name` from it;
-/// returns the workspace's id and its build's job once the slow step runs.
-async fn slow_build(owner: &Api, name: &str, secs: u32) -> (String, String) {
-    push(owner, "slow", slow_template(secs)).await;
-    let (_, body) = owner
-        .post("/workspaces", json!({"name": name, "template": "slow"}))
+/// Creates workspace `name` from `template` (checking the request was
+/// taken); returns its id and its first build's job.
+pub(crate) async fn create_workspace(api: &Api, name: &str, template: &str) -> (String, String) {
+    let (status, body) = api
+        .post("/workspaces", json!({"name": name, "template": template}))
         .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
     let id = body["workspace"]["id"].as_str().unwrap().to_owned();
     let job = body["workspace"]["latest_build"]["job_id"]
         .as_str()
         .unwrap()
         .to_owned();
+    (id, job)
+}
+
+/// Waits until `url` (an app, signed in with `token`) answers 200; returns
+/// the answer's JSON.
+pub(crate) async fn app_answers(what: &str, url: &str, token: &str) -> Value {
+    let client = app_client(false);
+    let r = eventually(60, what, || async {
+        let r = client
+            .get(url)
+            .header("Devmesh-Session-Token", token)
+            .send()
+            .await
+            .ok()?;
+        (r.status() == StatusCode::OK).then_some(r)
+    })
+    .await;
+    r.json().await.unwrap()
+}
+
+/// Pushes [`slow_template`] as `slow` and creates workspace `name` from it;
+/// returns the workspace's id and its build's job once the slow step runs.
+async fn slow_build(owner: &Api, name: &str, secs: u32) -> (String, String) {
+    push(owner, "slow", slow_template(secs)).await;
+    let (id, job) = create_workspace(owner, name, "slow").await;
     eventually(60, "the slow step to start", || async {
         let (_, logs) = owner.get(&format!("/jobs/{job}/logs")).await;
         logs.to_string().contains("slow start").then_some(())
@@ -219,35 +244,17 @@ async fn a_terraform_workspace_starts_its_agent_and_keeps_its_home_across_stop_a
     assert!(alive(pid));
     let port = server.url.rsplit(':').next().unwrap().to_owned();
     let url = format!("http://web--main--{name}--owner.apps.localhost:{port}/echo");
-    let client = app_client(false);
-    let app = eventually(30, "the app through the primary", || async {
-        let r = client
-            .get(&url)
-            .header("Devmesh-Session-Token", owner.token.as_deref().unwrap())
-            .send()
-            .await
-            .ok()?;
-        (r.status() == StatusCode::OK).then_some(r)
-    })
-    .await;
-    assert_eq!(app.json::<Value>().await.unwrap()["path"], "/echo");
+    let token = owner.token.clone().unwrap();
+    let app = app_answers("the app through the primary", &url, &token).await;
+    assert_eq!(app["path"], "/echo");
     // And through a regional edge, which reaches the agent over the mesh.
     let (edge, _) = crate::support::create_edge(&owner, &server.url, "eu", &[], dir.path()).await;
     let edge_url = format!(
         "http://web--main--{name}--owner.eu.apps.localhost:{}/echo",
         edge.port()
     );
-    let via_edge = eventually(60, "the app through the edge", || async {
-        let r = client
-            .get(&edge_url)
-            .header("Devmesh-Session-Token", owner.token.as_deref().unwrap())
-            .send()
-            .await
-            .ok()?;
-        (r.status() == StatusCode::OK).then_some(r)
-    })
-    .await;
-    assert_eq!(via_edge.json::<Value>().await.unwrap()["path"], "/echo");
+    let via_edge = app_answers("the app through the edge", &edge_url, &token).await;
+    assert_eq!(via_edge["path"], "/echo");
     // The startup script ran in the home directory.
     eventually(30, "the startup script", || async {
         home.join("starts.log").exists().then_some(())
@@ -700,14 +707,7 @@ async fn members_cannot_push_code_for_the_server_to_run_nor_touch_others_builds(
     let (status, _) = mallory.get(&format!("/jobs/{import}/logs")).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     // Nor see or cancel the owner's builds.
-    let (_, body) = owner
-        .post("/workspaces", json!({"name": "mine", "template": "ok"}))
-        .await;
-    let id = body["workspace"]["id"].as_str().unwrap().to_owned();
-    let job = body["workspace"]["latest_build"]["job_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (id, job) = create_workspace(&owner, "mine", "ok").await;
     let (status, _) = mallory
         .post(&format!("/workspaces/{id}/builds/cancel"), json!({}))
         .await;
