@@ -800,23 +800,26 @@ async fn a_mesh_certificate_alone_reaches_no_agent_and_dies_with_its_edge() {
     };
 
     // Straight to the home relay of alice's agent, asking for its database
-    // port: refused without a grant naming that agent and port.
+    // port, or for a shell (its SSH server trusts whoever the stream is
+    // opened for): refused without a grant naming that agent and stream.
     let conn = dial().await;
-    for grant in [String::new(), "forged.grant.x".to_owned()] {
-        let (mut send, mut recv) = conn.open_bi().await.unwrap();
-        tio::write_mesh_header(
-            &mut send,
-            &MeshHeader {
-                agent_id: weu_agent,
-                grant,
-                inner: StreamHeader::Tcp { port: 5432 },
-            },
-        )
-        .await
-        .unwrap();
-        let mut status = [0u8; 1];
-        recv.read_exact(&mut status).await.unwrap();
-        assert_eq!(status[0], tunnel::status::DENIED);
+    for inner in [StreamHeader::Tcp { port: 5432 }, StreamHeader::Ssh] {
+        for grant in [String::new(), "forged.grant.x".to_owned()] {
+            let (mut send, mut recv) = conn.open_bi().await.unwrap();
+            tio::write_mesh_header(
+                &mut send,
+                &MeshHeader {
+                    agent_id: weu_agent,
+                    grant,
+                    inner: inner.clone(),
+                },
+            )
+            .await
+            .unwrap();
+            let mut status = [0u8; 1];
+            recv.read_exact(&mut status).await.unwrap();
+            assert_eq!(status[0], tunnel::status::DENIED, "{inner:?}");
+        }
     }
 
     // The owner deletes the edge: its link is cut within seconds, and its

@@ -199,6 +199,19 @@ async fn ssh_runs_a_command_in_the_workspace_with_its_output_input_and_exit_stat
         .post(&format!("/workspaceagents/{agent_id}/ssh"), json!({}))
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+    // A stranger, with no key or a forged one, gets nothing.
+    for api in [
+        devmesh_tests::Api::new(&server.url, None),
+        devmesh_tests::Api::new(
+            &server.url,
+            Some("abcdefghij-forgedsecretforgedsecret00".into()),
+        ),
+    ] {
+        let (status, _) = api
+            .post(&format!("/workspaceagents/{agent_id}/ssh"), json!({}))
+            .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
     let resp = reqwest::Client::new()
         .post(format!(
             "{}/api/v2/workspaceagents/{agent_id}/ssh",
