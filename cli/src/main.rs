@@ -8,6 +8,7 @@
 mod client;
 mod commands;
 mod output;
+mod regions;
 mod session;
 
 use std::process::ExitCode;

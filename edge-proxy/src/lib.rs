@@ -21,6 +21,7 @@ mod config;
 mod events;
 mod metrics;
 mod primary;
+mod shell;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
@@ -29,7 +30,7 @@ use std::time::Duration;
 use anyhow::Context;
 use axum::Json;
 use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use chrono::Utc;
@@ -100,6 +101,8 @@ pub(crate) struct Edge {
     attachments_changed: Notify,
     /// The relay's address as agents and other relays dial it.
     relay_address: String,
+    /// Cancelled when the edge shuts down: ends shell sessions.
+    pub(crate) shutdown: CancellationToken,
 }
 
 impl std::fmt::Debug for Edge {
@@ -297,6 +300,7 @@ pub async fn run(args: EdgeArgs, shutdown: CancellationToken) -> anyhow::Result<
         scheme: if tls.is_some() { "https" } else { "http" },
         attachments_changed: Notify::new(),
         relay_address,
+        shutdown: shutdown.clone(),
         config,
     });
 
@@ -307,8 +311,12 @@ pub async fn run(args: EdgeArgs, shutdown: CancellationToken) -> anyhow::Result<
     let app = axum::Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/healthz-report", get(report))
-        .route("/latency-check", get(latency_check))
+        .route("/latency-check", get(devmesh_proxy::app::latency_check))
         .route("/metrics", get(metrics))
+        .route(
+            "/api/v2/workspaceagents/{agent}/ssh",
+            axum::routing::post(shell::ssh),
+        )
         .layer(axum::middleware::from_fn_with_state(
             edge.clone(),
             apps::route_apps,
@@ -552,17 +560,4 @@ async fn metrics(State(edge): State<Arc<Edge>>) -> impl IntoResponse {
         )],
         edge.metrics.encode(stats.as_deref()),
     )
-}
-
-/// Browsers time this from the dashboard's page to pick the nearest region.
-async fn latency_check() -> impl IntoResponse {
-    let mut resp = StatusCode::OK.into_response();
-    let h = resp.headers_mut();
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_ORIGIN,
-        HeaderValue::from_static("*"),
-    );
-    h.insert("timing-allow-origin", HeaderValue::from_static("*"));
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    resp
 }

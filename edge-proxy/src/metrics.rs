@@ -19,6 +19,16 @@ pub(crate) struct CacheLabels {
     pub(crate) result: &'static str,
 }
 
+/// Labels of `devmesh_edge_shell_sessions_total`: how a request for a
+/// shell session ended up.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ShellLabels {
+    /// `opened`, `refused` (by the primary or for want of a key),
+    /// `rate_limited`, `unavailable` (the primary could not be asked) or
+    /// `agent_unreachable`.
+    pub(crate) result: &'static str,
+}
+
 /// Every metric of the edge.
 pub(crate) struct Metrics {
     registry: Registry,
@@ -28,6 +38,8 @@ pub(crate) struct Metrics {
     pub(crate) primary_reachable: Gauge,
     pub(crate) events_connected: Gauge,
     pub(crate) primary_requests: Counter,
+    pub(crate) shell_sessions: Family<ShellLabels, Counter>,
+    pub(crate) shells_open: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -61,11 +73,25 @@ impl Metrics {
         let primary_requests = Counter::default();
         registry.register(
             "primary_calls",
-            "Calls made to the primary for app access decisions and sign-ins",
+            "Calls made to the primary for access decisions and sign-ins",
             primary_requests.clone(),
+        );
+        let shell_sessions = Family::<ShellLabels, Counter>::default();
+        registry.register(
+            "shell_sessions",
+            "Requests for SSH sessions through this edge, by outcome",
+            shell_sessions.clone(),
+        );
+        let shells_open = Gauge::default();
+        registry.register(
+            "shell_sessions_open",
+            "SSH sessions open through this edge",
+            shells_open.clone(),
         );
         Self {
             registry,
+            shell_sessions,
+            shells_open,
             proxy,
             decisions,
             primary_reachable,

@@ -8,7 +8,8 @@ use std::time::Duration;
 use devmesh_proxy::app::AppError;
 use devmesh_shared::api::{
     EDGE_TOKEN_HEADER, EdgeAppAccess, EdgeAppAccessRequest, EdgeAppConnectRequest,
-    EdgeDeregisterRequest, EdgeRegisterRequest, EdgeRegisterResponse,
+    EdgeDeregisterRequest, EdgeRegisterRequest, EdgeRegisterResponse, EdgeShellAccess,
+    EdgeShellAccessRequest, EdgeShellEnded,
 };
 use reqwest::StatusCode;
 use uuid::Uuid;
@@ -43,6 +44,15 @@ pub(crate) enum DecisionError {
     Unreachable(String),
     /// It refused, for this reason.
     Denied(AppError),
+}
+
+/// Why the primary gave no shell.
+#[derive(Debug)]
+pub(crate) enum ShellRefusal {
+    /// It could not be asked.
+    Unreachable(String),
+    /// It refused: its status and error.
+    Refused(StatusCode, devmesh_shared::api::Error),
 }
 
 /// The edge API of one primary, called with the edge token. Cheap to
@@ -154,6 +164,38 @@ impl PrimaryClient {
                 "{endpoint} answered {status} without a decision"
             ))),
         }
+    }
+
+    /// May the holder of a key open a shell to an agent? A refusal comes
+    /// back as the primary's status and error, for the client to read.
+    pub(crate) async fn shell_access(
+        &self,
+        req: &EdgeShellAccessRequest,
+    ) -> Result<EdgeShellAccess, ShellRefusal> {
+        let resp = self
+            .post("shell-access", req)
+            .await
+            .map_err(|e| ShellRefusal::Unreachable(e.to_string()))?;
+        let status = resp.status();
+        if status.is_success() {
+            return resp
+                .json()
+                .await
+                .map_err(|e| ShellRefusal::Unreachable(format!("unreadable answer: {e}")));
+        }
+        match resp.json::<devmesh_shared::api::Error>().await {
+            Ok(error) if status.is_client_error() => Err(ShellRefusal::Refused(status, error)),
+            _ => Err(ShellRefusal::Unreachable(format!(
+                "shell-access answered {status}"
+            ))),
+        }
+    }
+
+    /// Reports that a shell session this edge carried ended.
+    pub(crate) async fn shell_ended(&self, req: &EdgeShellEnded) -> Result<(), CallError> {
+        checked(self.post("shell-ended", req).await?)
+            .await
+            .map(drop)
     }
 
     /// Opens the event stream (`GET events`): the response whose body is

@@ -350,6 +350,8 @@ pub fn router(state: AppState) -> Router {
         .route("/edges/me/events", get(edges::events))
         .route("/edges/me/app-access", post(apps::edge_app_access))
         .route("/edges/me/app-connect", post(apps::edge_app_connect))
+        .route("/edges/me/shell-access", post(ssh::edge_shell_access))
+        .route("/edges/me/shell-ended", post(ssh::edge_shell_ended))
         .route("/workspaceagents/me/manifest", get(agents::manifest))
         .route(
             "/workspaceagents/me/attach-ticket",
@@ -371,6 +373,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .nest("/api/v2", api)
         .route("/healthz", get(meta::healthz))
+        .route("/latency-check", get(devmesh_proxy::app::latency_check))
         .route("/metrics", get(meta::metrics))
         .route("/", get(meta::root))
         .route("/login", get(login::login_form).post(login::login_submit))

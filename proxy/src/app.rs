@@ -523,5 +523,19 @@ pub fn protect_page(resp: &mut Response, https: bool) {
     }
 }
 
+/// `GET /latency-check` on every region: browsers and the CLI time it to
+/// pick the nearest region, from any origin.
+pub async fn latency_check() -> Response {
+    let mut resp = StatusCode::OK.into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    h.insert("timing-allow-origin", HeaderValue::from_static("*"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
 #[cfg(test)]
 mod tests;

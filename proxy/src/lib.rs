@@ -5,8 +5,8 @@
 //! ([`upstream`]), the app proxy's phases with a pluggable source of
 //! decisions ([`pipeline`]), the app-request plumbing: error pages, cookie
 //! names, credentials in headers, the sign-in redirect ([`app`]), the store
-//! app tokens are checked against ([`revocations`]), and per-client rate
-//! limits ([`ratelimit`]).
+//! app tokens are checked against ([`revocations`]), per-client rate limits
+//! ([`ratelimit`]), and shell sessions spliced to agents ([`shell`]).
 
 #![forbid(unsafe_code)]
 
@@ -15,4 +15,5 @@ pub mod pipeline;
 pub mod ratelimit;
 pub mod relay;
 pub mod revocations;
+pub mod shell;
 pub mod upstream;

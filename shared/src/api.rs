@@ -1471,6 +1471,49 @@ pub struct EdgeAppConnectRequest {
     pub host: String,
 }
 
+/// `POST /api/v2/edges/me/shell-access`: may the holder of `key` open a
+/// shell (SSH or a terminal) to `agent_id` through this edge?
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeShellAccessRequest {
+    /// The agent.
+    pub agent_id: Uuid,
+    /// The user's API key, as the client sent it to the edge.
+    pub key: String,
+    /// The client's address, as the edge saw it, for the audit log.
+    pub client_ip: String,
+}
+
+/// A yes to [`EdgeShellAccessRequest`]: the session, recorded in the audit
+/// log, and what the edge needs to open and police it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EdgeShellAccess {
+    /// The session, as the audit log names it; the edge reports its end.
+    pub session_id: Uuid,
+    /// A signed stream grant for the agent, for the agent's home relay when
+    /// the agent is attached elsewhere.
+    pub grant: String,
+    /// When access was decided, unix milliseconds: revocations of the
+    /// subjects below at or after it end the session.
+    pub began_ms: i64,
+    /// The user, their key and the workspace.
+    pub subjects: Vec<RevokedSubject>,
+    /// The agent's home relay, if attached.
+    pub location: Option<RelayInfo>,
+}
+
+/// `POST /api/v2/edges/me/shell-ended`: a session this edge carried ended.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeShellEnded {
+    /// The session, from [`EdgeShellAccess`].
+    pub session_id: Uuid,
+    /// Bytes from the client to the agent.
+    pub bytes_up: u64,
+    /// Bytes from the agent to the client.
+    pub bytes_down: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

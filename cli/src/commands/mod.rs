@@ -33,6 +33,10 @@ pub(crate) struct Global {
     /// Extra PEM CA bundle to trust for the deployment's HTTPS (on top of the system roots).
     #[arg(long, global = true, env = "DEVMESH_CA_CERT")]
     pub(crate) ca_cert: Option<std::path::PathBuf>,
+    /// The region to go through (ssh, port-forward, app URLs): a region's
+    /// name; by default the nearest healthy one.
+    #[arg(long, global = true, env = "DEVMESH_REGION")]
+    pub(crate) region: Option<String>,
     /// Output format of list commands.
     #[arg(long, short = 'o', global = true, value_enum, default_value_t)]
     pub(crate) output: Format,

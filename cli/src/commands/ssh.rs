@@ -4,6 +4,7 @@
 //! one streamed request; see `POST /api/v2/workspaceagents/{id}/ssh`).
 
 use anyhow::Context;
+use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 
 use super::Global;
@@ -119,13 +120,17 @@ fn openssh(g: &Global, target: &str, options: &[String], command: &[String]) -> 
     if let Some(ca) = &g.ca_cert {
         ssh.env("DEVMESH_CA_CERT", ca);
     }
+    if let Some(region) = &g.region {
+        ssh.env("DEVMESH_REGION", region);
+    }
     // This process becomes ssh: signals (Ctrl-C, a kill) reach it
     // directly, and no ssh outlives a killed devmesh.
     let e = std::os::unix::process::CommandExt::exec(&mut ssh);
     Err(anyhow::Error::new(e).context("cannot run ssh (install the OpenSSH client)"))
 }
 
-/// Splices stdin and stdout to the agent's SSH server.
+/// Splices stdin and stdout to the agent's SSH server, through the
+/// nearest region that answers (or the one `--region` pins).
 async fn pipe(g: &Global, ws: &str, agent: Option<&str>) -> anyhow::Result<()> {
     let short = g.client()?;
     let (owner, name) = ws.split_once('/').unwrap_or(("me", ws));
@@ -146,17 +151,70 @@ async fn pipe(g: &Global, ws: &str, agent: Option<&str>) -> anyhow::Result<()> {
         .token
         .clone()
         .or_else(|| crate::session::load().ok().flatten().map(|s| s.token));
-    let client = Client::long_lived(short.base(), token, g.ca_cert.as_deref())?;
-    let up = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(tokio::io::stdin()));
-    let mut resp = client
-        .post_stream(&format!("/workspaceagents/{}/ssh", found.id), up)
-        .await?;
+    let path = format!("/workspaceagents/{}/ssh", found.id);
+    let mut regions =
+        crate::regions::ranked(&short, g.region.as_deref(), g.ca_cert.as_deref()).await?;
+    if regions.is_empty() {
+        regions.push(crate::regions::Ranked {
+            name: "primary".into(),
+            url: short.base().to_owned(),
+            wildcard: None,
+            rtt_ms: None,
+        });
+    }
+    let mut failure = None;
+    for region in &regions {
+        let client = Client::long_lived(&region.url, token.clone(), g.ca_cert.as_deref())?;
+        // Nothing is read from stdin until the region accepts the session,
+        // so a refusal loses none of it and the next region gets it all.
+        let (go, accepted) = tokio::sync::oneshot::channel::<()>();
+        let stdin = futures_util::stream::once(accepted).flat_map(|r| match r {
+            Ok(()) => tokio_util::io::ReaderStream::new(tokio::io::stdin()).left_stream(),
+            Err(_) => futures_util::stream::empty().right_stream(),
+        });
+        match client
+            .post_stream(&path, reqwest::Body::wrap_stream(stdin))
+            .await
+        {
+            Ok(resp) => {
+                let _ = go.send(());
+                return splice_out(resp).await;
+            }
+            Err(e) if region_failed(&e) => {
+                eprintln!(
+                    "devmesh: region {} failed ({e:#}); trying the next",
+                    region.name
+                );
+                crate::regions::forget();
+                failure = Some(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(failure.unwrap_or_else(|| anyhow::anyhow!("no region to go through")))
+}
+
+/// Whether another region might do better: this one could not be reached
+/// or could not reach the agent.
+fn region_failed(e: &anyhow::Error) -> bool {
+    use reqwest::StatusCode;
+    match e.downcast_ref::<crate::client::ApiFailure>() {
+        Some(f) => matches!(
+            f.status,
+            StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT
+        ),
+        None => e.chain().any(|c| c.is::<reqwest::Error>()),
+    }
+}
+
+/// Copies the session's answer to stdout until it ends.
+async fn splice_out(mut resp: reqwest::Response) -> anyhow::Result<()> {
     let mut out = tokio::io::stdout();
     while let Some(chunk) = resp.chunk().await? {
         out.write_all(&chunk).await?;
         out.flush().await?;
     }
-    // The connection is over (the session ended, or the primary ended it).
+    // The connection is over (the session ended, or the region ended it).
     // Exit now: the read of stdin blocks a thread the runtime would wait
     // for, and OpenSSH notices the end only when this process goes.
     std::process::exit(0);

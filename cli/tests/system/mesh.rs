@@ -740,3 +740,190 @@ async fn an_edge_shows_each_refusal_the_primary_names_even_with_its_database_dow
         .await
         .unwrap();
 }
+
+/// Streams an edge sent across the mesh.
+const MESH_OUT: &str = "devmesh_edge_streams_total{path=\"mesh_out\"}";
+
+/// The audit records of `action` for sessions through `region`.
+async fn audited(owner: &Api, action: &str, region: &str) -> Vec<Value> {
+    let (_, log) = owner.get(&format!("/audit?action={action}")).await;
+    log["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["details"]["region"] == region)
+        .cloned()
+        .collect()
+}
+
+#[tokio::test]
+async fn ssh_goes_through_the_nearest_or_the_pinned_region_across_the_mesh_and_fails_over() {
+    let mut m = Mesh::start().await;
+    let alice = crate::support::CliAs {
+        config: m.dir.path().join("alice-cli"),
+        url: m.primary.as_ref().unwrap().url.clone(),
+        token: m.alice_key(),
+    };
+    // Pinned to eu: weu's agent is attached there, wap's across the mesh
+    // in ap; both answer with their exit status.
+    let before = edge_metric(&m.eu, MESH_OUT).await;
+    for ws in ["weu", "wap"] {
+        let out = alice
+            .run(&[
+                "ssh",
+                "--region",
+                "eu",
+                ws,
+                "--",
+                &format!("echo in {ws}; exit 5"),
+            ])
+            .await;
+        assert_eq!(out.status.code(), Some(5), "{out:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            format!("in {ws}")
+        );
+    }
+    assert_eq!(
+        edge_metric(&m.eu, MESH_OUT).await,
+        before + 1,
+        "only wap's session crossed the mesh"
+    );
+    // Each session is audited as going through eu, and its end with what it carried.
+    let ended = eventually(10, "both ends recorded", || async {
+        let ends = audited(&m.owner, "ssh_end", "eu").await;
+        (ends.len() == 2).then_some(ends)
+    })
+    .await;
+    assert_eq!(audited(&m.owner, "ssh", "eu").await.len(), 2);
+    for end in &ended {
+        assert_eq!(end["username"], "alice", "{end}");
+        assert!(
+            end["details"]["bytes_down"].as_u64().unwrap() > 1000,
+            "{end}"
+        );
+    }
+    // Another edge cannot end eu's sessions (nor forge their records), nor
+    // open a shell with a made-up key.
+    let (status, rogue) = m
+        .owner
+        .post(
+            "/edges",
+            json!({"name": "rogue", "access_url": "http://127.0.0.1:9",
+                   "wildcard_hostname": "*.rogue.apps.localhost"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{rogue}");
+    let as_rogue = |endpoint: &str, body: Value| {
+        reqwest::Client::new()
+            .post(format!("{}/api/v2/edges/me/{endpoint}", alice.url))
+            .header(
+                devmesh_shared::api::EDGE_TOKEN_HEADER,
+                rogue["edge_token"].as_str().unwrap(),
+            )
+            .json(&body)
+            .send()
+    };
+    let theirs = &ended[0]["details"]["session"];
+    let resp = as_rogue(
+        "shell-ended",
+        json!({"session_id": theirs, "bytes_up": 0, "bytes_down": 0}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    let resp = as_rogue(
+        "shell-access",
+        json!({"agent_id": m.workspaces[0]["agents"][0]["id"], "key": "abcdefghij-forged", "client_ip": "1.2.3.4"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(audited(&m.owner, "ssh_end", "rogue").await.len(), 0);
+    assert_eq!(audited(&m.owner, "ssh", "rogue").await.len(), 0);
+
+    // An unknown region is refused, naming the ones there are.
+    let out = alice
+        .run(&["ssh", "--region", "mars", "weu", "--", "true"])
+        .await;
+    assert!(!out.status.success());
+    assert!(
+        crate::support::stderr(&out).contains("primary, ap, eu"),
+        "{out:?}"
+    );
+
+    // Unpinned: every healthy region is measured and the nearest kept.
+    let out = alice.run(&["ssh", "wap", "--", "echo nearest"]).await;
+    assert_eq!(crate::support::ok(&out).trim(), "nearest");
+    let cache = alice.config.join("regions.json");
+    let mut measured: Value = serde_json::from_slice(&std::fs::read(&cache).unwrap()).unwrap();
+    let names: Vec<&str> = measured["ranked"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            assert!(r["rtt_ms"].as_f64().unwrap() > 0.0, "{r}");
+            r["name"].as_str().unwrap()
+        })
+        .collect();
+    assert_eq!(names.len(), 3, "{measured}");
+
+    // Say ap was nearest, then it dies: the next session goes through the
+    // next region, and the choice is measured afresh.
+    let ranked = measured["ranked"].as_array_mut().unwrap();
+    ranked.sort_by_key(|r| r["name"] != "ap");
+    std::fs::write(&cache, serde_json::to_vec(&measured).unwrap()).unwrap();
+    m.ap.take().unwrap().kill().await;
+    let out = alice.run(&["ssh", "weu", "--", "echo survived"]).await;
+    assert_eq!(crate::support::ok(&out).trim(), "survived");
+    assert!(
+        crate::support::stderr(&out).contains("region ap failed"),
+        "{out:?}"
+    );
+    assert!(!cache.exists() || !std::fs::read_to_string(&cache).unwrap().contains("\"ap\""));
+
+    // Signing out ends a session through an edge within a second.
+    let signed_in = Api::new(&alice.url, None)
+        .login("alice", "alice-password")
+        .await;
+    let mut session = tokio::process::Command::new(crate::support::BIN)
+        .args([
+            "ssh",
+            "--region",
+            "eu",
+            "weu",
+            "--",
+            "echo started; sleep 60",
+        ])
+        .env("DEVMESH_CONFIG_DIR", &alice.config)
+        .env("DEVMESH_URL", &alice.url)
+        .env("DEVMESH_SESSION_TOKEN", signed_in.token.clone().unwrap())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut errors = session.stderr.take().unwrap();
+    let mut out = tokio::io::BufReader::new(session.stdout.take().unwrap());
+    let mut line = String::new();
+    tokio::io::AsyncBufReadExt::read_line(&mut out, &mut line)
+        .await
+        .unwrap();
+    if line.is_empty() {
+        let mut why = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut errors, &mut why)
+            .await
+            .unwrap();
+        panic!("the session did not start: {why}");
+    }
+    assert_eq!(line.trim(), "started");
+    let at = Instant::now();
+    let (status, _) = signed_in.post("/users/logout", json!({})).await;
+    assert!(status.is_success(), "{status}");
+    tokio::time::timeout(Duration::from_secs(10), session.wait())
+        .await
+        .expect("the session ended")
+        .unwrap();
+    assert!(at.elapsed() < Duration::from_secs(3), "{:?}", at.elapsed());
+}

@@ -1,28 +1,153 @@
-//! `POST /api/v2/workspaceagents/{id}/ssh`: one SSH connection to the
-//! agent, carried by an HTTP request whose body is what the client sends
-//! and whose response body is what the agent answers — both streamed, over
-//! HTTPS, so it works where UDP does not. The primary opens an `Ssh` tunnel
-//! stream to the agent (down its tunnel, or across the mesh to the relay it
-//! is attached to) and splices the two.
+//! Shell sessions (SSH today) to agents, through the primary or an edge.
+//!
+//! `POST /api/v2/workspaceagents/{id}/ssh` carries one SSH connection in an
+//! HTTP request whose body is what the client sends and whose response body
+//! is what the agent answers — both streamed, over HTTPS, so it works where
+//! UDP does not. The region (the primary here, an edge through
+//! `edges/me/shell-access`) opens an `Ssh` tunnel stream to the agent (down
+//! its tunnel, or across the mesh to the relay it is attached to) and
+//! splices the two ([`devmesh_proxy::shell`]).
 //!
 //! Only the workspace's owner may, or an owner-role user (audited as acting
 //! on someone else's workspace). A session cookie cannot: the key must come
 //! in a header, so another site cannot ride a signed-in browser into a
-//! shell.
+//! shell. Every session is audited twice: `ssh` when it begins, with the
+//! region it went through, and `ssh_end` when it ends, with its bytes.
 
-use axum::body::{Body, Bytes};
+use axum::Json;
+use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
-use devmesh_shared::api::RevokedSubject;
+use devmesh_proxy::shell::{Holder, Session};
+use devmesh_shared::api::{
+    EdgeShellAccess, EdgeShellAccessRequest, EdgeShellEnded, KeyScope, RevokedSubject,
+};
+use devmesh_shared::signing::{GrantedStream, StreamGrant};
 use devmesh_shared::tunnel::StreamHeader;
-use futures_util::StreamExt;
 use uuid::Uuid;
 
+use super::edges::EdgeAuth;
 use super::error::{ApiError, ApiResult};
-use super::extract::{ApiPath, Authed, ClientIp, SESSION_HEADER};
+use super::extract::{ApiJson, ApiPath, Authed, ClientIp, SESSION_HEADER};
 use super::{AppState, Audit};
+use crate::auth::Principal;
 
+/// How long an edge's stream grant lasts: it only has to reach the agent's
+/// home relay once.
+const GRANT_SECS: i64 = 60;
+
+/// An agent a shell may be opened to, and whose it is.
+struct ShellTarget {
+    agent: Uuid,
+    workspace: Uuid,
+    /// `owner/workspace`.
+    label: String,
+    agent_name: String,
+    /// Whether the caller owns the workspace.
+    own: bool,
+}
+
+/// Whether `principal` may open a shell to `agent`: its workspace's owner
+/// may, and owner-role users. Anyone else learns nothing: no such agent.
+async fn authorize(state: &AppState, principal: &Principal, agent: Uuid) -> ApiResult<ShellTarget> {
+    if principal.scope != KeyScope::All {
+        return Err(ApiError::forbidden(
+            "This key may only open apps, not shells.",
+        ));
+    }
+    let row: Option<(Uuid, String, Uuid, String, String)> = sqlx::query_as(
+        "SELECT w.id, w.name, w.owner_id, u.username, g.name
+         FROM workspace_agents g JOIN workspaces w ON w.id = g.workspace_id
+         JOIN users u ON u.id = w.owner_id
+         WHERE g.id = $1 AND NOT w.deleted",
+    )
+    .bind(agent)
+    .fetch_optional(&state.db)
+    .await?;
+    let not_found = || ApiError::not_found("No such agent.");
+    let (workspace, ws_name, owner_id, owner_name, agent_name) = row.ok_or_else(not_found)?;
+    let own = owner_id == principal.user_id;
+    if !own && !principal.is_owner() {
+        return Err(not_found());
+    }
+    Ok(ShellTarget {
+        agent,
+        workspace,
+        label: format!("{owner_name}/{ws_name}"),
+        agent_name,
+        own,
+    })
+}
+
+/// Records that a session began, through `region`.
+async fn record_start(
+    state: &AppState,
+    target: &ShellTarget,
+    principal: &Principal,
+    ip: &str,
+    region: &str,
+    session: Uuid,
+) {
+    Audit::new("ssh", "workspace")
+        .resource(target.workspace, target.label.clone())
+        .by(principal)
+        .ip(ip)
+        .details(serde_json::json!({
+            "session": session,
+            "agent": target.agent_name,
+            "region": region,
+            "others_workspace": !target.own,
+        }))
+        .write(&state.db)
+        .await;
+}
+
+/// Records that the session `session`, begun through `region`, ended: a
+/// copy of its start record with what it carried. Only the region that
+/// began a session can end it, and only once.
+async fn record_end(state: &AppState, session: Uuid, region: &str, (up, down): (u64, u64)) -> bool {
+    let result = sqlx::query(
+        "INSERT INTO audit_log (user_id, username, ip, action, resource_type, resource_id, resource_name, details)
+         SELECT user_id, username, ip, 'ssh_end', resource_type, resource_id, resource_name,
+                details || jsonb_build_object('bytes_up', $3::bigint, 'bytes_down', $4::bigint,
+                    'seconds', round(extract(epoch FROM now() - time)::numeric, 1))
+         FROM audit_log s
+         WHERE s.action = 'ssh' AND s.details->>'session' = $1 AND s.details->>'region' = $2
+           AND NOT EXISTS (SELECT 1 FROM audit_log e
+                           WHERE e.action = 'ssh_end' AND e.details->>'session' = $1)",
+    )
+    .bind(session.to_string())
+    .bind(region)
+    .bind(i64::try_from(up).unwrap_or(i64::MAX))
+    .bind(i64::try_from(down).unwrap_or(i64::MAX))
+    .execute(&state.db)
+    .await;
+    match result {
+        Ok(r) => r.rows_affected() == 1,
+        Err(e) => {
+            tracing::warn!(error = %e, %session, "could not record the end of an ssh session");
+            false
+        }
+    }
+}
+
+/// What ends a session of `principal` on `target`.
+fn subjects(principal: &Principal, target: &ShellTarget) -> Vec<RevokedSubject> {
+    vec![
+        RevokedSubject::User {
+            id: principal.user_id,
+        },
+        RevokedSubject::Key {
+            id: principal.key_id.clone(),
+        },
+        RevokedSubject::Workspace {
+            id: target.workspace,
+        },
+    ]
+}
+
+/// `POST /api/v2/workspaceagents/{id}/ssh` on the primary.
 pub(super) async fn ssh(
     State(state): State<AppState>,
     auth: Authed,
@@ -37,22 +162,9 @@ pub(super) async fn ssh(
         )
         .detail("a session cookie cannot open one: other sites could use it"));
     }
-    let row: Option<(Uuid, String, Uuid, String, String)> = sqlx::query_as(
-        "SELECT w.id, w.name, w.owner_id, u.username, g.name
-         FROM workspace_agents g JOIN workspaces w ON w.id = g.workspace_id
-         JOIN users u ON u.id = w.owner_id
-         WHERE g.id = $1 AND NOT w.deleted",
-    )
-    .bind(agent)
-    .fetch_optional(&state.db)
-    .await?;
-    let not_found = || ApiError::not_found("No such agent.");
-    let (workspace, ws_name, owner_id, owner_name, agent_name) = row.ok_or_else(not_found)?;
-    let own = owner_id == auth.0.user_id;
-    if !own && !auth.0.is_owner() {
-        return Err(not_found());
-    }
-    let (mut send, recv) = state
+    let target = authorize(&state, &auth.0, agent).await?;
+    let began_ms = chrono::Utc::now().timestamp_millis();
+    let stream = state
         .relay
         .open(agent, &StreamHeader::Ssh, None)
         .await
@@ -63,83 +175,73 @@ pub(super) async fn ssh(
             )
             .detail("is the workspace started and its agent connected? `devmesh show` says")
         })?;
-    Audit::new("ssh", "workspace")
-        .resource(workspace, format!("{owner_name}/{ws_name}"))
-        .by(&auth.0)
-        .ip(&ip)
-        .details(serde_json::json!({
-            "agent": agent_name,
-            "region": "primary",
-            "others_workspace": !own,
-        }))
-        .write(&state.db)
-        .await;
-    // The session ends when the server stops, or within a second of the
-    // user signing out (or being suspended) or the key being deleted.
-    let ended = state.shutdown.child_token();
-    {
-        let (ended, revocations) = (ended.clone(), state.revocations.clone());
-        let began = chrono::Utc::now().timestamp_millis();
-        let subjects = [
-            RevokedSubject::User { id: auth.0.user_id },
-            RevokedSubject::Key {
-                id: auth.0.key_id.clone(),
-            },
-        ];
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    () = ended.cancelled() => return,
-                    () = tokio::time::sleep(std::time::Duration::from_millis(250)) => {}
-                }
-                if subjects.iter().any(|s| revocations.cuts(s, began)) {
-                    tracing::info!(agent = %agent, "an ssh session's key or user was revoked; ending it");
-                    ended.cancel();
-                    return;
-                }
-            }
-        });
-    }
-    // Client → agent, until the client's body ends.
-    let up_ended = ended.clone();
+    let session_id = Uuid::new_v4();
+    record_start(&state, &target, &auth.0, &ip, "primary", session_id).await;
+    let session = Session::new(&state.shutdown);
+    let holder = Holder {
+        subjects: subjects(&auth.0, &target),
+        began_ms,
+    };
+    let resp =
+        devmesh_proxy::shell::splice(stream, body, holder, state.revocations.clone(), &session);
     tokio::spawn(async move {
-        let mut up = body.into_data_stream();
-        loop {
-            let chunk = tokio::select! {
-                c = up.next() => c,
-                () = up_ended.cancelled() => None,
-            };
-            match chunk {
-                Some(Ok(b)) if send.write_all(&b).await.is_ok() => {}
-                _ => break,
-            }
-        }
-        let _ = send.finish();
+        session.ended.cancelled().await;
+        record_end(&state, session_id, "primary", session.bytes()).await;
     });
-    // Agent → client, as the response body.
-    let down = futures_util::stream::unfold((recv, ended), |(mut recv, ended)| async move {
-        let mut buf = vec![0u8; 32 * 1024];
-        let read = tokio::select! {
-            r = recv.read(&mut buf) => r,
-            () = ended.cancelled() => {
-                let _ = recv.stop(devmesh_shared::tunnel::stream_code::DONE.into());
-                return None;
-            }
-        };
-        match read {
-            Ok(Some(n)) => {
-                buf.truncate(n);
-                Some((Ok::<_, std::io::Error>(Bytes::from(buf)), (recv, ended)))
-            }
-            _ => {
-                ended.cancel();
-                None
-            }
-        }
+    Ok(resp)
+}
+
+/// `POST /api/v2/edges/me/shell-access`: an edge asks whether the holder
+/// of a key may open a shell to an agent. A yes is recorded as the start of
+/// a session through that edge's region, and carries a stream grant for
+/// the agent's home relay.
+pub(super) async fn edge_shell_access(
+    State(state): State<AppState>,
+    edge: EdgeAuth,
+    ApiJson(req): ApiJson<EdgeShellAccessRequest>,
+) -> ApiResult<Json<EdgeShellAccess>> {
+    let principal = match state.keys.validate(&req.key).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(_)) => return Err(ApiError::unauthorized("The key is not valid.")),
+        Err(e) => return Err(e.into()),
+    };
+    let target = authorize(&state, &principal, req.agent_id).await?;
+    let began_ms = chrono::Utc::now().timestamp_millis();
+    let grant = state.signer.sign(&StreamGrant {
+        agent_id: target.agent,
+        stream: GrantedStream::Shell,
+        exp: began_ms / 1000 + GRANT_SECS,
     });
-    Response::builder()
-        .header(header::CONTENT_TYPE, "application/octet-stream")
-        .header(header::CACHE_CONTROL, "no-store")
-        .body(Body::from_stream(down))
-        .map_err(ApiError::internal)
+    let location = crate::events::agent_location(&state.db, target.agent).await?;
+    let session_id = Uuid::new_v4();
+    let ip: String = req.client_ip.chars().take(64).collect();
+    record_start(&state, &target, &principal, &ip, &edge.name, session_id).await;
+    Ok(Json(EdgeShellAccess {
+        session_id,
+        grant,
+        began_ms,
+        subjects: subjects(&principal, &target),
+        location,
+    }))
+}
+
+/// `POST /api/v2/edges/me/shell-ended`: a session an edge carried ended.
+pub(super) async fn edge_shell_ended(
+    State(state): State<AppState>,
+    edge: EdgeAuth,
+    ApiJson(req): ApiJson<EdgeShellEnded>,
+) -> StatusCode {
+    if record_end(
+        &state,
+        req.session_id,
+        &edge.name,
+        (req.bytes_up, req.bytes_down),
+    )
+    .await
+    {
+        StatusCode::NO_CONTENT
+    } else {
+        // Not a session this edge began, or one already ended.
+        StatusCode::NOT_FOUND
+    }
 }

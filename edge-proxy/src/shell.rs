@@ -1,0 +1,164 @@
+//! Shell sessions (SSH) through the edge: `POST
+//! /api/v2/workspaceagents/{id}/ssh` on the edge's own host, the same call
+//! the primary serves, so the CLI reaches an agent through whichever region
+//! is nearest.
+//!
+//! The edge asks the primary whether the key may open a shell to the
+//! agent (`shell-access`: one call per session, which is also what records
+//! it in the audit log), opens an `Ssh` stream to the agent (down its
+//! tunnel if attached here, else over the mesh with the primary's grant),
+//! splices it to the request ([`devmesh_proxy::shell`]), ends it within a
+//! second of a revocation the primary pushes, and reports its end.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Path, Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use devmesh_proxy::shell::{Holder, Session};
+use devmesh_shared::api::{AgentLocation, EdgeShellAccessRequest, EdgeShellEnded};
+use devmesh_shared::tunnel::StreamHeader;
+use uuid::Uuid;
+
+use crate::Edge;
+use crate::metrics::ShellLabels;
+use crate::primary::ShellRefusal;
+
+/// An error in the API's shape, so the CLI reads it as it reads the
+/// primary's.
+fn error(status: StatusCode, message: impl Into<String>, detail: impl Into<String>) -> Response {
+    let body = devmesh_shared::api::Error {
+        message: message.into(),
+        detail: detail.into(),
+        validations: Vec::new(),
+        denial: None,
+    };
+    (status, Json(body)).into_response()
+}
+
+/// `POST /api/v2/workspaceagents/{agent}/ssh` on the edge.
+pub(crate) async fn ssh(
+    State(edge): State<Arc<Edge>>,
+    Path(agent): Path<String>,
+    req: Request,
+) -> Response {
+    let count = |result: &'static str| {
+        edge.metrics
+            .shell_sessions
+            .get_or_create(&ShellLabels { result })
+            .inc();
+    };
+    let Ok(agent) = Uuid::parse_str(&agent) else {
+        count("refused");
+        return error(StatusCode::NOT_FOUND, "No such agent.", "");
+    };
+    let client = req
+        .extensions()
+        .get::<ConnectInfo<std::net::SocketAddr>>()
+        .map(|ConnectInfo(a)| a.ip().to_string())
+        .unwrap_or_default();
+    // A key in a header only: a cookie could be another site's doing.
+    let Some(key) = devmesh_proxy::app::header_key(req.headers()) else {
+        count("refused");
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "Send your key in the Devmesh-Session-Token header to open a shell.",
+            "a session cookie cannot open one: other sites could use it",
+        );
+    };
+    let Some(relay) = edge.relay.get() else {
+        count("unavailable");
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "This region is starting: it has not registered with the primary yet.",
+            "try again in a moment, or another region",
+        );
+    };
+    if let Err(wait) = edge.primary_calls.check(&client) {
+        count("rate_limited");
+        return error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "Too many requests from your address.",
+            format!("try again in {} s", wait.as_secs().max(1)),
+        );
+    }
+    edge.metrics.primary_requests.inc();
+    let request = EdgeShellAccessRequest {
+        agent_id: agent,
+        key,
+        client_ip: client.clone(),
+    };
+    let access = match edge.primary.shell_access(&request).await {
+        Ok(a) => a,
+        Err(ShellRefusal::Refused(status, e)) => {
+            count("refused");
+            return (status, Json(e)).into_response();
+        }
+        Err(ShellRefusal::Unreachable(why)) => {
+            count("unavailable");
+            tracing::warn!(error = %why, "no shell access decision from the primary");
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "This region cannot reach the primary to authorise the session.",
+                "try another region: `devmesh ssh --region`",
+            );
+        }
+    };
+    if let Some(home) = access.location.clone() {
+        edge.locations.set(AgentLocation {
+            agent_id: agent,
+            relay: Some(home),
+        });
+    }
+    let stream = match relay
+        .open(agent, &StreamHeader::Ssh, Some(&access.grant))
+        .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            count("agent_unreachable");
+            tracing::info!(%agent, error = %e, "cannot open an ssh stream");
+            ended(&edge, access.session_id, (0, 0));
+            return error(
+                StatusCode::BAD_GATEWAY,
+                format!("The agent cannot take an SSH connection now: {e}."),
+                "is the workspace started and its agent connected? `devmesh show` says",
+            );
+        }
+    };
+    count("opened");
+    tracing::info!(%agent, client.ip = %client, session = %access.session_id, "ssh session began");
+    let session = Session::new(&edge.shutdown);
+    let holder = Holder {
+        subjects: access.subjects,
+        began_ms: access.began_ms,
+    };
+    let body: Body = req.into_body();
+    let resp =
+        devmesh_proxy::shell::splice(stream, body, holder, edge.revocations.clone(), &session);
+    edge.metrics.shells_open.inc();
+    let edge = edge.clone();
+    tokio::spawn(async move {
+        session.ended.cancelled().await;
+        edge.metrics.shells_open.dec();
+        ended(&edge, access.session_id, session.bytes());
+    });
+    resp
+}
+
+/// Tells the primary a session ended, for its audit log.
+fn ended(edge: &Arc<Edge>, session_id: Uuid, (bytes_up, bytes_down): (u64, u64)) {
+    let edge = edge.clone();
+    tokio::spawn(async move {
+        let report = EdgeShellEnded {
+            session_id,
+            bytes_up,
+            bytes_down,
+        };
+        if let Err(e) = edge.primary.shell_ended(&report).await {
+            tracing::warn!(session = %session_id, error = %e, "could not report the end of an ssh session");
+        }
+    });
+}
