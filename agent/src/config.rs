@@ -30,6 +30,10 @@ pub struct AgentArgs {
     /// workspaces that should stay in one region.
     #[arg(long, env = "DEVMESH_RELAY_REGION")]
     pub relay_region: Option<String>,
+    /// How long a terminal whose client went away waits for it to
+    /// reconnect before it is ended, in seconds [default: 300].
+    #[arg(long, env = "DEVMESH_TERMINAL_GRACE_SECS")]
+    pub terminal_grace_secs: Option<u64>,
 }
 
 // Written by hand so the token never reaches a log through `{:?}`.
@@ -41,6 +45,7 @@ impl std::fmt::Debug for AgentArgs {
             .field("token", &self.token.as_ref().map(|_| Secret::new("")))
             .field("ca_cert", &self.ca_cert)
             .field("relay_region", &self.relay_region)
+            .field("terminal_grace_secs", &self.terminal_grace_secs)
             .finish()
     }
 }
@@ -53,6 +58,7 @@ struct FileConfig {
     token: Option<String>,
     ca_cert: Option<PathBuf>,
     relay_region: Option<String>,
+    terminal_grace_secs: Option<u64>,
 }
 
 /// Checked settings of an agent.
@@ -67,6 +73,8 @@ pub struct AgentConfig {
     pub ca_cert: Option<PathBuf>,
     /// The region whose relays the agent prefers.
     pub relay_region: Option<String>,
+    /// How long a disconnected terminal waits for its client.
+    pub terminal_grace: std::time::Duration,
 }
 
 impl AgentArgs {
@@ -102,11 +110,21 @@ impl AgentArgs {
             devmesh_shared::names::validate_name(region)
                 .map_err(|e| ConfigError(format!("--relay-region {region:?}: {e}")))?;
         }
+        let grace = self
+            .terminal_grace_secs
+            .or(file.terminal_grace_secs)
+            .unwrap_or(300);
+        if !(1..=86_400).contains(&grace) {
+            return Err(ConfigError(format!(
+                "--terminal-grace-secs {grace}: give 1 to 86400 seconds"
+            )));
+        }
         Ok(AgentConfig {
             url,
             token: Secret::new(token),
             ca_cert,
             relay_region,
+            terminal_grace: std::time::Duration::from_secs(grace),
         })
     }
 }

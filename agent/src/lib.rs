@@ -17,6 +17,7 @@ mod lifecycle;
 mod logs;
 mod metadata;
 mod nearest;
+mod pty;
 mod scripts;
 mod sftp;
 mod ssh;
@@ -81,6 +82,7 @@ async fn run_with(
         .context("invalid agent settings")?
         .pinned_to(config.relay_region.clone());
     tracing::info!(version = devmesh_shared::VERSION, url = %config.url, "devmesh agent starting");
+    pty::set_grace(config.terminal_grace);
 
     let Some(manifest) =
         client::retry("fetching the manifest", &shutdown, || client.manifest()).await

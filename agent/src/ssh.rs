@@ -138,10 +138,7 @@ impl Sessions {
         command: Option<String>,
         handle: Handle,
     ) -> std::io::Result<()> {
-        let shell = std::env::var("SHELL")
-            .ok()
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| "/bin/sh".into());
+        let shell = user_shell();
         if let Some(terminal) = self.channels.get(&channel).and_then(|c| c.terminal.clone()) {
             return self.start_terminal(channel, &shell, command, terminal, handle);
         }
@@ -206,27 +203,19 @@ impl Sessions {
         terminal: Terminal,
         handle: Handle,
     ) -> std::io::Result<()> {
-        let failed = |e: pty_process::Error| std::io::Error::other(e.to_string());
-        let (pty, pts) = pty_process::open().map_err(failed)?;
-        pty.resize(pty_process::Size::new(terminal.rows, terminal.cols))
-            .map_err(failed)?;
-        let mut cmd = pty_process::Command::new(shell);
-        cmd = match &command {
-            Some(c) => cmd.arg("-c").arg(c),
-            None => cmd.arg("-l"),
-        };
-        cmd = cmd
-            .env_remove(crate::scripts::TOKEN_ENV)
-            .envs(&self.env.env)
-            .env(crate::scripts::AGENT_ENV, "1")
-            .env("TERM", &terminal.term)
-            .kill_on_drop(true);
-        if let Some(dir) = &self.env.directory {
-            cmd = cmd.current_dir(dir);
-        }
+        let extra = self
+            .channels
+            .get(&channel)
+            .map(|c| c.env.clone())
+            .unwrap_or_default();
+        let (pty, mut child) = open_terminal(
+            &self.env,
+            shell,
+            command.as_deref(),
+            (&terminal.term, terminal.cols, terminal.rows),
+            &extra,
+        )?;
         let state = self.channels.entry(channel).or_default();
-        cmd = cmd.envs(state.env.iter().map(|(k, v)| (k, v)));
-        let mut child = cmd.spawn(pts).map_err(failed)?;
         let (mut output, input) = pty.into_split();
         state.stdin = Some(Input::Pty(input));
         tokio::spawn(async move {
@@ -274,6 +263,52 @@ impl Sessions {
         }
         Ok(())
     }
+}
+
+/// Starts `command` (`None`: a login shell) through `shell`, leading a new
+/// terminal of type `term` and size `cols`×`rows`, in `env` plus `extra`;
+/// the agent's token is never in its environment.
+pub(crate) fn open_terminal(
+    env: &ScriptEnv,
+    shell: &str,
+    command: Option<&str>,
+    (term, cols, rows): (&str, u16, u16),
+    extra: &[(String, String)],
+) -> std::io::Result<(pty_process::Pty, tokio::process::Child)> {
+    let failed = |e: pty_process::Error| std::io::Error::other(e.to_string());
+    let (pty, pts) = pty_process::open().map_err(failed)?;
+    pty.resize(pty_process::Size::new(rows, cols))
+        .map_err(failed)?;
+    let mut cmd = pty_process::Command::new(shell);
+    cmd = match command {
+        Some(c) => cmd.arg("-c").arg(c),
+        None => cmd.arg("-l"),
+    };
+    cmd = cmd
+        .env_remove(crate::scripts::TOKEN_ENV)
+        .envs(&env.env)
+        .env(crate::scripts::AGENT_ENV, "1")
+        .env("TERM", term)
+        .kill_on_drop(true);
+    if let Some(dir) = &env.directory {
+        cmd = cmd.current_dir(dir);
+    }
+    cmd = cmd.envs(extra.iter().map(|(k, v)| (k, v)));
+    let child = cmd.spawn(pts).map_err(failed)?;
+    Ok((pty, child))
+}
+
+/// The user's shell (`$SHELL`, else `/bin/sh`).
+pub(crate) fn user_shell() -> String {
+    std::env::var("SHELL")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "/bin/sh".into())
+}
+
+/// The environment commands run in, once the manifest is known.
+pub(crate) fn script_env() -> Option<&'static ScriptEnv> {
+    SERVICE.get().map(|s| &s.env)
 }
 
 /// Tells the client how the command on `channel` ended (a signal as

@@ -46,13 +46,13 @@ pub(crate) mod close {
 }
 
 /// [`devmesh_shared::tunnel::stream_code`] as QUIC varints.
-mod stream_code {
+pub(crate) mod stream_code {
     use devmesh_shared::tunnel::stream_code as code;
     use quinn::VarInt;
 
-    pub(super) const DONE: VarInt = VarInt::from_u32(code::DONE);
-    pub(super) const BAD_HEADER: VarInt = VarInt::from_u32(code::BAD_HEADER);
-    pub(super) const FAILED: VarInt = VarInt::from_u32(code::FAILED);
+    pub(crate) const DONE: VarInt = VarInt::from_u32(code::DONE);
+    pub(crate) const BAD_HEADER: VarInt = VarInt::from_u32(code::BAD_HEADER);
+    pub(crate) const FAILED: VarInt = VarInt::from_u32(code::FAILED);
 }
 
 /// Timers of the tunnel; tests shorten them.
@@ -472,15 +472,17 @@ async fn handle_stream(mut send: SendStream, mut recv: RecvStream, header_timeou
             tracing::debug!("an ssh stream before the manifest");
             answer_and_finish(send, recv, status::UNSUPPORTED).await;
         }
-        StreamHeader::Pty { .. } => {
-            tracing::debug!("stream kind not served yet");
-            answer_and_finish(send, recv, status::UNSUPPORTED).await;
-        }
+        StreamHeader::Pty {
+            session,
+            cols,
+            rows,
+            command,
+        } => crate::pty::serve((session, cols, rows, command), send, recv).await,
     }
 }
 
 /// Writes a final status byte and finishes the stream without reading it.
-async fn answer_and_finish(mut send: SendStream, mut recv: RecvStream, code: u8) {
+pub(crate) async fn answer_and_finish(mut send: SendStream, mut recv: RecvStream, code: u8) {
     let _ = recv.stop(stream_code::DONE);
     if send.write_all(&[code]).await.is_ok() {
         let _ = send.finish();

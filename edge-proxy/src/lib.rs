@@ -317,6 +317,7 @@ pub async fn run(args: EdgeArgs, shutdown: CancellationToken) -> anyhow::Result<
             "/api/v2/workspaceagents/{agent}/ssh",
             axum::routing::post(shell::ssh),
         )
+        .route("/api/v2/workspaceagents/{agent}/pty", get(shell::terminal))
         .layer(axum::middleware::from_fn_with_state(
             edge.clone(),
             apps::route_apps,

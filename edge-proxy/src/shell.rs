@@ -13,12 +13,11 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::body::Body;
-use axum::extract::{ConnectInfo, Path, Request, State};
-use axum::http::StatusCode;
+use axum::extract::{ConnectInfo, Path, Query, Request, State, WebSocketUpgrade};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use devmesh_proxy::shell::{Holder, Session};
-use devmesh_shared::api::{AgentLocation, EdgeShellAccessRequest, EdgeShellEnded};
+use devmesh_shared::api::{AgentLocation, EdgeShellAccess, EdgeShellAccessRequest, EdgeShellEnded};
 use devmesh_shared::tunnel::StreamHeader;
 use uuid::Uuid;
 
@@ -38,72 +37,77 @@ fn error(status: StatusCode, message: impl Into<String>, detail: impl Into<Strin
     (status, Json(body)).into_response()
 }
 
-/// `POST /api/v2/workspaceagents/{agent}/ssh` on the edge.
-pub(crate) async fn ssh(
-    State(edge): State<Arc<Edge>>,
-    Path(agent): Path<String>,
-    req: Request,
-) -> Response {
+/// A session the primary allowed, with its stream to the agent open.
+struct Opened {
+    access: EdgeShellAccess,
+    stream: devmesh_proxy::shell::Stream,
+}
+
+/// Asks the primary whether the caller may open `header` to `agent`, and
+/// opens it: the stream, or the response that refuses.
+async fn open(
+    edge: &Arc<Edge>,
+    agent: &str,
+    headers: &HeaderMap,
+    client: String,
+    header: StreamHeader,
+) -> Result<Opened, Response> {
     let count = |result: &'static str| {
         edge.metrics
             .shell_sessions
             .get_or_create(&ShellLabels { result })
             .inc();
     };
-    let Ok(agent) = Uuid::parse_str(&agent) else {
+    let Ok(agent) = Uuid::parse_str(agent) else {
         count("refused");
-        return error(StatusCode::NOT_FOUND, "No such agent.", "");
+        return Err(error(StatusCode::NOT_FOUND, "No such agent.", ""));
     };
-    let client = req
-        .extensions()
-        .get::<ConnectInfo<std::net::SocketAddr>>()
-        .map(|ConnectInfo(a)| a.ip().to_string())
-        .unwrap_or_default();
     // A key in a header only: a cookie could be another site's doing.
-    let Some(key) = devmesh_proxy::app::header_key(req.headers()) else {
+    let Some(key) = devmesh_proxy::app::header_key(headers) else {
         count("refused");
-        return error(
+        return Err(error(
             StatusCode::UNAUTHORIZED,
             "Send your key in the Devmesh-Session-Token header to open a shell.",
             "a session cookie cannot open one: other sites could use it",
-        );
+        ));
     };
     let Some(relay) = edge.relay.get() else {
         count("unavailable");
-        return error(
+        return Err(error(
             StatusCode::SERVICE_UNAVAILABLE,
             "This region is starting: it has not registered with the primary yet.",
             "try again in a moment, or another region",
-        );
+        ));
     };
     if let Err(wait) = edge.primary_calls.check(&client) {
         count("rate_limited");
-        return error(
+        return Err(error(
             StatusCode::TOO_MANY_REQUESTS,
             "Too many requests from your address.",
             format!("try again in {} s", wait.as_secs().max(1)),
-        );
+        ));
     }
     edge.metrics.primary_requests.inc();
     let request = EdgeShellAccessRequest {
         agent_id: agent,
         key,
         client_ip: client.clone(),
+        terminal: matches!(header, StreamHeader::Pty { .. }),
     };
     let access = match edge.primary.shell_access(&request).await {
         Ok(a) => a,
         Err(ShellRefusal::Refused(status, e)) => {
             count("refused");
-            return (status, Json(e)).into_response();
+            return Err((status, Json(e)).into_response());
         }
         Err(ShellRefusal::Unreachable(why)) => {
             count("unavailable");
             tracing::warn!(error = %why, "no shell access decision from the primary");
-            return error(
+            return Err(error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "This region cannot reach the primary to authorise the session.",
                 "try another region: `devmesh ssh --region`",
-            );
+            ));
         }
     };
     if let Some(home) = access.location.clone() {
@@ -112,40 +116,117 @@ pub(crate) async fn ssh(
             relay: Some(home),
         });
     }
-    let stream = match relay
-        .open(agent, &StreamHeader::Ssh, Some(&access.grant))
-        .await
-    {
-        Ok(s) => s,
+    match relay.open(agent, &header, Some(&access.grant)).await {
+        Ok(stream) => {
+            count("opened");
+            tracing::info!(%agent, client.ip = %client, session = %access.session_id, "shell session began");
+            Ok(Opened { access, stream })
+        }
         Err(e) => {
             count("agent_unreachable");
-            tracing::info!(%agent, error = %e, "cannot open an ssh stream");
-            ended(&edge, access.session_id, (0, 0));
-            return error(
+            tracing::info!(%agent, error = %e, "cannot open a shell stream");
+            ended(edge, access.session_id, (0, 0));
+            Err(error(
                 StatusCode::BAD_GATEWAY,
-                format!("The agent cannot take an SSH connection now: {e}."),
+                format!("The agent cannot take the connection now: {e}."),
                 "is the workspace started and its agent connected? `devmesh show` says",
-            );
+            ))
         }
-    };
-    count("opened");
-    tracing::info!(%agent, client.ip = %client, session = %access.session_id, "ssh session began");
+    }
+}
+
+fn client_ip(req: &axum::http::Extensions) -> String {
+    req.get::<ConnectInfo<std::net::SocketAddr>>()
+        .map(|ConnectInfo(a)| a.ip().to_string())
+        .unwrap_or_default()
+}
+
+/// A session's policing and its end's report, once it runs.
+fn begin(edge: &Arc<Edge>, access: &EdgeShellAccess) -> (Holder, Arc<Session>) {
     let session = Session::new(&edge.shutdown);
     let holder = Holder {
-        subjects: access.subjects,
+        subjects: access.subjects.clone(),
         began_ms: access.began_ms,
     };
-    let body: Body = req.into_body();
-    let resp =
-        devmesh_proxy::shell::splice(stream, body, holder, edge.revocations.clone(), &session);
     edge.metrics.shells_open.inc();
-    let edge = edge.clone();
+    let (edge, id, watched) = (edge.clone(), access.session_id, session.clone());
     tokio::spawn(async move {
-        session.ended.cancelled().await;
+        watched.ended.cancelled().await;
         edge.metrics.shells_open.dec();
-        ended(&edge, access.session_id, session.bytes());
+        ended(&edge, id, watched.bytes());
     });
-    resp
+    (holder, session)
+}
+
+/// `POST /api/v2/workspaceagents/{agent}/ssh` on the edge.
+pub(crate) async fn ssh(
+    State(edge): State<Arc<Edge>>,
+    Path(agent): Path<String>,
+    req: Request,
+) -> Response {
+    let client = client_ip(req.extensions());
+    let opened = match open(&edge, &agent, req.headers(), client, StreamHeader::Ssh).await {
+        Ok(o) => o,
+        Err(resp) => return resp,
+    };
+    let (holder, session) = begin(&edge, &opened.access);
+    devmesh_proxy::shell::splice(
+        opened.stream,
+        req.into_body(),
+        holder,
+        edge.revocations.clone(),
+        &session,
+    )
+}
+
+/// `GET /api/v2/workspaceagents/{agent}/pty` on the edge: a reconnecting
+/// terminal over a WebSocket, the key in a header.
+pub(crate) async fn terminal(
+    State(edge): State<Arc<Edge>>,
+    Path(agent): Path<String>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    Query(query): Query<TerminalQuery>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    if query.command.as_ref().is_some_and(|c| c.len() > 4096) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "The command may be at most 4096 bytes.",
+            "",
+        );
+    }
+    let header = StreamHeader::Pty {
+        session: query.session,
+        cols: query.cols.unwrap_or(80),
+        rows: query.rows.unwrap_or(24),
+        command: query.command.unwrap_or_default(),
+    };
+    let opened = match open(&edge, &agent, &headers, peer.ip().to_string(), header).await {
+        Ok(o) => o,
+        Err(resp) => return resp,
+    };
+    let (holder, session) = begin(&edge, &opened.access);
+    devmesh_proxy::shell::upgrade_terminal(
+        ws,
+        opened.stream,
+        holder,
+        edge.revocations.clone(),
+        session,
+    )
+}
+
+/// The query of a terminal's WebSocket.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TerminalQuery {
+    session: Uuid,
+    #[serde(default)]
+    cols: Option<u16>,
+    #[serde(default)]
+    rows: Option<u16>,
+    #[serde(default)]
+    command: Option<String>,
 }
 
 /// Tells the primary a session ended, for its audit log.

@@ -363,6 +363,7 @@ pub fn router(state: AppState) -> Router {
         .route("/workspaceagents/me/metadata", post(agents::metadata))
         .route("/workspaceagents/{id}/logs", get(agents::get_logs))
         .route("/workspaceagents/{id}/ssh", post(ssh::ssh))
+        .route("/workspaceagents/{id}/pty", get(ssh::terminal))
         .route(
             "/workspaces/{id}/port-shares",
             get(workspaces::list_port_shares).post(workspaces::set_port_share),

@@ -1,7 +1,12 @@
-//! A shell session carried by one HTTP request, for the primary and the
-//! edges alike: the request body is what the client sends, the response
-//! body what the agent answers, both streamed, spliced to a tunnel stream
-//! (`Ssh` or `Pty`) the region opened to the agent.
+//! Shell sessions, for the primary and the edges alike, spliced to a
+//! tunnel stream the region opened to the agent:
+//! - SSH ([`splice`]): one HTTP request whose body is what the client
+//!   sends and whose response body is what the agent answers, both
+//!   streamed, on an `Ssh` stream;
+//! - a reconnecting terminal ([`terminal`]): a WebSocket (what browsers
+//!   can open) on a `Pty` stream. Binary messages carry input and output;
+//!   a text message is JSON, `{"data": "…"}` for input and
+//!   `{"cols": 120, "rows": 40}` to resize.
 //!
 //! The session ends when either side ends, when the region shuts down, or
 //! within [`REVOCATION_CHECK`] of a revocation that cuts off its user, key
@@ -12,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use axum::http::header;
 use axum::response::Response;
 use devmesh_shared::api::RevokedSubject;
@@ -20,6 +26,9 @@ use quinn::{RecvStream, SendStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::revocations::Revocations;
+
+/// A tunnel stream to an agent, both halves.
+pub type Stream = (SendStream, RecvStream);
 
 /// How often a session looks for revocations that end it.
 pub const REVOCATION_CHECK: Duration = Duration::from_millis(250);
@@ -73,6 +82,27 @@ impl Drop for EndOnDrop {
     fn drop(&mut self) {
         self.0.cancel();
     }
+}
+
+/// Ends the session (cancels `ended`) once a revocation cuts its holder off.
+fn watch_revocations(holder: Holder, revocations: Arc<Revocations>, ended: CancellationToken) {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = ended.cancelled() => return,
+                () = tokio::time::sleep(REVOCATION_CHECK) => {}
+            }
+            if holder
+                .subjects
+                .iter()
+                .any(|s| revocations.cuts(s, holder.began_ms))
+            {
+                tracing::info!("a shell session's user, key or workspace was revoked; ending it");
+                ended.cancel();
+                return;
+            }
+        }
+    });
 }
 
 /// Splices `body` (client → agent) and the returned response (agent →
@@ -157,4 +187,112 @@ pub fn splice(
         header::HeaderValue::from_static("no-store"),
     );
     resp
+}
+
+/// The largest WebSocket message a terminal client may send.
+pub const MAX_TERMINAL_MESSAGE: usize = 64 * 1024;
+
+/// A text message from a terminal client.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TerminalMessage {
+    #[serde(default)]
+    data: Option<String>,
+    #[serde(default)]
+    cols: Option<u16>,
+    #[serde(default)]
+    rows: Option<u16>,
+}
+
+/// Answers a WebSocket upgrade with a [`terminal`] on `stream`. The
+/// session ends (and `session.ended` is cancelled) whether or not the
+/// client completes the upgrade.
+pub fn upgrade_terminal(
+    ws: axum::extract::WebSocketUpgrade,
+    stream: (SendStream, RecvStream),
+    holder: Holder,
+    revocations: Arc<Revocations>,
+    session: Arc<Session>,
+) -> Response {
+    let guard = EndOnDrop(session.ended.clone());
+    ws.max_message_size(MAX_TERMINAL_MESSAGE)
+        .max_frame_size(MAX_TERMINAL_MESSAGE)
+        .on_upgrade(move |socket| async move {
+            terminal(socket, stream, holder, revocations, session).await;
+            drop(guard);
+        })
+}
+
+/// Carries a terminal between the WebSocket `ws` and the `Pty` stream
+/// `(send, recv)` until either ends or the session does. A malformed
+/// message closes the WebSocket (1007) and the stream; the terminal itself
+/// waits in the agent for the client to reconnect.
+async fn terminal(
+    mut ws: WebSocket,
+    (mut send, mut recv): (SendStream, RecvStream),
+    holder: Holder,
+    revocations: Arc<Revocations>,
+    session: Arc<Session>,
+) {
+    use devmesh_shared::tunnel::pty::Frame;
+    let ended = session.ended.clone();
+    watch_revocations(holder, revocations, ended.clone());
+    let mut buf = vec![0u8; CHUNK];
+    let close = loop {
+        tokio::select! {
+            () = ended.cancelled() => break (1001, "the session ended"),
+            read = recv.read(&mut buf) => match read {
+                Ok(Some(n)) => {
+                    session.down.fetch_add(n as u64, Ordering::Relaxed);
+                    let out = Message::Binary(Bytes::copy_from_slice(&buf[..n]));
+                    if ws.send(out).await.is_err() {
+                        break (1001, "");
+                    }
+                }
+                // The terminal's command ended.
+                Ok(None) => break (1000, "the terminal ended"),
+                Err(_) => break (1011, "the connection to the workspace was lost"),
+            },
+            msg = ws.recv() => {
+                let frames = match msg {
+                    Some(Ok(Message::Binary(b))) => vec![Frame::Input(b.to_vec())],
+                    Some(Ok(Message::Text(t))) => match serde_json::from_str::<TerminalMessage>(&t) {
+                        Ok(m) => {
+                            let mut frames = Vec::new();
+                            if let Some(d) = m.data {
+                                frames.push(Frame::Input(d.into_bytes()));
+                            }
+                            if let (Some(cols), Some(rows)) = (m.cols, m.rows) {
+                                frames.push(Frame::Resize { cols, rows });
+                            }
+                            frames
+                        }
+                        Err(e) => {
+                            tracing::info!(error = %e, "a malformed terminal message; closing");
+                            break (1007, "malformed message");
+                        }
+                    },
+                    Some(Ok(_)) => Vec::new(),
+                    Some(Err(_)) | None => break (1000, ""),
+                };
+                let mut bytes = Vec::new();
+                for f in &frames {
+                    f.encode(&mut bytes);
+                }
+                session.up.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                if send.write_all(&bytes).await.is_err() {
+                    break (1011, "the connection to the workspace was lost");
+                }
+            }
+        }
+    };
+    let _ = send.finish();
+    let _ = recv.stop(devmesh_shared::tunnel::stream_code::DONE.into());
+    let _ = ws
+        .send(Message::Close(Some(CloseFrame {
+            code: close.0,
+            reason: close.1.into(),
+        })))
+        .await;
+    ended.cancel();
 }

@@ -1482,6 +1482,9 @@ pub struct EdgeShellAccessRequest {
     pub key: String,
     /// The client's address, as the edge saw it, for the audit log.
     pub client_ip: String,
+    /// A reconnecting terminal rather than SSH (audited as such).
+    #[serde(default)]
+    pub terminal: bool,
 }
 
 /// A yes to [`EdgeShellAccessRequest`]: the session, recorded in the audit

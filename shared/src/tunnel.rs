@@ -106,8 +106,13 @@ pub enum StreamHeader {
     },
     /// Hand the stream to the agent's built-in SSH server.
     Ssh,
-    /// Start `command` in a pseudo-terminal of the given size.
+    /// A reconnecting terminal: attach to terminal `session`, or start
+    /// `command` in a new one of the given size. After the status byte the
+    /// agent sends the terminal's output (first what it kept of the recent
+    /// past); the client sends [`pty`] frames.
     Pty {
+        /// Chosen by the client; reconnecting with it gets the same terminal.
+        session: uuid::Uuid,
         /// Terminal width in columns.
         cols: u16,
         /// Terminal height in rows.
@@ -214,7 +219,7 @@ impl StreamHeader {
         match self {
             StreamHeader::Tcp { .. } => 2,
             StreamHeader::Ssh => 0,
-            StreamHeader::Pty { command, .. } => 2 + 2 + 2 + command.len(),
+            StreamHeader::Pty { command, .. } => 16 + 2 + 2 + 2 + command.len(),
         }
     }
 
@@ -229,11 +234,13 @@ impl StreamHeader {
             }
             StreamHeader::Ssh => put_prefix(out, KIND_SSH, len),
             StreamHeader::Pty {
+                session,
                 cols,
                 rows,
                 command,
             } => {
                 put_prefix(out, KIND_PTY, len);
+                out.extend_from_slice(session.as_bytes());
                 out.extend_from_slice(&cols.to_be_bytes());
                 out.extend_from_slice(&rows.to_be_bytes());
                 put_str(out, command);
@@ -274,6 +281,7 @@ impl StreamHeader {
             KIND_TCP => StreamHeader::Tcp { port: r.u16()? },
             KIND_SSH => StreamHeader::Ssh,
             KIND_PTY => StreamHeader::Pty {
+                session: uuid::Uuid::from_bytes(r.take()?),
                 cols: r.u16()?,
                 rows: r.u16()?,
                 command: r.string()?,
@@ -554,6 +562,7 @@ impl Body<'_> {
 /// Reading and writing whole frames on tokio streams. These read exactly one
 /// frame (prefix, then the announced body), never further, so the raw bytes
 /// after a [`StreamHeader`] stay in the stream for the caller.
+pub mod pty;
 pub mod session;
 
 pub mod io {
@@ -785,11 +794,13 @@ mod tests {
             StreamHeader::Tcp { port: 8080 },
             StreamHeader::Ssh,
             StreamHeader::Pty {
+                session: uuid::Uuid::from_u128(7),
                 cols: 80,
                 rows: 24,
                 command: "htop -d 10 ✓".into(),
             },
             StreamHeader::Pty {
+                session: uuid::Uuid::nil(),
                 cols: 0,
                 rows: u16::MAX,
                 command: String::new(),
@@ -1007,9 +1018,10 @@ mod tests {
         assert_eq!(Control::decode(&bytes), Ok(Some((fits, bytes.len()))));
 
         let too_long = StreamHeader::Pty {
+            session: uuid::Uuid::nil(),
             cols: 1,
             rows: 1,
-            command: "c".repeat(MAX_FRAME_LEN - 5),
+            command: "c".repeat(MAX_FRAME_LEN - 21),
         };
         let mut out = vec![9];
         assert_eq!(
@@ -1037,6 +1049,7 @@ mod tests {
     async fn header_read_leaves_the_payload_unread() {
         let (mut relay, mut agent) = tokio::io::duplex(64);
         let header = StreamHeader::Pty {
+            session: uuid::Uuid::from_u128(1),
             cols: 120,
             rows: 40,
             command: "bash -l".into(),
@@ -1105,7 +1118,7 @@ mod tests {
     fn any_string() -> impl Strategy<Value = String> {
         prop_oneof![
             8 => any::<String>(),
-            1 => (0..=MAX_FRAME_LEN - 6).prop_map(|n| "é".repeat(n / 2)),
+            1 => (0..=MAX_FRAME_LEN - 22).prop_map(|n| "é".repeat(n / 2)),
         ]
     }
 
@@ -1113,13 +1126,14 @@ mod tests {
         prop_oneof![
             any::<u16>().prop_map(|port| StreamHeader::Tcp { port }),
             Just(StreamHeader::Ssh),
-            (any::<u16>(), any::<u16>(), any_string()).prop_map(|(cols, rows, command)| {
-                StreamHeader::Pty {
+            (any::<u128>(), any::<u16>(), any::<u16>(), any_string()).prop_map(
+                |(session, cols, rows, command)| StreamHeader::Pty {
+                    session: uuid::Uuid::from_u128(session),
                     cols,
                     rows,
                     command,
                 }
-            }),
+            ),
         ]
     }
 

@@ -115,24 +115,6 @@ async fn nothing_listening_gives_refused() {
 }
 
 #[tokio::test]
-async fn pty_streams_are_unsupported_for_now() {
-    let mut relay = TestRelay::start(RelayOptions::default()).await;
-    let (rc, _agent) = attached_agent(&mut relay, Timing::default()).await;
-    for header in [StreamHeader::Pty {
-        cols: 80,
-        rows: 24,
-        command: String::new(),
-    }] {
-        let (_send, mut recv) = open_stream(&rc.conn, &header_bytes(&header)).await;
-        assert_eq!(
-            read_all(&mut recv).await,
-            [status::UNSUPPORTED],
-            "{header:?}"
-        );
-    }
-}
-
-#[tokio::test]
 async fn garbage_headers_reset_their_stream_and_the_connection_lives_on() {
     let mut relay = TestRelay::start(RelayOptions::default()).await;
     let (rc, _agent) = attached_agent(&mut relay, Timing::default()).await;

@@ -18,6 +18,7 @@ mod provisioning;
 mod robustness;
 mod ssh;
 mod support;
+pub(crate) mod terminal;
 mod terraform;
 mod tls;
 mod workspace_lifecycle;

@@ -927,3 +927,46 @@ async fn ssh_goes_through_the_nearest_or_the_pinned_region_across_the_mesh_and_f
         .unwrap();
     assert!(at.elapsed() < Duration::from_secs(3), "{:?}", at.elapsed());
 }
+
+#[tokio::test]
+async fn a_terminal_opened_through_one_region_resumes_through_another() {
+    use crate::terminal::Term;
+    let m = Mesh::start().await;
+    let key = m.alice_key();
+    let agent = m.workspaces[1]["agents"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let session = uuid::Uuid::new_v4();
+    // Through eu, across the mesh to wap's agent in ap.
+    let mut term = Term::open(&m.eu.url, &agent, session, &key).await;
+    term.line("cd /tmp && export MARK=mesh; echo \"at $MARK\"")
+        .await;
+    term.shows("at mesh").await;
+    drop(term);
+    // Back through ap, where the agent is attached: the same shell.
+    let mut term = Term::open(&m.ap().url, &agent, session, &key).await;
+    term.shows("at mesh").await;
+    term.line("echo \"$MARK in $(pwd)\"").await;
+    term.shows("mesh in /tmp").await;
+    // Both sessions are audited with the region each went through.
+    let ends = eventually(10, "the first session's end", || async {
+        let ends = audited(&m.owner, "terminal_end", "eu").await;
+        (!ends.is_empty()).then_some(ends)
+    })
+    .await;
+    assert_eq!(ends[0]["username"], "alice", "{ends:?}");
+    assert_eq!(audited(&m.owner, "terminal", "ap").await.len(), 1);
+    // Bob, a member, cannot reach alice's terminal through an edge.
+    let bob = Api::new(&m.primary.as_ref().unwrap().url, None)
+        .login("bob", "bob-password")
+        .await;
+    let refused = Term::open_with(
+        &m.eu.url,
+        &agent,
+        session,
+        &[("Devmesh-Session-Token", bob.token.as_deref().unwrap())],
+    )
+    .await;
+    assert_eq!(refused.err().map(|r| r.0), Some(StatusCode::NOT_FOUND));
+}

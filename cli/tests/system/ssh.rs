@@ -10,12 +10,24 @@ use crate::support::{AgentProcess, CliAs, eventually};
 /// Workspace `name` of a new bring-your-own template whose one agent is
 /// `agent` (JSON), with that agent running and connected; returns the
 /// workspace's id, the agent's id and the agent process.
-async fn running_workspace(
+pub(crate) async fn running_workspace(
     server: &crate::support::ServerProcess,
     owner: &devmesh_tests::Api,
     dir: &std::path::Path,
     name: &str,
     agent: serde_json::Value,
+) -> (String, String, AgentProcess) {
+    running_workspace_with(server, owner, dir, name, agent, &[]).await
+}
+
+/// [`running_workspace`] with extra environment for the agent.
+pub(crate) async fn running_workspace_with(
+    server: &crate::support::ServerProcess,
+    owner: &devmesh_tests::Api,
+    dir: &std::path::Path,
+    name: &str,
+    agent: serde_json::Value,
+    agent_env: &[(&str, &str)],
 ) -> (String, String, AgentProcess) {
     let template = format!("byo-{name}");
     let (status, body) = owner
@@ -38,7 +50,7 @@ async fn running_workspace(
         .as_str()
         .unwrap()
         .to_owned();
-    let process = AgentProcess::start(&server.url, &token, dir);
+    let process = AgentProcess::start_with(&server.url, &token, dir, agent_env);
     eventually(60, "the agent to connect", || async {
         let (_, w) = owner.get(&format!("/workspaces/{id}")).await;
         (w["agents"][0]["status"] == "connected").then_some(())

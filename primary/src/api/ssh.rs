@@ -14,6 +14,8 @@
 //! shell. Every session is audited twice: `ssh` when it begins, with the
 //! region it went through, and `ssh_end` when it ends, with its bytes.
 
+use std::sync::Arc;
+
 use axum::Json;
 use axum::body::Body;
 use axum::extract::State;
@@ -80,16 +82,36 @@ async fn authorize(state: &AppState, principal: &Principal, agent: Uuid) -> ApiR
     })
 }
 
+/// What a session is, as the audit log names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Ssh,
+    Terminal,
+}
+
+impl Kind {
+    fn of(terminal: bool) -> Self {
+        if terminal { Kind::Terminal } else { Kind::Ssh }
+    }
+
+    /// The audit action of its start; its end's adds `_end`.
+    fn action(self) -> &'static str {
+        match self {
+            Kind::Ssh => "ssh",
+            Kind::Terminal => "terminal",
+        }
+    }
+}
+
 /// Records that a session began, through `region`.
 async fn record_start(
     state: &AppState,
-    target: &ShellTarget,
-    principal: &Principal,
+    (target, principal): (&ShellTarget, &Principal),
     ip: &str,
     region: &str,
-    session: Uuid,
+    (kind, session): (Kind, Uuid),
 ) {
-    Audit::new("ssh", "workspace")
+    Audit::new(kind.action(), "workspace")
         .resource(target.workspace, target.label.clone())
         .by(principal)
         .ip(ip)
@@ -104,18 +126,21 @@ async fn record_start(
 }
 
 /// Records that the session `session`, begun through `region`, ended: a
-/// copy of its start record with what it carried. Only the region that
-/// began a session can end it, and only once.
+/// copy of its start record (`ssh_end` for `ssh`, `terminal_end` for
+/// `terminal`) with what it carried. Only the region that began a session
+/// can end it, and only once.
 async fn record_end(state: &AppState, session: Uuid, region: &str, (up, down): (u64, u64)) -> bool {
     let result = sqlx::query(
         "INSERT INTO audit_log (user_id, username, ip, action, resource_type, resource_id, resource_name, details)
-         SELECT user_id, username, ip, 'ssh_end', resource_type, resource_id, resource_name,
+         SELECT user_id, username, ip, action || '_end', resource_type, resource_id, resource_name,
                 details || jsonb_build_object('bytes_up', $3::bigint, 'bytes_down', $4::bigint,
                     'seconds', round(extract(epoch FROM now() - time)::numeric, 1))
          FROM audit_log s
-         WHERE s.action = 'ssh' AND s.details->>'session' = $1 AND s.details->>'region' = $2
+         WHERE s.details ? 'session' AND s.details->>'session' = $1
+           AND s.action IN ('ssh', 'terminal') AND s.details->>'region' = $2
            AND NOT EXISTS (SELECT 1 FROM audit_log e
-                           WHERE e.action = 'ssh_end' AND e.details->>'session' = $1)",
+                           WHERE e.details ? 'session' AND e.details->>'session' = $1
+                             AND e.action IN ('ssh_end', 'terminal_end'))",
     )
     .bind(session.to_string())
     .bind(region)
@@ -176,7 +201,14 @@ pub(super) async fn ssh(
             .detail("is the workspace started and its agent connected? `devmesh show` says")
         })?;
     let session_id = Uuid::new_v4();
-    record_start(&state, &target, &auth.0, &ip, "primary", session_id).await;
+    record_start(
+        &state,
+        (&target, &auth.0),
+        &ip,
+        "primary",
+        (Kind::Ssh, session_id),
+    )
+    .await;
     let session = Session::new(&state.shutdown);
     let holder = Holder {
         subjects: subjects(&auth.0, &target),
@@ -184,11 +216,117 @@ pub(super) async fn ssh(
     };
     let resp =
         devmesh_proxy::shell::splice(stream, body, holder, state.revocations.clone(), &session);
+    record_end_when_over(state, session_id, &session);
+    Ok(resp)
+}
+
+/// Records the session's end when it comes.
+fn record_end_when_over(state: AppState, session_id: Uuid, session: &Arc<Session>) {
+    let session = session.clone();
     tokio::spawn(async move {
         session.ended.cancelled().await;
         record_end(&state, session_id, "primary", session.bytes()).await;
     });
-    Ok(resp)
+}
+
+/// `GET /api/v2/workspaceagents/{id}/pty?session=…`: a WebSocket.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct TerminalQuery {
+    /// The terminal: reconnecting with the same id gets the same shell.
+    session: Uuid,
+    /// Its size, when it starts (and on each reconnect).
+    #[serde(default)]
+    cols: Option<u16>,
+    #[serde(default)]
+    rows: Option<u16>,
+    /// What it runs when it starts; the login shell by default.
+    #[serde(default)]
+    command: Option<String>,
+}
+
+/// The most a terminal's command line may be.
+const MAX_COMMAND: usize = 4096;
+
+impl TerminalQuery {
+    fn header(self) -> ApiResult<StreamHeader> {
+        let command = self.command.unwrap_or_default();
+        if command.len() > MAX_COMMAND {
+            return Err(ApiError::bad_request(format!(
+                "The command may be at most {MAX_COMMAND} bytes."
+            )));
+        }
+        Ok(StreamHeader::Pty {
+            session: self.session,
+            cols: self.cols.unwrap_or(80),
+            rows: self.rows.unwrap_or(24),
+            command,
+        })
+    }
+}
+
+/// Whether a WebSocket request authenticated by a cookie comes from a page
+/// on `access_url`'s own origin: a browser always says where a WebSocket
+/// comes from, and any other site's page must not reach a shell.
+fn websocket_same_origin(headers: &HeaderMap, access_url: &str) -> bool {
+    let own = access_url.trim_end_matches('/');
+    headers
+        .get(header::ORIGIN)
+        .and_then(|o| o.to_str().ok())
+        .is_some_and(|o| o.eq_ignore_ascii_case(own))
+}
+
+/// `GET /api/v2/workspaceagents/{id}/pty` on the primary: a reconnecting
+/// terminal over a WebSocket. The dashboard's pages may use the session
+/// cookie; anyone else sends the key in a header.
+pub(super) async fn terminal(
+    State(state): State<AppState>,
+    auth: Authed,
+    ClientIp(ip): ClientIp,
+    headers: HeaderMap,
+    ApiPath(agent): ApiPath<Uuid>,
+    super::extract::ApiQuery(query): super::extract::ApiQuery<TerminalQuery>,
+    ws: axum::extract::WebSocketUpgrade,
+) -> ApiResult<Response> {
+    let keyed = headers.contains_key(SESSION_HEADER) || headers.contains_key(header::AUTHORIZATION);
+    if !keyed && !websocket_same_origin(&headers, &state.config.access_url) {
+        return Err(ApiError::forbidden(
+            "Only the dashboard's own pages may open a terminal with the session cookie.",
+        )
+        .detail("send your key in the Devmesh-Session-Token header instead"));
+    }
+    let header = query.header()?;
+    let target = authorize(&state, &auth.0, agent).await?;
+    let began_ms = chrono::Utc::now().timestamp_millis();
+    let stream = state.relay.open(agent, &header, None).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            format!("The agent cannot open a terminal now: {e}."),
+        )
+        .detail("is the workspace started and its agent connected? `devmesh show` says")
+    })?;
+    let session_id = Uuid::new_v4();
+    record_start(
+        &state,
+        (&target, &auth.0),
+        &ip,
+        "primary",
+        (Kind::Terminal, session_id),
+    )
+    .await;
+    let session = Session::new(&state.shutdown);
+    let holder = Holder {
+        subjects: subjects(&auth.0, &target),
+        began_ms,
+    };
+    record_end_when_over(state.clone(), session_id, &session);
+    Ok(devmesh_proxy::shell::upgrade_terminal(
+        ws,
+        stream,
+        holder,
+        state.revocations.clone(),
+        session,
+    ))
 }
 
 /// `POST /api/v2/edges/me/shell-access`: an edge asks whether the holder
@@ -215,7 +353,14 @@ pub(super) async fn edge_shell_access(
     let location = crate::events::agent_location(&state.db, target.agent).await?;
     let session_id = Uuid::new_v4();
     let ip: String = req.client_ip.chars().take(64).collect();
-    record_start(&state, &target, &principal, &ip, &edge.name, session_id).await;
+    record_start(
+        &state,
+        (&target, &principal),
+        &ip,
+        &edge.name,
+        (Kind::of(req.terminal), session_id),
+    )
+    .await;
     Ok(Json(EdgeShellAccess {
         session_id,
         grant,
