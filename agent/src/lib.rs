@@ -17,6 +17,7 @@ mod lifecycle;
 mod logs;
 mod metadata;
 mod nearest;
+mod probe;
 mod pty;
 mod scripts;
 mod sftp;

@@ -478,6 +478,8 @@ async fn handle_stream(mut send: SendStream, mut recv: RecvStream, header_timeou
             rows,
             command,
         } => crate::pty::serve((session, cols, rows, command), send, recv).await,
+        StreamHeader::Probe { download } => crate::probe::probe(download, send, recv).await,
+        StreamHeader::Udp { port } => crate::probe::udp(port, send, recv).await,
     }
 }
 

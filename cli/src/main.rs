@@ -10,6 +10,7 @@ mod commands;
 mod output;
 mod regions;
 mod session;
+mod udp;
 
 use std::process::ExitCode;
 
@@ -208,7 +209,31 @@ enum Command {
         /// 127.0.0.1 by default), connect to REMOTE in the workspace.
         #[arg(long)]
         tcp: Vec<String>,
+        /// [ADDR:]LOCAL:REMOTE (repeatable): UDP datagrams to LOCAL go to
+        /// REMOTE in the workspace, and its answers come back.
+        #[arg(long)]
+        udp: Vec<String>,
     },
+    /// Time the path to a workspace, hop by hop: you → region → the
+    /// agent's relay → the agent.
+    Ping {
+        /// WS, WS.AGENT, OWNER/WS or OWNER/WS.AGENT.
+        target: String,
+        /// How many round trips.
+        #[arg(long, short = 'c', default_value_t = 4)]
+        count: u32,
+    },
+    /// Measure throughput to and from a workspace's agent.
+    Speedtest {
+        /// WS, WS.AGENT, OWNER/WS or OWNER/WS.AGENT.
+        target: String,
+        /// MiB to send each way.
+        #[arg(long, default_value_t = 64)]
+        megabytes: u64,
+    },
+    /// Check every region: HTTPS latency from here, and whether UDP (QUIC)
+    /// gets through to its relay.
+    Netcheck,
     /// Show a workspace's startup script output.
     Logs {
         /// Workspace name, or owner/name.
@@ -370,7 +395,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::ConfigSsh { file, yes, dry_run } => {
             commands::ssh::config_ssh(&g, file, yes, dry_run).await
         }
-        Command::PortForward { target, tcp } => commands::ssh::port_forward(&g, target, tcp).await,
+        Command::PortForward { target, tcp, udp } => {
+            commands::ssh::port_forward(&g, target, tcp, udp).await
+        }
+        Command::Ping { target, count } => commands::diag::ping(&g, target, count).await,
+        Command::Speedtest { target, megabytes } => {
+            commands::diag::speedtest(&g, target, megabytes).await
+        }
+        Command::Netcheck => commands::diag::netcheck(&g).await,
         Command::Logs { name, follow } => commands::workspaces::logs(&g, name, follow).await,
         Command::Agent(args) => DaemonCommand::Agent(args).run().await,
         Command::Edge(args) => DaemonCommand::Edge(args).run().await,

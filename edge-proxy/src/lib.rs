@@ -158,6 +158,16 @@ impl Edge {
         }
     }
 
+    /// This edge's region, once registered.
+    pub(crate) fn region(&self) -> String {
+        self.status
+            .read()
+            .registration
+            .as_ref()
+            .map(|r| r.edge_name.clone())
+            .unwrap_or_default()
+    }
+
     /// Whether a revocation cuts `token` off.
     pub(crate) fn revoked(&self, token: &AppToken) -> bool {
         self.revocations.revokes(token)
@@ -318,6 +328,14 @@ pub async fn run(args: EdgeArgs, shutdown: CancellationToken) -> anyhow::Result<
             axum::routing::post(shell::ssh),
         )
         .route("/api/v2/workspaceagents/{agent}/pty", get(shell::terminal))
+        .route(
+            "/api/v2/workspaceagents/{agent}/probe",
+            axum::routing::post(shell::probe),
+        )
+        .route(
+            "/api/v2/workspaceagents/{agent}/udp",
+            axum::routing::post(shell::udp),
+        )
         .layer(axum::middleware::from_fn_with_state(
             edge.clone(),
             apps::route_apps,

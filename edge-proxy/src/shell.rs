@@ -17,7 +17,9 @@ use axum::extract::{ConnectInfo, Path, Query, Request, State, WebSocketUpgrade};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use devmesh_proxy::shell::{Holder, Session};
-use devmesh_shared::api::{AgentLocation, EdgeShellAccess, EdgeShellAccessRequest, EdgeShellEnded};
+use devmesh_shared::api::{
+    AgentLocation, EdgeShellAccess, EdgeShellAccessRequest, EdgeShellEnded, ShellKind,
+};
 use devmesh_shared::tunnel::StreamHeader;
 use uuid::Uuid;
 
@@ -41,6 +43,10 @@ fn error(status: StatusCode, message: impl Into<String>, detail: impl Into<Strin
 struct Opened {
     access: EdgeShellAccess,
     stream: devmesh_proxy::shell::Stream,
+    /// How long opening the stream took, through every hop.
+    opened_in: std::time::Duration,
+    kind: ShellKind,
+    agent: Uuid,
 }
 
 /// Asks the primary whether the caller may open `header` to `agent`, and
@@ -92,7 +98,7 @@ async fn open(
         agent_id: agent,
         key,
         client_ip: client.clone(),
-        terminal: matches!(header, StreamHeader::Pty { .. }),
+        kind: ShellKind::of(&header),
     };
     let access = match edge.primary.shell_access(&request).await {
         Ok(a) => a,
@@ -116,16 +122,25 @@ async fn open(
             relay: Some(home),
         });
     }
+    let opening = tokio::time::Instant::now();
     match relay.open(agent, &header, Some(&access.grant)).await {
         Ok(stream) => {
             count("opened");
             tracing::info!(%agent, client.ip = %client, session = %access.session_id, "shell session began");
-            Ok(Opened { access, stream })
+            Ok(Opened {
+                access,
+                stream,
+                opened_in: opening.elapsed(),
+                kind: request.kind,
+                agent,
+            })
         }
         Err(e) => {
             count("agent_unreachable");
             tracing::info!(%agent, error = %e, "cannot open a shell stream");
-            ended(edge, access.session_id, (0, 0));
+            if request.kind.action().is_some() {
+                ended(edge, access.session_id, (0, 0));
+            }
             Err(error(
                 StatusCode::BAD_GATEWAY,
                 format!("The agent cannot take the connection now: {e}."),
@@ -142,18 +157,21 @@ fn client_ip(req: &axum::http::Extensions) -> String {
 }
 
 /// A session's policing and its end's report, once it runs.
-fn begin(edge: &Arc<Edge>, access: &EdgeShellAccess) -> (Holder, Arc<Session>) {
+fn begin(edge: &Arc<Edge>, opened: &Opened) -> (Holder, Arc<Session>) {
     let session = Session::new(&edge.shutdown);
     let holder = Holder {
-        subjects: access.subjects.clone(),
-        began_ms: access.began_ms,
+        subjects: opened.access.subjects.clone(),
+        began_ms: opened.access.began_ms,
     };
     edge.metrics.shells_open.inc();
-    let (edge, id, watched) = (edge.clone(), access.session_id, session.clone());
+    let audited = opened.kind.action().is_some();
+    let (edge, id, watched) = (edge.clone(), opened.access.session_id, session.clone());
     tokio::spawn(async move {
         watched.ended.cancelled().await;
         edge.metrics.shells_open.dec();
-        ended(&edge, id, watched.bytes());
+        if audited {
+            ended(&edge, id, watched.bytes());
+        }
     });
     (holder, session)
 }
@@ -164,19 +182,81 @@ pub(crate) async fn ssh(
     Path(agent): Path<String>,
     req: Request,
 ) -> Response {
+    stream(&edge, &agent, req, StreamHeader::Ssh).await
+}
+
+/// `?download=N` of a probe.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ProbeQuery {
+    #[serde(default)]
+    download: u64,
+}
+
+/// `POST /api/v2/workspaceagents/{agent}/probe` on the edge.
+pub(crate) async fn probe(
+    State(edge): State<Arc<Edge>>,
+    Path(agent): Path<String>,
+    Query(q): Query<ProbeQuery>,
+    req: Request,
+) -> Response {
+    if q.download > devmesh_shared::tunnel::MAX_PROBE_BYTES {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "At most 4 GiB may be downloaded.",
+            "",
+        );
+    }
+    let header = StreamHeader::Probe {
+        download: q.download,
+    };
+    stream(&edge, &agent, req, header).await
+}
+
+/// `?port=P` of a UDP flow.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct UdpQuery {
+    port: u16,
+}
+
+/// `POST /api/v2/workspaceagents/{agent}/udp` on the edge.
+pub(crate) async fn udp(
+    State(edge): State<Arc<Edge>>,
+    Path(agent): Path<String>,
+    Query(q): Query<UdpQuery>,
+    req: Request,
+) -> Response {
+    if q.port == 0 {
+        return error(StatusCode::BAD_REQUEST, "Port 0 is not a port.", "");
+    }
+    stream(&edge, &agent, req, StreamHeader::Udp { port: q.port }).await
+}
+
+/// A stream session through the edge: the request body up, the response
+/// body down.
+async fn stream(edge: &Arc<Edge>, agent: &str, req: Request, header: StreamHeader) -> Response {
     let client = client_ip(req.extensions());
-    let opened = match open(&edge, &agent, req.headers(), client, StreamHeader::Ssh).await {
+    let opened = match open(edge, agent, req.headers(), client, header).await {
         Ok(o) => o,
         Err(resp) => return resp,
     };
-    let (holder, session) = begin(&edge, &opened.access);
-    devmesh_proxy::shell::splice(
+    let (holder, session) = begin(edge, &opened);
+    let route = edge
+        .relay
+        .get()
+        .map_or(devmesh_proxy::relay::Route::Unknown, |r| {
+            r.route(opened.agent)
+        });
+    let mut resp = devmesh_proxy::shell::splice(
         opened.stream,
         req.into_body(),
         holder,
         edge.revocations.clone(),
         &session,
-    )
+    );
+    devmesh_proxy::shell::route_headers(&mut resp, &edge.region(), &route, opened.opened_in);
+    resp
 }
 
 /// `GET /api/v2/workspaceagents/{agent}/pty` on the edge: a reconnecting
@@ -206,7 +286,7 @@ pub(crate) async fn terminal(
         Ok(o) => o,
         Err(resp) => return resp,
     };
-    let (holder, session) = begin(&edge, &opened.access);
+    let (holder, session) = begin(&edge, &opened);
     devmesh_proxy::shell::upgrade_terminal(
         ws,
         opened.stream,

@@ -364,6 +364,8 @@ pub fn router(state: AppState) -> Router {
         .route("/workspaceagents/{id}/logs", get(agents::get_logs))
         .route("/workspaceagents/{id}/ssh", post(ssh::ssh))
         .route("/workspaceagents/{id}/pty", get(ssh::terminal))
+        .route("/workspaceagents/{id}/probe", post(ssh::probe))
+        .route("/workspaceagents/{id}/udp", post(ssh::udp))
         .route(
             "/workspaces/{id}/port-shares",
             get(workspaces::list_port_shares).post(workspaces::set_port_share),

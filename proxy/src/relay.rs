@@ -90,6 +90,25 @@ pub enum OpenError {
     Denied,
 }
 
+/// How a relay reaches an agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// Down the agent's tunnel to this relay.
+    Here {
+        /// The tunnel's round trip, as QUIC estimates it.
+        rtt: Duration,
+    },
+    /// Across the mesh to the relay the agent is attached to.
+    Mesh {
+        /// That relay's region.
+        region: String,
+        /// The mesh link's round trip, if a link is up.
+        rtt: Option<Duration>,
+    },
+    /// Not attached anywhere this relay knows of.
+    Unknown,
+}
+
 /// Signs a grant for a stream this relay sends over the mesh when the
 /// caller has none (the primary's relay, which holds the signing key).
 pub type GrantSigner = Arc<dyn Fn(&StreamGrant) -> String + Send + Sync>;
@@ -456,6 +475,27 @@ impl Relay {
     /// Whether `agent` is attached here.
     pub fn is_attached(&self, agent: Uuid) -> bool {
         self.inner.agents.lock().contains_key(&agent)
+    }
+
+    /// How this relay reaches `agent`, with QUIC's current round-trip
+    /// estimates (for `devmesh ping`).
+    pub fn route(&self, agent: Uuid) -> Route {
+        if let Some(a) = self.inner.agents.lock().get(&agent) {
+            return Route::Here { rtt: a.conn.rtt() };
+        }
+        match self.inner.locations.get(agent) {
+            Some(home) => Route::Mesh {
+                rtt: self
+                    .inner
+                    .links
+                    .lock()
+                    .get(&home.address)
+                    .filter(|(c, _)| c.close_reason().is_none())
+                    .map(|(c, _)| c.rtt()),
+                region: home.region,
+            },
+            None => Route::Unknown,
+        }
     }
 
     /// The agents attached here.
@@ -921,7 +961,11 @@ fn error_status(e: OpenError) -> u8 {
 fn granted(header: &StreamHeader) -> GrantedStream {
     match header {
         StreamHeader::Tcp { port } => GrantedStream::Port(*port),
-        StreamHeader::Ssh | StreamHeader::Pty { .. } => GrantedStream::Shell,
+        // Owner-only, as a shell is.
+        StreamHeader::Ssh
+        | StreamHeader::Pty { .. }
+        | StreamHeader::Probe { .. }
+        | StreamHeader::Udp { .. } => GrantedStream::Shell,
     }
 }
 

@@ -27,6 +27,36 @@ use tokio_util::sync::CancellationToken;
 
 use crate::revocations::Revocations;
 
+/// Tells the client which way its session went: `Devmesh-Region`, and
+/// `Devmesh-Route` (`here`, or `mesh:REGION`), `Devmesh-Open-Ms` (the round
+/// trip that opened the stream, through every hop) and, across the mesh,
+/// `Devmesh-Mesh-Rtt-Ms` (QUIC's estimate for the mesh link).
+pub fn route_headers(
+    resp: &mut Response,
+    region: &str,
+    route: &crate::relay::Route,
+    opened_in: Duration,
+) {
+    use crate::relay::Route;
+    let ms = |d: Duration| format!("{:.3}", d.as_secs_f64() * 1000.0);
+    let mut put = |name: &'static str, value: String| {
+        if let Ok(v) = header::HeaderValue::from_str(&value) {
+            resp.headers_mut().insert(name, v);
+        }
+    };
+    put("devmesh-region", region.to_owned());
+    put("devmesh-open-ms", ms(opened_in));
+    match route {
+        Route::Here { .. } | Route::Unknown => put("devmesh-route", "here".into()),
+        Route::Mesh { region, rtt } => {
+            put("devmesh-route", format!("mesh:{region}"));
+            if let Some(rtt) = rtt {
+                put("devmesh-mesh-rtt-ms", ms(*rtt));
+            }
+        }
+    }
+}
+
 /// A tunnel stream to an agent, both halves.
 pub type Stream = (SendStream, RecvStream);
 

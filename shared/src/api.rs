@@ -962,6 +962,10 @@ pub struct Region {
 pub struct RegionsResponse {
     /// The primary first, then edges by name.
     pub regions: Vec<Region>,
+    /// The CA that signs relays' certificates (public), so clients can
+    /// check a relay they reach over QUIC (`devmesh netcheck`).
+    #[serde(default)]
+    pub mesh_ca_pem: String,
 }
 
 // === Meta ===
@@ -1482,9 +1486,48 @@ pub struct EdgeShellAccessRequest {
     pub key: String,
     /// The client's address, as the edge saw it, for the audit log.
     pub client_ip: String,
-    /// A reconnecting terminal rather than SSH (audited as such).
+    /// What the session is.
     #[serde(default)]
-    pub terminal: bool,
+    pub kind: ShellKind,
+}
+
+/// What a shell session carries, as the audit log names it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShellKind {
+    /// An SSH connection.
+    #[default]
+    Ssh,
+    /// A reconnecting terminal.
+    Terminal,
+    /// A UDP flow of `devmesh port-forward --udp`.
+    Udp,
+    /// `devmesh ping` or `speedtest`: not audited.
+    Probe,
+}
+
+impl ShellKind {
+    /// What a stream of `header`'s kind carries.
+    pub fn of(header: &crate::tunnel::StreamHeader) -> Self {
+        use crate::tunnel::StreamHeader;
+        match header {
+            StreamHeader::Ssh | StreamHeader::Tcp { .. } => ShellKind::Ssh,
+            StreamHeader::Pty { .. } => ShellKind::Terminal,
+            StreamHeader::Probe { .. } => ShellKind::Probe,
+            StreamHeader::Udp { .. } => ShellKind::Udp,
+        }
+    }
+
+    /// The audit action of its start (its end's adds `_end`); `None` for
+    /// what is not audited.
+    pub fn action(self) -> Option<&'static str> {
+        match self {
+            ShellKind::Ssh => Some("ssh"),
+            ShellKind::Terminal => Some("terminal"),
+            ShellKind::Udp => Some("port_forward_udp"),
+            ShellKind::Probe => None,
+        }
+    }
 }
 
 /// A yes to [`EdgeShellAccessRequest`]: the session, recorded in the audit

@@ -86,6 +86,8 @@ pub mod status {
 const KIND_TCP: u8 = 0x01;
 const KIND_SSH: u8 = 0x02;
 const KIND_PTY: u8 = 0x03;
+const KIND_PROBE: u8 = 0x04;
+const KIND_UDP: u8 = 0x05;
 const KIND_ATTACH: u8 = 0x10;
 const KIND_ATTACHED: u8 = 0x11;
 const KIND_REFUSED: u8 = 0x12;
@@ -120,7 +122,25 @@ pub enum StreamHeader {
         /// The command line; empty means the user's login shell.
         command: String,
     },
+    /// Measures the path (`devmesh ping`, `devmesh speedtest`): the agent
+    /// reads and discards what the client sends until it finishes, then
+    /// answers with how many bytes that was (a big-endian `u64`), then sends
+    /// `download` zero bytes, then finishes.
+    Probe {
+        /// Bytes the agent sends after the count; at most [`MAX_PROBE_BYTES`].
+        download: u64,
+    },
+    /// UDP datagrams to `127.0.0.1:port` on the agent's machine, one flow
+    /// (one client address) per stream, each way framed as a big-endian
+    /// `u16` length and the datagram.
+    Udp {
+        /// The local UDP port.
+        port: u16,
+    },
 }
+
+/// The most a [`StreamHeader::Probe`] may ask the agent to send.
+pub const MAX_PROBE_BYTES: u64 = 4 << 30;
 
 /// The first frame of every stream on a mesh connection (relay → home
 /// relay): which attached agent the stream is for and what to open there.
@@ -211,7 +231,7 @@ pub enum EncodeError {
 
 impl StreamHeader {
     fn known_kind(kind: u8) -> bool {
-        matches!(kind, KIND_TCP | KIND_SSH | KIND_PTY)
+        matches!(kind, KIND_TCP | KIND_SSH | KIND_PTY | KIND_PROBE | KIND_UDP)
     }
 
     /// The length of the body this header encodes to.
@@ -220,6 +240,8 @@ impl StreamHeader {
             StreamHeader::Tcp { .. } => 2,
             StreamHeader::Ssh => 0,
             StreamHeader::Pty { command, .. } => 16 + 2 + 2 + 2 + command.len(),
+            StreamHeader::Probe { .. } => 8,
+            StreamHeader::Udp { .. } => 2,
         }
     }
 
@@ -244,6 +266,14 @@ impl StreamHeader {
                 out.extend_from_slice(&cols.to_be_bytes());
                 out.extend_from_slice(&rows.to_be_bytes());
                 put_str(out, command);
+            }
+            StreamHeader::Probe { download } => {
+                put_prefix(out, KIND_PROBE, len);
+                out.extend_from_slice(&download.to_be_bytes());
+            }
+            StreamHeader::Udp { port } => {
+                put_prefix(out, KIND_UDP, len);
+                out.extend_from_slice(&port.to_be_bytes());
             }
         }
         Ok(())
@@ -286,6 +316,8 @@ impl StreamHeader {
                 rows: r.u16()?,
                 command: r.string()?,
             },
+            KIND_PROBE => StreamHeader::Probe { download: r.u64()? },
+            KIND_UDP => StreamHeader::Udp { port: r.u16()? },
             other => return Err(DecodeError::UnknownKind(other)),
         };
         r.finish()?;
@@ -564,6 +596,7 @@ impl Body<'_> {
 /// after a [`StreamHeader`] stay in the stream for the caller.
 pub mod pty;
 pub mod session;
+pub mod udp;
 
 pub mod io {
     use std::io::{Error, ErrorKind, Result};
@@ -799,6 +832,8 @@ mod tests {
                 rows: 24,
                 command: "htop -d 10 ✓".into(),
             },
+            StreamHeader::Probe { download: 1 << 40 },
+            StreamHeader::Udp { port: 53 },
             StreamHeader::Pty {
                 session: uuid::Uuid::nil(),
                 cols: 0,
@@ -1126,6 +1161,8 @@ mod tests {
         prop_oneof![
             any::<u16>().prop_map(|port| StreamHeader::Tcp { port }),
             Just(StreamHeader::Ssh),
+            any::<u64>().prop_map(|download| StreamHeader::Probe { download }),
+            any::<u16>().prop_map(|port| StreamHeader::Udp { port }),
             (any::<u128>(), any::<u16>(), any::<u16>(), any_string()).prop_map(
                 |(session, cols, rows, command)| StreamHeader::Pty {
                     session: uuid::Uuid::from_u128(session),

@@ -1,6 +1,7 @@
 //! One module per command group.
 
 pub(crate) mod auth;
+pub(crate) mod diag;
 pub(crate) mod edges;
 pub(crate) mod keys;
 pub(crate) mod processes;

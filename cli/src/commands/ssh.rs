@@ -12,7 +12,7 @@ use crate::client::Client;
 
 /// `WS`, `WS.AGENT`, `OWNER/WS` or `OWNER/WS.AGENT`: names only, so the
 /// target is safe in a `ProxyCommand` line and as a host name.
-fn parse_target(target: &str) -> anyhow::Result<(&str, Option<&str>)> {
+pub(crate) fn parse_target(target: &str) -> anyhow::Result<(&str, Option<&str>)> {
     let ok = !target.is_empty()
         && target
             .bytes()
@@ -40,16 +40,22 @@ pub(crate) async fn ssh(
     openssh(g, &target, &[], &command)
 }
 
-/// `devmesh port-forward WS --tcp [ADDR:]LOCAL:REMOTE…`: OpenSSH's local
-/// forwards (`-L`), each connection a channel to the workspace's
-/// `127.0.0.1:REMOTE`, until interrupted.
+/// `devmesh port-forward WS --tcp [ADDR:]LOCAL:REMOTE… --udp [ADDR:]LOCAL:REMOTE…`,
+/// until interrupted. TCP goes through OpenSSH's local forwards (`-L`),
+/// each connection a channel to the workspace's `127.0.0.1:REMOTE`; UDP
+/// (which SSH cannot carry) goes through devmesh's own flows, one stream
+/// per client address.
 pub(crate) async fn port_forward(
     g: &Global,
     target: String,
     tcp: Vec<String>,
+    udp: Vec<String>,
 ) -> anyhow::Result<()> {
-    parse_target(&target)?;
-    anyhow::ensure!(!tcp.is_empty(), "say what to forward: --tcp LOCAL:REMOTE");
+    let (ws, agent) = parse_target(&target)?;
+    anyhow::ensure!(
+        !tcp.is_empty() || !udp.is_empty(),
+        "say what to forward: --tcp LOCAL:REMOTE or --udp LOCAL:REMOTE"
+    );
     // INFO: OpenSSH then says when a connection's remote port refused.
     let mut args = vec![
         "-N".to_owned(),
@@ -59,32 +65,89 @@ pub(crate) async fn port_forward(
         "LogLevel=INFO".to_owned(),
     ];
     for spec in &tcp {
-        let parts: Vec<&str> = spec.split(':').collect();
-        let (addr, local, remote) = match parts.as_slice() {
-            [l, r] => ("127.0.0.1", *l, *r),
-            [a, l, r] => (*a, *l, *r),
-            _ => anyhow::bail!("{spec:?}: write a forward as [ADDR:]LOCAL:REMOTE"),
-        };
-        for p in [local, remote] {
-            p.parse::<u16>()
-                .ok()
-                .filter(|p| *p > 0)
-                .with_context(|| format!("{spec:?}: {p:?} is not a port"))?;
-        }
-        anyhow::ensure!(
-            addr.parse::<std::net::IpAddr>().is_ok() || addr == "localhost",
-            "{spec:?}: {addr:?} is not an address to listen on"
-        );
-        eprintln!("Forwarding {addr}:{local} to port {remote} in {target}.");
+        let (addr, local, remote) = parse_forward(spec)?;
+        eprintln!("Forwarding TCP {addr}:{local} to port {remote} in {target}.");
         args.push("-L".into());
         args.push(format!("{addr}:{local}:127.0.0.1:{remote}"));
     }
-    openssh(g, &target, &args, &[])
+    let mut sockets = Vec::new();
+    for spec in &udp {
+        let (addr, local, remote) = parse_forward(spec)?;
+        let socket = tokio::net::UdpSocket::bind((addr.as_str(), local))
+            .await
+            .with_context(|| format!("cannot listen for UDP on {addr}:{local}"))?;
+        eprintln!("Forwarding UDP {addr}:{local} to port {remote} in {target}.");
+        sockets.push((socket, remote));
+    }
+    if sockets.is_empty() {
+        return openssh(g, &target, &args, &[]);
+    }
+    let short = g.client()?;
+    let agent = find_agent(&short, ws, agent).await?;
+    let mut forwards = tokio::task::JoinSet::new();
+    for (socket, remote) in sockets {
+        let (g, short) = (g.clone(), short.clone());
+        forwards.spawn(async move { crate::udp::forward(&g, &short, agent, socket, remote).await });
+    }
+    let mut ssh = if tcp.is_empty() {
+        None
+    } else {
+        Some(
+            openssh_command(g, &target, &args, &[])?
+                .spawn()
+                .context("cannot run ssh")?,
+        )
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => Ok(()),
+        status = async { ssh.as_mut().expect("ssh runs").wait().await }, if ssh.is_some() => {
+            let status = status?;
+            anyhow::ensure!(status.success(), "ssh ended ({status})");
+            Ok(())
+        }
+        Some(done) = forwards.join_next() => done?,
+    }
+}
+
+/// `[ADDR:]LOCAL:REMOTE` → (address to listen on, local port, remote port).
+fn parse_forward(spec: &str) -> anyhow::Result<(String, u16, u16)> {
+    let parts: Vec<&str> = spec.split(':').collect();
+    let (addr, local, remote) = match parts.as_slice() {
+        [l, r] => ("127.0.0.1", *l, *r),
+        [a, l, r] => (*a, *l, *r),
+        _ => anyhow::bail!("{spec:?}: write a forward as [ADDR:]LOCAL:REMOTE"),
+    };
+    let port = |p: &str| {
+        p.parse::<u16>()
+            .ok()
+            .filter(|p| *p > 0)
+            .with_context(|| format!("{spec:?}: {p:?} is not a port"))
+    };
+    anyhow::ensure!(
+        addr.parse::<std::net::IpAddr>().is_ok() || addr == "localhost",
+        "{spec:?}: {addr:?} is not an address to listen on"
+    );
+    Ok((addr.to_owned(), port(local)?, port(remote)?))
 }
 
 /// Becomes OpenSSH to `target` with `options` and `command`, this binary
 /// as its ProxyCommand (so the exit status is ssh's).
 fn openssh(g: &Global, target: &str, options: &[String], command: &[String]) -> anyhow::Result<()> {
+    let mut ssh = openssh_command(g, target, options, command)?;
+    // This process becomes ssh: signals (Ctrl-C, a kill) reach it
+    // directly, and no ssh outlives a killed devmesh.
+    let e = std::os::unix::process::CommandExt::exec(ssh.as_std_mut());
+    Err(anyhow::Error::new(e).context("cannot run ssh (install the OpenSSH client)"))
+}
+
+/// OpenSSH to `target` with `options` and `command`, this binary as its
+/// ProxyCommand.
+fn openssh_command(
+    g: &Global,
+    target: &str,
+    options: &[String],
+    command: &[String],
+) -> anyhow::Result<tokio::process::Command> {
     // OpenSSH does the rest: terminals, scp, port forwards, its own
     // options. This binary is its ProxyCommand; the deployment and key go
     // in the environment, not on command lines that `ps` shows.
@@ -100,7 +163,7 @@ fn openssh(g: &Global, target: &str, options: &[String], command: &[String]) -> 
         !exe.contains('\''),
         "this binary's path holds a quote; move it"
     );
-    let mut ssh = std::process::Command::new("ssh");
+    let mut ssh = tokio::process::Command::new("ssh");
     ssh.arg("-o")
         .arg(format!("ProxyCommand='{exe}' ssh --stdio '{target}'"))
         .args([
@@ -123,18 +186,18 @@ fn openssh(g: &Global, target: &str, options: &[String], command: &[String]) -> 
     if let Some(region) = &g.region {
         ssh.env("DEVMESH_REGION", region);
     }
-    // This process becomes ssh: signals (Ctrl-C, a kill) reach it
-    // directly, and no ssh outlives a killed devmesh.
-    let e = std::os::unix::process::CommandExt::exec(&mut ssh);
-    Err(anyhow::Error::new(e).context("cannot run ssh (install the OpenSSH client)"))
+    ssh.kill_on_drop(true);
+    Ok(ssh)
 }
 
-/// Splices stdin and stdout to the agent's SSH server, through the
-/// nearest region that answers (or the one `--region` pins).
-async fn pipe(g: &Global, ws: &str, agent: Option<&str>) -> anyhow::Result<()> {
-    let short = g.client()?;
+/// The id of `ws`'s agent `agent` (its first without a name).
+pub(crate) async fn find_agent(
+    client: &Client,
+    ws: &str,
+    agent: Option<&str>,
+) -> anyhow::Result<uuid::Uuid> {
     let (owner, name) = ws.split_once('/').unwrap_or(("me", ws));
-    let workspace: devmesh_shared::api::Workspace = short
+    let workspace: devmesh_shared::api::Workspace = client
         .get(&format!("/users/{owner}/workspaces/{name}"))
         .await?;
     let found = match agent {
@@ -147,13 +210,32 @@ async fn pipe(g: &Global, ws: &str, agent: Option<&str>) -> anyhow::Result<()> {
             agent.map(|a| format!("{a} ")).unwrap_or_default()
         );
     };
+    Ok(found.id)
+}
+
+/// A stream session opened through a region.
+pub(crate) struct Opened {
+    pub(crate) resp: reqwest::Response,
+    pub(crate) region: crate::regions::Ranked,
+}
+
+/// POSTs `path` (a stream endpoint, `/workspaceagents/{id}/…`) through the
+/// nearest region that accepts it (or the one `--region` pins), trying the
+/// next when a region cannot be reached or cannot reach the agent.
+/// `body` makes each try's request body from a signal that fires once the
+/// region accepted: a body that waits for it loses nothing to a refusal.
+pub(crate) async fn through_region(
+    g: &Global,
+    short: &Client,
+    path: &str,
+    mut body: impl FnMut(tokio::sync::oneshot::Receiver<()>) -> reqwest::Body,
+) -> anyhow::Result<Opened> {
     let token = g
         .token
         .clone()
         .or_else(|| crate::session::load().ok().flatten().map(|s| s.token));
-    let path = format!("/workspaceagents/{}/ssh", found.id);
     let mut regions =
-        crate::regions::ranked(&short, g.region.as_deref(), g.ca_cert.as_deref()).await?;
+        crate::regions::ranked(short, g.region.as_deref(), g.ca_cert.as_deref()).await?;
     if regions.is_empty() {
         regions.push(crate::regions::Ranked {
             name: "primary".into(),
@@ -163,22 +245,13 @@ async fn pipe(g: &Global, ws: &str, agent: Option<&str>) -> anyhow::Result<()> {
         });
     }
     let mut failure = None;
-    for region in &regions {
+    for region in regions {
         let client = Client::long_lived(&region.url, token.clone(), g.ca_cert.as_deref())?;
-        // Nothing is read from stdin until the region accepts the session,
-        // so a refusal loses none of it and the next region gets it all.
         let (go, accepted) = tokio::sync::oneshot::channel::<()>();
-        let stdin = futures_util::stream::once(accepted).flat_map(|r| match r {
-            Ok(()) => tokio_util::io::ReaderStream::new(tokio::io::stdin()).left_stream(),
-            Err(_) => futures_util::stream::empty().right_stream(),
-        });
-        match client
-            .post_stream(&path, reqwest::Body::wrap_stream(stdin))
-            .await
-        {
+        match client.post_stream(path, body(accepted)).await {
             Ok(resp) => {
                 let _ = go.send(());
-                return splice_out(resp).await;
+                return Ok(Opened { resp, region });
             }
             Err(e) if region_failed(&e) => {
                 eprintln!(
@@ -192,6 +265,37 @@ async fn pipe(g: &Global, ws: &str, agent: Option<&str>) -> anyhow::Result<()> {
         }
     }
     Err(failure.unwrap_or_else(|| anyhow::anyhow!("no region to go through")))
+}
+
+/// A request body of `stream` that starts once `accepted` fires (and is
+/// empty if it never does).
+pub(crate) fn after<S>(accepted: tokio::sync::oneshot::Receiver<()>, stream: S) -> reqwest::Body
+where
+    S: futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + Sync + 'static,
+{
+    let mut stream = Some(stream);
+    let gated = futures_util::stream::once(accepted).flat_map(move |r| match (r, stream.take()) {
+        (Ok(()), Some(s)) => s.left_stream(),
+        _ => futures_util::stream::empty().right_stream(),
+    });
+    reqwest::Body::wrap_stream(gated)
+}
+
+/// Splices stdin and stdout to the agent's SSH server.
+async fn pipe(g: &Global, ws: &str, agent: Option<&str>) -> anyhow::Result<()> {
+    let short = g.client()?;
+    let agent = find_agent(&short, ws, agent).await?;
+    let path = format!("/workspaceagents/{agent}/ssh");
+    // Nothing is read from stdin until a region accepts, so the next
+    // region gets it all.
+    let opened = through_region(g, &short, &path, |accepted| {
+        after(
+            accepted,
+            tokio_util::io::ReaderStream::new(tokio::io::stdin()),
+        )
+    })
+    .await?;
+    splice_out(opened.resp).await
 }
 
 /// Whether another region might do better: this one could not be reached

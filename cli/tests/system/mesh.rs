@@ -970,3 +970,80 @@ async fn a_terminal_opened_through_one_region_resumes_through_another() {
     .await;
     assert_eq!(refused.err().map(|r| r.0), Some(StatusCode::NOT_FOUND));
 }
+
+#[tokio::test]
+async fn ping_speedtest_and_netcheck_measure_each_hop_and_region() {
+    let m = Mesh::start().await;
+    let alice = crate::support::CliAs {
+        config: m.dir.path().join("alice-cli"),
+        url: m.primary.as_ref().unwrap().url.clone(),
+        token: m.alice_key(),
+    };
+    let json = |out: &std::process::Output| -> Value {
+        serde_json::from_str(&crate::support::ok(out)).unwrap()
+    };
+    // Through eu to wap, whose agent is in ap: three hops, each timed.
+    let ping = json(
+        &alice
+            .run(&["ping", "--region", "eu", "wap", "-c", "2", "-o", "json"])
+            .await,
+    );
+    let hops = ping["hops"].as_array().unwrap();
+    let path: Vec<(&str, &str)> = hops
+        .iter()
+        .map(|h| (h["from"].as_str().unwrap(), h["to"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        path,
+        [("you", "eu"), ("eu", "ap (mesh)"), ("ap", "agent")],
+        "{ping}"
+    );
+    let whole = ping["round_trip_ms"]["min"].as_f64().unwrap();
+    assert!(whole > 0.0, "{ping}");
+    for h in hops.iter().skip(1) {
+        let rtt = h["rtt_ms"].as_f64().unwrap_or_else(|| panic!("{ping}"));
+        assert!(
+            rtt >= 0.0 && rtt < whole,
+            "a hop is part of the whole: {ping}"
+        );
+    }
+    // Through eu to weu, attached there: two hops.
+    let ping = json(
+        &alice
+            .run(&["ping", "--region", "eu", "weu", "-c", "1", "-o", "json"])
+            .await,
+    );
+    assert_eq!(ping["hops"].as_array().unwrap().len(), 2, "{ping}");
+
+    // Both ways, through the mesh.
+    let speed = json(
+        &alice
+            .run(&[
+                "speedtest",
+                "--region",
+                "eu",
+                "wap",
+                "--megabytes",
+                "8",
+                "-o",
+                "json",
+            ])
+            .await,
+    );
+    assert_eq!(speed["bytes"], 8 << 20);
+    for way in ["download_mbit_s", "upload_mbit_s"] {
+        assert!(speed[way].as_f64().unwrap() > 1.0, "{speed}");
+    }
+
+    // Every region answers HTTPS, and UDP reaches every relay.
+    let check = json(&alice.run(&["netcheck", "-o", "json"]).await);
+    let regions = check.as_array().unwrap();
+    assert_eq!(regions.len(), 3, "{check}");
+    for r in regions {
+        assert!(r["https_rtt_ms"].as_f64().is_some(), "{r}");
+        assert_eq!(r["udp"], true, "{r}");
+    }
+    // Probes are not sessions: nothing for the audit log.
+    let (_, log) = m.owner.get("/audit?action=ssh").await;
+    assert!(log["entries"].as_array().unwrap().is_empty(), "{log}");
+}

@@ -284,11 +284,25 @@ async fn port_forward_carries_local_connections_to_a_port_in_the_workspace() {
 
     let port = || crate::support::free_port().unwrap();
     let (local, closed, refused) = (port(), port(), port());
+    // A UDP echo server in the workspace.
+    let echo = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let echo_port = echo.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = echo.recv_from(&mut buf).await {
+            let mut answer = b"echo ".to_vec();
+            answer.extend_from_slice(&buf[..n]);
+            let _ = echo.send_to(&answer, from).await;
+        }
+    });
+    let udp_local = port();
     let mut forward = tokio::process::Command::new(crate::support::BIN)
         .args(["port-forward", "fw", "--tcp"])
         .arg(format!("{local}:{}", upstream.port()))
         .arg("--tcp")
         .arg(format!("{closed}:{refused}"))
+        .arg("--udp")
+        .arg(format!("{udp_local}:{echo_port}"))
         .env("DEVMESH_CONFIG_DIR", dir.path().join("cli"))
         .env("DEVMESH_URL", &server.url)
         .env("DEVMESH_SESSION_TOKEN", owner.token.clone().unwrap())
@@ -345,7 +359,69 @@ async fn port_forward_carries_local_connections_to_a_port_in_the_workspace() {
     })
     .await;
     assert!(said.contains("connect failed"), "{said}");
+
+    // UDP: datagrams from two clients each come back to their sender.
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        clients.push(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    }
+    for (i, c) in clients.iter().enumerate() {
+        c.connect(("127.0.0.1", udp_local)).await.unwrap();
+        for j in 0..3 {
+            let sent = format!("client {i} datagram {j}");
+            // UDP may drop: ask again until the answer comes.
+            let got = eventually(20, "a UDP answer", || async {
+                let mut buf = [0u8; 2048];
+                c.send(sent.as_bytes()).await.ok()?;
+                let n =
+                    tokio::time::timeout(std::time::Duration::from_millis(500), c.recv(&mut buf))
+                        .await
+                        .ok()?
+                        .ok()?;
+                Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+            })
+            .await;
+            assert_eq!(got, format!("echo {sent}"));
+        }
+    }
     forward.kill().await.unwrap();
+
+    // UDP to a port nobody listens on: the forward says so and stops.
+    let (udp_local, nobody) = (port(), port());
+    let mut refusing = tokio::process::Command::new(crate::support::BIN)
+        .args(["port-forward", "fw", "--udp"])
+        .arg(format!("{udp_local}:{nobody}"))
+        .env("DEVMESH_CONFIG_DIR", dir.path().join("cli"))
+        .env("DEVMESH_URL", &server.url)
+        .env("DEVMESH_SESSION_TOKEN", owner.token.clone().unwrap())
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let c = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        let _ = c.send_to(b"anyone?", ("127.0.0.1", udp_local)).await;
+        if let Ok(done) =
+            tokio::time::timeout(std::time::Duration::from_millis(300), refusing.wait()).await
+        {
+            break done.unwrap();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the forward never gave up"
+        );
+    };
+    assert!(!status.success());
+    let mut err = String::new();
+    tokio::io::AsyncReadExt::read_to_string(refusing.stderr.as_mut().unwrap(), &mut err)
+        .await
+        .unwrap();
+    assert!(
+        err.contains(&format!("port {nobody} in the workspace refused UDP")),
+        "{err}"
+    );
 
     // Remote forwarding (`ssh -R`): a port in the workspace whose
     // connections come back to the client's side; it closes with the

@@ -521,7 +521,10 @@ pub(super) async fn regions(
             relay_address: r.relay_address,
         }
     }));
-    Ok(Json(RegionsResponse { regions }))
+    Ok(Json(RegionsResponse {
+        regions,
+        mesh_ca_pem: state.ca.cert_pem().to_owned(),
+    }))
 }
 
 // === Edge-facing: registration and heartbeats ===

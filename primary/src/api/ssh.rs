@@ -23,7 +23,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
 use devmesh_proxy::shell::{Holder, Session};
 use devmesh_shared::api::{
-    EdgeShellAccess, EdgeShellAccessRequest, EdgeShellEnded, KeyScope, RevokedSubject,
+    EdgeShellAccess, EdgeShellAccessRequest, EdgeShellEnded, KeyScope, RevokedSubject, ShellKind,
 };
 use devmesh_shared::signing::{GrantedStream, StreamGrant};
 use devmesh_shared::tunnel::StreamHeader;
@@ -82,36 +82,18 @@ async fn authorize(state: &AppState, principal: &Principal, agent: Uuid) -> ApiR
     })
 }
 
-/// What a session is, as the audit log names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Ssh,
-    Terminal,
-}
-
-impl Kind {
-    fn of(terminal: bool) -> Self {
-        if terminal { Kind::Terminal } else { Kind::Ssh }
-    }
-
-    /// The audit action of its start; its end's adds `_end`.
-    fn action(self) -> &'static str {
-        match self {
-            Kind::Ssh => "ssh",
-            Kind::Terminal => "terminal",
-        }
-    }
-}
-
 /// Records that a session began, through `region`.
 async fn record_start(
     state: &AppState,
     (target, principal): (&ShellTarget, &Principal),
     ip: &str,
     region: &str,
-    (kind, session): (Kind, Uuid),
+    (kind, session): (ShellKind, Uuid),
 ) {
-    Audit::new(kind.action(), "workspace")
+    let Some(action) = kind.action() else {
+        return;
+    };
+    Audit::new(action, "workspace")
         .resource(target.workspace, target.label.clone())
         .by(principal)
         .ip(ip)
@@ -137,10 +119,10 @@ async fn record_end(state: &AppState, session: Uuid, region: &str, (up, down): (
                     'seconds', round(extract(epoch FROM now() - time)::numeric, 1))
          FROM audit_log s
          WHERE s.details ? 'session' AND s.details->>'session' = $1
-           AND s.action IN ('ssh', 'terminal') AND s.details->>'region' = $2
+           AND s.action IN ('ssh', 'terminal', 'port_forward_udp') AND s.details->>'region' = $2
            AND NOT EXISTS (SELECT 1 FROM audit_log e
                            WHERE e.details ? 'session' AND e.details->>'session' = $1
-                             AND e.action IN ('ssh_end', 'terminal_end'))",
+                             AND e.action IN ('ssh_end', 'terminal_end', 'port_forward_udp_end'))",
     )
     .bind(session.to_string())
     .bind(region)
@@ -181,32 +163,112 @@ pub(super) async fn ssh(
     ApiPath(agent): ApiPath<Uuid>,
     body: Body,
 ) -> ApiResult<Response> {
+    let caller = Caller { auth, ip, headers };
+    stream(&state, caller, agent, body, StreamHeader::Ssh).await
+}
+
+/// `?download=N` of a probe.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ProbeQuery {
+    #[serde(default)]
+    download: u64,
+}
+
+/// `POST /api/v2/workspaceagents/{id}/probe?download=N` on the primary:
+/// `devmesh ping` and `speedtest`.
+pub(super) async fn probe(
+    State(state): State<AppState>,
+    auth: Authed,
+    ClientIp(ip): ClientIp,
+    headers: HeaderMap,
+    ApiPath(agent): ApiPath<Uuid>,
+    super::extract::ApiQuery(q): super::extract::ApiQuery<ProbeQuery>,
+    body: Body,
+) -> ApiResult<Response> {
+    if q.download > devmesh_shared::tunnel::MAX_PROBE_BYTES {
+        return Err(ApiError::bad_request("At most 4 GiB may be downloaded."));
+    }
+    let caller = Caller { auth, ip, headers };
+    let header = StreamHeader::Probe {
+        download: q.download,
+    };
+    stream(&state, caller, agent, body, header).await
+}
+
+/// `?port=P` of a UDP flow.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct UdpQuery {
+    port: u16,
+}
+
+/// `POST /api/v2/workspaceagents/{id}/udp?port=P` on the primary: one UDP
+/// flow of `devmesh port-forward --udp`.
+pub(super) async fn udp(
+    State(state): State<AppState>,
+    auth: Authed,
+    ClientIp(ip): ClientIp,
+    headers: HeaderMap,
+    ApiPath(agent): ApiPath<Uuid>,
+    super::extract::ApiQuery(q): super::extract::ApiQuery<UdpQuery>,
+    body: Body,
+) -> ApiResult<Response> {
+    if q.port == 0 {
+        return Err(ApiError::bad_request("Port 0 is not a port."));
+    }
+    let caller = Caller { auth, ip, headers };
+    stream(
+        &state,
+        caller,
+        agent,
+        body,
+        StreamHeader::Udp { port: q.port },
+    )
+    .await
+}
+
+/// Who asks for a stream session, and how.
+struct Caller {
+    auth: Authed,
+    ip: String,
+    headers: HeaderMap,
+}
+
+/// A stream session through the primary: the request body up, the
+/// response body down.
+async fn stream(
+    state: &AppState,
+    Caller { auth, ip, headers }: Caller,
+    agent: Uuid,
+    body: Body,
+    header: StreamHeader,
+) -> ApiResult<Response> {
     if !headers.contains_key(SESSION_HEADER) && !headers.contains_key(header::AUTHORIZATION) {
         return Err(ApiError::unauthorized(
             "Send your key in the Devmesh-Session-Token header to open a shell.",
         )
         .detail("a session cookie cannot open one: other sites could use it"));
     }
-    let target = authorize(&state, &auth.0, agent).await?;
+    let kind = ShellKind::of(&header);
+    let target = authorize(state, &auth.0, agent).await?;
     let began_ms = chrono::Utc::now().timestamp_millis();
-    let stream = state
-        .relay
-        .open(agent, &StreamHeader::Ssh, None)
-        .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                format!("The agent cannot take an SSH connection now: {e}."),
-            )
-            .detail("is the workspace started and its agent connected? `devmesh show` says")
-        })?;
+    let opening = tokio::time::Instant::now();
+    let stream = state.relay.open(agent, &header, None).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            format!("The agent cannot take the connection now: {e}."),
+        )
+        .detail("is the workspace started and its agent connected? `devmesh show` says")
+    })?;
+    let opened_in = opening.elapsed();
     let session_id = Uuid::new_v4();
     record_start(
-        &state,
+        state,
         (&target, &auth.0),
         &ip,
         "primary",
-        (Kind::Ssh, session_id),
+        (kind, session_id),
     )
     .await;
     let session = Session::new(&state.shutdown);
@@ -214,9 +276,10 @@ pub(super) async fn ssh(
         subjects: subjects(&auth.0, &target),
         began_ms,
     };
-    let resp =
+    let mut resp =
         devmesh_proxy::shell::splice(stream, body, holder, state.revocations.clone(), &session);
-    record_end_when_over(state, session_id, &session);
+    devmesh_proxy::shell::route_headers(&mut resp, "primary", &state.relay.route(agent), opened_in);
+    record_end_when_over(state.clone(), session_id, &session);
     Ok(resp)
 }
 
@@ -311,7 +374,7 @@ pub(super) async fn terminal(
         (&target, &auth.0),
         &ip,
         "primary",
-        (Kind::Terminal, session_id),
+        (ShellKind::Terminal, session_id),
     )
     .await;
     let session = Session::new(&state.shutdown);
@@ -358,7 +421,7 @@ pub(super) async fn edge_shell_access(
         (&target, &principal),
         &ip,
         &edge.name,
-        (Kind::of(req.terminal), session_id),
+        (req.kind, session_id),
     )
     .await;
     Ok(Json(EdgeShellAccess {
