@@ -231,6 +231,14 @@ enum Command {
         #[arg(long, default_value_t = 64)]
         megabytes: u64,
     },
+    /// Print a workspace app's URL through the nearest region, and open it
+    /// in a browser when there is one ($BROWSER, or xdg-open on a desktop).
+    Open {
+        /// Workspace name, or owner/name.
+        name: String,
+        /// The app's slug (AGENT.SLUG when agents share slugs).
+        app: String,
+    },
     /// Check every region: HTTPS latency from here, and whether UDP (QUIC)
     /// gets through to its relay.
     Netcheck,
@@ -403,6 +411,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             commands::diag::speedtest(&g, target, megabytes).await
         }
         Command::Netcheck => commands::diag::netcheck(&g).await,
+        Command::Open { name, app } => commands::workspaces::open(&g, name, app).await,
         Command::Logs { name, follow } => commands::workspaces::logs(&g, name, follow).await,
         Command::Agent(args) => DaemonCommand::Agent(args).run().await,
         Command::Edge(args) => DaemonCommand::Edge(args).run().await,

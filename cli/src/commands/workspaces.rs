@@ -473,7 +473,7 @@ pub(crate) async fn create(
     println!("Created workspace {name}.");
     print_tokens(g, client.base(), &resp);
     if resp.workspace.latest_build.job_id.is_some() {
-        print_app_urls(&client, resp.workspace.id).await?;
+        print_app_urls(g, &client, resp.workspace.id).await?;
     }
     Ok(())
 }
@@ -504,30 +504,105 @@ fn ask(p: &devmesh_shared::parameters::TemplateParameter) -> anyhow::Result<Stri
     }
 }
 
-/// The URLs of a workspace's subdomain apps through the primary's region.
-async fn print_app_urls(client: &crate::client::Client, id: uuid::Uuid) -> anyhow::Result<()> {
-    let ws: Workspace = client.get(&format!("/workspaces/{id}")).await?;
-    let regions: devmesh_shared::api::RegionsResponse = client.get("/regions").await?;
-    let Some(primary) = regions.regions.iter().find(|r| r.name == "primary") else {
-        return Ok(());
+/// A workspace's subdomain apps and their URLs through the region nearest
+/// to this machine that serves apps (or the one `--region` pins).
+pub(crate) async fn app_urls(
+    g: &Global,
+    client: &crate::client::Client,
+    ws: &Workspace,
+) -> anyhow::Result<(Option<String>, Vec<(String, String)>)> {
+    let regions = crate::regions::ranked(client, g.region.as_deref(), g.ca_cert.as_deref()).await?;
+    let Some(region) = regions.iter().find(|r| r.wildcard.is_some()) else {
+        return Ok((None, Vec::new()));
     };
-    let (Some(wildcard), Some(access)) = (&primary.wildcard_hostname, &primary.access_url) else {
-        return Ok(());
-    };
-    let (scheme, rest) = access.split_once("://").unwrap_or(("https", access));
+    let wildcard = region.wildcard.as_deref().unwrap_or_default();
+    let (scheme, rest) = region
+        .url
+        .split_once("://")
+        .unwrap_or(("https", &region.url));
     let mut suffix = wildcard.trim_start_matches("*.").to_owned();
     if !suffix.contains(':')
         && let Some((_, port)) = rest.split('/').next().and_then(|h| h.rsplit_once(':'))
     {
         suffix = format!("{suffix}:{port}");
     }
+    let mut urls = Vec::new();
     for agent in &ws.agents {
         for app in agent.apps.iter().filter(|a| a.subdomain) {
-            println!(
-                "App {}: {scheme}://{}--{}--{}--{}.{suffix}/",
-                app.slug, app.slug, agent.name, ws.name, ws.owner_name
+            let url = format!(
+                "{scheme}://{}--{}--{}--{}.{suffix}/",
+                app.slug, agent.name, ws.name, ws.owner_name
             );
+            let name = if ws.agents.len() > 1 {
+                format!("{}.{}", agent.name, app.slug)
+            } else {
+                app.slug.clone()
+            };
+            urls.push((name, url));
         }
+    }
+    Ok((Some(region.name.clone()), urls))
+}
+
+/// Prints a workspace's app URLs through the nearest region.
+async fn print_app_urls(
+    g: &Global,
+    client: &crate::client::Client,
+    id: uuid::Uuid,
+) -> anyhow::Result<()> {
+    let ws: Workspace = client.get(&format!("/workspaces/{id}")).await?;
+    let (region, urls) = app_urls(g, client, &ws).await?;
+    if let (Some(region), false) = (region, urls.is_empty()) {
+        println!("Apps, through region {region} (`--region` picks another):");
+        for (name, url) in urls {
+            println!("App {name}: {url}");
+        }
+    }
+    Ok(())
+}
+
+/// `devmesh open WS APP`: the app's URL through the nearest region, opened
+/// in a browser when there is one to open.
+pub(crate) async fn open(g: &Global, name: String, app: String) -> anyhow::Result<()> {
+    let client = g.client()?;
+    let ws = find(&client, &name).await?;
+    let (region, urls) = app_urls(g, &client, &ws).await?;
+    let found = urls
+        .iter()
+        .find(|(n, _)| *n == app || n.rsplit_once('.').is_some_and(|(_, slug)| slug == app));
+    let Some((_, url)) = found else {
+        let names: Vec<&str> = urls.iter().map(|(n, _)| n.as_str()).collect();
+        anyhow::bail!(
+            "{name} has no app {app:?}{}",
+            if names.is_empty() {
+                String::new()
+            } else {
+                format!(": it has {}", names.join(", "))
+            }
+        );
+    };
+    println!("{url}");
+    let browser = std::env::var("BROWSER")
+        .ok()
+        .filter(|b| !b.is_empty())
+        .or_else(|| {
+            let graphical = std::env::var_os("DISPLAY").is_some()
+                || std::env::var_os("WAYLAND_DISPLAY").is_some();
+            graphical.then(|| "xdg-open".to_owned())
+        });
+    if let Some(browser) = browser {
+        let started = std::process::Command::new(&browser)
+            .arg(url)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+        if let Err(e) = started {
+            eprintln!("Could not open a browser ({browser}: {e}); open the URL above.");
+        }
+    }
+    if let Some(region) = region {
+        eprintln!("(through region {region})");
     }
     Ok(())
 }
@@ -725,7 +800,7 @@ async fn run_build(g: &Global, name: &str, req: CreateBuildRequest) -> anyhow::R
             }
             print_tokens(g, client.base(), &resp);
             if resp.workspace.latest_build.job_id.is_some() {
-                print_app_urls(&client, resp.workspace.id).await?;
+                print_app_urls(g, &client, resp.workspace.id).await?;
             }
         }
         Transition::Stop => println!("Stopped {name}."),
@@ -832,7 +907,7 @@ pub(crate) async fn show(g: &Global, name: String) -> anyhow::Result<()> {
             table(&["AGENT", "METADATA", "VALUE", "ERROR"], measured);
         }
         println!();
-        print_app_urls(&client, ws.id).await?;
+        print_app_urls(g, &client, ws.id).await?;
     }
     Ok(())
 }

@@ -1043,6 +1043,31 @@ async fn ping_speedtest_and_netcheck_measure_each_hop_and_region() {
         assert!(r["https_rtt_ms"].as_f64().is_some(), "{r}");
         assert_eq!(r["udp"], true, "{r}");
     }
+    // App URLs on the chosen region's domain, and they answer.
+    let out = alice.run(&["open", "--region", "eu", "wap", "echo"]).await;
+    let url = crate::support::ok(&out).trim().to_owned();
+    assert_eq!(url, Mesh::url(&m.eu, "eu", "echo--main--wap--alice", "/"));
+    assert_eq!(
+        m.get(&format!("{url}echo"), Some(&m.alice_key()))
+            .await
+            .status(),
+        StatusCode::OK
+    );
+    let out = alice.run(&["show", "--region", "ap", "wap"]).await;
+    let shown = crate::support::ok(&out);
+    assert!(
+        shown.contains(&format!(
+            "App echo: {}",
+            Mesh::url(m.ap(), "ap", "echo--main--wap--alice", "/")
+        )),
+        "{shown}"
+    );
+    let out = alice.run(&["open", "wap", "nope"]).await;
+    assert!(
+        crate::support::stderr(&out).contains("has no app \"nope\": it has echo, pub"),
+        "{out:?}"
+    );
+
     // Probes are not sessions: nothing for the audit log.
     let (_, log) = m.owner.get("/audit?action=ssh").await;
     assert!(log["entries"].as_array().unwrap().is_empty(), "{log}");
