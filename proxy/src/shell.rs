@@ -188,7 +188,11 @@ pub fn splice(
     });
     // Agent → client, as the response body.
     let guard = (EndOnDrop(ended), session.clone());
-    let down = futures_util::stream::unfold((recv, guard), |(mut recv, guard)| async move {
+    // A stream that broke (the agent, or a relay on the way, went away)
+    // ends the body with an error, so the client says so rather than
+    // taking it for the session's end.
+    let down = futures_util::stream::unfold(Some((recv, guard)), |state| async move {
+        let (mut recv, guard) = state?;
         let mut buf = vec![0u8; CHUNK];
         let read = tokio::select! {
             r = recv.read(&mut buf) => r,
@@ -201,9 +205,14 @@ pub fn splice(
             Ok(Some(n)) => {
                 buf.truncate(n);
                 guard.1.down.fetch_add(n as u64, Ordering::Relaxed);
-                Some((Ok::<_, std::io::Error>(Bytes::from(buf)), (recv, guard)))
+                Some((Ok(Bytes::from(buf)), Some((recv, guard))))
             }
-            _ => None,
+            Ok(None) => None,
+            Err(e) => {
+                tracing::info!(error = %e, "a shell session's stream to the agent broke");
+                let lost = std::io::Error::other("the connection to the workspace agent was lost");
+                Some((Err(lost), None))
+            }
         }
     });
     let mut resp = Response::new(Body::from_stream(down));

@@ -314,9 +314,21 @@ fn region_failed(e: &anyhow::Error) -> bool {
 /// Copies the session's answer to stdout until it ends.
 async fn splice_out(mut resp: reqwest::Response) -> anyhow::Result<()> {
     let mut out = tokio::io::stdout();
-    while let Some(chunk) = resp.chunk().await? {
-        out.write_all(&chunk).await?;
-        out.flush().await?;
+    loop {
+        match resp.chunk().await {
+            Ok(Some(chunk)) => {
+                out.write_all(&chunk).await?;
+                out.flush().await?;
+            }
+            Ok(None) => break,
+            Err(e) => {
+                eprintln!(
+                    "devmesh: the connection to the workspace was lost: its agent, or a region \
+                     on the way, went away ({e})"
+                );
+                std::process::exit(255);
+            }
+        }
     }
     // The connection is over (the session ended, or the region ended it).
     // Exit now: the read of stdin blocks a thread the runtime would wait

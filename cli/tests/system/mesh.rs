@@ -1072,3 +1072,178 @@ async fn ping_speedtest_and_netcheck_measure_each_hop_and_region() {
     let (_, log) = m.owner.get("/audit?action=ssh").await;
     assert!(log["entries"].as_array().unwrap().is_empty(), "{log}");
 }
+
+/// An OpenSSH config in `dir` whose `Host devmesh.WS` goes through
+/// `region`, for each of `workspaces`.
+fn ssh_config_through(
+    dir: &std::path::Path,
+    region: &str,
+    workspaces: &[&str],
+) -> std::path::PathBuf {
+    let cfg = dir.join(format!("ssh_config_{region}"));
+    let mut text = String::new();
+    for ws in workspaces {
+        text.push_str(&format!(
+            "Host devmesh.{ws}\n    ProxyCommand '{}' --region {region} ssh --stdio {ws}\n    \
+             StrictHostKeyChecking no\n    UserKnownHostsFile /dev/null\n    LogLevel ERROR\n",
+            crate::support::BIN
+        ));
+    }
+    std::fs::write(&cfg, text).unwrap();
+    cfg
+}
+
+/// `n` bytes that do not compress.
+fn noise(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn big_files_cross_by_scp_sftp_and_rsync_through_an_edge_and_across_the_mesh() {
+    let m = Mesh::start().await;
+    let cfg = ssh_config_through(m.dir.path(), "eu", &["wap"]);
+    let openssh = |program: &str| {
+        let mut c = tokio::process::Command::new(program);
+        c.env("DEVMESH_CONFIG_DIR", m.dir.path().join("alice-cli"))
+            .env("DEVMESH_URL", &m.primary.as_ref().unwrap().url)
+            .env("DEVMESH_SESSION_TOKEN", m.alice_key())
+            .stdin(std::process::Stdio::null());
+        c
+    };
+    let run = |mut c: tokio::process::Command| async move {
+        let out = c.output().await.unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+    let local = m.dir.path().join("local");
+    let remote = m.dir.path().join("remote");
+    std::fs::create_dir_all(&local).unwrap();
+    std::fs::create_dir_all(&remote).unwrap();
+    let payload = noise(64 << 20, 7);
+    std::fs::write(local.join("big.bin"), &payload).unwrap();
+    let at = |p: &std::path::Path| format!("devmesh.wap:{}", p.display());
+
+    // scp up and back down: wap's agent is in ap, the session through eu.
+    let mut c = openssh("scp");
+    c.arg("-F")
+        .arg(&cfg)
+        .arg(local.join("big.bin"))
+        .arg(at(&remote.join("up.bin")));
+    run(c).await;
+    assert!(
+        std::fs::read(remote.join("up.bin")).unwrap() == payload,
+        "scp up"
+    );
+    let mut c = openssh("scp");
+    c.arg("-F")
+        .arg(&cfg)
+        .arg(at(&remote.join("up.bin")))
+        .arg(local.join("down.bin"));
+    run(c).await;
+    assert!(
+        std::fs::read(local.join("down.bin")).unwrap() == payload,
+        "scp down"
+    );
+
+    // sftp, both ways in one batch.
+    let batch = m.dir.path().join("batch");
+    std::fs::write(
+        &batch,
+        format!(
+            "put {} {}\nget {} {}\n",
+            local.join("big.bin").display(),
+            remote.join("sftp.bin").display(),
+            remote.join("sftp.bin").display(),
+            local.join("sftp-back.bin").display()
+        ),
+    )
+    .unwrap();
+    let mut c = openssh("sftp");
+    c.arg("-F")
+        .arg(&cfg)
+        .arg("-b")
+        .arg(&batch)
+        .arg("devmesh.wap");
+    run(c).await;
+    assert!(
+        std::fs::read(local.join("sftp-back.bin")).unwrap() == payload,
+        "sftp"
+    );
+
+    // rsync of a tree, then of a change to it.
+    let tree = local.join("tree");
+    std::fs::create_dir_all(tree.join("sub")).unwrap();
+    std::fs::write(tree.join("a.txt"), "alpha\n").unwrap();
+    std::fs::write(tree.join("sub/b.bin"), noise(1 << 20, 9)).unwrap();
+    let rsync = |src: &std::path::Path| {
+        let mut c = openssh("rsync");
+        c.arg("-a")
+            .arg("-e")
+            .arg(format!("ssh -F {}", cfg.display()))
+            .arg(format!("{}/", src.display()))
+            .arg(format!("{}/", at(&remote.join("tree"))));
+        c
+    };
+    run(rsync(&tree)).await;
+    std::fs::write(tree.join("a.txt"), "alpha, changed\n").unwrap();
+    run(rsync(&tree)).await;
+    assert_eq!(
+        std::fs::read_to_string(remote.join("tree/a.txt")).unwrap(),
+        "alpha, changed\n"
+    );
+    assert!(
+        std::fs::read(remote.join("tree/sub/b.bin")).unwrap() == noise(1 << 20, 9),
+        "rsync"
+    );
+}
+
+#[tokio::test]
+async fn an_ssh_session_whose_agent_dies_ends_with_a_clear_error_not_a_hang() {
+    let mut m = Mesh::start().await;
+    let mut session = tokio::process::Command::new(crate::support::BIN)
+        .args([
+            "ssh",
+            "--region",
+            "eu",
+            "wap",
+            "--",
+            "echo started; sleep 600",
+        ])
+        .env("DEVMESH_CONFIG_DIR", m.dir.path().join("alice-cli"))
+        .env("DEVMESH_URL", &m.primary.as_ref().unwrap().url)
+        .env("DEVMESH_SESSION_TOKEN", m.alice_key())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out = tokio::io::BufReader::new(session.stdout.take().unwrap());
+    let mut line = String::new();
+    tokio::io::AsyncBufReadExt::read_line(&mut out, &mut line)
+        .await
+        .unwrap();
+    assert_eq!(line.trim(), "started");
+    // wap's agent dies without a word (SIGKILL).
+    m._agents.remove(1).process.kill().await;
+    let status = tokio::time::timeout(Duration::from_secs(30), session.wait())
+        .await
+        .expect("the session ended instead of hanging")
+        .unwrap();
+    assert!(!status.success());
+    let mut err = String::new();
+    tokio::io::AsyncReadExt::read_to_string(session.stderr.as_mut().unwrap(), &mut err)
+        .await
+        .unwrap();
+    assert!(
+        err.contains("the connection to the workspace was lost"),
+        "{err}"
+    );
+}
