@@ -80,6 +80,7 @@ where
 {
     let handler = Sessions {
         forwards: HashMap::new(),
+        agent_socket: None,
         env,
         channels: HashMap::new(),
         pending: HashMap::new(),
@@ -122,6 +123,9 @@ struct Sessions {
     /// Listeners of remote forwards (`ssh -R`), by address and port; each
     /// stops when its entry goes (cancelled, or the session ended).
     forwards: HashMap<(String, u32), tokio_util::sync::DropGuard>,
+    /// The socket forwarded agent requests come to (`ssh -A`), once asked
+    /// for; removed with the session.
+    agent_socket: Option<AgentSocket>,
     env: ScriptEnv,
     channels: HashMap<ChannelId, ChannelState>,
     /// Session channels not yet given a use: a subsystem takes the channel
@@ -309,6 +313,65 @@ pub(crate) fn user_shell() -> String {
 /// The environment commands run in, once the manifest is known.
 pub(crate) fn script_env() -> Option<&'static ScriptEnv> {
     SERVICE.get().map(|s| &s.env)
+}
+
+/// A Unix socket in a directory of its own (mode 0700), whose connections
+/// each become an agent channel back to the client (`ssh -A`). The
+/// directory goes when the session does.
+struct AgentSocket {
+    dir: std::path::PathBuf,
+    path: std::path::PathBuf,
+    _stop: tokio_util::sync::DropGuard,
+}
+
+impl AgentSocket {
+    fn listen(handle: Handle) -> std::io::Result<Self> {
+        use std::os::unix::fs::DirBuilderExt;
+        let mut name = [0u8; 8];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut name);
+        let dir =
+            std::env::temp_dir().join(format!("devmesh-ssh-{:016x}", u64::from_le_bytes(name)));
+        std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+        let path = dir.join("agent.sock");
+        let listener = match tokio::net::UnixListener::bind(&path) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
+        let stop = tokio_util::sync::CancellationToken::new();
+        let until = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    a = listener.accept() => a,
+                    () = until.cancelled() => return,
+                };
+                let Ok((mut unix, _)) = accepted else {
+                    continue;
+                };
+                let handle = handle.clone();
+                tokio::spawn(async move {
+                    if let Ok(channel) = handle.channel_open_agent().await {
+                        let mut stream = channel.into_stream();
+                        let _ = tokio::io::copy_bidirectional(&mut stream, &mut unix).await;
+                    }
+                });
+            }
+        });
+        Ok(Self {
+            dir,
+            path,
+            _stop: stop.drop_guard(),
+        })
+    }
+}
+
+impl Drop for AgentSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// Tells the client how the command on `channel` ended (a signal as
@@ -610,6 +673,33 @@ impl russh::server::Handler for Sessions {
             }
         });
         self.forwards.insert(announced, stop.drop_guard());
+        Ok(true)
+    }
+
+    async fn agent_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        if self.agent_socket.is_none() {
+            match AgentSocket::listen(session.handle()) {
+                Ok(s) => self.agent_socket = Some(s),
+                Err(e) => {
+                    tracing::info!(error = %e, "cannot offer agent forwarding");
+                    session.channel_failure(channel)?;
+                    return Ok(false);
+                }
+            }
+        }
+        if let Some(socket) = &self.agent_socket {
+            let path = socket.path.to_string_lossy().into_owned();
+            self.channels
+                .entry(channel)
+                .or_default()
+                .env
+                .push(("SSH_AUTH_SOCK".into(), path));
+        }
+        session.channel_success(channel)?;
         Ok(true)
     }
 

@@ -622,3 +622,168 @@ async fn deleting_the_key_or_signing_out_ends_open_ssh_sessions_within_a_second(
         at.elapsed()
     );
 }
+
+/// A program at a terminal this test holds: what it showed, and its keys.
+struct AtTerminal {
+    pty: pty_process::Pty,
+    seen: String,
+}
+
+impl AtTerminal {
+    async fn type_(&mut self, keys: &[u8]) {
+        tokio::io::AsyncWriteExt::write_all(&mut self.pty, keys)
+            .await
+            .unwrap();
+    }
+
+    /// Reads until the terminal has shown `needle`, from now on.
+    async fn shows(&mut self, needle: &str) {
+        let from = self.seen.len();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+        let mut buf = [0u8; 4096];
+        while !self.seen[from..].contains(needle) {
+            let n = tokio::time::timeout_at(
+                deadline,
+                tokio::io::AsyncReadExt::read(&mut self.pty, &mut buf),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("no {needle:?} in {:?}", &self.seen[from..]))
+            .unwrap_or(0);
+            assert!(
+                n > 0,
+                "the terminal closed without {needle:?}: {}",
+                self.seen
+            );
+            self.seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    }
+}
+
+#[tokio::test]
+async fn plain_ssh_at_a_terminal_follows_resizes_passes_ctrl_c_and_returns_the_exit_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, owner, _db) = primary_with(dir.path(), &[]).await;
+    let (_id, _agent_id, _agent) =
+        running_workspace(&server, &owner, dir.path(), "tty2", json!({"name": "main"})).await;
+    let cfg = ssh_config(dir.path(), "tty2");
+
+    let (pty, pts) = pty_process::open().unwrap();
+    pty.resize(pty_process::Size::new(24, 80)).unwrap();
+    let mut ssh = pty_process::Command::new("ssh")
+        .arg("-F")
+        .arg(&cfg)
+        .arg("devmesh.tty2")
+        .env("DEVMESH_CONFIG_DIR", dir.path().join("cli"))
+        .env("DEVMESH_URL", &server.url)
+        .env("DEVMESH_SESSION_TOKEN", owner.token.clone().unwrap())
+        .env("TERM", "xterm")
+        .kill_on_drop(true)
+        .spawn(pts)
+        .unwrap();
+    let mut term = AtTerminal {
+        pty,
+        seen: String::new(),
+    };
+    // The quotes keep the typed line (echoed back) from matching.
+    term.type_(b"echo \"size\"=$(stty size)\n").await;
+    term.shows("size=24 80").await;
+
+    // The window grows (the kernel tells ssh, the terminal's foreground,
+    // with SIGWINCH): the shell in the workspace sees it.
+    term.pty.resize(pty_process::Size::new(40, 120)).unwrap();
+    term.type_(b"echo \"size\"=$(stty size)\n").await;
+    term.shows("size=40 120").await;
+
+    // Ctrl-C interrupts the command running in the workspace, not ssh.
+    term.type_(b"echo \"st\"arted; sleep 30\n").await;
+    term.shows("started").await;
+    term.type_(b"\x03").await;
+    term.type_(b"echo \"rc\"=$?\n").await;
+    term.shows("rc=130").await;
+
+    // The session's exit status is the shell's.
+    term.type_(b"exit 3\n").await;
+    let status = tokio::time::timeout(std::time::Duration::from_secs(20), ssh.wait())
+        .await
+        .expect("ssh exits")
+        .unwrap();
+    assert_eq!(status.code(), Some(3), "{}", term.seen);
+}
+
+#[tokio::test]
+async fn ssh_a_forwards_the_users_agent_into_the_workspace_for_the_session_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, owner, _db) = primary_with(dir.path(), &[]).await;
+    let (_id, _agent_id, _agent) =
+        running_workspace(&server, &owner, dir.path(), "fwd", json!({"name": "main"})).await;
+    let cfg = ssh_config(dir.path(), "fwd");
+
+    // The user's own ssh-agent, holding one key.
+    let sock = dir.path().join("agent.sock");
+    let mut agent = tokio::process::Command::new("ssh-agent")
+        .arg("-D")
+        .arg("-a")
+        .arg(&sock)
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let key = dir.path().join("id_ed25519");
+    let out = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "laptop-key", "-f"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    eventually(10, "ssh-agent to listen", || async {
+        sock.exists().then_some(())
+    })
+    .await;
+    let out = std::process::Command::new("ssh-add")
+        .arg(&key)
+        .env("SSH_AUTH_SOCK", &sock)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+
+    let ssh = |forward: bool| {
+        let mut c = tokio::process::Command::new("ssh");
+        c.arg("-F").arg(&cfg);
+        if forward {
+            c.arg("-A");
+        }
+        c.arg("devmesh.fwd")
+            .arg("echo \"sock=$SSH_AUTH_SOCK\"; ssh-add -l")
+            .env("SSH_AUTH_SOCK", &sock)
+            .env("DEVMESH_CONFIG_DIR", dir.path().join("cli"))
+            .env("DEVMESH_URL", &server.url)
+            .env("DEVMESH_SESSION_TOKEN", owner.token.clone().unwrap())
+            .stdin(std::process::Stdio::null());
+        c
+    };
+    // With -A, the workspace's ssh-add sees the laptop's key.
+    let out = ssh(true).output().await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(stdout.contains("laptop-key"), "{out:?}");
+    let inside = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("sock="))
+        .unwrap()
+        .to_owned();
+    assert!(
+        inside.ends_with("agent.sock") && inside.contains("devmesh-ssh-"),
+        "{inside}"
+    );
+    // The socket goes with the session.
+    eventually(10, "the forwarded socket to go", || async {
+        (!std::path::Path::new(&inside).exists()).then_some(())
+    })
+    .await;
+    // Without -A, no agent is offered.
+    let out = ssh(false).output().await.unwrap();
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("laptop-key"),
+        "{out:?}"
+    );
+    agent.kill().await.unwrap();
+}
