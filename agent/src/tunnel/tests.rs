@@ -346,3 +346,73 @@ async fn measure_keeps_the_order_and_marks_relays_that_do_not_answer() {
     assert_eq!(got, [("silent", false), ("live", true), ("foreign", false)]);
     assert!(foreign.tickets().is_empty() && live.tickets().is_empty());
 }
+
+#[tokio::test]
+async fn probe_streams_count_the_upload_then_send_the_download() {
+    let mut relay = TestRelay::start(RelayOptions::default()).await;
+    let (rc, _agent) = attached_agent(&mut relay, Timing::default()).await;
+    let (mut send, mut recv) = open_stream(
+        &rc.conn,
+        &header_bytes(&StreamHeader::Probe { download: 100_000 }),
+    )
+    .await;
+    send.write_all(&[7u8; 12_345]).await.unwrap();
+    send.finish().unwrap();
+    let got = read_all(&mut recv).await;
+    assert_eq!(got[0], tunnel::status::OK);
+    assert_eq!(got[1..9], 12_345u64.to_be_bytes());
+    assert_eq!(got.len(), 9 + 100_000);
+    // More than any probe may ask for is refused.
+    let too_much = StreamHeader::Probe {
+        download: tunnel::MAX_PROBE_BYTES + 1,
+    };
+    let (_send, mut recv) = open_stream(&rc.conn, &header_bytes(&too_much)).await;
+    assert_eq!(read_all(&mut recv).await, [tunnel::status::REFUSED]);
+}
+
+#[tokio::test]
+async fn udp_streams_carry_datagrams_and_a_garbage_frame_ends_that_flow_only() {
+    let mut relay = TestRelay::start(RelayOptions::default()).await;
+    let (rc, _agent) = attached_agent(&mut relay, Timing::default()).await;
+    let echo = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let port = echo.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = echo.recv_from(&mut buf).await {
+            let _ = echo.send_to(&buf[..n], from).await;
+        }
+    });
+    let header = header_bytes(&StreamHeader::Udp { port });
+    let (mut send, mut recv) = open_stream(&rc.conn, &header).await;
+    let mut status = [0u8; 1];
+    recv.read_exact(&mut status).await.unwrap();
+    assert_eq!(status[0], tunnel::status::OK);
+    let mut framed = Vec::new();
+    tunnel::udp::frame(b"hello", &mut framed);
+    send.write_all(&framed).await.unwrap();
+    let mut buf = vec![0u8; tunnel::udp::MAX_DATAGRAM];
+    let got = within("the echo", tunnel::udp::read(&mut recv, &mut buf))
+        .await
+        .unwrap();
+    assert_eq!(got, tunnel::udp::Received::Datagram(5));
+    assert_eq!(&buf[..5], b"hello");
+
+    // A length no datagram has: that flow is reset.
+    send.write_all(&[0xff, 0xfe]).await.unwrap();
+    let err = within("the flow to be reset", recv.read_to_end(1024))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ReadToEndError::Read(ReadError::Reset(c)) if c == stream_code::BAD_HEADER),
+        "{err:?}"
+    );
+    // The connection, and another flow, carry on.
+    assert!(rc.conn.close_reason().is_none());
+    let (mut send, mut recv) = open_stream(&rc.conn, &header).await;
+    recv.read_exact(&mut status).await.unwrap();
+    send.write_all(&framed).await.unwrap();
+    let got = within("the echo", tunnel::udp::read(&mut recv, &mut buf))
+        .await
+        .unwrap();
+    assert_eq!(got, tunnel::udp::Received::Datagram(5));
+}

@@ -550,10 +550,11 @@ async fn config_ssh_keeps_a_managed_block_that_plain_ssh_uses() {
 }
 
 #[tokio::test]
-async fn deleting_the_key_or_signing_out_ends_open_ssh_sessions_within_a_second() {
+async fn deleting_the_key_signing_out_or_stopping_the_workspace_ends_ssh_sessions_within_a_second()
+{
     let dir = tempfile::tempdir().unwrap();
     let (server, owner, _db) = primary_with(dir.path(), &[]).await;
-    let (_id, _agent_id, _agent) =
+    let (id, _agent_id, _agent) =
         running_workspace(&server, &owner, dir.path(), "long", json!({"name": "main"})).await;
 
     // A session opened with an API key, running a long command.
@@ -613,6 +614,28 @@ async fn deleting_the_key_or_signing_out_ends_open_ssh_sessions_within_a_second(
     let (status, _) = signed_in.post("/users/logout", json!({})).await;
     assert!(status.is_success(), "{status}");
     tokio::time::timeout(std::time::Duration::from_secs(10), with_session.wait())
+        .await
+        .expect("the session ended")
+        .unwrap();
+    assert!(
+        at.elapsed() < std::time::Duration::from_secs(3),
+        "{:?}",
+        at.elapsed()
+    );
+
+    // A session ends when its workspace stops (the agent of a
+    // bring-your-own workspace may well run on).
+    let mut with_key = session(owner.token.clone().unwrap());
+    let _out = started(&mut with_key).await;
+    let at = tokio::time::Instant::now();
+    let (status, body) = owner
+        .post(
+            &format!("/workspaces/{id}/builds"),
+            json!({"transition": "stop"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    tokio::time::timeout(std::time::Duration::from_secs(10), with_key.wait())
         .await
         .expect("the session ended")
         .unwrap();

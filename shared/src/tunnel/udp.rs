@@ -75,7 +75,7 @@ mod tests {
         assert_eq!(read(&mut r, &mut buf).await.unwrap(), Received::Refused);
         assert_eq!(read(&mut r, &mut buf).await.unwrap(), Received::End);
 
-        for bad in [&[0xff, 0x00][..], &[0x00][..], &[0x00, 0x05, b'a'][..]] {
+        for bad in [&[0xff, 0xfe][..], &[0x00][..], &[0x00, 0x05, b'a'][..]] {
             let mut r = bad;
             assert!(read(&mut r, &mut buf).await.is_err(), "{bad:?}");
         }
