@@ -1247,3 +1247,62 @@ async fn an_ssh_session_whose_agent_dies_ends_with_a_clear_error_not_a_hang() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn tcp_and_udp_port_forwards_run_through_an_edge_across_the_mesh() {
+    let m = Mesh::start().await;
+    let port = || crate::support::free_port().unwrap();
+    let echo = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let echo_port = echo.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = echo.recv_from(&mut buf).await {
+            let _ = echo.send_to(&buf[..n], from).await;
+        }
+    });
+    let (tcp_local, udp_local) = (port(), port());
+    // wap's agent is in ap; the forwards go through eu.
+    let _forward = tokio::process::Command::new(crate::support::BIN)
+        .args(["port-forward", "--region", "eu", "wap", "--tcp"])
+        .arg(format!("{tcp_local}:{}", m._upstream.port()))
+        .arg("--udp")
+        .arg(format!("{udp_local}:{echo_port}"))
+        .env("DEVMESH_CONFIG_DIR", m.dir.path().join("alice-cli"))
+        .env("DEVMESH_URL", &m.primary.as_ref().unwrap().url)
+        .env("DEVMESH_SESSION_TOKEN", m.alice_key())
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let client = reqwest::Client::new();
+    let answers = eventually(30, "the TCP forward", || async {
+        let all = futures_util::future::join_all((0..10).map(|i| {
+            client
+                .get(format!("http://127.0.0.1:{tcp_local}/echo?n={i}"))
+                .send()
+        }))
+        .await;
+        all.into_iter()
+            .map(|r| r.ok().filter(|r| r.status().is_success()))
+            .collect::<Option<Vec<_>>>()
+    })
+    .await;
+    assert_eq!(answers.len(), 10);
+    let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    udp.connect(("127.0.0.1", udp_local)).await.unwrap();
+    let got = eventually(30, "a UDP answer", || async {
+        let mut buf = [0u8; 64];
+        udp.send(b"across the mesh").await.ok()?;
+        let n = tokio::time::timeout(Duration::from_millis(500), udp.recv(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        Some(buf[..n].to_vec())
+    })
+    .await;
+    assert_eq!(got, b"across the mesh");
+    // Both sessions went across the mesh from eu.
+    assert!(edge_metric(&m.eu, MESH_OUT).await >= 2);
+    let flows = audited(&m.owner, "port_forward_udp", "eu").await;
+    assert_eq!(flows.len(), 1, "one flow from one client address");
+}
