@@ -8,6 +8,7 @@ measures, alternating between the two so that both see the same machine:
   connect   wall time of `ssh HOST true` (a whole new connection)
   upload    `scp` of a file (1 GiB by default) to the host
   download  `scp` of it back
+  raw       the same size through an SSH channel without SFTP (`cat`)
   echo      keystroke echo time at an interactive terminal, alone and
             while a bulk upload runs through the same host (p50 and p99)
 
@@ -218,6 +219,25 @@ class Bench:
         os.remove(src)
         return {h: {k: statistics.median(v) for k, v in d.items()} for h, d in out.items()}
 
+    def raw(self, rounds):
+        """An SSH channel's own throughput, without SFTP: zeros through
+        `cat` each way."""
+        size = self.args.megabytes << 20
+        out = {"sshd": {"up": [], "down": []}, "devmesh": {"up": [], "down": []}}
+        for _ in range(rounds):
+            for host in out:
+                t = time.monotonic()
+                subprocess.run(
+                    f"head -c {size} /dev/zero | ssh -F {self.cfg} {host} 'cat > /dev/null'",
+                    shell=True, env=self.env, check=True)
+                out[host]["up"].append(size / (time.monotonic() - t) / 1e6)
+                t = time.monotonic()
+                subprocess.run(
+                    f"ssh -F {self.cfg} {host} 'head -c {size} /dev/zero' > /dev/null",
+                    shell=True, env=self.env, check=True, stdin=subprocess.DEVNULL)
+                out[host]["down"].append(size / (time.monotonic() - t) / 1e6)
+        return {h: {k: statistics.median(v) for k, v in d.items()} for h, d in out.items()}
+
     def echo(self, host, samples, during_bulk=False):
         """Times one keystroke's round trip through an interactive `cat`
         at a terminal, `samples` times, 20 ms apart."""
@@ -291,6 +311,7 @@ def main():
         b.ssh("sshd", "true")
         connect = b.connect(args.connects)
         copy = b.copy(args.rounds)
+        raw = b.raw(args.rounds)
         echo = {h: b.echo(h, args.samples) for h in ("sshd", "devmesh")}
         busy = {h: b.echo(h, args.samples, True) for h in ("sshd", "devmesh")}
     finally:
@@ -300,6 +321,8 @@ def main():
         ("`ssh HOST true`, median ms", connect["devmesh"], connect["sshd"], "lower"),
         (f"scp {mib} MiB up, MB/s", copy["devmesh"]["up"], copy["sshd"]["up"], "higher"),
         (f"scp {mib} MiB down, MB/s", copy["devmesh"]["down"], copy["sshd"]["down"], "higher"),
+        (f"raw channel {mib} MiB up (`cat`), MB/s", raw["devmesh"]["up"], raw["sshd"]["up"], "higher"),
+        (f"raw channel {mib} MiB down, MB/s", raw["devmesh"]["down"], raw["sshd"]["down"], "higher"),
         ("keystroke echo p50, ms", echo["devmesh"]["p50"], echo["sshd"]["p50"], "lower"),
         ("keystroke echo p99, ms", echo["devmesh"]["p99"], echo["sshd"]["p99"], "lower"),
         ("echo p50 during a bulk upload, ms", busy["devmesh"]["p50"], busy["sshd"]["p50"], "lower"),

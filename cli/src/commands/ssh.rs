@@ -281,6 +281,11 @@ where
     reqwest::Body::wrap_stream(gated)
 }
 
+/// The most read from stdin at once: each read costs a hop to a blocking
+/// thread, an HTTP chunk and a QUIC write, so big reads carry bulk copies
+/// (a keystroke is still sent as soon as it is read).
+const STDIO_CHUNK: usize = 256 * 1024;
+
 /// Splices stdin and stdout to the agent's SSH server.
 async fn pipe(g: &Global, ws: &str, agent: Option<&str>) -> anyhow::Result<()> {
     let short = g.client()?;
@@ -291,7 +296,7 @@ async fn pipe(g: &Global, ws: &str, agent: Option<&str>) -> anyhow::Result<()> {
     let opened = through_region(g, &short, &path, |accepted| {
         after(
             accepted,
-            tokio_util::io::ReaderStream::new(tokio::io::stdin()),
+            tokio_util::io::ReaderStream::with_capacity(tokio::io::stdin(), STDIO_CHUNK),
         )
     })
     .await?;
