@@ -3,6 +3,7 @@
 
 mod agents;
 pub(crate) mod apps;
+mod dashboard;
 mod edges;
 pub mod error;
 pub mod extract;
@@ -302,6 +303,7 @@ pub fn router(state: AppState) -> Router {
             "/workspaces",
             get(workspaces::list).post(workspaces::create),
         )
+        .route("/workspaces/watch", get(workspaces::watch))
         .route("/workspaces/{id}", get(workspaces::get))
         .route("/jobs/{id}/logs", get(workspaces::job_logs))
         .route("/workspaces/{id}/builds", post(workspaces::build))
@@ -378,7 +380,16 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(meta::healthz))
         .route("/latency-check", get(devmesh_proxy::app::latency_check))
         .route("/metrics", get(meta::metrics))
-        .route("/", get(meta::root))
+        .route("/", get(dashboard::shell))
+        .route("/workspaces", get(dashboard::shell))
+        .route("/workspaces/{*page}", get(dashboard::shell))
+        .route("/templates", get(dashboard::shell))
+        .route("/regions", get(dashboard::shell))
+        .route("/account", get(dashboard::shell))
+        .route("/users", get(dashboard::shell))
+        .route("/audit", get(dashboard::shell))
+        .route("/setup", get(dashboard::setup))
+        .route("/assets/{*path}", get(dashboard::asset))
         .route("/login", get(login::login_form).post(login::login_submit))
 
         .fallback(api_not_found)

@@ -21,6 +21,19 @@ use uuid::Uuid;
 
 /// The `LISTEN`/`NOTIFY` channel.
 pub const CHANNEL: &str = "devmesh_events";
+/// The channel database triggers notify with a workspace's id whenever it,
+/// its builds, its agents or their attachments change (migration 0018):
+/// what the dashboard's live view follows.
+pub const WORKSPACES_CHANNEL: &str = "devmesh_workspaces";
+
+/// What the dashboard's live views receive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkspaceNote {
+    /// This workspace changed.
+    Changed(Uuid),
+    /// Changes may have been missed; reload.
+    Gap,
+}
 /// How long revocations are kept: longer than any app token lives.
 pub const REVOCATION_HORIZON: Duration = Duration::from_secs(31 * 60);
 
@@ -38,13 +51,20 @@ pub enum BusMessage {
 pub struct Bus {
     db: PgPool,
     tx: broadcast::Sender<BusMessage>,
+    workspaces: broadcast::Sender<WorkspaceNote>,
 }
 
 impl Bus {
     /// A bus over `db`; call [`Bus::listen`] to start hearing events.
     pub fn new(db: PgPool) -> Self {
         let (tx, _) = broadcast::channel(4096);
-        Self { db, tx }
+        let (workspaces, _) = broadcast::channel(4096);
+        Self { db, tx, workspaces }
+    }
+
+    /// Hears which workspaces change from now on.
+    pub fn watch_workspaces(&self) -> broadcast::Receiver<WorkspaceNote> {
+        self.workspaces.subscribe()
     }
 
     /// Receives every event from now on.
@@ -103,7 +123,7 @@ impl Bus {
         loop {
             let listener = async {
                 let mut l = PgListener::connect_with(&self.db).await?;
-                l.listen(CHANNEL).await?;
+                l.listen_all([CHANNEL, WORKSPACES_CHANNEL]).await?;
                 Ok::<_, sqlx::Error>(l)
             };
             let mut listener = tokio::select! {
@@ -121,7 +141,7 @@ impl Bus {
             };
             backoff.reset();
             if !first {
-                let _ = self.tx.send(BusMessage::Gap);
+                self.gap();
             }
             first = false;
             loop {
@@ -130,6 +150,11 @@ impl Bus {
                     n = listener.try_recv() => n,
                 };
                 match n {
+                    Ok(Some(n)) if n.channel() == WORKSPACES_CHANNEL => {
+                        if let Ok(id) = Uuid::parse_str(n.payload()) {
+                            let _ = self.workspaces.send(WorkspaceNote::Changed(id));
+                        }
+                    }
                     Ok(Some(n)) => match serde_json::from_str::<EdgeEvent>(n.payload()) {
                         Ok(event) => {
                             let _ = self.tx.send(BusMessage::Event(event));
@@ -137,17 +162,21 @@ impl Bus {
                         Err(e) => tracing::warn!(error = %e, "ignoring an unreadable event"),
                     },
                     // The connection dropped; PgListener reconnects, events meanwhile are lost.
-                    Ok(None) => {
-                        let _ = self.tx.send(BusMessage::Gap);
-                    }
+                    Ok(None) => self.gap(),
                     Err(e) => {
                         tracing::warn!(error = %e, "event listener failed; reconnecting");
-                        let _ = self.tx.send(BusMessage::Gap);
+                        self.gap();
                         break;
                     }
                 }
             }
         }
+    }
+
+    /// Tells every subscriber that events may have been missed.
+    fn gap(&self) {
+        let _ = self.tx.send(BusMessage::Gap);
+        let _ = self.workspaces.send(WorkspaceNote::Gap);
     }
 
     /// Revocations young enough to matter.

@@ -63,3 +63,21 @@ node "$here/app-sign-in.js" \
   "https://web--dev--browser.eu.apps.localhost:$edge_port/" \
   "https://$app_port--dev--browser.eu.apps.localhost:$edge_port/" \
   browser browser-password "Hello from the workspace"
+
+# The dashboard on a fresh deployment of its own (no users yet), over plain
+# HTTP as the README's quick start runs it: the whole user journey.
+dash_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+web_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+mkdir -p "$work/dash" "$work/dash-site"
+echo "<h1>Hello from the dashboard workspace</h1>" >"$work/dash-site/index.html"
+(cd "$work/dash-site" && exec python3 -m http.server "$web_port" --bind 127.0.0.1 >/dev/null 2>&1) &
+pids+=($!)
+env -u DEVMESH_CA_CERT "$bin" server --data-dir "$work/dash/data" --http-address "127.0.0.1:$dash_port" \
+  --relay-address 127.0.0.1:0 >"$work/dash.out" 2>"$work/dash.err" &
+pids+=($!)
+for _ in $(seq 300); do grep -q "Started HTTP listener" "$work/dash.out" 2>/dev/null && break; sleep 0.1; done
+grep -q "Started HTTP listener" "$work/dash.out" || { cat "$work/dash.err"; exit 1; }
+shots=${DASHBOARD_SCREENSHOTS:-$work/shots}
+mkdir -p "$shots"
+(cd "$here" && env -u DEVMESH_CA_CERT node dashboard.js "http://127.0.0.1:$dash_port" "$work" "$web_port" "$shots" "$bin") \
+  || { tail -50 "$work/dash.err"; exit 1; }

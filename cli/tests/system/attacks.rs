@@ -958,3 +958,84 @@ async fn an_attach_ticket_works_once_and_only_at_the_relay_it_names() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
 }
+
+/// Reads `stream` (server-sent events) until an event's data contains
+/// `needle`; everything read on the way.
+async fn sse_until(
+    stream: &mut (impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
+    seen: &mut String,
+    needle: &str,
+) {
+    use futures_util::StreamExt;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !seen.contains(needle) {
+        let chunk = tokio::time::timeout_at(deadline, stream.next())
+            .await
+            .unwrap_or_else(|_| panic!("no {needle:?} in {seen}"))
+            .expect("the stream goes on")
+            .unwrap();
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+}
+
+#[tokio::test]
+async fn the_live_workspace_stream_shows_a_member_only_their_own_workspaces() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, owner, _db) = crate::provisioning::primary_with(dir.path(), &[]).await;
+    let (s, _) = owner
+        .post(
+            "/users",
+            json!({"email": "bob@example.com", "username": "bob", "password": "bob-password"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let bob = devmesh_tests::Api::new(&server.url, None)
+        .login("bob", "bob-password")
+        .await;
+    let (s, _) = owner
+        .post(
+            "/templates",
+            json!({"name": "byo", "definition": {"agents": [{"name": "main"}]}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    // Bob watches.
+    let resp = reqwest::Client::new()
+        .get(format!("{}/api/v2/workspaces/watch", server.url))
+        .header("Devmesh-Session-Token", bob.token.clone().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut stream = resp.bytes_stream();
+    let mut seen = String::new();
+    // The owner's workspace changes first, then bob's.
+    let (s, _) = owner
+        .post(
+            "/workspaces",
+            json!({"name": "owners-secret-ws", "template": "byo"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let (s, _) = bob
+        .post("/workspaces", json!({"name": "bobs-ws", "template": "byo"}))
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    sse_until(&mut stream, &mut seen, "\"name\":\"bobs-ws\"").await;
+    assert!(seen.contains("event: workspace"), "{seen}");
+    assert!(!seen.contains("owners-secret-ws"), "{seen}");
+    // Without credentials: nothing.
+    let resp = reqwest::get(format!("{}/api/v2/workspaces/watch", server.url))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    // Signing out ends the stream, with nothing else happening.
+    let (s, _) = bob.post("/users/logout", json!({})).await;
+    assert!(s.is_success());
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        use futures_util::StreamExt;
+        while let Some(Ok(_)) = stream.next().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the stream ended after signing out");
+}

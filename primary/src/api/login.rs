@@ -68,6 +68,14 @@ pub(super) async fn login_form(
     State(state): State<AppState>,
     ApiQuery(q): ApiQuery<HashMap<String, String>>,
 ) -> Response {
+    // A new deployment has nobody to sign in yet: set up its owner first.
+    let has_users: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM users)")
+        .fetch_one(&state.db)
+        .await
+        .unwrap_or(true);
+    if !has_users {
+        return Redirect::to("/setup").into_response();
+    }
     let csrf = random_alphanumeric(32);
     let mut resp = Html(login_page(&safe_redirect(q.get("redirect")), &csrf, None)).into_response();
     resp.headers_mut().insert(

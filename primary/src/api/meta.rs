@@ -88,16 +88,6 @@ pub(super) async fn metrics(State(state): State<AppState>) -> impl IntoResponse 
     )
 }
 
-pub(super) async fn root(State(state): State<AppState>) -> impl IntoResponse {
-    let body = format!(
-        "devmesh {} is running.\n\nAPI: {}/api/v2\nSign in from a terminal: devmesh login {}\n",
-        devmesh_shared::VERSION,
-        state.config.access_url,
-        state.config.access_url
-    );
-    ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body)
-}
-
 #[derive(sqlx::FromRow)]
 struct AuditRow {
     id: i64,

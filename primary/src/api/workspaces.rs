@@ -990,6 +990,137 @@ pub(super) async fn set_port_share(
     Ok(Json(req))
 }
 
+// === Live view ===
+
+/// How long changes are gathered before they are sent: a build touches a
+/// workspace several times in a moment.
+const WATCH_COALESCE: std::time::Duration = std::time::Duration::from_millis(150);
+
+/// `GET /api/v2/workspaces/watch`: server-sent events for the dashboard.
+/// `workspace` carries a workspace the caller may see, as `GET
+/// /workspaces/{id}` would, each time it (its builds, its agents) changes;
+/// `deleted` carries `{"id"}` of one that is gone; `resync` says changes
+/// may have been missed (reload). Ends when the caller's key or user is
+/// revoked, or the server stops.
+pub(super) async fn watch(
+    State(state): State<AppState>,
+    auth: Authed,
+) -> axum::response::sse::Sse<
+    impl futures_util::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
+> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    use devmesh_shared::api::RevokedSubject;
+    use tokio::sync::broadcast::error::RecvError;
+
+    use crate::events::WorkspaceNote;
+
+    let began = Utc::now().timestamp_millis();
+    let notes = state.bus.watch_workspaces();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Event>(64);
+    let shutdown = state.shutdown.clone();
+    tokio::spawn(async move {
+        let mut notes = notes;
+        let revoked = |state: &AppState| {
+            state
+                .revocations
+                .cuts(&RevokedSubject::User { id: auth.0.user_id }, began)
+                || state.revocations.cuts(
+                    &RevokedSubject::Key {
+                        id: auth.0.key_id.clone(),
+                    },
+                    began,
+                )
+        };
+        loop {
+            // One change, then whatever else comes within the window.
+            let first = tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tx.closed() => return,
+                n = notes.recv() => n,
+                // Signing out ends the stream within a second, changes or not.
+                () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {
+                    if revoked(&state) {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let mut changed = std::collections::BTreeSet::new();
+            let mut gap = false;
+            let mut take = |n: Result<WorkspaceNote, RecvError>| match n {
+                Ok(WorkspaceNote::Changed(id)) => {
+                    changed.insert(id);
+                    true
+                }
+                Ok(WorkspaceNote::Gap) | Err(RecvError::Lagged(_)) => {
+                    gap = true;
+                    true
+                }
+                Err(RecvError::Closed) => false,
+            };
+            if !take(first) {
+                return;
+            }
+            let window = tokio::time::sleep(WATCH_COALESCE);
+            tokio::pin!(window);
+            loop {
+                tokio::select! {
+                    () = &mut window => break,
+                    n = notes.recv() => if !take(n) { return },
+                }
+            }
+            if revoked(&state) {
+                return;
+            }
+            if gap {
+                if tx
+                    .send(Event::default().event("resync").data("{}"))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                continue;
+            }
+            for id in changed {
+                let event = match find_visible(&state, &auth, id, true).await {
+                    Ok(row) => {
+                        let deleted: bool =
+                            sqlx::query_scalar("SELECT deleted FROM workspaces WHERE id = $1")
+                                .bind(id)
+                                .fetch_one(&state.db)
+                                .await
+                                .unwrap_or(false);
+                        if deleted {
+                            Event::default()
+                                .event("deleted")
+                                .data(serde_json::json!({ "id": id }).to_string())
+                        } else {
+                            match load(&state, row).await {
+                                Ok(ws) => Event::default()
+                                    .event("workspace")
+                                    .data(serde_json::to_string(&ws).unwrap_or_default()),
+                                Err(_) => continue,
+                            }
+                        }
+                    }
+                    // Not this caller's to see.
+                    Err(_) => continue,
+                };
+                if tx.send(event).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    let stream =
+        futures_util::stream::unfold(
+            rx,
+            |mut rx| async move { rx.recv().await.map(|e| (Ok(e), rx)) },
+        );
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -561,10 +561,12 @@ dir="${{DEVMESH_AGENT_DIR:-${{TMPDIR:-/tmp}}/devmesh-agent}}"
 mkdir -p "$dir"
 bin="$dir/devmesh"
 url="{access_url}/api/v2/buildinfo/agent/{os}/{arch}"
+# A private CA (DEVMESH_CA_CERT) is trusted for the download as the agent
+# trusts it afterwards.
 if command -v curl >/dev/null 2>&1; then
-  curl -fsSL --retry 10 --retry-delay 1 --retry-all-errors -o "$bin.part" "$url"
+  curl -fsSL --retry 10 --retry-delay 1 --retry-all-errors ${{DEVMESH_CA_CERT:+--cacert "$DEVMESH_CA_CERT"}} -o "$bin.part" "$url"
 else
-  wget -q -O "$bin.part" "$url"
+  wget -q ${{DEVMESH_CA_CERT:+--ca-certificate="$DEVMESH_CA_CERT"}} -O "$bin.part" "$url"
 fi
 chmod +x "$bin.part"
 mv "$bin.part" "$bin"
