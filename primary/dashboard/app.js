@@ -5,6 +5,8 @@
 
 const main = document.getElementById("main");
 let me = null;
+// The user's preferences, kept by the server (the pinned region).
+let prefs = { region: null };
 
 // --- DOM ---------------------------------------------------------------
 
@@ -115,8 +117,7 @@ function pinKey() { return `devmesh.region.${me ? me.id : ""}`; }
 // (20% and 5 ms), so close regions do not flap.
 function chooseRegion(regions) {
   const usable = regions.filter((r) => r.healthy && r.wildcard_hostname && r.rtt !== null);
-  const pinned = localStorage.getItem(pinKey());
-  const pin = usable.find((r) => r.name === pinned);
+  const pin = usable.find((r) => r.name === prefs.region);
   if (pin) return pin;
   if (usable.length === 0) return regions.find((r) => r.name === "primary");
   usable.sort((a, b) => a.rtt - b.rtt);
@@ -305,11 +306,33 @@ async function workspacePage(id) {
   let following = null;
   // A restart is a stop, then a start once the stop has succeeded.
   let restarting = false;
-  const transition = async (t) => {
+  const transition = async (t, update = false) => {
     try {
-      await api("POST", `/workspaces/${id}/builds`, { transition: t });
-      toast(`${t} requested`);
+      await api("POST", `/workspaces/${id}/builds`, { transition: t, update });
+      toast(`${update ? "update" : t} requested`);
     } catch (e) { toast(e.message); }
+  };
+  const history = h("div");
+  const showHistory = async () => {
+    const builds = await api("GET", `/workspaces/${id}/builds`).catch(() => []);
+    history.replaceChildren(table(["Build", "Transition", "Status", "Started", "Ended", ""], builds.map((b) => h("tr", { "data-build": b.build_number },
+      h("td", {}, String(b.build_number)), h("td", {}, b.transition), h("td", {}, b.status + (b.error ? `: ${b.error}` : "")),
+      h("td", {}, when(b.created_at)), h("td", { class: "optional" }, when(b.completed_at)),
+      h("td", {}, b.job_id ? h("button", { type: "button", onclick: () => { following = null; logTitle.textContent = `Build ${b.build_number}: ${b.transition}`; followLogs(b.job_id); } }, "Log") : ""))), "Builds"));
+  };
+  const logTitle = h("h2", {}, `Build ${ws.latest_build.build_number}: ${ws.latest_build.transition}`);
+  // Each agent's startup-script output, fetched while its scripts run.
+  const scriptLogs = new Map();
+  const followScripts = async (agent, pre) => {
+    let after = 0;
+    for (;;) {
+      if (!document.body.contains(pre)) return;
+      let r;
+      try { r = await api("GET", `/workspaceagents/${agent.id}/logs?after=${after}`); } catch (_) { return; }
+      for (const l of r.logs) { pre.textContent += `${l.output}\n`; after = l.id; }
+      if (!["created", "starting"].includes(r.lifecycle_state)) return;
+      await new Promise((res) => setTimeout(res, 1000));
+    }
   };
   const followLogs = async (job) => {
     if (following === job) return;
@@ -342,7 +365,9 @@ async function workspacePage(id) {
       h("button", { type: "button", disabled: busy || !stopped, onclick: () => transition("start") }, "Start"),
       h("button", { type: "button", disabled: busy || stopped, onclick: () => transition("stop") }, "Stop"),
       h("button", { type: "button", disabled: busy || stopped, onclick: () => { restarting = true; transition("stop"); } }, "Restart"),
+      h("button", { type: "button", disabled: busy || stopped, onclick: () => transition("start", true) }, "Update"),
       h("button", { type: "button", class: "danger", disabled: busy, onclick: () => { if (confirm(`Delete workspace ${ws.name}? Its files go with it.`)) transition("delete"); } }, "Delete"));
+    showHistory();
     const tokens = JSON.parse(sessionStorage.getItem(`devmesh.tokens.${id}`) || "[]");
     agents.replaceChildren(...(ws.agents.length ? ws.agents.map((a) => h("section", { "aria-label": `Agent ${a.name}` },
       h("h2", {}, `Agent ${a.name}`),
@@ -358,9 +383,20 @@ async function workspacePage(id) {
         app.subdomain && region && region.wildcard_hostname
           ? h("a", { href: appUrl(region, ws, a, app), target: "_blank", rel: "noopener", "data-app": app.slug }, app.display_name || app.slug)
           : h("a", { href: app.url, target: "_blank", rel: "noopener", "data-app": app.slug }, app.display_name || app.slug),
-        app.health && app.health !== "disabled" ? ` (${app.health})` : ""))) : null))
+        app.health && app.health !== "disabled" ? ` (${app.health})` : ""))) : null,
+      (() => {
+        if (!scriptLogs.has(a.id)) {
+          const pre = h("pre", { class: "log", "aria-label": `Startup script output of ${a.name}` });
+          scriptLogs.set(a.id, pre);
+          setTimeout(() => followScripts(a, pre));
+        }
+        return h("details", {}, h("summary", {}, "Startup scripts' output"), scriptLogs.get(a.id));
+      })()))
       : [h("p", {}, ws.latest_build.transition === "stop" ? "Stopped: no agents." : "No agents yet.")]));
-    if (ws.latest_build.job_id) followLogs(ws.latest_build.job_id);
+    if (ws.latest_build.job_id && following !== ws.latest_build.job_id) {
+      logTitle.textContent = `Build ${ws.latest_build.build_number}: ${ws.latest_build.transition}`;
+      followLogs(ws.latest_build.job_id);
+    }
   };
   page(`${ws.owner_name}/${ws.name}`,
     h("dl", { class: "facts" },
@@ -369,7 +405,8 @@ async function workspacePage(id) {
       h("dt", {}, "Apps through"), h("dd", {}, region ? `${region.name}${region.rtt ? ` (${region.rtt.toFixed(1)} ms)` : ""} — `
         : "", h("a", { href: "/regions" }, "change"))),
     actions, agents,
-    h("h2", {}, `Build ${ws.latest_build.build_number}: ${ws.latest_build.transition}`), log);
+    logTitle, log,
+    h("h2", {}, "Builds"), history);
   render();
   return watch((m) => {
     if (m.workspace && m.workspace.id === id) { ws = m.workspace; render(); }
@@ -439,13 +476,15 @@ async function templatesPage() {
 async function regionsPage() {
   const regions = await measuredRegions(true);
   const choice = chooseRegion(regions);
-  const pinned = localStorage.getItem(pinKey()) || "";
+  const pinned = prefs.region || "";
   const select = h("select", { id: "region-pin" },
     h("option", { value: "" }, "The nearest healthy region"),
     regions.filter((r) => r.healthy).map((r) => h("option", { value: r.name, selected: r.name === pinned }, r.display_name || r.name)));
-  select.addEventListener("change", () => {
-    if (select.value) localStorage.setItem(pinKey(), select.value); else localStorage.removeItem(pinKey());
-    toast(select.value ? `App links go through ${select.value}.` : "App links go through the nearest region.");
+  select.addEventListener("change", async () => {
+    try {
+      prefs = await api("PUT", "/users/me/preferences", { region: select.value || null });
+      toast(select.value ? `App links go through ${select.value}.` : "App links go through the nearest region.");
+    } catch (e) { toast(e.message); }
     regionsPage();
   });
   page("Regions",
@@ -496,13 +535,21 @@ async function usersPage() {
     password: h("input", { id: "u-pass", type: "password", required: true, autocomplete: "new-password" }),
   };
   page("Users",
-    table(["User", "Email", "Roles", "Status", ""], users.map((u) => h("tr", { "data-user": u.username },
+    table(["User", "Email", "Roles", "Status", "", ""], users.map((u) => h("tr", { "data-user": u.username },
       h("td", {}, u.username), h("td", {}, u.email), h("td", {}, u.roles.join(", ") || "member"),
       h("td", {}, u.status),
       h("td", {}, u.id === me.id ? "" : h("button", { type: "button", onclick: async () => {
+        const owner = u.roles.includes("owner");
+        try {
+          await api("PUT", `/users/${u.id}/roles`, { roles: owner ? [] : ["owner"] });
+          toast(`${u.username} is ${owner ? "a member" : "an owner"} now.`);
+        } catch (e) { toast(e.message); }
+        usersPage();
+      } }, u.roles.includes("owner") ? "Make member" : "Make owner")),
+      h("td", {}, u.id === me.id ? "" : h("button", { type: "button", onclick: async () => {
         const to = u.status === "active" ? "suspend" : "activate";
         if (to === "suspend" && !confirm(`Suspend ${u.username}? Their sessions end at once.`)) return;
-        try { await api("PUT", `/users/${u.id}/status/${to}`); toast(`${u.username}: ${to}d.`); } catch (e) { toast(e.message); }
+        try { await api("PUT", `/users/${u.id}/status/${to}`); toast(`${u.username}: ${to === "suspend" ? "suspended" : "active again"}.`); } catch (e) { toast(e.message); }
         usersPage();
       } }, u.status === "active" ? "Suspend" : "Activate")))), "Users"),
     h("h2", {}, "Create a user"),
@@ -517,6 +564,48 @@ async function usersPage() {
       },
     }, h("label", { for: "u-name" }, "Username"), form.username, h("label", { for: "u-email" }, "Email"), form.email,
     h("label", { for: "u-pass" }, "Password"), form.password, h("div", { class: "row" }, h("button", { type: "submit", class: "primary" }, "Create user"))));
+}
+
+async function edgesPage(created = null) {
+  const { edges } = await api("GET", "/edges");
+  const shown = h("div", { "aria-live": "polite" });
+  const tokenShown = (name, token) => shown.replaceChildren(
+    h("p", {}, `The token of edge ${name}, shown this once (give it to the edge as DEVMESH_EDGE_TOKEN):`),
+    h("p", { class: "secret", id: "edge-token" }, token));
+  const f = {
+    name: h("input", { id: "e-name", required: true, autocomplete: "off" }),
+    access: h("input", { id: "e-url", type: "url", placeholder: "https://sydney.example.com", autocomplete: "off" }),
+    wildcard: h("input", { id: "e-wild", placeholder: "*.sydney.apps.example.com", autocomplete: "off" }),
+  };
+  page("Edges",
+    table(["Region", "Status", "Access URL", "Apps", "", ""], edges.map((e) => h("tr", { "data-edge": e.name },
+      h("td", {}, e.display_name || e.name),
+      h("td", {}, h("span", { class: `status ${e.healthy ? "ok" : "bad"}` }, String(e.status))),
+      h("td", { class: "optional" }, e.access_url || "—"), h("td", { class: "optional" }, e.wildcard_hostname || "—"),
+      h("td", {}, h("button", { type: "button", onclick: async () => {
+        if (!confirm(`Regenerate ${e.name}'s token? The edge stops until it gets the new one.`)) return;
+        try { const r = await api("POST", `/edges/${e.id}/token`); tokenShown(e.name, r.edge_token); } catch (err) { toast(err.message); }
+      } }, "Regenerate token")),
+      h("td", {}, h("button", { type: "button", class: "danger", onclick: async () => {
+        if (!confirm(`Delete edge ${e.name}? Its region stops serving.`)) return;
+        try { await api("DELETE", `/edges/${e.id}`); toast(`Deleted ${e.name}.`); edgesPage(); } catch (err) { toast(err.message); }
+      } }, "Delete")))), "Edges"),
+    shown,
+    h("h2", {}, "Add an edge"),
+    h("form", {
+      onsubmit: async (e) => {
+        e.preventDefault();
+        try {
+          const r = await api("POST", "/edges", {
+            name: f.name.value, access_url: f.access.value || null, wildcard_hostname: f.wildcard.value || null, relay_hosts: [],
+          });
+          await edgesPage({ name: r.edge.name, token: r.edge_token });
+        } catch (err) { toast(err.message); }
+      },
+    }, h("label", { for: "e-name" }, "Region name"), f.name, h("label", { for: "e-url" }, "Access URL"), f.access,
+    h("label", { for: "e-wild" }, "App wildcard"), f.wildcard,
+    h("div", { class: "row" }, h("button", { type: "submit", class: "primary" }, "Add edge"))));
+  if (created) tokenShown(created.name, created.token);
 }
 
 async function auditPage() {
@@ -564,6 +653,7 @@ const routes = [
   [/^\/account$/, () => accountPage()],
   [/^\/users$/, () => usersPage()],
   [/^\/audit$/, () => auditPage()],
+  [/^\/edges$/, () => edgesPage()],
 ];
 
 let leave = null;
@@ -613,6 +703,7 @@ async function start() {
   } catch (_) {
     return;
   }
+  prefs = await api("GET", "/users/me/preferences").catch(() => prefs);
   document.getElementById("me").textContent = me.username;
   if (me.roles.includes("owner")) for (const a of document.querySelectorAll("[data-admin]")) a.hidden = false;
   const out = document.getElementById("signout");

@@ -257,6 +257,10 @@ pub fn router(state: AppState) -> Router {
         .route("/users/logout", post(users::logout))
         .route("/users/me", get(users::me))
         .route(
+            "/users/me/preferences",
+            get(users::preferences).put(users::set_preferences),
+        )
+        .route(
             "/users/me/keys",
             get(users::list_keys).post(users::create_key),
         )
@@ -270,6 +274,7 @@ pub fn router(state: AppState) -> Router {
             get(users::get_user).delete(users::delete_user),
         )
         .route("/users/{user}/status/{status}", put(users::set_status))
+        .route("/users/{user}/roles", put(users::set_roles))
         .route(
             "/users/{user}/workspaces/{name}",
             get(workspaces::get_by_name),
@@ -306,7 +311,10 @@ pub fn router(state: AppState) -> Router {
         .route("/workspaces/watch", get(workspaces::watch))
         .route("/workspaces/{id}", get(workspaces::get))
         .route("/jobs/{id}/logs", get(workspaces::job_logs))
-        .route("/workspaces/{id}/builds", post(workspaces::build))
+        .route(
+            "/workspaces/{id}/builds",
+            get(workspaces::builds).post(workspaces::build),
+        )
         .route(
             "/workspaces/{id}/builds/cancel",
             post(workspaces::cancel_build),
@@ -388,6 +396,7 @@ pub fn router(state: AppState) -> Router {
         .route("/account", get(dashboard::shell))
         .route("/users", get(dashboard::shell))
         .route("/audit", get(dashboard::shell))
+        .route("/edges", get(dashboard::shell))
         .route("/setup", get(dashboard::setup))
         .route("/assets/{*path}", get(dashboard::asset))
         .route("/login", get(login::login_form).post(login::login_submit))

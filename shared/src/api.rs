@@ -1475,6 +1475,24 @@ pub struct EdgeAppConnectRequest {
     pub host: String,
 }
 
+/// `PUT /api/v2/users/{user}/roles`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetRolesRequest {
+    /// The user's roles from now on (`member` is implied).
+    pub roles: Vec<Role>,
+}
+
+/// `GET`/`PUT /api/v2/users/me/preferences`: what the dashboard remembers
+/// for a user.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Preferences {
+    /// The region app links go through; `None` for the nearest healthy one.
+    #[serde(default)]
+    pub region: Option<String>,
+}
+
 /// `POST /api/v2/edges/me/shell-access`: may the holder of `key` open a
 /// shell (SSH or a terminal) to `agent_id` through this edge?
 #[derive(Debug, Clone, Serialize, Deserialize)]

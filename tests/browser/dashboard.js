@@ -112,6 +112,10 @@ async function shot(page, name) {
     await page.goto(`${url}/workspaces/${wsId}`);
     await page.click('button:text-is("Stop")');
     await page.locator('#ws-status', { hasText: 'stopped' }).waitFor({ timeout: 120000 });
+    // The build history: the start, then the stop, each with its log.
+    await page.locator('tr[data-build="2"]', { hasText: 'stop' }).waitFor();
+    await page.locator('tr[data-build="1"] button').click();
+    await page.locator('#build-log').getByText('Apply complete!').waitFor();
     await page.click('nav >> text=Workspaces');
     await page.locator('tr[data-workspace=dash] [data-status="stopped"]').waitFor();
     await page.fill('#ws-search', 'nothing-like-it');
@@ -130,6 +134,13 @@ async function shot(page, name) {
     await page.click('nav >> text=Regions');
     await page.locator('[data-latency=primary]', { hasText: 'ms' }).waitFor();
     await shot(page, 'regions');
+    // A pinned region is kept by the server, for this user.
+    await page.selectOption('#region-pin', 'primary');
+    await page.getByText('App links go through primary.').waitFor();
+    await page.reload();
+    assert.equal(await page.inputValue('#region-pin'), 'primary', 'the pin survives a reload');
+    const prefs = await page.evaluate(() => fetch('/api/v2/users/me/preferences').then((r) => r.json()));
+    assert.equal(prefs.region, 'primary');
 
     // As the owner: a user created, then suspended, and the audit log says so.
     await page.click('nav >> text=Users');
@@ -138,7 +149,9 @@ async function shot(page, name) {
     await page.fill('#u-pass', 'bob-password-1');
     await page.click('text=Create user');
     await page.locator('tr[data-user=bob]').waitFor();
-    await page.locator('tr[data-user=bob] button').click();
+    await page.locator('tr[data-user=bob] button:text-is("Make owner")').click();
+    await page.locator('tr[data-user=bob]', { hasText: 'owner' }).waitFor();
+    await page.locator('tr[data-user=bob] button:text-is("Suspend")').click();
     await page.locator('tr[data-user=bob]', { hasText: 'suspended' }).waitFor();
     await page.click('nav >> text=Audit');
     await page.fill('#audit-action', 'suspend');
@@ -146,9 +159,20 @@ async function shot(page, name) {
     await page.locator('tr[data-action=suspend]', { hasText: 'bob' }).waitFor();
     await shot(page, 'audit');
 
+    // Edges: added with its token shown once.
+    await page.click('nav >> text=Edges');
+    await page.fill('#e-name', 'sydney');
+    await page.fill('#e-url', 'https://sydney.example.com');
+    await page.click('text=Add edge');
+    await page.locator('#edge-token').waitFor({ timeout: 10000 }).catch(async () => {
+      throw new Error(`no edge token; the page said: ${await page.locator('#toast').textContent()}`);
+    });
+    assert.match(await page.locator('#edge-token').textContent(), /^[0-9a-f-]{36}:[A-Za-z0-9]{32}$/);
+    await page.locator('tr[data-edge=sydney]').waitFor();
+
     // Keyboard: on a fresh page the skip link is the first stop, and it
     // lands on the content.
-    await page.reload();
+    await page.goto(`${url}/audit?action=suspend`);
     await page.locator('tr[data-action=suspend]').first().waitFor();
     await page.keyboard.press('Tab');
     assert.equal(await page.evaluate(() => document.activeElement.textContent), 'Skip to content');

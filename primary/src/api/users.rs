@@ -447,6 +447,49 @@ pub(super) async fn set_status(
     Ok(Json(row.into()))
 }
 
+/// `PUT /api/v2/users/{user}/roles`: owners set another user's roles
+/// (`member` is implied). Nobody changes their own, so a deployment always
+/// keeps the owner who is doing it.
+pub(super) async fn set_roles(
+    State(state): State<AppState>,
+    auth: Authed,
+    ClientIp(ip): ClientIp,
+    ApiPath(user): ApiPath<String>,
+    ApiJson(req): ApiJson<devmesh_shared::api::SetRolesRequest>,
+) -> ApiResult<Json<User>> {
+    auth.require_owner()?;
+    let row = find_user(&state, &user).await?;
+    if row.id == auth.0.user_id {
+        return Err(ApiError::bad_request("You cannot change your own roles."));
+    }
+    let mut stored: Vec<&str> = req
+        .roles
+        .iter()
+        .filter(|r| **r != Role::Member)
+        .map(|r| r.as_str())
+        .collect();
+    stored.sort_unstable();
+    stored.dedup();
+    let row: UserRow = sqlx::query_as(&format!(
+        "UPDATE users SET roles = $2, updated_at = now() WHERE id = $1 RETURNING {USER_COLUMNS}"
+    ))
+    .bind(row.id)
+    .bind(&stored)
+    .fetch_one(&state.db)
+    .await?;
+    // Cached keys carry roles: forget them so the change applies at once.
+    state.keys.forget_all();
+    state.access_changed();
+    Audit::new("set_roles", "user")
+        .resource(row.id, &row.username)
+        .by(&auth.0)
+        .ip(&ip)
+        .details(serde_json::json!({"roles": stored}))
+        .write(&state.db)
+        .await;
+    Ok(Json(row.into()))
+}
+
 pub(super) async fn delete_user(
     State(state): State<AppState>,
     auth: Authed,
@@ -638,4 +681,43 @@ pub(super) async fn delete_key(
         .write(&state.db)
         .await;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /api/v2/users/me/preferences`.
+pub(super) async fn preferences(
+    State(state): State<AppState>,
+    auth: Authed,
+) -> ApiResult<Json<devmesh_shared::api::Preferences>> {
+    let region: Option<String> =
+        sqlx::query_scalar("SELECT preferred_region FROM users WHERE id = $1")
+            .bind(auth.0.user_id)
+            .fetch_one(&state.db)
+            .await?;
+    Ok(Json(devmesh_shared::api::Preferences { region }))
+}
+
+/// `PUT /api/v2/users/me/preferences`: a region must be one there is.
+pub(super) async fn set_preferences(
+    State(state): State<AppState>,
+    auth: Authed,
+    ApiJson(prefs): ApiJson<devmesh_shared::api::Preferences>,
+) -> ApiResult<Json<devmesh_shared::api::Preferences>> {
+    if let Some(region) = &prefs.region {
+        let known = region == "primary"
+            || sqlx::query_scalar::<_, bool>("SELECT EXISTS (SELECT 1 FROM edges WHERE name = $1)")
+                .bind(region)
+                .fetch_one(&state.db)
+                .await?;
+        if !known {
+            return Err(ApiError::bad_request(format!(
+                "There is no region {region:?}."
+            )));
+        }
+    }
+    sqlx::query("UPDATE users SET preferred_region = $2 WHERE id = $1")
+        .bind(auth.0.user_id)
+        .bind(&prefs.region)
+        .execute(&state.db)
+        .await?;
+    Ok(Json(prefs))
 }

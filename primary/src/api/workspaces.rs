@@ -123,16 +123,34 @@ const WORKSPACE_SELECT: &str =
     t.name AS template_name, w.created_at, w.updated_at
     FROM workspaces w JOIN users u ON u.id = w.owner_id JOIN templates t ON t.id = w.template_id";
 
+/// A workspace's builds, newest first.
+const BUILDS_SELECT: &str =
+    "SELECT b.id, b.build_number, b.transition, b.status, b.template_version_id, b.created_at,
+            b.completed_at, b.job_id, j.error
+     FROM workspace_builds b LEFT JOIN provisioner_jobs j ON j.id = b.job_id
+     WHERE b.workspace_id = $1 ORDER BY b.build_number DESC";
+
+impl From<BuildRow> for WorkspaceBuild {
+    fn from(build: BuildRow) -> Self {
+        WorkspaceBuild {
+            id: build.id,
+            build_number: build.build_number,
+            transition: transition(&build.transition),
+            status: stored(&build.status, BuildStatus::Failed),
+            template_version_id: build.template_version_id,
+            created_at: build.created_at,
+            completed_at: build.completed_at,
+            job_id: build.job_id,
+            error: build.error,
+        }
+    }
+}
+
 async fn load(state: &AppState, row: WorkspaceRow) -> ApiResult<Workspace> {
-    let build: BuildRow = sqlx::query_as(
-        "SELECT b.id, b.build_number, b.transition, b.status, b.template_version_id, b.created_at,
-                b.completed_at, b.job_id, j.error
-         FROM workspace_builds b LEFT JOIN provisioner_jobs j ON j.id = b.job_id
-         WHERE b.workspace_id = $1 ORDER BY b.build_number DESC LIMIT 1",
-    )
-    .bind(row.id)
-    .fetch_one(&state.db)
-    .await?;
+    let build: BuildRow = sqlx::query_as(&format!("{BUILDS_SELECT} LIMIT 1"))
+        .bind(row.id)
+        .fetch_one(&state.db)
+        .await?;
     let mut agents = Vec::new();
     if build.transition == "start" {
         let agent_rows: Vec<AgentRow> = sqlx::query_as(
@@ -227,17 +245,7 @@ async fn load(state: &AppState, row: WorkspaceRow) -> ApiResult<Workspace> {
         owner_name: row.owner_name,
         template_id: row.template_id,
         template_name: row.template_name,
-        latest_build: WorkspaceBuild {
-            id: build.id,
-            build_number: build.build_number,
-            transition: transition(&build.transition),
-            status: stored(&build.status, BuildStatus::Failed),
-            template_version_id: build.template_version_id,
-            created_at: build.created_at,
-            completed_at: build.completed_at,
-            job_id: build.job_id,
-            error: build.error,
-        },
+        latest_build: build.into(),
         agents,
         created_at: row.created_at,
         updated_at: row.updated_at,
@@ -625,6 +633,22 @@ pub(super) async fn get(
     let id = parse_uuid(&id).ok_or_else(|| ApiError::not_found("No such workspace."))?;
     let row = find_visible(&state, &auth, id, false).await?;
     Ok(Json(load(&state, row).await?))
+}
+
+/// `GET /api/v2/workspaces/{id}/builds`: the workspace's builds, newest
+/// first (at most 100).
+pub(super) async fn builds(
+    State(state): State<AppState>,
+    auth: Authed,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<Json<Vec<WorkspaceBuild>>> {
+    let id = parse_uuid(&id).ok_or_else(|| ApiError::not_found("No such workspace."))?;
+    find_visible(&state, &auth, id, false).await?;
+    let rows: Vec<BuildRow> = sqlx::query_as(&format!("{BUILDS_SELECT} LIMIT 100"))
+        .bind(id)
+        .fetch_all(&state.db)
+        .await?;
+    Ok(Json(rows.into_iter().map(WorkspaceBuild::from).collect()))
 }
 
 #[derive(Debug, serde::Deserialize)]
