@@ -248,6 +248,12 @@ impl Api {
         self.send(self.request(reqwest::Method::PUT, path)).await
     }
 
+    /// PUT JSON.
+    pub async fn put_json(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        self.send(self.request(reqwest::Method::PUT, path).json(&body))
+            .await
+    }
+
     /// DELETE.
     pub async fn delete(&self, path: &str) -> (StatusCode, Value) {
         self.send(self.request(reqwest::Method::DELETE, path)).await

@@ -486,3 +486,72 @@ async fn owners_manage_users_and_suspension_cuts_access_at_once() {
         .await;
     assert_eq!(bob.1["roles"], json!(["owner", "member"]));
 }
+
+#[tokio::test]
+async fn owners_set_others_roles_and_preferences_name_only_real_regions() {
+    let p = TestPrimary::start().await;
+    let owner = p.owner().await;
+    let (s, bob) = owner
+        .post(
+            "/users",
+            json!({"email": "bob@example.com", "username": "bob", "password": "bob-password"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{bob}");
+    let bob_api = p.anon().login("bob", "bob-password").await;
+    let bob_id = bob["id"].as_str().unwrap();
+
+    // A member cannot make anyone an owner, themselves included.
+    let got = bob_api
+        .put_json(
+            &format!("/users/{bob_id}/roles"),
+            json!({"roles": ["owner"]}),
+        )
+        .await;
+    assert_error(&got, StatusCode::FORBIDDEN, "owners");
+    // An owner can; the change applies to bob's next request at once.
+    let (s, body) = owner
+        .put_json(
+            &format!("/users/{bob_id}/roles"),
+            json!({"roles": ["owner"]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["roles"], json!(["owner", "member"]));
+    let (s, _) = bob_api.get("/users").await;
+    assert_eq!(s, StatusCode::OK, "bob lists users as an owner now");
+    // Nobody changes their own roles (the last owner cannot lock everyone out).
+    let (_, me) = owner.get("/users/me").await;
+    let got = owner
+        .put_json(
+            &format!("/users/{}/roles", me["id"].as_str().unwrap()),
+            json!({"roles": []}),
+        )
+        .await;
+    assert_error(&got, StatusCode::BAD_REQUEST, "own roles");
+    let (s, body) = owner
+        .put_json(&format!("/users/{bob_id}/roles"), json!({"roles": []}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let (s, _) = bob_api.get("/users").await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "a member again");
+    let (_, log) = owner.get("/audit?action=set_roles").await;
+    assert_eq!(log["entries"].as_array().unwrap().len(), 2, "{log}");
+
+    // Preferences: a real region or none.
+    let (s, body) = bob_api.get("/users/me/preferences").await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(body["region"], serde_json::Value::Null);
+    let got = bob_api
+        .put_json("/users/me/preferences", json!({"region": "atlantis"}))
+        .await;
+    assert_error(&got, StatusCode::BAD_REQUEST, "no region");
+    let (s, _) = bob_api
+        .put_json("/users/me/preferences", json!({"region": "primary"}))
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (_, body) = bob_api.get("/users/me/preferences").await;
+    assert_eq!(body["region"], "primary");
+    let (_, body) = owner.get("/users/me/preferences").await;
+    assert_eq!(body["region"], serde_json::Value::Null, "per user");
+}
