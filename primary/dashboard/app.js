@@ -29,7 +29,7 @@ let navigated = false;
 
 function page(title, ...children) {
   document.title = `${title} · devmesh`;
-  main.replaceChildren(h("h1", {}, title), ...children);
+  main.replaceChildren(h("h1", {}, title), ...children.flat().filter((c) => c !== null && c !== undefined && c !== false));
   // After a navigation within the app, focus moves to the new content (as
   // a page load would put it at the top, where the skip link is).
   if (navigated) main.focus({ preventScroll: true });
@@ -315,8 +315,9 @@ async function workspacePage(id) {
   const history = h("div");
   const showHistory = async () => {
     const builds = await api("GET", `/workspaces/${id}/builds`).catch(() => []);
-    history.replaceChildren(table(["Build", "Transition", "Status", "Started", "Ended", ""], builds.map((b) => h("tr", { "data-build": b.build_number },
+    history.replaceChildren(table(["Build", "Transition", "Status", "Parameters", "Started", "Ended", ""], builds.map((b) => h("tr", { "data-build": b.build_number },
       h("td", {}, String(b.build_number)), h("td", {}, b.transition), h("td", {}, b.status + (b.error ? `: ${b.error}` : "")),
+      h("td", { class: "optional" }, Object.entries(b.parameters || {}).map(([k, v]) => `${k}=${v}`).join(", ") || "—"),
       h("td", {}, when(b.created_at)), h("td", { class: "optional" }, when(b.completed_at)),
       h("td", {}, b.job_id ? h("button", { type: "button", onclick: () => { following = null; logTitle.textContent = `Build ${b.build_number}: ${b.transition}`; followLogs(b.job_id); } }, "Log") : ""))), "Builds"));
   };
@@ -462,6 +463,8 @@ async function terminalPage(id, agentId) {
 
 async function templatesPage() {
   const { templates } = await api("GET", "/templates");
+  const versions = Object.fromEntries(await Promise.all(templates.map(async (t) =>
+    [t.name, await api("GET", `/templates/${t.name}/versions`).catch(() => null)])));
   page("Templates",
     h("p", {}, "Push a new version from a directory with ", h("code", {}, "devmesh templates push NAME -d DIR"), "."),
     templates.length ? templates.map((t) => h("section", { "aria-label": `Template ${t.name}` },
@@ -469,8 +472,20 @@ async function templatesPage() {
       t.description ? h("p", {}, t.description) : null,
       t.active_version.parameters.length ? table(["Parameter", "Type", "Default", "Description"], t.active_version.parameters.map((p) =>
         h("tr", {}, h("td", {}, p.name), h("td", {}, p.type), h("td", {}, p.default ?? "—"), h("td", {}, p.description ?? ""))), `Parameters of ${t.name}`) : h("p", { class: "hint" }, "No parameters."),
-      t.active_version.resources.length ? h("p", {}, "Resources: ", t.active_version.resources.map((r) => `${r.type}.${r.name}`).join(", ")) : null))
+      t.active_version.resources.length ? h("p", {}, "Resources: ", t.active_version.resources.map((r) => `${r.type}.${r.name}`).join(", ")) : null,
+      versionsTable(t, versions[t.name])))
       : h("p", {}, "No templates yet."));
+}
+
+function versionsTable(t, resp) {
+  const list = resp ? (resp.versions || resp) : [];
+  if (!Array.isArray(list) || !list.length) return null;
+  return h("details", {}, h("summary", {}, `Versions (${list.length})`),
+    table(["Version", "State", "Parameters", "Created"], list.map((v) => h("tr", { "data-version": v.number },
+      h("td", {}, String(v.number)),
+      h("td", {}, v.id === t.active_version.id ? "active" : v.archived ? "archived" : v.import && v.import.status !== "succeeded" ? `import ${v.import.status}` : "—"),
+      h("td", {}, (v.parameters || []).map((p) => p.name).join(", ") || "—"),
+      h("td", {}, when(v.created_at)))), `Versions of ${t.name}`));
 }
 
 async function regionsPage() {

@@ -732,6 +732,10 @@ pub struct WorkspaceBuild {
     pub created_at: DateTime<Utc>,
     /// When it finished.
     pub completed_at: Option<DateTime<Utc>>,
+    /// The template parameters' values the build used (defaults included
+    /// only where the workspace set them).
+    #[serde(default)]
+    pub parameters: BTreeMap<String, String>,
 }
 
 /// An agent of a workspace.

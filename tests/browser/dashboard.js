@@ -112,14 +112,25 @@ async function shot(page, name) {
     await page.goto(`${url}/workspaces/${wsId}`);
     await page.click('button:text-is("Stop")');
     await page.locator('#ws-status', { hasText: 'stopped' }).waitFor({ timeout: 120000 });
-    // The build history: the start, then the stop, each with its log.
+    // The build history: the start, then the stop, each with its log, and
+    // the parameters each used.
     await page.locator('tr[data-build="2"]', { hasText: 'stop' }).waitFor();
+    await page.locator('tr[data-build="1"]', { hasText: `web_port=${appPort}` }).waitFor();
     await page.locator('tr[data-build="1"] button').click();
     await page.locator('#build-log').getByText('Apply complete!').waitFor();
     await page.click('nav >> text=Workspaces');
     await page.locator('tr[data-workspace=dash] [data-status="stopped"]').waitFor();
     await page.fill('#ws-search', 'nothing-like-it');
     await page.getByText('No workspace matches.').waitFor();
+
+    // Templates: the version that is active, and its parameters.
+    await page.click('nav >> text=Templates');
+    await page.getByText('Versions (1)').click({ timeout: 10000 }).catch(async (e) => {
+      throw new Error(`${e.message}\n${await page.locator('main').innerText()}\n${problems.join('\n')}`);
+    });
+    await page.locator('tr[data-version="1"]', { hasText: 'active' }).waitFor();
+    await page.locator('tr[data-version="1"]', { hasText: 'web_port' }).waitFor();
+    await shot(page, 'templates');
 
     // An API key, shown once.
     await page.click('nav >> text=Account');

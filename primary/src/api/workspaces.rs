@@ -52,6 +52,7 @@ struct BuildRow {
     completed_at: Option<DateTime<Utc>>,
     job_id: Option<Uuid>,
     error: Option<String>,
+    parameters: sqlx::types::Json<BTreeMap<String, String>>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -126,7 +127,7 @@ const WORKSPACE_SELECT: &str =
 /// A workspace's builds, newest first.
 const BUILDS_SELECT: &str =
     "SELECT b.id, b.build_number, b.transition, b.status, b.template_version_id, b.created_at,
-            b.completed_at, b.job_id, j.error
+            b.completed_at, b.job_id, j.error, b.parameters
      FROM workspace_builds b LEFT JOIN provisioner_jobs j ON j.id = b.job_id
      WHERE b.workspace_id = $1 ORDER BY b.build_number DESC";
 
@@ -142,6 +143,7 @@ impl From<BuildRow> for WorkspaceBuild {
             completed_at: build.completed_at,
             job_id: build.job_id,
             error: build.error,
+            parameters: build.parameters.0,
         }
     }
 }
