@@ -18,7 +18,8 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use devmesh_proxy::shell::{Holder, Session};
 use devmesh_shared::api::{
-    AgentLocation, EdgeShellAccess, EdgeShellAccessRequest, EdgeShellEnded, ShellKind,
+    AgentLocation, EdgeShellAccess, EdgeShellAccessRequest, EdgeShellEnded, ProbeQuery, ShellKind,
+    TerminalQuery, UdpQuery,
 };
 use devmesh_shared::tunnel::StreamHeader;
 use uuid::Uuid;
@@ -185,14 +186,6 @@ pub(crate) async fn ssh(
     stream(&edge, &agent, req, StreamHeader::Ssh).await
 }
 
-/// `?download=N` of a probe.
-#[derive(Debug, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct ProbeQuery {
-    #[serde(default)]
-    download: u64,
-}
-
 /// `POST /api/v2/workspaceagents/{agent}/probe` on the edge.
 pub(crate) async fn probe(
     State(edge): State<Arc<Edge>>,
@@ -200,24 +193,10 @@ pub(crate) async fn probe(
     Query(q): Query<ProbeQuery>,
     req: Request,
 ) -> Response {
-    if q.download > devmesh_shared::tunnel::MAX_PROBE_BYTES {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "At most 4 GiB may be downloaded.",
-            "",
-        );
+    match q.header() {
+        Ok(header) => stream(&edge, &agent, req, header).await,
+        Err(why) => error(StatusCode::BAD_REQUEST, why, ""),
     }
-    let header = StreamHeader::Probe {
-        download: q.download,
-    };
-    stream(&edge, &agent, req, header).await
-}
-
-/// `?port=P` of a UDP flow.
-#[derive(Debug, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct UdpQuery {
-    port: u16,
 }
 
 /// `POST /api/v2/workspaceagents/{agent}/udp` on the edge.
@@ -227,10 +206,10 @@ pub(crate) async fn udp(
     Query(q): Query<UdpQuery>,
     req: Request,
 ) -> Response {
-    if q.port == 0 {
-        return error(StatusCode::BAD_REQUEST, "Port 0 is not a port.", "");
+    match q.header() {
+        Ok(header) => stream(&edge, &agent, req, header).await,
+        Err(why) => error(StatusCode::BAD_REQUEST, why, ""),
     }
-    stream(&edge, &agent, req, StreamHeader::Udp { port: q.port }).await
 }
 
 /// A stream session through the edge: the request body up, the response
@@ -269,18 +248,9 @@ pub(crate) async fn terminal(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    if query.command.as_ref().is_some_and(|c| c.len() > 4096) {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "The command may be at most 4096 bytes.",
-            "",
-        );
-    }
-    let header = StreamHeader::Pty {
-        session: query.session,
-        cols: query.cols.unwrap_or(80),
-        rows: query.rows.unwrap_or(24),
-        command: query.command.unwrap_or_default(),
+    let header = match query.header() {
+        Ok(h) => h,
+        Err(why) => return error(StatusCode::BAD_REQUEST, why, ""),
     };
     let opened = match open(&edge, &agent, &headers, peer.ip().to_string(), header).await {
         Ok(o) => o,
@@ -294,19 +264,6 @@ pub(crate) async fn terminal(
         edge.revocations.clone(),
         session,
     )
-}
-
-/// The query of a terminal's WebSocket.
-#[derive(Debug, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct TerminalQuery {
-    session: Uuid,
-    #[serde(default)]
-    cols: Option<u16>,
-    #[serde(default)]
-    rows: Option<u16>,
-    #[serde(default)]
-    command: Option<String>,
 }
 
 /// Tells the primary a session ended, for its audit log.

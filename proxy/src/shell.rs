@@ -145,28 +145,7 @@ pub fn splice(
     session: &Arc<Session>,
 ) -> Response {
     let ended = session.ended.clone();
-    {
-        let ended = ended.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    () = ended.cancelled() => return,
-                    () = tokio::time::sleep(REVOCATION_CHECK) => {}
-                }
-                if holder
-                    .subjects
-                    .iter()
-                    .any(|s| revocations.cuts(s, holder.began_ms))
-                {
-                    tracing::info!(
-                        "a shell session's user, key or workspace was revoked; ending it"
-                    );
-                    ended.cancel();
-                    return;
-                }
-            }
-        });
-    }
+    watch_revocations(holder, revocations, ended.clone());
     // Client → agent, until the client's body ends.
     let up_ended = ended.clone();
     let counts = session.clone();

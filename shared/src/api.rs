@@ -1479,6 +1479,85 @@ pub struct EdgeAppConnectRequest {
     pub host: String,
 }
 
+/// The query of `GET /api/v2/workspaceagents/{id}/pty` (a terminal's
+/// WebSocket), on the primary and on edges.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TerminalQuery {
+    /// The terminal: reconnecting with the same id gets the same shell.
+    pub session: Uuid,
+    /// Its width, when it starts and on each reconnect (80 by default).
+    #[serde(default)]
+    pub cols: Option<u16>,
+    /// Its height (24 by default).
+    #[serde(default)]
+    pub rows: Option<u16>,
+    /// What it runs when it starts; the login shell by default.
+    #[serde(default)]
+    pub command: Option<String>,
+}
+
+/// The longest command line a terminal may be started with.
+pub const MAX_TERMINAL_COMMAND: usize = 4096;
+
+impl TerminalQuery {
+    /// The stream header that opens it, or why the query cannot.
+    pub fn header(self) -> Result<crate::tunnel::StreamHeader, String> {
+        let command = self.command.unwrap_or_default();
+        if command.len() > MAX_TERMINAL_COMMAND {
+            return Err(format!(
+                "The command may be at most {MAX_TERMINAL_COMMAND} bytes."
+            ));
+        }
+        Ok(crate::tunnel::StreamHeader::Pty {
+            session: self.session,
+            cols: self.cols.unwrap_or(80),
+            rows: self.rows.unwrap_or(24),
+            command,
+        })
+    }
+}
+
+/// The query of `POST /api/v2/workspaceagents/{id}/probe`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeQuery {
+    /// Bytes the agent sends back (at most
+    /// [`MAX_PROBE_BYTES`](crate::tunnel::MAX_PROBE_BYTES)).
+    #[serde(default)]
+    pub download: u64,
+}
+
+impl ProbeQuery {
+    /// The stream header that opens it, or why the query cannot.
+    pub fn header(self) -> Result<crate::tunnel::StreamHeader, String> {
+        if self.download > crate::tunnel::MAX_PROBE_BYTES {
+            return Err("At most 4 GiB may be downloaded.".into());
+        }
+        Ok(crate::tunnel::StreamHeader::Probe {
+            download: self.download,
+        })
+    }
+}
+
+/// The query of `POST /api/v2/workspaceagents/{id}/udp`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UdpQuery {
+    /// The UDP port in the workspace.
+    pub port: u16,
+}
+
+impl UdpQuery {
+    /// The stream header that opens it, or why the query cannot.
+    pub fn header(self) -> Result<crate::tunnel::StreamHeader, String> {
+        if self.port == 0 {
+            return Err("Port 0 is not a port.".into());
+        }
+        Ok(crate::tunnel::StreamHeader::Udp { port: self.port })
+    }
+}
+
 /// `PUT /api/v2/users/{user}/roles`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -23,7 +23,8 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
 use devmesh_proxy::shell::{Holder, Session};
 use devmesh_shared::api::{
-    EdgeShellAccess, EdgeShellAccessRequest, EdgeShellEnded, KeyScope, RevokedSubject, ShellKind,
+    EdgeShellAccess, EdgeShellAccessRequest, EdgeShellEnded, KeyScope, ProbeQuery, RevokedSubject,
+    ShellKind, TerminalQuery, UdpQuery,
 };
 use devmesh_shared::signing::{GrantedStream, StreamGrant};
 use devmesh_shared::tunnel::StreamHeader;
@@ -167,14 +168,6 @@ pub(super) async fn ssh(
     stream(&state, caller, agent, body, StreamHeader::Ssh).await
 }
 
-/// `?download=N` of a probe.
-#[derive(Debug, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct ProbeQuery {
-    #[serde(default)]
-    download: u64,
-}
-
 /// `POST /api/v2/workspaceagents/{id}/probe?download=N` on the primary:
 /// `devmesh ping` and `speedtest`.
 pub(super) async fn probe(
@@ -186,21 +179,9 @@ pub(super) async fn probe(
     super::extract::ApiQuery(q): super::extract::ApiQuery<ProbeQuery>,
     body: Body,
 ) -> ApiResult<Response> {
-    if q.download > devmesh_shared::tunnel::MAX_PROBE_BYTES {
-        return Err(ApiError::bad_request("At most 4 GiB may be downloaded."));
-    }
+    let header = q.header().map_err(ApiError::bad_request)?;
     let caller = Caller { auth, ip, headers };
-    let header = StreamHeader::Probe {
-        download: q.download,
-    };
     stream(&state, caller, agent, body, header).await
-}
-
-/// `?port=P` of a UDP flow.
-#[derive(Debug, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct UdpQuery {
-    port: u16,
 }
 
 /// `POST /api/v2/workspaceagents/{id}/udp?port=P` on the primary: one UDP
@@ -292,42 +273,6 @@ fn record_end_when_over(state: AppState, session_id: Uuid, session: &Arc<Session
     });
 }
 
-/// `GET /api/v2/workspaceagents/{id}/pty?session=…`: a WebSocket.
-#[derive(Debug, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct TerminalQuery {
-    /// The terminal: reconnecting with the same id gets the same shell.
-    session: Uuid,
-    /// Its size, when it starts (and on each reconnect).
-    #[serde(default)]
-    cols: Option<u16>,
-    #[serde(default)]
-    rows: Option<u16>,
-    /// What it runs when it starts; the login shell by default.
-    #[serde(default)]
-    command: Option<String>,
-}
-
-/// The most a terminal's command line may be.
-const MAX_COMMAND: usize = 4096;
-
-impl TerminalQuery {
-    fn header(self) -> ApiResult<StreamHeader> {
-        let command = self.command.unwrap_or_default();
-        if command.len() > MAX_COMMAND {
-            return Err(ApiError::bad_request(format!(
-                "The command may be at most {MAX_COMMAND} bytes."
-            )));
-        }
-        Ok(StreamHeader::Pty {
-            session: self.session,
-            cols: self.cols.unwrap_or(80),
-            rows: self.rows.unwrap_or(24),
-            command,
-        })
-    }
-}
-
 /// Whether a WebSocket request authenticated by a cookie comes from a page
 /// on `access_url`'s own origin: a browser always says where a WebSocket
 /// comes from, and any other site's page must not reach a shell.
@@ -358,7 +303,7 @@ pub(super) async fn terminal(
         )
         .detail("send your key in the Devmesh-Session-Token header instead"));
     }
-    let header = query.header()?;
+    let header = query.header().map_err(ApiError::bad_request)?;
     let target = authorize(&state, &auth.0, agent).await?;
     let began_ms = chrono::Utc::now().timestamp_millis();
     let stream = state.relay.open(agent, &header, None).await.map_err(|e| {
