@@ -66,13 +66,15 @@ pub(crate) async fn udp(port: u16, mut send: SendStream, mut recv: RecvStream) {
     if send.write_all(&[status::OK]).await.is_err() {
         return;
     }
-    let mut up = vec![0u8; udp::MAX_DATAGRAM];
+    // Cancel-safe: a datagram arriving from the port while a frame from
+    // the client is half read loses nothing.
+    let mut up = udp::Reader::default();
     let mut down = vec![0u8; udp::MAX_DATAGRAM];
     let mut out = Vec::with_capacity(udp::MAX_DATAGRAM + 2);
     loop {
         tokio::select! {
-            r = udp::read(&mut recv, &mut up) => match r {
-                Ok(Received::Datagram(n)) => match socket.send(&up[..n]).await {
+            r = up.next(&mut recv) => match r {
+                Ok(Received::Datagram(n)) => match socket.send(up.datagram(n)).await {
                     Err(e) if refused(&e) => break tell_refused(&mut send).await,
                     // UDP may drop; the flow goes on.
                     _ => {}

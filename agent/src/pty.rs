@@ -32,6 +32,8 @@ const MAX_TERMINALS: usize = 64;
 const TERM: &str = "xterm-256color";
 /// Chunks of output in flight to one client before the terminal waits.
 const IN_FLIGHT: usize = 64;
+/// How long output may wait for a client before the client is let go.
+const STALLED: Duration = Duration::from_secs(10);
 
 static GRACE: OnceLock<Duration> = OnceLock::new();
 static TERMINALS: LazyLock<Mutex<HashMap<Uuid, Arc<Terminal>>>> = LazyLock::new(Default::default);
@@ -94,10 +96,13 @@ pub(crate) async fn serve(
             return answer_and_finish(send, recv, status::REFUSED).await;
         }
     };
+    // Attached before anything can fail, so every way out detaches (and a
+    // terminal nobody reaches ends after the grace period).
+    let (me, replay, mut output) = terminal.attach();
     if send.write_all(&[status::OK]).await.is_err() {
+        terminal.detach(session, me);
         return;
     }
-    let (me, replay, mut output) = terminal.attach();
     // Output: what was kept, then what comes, until the terminal ends or a
     // newer client takes over.
     let writer = tokio::spawn(async move {
@@ -201,8 +206,21 @@ async fn run(
                     state.client.as_ref().map(|(_, tx)| tx.clone())
                 };
                 if let Some(tx) = client {
-                    // A slow client slows the terminal, as a real one would.
-                    let _ = tx.send(buf[..n].to_vec()).await;
+                    // A slow client slows the terminal, as a real one would;
+                    // one that takes nothing for a while (a laptop asleep) is
+                    // let go, so a client that reconnects is not stuck
+                    // behind it.
+                    let sent = tokio::time::timeout(STALLED, tx.send(buf[..n].to_vec())).await;
+                    if sent.is_err() {
+                        let mut state = terminal.state.lock();
+                        if state
+                            .client
+                            .as_ref()
+                            .is_some_and(|(_, t)| t.same_channel(&tx))
+                        {
+                            state.client = None;
+                        }
+                    }
                 }
             }
         }
@@ -217,8 +235,24 @@ async fn run(
             let _ = child.wait().await;
         }
         () = terminal.kill.cancelled() => {
-            let _ = child.start_kill();
-            let _ = child.wait().await;
+            // The shell leads its own session: hang up on all of it (jobs
+            // it started included), then make sure.
+            if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGHUP,
+                );
+            }
+            if tokio::time::timeout(Duration::from_secs(2), child.wait()).await.is_err() {
+                if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+                    let _ = nix::sys::signal::killpg(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+            }
         }
     }
     {

@@ -61,6 +61,11 @@ pub(crate) async fn ranked(
             let names: Vec<&str> = regions.regions.iter().map(|r| r.name.as_str()).collect();
             anyhow::bail!("no region {name:?}: there are {}", names.join(", "));
         };
+        anyhow::ensure!(
+            safe_for_key(client.base(), region),
+            "region {name} is reached over plain HTTP while the deployment uses HTTPS: \
+             your key would cross the network in the clear"
+        );
         if !region.healthy {
             eprintln!(
                 "Region {name} is not healthy ({:?}); trying it as asked.",
@@ -90,19 +95,40 @@ pub(crate) async fn measure(
     ca_cert: Option<&std::path::Path>,
 ) -> anyhow::Result<Vec<Ranked>> {
     let regions: RegionsResponse = client.get("/regions").await?;
-    let probes = regions.regions.iter().filter(|r| r.healthy).map(|r| async {
-        let rtt = match r.access_url.as_deref() {
-            Some(url) => probe(url, ca_cert).await,
-            None => None,
-        };
-        ranked_from(r, client, rtt)
-    });
+    let probes = regions
+        .regions
+        .iter()
+        .filter(|r| r.healthy && safe_for_key(client.base(), r))
+        .map(|r| async {
+            let rtt = match r.access_url.as_deref() {
+                Some(url) => probe(url, ca_cert).await,
+                None => None,
+            };
+            ranked_from(r, client, rtt)
+        });
     let mut ranked: Vec<Ranked> = futures_util::future::join_all(probes).await;
     ranked.sort_by(|a, b| {
         let key = |r: &Ranked| r.rtt_ms.unwrap_or(f64::INFINITY);
         key(a).total_cmp(&key(b))
     });
     Ok(ranked)
+}
+
+/// Whether this client's key may go to region `r`: never in the clear to a
+/// remote region when the deployment itself is reached over HTTPS.
+fn safe_for_key(primary: &str, r: &Region) -> bool {
+    let Some(url) = r.access_url.as_deref() else {
+        return r.name == "primary";
+    };
+    if r.name == "primary" || url.starts_with("https://") || primary.starts_with("http://") {
+        return true;
+    }
+    let host = url
+        .trim_start_matches("http://")
+        .split(['/', ':'])
+        .next()
+        .unwrap_or_default();
+    matches!(host, "127.0.0.1" | "localhost" | "[::1]")
 }
 
 fn ranked_from(r: &Region, client: &Client, rtt_ms: Option<f64>) -> Ranked {

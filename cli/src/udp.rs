@@ -22,6 +22,9 @@ use crate::commands::ssh::{after, through_region};
 
 /// Datagrams queued for a flow before more are dropped (UDP may drop).
 const QUEUED: usize = 256;
+/// Flows (client addresses) at once; datagrams from more are dropped, so
+/// a flood of spoofed sources cannot open unbounded streams.
+const MAX_FLOWS: usize = 256;
 
 /// Forwards datagrams arriving on `socket` to `port` on the agent's
 /// machine, until the socket fails or a flow finds the port refusing.
@@ -50,6 +53,9 @@ pub(crate) async fn forward(
         let tx = match existing {
             Some(tx) if !tx.is_closed() => tx,
             _ => {
+                if flows.lock().len() >= MAX_FLOWS {
+                    continue;
+                }
                 let (tx, rx) = mpsc::channel(QUEUED);
                 flows.lock().insert(peer, tx.clone());
                 let (g, short, socket, flows, refused) = (
@@ -59,6 +65,7 @@ pub(crate) async fn forward(
                     flows.clone(),
                     refused_tx.clone(),
                 );
+                let mine = tx.clone();
                 tokio::spawn(async move {
                     match flow(&g, &short, agent, port, rx, &socket, peer).await {
                         Ok(true) => {
@@ -67,7 +74,12 @@ pub(crate) async fn forward(
                         Ok(false) => {}
                         Err(e) => eprintln!("devmesh: a UDP flow from {peer} ended: {e:#}"),
                     }
-                    flows.lock().remove(&peer);
+                    // Only this flow's entry: a newer one may have taken
+                    // the address meanwhile.
+                    let mut all = flows.lock();
+                    if all.get(&peer).is_some_and(|t| t.same_channel(&mine)) {
+                        all.remove(&peer);
+                    }
                 });
                 tx
             }

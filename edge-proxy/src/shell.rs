@@ -275,8 +275,22 @@ fn ended(edge: &Arc<Edge>, session_id: Uuid, (bytes_up, bytes_down): (u64, u64))
             bytes_up,
             bytes_down,
         };
-        if let Err(e) = edge.primary.shell_ended(&report).await {
-            tracing::warn!(session = %session_id, error = %e, "could not report the end of an ssh session");
+        // The primary may be briefly away: try a few times (it records an
+        // end once, however often it hears of it).
+        let mut delay = std::time::Duration::from_secs(1);
+        for attempt in 1..=5 {
+            match edge.primary.shell_ended(&report).await {
+                Ok(()) => return,
+                Err(crate::primary::CallError::Unreachable(e)) if attempt < 5 => {
+                    tracing::debug!(session = %session_id, error = %e, "retrying the end of a shell session");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+                Err(e) => {
+                    tracing::warn!(session = %session_id, error = %e, "could not report the end of a shell session");
+                    return;
+                }
+            }
         }
     });
 }

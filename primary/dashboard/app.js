@@ -383,7 +383,7 @@ async function workspacePage(id) {
       a.apps.length ? h("ul", { "aria-label": "Apps" }, a.apps.map((app) => h("li", {},
         app.subdomain && region && region.wildcard_hostname
           ? h("a", { href: appUrl(region, ws, a, app), target: "_blank", rel: "noopener", "data-app": app.slug }, app.display_name || app.slug)
-          : h("a", { href: app.url, target: "_blank", rel: "noopener", "data-app": app.slug }, app.display_name || app.slug),
+          : /^https?:\/\//.test(app.url) ? h("a", { href: app.url, target: "_blank", rel: "noopener", "data-app": app.slug }, app.display_name || app.slug) : app.display_name || app.slug,
         app.health && app.health !== "disabled" ? ` (${app.health})` : ""))) : null,
       (() => {
         if (!scriptLogs.has(a.id)) {
@@ -440,17 +440,21 @@ async function terminalPage(id, agentId) {
   fit();
   let socket = null;
   let closed = false;
+  let retry = 1000;
   const connect = () => {
     const q = new URLSearchParams({ session, cols: term.cols, rows: term.rows });
     socket = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/api/v2/workspaceagents/${agentId}/pty?${q}`);
     socket.binaryType = "arraybuffer";
-    socket.onopen = () => { state.textContent = "Connected. A reload resumes this shell."; term.focus(); };
     socket.onmessage = (e) => term.write(new Uint8Array(e.data));
+    socket.onopen = () => { retry = 1000; state.textContent = "Connected. A reload resumes this shell."; term.focus(); };
     socket.onclose = (e) => {
       if (closed) return;
       if (e.code === 1000) { state.textContent = "The terminal ended."; return; }
-      state.textContent = "Disconnected; reconnecting…";
-      setTimeout(connect, 1000);
+      // Back off: a revoked session, a stopped workspace or a server
+      // restart should not be hammered.
+      state.textContent = `Disconnected; reconnecting in ${Math.round(retry / 1000)} s…`;
+      setTimeout(connect, retry);
+      retry = Math.min(retry * 2, 30000);
     };
   };
   term.onData((d) => { if (socket && socket.readyState === 1) socket.send(JSON.stringify({ data: d })); });

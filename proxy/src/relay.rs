@@ -961,11 +961,11 @@ fn error_status(e: OpenError) -> u8 {
 fn granted(header: &StreamHeader) -> GrantedStream {
     match header {
         StreamHeader::Tcp { port } => GrantedStream::Port(*port),
-        // Owner-only, as a shell is.
-        StreamHeader::Ssh
-        | StreamHeader::Pty { .. }
-        | StreamHeader::Probe { .. }
-        | StreamHeader::Udp { .. } => GrantedStream::Shell,
+        // Owner-only, each its own kind: a grant for an unaudited probe
+        // opens no shell.
+        StreamHeader::Ssh | StreamHeader::Pty { .. } => GrantedStream::Shell,
+        StreamHeader::Probe { .. } => GrantedStream::Probe,
+        StreamHeader::Udp { .. } => GrantedStream::Udp,
     }
 }
 

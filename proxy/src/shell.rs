@@ -207,6 +207,9 @@ pub fn splice(
     resp
 }
 
+/// How long a terminal's output may wait for its WebSocket client.
+const WS_STALLED: Duration = Duration::from_secs(10);
+
 /// The largest WebSocket message a terminal client may send.
 pub const MAX_TERMINAL_MESSAGE: usize = 64 * 1024;
 
@@ -263,8 +266,11 @@ async fn terminal(
                 Ok(Some(n)) => {
                     session.down.fetch_add(n as u64, Ordering::Relaxed);
                     let out = Message::Binary(Bytes::copy_from_slice(&buf[..n]));
-                    if ws.send(out).await.is_err() {
-                        break (1001, "");
+                    // A client that takes nothing for a while is let go; the
+                    // terminal waits in the agent for it to come back.
+                    match tokio::time::timeout(WS_STALLED, ws.send(out)).await {
+                        Ok(Ok(())) => {}
+                        _ => break (1001, "the client stopped reading"),
                     }
                 }
                 // The terminal's command ended.

@@ -202,6 +202,10 @@ pub enum GrantedStream {
     Port(u16),
     /// A shell: SSH or a terminal.
     Shell,
+    /// Path probes (`devmesh ping`, `speedtest`).
+    Probe,
+    /// UDP flows to the agent's machine.
+    Udp,
 }
 
 /// Lets a relay open one kind of stream to an agent attached to another

@@ -822,6 +822,53 @@ async fn a_mesh_certificate_alone_reaches_no_agent_and_dies_with_its_edge() {
         }
     }
 
+    // With a user's key (edges see keys), the rogue edge asks the primary
+    // for a probe: not audited, so its grant must open nothing else.
+    let resp = reqwest::Client::new()
+        .post(format!("{primary}/api/v2/edges/me/shell-access"))
+        .header(devmesh_shared::api::EDGE_TOKEN_HEADER, token.as_str())
+        .json(&json!({"agent_id": weu_agent, "key": m.alice_key(), "client_ip": "1.2.3.4", "kind": "probe"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let access: Value = resp.json().await.unwrap();
+    let grant = access["grant"].as_str().unwrap().to_owned();
+    for (inner, allowed) in [
+        (StreamHeader::Probe { download: 0 }, true),
+        (StreamHeader::Ssh, false),
+        (
+            StreamHeader::Pty {
+                session: uuid::Uuid::new_v4(),
+                cols: 80,
+                rows: 24,
+                command: String::new(),
+            },
+            false,
+        ),
+        (StreamHeader::Udp { port: 53 }, false),
+    ] {
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        tio::write_mesh_header(
+            &mut send,
+            &MeshHeader {
+                agent_id: weu_agent,
+                grant: grant.clone(),
+                inner: inner.clone(),
+            },
+        )
+        .await
+        .unwrap();
+        let mut status = [0u8; 1];
+        recv.read_exact(&mut status).await.unwrap();
+        let expected = if allowed {
+            tunnel::status::OK
+        } else {
+            tunnel::status::DENIED
+        };
+        assert_eq!(status[0], expected, "{inner:?} with a probe's grant");
+    }
+
     // The owner deletes the edge: its link is cut within seconds, and its
     // certificate (still unexpired) opens no new one.
     let (s, _) = m.owner.delete("/edges/rogue").await;

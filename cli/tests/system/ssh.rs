@@ -650,6 +650,25 @@ impl AtTerminal {
             .unwrap();
     }
 
+    /// Whether the terminal shows `needle` (from now on) within `wait`.
+    async fn shows_within(&mut self, needle: &str, wait: std::time::Duration) -> bool {
+        let from = self.seen.len();
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut buf = [0u8; 4096];
+        while !self.seen[from..].contains(needle) {
+            match tokio::time::timeout_at(
+                deadline,
+                tokio::io::AsyncReadExt::read(&mut self.pty, &mut buf),
+            )
+            .await
+            {
+                Ok(Ok(n)) if n > 0 => self.seen.push_str(&String::from_utf8_lossy(&buf[..n])),
+                _ => return false,
+            }
+        }
+        true
+    }
+
     /// Reads until the terminal has shown `needle`, from now on.
     async fn shows(&mut self, needle: &str) {
         let from = self.seen.len();
@@ -705,11 +724,25 @@ async fn plain_ssh_at_a_terminal_follows_resizes_passes_ctrl_c_and_returns_the_e
     // The window grows (the kernel tells ssh, the terminal's foreground,
     // with SIGWINCH): the shell in the workspace sees it.
     term.pty.resize(pty_process::Size::new(40, 120)).unwrap();
-    term.type_(b"echo \"size\"=$(stty size)\n").await;
-    term.shows("size=40 120").await;
+    // The resize travels as its own message; ask until it has arrived.
+    let mut resized = false;
+    for _ in 0..20 {
+        term.type_(b"echo \"size\"=$(stty size)\n").await;
+        if term
+            .shows_within("size=", std::time::Duration::from_secs(2))
+            .await
+            && term.seen.contains("size=40 120")
+        {
+            resized = true;
+            break;
+        }
+    }
+    assert!(resized, "{}", term.seen);
 
     // Ctrl-C interrupts the command running in the workspace, not ssh.
-    term.type_(b"echo \"st\"arted; sleep 30\n").await;
+    // A subshell: whether Ctrl-C finds it still a shell or already
+    // `sleep`, it dies of SIGINT (130).
+    term.type_(b"(echo \"st\"arted; exec sleep 30)\n").await;
     term.shows("started").await;
     term.type_(b"\x03").await;
     term.type_(b"echo \"rc\"=$?\n").await;

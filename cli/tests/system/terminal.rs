@@ -202,6 +202,20 @@ async fn another_sites_page_cannot_open_a_terminal_with_the_session_cookie() {
     )
     .await;
     assert_eq!(refused.err().map(|r| r.0), Some(StatusCode::FORBIDDEN));
+    // Nor with some other Authorization a browser might add by itself
+    // (cached credentials for a proxy in front): the cookie still decides.
+    let refused = Term::open_with(
+        &server.url,
+        &agent,
+        session,
+        &[
+            ("Cookie", &cookie),
+            ("Origin", "http://evil.example"),
+            ("Authorization", "Basic dXNlcjpwYXNz"),
+        ],
+    )
+    .await;
+    assert_eq!(refused.err().map(|r| r.0), Some(StatusCode::FORBIDDEN));
     // Without any origin (not a browser page) the cookie is not enough either.
     let refused = Term::open_with(&server.url, &agent, session, &[("Cookie", &cookie)]).await;
     assert_eq!(refused.err().map(|r| r.0), Some(StatusCode::FORBIDDEN));

@@ -121,9 +121,8 @@ async fn record_end(state: &AppState, session: Uuid, region: &str, (up, down): (
          FROM audit_log s
          WHERE s.details ? 'session' AND s.details->>'session' = $1
            AND s.action IN ('ssh', 'terminal', 'port_forward_udp') AND s.details->>'region' = $2
-           AND NOT EXISTS (SELECT 1 FROM audit_log e
-                           WHERE e.details ? 'session' AND e.details->>'session' = $1
-                             AND e.action IN ('ssh_end', 'terminal_end', 'port_forward_udp_end'))",
+         ON CONFLICT ((details->>'session'))
+             WHERE action IN ('ssh_end', 'terminal_end', 'port_forward_udp_end') DO NOTHING",
     )
     .bind(session.to_string())
     .bind(region)
@@ -225,7 +224,7 @@ async fn stream(
     body: Body,
     header: StreamHeader,
 ) -> ApiResult<Response> {
-    if !headers.contains_key(SESSION_HEADER) && !headers.contains_key(header::AUTHORIZATION) {
+    if !keyed(&headers) {
         return Err(ApiError::unauthorized(
             "Send your key in the Devmesh-Session-Token header to open a shell.",
         )
@@ -273,6 +272,19 @@ fn record_end_when_over(state: AppState, session_id: Uuid, session: &Arc<Session
     });
 }
 
+/// Whether the request carries a key the way a program sends one: the
+/// session header, or `Authorization: Bearer`. (Any other `Authorization`,
+/// such as a browser's cached `Basic` credentials for a proxy in front,
+/// does not count: the cookie is then what authenticates.)
+fn keyed(headers: &HeaderMap) -> bool {
+    headers.contains_key(SESSION_HEADER)
+        || headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(super::extract::bearer)
+            .is_some()
+}
+
 /// Whether a WebSocket request authenticated by a cookie comes from a page
 /// on `access_url`'s own origin: a browser always says where a WebSocket
 /// comes from, and any other site's page must not reach a shell.
@@ -296,8 +308,7 @@ pub(super) async fn terminal(
     super::extract::ApiQuery(query): super::extract::ApiQuery<TerminalQuery>,
     ws: axum::extract::WebSocketUpgrade,
 ) -> ApiResult<Response> {
-    let keyed = headers.contains_key(SESSION_HEADER) || headers.contains_key(header::AUTHORIZATION);
-    if !keyed && !websocket_same_origin(&headers, &state.config.access_url) {
+    if !keyed(&headers) && !websocket_same_origin(&headers, &state.config.access_url) {
         return Err(ApiError::forbidden(
             "Only the dashboard's own pages may open a terminal with the session cookie.",
         )
@@ -355,7 +366,13 @@ pub(super) async fn edge_shell_access(
     let began_ms = chrono::Utc::now().timestamp_millis();
     let grant = state.signer.sign(&StreamGrant {
         agent_id: target.agent,
-        stream: GrantedStream::Shell,
+        // What the edge asked for, and only that: a probe (not audited)
+        // cannot be turned into a shell.
+        stream: match req.kind {
+            ShellKind::Ssh | ShellKind::Terminal => GrantedStream::Shell,
+            ShellKind::Probe => GrantedStream::Probe,
+            ShellKind::Udp => GrantedStream::Udp,
+        },
         exp: began_ms / 1000 + GRANT_SECS,
     });
     let location = crate::events::agent_location(&state.db, target.agent).await?;

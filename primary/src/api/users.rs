@@ -458,8 +458,8 @@ pub(super) async fn set_roles(
     ApiJson(req): ApiJson<devmesh_shared::api::SetRolesRequest>,
 ) -> ApiResult<Json<User>> {
     auth.require_owner()?;
-    let row = find_user(&state, &user).await?;
-    if row.id == auth.0.user_id {
+    let before = find_user(&state, &user).await?;
+    if before.id == auth.0.user_id {
         return Err(ApiError::bad_request("You cannot change your own roles."));
     }
     let mut stored: Vec<&str> = req
@@ -473,13 +473,18 @@ pub(super) async fn set_roles(
     let row: UserRow = sqlx::query_as(&format!(
         "UPDATE users SET roles = $2, updated_at = now() WHERE id = $1 RETURNING {USER_COLUMNS}"
     ))
-    .bind(row.id)
+    .bind(before.id)
     .bind(&stored)
     .fetch_one(&state.db)
     .await?;
     // Cached keys carry roles: forget them so the change applies at once.
     state.keys.forget_all();
     state.access_changed();
+    // A demoted owner keeps nothing of it: their sessions, shells and
+    // streams (begun with the owner's reach) end, as on suspension.
+    if parse_roles(&before.roles).contains(&Role::Owner) && !stored.contains(&"owner") {
+        state.revoke_app_tokens(row.id).await;
+    }
     Audit::new("set_roles", "user")
         .resource(row.id, &row.username)
         .by(&auth.0)
