@@ -746,6 +746,18 @@ pub async fn failover(
     }
     let all = std::mem::take(&mut *samples.lock());
     let (mut before, mut after) = (Samples::default(), Samples::default());
+    // Requests that failed once every agent answered again: the issue's
+    // "no request sent after re-attach fails".
+    let recovered_at = killed_at + reattach.as_secs_f64();
+    let failed_after_recovery = all
+        .iter()
+        .filter(|(at, r)| *at > recovered_at && r.is_err())
+        .count();
+    let last_failure = all
+        .iter()
+        .filter(|(_, r)| r.is_err())
+        .map(|(at, _)| at - killed_at)
+        .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))));
     for (at, r) in all {
         let s = if at < killed_at {
             &mut before
@@ -771,6 +783,14 @@ pub async fn failover(
         start.elapsed() - Duration::from_secs_f64(killed_at),
     );
     sr.extra.insert("killed edge".into(), json!(region));
+    sr.extra.insert(
+        "requests failed after every agent answered again".into(),
+        json!(failed_after_recovery),
+    );
+    sr.extra.insert(
+        "seconds from the kill to the load's last failure".into(),
+        last_failure.map_or(json!("none"), |s| json!(round(s))),
+    );
     sr.extra.insert(
         "seconds until every agent answered again".into(),
         if reattached {

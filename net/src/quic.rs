@@ -25,11 +25,15 @@ pub const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
 /// flight, in bytes: enough for an attach ticket, not for a flood.
 pub const UNAUTHENTICATED_WINDOW: u32 = 64 * 1024;
 /// QUIC keep-alives, so both ends notice a dead path within [`IDLE_TIMEOUT`].
-pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
-/// A silent peer (killed, unplugged) is gone after this, three keep-alives
-/// lost in a row, so an agent whose relay dies re-attaches within seconds.
-/// The smaller of the two ends' values applies.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(6);
+/// Half a second: when a relay dies (an edge killed, its machine gone),
+/// its agents must notice in time to serve again through another relay
+/// within about three seconds, and the other relays must stop sending over
+/// their mesh links to it. The cost is one small packet each way per link
+/// every half second.
+pub const KEEP_ALIVE: Duration = Duration::from_millis(500);
+/// A silent peer (killed, unplugged) is gone after this: four keep-alives
+/// unanswered in a row. The smaller of the two ends' values applies.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Why a trust root or TLS configuration cannot be built.
 #[derive(Debug, thiserror::Error)]

@@ -42,6 +42,8 @@ use uuid::Uuid;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long dialing another relay may take.
 const MESH_DIAL_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a relay found dead is not dialed again.
+const DEAD_FOR: Duration = Duration::from_secs(3);
 /// How many verified mesh grants a relay remembers.
 const GRANTS_KEPT: usize = 16_384;
 
@@ -345,6 +347,11 @@ struct Inner {
     /// Mesh links this relay dialed, by address, with when the peer's
     /// certificate was issued.
     links: Mutex<HashMap<String, (Connection, i64)>>,
+    /// Relays found dead (a link that went silent, a dial that failed), by
+    /// address, with when: streams for their agents fail at once for
+    /// [`DEAD_FOR`] instead of each waiting out a dial, while the agents
+    /// re-attach elsewhere and the primary says where.
+    dead: Mutex<HashMap<String, tokio::time::Instant>>,
     endpoint: quinn::Endpoint,
     mesh_client: RwLock<quinn::ClientConfig>,
     roots: Arc<rustls::RootCertStore>,
@@ -402,6 +409,7 @@ impl Relay {
                 spent: Mutex::default(),
                 grants: Mutex::default(),
                 links: Mutex::default(),
+                dead: Mutex::default(),
                 endpoint: endpoint.clone(),
                 mesh_client: RwLock::new(mesh_client),
                 roots,
@@ -638,6 +646,27 @@ impl Relay {
 
     /// A mesh connection to `home`, dialed if there is none (or `fresh`).
     async fn peer(&self, home: &RelayInfo, fresh: bool) -> Result<Connection, OpenError> {
+        let now = tokio::time::Instant::now();
+        if let Some(at) = self.inner.dead.lock().get(&home.address)
+            && now.duration_since(*at) < DEAD_FOR
+        {
+            return Err(OpenError::Lost);
+        }
+        // A link that went silent means its relay is gone: say so at once.
+        let silent = {
+            let mut links = self.inner.links.lock();
+            let silent = links.get(&home.address).is_some_and(|(c, _)| {
+                matches!(c.close_reason(), Some(quinn::ConnectionError::TimedOut))
+            });
+            if silent {
+                links.remove(&home.address);
+            }
+            silent
+        };
+        if silent {
+            self.mark_dead(&home.address);
+            return Err(OpenError::Lost);
+        }
         if !fresh
             && let Some((c, issued)) = self.inner.links.lock().get(&home.address)
             && c.close_reason().is_none()
@@ -681,15 +710,34 @@ impl Relay {
             }
             Err(last)
         };
-        let (conn, issued) = tokio::time::timeout(MESH_DIAL_TIMEOUT, dial)
-            .await
-            .map_err(|_| OpenError::Lost)??;
+        let dialed = match tokio::time::timeout(MESH_DIAL_TIMEOUT, dial).await {
+            Ok(Ok(d)) => Ok(d),
+            Ok(Err(OpenError::Lost)) | Err(_) => Err(OpenError::Lost),
+            Ok(Err(e)) => Err(e),
+        };
+        let (conn, issued) = match dialed {
+            Ok(d) => d,
+            Err(OpenError::Lost) => {
+                self.mark_dead(&home.address);
+                return Err(OpenError::Lost);
+            }
+            Err(e) => return Err(e),
+        };
+        self.inner.dead.lock().remove(&home.address);
         tracing::debug!(relay.peer = %home.address, relay.peer_region = %home.region, "mesh link up");
         self.inner
             .links
             .lock()
             .insert(home.address.clone(), (conn.clone(), issued));
         Ok(conn)
+    }
+
+    fn mark_dead(&self, address: &str) {
+        let mut dead = self.inner.dead.lock();
+        let now = tokio::time::Instant::now();
+        dead.retain(|_, at| now.duration_since(*at) < DEAD_FOR);
+        dead.insert(address.to_owned(), now);
+        tracing::info!(relay.peer = %address, "a mesh peer is gone; not dialing it for a while");
     }
 
     async fn serve_connection(
