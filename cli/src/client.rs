@@ -61,12 +61,30 @@ impl Client {
         ca_cert: Option<&std::path::Path>,
         timeout: std::time::Duration,
     ) -> anyhow::Result<Self> {
-        // Trusts a private CA on top of the system roots (--ca-cert / DEVMESH_CA_CERT).
-        let http = devmesh_net::sockets::http_client(
-            concat!("devmesh-cli/", env!("CARGO_PKG_VERSION")),
-            timeout,
-            ca_cert,
-        )?;
+        // One HTTP client per (CA, timeout) for the whole process: building
+        // one loads the system's roots (milliseconds), and sharing it keeps
+        // connections alive between calls (`devmesh ping` times requests,
+        // not TLS set-ups).
+        type Key = (Option<std::path::PathBuf>, std::time::Duration);
+        static CLIENTS: std::sync::OnceLock<
+            parking_lot::Mutex<std::collections::HashMap<Key, reqwest::Client>>,
+        > = std::sync::OnceLock::new();
+        let key = (ca_cert.map(std::path::Path::to_path_buf), timeout);
+        let mut clients = CLIENTS.get_or_init(Default::default).lock();
+        let http = match clients.get(&key) {
+            Some(c) => c.clone(),
+            None => {
+                // Trusts a private CA on top of the system roots (--ca-cert / DEVMESH_CA_CERT).
+                let c = devmesh_net::sockets::http_client(
+                    concat!("devmesh-cli/", env!("CARGO_PKG_VERSION")),
+                    timeout,
+                    ca_cert,
+                )?;
+                clients.insert(key, c.clone());
+                c
+            }
+        };
+        drop(clients);
         Ok(Self {
             http,
             base: base.trim_end_matches('/').to_owned(),
