@@ -386,6 +386,8 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .nest("/api/v2", api)
         .route("/healthz", get(meta::healthz))
+        .route("/readyz", get(meta::healthz))
+        .route("/livez", get(meta::livez))
         .route("/latency-check", get(devmesh_proxy::app::latency_check))
         .route("/metrics", get(meta::metrics))
         .route("/", get(dashboard::shell))

@@ -218,3 +218,130 @@ async fn two_primaries_migrating_the_same_database_at_once_both_start() {
     a.stop().await;
     b.stop().await;
 }
+
+/// A Unix-socket proxy in front of the test cluster's socket that can
+/// freeze: connections stay open and nothing moves, as with a database
+/// whose host stopped (SIGSTOP, a hung disk, a partition).
+struct FreezingProxy {
+    dir: tempfile::TempDir,
+    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FreezingProxy {
+    /// Listens where `url`'s socket is, in a directory of its own; the URL
+    /// to give the primary instead.
+    async fn start(url: &str) -> (Self, String) {
+        use std::sync::atomic::Ordering;
+        let (head, host) = url.split_once("?host=").expect("a Unix-socket URL");
+        let real_dir = host.replace("%2F", "/").replace("%2f", "/");
+        let port = head.rsplit(':').next().unwrap().split('/').next().unwrap();
+        let socket_name = format!(".s.PGSQL.{port}");
+        let real = std::path::Path::new(&real_dir).join(&socket_name);
+        let dir = tempfile::tempdir().unwrap();
+        let listener = tokio::net::UnixListener::bind(dir.path().join(&socket_name)).unwrap();
+        let frozen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let f = frozen.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let (real, f) = (real.clone(), f.clone());
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::UnixStream::connect(&real).await else {
+                        return;
+                    };
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    let pump =
+                        |mut from: tokio::net::unix::OwnedReadHalf,
+                         mut to: tokio::net::unix::OwnedWriteHalf,
+                         f: std::sync::Arc<std::sync::atomic::AtomicBool>| async move {
+                            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                            let mut buf = [0u8; 8192];
+                            loop {
+                                let Ok(n) = from.read(&mut buf).await else {
+                                    return;
+                                };
+                                if n == 0 {
+                                    return;
+                                }
+                                // Frozen: hold what came, forever.
+                                while f.load(Ordering::SeqCst) {
+                                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                                }
+                                if to.write_all(&buf[..n]).await.is_err() {
+                                    return;
+                                }
+                            }
+                        };
+                    let up = pump(cr, sw, f.clone());
+                    let down = pump(sr, cw, f);
+                    tokio::join!(up, down);
+                });
+            }
+        });
+        let proxied = format!(
+            "{head}?host={}",
+            dir.path().to_str().unwrap().replace('/', "%2F")
+        );
+        (Self { dir, frozen }, proxied)
+    }
+}
+
+#[tokio::test]
+async fn health_checks_answer_within_about_a_second_whatever_the_database_does() {
+    let db = devmesh_tests::fresh_database().await;
+    let (proxy, url) = FreezingProxy::start(db.url().expose()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = crate::support::ServerProcess::start(
+        &["--data-dir", dir.path().to_str().unwrap()],
+        &[("DEVMESH_POSTGRES_URL", url.as_str())],
+        dir.path(),
+    )
+    .await;
+    let get = |path: &'static str| {
+        let url = format!("{}{path}", server.url);
+        async move {
+            let started = tokio::time::Instant::now();
+            let resp = reqwest::Client::new()
+                .get(url)
+                .timeout(std::time::Duration::from_secs(10))
+                .send()
+                .await
+                .expect("an answer, not a hang");
+            let status = resp.status();
+            (status, resp.text().await.unwrap(), started.elapsed())
+        }
+    };
+    for path in ["/healthz", "/readyz", "/livez"] {
+        let (status, body, _) = get(path).await;
+        assert_eq!(status, reqwest::StatusCode::OK, "{path}: {body}");
+    }
+    // The database hangs: readiness says so within about a second, with
+    // the reason; liveness still says the process is fine.
+    proxy
+        .frozen
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    for path in ["/healthz", "/readyz"] {
+        let (status, body, took) = get(path).await;
+        assert_eq!(status, reqwest::StatusCode::SERVICE_UNAVAILABLE, "{path}");
+        assert!(
+            body.contains("did not answer") || body.contains("unavailable"),
+            "{body}"
+        );
+        assert!(
+            took < std::time::Duration::from_secs(3),
+            "{path} took {took:?}"
+        );
+    }
+    let (status, _, took) = get("/livez").await;
+    assert_eq!(status, reqwest::StatusCode::OK);
+    assert!(took < std::time::Duration::from_secs(1), "{took:?}");
+    // It answers again once the database does.
+    proxy
+        .frozen
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    crate::support::eventually(30, "ready again", || async {
+        (get("/readyz").await.0 == reqwest::StatusCode::OK).then_some(())
+    })
+    .await;
+    drop(proxy.dir);
+}

@@ -68,14 +68,36 @@ pub(super) async fn agent_binary(
 }
 
 /// 200 while the database answers, 503 otherwise.
+/// How long a health check waits for the database: a load balancer or an
+/// orchestrator must get an answer, whatever the database is doing.
+const HEALTH_DB_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// `GET /healthz` and `GET /readyz`: 200 when this primary can serve (its
+/// database answers within [`HEALTH_DB_TIMEOUT`]), else 503 with the
+/// reason, always within about that long.
 pub(super) async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
-    match sqlx::query("SELECT 1").execute(&state.db).await {
-        Ok(_) => (StatusCode::OK, "ok"),
-        Err(e) => {
+    let check = sqlx::query("SELECT 1").execute(&state.db);
+    match tokio::time::timeout(HEALTH_DB_TIMEOUT, check).await {
+        Ok(Ok(_)) => (StatusCode::OK, "ok"),
+        Ok(Err(e)) => {
             tracing::warn!(error = %e, "health check: database unavailable");
             (StatusCode::SERVICE_UNAVAILABLE, "database unavailable")
         }
+        Err(_) => {
+            tracing::warn!("health check: the database did not answer within 1 s");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "database did not answer within 1 s",
+            )
+        }
     }
+}
+
+/// `GET /livez`: 200 while the process serves HTTP at all, whatever its
+/// database does (an orchestrator restarts the process only when this
+/// fails; `/readyz` takes it out of rotation).
+pub(super) async fn livez() -> impl IntoResponse {
+    (StatusCode::OK, "alive")
 }
 
 pub(super) async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
