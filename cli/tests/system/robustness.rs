@@ -224,14 +224,13 @@ async fn two_primaries_migrating_the_same_database_at_once_both_start() {
 /// whose host stopped (SIGSTOP, a hung disk, a partition).
 struct FreezingProxy {
     dir: tempfile::TempDir,
-    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    frozen: tokio::sync::watch::Sender<bool>,
 }
 
 impl FreezingProxy {
     /// Listens where `url`'s socket is, in a directory of its own; the URL
     /// to give the primary instead.
     async fn start(url: &str) -> (Self, String) {
-        use std::sync::atomic::Ordering;
         let (head, host) = url.split_once("?host=").expect("a Unix-socket URL");
         let real_dir = host.replace("%2F", "/").replace("%2f", "/");
         let port = head.rsplit(':').next().unwrap().split('/').next().unwrap();
@@ -239,7 +238,7 @@ impl FreezingProxy {
         let real = std::path::Path::new(&real_dir).join(&socket_name);
         let dir = tempfile::tempdir().unwrap();
         let listener = tokio::net::UnixListener::bind(dir.path().join(&socket_name)).unwrap();
-        let frozen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let frozen = tokio::sync::watch::Sender::new(false);
         let f = frozen.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
@@ -253,7 +252,7 @@ impl FreezingProxy {
                     let pump =
                         |mut from: tokio::net::unix::OwnedReadHalf,
                          mut to: tokio::net::unix::OwnedWriteHalf,
-                         f: std::sync::Arc<std::sync::atomic::AtomicBool>| async move {
+                         f: tokio::sync::watch::Sender<bool>| async move {
                             use tokio::io::{AsyncReadExt, AsyncWriteExt};
                             let mut buf = [0u8; 8192];
                             loop {
@@ -263,9 +262,9 @@ impl FreezingProxy {
                                 if n == 0 {
                                     return;
                                 }
-                                // Frozen: hold what came, forever.
-                                while f.load(Ordering::SeqCst) {
-                                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                                // Frozen: hold what came until thawed.
+                                if f.subscribe().wait_for(|frozen| !frozen).await.is_err() {
+                                    return;
                                 }
                                 if to.write_all(&buf[..n]).await.is_err() {
                                     return;
@@ -317,9 +316,7 @@ async fn health_checks_answer_within_about_a_second_whatever_the_database_does()
     }
     // The database hangs: readiness says so within about a second, with
     // the reason; liveness still says the process is fine.
-    proxy
-        .frozen
-        .store(true, std::sync::atomic::Ordering::SeqCst);
+    proxy.frozen.send_replace(true);
     for path in ["/healthz", "/readyz"] {
         let (status, body, took) = get(path).await;
         assert_eq!(status, reqwest::StatusCode::SERVICE_UNAVAILABLE, "{path}");
@@ -336,9 +333,7 @@ async fn health_checks_answer_within_about_a_second_whatever_the_database_does()
     assert_eq!(status, reqwest::StatusCode::OK);
     assert!(took < std::time::Duration::from_secs(1), "{took:?}");
     // It answers again once the database does.
-    proxy
-        .frozen
-        .store(false, std::sync::atomic::Ordering::SeqCst);
+    proxy.frozen.send_replace(false);
     crate::support::eventually(30, "ready again", || async {
         (get("/readyz").await.0 == reqwest::StatusCode::OK).then_some(())
     })

@@ -117,7 +117,7 @@ impl Term {
 async fn a_dropped_terminal_comes_back_with_the_same_shell_and_its_recent_output() {
     let dir = tempfile::tempdir().unwrap();
     let (server, owner, _db) = primary_with(dir.path(), &[]).await;
-    let (_id, agent, _agent) = crate::ssh::running_workspace_with(
+    let (_id, agent, agent_process) = crate::ssh::running_workspace_with(
         &server,
         &owner,
         dir.path(),
@@ -172,9 +172,23 @@ async fn a_dropped_terminal_comes_back_with_the_same_shell_and_its_recent_output
     fresh.line("echo \"fresh ${MARK:-unset}\"").await;
     fresh.shows("fresh unset").await;
     fresh.line("export MARK=7").await;
+    // Terminals of this id the agent has ended so far (its log says so).
+    let id = session.to_string();
+    let ends = || {
+        agent_process
+            .process
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("terminal ended") && l.contains(&id))
+            .count()
+    };
+    let ended_before = ends();
     drop(fresh);
     // Nobody came back within the grace period (2 s here): it ended.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    crate::support::eventually(20, "the agent to end the abandoned terminal", || async {
+        (ends() > ended_before).then_some(())
+    })
+    .await;
     let mut after = Term::open(&server.url, &agent, session, &key).await;
     after.line("echo \"after ${MARK:-gone}\"").await;
     after.shows("after gone").await;
