@@ -886,45 +886,25 @@ async fn ssh_goes_through_the_nearest_or_the_pinned_region_across_the_mesh_and_f
     let signed_in = Api::new(&alice.url, None)
         .login("alice", "alice-password")
         .await;
-    let mut session = tokio::process::Command::new(crate::support::BIN)
-        .args([
+    let token = signed_in.token.clone().unwrap();
+    let started = crate::support::started_session(
+        &[
             "ssh",
             "--region",
             "eu",
             "weu",
             "--",
             "echo started; sleep 60",
-        ])
-        .env("DEVMESH_CONFIG_DIR", &alice.config)
-        .env("DEVMESH_URL", &alice.url)
-        .env("DEVMESH_SESSION_TOKEN", signed_in.token.clone().unwrap())
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut errors = session.stderr.take().unwrap();
-    let mut out = tokio::io::BufReader::new(session.stdout.take().unwrap());
-    let mut line = String::new();
-    tokio::io::AsyncBufReadExt::read_line(&mut out, &mut line)
-        .await
-        .unwrap();
-    if line.is_empty() {
-        let mut why = String::new();
-        tokio::io::AsyncReadExt::read_to_string(&mut errors, &mut why)
-            .await
-            .unwrap();
-        panic!("the session did not start: {why}");
-    }
-    assert_eq!(line.trim(), "started");
+        ],
+        &alice.config,
+        &alice.url,
+        &token,
+    )
+    .await;
     let at = Instant::now();
     let (status, _) = signed_in.post("/users/logout", json!({})).await;
     assert!(status.is_success(), "{status}");
-    tokio::time::timeout(Duration::from_secs(10), session.wait())
-        .await
-        .expect("the session ended")
-        .unwrap();
+    started.ended(Duration::from_secs(10)).await;
     assert!(at.elapsed() < Duration::from_secs(3), "{:?}", at.elapsed());
 }
 
@@ -1207,41 +1187,24 @@ async fn big_files_cross_by_scp_sftp_and_rsync_through_an_edge_and_across_the_me
 #[tokio::test]
 async fn an_ssh_session_whose_agent_dies_ends_with_a_clear_error_not_a_hang() {
     let mut m = Mesh::start().await;
-    let mut session = tokio::process::Command::new(crate::support::BIN)
-        .args([
+    let started = crate::support::started_session(
+        &[
             "ssh",
             "--region",
             "eu",
             "wap",
             "--",
             "echo started; sleep 600",
-        ])
-        .env("DEVMESH_CONFIG_DIR", m.dir.path().join("alice-cli"))
-        .env("DEVMESH_URL", &m.primary.as_ref().unwrap().url)
-        .env("DEVMESH_SESSION_TOKEN", m.alice_key())
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut out = tokio::io::BufReader::new(session.stdout.take().unwrap());
-    let mut line = String::new();
-    tokio::io::AsyncBufReadExt::read_line(&mut out, &mut line)
-        .await
-        .unwrap();
-    assert_eq!(line.trim(), "started");
+        ],
+        &m.dir.path().join("alice-cli"),
+        &m.primary.as_ref().unwrap().url,
+        &m.alice_key(),
+    )
+    .await;
     // wap's agent dies without a word (SIGKILL).
     m._agents.remove(1).process.kill().await;
-    let status = tokio::time::timeout(Duration::from_secs(30), session.wait())
-        .await
-        .expect("the session ended instead of hanging")
-        .unwrap();
+    let (status, err) = started.ended(Duration::from_secs(30)).await;
     assert!(!status.success());
-    let mut err = String::new();
-    tokio::io::AsyncReadExt::read_to_string(session.stderr.as_mut().unwrap(), &mut err)
-        .await
-        .unwrap();
     assert!(
         err.contains("the connection to the workspace was lost"),
         "{err}"

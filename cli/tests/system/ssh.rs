@@ -562,36 +562,24 @@ async fn deleting_the_key_signing_out_or_stopping_the_workspace_ends_ssh_session
         .post("/users/me/keys", json!({"name": "laptop"}))
         .await;
     assert_eq!(status, StatusCode::CREATED, "{key}");
+    let cli = dir.path().join("cli");
     let session = |token: String| {
-        tokio::process::Command::new(crate::support::BIN)
-            .args(["ssh", "long", "--", "echo started; sleep 60"])
-            .env("DEVMESH_CONFIG_DIR", dir.path().join("cli"))
-            .env("DEVMESH_URL", &server.url)
-            .env("DEVMESH_SESSION_TOKEN", token)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap()
-    };
-    let started = |child: &mut tokio::process::Child| {
-        let mut out = tokio::io::BufReader::new(child.stdout.take().unwrap());
+        let cli = cli.clone();
+        let url = server.url.clone();
         async move {
-            let mut line = String::new();
-            tokio::io::AsyncBufReadExt::read_line(&mut out, &mut line)
-                .await
-                .unwrap();
-            assert_eq!(line.trim(), "started");
-            out
+            crate::support::started_session(
+                &["ssh", "long", "--", "echo started; sleep 60"],
+                &cli,
+                &url,
+                &token,
+            )
+            .await
         }
     };
     // Each way of cutting the holder off ends a running session within a
     // second or so (3 s allowed on this shared machine).
-    let ends = |mut child: tokio::process::Child, at: tokio::time::Instant| async move {
-        let ended = tokio::time::timeout(std::time::Duration::from_secs(10), child.wait())
-            .await
-            .expect("the session ended")
-            .unwrap();
+    let ends = |started: crate::support::StartedSession, at: tokio::time::Instant| async move {
+        let (ended, _) = started.ended(std::time::Duration::from_secs(10)).await;
         assert!(!ended.success());
         assert!(
             at.elapsed() < std::time::Duration::from_secs(3),
@@ -601,8 +589,7 @@ async fn deleting_the_key_signing_out_or_stopping_the_workspace_ends_ssh_session
     };
 
     // Deleting the key.
-    let mut with_key = session(key["key"].as_str().unwrap().to_owned());
-    let _out = started(&mut with_key).await;
+    let with_key = session(key["key"].as_str().unwrap().to_owned()).await;
     let key_id = key["id"].as_str().unwrap();
     let at = tokio::time::Instant::now();
     assert_eq!(
@@ -615,8 +602,7 @@ async fn deleting_the_key_signing_out_or_stopping_the_workspace_ends_ssh_session
     let signed_in = devmesh_tests::Api::new(&server.url, None)
         .login("owner", "owner-password")
         .await;
-    let mut with_session = session(signed_in.token.clone().unwrap());
-    let _out = started(&mut with_session).await;
+    let with_session = session(signed_in.token.clone().unwrap()).await;
     let at = tokio::time::Instant::now();
     let (status, _) = signed_in.post("/users/logout", json!({})).await;
     assert!(status.is_success(), "{status}");
@@ -624,8 +610,7 @@ async fn deleting_the_key_signing_out_or_stopping_the_workspace_ends_ssh_session
 
     // Stopping the workspace (the agent of a bring-your-own workspace may
     // well run on).
-    let mut with_key = session(owner.token.clone().unwrap());
-    let _out = started(&mut with_key).await;
+    let with_key = session(owner.token.clone().unwrap()).await;
     let at = tokio::time::Instant::now();
     let (status, body) = owner
         .post(

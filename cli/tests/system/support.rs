@@ -210,3 +210,72 @@ pub(crate) async fn at_terminal(
     drop(stdin);
     (shown, child.wait().await.expect("wait"))
 }
+
+/// A running `devmesh ssh …` whose remote command has printed `started`:
+/// the process (its stderr piped) and the rest of its output.
+pub(crate) struct StartedSession {
+    pub(crate) child: tokio::process::Child,
+    pub(crate) out: tokio::io::BufReader<tokio::process::ChildStdout>,
+}
+
+/// Runs `devmesh <args>` as `token` against `url` (with CLI state in
+/// `config`), where `args` run a remote command that first prints
+/// `started`; returns once it has, or fails with what the CLI said.
+pub(crate) async fn started_session(
+    args: &[&str],
+    config: &Path,
+    url: &str,
+    token: &str,
+) -> StartedSession {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("DEVMESH_CONFIG_DIR", config)
+        .env("DEVMESH_URL", url)
+        .env("DEVMESH_SESSION_TOKEN", token)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run devmesh");
+    let mut out = tokio::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).await.unwrap();
+    if line.trim() != "started" {
+        let mut why = String::new();
+        let _ = child
+            .stderr
+            .as_mut()
+            .unwrap()
+            .read_to_string(&mut why)
+            .await;
+        panic!("the session did not start ({line:?}): {why}");
+    }
+    StartedSession { child, out }
+}
+
+impl StartedSession {
+    /// Waits (at most `within`) for the session to end; its status and
+    /// what it said on stderr. Its stdout stays open until then.
+    pub(crate) async fn ended(
+        mut self,
+        within: std::time::Duration,
+    ) -> (std::process::ExitStatus, String) {
+        use tokio::io::AsyncReadExt;
+        let status = tokio::time::timeout(within, self.child.wait())
+            .await
+            .expect("the session ended instead of hanging")
+            .unwrap();
+        let mut err = String::new();
+        let _ = self
+            .child
+            .stderr
+            .as_mut()
+            .unwrap()
+            .read_to_string(&mut err)
+            .await;
+        drop(self.out);
+        (status, err)
+    }
+}
