@@ -20,7 +20,7 @@ if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
 fi
 if [ "$rathole" = 1 ] && ! command -v rathole >/dev/null 2>&1; then
   # Not --locked: rathole 0.5.0's lock file pins a `time` release that no
-  # longer compiles on current Rust. Plain TCP transport only (what the
-  # baseline uses), so no OpenSSL headers are needed.
-  nice -n 10 cargo install rathole --no-default-features --features server,client
+  # longer compiles on current Rust. The plain TCP and the Noise transports
+  # (the two baselines); no TLS, so no OpenSSL headers are needed.
+  nice -n 10 cargo install rathole --no-default-features --features server,client,noise
 fi

@@ -12,7 +12,7 @@ use std::time::Duration;
 use devmesh_shared::api::RelayInfo;
 use devmesh_shared::tunnel::session::{AgentSession, PingTiming, SessionError};
 use devmesh_shared::tunnel::{StreamHeader, io as wire, status};
-use quinn::{Connection, Endpoint, EndpointConfig, RecvStream, SendStream};
+use quinn::{Connection, Endpoint, RecvStream, SendStream};
 use thiserror::Error;
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
@@ -160,7 +160,7 @@ fn endpoint_for(remote: SocketAddr) -> std::io::Result<Endpoint> {
         (Ipv4Addr::UNSPECIFIED, 0).into()
     };
     Endpoint::new(
-        EndpointConfig::default(),
+        quinn::EndpointConfig::default(),
         None,
         devmesh_net::sockets::udp_socket(bind)?,
         Arc::new(quinn::TokioRuntime),
@@ -513,14 +513,13 @@ async fn forward_tcp(port: u16, mut send: SendStream, recv: RecvStream) {
     // Each direction ends with a shutdown of its writer: the QUIC side's is
     // a FIN on the send stream, the TCP side's a half-close, so either
     // peer's end of data travels through.
-    let mut quic = tokio::io::join(recv, send);
-    match tokio::io::copy_bidirectional(&mut quic, &mut tcp).await {
+    let mut recv = recv;
+    match devmesh_net::splice::quic_and_tcp(&mut send, &mut recv, &mut tcp).await {
         Ok((from_relay, to_relay)) => {
             tracing::debug!(from_relay, to_relay, "stream done");
         }
         Err(e) => {
             tracing::debug!(error = %e, "stream failed; tearing down both sides");
-            let (mut recv, mut send) = quic.into_inner();
             let _ = send.reset(stream_code::FAILED);
             let _ = recv.stop(stream_code::FAILED);
             // Dropping the TCP stream closes it.

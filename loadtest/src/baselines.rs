@@ -131,23 +131,80 @@ pub struct Rathole {
     _client: Process,
 }
 
+/// rathole's transport between its server and client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RatholeTransport {
+    /// Plain TCP: rathole's default, unencrypted.
+    Tcp,
+    /// The Noise protocol (`Noise_NK_25519_ChaChaPoly_BLAKE2s`, rathole's
+    /// encrypted transport that needs no certificate): the like-for-like
+    /// baseline for devmesh's encrypted tunnel.
+    Noise,
+}
+
+impl RatholeTransport {
+    /// The folder and log name of this variant.
+    pub fn dir(self) -> &'static str {
+        match self {
+            Self::Tcp => "rathole",
+            Self::Noise => "rathole-noise",
+        }
+    }
+}
+
+/// A fresh Noise key pair from `rathole --genkey`: (private, public), base64.
+fn rathole_keys(bin: &Path) -> anyhow::Result<(String, String)> {
+    let out = std::process::Command::new(bin).arg("--genkey").output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let mut key_after = |label: &str| -> anyhow::Result<String> {
+        lines
+            .by_ref()
+            .skip_while(|l| !l.starts_with(label))
+            .nth(1)
+            .map(str::to_owned)
+            .with_context(|| format!("rathole --genkey printed no {label}: {text}"))
+    };
+    let private = key_after("Private Key")?;
+    let public = key_after("Public Key")?;
+    Ok((private, public))
+}
+
 impl Rathole {
-    /// Starts both ends under `dir`.
-    pub async fn start(dir: &Path, upstream: u16) -> anyhow::Result<Self> {
+    /// Starts both ends under `dir`, over `transport`.
+    pub async fn start(
+        dir: &Path,
+        upstream: u16,
+        transport: RatholeTransport,
+    ) -> anyhow::Result<Self> {
         let bin = which("rathole").context("missing: rathole is not installed (cargo install rathole, or loadtest/install-baselines.sh)")?;
-        let dir = dir.join("rathole");
+        let dir = dir.join(transport.dir());
         std::fs::create_dir_all(&dir)?;
         let (control, port) = (free_port()?, free_port()?);
+        let (server_transport, client_transport) = match transport {
+            RatholeTransport::Tcp => (String::new(), String::new()),
+            RatholeTransport::Noise => {
+                let (private, public) = rathole_keys(&bin)?;
+                (
+                    format!(
+                        "[server.transport]\ntype = \"noise\"\n[server.transport.noise]\nlocal_private_key = \"{private}\"\n"
+                    ),
+                    format!(
+                        "[client.transport]\ntype = \"noise\"\n[client.transport.noise]\nremote_public_key = \"{public}\"\n"
+                    ),
+                )
+            }
+        };
         std::fs::write(
             dir.join("server.toml"),
             format!(
-                "[server]\nbind_addr = \"127.0.0.1:{control}\"\n[server.services.app]\ntoken = \"loadtest\"\nbind_addr = \"127.0.0.1:{port}\"\n"
+                "[server]\nbind_addr = \"127.0.0.1:{control}\"\n{server_transport}[server.services.app]\ntoken = \"loadtest\"\nbind_addr = \"127.0.0.1:{port}\"\n"
             ),
         )?;
         std::fs::write(
             dir.join("client.toml"),
             format!(
-                "[client]\nremote_addr = \"127.0.0.1:{control}\"\n[client.services.app]\ntoken = \"loadtest\"\nlocal_addr = \"127.0.0.1:{upstream}\"\n"
+                "[client]\nremote_addr = \"127.0.0.1:{control}\"\n{client_transport}[client.services.app]\ntoken = \"loadtest\"\nlocal_addr = \"127.0.0.1:{upstream}\"\n"
             ),
         )?;
         let spawn = |side: &str| -> anyhow::Result<Process> {

@@ -9,7 +9,7 @@ use anyhow::Context;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::baselines::{Nginx, Rathole};
+use crate::baselines::{Nginx, Rathole, RatholeTransport};
 use crate::report::{Report, ScenarioReport};
 use crate::scenario::{Protocol, Scenario};
 use crate::topology::{Deployment, Endpoint, Options, app_client};
@@ -182,24 +182,36 @@ pub async fn run(
         }
     }
     if b.rathole {
-        let r = async {
-            let r = Rathole::start(&base_dir, app_port).await?;
-            let n = Nginx::start(&base_dir, "nginx-rathole", r.port, &dep.cert, &dep.key).await?;
-            anyhow::Ok((r, n))
-        }
-        .await;
-        match r {
-            Ok((r, n)) => {
-                baselines.push(Endpoint {
-                    name: "nginx+rathole".into(),
-                    base: format!("https://localhost:{}", n.port),
-                    token: None,
-                });
-                keep_alive.push(Box::new(r));
-                keep_alive.push(Box::new(n));
-                state("nginx+rathole", Ok(()));
+        for (transport, name) in [
+            (RatholeTransport::Tcp, "nginx+rathole"),
+            (RatholeTransport::Noise, "nginx+rathole (noise)"),
+        ] {
+            let r = async {
+                let r = Rathole::start(&base_dir, app_port, transport).await?;
+                let n = Nginx::start(
+                    &base_dir,
+                    &format!("nginx-{}", transport.dir()),
+                    r.port,
+                    &dep.cert,
+                    &dep.key,
+                )
+                .await?;
+                anyhow::Ok((r, n))
             }
-            Err(e) => state("nginx+rathole", Err(e)),
+            .await;
+            match r {
+                Ok((r, n)) => {
+                    baselines.push(Endpoint {
+                        name: name.into(),
+                        base: format!("https://localhost:{}", n.port),
+                        token: None,
+                    });
+                    keep_alive.push(Box::new(r));
+                    keep_alive.push(Box::new(n));
+                    state(name, Ok(()));
+                }
+                Err(e) => state(name, Err(e)),
+            }
         }
     }
     state(

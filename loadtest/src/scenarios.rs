@@ -468,8 +468,38 @@ pub async fn regions(
             );
         }
     }
-    // The emulator's own overhead: direct, and direct through a 0 ms link.
     let stop = ctx.stop.child_token();
+    // The floor of the steady state through the edge: the app reached
+    // directly through the same two emulated links the edge path crosses
+    // (client → edge, edge → agent), so the ratio is devmesh's own cost.
+    if let Some((ep, Some(f))) = paths.get(1) {
+        let spec = ctx.dep.wan[*f].spec;
+        let inner =
+            TcpRelay::start(([127, 0, 0, 1], ctx.app_port).into(), spec, stop.clone()).await?;
+        let outer = TcpRelay::start(inner.addr, spec, stop.clone()).await?;
+        let floor = Endpoint {
+            name: format!("floor: direct through two emulated {client_region} links"),
+            base: format!("http://{}", outer.addr),
+            token: None,
+        };
+        ctx.progress
+            .set_message(format!("regions: steady state via {}", floor.name));
+        let client = ctx.client(Protocol::Http1)?;
+        let (s, d) = load::small(&client, &floor, 1024, cfg.requests, 1).await;
+        let floor_p50 = sr.add("steady state", &floor.name, s, d).summary.p50_ms;
+        let edge_p50 = sr
+            .rows
+            .iter()
+            .find(|r| r.case == "steady state" && r.target == ep.name)
+            .and_then(|r| r.summary.p50_ms);
+        if let (Some(edge_p50), Some(floor_p50)) = (edge_p50, floor_p50.filter(|f| *f > 0.0)) {
+            sr.extra.insert(
+                format!("steady state p50, {} ÷ floor", ep.name),
+                json!(round(edge_p50 / floor_p50)),
+            );
+        }
+    }
+    // The emulator's own overhead: direct, and direct through a 0 ms link.
     let relay = TcpRelay::start(
         ([127, 0, 0, 1], ctx.app_port).into(),
         LinkSpec::rtt(Duration::ZERO),
@@ -519,9 +549,13 @@ pub async fn regions(
 /// time and how many HTTP requests it took.
 async fn browser_first_visit(ctx: &Ctx, ep: &Endpoint) -> anyhow::Result<(Duration, usize)> {
     let jar = Arc::new(reqwest::cookie::Jar::default());
-    // Signed in to the dashboard (cookies are per host, not per port).
+    // Signed in to the dashboard (cookies are per host, not per port; the
+    // deployment is HTTPS, so the cookie has the host-only `__Host-` name).
     jar.add_cookie_str(
-        &format!("devmesh_session_token={}; Path=/", ctx.dep.token),
+        &format!(
+            "__Host-devmesh_session_token={}; Path=/; Secure",
+            ctx.dep.token
+        ),
         &"https://localhost/".parse()?,
     );
     let requests = Arc::new(std::sync::atomic::AtomicUsize::new(1));

@@ -266,11 +266,7 @@ pub async fn pipe<R, W>(
         mpsc::unbounded_channel::<(Instant, Vec<u8>, tokio::sync::OwnedSemaphorePermit)>();
     let writer = tokio::spawn(async move {
         while let Some((at, buf, permit)) = rx.recv().await {
-            // The timer wheel rounds up to whole milliseconds: never sleep
-            // for a deadline that has already passed (a 0 ms link).
-            if at > Instant::now() {
-                tokio::time::sleep_until(at).await;
-            }
+            sleep_until(at).await;
             if w.write_all(&buf).await.is_err() {
                 return;
             }
@@ -438,13 +434,113 @@ async fn udp_release(
     to: Option<SocketAddr>,
 ) {
     while let Some((at, buf)) = rx.recv().await {
-        if at > Instant::now() {
-            tokio::time::sleep_until(at).await;
-        }
+        sleep_until(at).await;
         let _ = match to {
             Some(to) => sock.send_to(&buf, to).await,
             None => sock.send(&buf).await,
         };
+    }
+}
+
+// === Precise release times ===
+
+/// Sleeps until `at` to within the OS timer's precision (tens of µs).
+/// tokio's timer wheel fires on whole milliseconds, rounding up, so a 1 ms
+/// one-way delay became 1–2 ms, and a request crossing two emulated 2 ms
+/// links (four legs) carried up to 4 ms of the emulator's own. The coarse
+/// part of a long wait stays on tokio's timer (so paused-clock tests still
+/// advance); the last 2 ms are timed by [`Clock`]'s thread.
+pub async fn sleep_until(at: Instant) {
+    const COARSE: Duration = Duration::from_millis(2);
+    let now = Instant::now();
+    if at <= now {
+        return;
+    }
+    if at - now > COARSE {
+        tokio::time::sleep_until(at - COARSE).await;
+    }
+    let left = at.saturating_duration_since(Instant::now());
+    if !left.is_zero() {
+        // Whichever comes first: the precise thread in real time, tokio's
+        // timer under a paused test clock (which jumps straight to `at`).
+        tokio::select! {
+            _ = Clock::get().wait(left) => {}
+            _ = tokio::time::sleep_until(at) => {}
+        }
+    }
+}
+
+/// The clock thread's notion of time: the OS's monotonic clock, never a
+/// paused test clock (the thread runs outside any runtime).
+#[allow(clippy::disallowed_types)]
+type RealInstant = std::time::Instant;
+
+/// One thread that keeps pending deadlines in a heap and wakes each with a
+/// oneshot when it passes, sleeping on a condition variable in between.
+struct Clock {
+    state: parking_lot::Mutex<ClockState>,
+    wake: parking_lot::Condvar,
+}
+
+#[derive(Default)]
+struct ClockState {
+    heap: std::collections::BinaryHeap<std::cmp::Reverse<(RealInstant, u64)>>,
+    waiting: HashMap<u64, tokio::sync::oneshot::Sender<()>>,
+    next: u64,
+}
+
+impl Clock {
+    fn get() -> &'static Clock {
+        static CLOCK: std::sync::OnceLock<&'static Clock> = std::sync::OnceLock::new();
+        CLOCK.get_or_init(|| {
+            let clock: &'static Clock = Box::leak(Box::new(Clock {
+                state: parking_lot::Mutex::new(ClockState::default()),
+                wake: parking_lot::Condvar::new(),
+            }));
+            std::thread::Builder::new()
+                .name("wan-clock".into())
+                .spawn(move || clock.run())
+                .expect("spawn the emulator's clock thread");
+            clock
+        })
+    }
+
+    async fn wait(&self, d: Duration) {
+        let at = RealInstant::now() + d;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        {
+            let mut s = self.state.lock();
+            let id = s.next;
+            s.next += 1;
+            let earliest = s.heap.peek().is_none_or(|r| at < r.0.0);
+            s.heap.push(std::cmp::Reverse((at, id)));
+            s.waiting.insert(id, tx);
+            if earliest {
+                self.wake.notify_one();
+            }
+        }
+        let _ = rx.await;
+    }
+
+    fn run(&self) {
+        let mut s = self.state.lock();
+        loop {
+            let now = RealInstant::now();
+            while let Some(std::cmp::Reverse((at, id))) = s.heap.peek().copied()
+                && at <= now
+            {
+                s.heap.pop();
+                if let Some(tx) = s.waiting.remove(&id) {
+                    let _ = tx.send(());
+                }
+            }
+            match s.heap.peek().map(|r| r.0.0) {
+                Some(at) => {
+                    self.wake.wait_until(&mut s, at);
+                }
+                None => self.wake.wait(&mut s),
+            }
+        }
     }
 }
 

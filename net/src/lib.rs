@@ -16,4 +16,5 @@ pub mod http;
 pub mod quic;
 pub mod runtime;
 pub mod sockets;
+pub mod splice;
 pub mod tls;

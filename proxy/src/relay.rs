@@ -1017,38 +1017,21 @@ fn granted(header: &StreamHeader) -> GrantedStream {
     }
 }
 
-/// Copies both ways until both directions end; a failure on one side
-/// resets the other. Returns the bytes copied.
+/// Copies both ways until both directions end; a failure of one direction
+/// resets that direction on both sides. Returns the bytes copied.
 async fn splice(a: (SendStream, RecvStream), b: (SendStream, RecvStream)) -> u64 {
-    let (mut a_send, mut a_recv) = a;
-    let (mut b_send, mut b_recv) = b;
-    let forward = async {
-        match tokio::io::copy(&mut a_recv, &mut b_send).await {
-            Ok(n) => {
-                let _ = b_send.finish();
-                n
-            }
+    async fn one_way(mut from: RecvStream, mut to: SendStream) -> u64 {
+        match devmesh_net::splice::quic_to_quic(&mut from, &mut to).await {
+            Ok(n) => n,
             Err(_) => {
-                let _ = b_send.reset(stream_code::FAILED.into());
-                let _ = a_recv.stop(stream_code::FAILED.into());
+                let _ = to.reset(stream_code::FAILED.into());
+                let _ = from.stop(stream_code::FAILED.into());
                 0
             }
         }
-    };
-    let back = async {
-        match tokio::io::copy(&mut b_recv, &mut a_send).await {
-            Ok(n) => {
-                let _ = a_send.finish();
-                n
-            }
-            Err(_) => {
-                let _ = a_send.reset(stream_code::FAILED.into());
-                let _ = b_recv.stop(stream_code::FAILED.into());
-                0
-            }
-        }
-    };
-    let (x, y) = tokio::join!(forward, back);
+    }
+    let ((a_send, a_recv), (b_send, b_recv)) = (a, b);
+    let (x, y) = tokio::join!(one_way(a_recv, b_send), one_way(b_recv, a_send));
     x + y
 }
 
