@@ -395,6 +395,7 @@ impl Attached {
             ..
         } = self;
         let mut control = wire::ControlReader::new(control_recv);
+        let credit = devmesh_net::quic::StreamCredit::new(conn.clone());
 
         let end = loop {
             tokio::select! {
@@ -407,8 +408,15 @@ impl Attached {
                             agent.id = %agent_id,
                             stream.port = tracing::field::Empty,
                         );
+                        let open = credit.opened();
                         let task = handle_stream(send, recv, timing.header_timeout);
-                        tokio::spawn(task.instrument(span));
+                        tokio::spawn(
+                            async move {
+                                task.await;
+                                drop(open);
+                            }
+                            .instrument(span),
+                        );
                     }
                     Err(e) => break End::Lost(e.to_string()),
                 },

@@ -4,6 +4,7 @@
 //! flow-control windows and liveness timers.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use devmesh_shared::tunnel;
@@ -15,8 +16,14 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 /// Streams a peer carrying user connections may have open at once, one
 /// per connection: a relay towards its agent, and a listed mesh peer
-/// towards a relay (raised to this once it is known).
+/// towards a relay. Reached through [`StreamCredit`], never granted at once.
 pub const MAX_STREAMS: u32 = 100_000;
+/// Streams such a peer may open at first. Quinn keeps a slot for every
+/// stream the peer may open (about 60 bytes each), so granting
+/// [`MAX_STREAMS`] up front cost every agent and every mesh link about
+/// 6 MiB whether or not it was ever used; [`StreamCredit`] doubles the
+/// grant as streams are used instead.
+pub const INITIAL_STREAMS: u32 = 256;
 /// Flow-control window of one stream, in bytes.
 pub const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
 /// Flow-control window of a whole connection, both directions, in bytes.
@@ -88,7 +95,7 @@ pub fn agent_client(mesh_ca_pem: &str) -> Result<quinn::ClientConfig, QuicConfig
     tls.alpn_protocols = vec![tunnel::ALPN.to_vec()];
     let mut config =
         quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).map_err(error)?));
-    config.transport_config(Arc::new(transport(MAX_STREAMS, CONNECTION_WINDOW)));
+    config.transport_config(Arc::new(transport(INITIAL_STREAMS, CONNECTION_WINDOW)));
     Ok(config)
 }
 
@@ -131,4 +138,60 @@ pub fn relay(
     // The home relay never opens streams on a link we dialed.
     client.transport_config(Arc::new(transport(0, CONNECTION_WINDOW)));
     Ok((server, client))
+}
+
+/// The streams a peer may open on one connection, raised as it uses them:
+/// from [`INITIAL_STREAMS`], doubled whenever three quarters are open, up
+/// to [`MAX_STREAMS`]. Memory follows the connection's real peak instead of
+/// its ceiling; a burst waits at most one round trip for the next grant.
+#[derive(Debug)]
+pub struct StreamCredit {
+    conn: quinn::Connection,
+    open: AtomicU32,
+    granted: AtomicU32,
+}
+
+/// One open peer stream, counted by its [`StreamCredit`] until dropped.
+#[derive(Debug)]
+pub struct OpenStream(Arc<StreamCredit>);
+
+impl StreamCredit {
+    /// Grants `conn`'s peer [`INITIAL_STREAMS`].
+    pub fn new(conn: quinn::Connection) -> Arc<Self> {
+        conn.set_max_concurrent_bi_streams(INITIAL_STREAMS.into());
+        Arc::new(Self {
+            conn,
+            open: AtomicU32::new(0),
+            granted: AtomicU32::new(INITIAL_STREAMS),
+        })
+    }
+
+    /// Counts a stream the peer opened, raising the grant when it is
+    /// three quarters used.
+    pub fn opened(self: &Arc<Self>) -> OpenStream {
+        let open = self.open.fetch_add(1, Ordering::Relaxed) + 1;
+        let granted = self.granted.load(Ordering::Relaxed);
+        if u64::from(open) * 4 >= u64::from(granted) * 3 && granted < MAX_STREAMS {
+            let raised = granted.saturating_mul(2).min(MAX_STREAMS);
+            if self
+                .granted
+                .compare_exchange(granted, raised, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+            {
+                self.conn.set_max_concurrent_bi_streams(raised.into());
+            }
+        }
+        OpenStream(self.clone())
+    }
+
+    /// Streams granted now.
+    pub fn granted(&self) -> u32 {
+        self.granted.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
 }

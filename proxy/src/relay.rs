@@ -763,8 +763,8 @@ impl Relay {
                 conn.close(close::NOT_A_MESH_PEER.into(), b"not a mesh peer");
                 anyhow::bail!("a mesh certificate of a relay that is not (or no longer) a peer");
             }
-            // A listed peer carries every user connection between us.
-            conn.set_max_concurrent_bi_streams(quic::MAX_STREAMS.into());
+            // A listed peer carries every user connection between us
+            // (its stream grant grows with use, in `serve_mesh`).
             conn.set_receive_window(quic::CONNECTION_WINDOW.into());
             self.serve_mesh(conn, tasks).await
         } else {
@@ -789,6 +789,7 @@ impl Relay {
     async fn serve_mesh(&self, conn: Connection, tasks: &TaskTracker) -> anyhow::Result<()> {
         tracing::debug!(relay.peer = %conn.remote_address(), "mesh peer connected");
         let mut peers = self.inner.mesh_peers.0.subscribe();
+        let credit = quic::StreamCredit::new(conn.clone());
         loop {
             let (send, recv) = tokio::select! {
                 s = conn.accept_bi() => s?,
@@ -802,7 +803,9 @@ impl Relay {
                 }
             };
             let this = self.clone();
+            let open = credit.opened();
             tasks.spawn(async move {
+                let _open = open;
                 if let Err(e) = this.serve_mesh_stream(send, recv).await {
                     tracing::debug!(error = %e, "mesh stream ended");
                 }

@@ -416,3 +416,32 @@ async fn udp_streams_carry_datagrams_and_a_garbage_frame_ends_that_flow_only() {
         .unwrap();
     assert_eq!(got, tunnel::udp::Received::Datagram(5));
 }
+
+#[tokio::test]
+async fn the_relay_may_hold_many_more_streams_than_it_was_first_granted() {
+    let mut relay = TestRelay::start(RelayOptions::default()).await;
+    let (rc, _agent) = attached_agent(&mut relay, Timing::default()).await;
+    // Every stream stays open (a probe waits for the upload's end), so the
+    // relay can only open the later ones if the agent raised its grant.
+    let wanted = devmesh_net::quic::INITIAL_STREAMS as usize * 3;
+    let mut held = Vec::with_capacity(wanted);
+    for _ in 0..wanted {
+        let header = header_bytes(&StreamHeader::Probe { download: 1 });
+        let (send, mut recv) = open_stream(&rc.conn, &header).await;
+        let mut status = [0u8; 1];
+        within(
+            "the agent to answer the stream",
+            recv.read_exact(&mut status),
+        )
+        .await
+        .unwrap();
+        assert_eq!(status[0], status::OK);
+        held.push((send, recv));
+    }
+    // Each still works.
+    for (mut send, mut recv) in held.drain(..).rev().take(3) {
+        send.finish().unwrap();
+        let got = read_all(&mut recv).await;
+        assert_eq!(got[..8], 0u64.to_be_bytes());
+    }
+}
