@@ -424,8 +424,10 @@ fn splice_upgrade(client: hyper::upgrade::OnUpgrade, app: hyper::upgrade::OnUpgr
         let (Ok(client), Ok(app)) = (client.await, app.await) else {
             return;
         };
-        let (mut client, mut app) = (TokioIo::new(client), TokioIo::new(app));
-        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut app).await {
+        let (client, app) = (TokioIo::new(client), TokioIo::new(app));
+        // Buffers that follow the traffic: most upgraded connections are
+        // idle WebSockets, thousands of them per edge.
+        if let Err(e) = devmesh_net::splice::bidirectional_adaptive(client, app).await {
             tracing::debug!(error = %e, "upgraded connection ended");
         }
     });
