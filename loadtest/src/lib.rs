@@ -5,6 +5,7 @@
 
 pub mod agents;
 pub mod baselines;
+pub mod chaos;
 pub mod load;
 pub mod plot;
 pub mod procstat;

@@ -312,6 +312,12 @@ pub async fn run(
         scenarios::mesh
     );
     scenario!(
+        "chaos",
+        "faults under load, with writes under fire: what clients saw and what was kept",
+        s.chaos,
+        crate::chaos::run
+    );
+    scenario!(
         "failover",
         "an edge killed under load",
         s.failover,

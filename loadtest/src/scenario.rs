@@ -178,6 +178,8 @@ pub struct Scenarios {
     pub failover: Option<Failover>,
     /// 9: the edge data path: primary calls in steady state, one mesh hop.
     pub mesh: Option<Mesh>,
+    /// 10: faults under load, with writes under fire.
+    pub chaos: Option<Chaos>,
 }
 
 /// Scenario 1.
@@ -337,6 +339,20 @@ pub struct Failover {
     pub reattach_timeout_s: f64,
 }
 
+/// Scenario 10.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Chaos {
+    /// The faults, in order: `postgres` (SIGKILL the embedded PostgreSQL).
+    pub faults: Vec<String>,
+    /// Load before each fault, seconds.
+    pub before_s: f64,
+    /// Load after the API answers again, seconds.
+    pub after_s: f64,
+    /// Longest wait for the API to answer again, seconds.
+    pub recover_timeout_s: f64,
+}
+
 /// Scenario 9.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -494,6 +510,10 @@ impl Scenario {
         if let Some(x) = &mut s.mesh {
             x.steady_requests = x.steady_requests.min(100);
             x.requests = x.requests.min(100);
+        }
+        if let Some(x) = &mut s.chaos {
+            x.before_s = x.before_s.min(1.0);
+            x.after_s = x.after_s.min(1.0);
         }
         self
     }

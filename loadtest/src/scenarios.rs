@@ -202,9 +202,15 @@ pub async fn websockets(
         let connect = Arc::new(parking_lot::Mutex::new(Samples::default()));
         let echo = Arc::new(parking_lot::Mutex::new(Samples::default()));
         let gate = Arc::new(tokio::sync::Semaphore::new(64));
+        // Why opens failed, each reason once with its count.
+        let why = Arc::new(parking_lot::Mutex::new(std::collections::BTreeMap::<
+            String,
+            usize,
+        >::new()));
         let start = Instant::now();
         let mut tasks = Vec::with_capacity(cfg.connections);
         for i in 0..cfg.connections {
+            let why = why.clone();
             let (ep, roots, stop, opened2, connect, echo, gate) = (
                 t.clone(),
                 roots.clone(),
@@ -226,8 +232,13 @@ pub async fn websockets(
                         opened2.fetch_add(1, Ordering::Relaxed);
                         ws
                     }
-                    _ => {
+                    failed => {
                         connect.lock().errors += 1;
+                        let reason = match failed {
+                            Ok(Err(e)) => format!("{e:#}"),
+                            _ => "no answer within 30 s".to_owned(),
+                        };
+                        *why.lock().entry(reason).or_default() += 1;
                         return;
                     }
                 };
@@ -282,6 +293,10 @@ pub async fn websockets(
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let open_time = start.elapsed();
+        for (reason, n) in why.lock().iter().take(5) {
+            sr.notes
+                .push(format!("{}: {n} opens failed: {reason}", t.name));
+        }
         let before_hold = ctx.dep.monitor.usage(&window);
         ctx.progress.set_message(format!(
             "websockets via {}: {} open, holding",

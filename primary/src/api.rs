@@ -163,7 +163,11 @@ pub struct Parts {
 impl AppState {
     /// State over a connected, migrated database.
     pub fn new(db: PgPool, config: ServerConfig, parts: Parts) -> Self {
-        let metrics = Arc::new(Metrics::new());
+        let mut metrics = Metrics::new();
+        if config.postgres_url.is_none() {
+            metrics.watch_embedded_postgres();
+        }
+        let metrics = Arc::new(metrics);
         Self {
             keys: KeyValidator::new(db.clone(), metrics.clone()),
             db,

@@ -59,6 +59,11 @@ pub struct Metrics {
     /// App requests on the primary's apps domain (`devmesh_app_*`), as
     /// edges count theirs.
     pub apps: devmesh_proxy::pipeline::ProxyMetrics,
+    /// Times the embedded PostgreSQL died and was started again.
+    pub embedded_postgres_restarts: Counter,
+    /// 1 while the embedded PostgreSQL runs, 0 while it is down (absent
+    /// with an external database).
+    pub embedded_postgres_up: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -109,6 +114,13 @@ impl Metrics {
         let apps = devmesh_proxy::pipeline::ProxyMetrics::register(
             registry.sub_registry_with_prefix("app"),
         );
+        let embedded_postgres_restarts = Counter::default();
+        registry.register(
+            "embedded_postgres_restarts",
+            "Times the embedded PostgreSQL died and was started again",
+            embedded_postgres_restarts.clone(),
+        );
+        let embedded_postgres_up = Gauge::default();
         let build_info = Family::<Vec<(String, String)>, Gauge>::default();
         build_info
             .get_or_create(&vec![("version".into(), devmesh_shared::VERSION.into())])
@@ -124,7 +136,20 @@ impl Metrics {
             edge_refusals,
             provisioner_refusals,
             apps,
+            embedded_postgres_restarts,
+            embedded_postgres_up,
         }
+    }
+
+    /// Exports [`Metrics::embedded_postgres_up`] (a deployment with an
+    /// external database has no such gauge).
+    pub fn watch_embedded_postgres(&mut self) {
+        self.embedded_postgres_up.set(1);
+        self.registry.register(
+            "embedded_postgres_up",
+            "1 while the embedded PostgreSQL runs, 0 while it is down",
+            self.embedded_postgres_up.clone(),
+        );
     }
 
     /// Counts one outcome in a result family.

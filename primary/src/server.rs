@@ -11,7 +11,9 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, Weak};
+
+use parking_lot::Mutex;
 
 use tokio_util::task::TaskTracker;
 
@@ -37,7 +39,10 @@ pub struct RunningServer {
     pub db: PgPool,
     shutdown: CancellationToken,
     task: Option<JoinHandle<()>>,
-    embedded: Option<EmbeddedPostgres>,
+    embedded: Option<Arc<Mutex<EmbeddedPostgres>>>,
+    /// Why the server stopped on its own, if it did (the embedded
+    /// PostgreSQL could not be brought back).
+    failure: Arc<OnceLock<String>>,
 }
 
 impl RunningServer {
@@ -56,6 +61,13 @@ impl RunningServer {
         self.shutdown.clone()
     }
 
+    /// Why the server stopped by itself, when it did: it cannot serve
+    /// (the embedded PostgreSQL died and would not start again), and the
+    /// process should exit non-zero so its supervisor notices.
+    pub fn failure(&self) -> Option<String> {
+        self.failure.get().cloned()
+    }
+
     /// Stops accepting, lets requests finish for a grace period, closes the
     /// pool and stops the embedded database.
     pub async fn stop(mut self) {
@@ -68,8 +80,8 @@ impl RunningServer {
             }
         }
         self.db.close().await;
-        if let Some(mut pg) = self.embedded.take() {
-            let _ = tokio::task::spawn_blocking(move || pg.stop()).await;
+        if let Some(pg) = self.embedded.take() {
+            let _ = tokio::task::spawn_blocking(move || pg.lock().stop()).await;
         }
     }
 }
@@ -195,6 +207,17 @@ pub async fn start(mut config: ServerConfig) -> anyhow::Result<RunningServer> {
         vault: vault.clone(),
     };
     let state = AppState::new(pool.clone(), config, parts);
+    let failure = Arc::new(OnceLock::new());
+    let embedded = embedded.map(|pg| {
+        let pg = Arc::new(Mutex::new(pg));
+        supervise_embedded(
+            Arc::downgrade(&pg),
+            state.metrics.clone(),
+            shutdown.clone(),
+            failure.clone(),
+        );
+        pg
+    });
     let wildcards: Vec<String> = wildcard.iter().cloned().collect();
     let tls_config = tls::https(&tls_mode, &access_url, &wildcards, shutdown.clone())?;
     let scheme = if tls_config.is_some() {
@@ -264,5 +287,91 @@ pub async fn start(mut config: ServerConfig) -> anyhow::Result<RunningServer> {
         shutdown,
         task: Some(task),
         embedded,
+        failure,
     })
+}
+
+/// Attempts to start a dead embedded PostgreSQL before giving up.
+const RESTART_ATTEMPTS: u32 = 5;
+/// The wait before the second attempt, doubled before each later one
+/// (0.5, 1, 2, 4 s: about 8 s in all, plus each attempt's own time).
+const FIRST_RESTART_BACKOFF: Duration = Duration::from_millis(500);
+/// How often the supervisor looks at the postmaster.
+const SUPERVISE_EVERY: Duration = Duration::from_millis(200);
+
+/// Watches the embedded PostgreSQL from a thread of its own: when the
+/// postmaster dies (killed, crashed, out of memory) it is started again on
+/// the same cluster, with crash recovery, after a backoff between failed
+/// attempts; the pool's next connections reach it again by themselves.
+/// Each event is logged and counted (`devmesh_embedded_postgres_up`,
+/// `devmesh_embedded_postgres_restarts_total`). When it cannot come back,
+/// the reason goes to `failure` and the server shuts down, so the process
+/// exits non-zero rather than serving without a database. Holds the
+/// cluster weakly: stopping or dropping the server ends the watch.
+fn supervise_embedded(
+    pg: Weak<Mutex<EmbeddedPostgres>>,
+    metrics: Arc<crate::metrics::Metrics>,
+    shutdown: CancellationToken,
+    failure: Arc<OnceLock<String>>,
+) {
+    let watch = move || {
+        loop {
+            std::thread::sleep(SUPERVISE_EVERY);
+            // Gone once the server is stopped or dropped.
+            let Some(pg) = pg.upgrade() else { return };
+            if shutdown.is_cancelled() {
+                return;
+            }
+            let Some(status) = pg.lock().exited() else {
+                continue;
+            };
+            metrics.embedded_postgres_up.set(0);
+            let died = tokio::time::Instant::now();
+            tracing::error!(%status, log = %pg.lock().log_tail(), "the embedded PostgreSQL died; starting it again");
+            let mut backoff = FIRST_RESTART_BACKOFF;
+            let mut attempt = 1;
+            loop {
+                let tried = {
+                    let mut pg = pg.lock();
+                    if shutdown.is_cancelled() {
+                        return;
+                    }
+                    pg.restart()
+                };
+                match tried {
+                    Ok(()) => {
+                        metrics.embedded_postgres_restarts.inc();
+                        metrics.embedded_postgres_up.set(1);
+                        tracing::warn!(
+                            attempts = attempt,
+                            down_ms = died.elapsed().as_millis() as u64,
+                            "the embedded PostgreSQL is back (crash recovery done)"
+                        );
+                        break;
+                    }
+                    Err(e) if attempt >= RESTART_ATTEMPTS => {
+                        let reason = format!(
+                            "the embedded PostgreSQL died and could not be started again ({attempt} attempts): {e}"
+                        );
+                        tracing::error!("{reason}; shutting down");
+                        let _ = failure.set(reason);
+                        shutdown.cancel();
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(attempt, error = %e, retry_in_ms = backoff.as_millis() as u64, "the embedded PostgreSQL did not start again");
+                        std::thread::sleep(backoff);
+                        backoff *= 2;
+                        attempt += 1;
+                    }
+                }
+            }
+        }
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("postgres-supervisor".into())
+        .spawn(watch)
+    {
+        tracing::error!(error = %e, "cannot start the embedded PostgreSQL's supervisor; a crash of it will not be repaired");
+    }
 }

@@ -25,9 +25,14 @@ pub(crate) async fn run(args: ServerArgs) -> anyhow::Result<()> {
         token.cancel();
     });
     server.cancelled().await;
+    let failure = server.failure();
     tracing::info!("shutting down");
     server.stop().await;
-    Ok(())
+    match failure {
+        // Exit non-zero: whatever supervises this process must notice.
+        Some(reason) => Err(anyhow::anyhow!(reason)),
+        None => Ok(()),
+    }
 }
 
 /// Installs SIGTERM and SIGINT handlers now, and resolves at the first of

@@ -340,3 +340,103 @@ async fn health_checks_answer_within_about_a_second_whatever_the_database_does()
     .await;
     drop(proxy.dir);
 }
+
+/// The embedded cluster's postmaster PID, from its `postmaster.pid`.
+fn postmaster_pid(data: &std::path::Path) -> i32 {
+    let pid_file = std::fs::read_to_string(data.join("postgres/postmaster.pid")).unwrap();
+    pid_file.lines().next().unwrap().trim().parse().unwrap()
+}
+
+/// A primary on a fresh embedded cluster with its owner signed in.
+async fn embedded_primary(
+    data: &std::path::Path,
+    cfg: &std::path::Path,
+) -> crate::support::ServerProcess {
+    use crate::support::{ServerProcess, cli, ok};
+    let server = ServerProcess::start(&["--data-dir", data.to_str().unwrap()], &[], cfg).await;
+    ok(&cli(
+        cfg,
+        &[
+            "login",
+            &server.url,
+            "--username",
+            "admin",
+            "--email",
+            "admin@example.com",
+            "--password",
+            "admin-password",
+        ],
+    )
+    .await);
+    server
+}
+
+#[tokio::test]
+async fn a_killed_embedded_database_is_started_again_with_every_committed_write() {
+    use crate::support::{cli, eventually, metric, ok};
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let data = devmesh_tests::shared_tempdir("devmesh-data-");
+    let config = tempfile::tempdir().unwrap();
+    let cfg = config.path();
+    let server = embedded_primary(&data, cfg).await;
+    ok(&cli(cfg, &["keys", "create", "--name", "before-the-crash"]).await);
+
+    let killed = postmaster_pid(&data);
+    kill(Pid::from_raw(killed), Signal::SIGKILL).unwrap();
+
+    // The API answers again by itself, with what was committed before.
+    let keys = eventually(
+        60,
+        "the API to answer after the database's crash",
+        || async {
+            let out = cli(cfg, &["keys", "list"]).await;
+            out.status
+                .success()
+                .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+        },
+    )
+    .await;
+    assert!(keys.contains("before-the-crash"), "{keys}");
+    ok(&cli(cfg, &["keys", "create", "--name", "after-the-crash"]).await);
+    assert_ne!(postmaster_pid(&data), killed, "a new postmaster runs");
+    assert_eq!(
+        metric(&server.url, "devmesh_embedded_postgres_restarts_total").await,
+        1
+    );
+    assert_eq!(metric(&server.url, "devmesh_embedded_postgres_up").await, 1);
+    let log = std::fs::read_to_string(server.log()).unwrap();
+    assert!(
+        log.contains("the embedded PostgreSQL died; starting it again")
+            && log.contains("the embedded PostgreSQL is back"),
+        "{log}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_primary_whose_embedded_database_cannot_come_back_exits_non_zero_saying_why() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let data = devmesh_tests::shared_tempdir("devmesh-data-");
+    let config = tempfile::tempdir().unwrap();
+    let mut server = embedded_primary(&data, config.path()).await;
+    // A setting PostgreSQL refuses at start-up, as a botched edit would be.
+    let conf = data.join("postgres/postgresql.conf");
+    let mut text = std::fs::read_to_string(&conf).unwrap();
+    text.push_str("\nshared_buffers = 'plenty'\n");
+    std::fs::write(&conf, text).unwrap();
+
+    kill(Pid::from_raw(postmaster_pid(&data)), Signal::SIGKILL).unwrap();
+    let status = server
+        .process
+        .wait(std::time::Duration::from_secs(60))
+        .await
+        .expect("the primary exits once its database cannot come back");
+    assert!(!status.success(), "{status}");
+    let log = std::fs::read_to_string(server.log()).unwrap();
+    assert!(
+        log.contains("could not be started again") && log.contains("shared_buffers"),
+        "{log}"
+    );
+}

@@ -135,13 +135,26 @@ pub struct EmbeddedPostgres {
     password: Secret,
     log_path: PathBuf,
     data_dir: PathBuf,
+    /// What starting the postmaster again needs.
+    restart: Restart,
     /// The OS user the cluster runs as, if not this process's.
     pub run_as: Option<String>,
     /// `major.minor` of the server.
     pub version: String,
 }
 
+/// How the postmaster was started, to start it the same way again.
+#[derive(Debug)]
+struct Restart {
+    bindir: PathBuf,
+    cluster: PathBuf,
+    user: DbUser,
+    ephemeral: bool,
+    remove_on_exit: bool,
+}
+
 /// The OS identity PostgreSQL runs under.
+#[derive(Debug, Clone)]
 struct DbUser {
     name: String,
     /// `Some` when different from this process (we are root).
@@ -245,6 +258,7 @@ impl EmbeddedPostgres {
             child.id(),
             opts.remove_on_exit.then_some(data_dir.as_path()),
         );
+        let run_as = user.switch_to.map(|_| user.name.clone());
         let mut me = Self {
             child: Some(child),
             guardian,
@@ -253,11 +267,62 @@ impl EmbeddedPostgres {
             password,
             log_path,
             data_dir: data_dir.clone(),
-            run_as: user.switch_to.map(|_| user.name.clone()),
+            restart: Restart {
+                bindir,
+                cluster: cluster.clone(),
+                user,
+                ephemeral: opts.ephemeral,
+                remove_on_exit: opts.remove_on_exit,
+            },
+            run_as,
             version,
         };
         me.wait_ready(&cluster)?;
         Ok(me)
+    }
+
+    /// How the postmaster ended, once it has (killed, crashed, out of
+    /// memory); `None` while it runs or after [`stop`](Self::stop).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut()?.try_wait().ok().flatten()
+    }
+
+    /// Starts the postmaster again on the same cluster after it died, and
+    /// waits until it accepts connections: PostgreSQL replays its
+    /// write-ahead log first (crash recovery), so every committed
+    /// transaction is there again.
+    pub fn restart(&mut self) -> Result<(), EmbeddedError> {
+        // The guardian watches a PID that is gone: retire it before the
+        // PID can be reused by anything it would signal.
+        if let Some((mut guardian, _stdin)) = self.guardian.take() {
+            let _ = guardian.kill();
+            let _ = guardian.wait();
+        }
+        if let Some(mut child) = self.child.take() {
+            let _ = child.try_wait();
+        }
+        let r = &self.restart;
+        clear_stale_pid(&r.cluster)?;
+        let child = spawn_postgres(
+            &r.bindir,
+            &r.cluster,
+            &self.socket_dir,
+            &r.user,
+            &self.log_path,
+            r.ephemeral,
+        )?;
+        self.guardian = spawn_guardian(
+            child.id(),
+            r.remove_on_exit.then_some(self.data_dir.as_path()),
+        );
+        self.child = Some(child);
+        let cluster = r.cluster.clone();
+        self.wait_ready(&cluster)
+    }
+
+    /// The last lines of PostgreSQL's log, for saying why it stopped.
+    pub fn log_tail(&self) -> String {
+        log_tail(&self.log_path)
     }
 
     /// Connection options for `database` on this cluster.

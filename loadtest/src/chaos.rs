@@ -1,0 +1,392 @@
+//! Scenario 10: faults under load. While clients load an app through the
+//! client's edge and through the primary, and a writer keeps creating and
+//! deleting API keys, a fault strikes; the report says what clients saw
+//! (errors, the longest gap between two answers per path), how long the
+//! API took to answer again, and whether any write was lost or half-done:
+//! every write the API acknowledged must be there afterwards (or gone, for
+//! a deletion), and no write it refused may be visible.
+//!
+//! Faults: `postgres` (SIGKILL the embedded PostgreSQL's postmaster).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use serde_json::json;
+use tokio::time::Instant;
+
+use crate::load;
+use crate::report::ScenarioReport;
+use crate::run::Ctx;
+use crate::scenario::{self, Protocol};
+use crate::stats::Samples;
+use crate::topology::Endpoint;
+
+/// Clients per loaded path.
+const CLIENTS_PER_PATH: usize = 4;
+/// Longest the API may take to answer again for the expectation to hold.
+const API_BACK_WITHIN: Duration = Duration::from_secs(15);
+
+/// Runs scenario 10: each fault of the scenario file in turn.
+pub async fn run(
+    ctx: &mut Ctx,
+    cfg: &scenario::Chaos,
+    sr: &mut ScenarioReport,
+) -> anyhow::Result<()> {
+    for fault in &cfg.faults {
+        match fault.as_str() {
+            "postgres" => postgres(ctx, cfg, sr).await?,
+            other => sr.notes.push(format!("unknown fault {other:?}: skipped")),
+        }
+    }
+    Ok(())
+}
+
+/// What happened to one write.
+#[derive(Debug, Default)]
+struct Writes {
+    /// Keys whose creation the API acknowledged: (id, name).
+    created: Vec<(String, String)>,
+    /// Ids whose deletion the API acknowledged.
+    deleted: HashSet<String>,
+    /// Names whose creation the API refused with an error status.
+    refused_creates: Vec<String>,
+    /// Ids whose deletion the API refused with an error status.
+    refused_deletes: HashSet<String>,
+    /// Writes whose answer never arrived (the connection failed): either
+    /// outcome is allowed.
+    unknown: usize,
+    unknown_names: HashSet<String>,
+    unknown_deletes: HashSet<String>,
+}
+
+/// Creates keys and deletes every other one until `stop`.
+async fn write_keys(
+    ctx_url: String,
+    token: String,
+    http: reqwest::Client,
+    stop: Arc<AtomicBool>,
+) -> Writes {
+    let mut w = Writes::default();
+    let api = |p: &str| format!("{ctx_url}/api/v2{p}");
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        n += 1;
+        let name = format!("chaos-{n}");
+        let sent = http
+            .post(api("/users/me/keys"))
+            .header("Devmesh-Session-Token", &token)
+            .timeout(Duration::from_secs(10))
+            .json(&json!({ "name": name, "lifetime_seconds": 3600 }))
+            .send()
+            .await;
+        let id = match sent {
+            Ok(r) if r.status().is_success() => match r.json::<serde_json::Value>().await {
+                Ok(v) => v["id"].as_str().map(str::to_owned),
+                Err(_) => None,
+            },
+            Ok(_) => {
+                w.refused_creates.push(name);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            Err(_) => {
+                w.unknown += 1;
+                w.unknown_names.insert(name);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Some(id) = id else {
+            w.unknown += 1;
+            w.unknown_names.insert(name);
+            continue;
+        };
+        w.created.push((id.clone(), name));
+        if n.is_multiple_of(2) {
+            let sent = http
+                .delete(api(&format!("/users/me/keys/{id}")))
+                .header("Devmesh-Session-Token", &token)
+                .timeout(Duration::from_secs(10))
+                .send()
+                .await;
+            match sent {
+                Ok(r) if r.status().is_success() => {
+                    w.deleted.insert(id);
+                }
+                Ok(_) => {
+                    w.refused_deletes.insert(id);
+                }
+                Err(_) => {
+                    w.unknown += 1;
+                    w.unknown_deletes.insert(id);
+                }
+            }
+        }
+    }
+    w
+}
+
+/// Answers per path: (seconds since start, answered).
+type Timeline = Arc<parking_lot::Mutex<Vec<(usize, f64, bool)>>>;
+
+/// The longest time between two answers on one path that spans `from`,
+/// in seconds, and the errors after `from`.
+fn longest_gap(timeline: &[(usize, f64, bool)], path: usize, from: f64, end: f64) -> (f64, usize) {
+    let mut last_ok = from;
+    let mut gap: f64 = 0.0;
+    let mut errors = 0;
+    let mut points: Vec<_> = timeline.iter().filter(|(p, _, _)| *p == path).collect();
+    points.sort_by(|a, b| a.1.total_cmp(&b.1));
+    for (_, at, ok) in points {
+        if *at < from {
+            continue;
+        }
+        if *ok {
+            gap = gap.max(at - last_ok);
+            last_ok = *at;
+        } else {
+            errors += 1;
+        }
+    }
+    (gap.max(end - last_ok), errors)
+}
+
+fn round(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+/// SIGKILL the embedded PostgreSQL under load.
+async fn postgres(
+    ctx: &mut Ctx,
+    cfg: &scenario::Chaos,
+    sr: &mut ScenarioReport,
+) -> anyhow::Result<()> {
+    let pid_file = ctx.dep.dir.path().join("data/postgres/postmaster.pid");
+    if ctx.dep.primary.is_none() || !pid_file.exists() {
+        sr.notes.push(
+            "postgres: this run did not start the primary's embedded PostgreSQL; skipped".into(),
+        );
+        return Ok(());
+    }
+    let mut notes = Vec::new();
+    let paths: Vec<Endpoint> = vec![ctx.devmesh(&mut notes), {
+        let mut p = ctx.dep.via_primary(0, false);
+        p.name = "devmesh (primary)".into();
+        p
+    }];
+    sr.notes.extend(notes);
+    let client = ctx.client(Protocol::Http1)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let timeline: Timeline = Arc::default();
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for (i, ep) in paths.iter().enumerate() {
+        for _ in 0..CLIENTS_PER_PATH {
+            let (client, ep, stop, timeline) =
+                (client.clone(), ep.clone(), stop.clone(), timeline.clone());
+            tasks.push(tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let ok = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        load::small_once(&client, &ep, 1024),
+                    )
+                    .await
+                    .is_ok_and(|r| r.is_ok());
+                    timeline.lock().push((i, start.elapsed().as_secs_f64(), ok));
+                    if !ok {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }));
+        }
+    }
+    let writer = tokio::spawn(write_keys(
+        ctx.dep.url.clone(),
+        ctx.dep.token.clone(),
+        ctx.dep.http.clone(),
+        stop.clone(),
+    ));
+    ctx.progress.set_message(format!(
+        "chaos: load for {} s, then SIGKILL PostgreSQL",
+        cfg.before_s
+    ));
+    tokio::time::sleep(Duration::from_secs_f64(cfg.before_s)).await;
+
+    let pid: i32 = std::fs::read_to_string(&pid_file)?
+        .lines()
+        .next()
+        .context("postmaster.pid is empty")?
+        .trim()
+        .parse()?;
+    let killed_at = start.elapsed().as_secs_f64();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .context("SIGKILL the postmaster")?;
+    // The API's view: an authenticated read that queries the database,
+    // every 100 ms, until it answers after its last failure.
+    ctx.progress
+        .set_message("chaos: waiting for the API to answer again");
+    let t = Instant::now();
+    let mut last_failure: Option<Duration> = None;
+    let mut answered_since = None;
+    while t.elapsed() < Duration::from_secs_f64(cfg.recover_timeout_s) {
+        let answered = ctx
+            .dep
+            .http
+            .get(format!("{}/api/v2/users/me/keys", ctx.dep.url))
+            .header("Devmesh-Session-Token", &ctx.dep.token)
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success());
+        if answered {
+            answered_since.get_or_insert(t.elapsed());
+            // Answering for a second in a row: back for good.
+            if answered_since.is_some_and(|s| t.elapsed() - s > Duration::from_secs(1)) {
+                break;
+            }
+        } else {
+            last_failure = Some(t.elapsed());
+            answered_since = None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Back: the first answer after the last failure (none: never failed).
+    let back = answered_since.map(|s| {
+        if last_failure.is_some() {
+            s
+        } else {
+            Duration::ZERO
+        }
+    });
+    tokio::time::sleep(Duration::from_secs_f64(cfg.after_s)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = t.await;
+    }
+    let writes = writer.await?;
+    let end = start.elapsed().as_secs_f64();
+
+    // What clients saw, per path.
+    let all = std::mem::take(&mut *timeline.lock());
+    for (i, ep) in paths.iter().enumerate() {
+        let mut s = Samples::default();
+        for (_, _, ok) in all.iter().filter(|(p, at, _)| *p == i && *at >= killed_at) {
+            if *ok {
+                s.ok(Duration::ZERO);
+            } else {
+                s.errors += 1;
+            }
+        }
+        let (gap, errors) = longest_gap(&all, i, killed_at, end);
+        sr.add(
+            "postgres killed: app requests after the kill",
+            &ep.name,
+            s,
+            Duration::from_secs_f64(end - killed_at),
+        );
+        sr.extra.insert(
+            format!(
+                "postgres killed: longest gap between answers, {} (s)",
+                ep.name
+            ),
+            json!(round(gap)),
+        );
+        sr.extra.insert(
+            format!("postgres killed: failed app requests, {}", ep.name),
+            json!(errors),
+        );
+    }
+
+    // What the database kept.
+    let listed = ctx.dep.api_get("/users/me/keys").await?;
+    let present: HashSet<(String, String)> = listed["keys"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|k| Some((k["id"].as_str()?.to_owned(), k["name"].as_str()?.to_owned())))
+        .collect();
+    let ids: HashSet<&str> = present.iter().map(|(id, _)| id.as_str()).collect();
+    let names: HashSet<&str> = present.iter().map(|(_, n)| n.as_str()).collect();
+    let lost = writes
+        .created
+        .iter()
+        .filter(|(id, _)| !writes.deleted.contains(id) && !writes.unknown_deletes.contains(id))
+        .filter(|(id, _)| !ids.contains(id.as_str()))
+        .count();
+    let resurrected = writes
+        .deleted
+        .iter()
+        .filter(|id| ids.contains(id.as_str()))
+        .count();
+    let refused_visible = writes
+        .refused_creates
+        .iter()
+        .filter(|n| names.contains(n.as_str()))
+        .count()
+        + writes
+            .refused_deletes
+            .iter()
+            .filter(|id| !ids.contains(id.as_str()))
+            .count();
+    let api_back = back.map(|d| d.as_secs_f64());
+    let met = lost == 0
+        && resurrected == 0
+        && refused_visible == 0
+        && back.is_some_and(|d| d <= API_BACK_WITHIN);
+    for (k, v) in [
+        (
+            "postgres killed: API answering again after (s)",
+            api_back.map_or(json!("never"), |s| json!(round(s))),
+        ),
+        (
+            "postgres killed: writes acknowledged",
+            json!(writes.created.len() + writes.deleted.len()),
+        ),
+        (
+            "postgres killed: writes refused",
+            json!(writes.refused_creates.len() + writes.refused_deletes.len()),
+        ),
+        (
+            "postgres killed: writes with no answer (either outcome allowed)",
+            json!(writes.unknown),
+        ),
+        (
+            "postgres killed: acknowledged writes lost",
+            json!(lost + resurrected),
+        ),
+        (
+            "postgres killed: refused writes visible",
+            json!(refused_visible),
+        ),
+        (
+            "postgres killed: expectation",
+            json!(format!(
+                "API back within {} s, no acknowledged write lost, no refused write visible: {}",
+                API_BACK_WITHIN.as_secs(),
+                if met { "met" } else { "NOT met" }
+            )),
+        ),
+    ] {
+        sr.extra.insert(k.into(), v);
+    }
+    if !met {
+        sr.status = "failed: postgres killed: expectation not met".into();
+    }
+    // Leave no chaos keys behind for later scenarios.
+    for (id, _) in present.iter().filter(|(_, n)| n.starts_with("chaos-")) {
+        let _ = ctx
+            .dep
+            .http
+            .delete(format!("{}/api/v2/users/me/keys/{id}", ctx.dep.url))
+            .header("Devmesh-Session-Token", &ctx.dep.token)
+            .send()
+            .await;
+    }
+    Ok(())
+}
