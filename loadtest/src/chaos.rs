@@ -6,7 +6,8 @@
 //! every write the API acknowledged must be there afterwards (or gone, for
 //! a deletion), and no write it refused may be visible.
 //!
-//! Faults: `postgres` (SIGKILL the embedded PostgreSQL's postmaster).
+//! Faults: `postgres` (SIGKILL the embedded PostgreSQL's postmaster) and
+//! `freeze` (SIGSTOP the primary for `freeze_s`, then SIGCONT).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -22,7 +23,6 @@ use crate::report::ScenarioReport;
 use crate::run::Ctx;
 use crate::scenario::{self, Protocol};
 use crate::stats::Samples;
-use crate::topology::Endpoint;
 
 /// Clients per loaded path.
 const CLIENTS_PER_PATH: usize = 4;
@@ -35,13 +35,44 @@ pub async fn run(
     cfg: &scenario::Chaos,
     sr: &mut ScenarioReport,
 ) -> anyhow::Result<()> {
+    let mut unmet = Vec::new();
     for fault in &cfg.faults {
-        match fault.as_str() {
-            "postgres" => postgres(ctx, cfg, sr).await?,
-            other => sr.notes.push(format!("unknown fault {other:?}: skipped")),
+        let fault = match fault.as_str() {
+            "postgres" => Fault::Postgres,
+            "freeze" => Fault::Freeze,
+            other => {
+                sr.notes.push(format!("unknown fault {other:?}: skipped"));
+                continue;
+            }
+        };
+        if !under_load(ctx, cfg, sr, fault).await? {
+            unmet.push(fault.label(cfg));
         }
     }
+    anyhow::ensure!(
+        unmet.is_empty(),
+        "expectation not met: {}",
+        unmet.join(", ")
+    );
     Ok(())
+}
+
+/// A fault to inject.
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    /// SIGKILL the embedded PostgreSQL's postmaster.
+    Postgres,
+    /// SIGSTOP the primary, SIGCONT after `freeze_s`.
+    Freeze,
+}
+
+impl Fault {
+    fn label(self, cfg: &scenario::Chaos) -> String {
+        match self {
+            Self::Postgres => "postgres killed".into(),
+            Self::Freeze => format!("primary frozen {} s", cfg.freeze_s),
+        }
+    }
 }
 
 /// What happened to one write.
@@ -158,26 +189,46 @@ fn round(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
-/// SIGKILL the embedded PostgreSQL under load.
-async fn postgres(
+/// One fault under load; whether its expectation held.
+async fn under_load(
     ctx: &mut Ctx,
     cfg: &scenario::Chaos,
     sr: &mut ScenarioReport,
-) -> anyhow::Result<()> {
+    fault: Fault,
+) -> anyhow::Result<bool> {
+    let label = fault.label(cfg);
     let pid_file = ctx.dep.dir.path().join("data/postgres/postmaster.pid");
     if ctx.dep.primary.is_none() || !pid_file.exists() {
-        sr.notes.push(
-            "postgres: this run did not start the primary's embedded PostgreSQL; skipped".into(),
-        );
-        return Ok(());
+        sr.notes.push(format!(
+            "{label}: this run did not start the primary (and its embedded PostgreSQL); skipped"
+        ));
+        return Ok(true);
     }
-    let mut notes = Vec::new();
-    let paths: Vec<Endpoint> = vec![ctx.devmesh(&mut notes), {
-        let mut p = ctx.dep.via_primary(0, false);
-        p.name = "devmesh (primary)".into();
-        p
-    }];
-    sr.notes.extend(notes);
+    // The client's edge to a workspace attached to it (a fault of the
+    // primary must not reach it), and the primary to its own workspace.
+    let region = ctx.dep.client_region.clone();
+    let local_agent = ctx.dep.agents.iter().position(|a| a.region == region);
+    let edge_path = ctx
+        .dep
+        .edges
+        .iter()
+        .position(|e| e.region == region)
+        .zip(local_agent)
+        .and_then(|(e, a)| ctx.dep.via_edge(e, a, false));
+    let mut paths = Vec::new();
+    match edge_path {
+        Some(mut p) => {
+            p.name = format!("devmesh (edge {region}, its own workspace)");
+            paths.push(p);
+        }
+        None => sr.notes.push(format!(
+            "{label}: no edge with a workspace of its own in {region}: only the primary path is loaded"
+        )),
+    }
+    let mut p = ctx.dep.via_primary(0, false);
+    p.name = "devmesh (primary)".into();
+    paths.push(p);
+    let edge_loaded = paths.len() == 2;
     let client = ctx.client(Protocol::Http1)?;
     let stop = Arc::new(AtomicBool::new(false));
     let timeline: Timeline = Arc::default();
@@ -209,24 +260,31 @@ async fn postgres(
         ctx.dep.http.clone(),
         stop.clone(),
     ));
-    ctx.progress.set_message(format!(
-        "chaos: load for {} s, then SIGKILL PostgreSQL",
-        cfg.before_s
-    ));
+    ctx.progress
+        .set_message(format!("chaos: load for {} s, then {label}", cfg.before_s));
     tokio::time::sleep(Duration::from_secs_f64(cfg.before_s)).await;
-
-    let pid: i32 = std::fs::read_to_string(&pid_file)?
-        .lines()
-        .next()
-        .context("postmaster.pid is empty")?
-        .trim()
-        .parse()?;
     let killed_at = start.elapsed().as_secs_f64();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .context("SIGKILL the postmaster")?;
+    match fault {
+        Fault::Postgres => {
+            let pid: i32 = std::fs::read_to_string(&pid_file)?
+                .lines()
+                .next()
+                .context("postmaster.pid is empty")?
+                .trim()
+                .parse()?;
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            )
+            .context("SIGKILL the postmaster")?;
+        }
+        Fault::Freeze => {
+            let primary = ctx.dep.primary.as_ref().context("no primary")?;
+            primary.signal(nix::sys::signal::Signal::SIGSTOP);
+            tokio::time::sleep(Duration::from_secs_f64(cfg.freeze_s)).await;
+            primary.signal(nix::sys::signal::Signal::SIGCONT);
+        }
+    }
     // The API's view: an authenticated read that queries the database,
     // every 100 ms, until it answers after its last failure.
     ctx.progress
@@ -274,6 +332,8 @@ async fn postgres(
 
     // What clients saw, per path.
     let all = std::mem::take(&mut *timeline.lock());
+    // The first path is the client's edge: it must keep answering.
+    let mut edge_errors = 0;
     for (i, ep) in paths.iter().enumerate() {
         let mut s = Samples::default();
         for (_, _, ok) in all.iter().filter(|(p, at, _)| *p == i && *at >= killed_at) {
@@ -284,21 +344,21 @@ async fn postgres(
             }
         }
         let (gap, errors) = longest_gap(&all, i, killed_at, end);
+        if i == 0 && edge_loaded {
+            edge_errors = errors;
+        }
         sr.add(
-            "postgres killed: app requests after the kill",
+            format!("{label}: app requests after the fault"),
             &ep.name,
             s,
             Duration::from_secs_f64(end - killed_at),
         );
         sr.extra.insert(
-            format!(
-                "postgres killed: longest gap between answers, {} (s)",
-                ep.name
-            ),
+            format!("{label}: longest gap between answers, {} (s)", ep.name),
             json!(round(gap)),
         );
         sr.extra.insert(
-            format!("postgres killed: failed app requests, {}", ep.name),
+            format!("{label}: failed app requests, {}", ep.name),
             json!(errors),
         );
     }
@@ -338,45 +398,37 @@ async fn postgres(
     let met = lost == 0
         && resurrected == 0
         && refused_visible == 0
-        && back.is_some_and(|d| d <= API_BACK_WITHIN);
+        && back.is_some_and(|d| d <= API_BACK_WITHIN)
+        && edge_errors == 0;
     for (k, v) in [
         (
-            "postgres killed: API answering again after (s)",
+            "API answering again after (s)",
             api_back.map_or(json!("never"), |s| json!(round(s))),
         ),
         (
-            "postgres killed: writes acknowledged",
+            "writes acknowledged",
             json!(writes.created.len() + writes.deleted.len()),
         ),
         (
-            "postgres killed: writes refused",
+            "writes refused",
             json!(writes.refused_creates.len() + writes.refused_deletes.len()),
         ),
         (
-            "postgres killed: writes with no answer (either outcome allowed)",
+            "writes with no answer (either outcome allowed)",
             json!(writes.unknown),
         ),
+        ("acknowledged writes lost", json!(lost + resurrected)),
+        ("refused writes visible", json!(refused_visible)),
         (
-            "postgres killed: acknowledged writes lost",
-            json!(lost + resurrected),
-        ),
-        (
-            "postgres killed: refused writes visible",
-            json!(refused_visible),
-        ),
-        (
-            "postgres killed: expectation",
+            "expectation",
             json!(format!(
-                "API back within {} s, no acknowledged write lost, no refused write visible: {}",
+                "the edge answered throughout, the API again within {} s, no acknowledged write lost, no refused write visible: {}",
                 API_BACK_WITHIN.as_secs(),
                 if met { "met" } else { "NOT met" }
             )),
         ),
     ] {
-        sr.extra.insert(k.into(), v);
-    }
-    if !met {
-        sr.status = "failed: postgres killed: expectation not met".into();
+        sr.extra.insert(format!("{label}: {k}"), v);
     }
     // Leave no chaos keys behind for later scenarios.
     for (id, _) in present.iter().filter(|(_, n)| n.starts_with("chaos-")) {
@@ -388,5 +440,5 @@ async fn postgres(
             .send()
             .await;
     }
-    Ok(())
+    Ok(met)
 }

@@ -343,7 +343,8 @@ pub struct Failover {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Chaos {
-    /// The faults, in order: `postgres` (SIGKILL the embedded PostgreSQL).
+    /// The faults, in order: `postgres` (SIGKILL the embedded PostgreSQL),
+    /// `freeze` (SIGSTOP the primary for `freeze_s`).
     pub faults: Vec<String>,
     /// Load before each fault, seconds.
     pub before_s: f64,
@@ -351,6 +352,13 @@ pub struct Chaos {
     pub after_s: f64,
     /// Longest wait for the API to answer again, seconds.
     pub recover_timeout_s: f64,
+    /// How long `freeze` keeps the primary stopped, seconds.
+    #[serde(default = "default_freeze_s")]
+    pub freeze_s: f64,
+}
+
+fn default_freeze_s() -> f64 {
+    30.0
 }
 
 /// Scenario 9.
@@ -514,6 +522,7 @@ impl Scenario {
         if let Some(x) = &mut s.chaos {
             x.before_s = x.before_s.min(1.0);
             x.after_s = x.after_s.min(1.0);
+            x.freeze_s = x.freeze_s.min(2.0);
         }
         self
     }
