@@ -6,8 +6,10 @@
 //! every write the API acknowledged must be there afterwards (or gone, for
 //! a deletion), and no write it refused may be visible.
 //!
-//! Faults: `postgres` (SIGKILL the embedded PostgreSQL's postmaster) and
-//! `freeze` (SIGSTOP the primary for `freeze_s`, then SIGCONT).
+//! Faults: `postgres` (SIGKILL the embedded PostgreSQL's postmaster),
+//! `freeze` (SIGSTOP the primary for `freeze_s`, then SIGCONT), `primary`
+//! (SIGKILL the primary and start it again) and `agent` (SIGKILL the agent
+//! of the edge path's workspace and start it again).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -40,6 +42,8 @@ pub async fn run(
         let fault = match fault.as_str() {
             "postgres" => Fault::Postgres,
             "freeze" => Fault::Freeze,
+            "primary" => Fault::Primary,
+            "agent" => Fault::Agent,
             other => {
                 sr.notes.push(format!("unknown fault {other:?}: skipped"));
                 continue;
@@ -64,6 +68,10 @@ enum Fault {
     Postgres,
     /// SIGSTOP the primary, SIGCONT after `freeze_s`.
     Freeze,
+    /// SIGKILL the primary and start it again.
+    Primary,
+    /// SIGKILL the workspace agent behind the edge path and start it again.
+    Agent,
 }
 
 impl Fault {
@@ -71,7 +79,16 @@ impl Fault {
         match self {
             Self::Postgres => "postgres killed".into(),
             Self::Freeze => format!("primary frozen {} s", cfg.freeze_s),
+            Self::Primary => "primary killed and restarted".into(),
+            Self::Agent => "edge's workspace agent killed and restarted".into(),
         }
+    }
+
+    /// Whether the edge path must answer throughout (its own workspace
+    /// does not depend on the primary); else it must be back within
+    /// [`API_BACK_WITHIN`].
+    fn edge_unaffected(self) -> bool {
+        !matches!(self, Self::Agent)
     }
 }
 
@@ -284,12 +301,21 @@ async fn under_load(
             tokio::time::sleep(Duration::from_secs_f64(cfg.freeze_s)).await;
             primary.signal(nix::sys::signal::Signal::SIGCONT);
         }
+        Fault::Primary => ctx.dep.restart_primary().await?,
+        Fault::Agent => {
+            let agent = local_agent.context("no workspace agent in the client's region")?;
+            ctx.dep.restart_agent(agent).await?;
+        }
     }
     // The API's view: an authenticated read that queries the database,
     // every 100 ms, until it answers after its last failure.
     ctx.progress
         .set_message("chaos: waiting for the API to answer again");
-    let t = Instant::now();
+    // Counted from the fault's end: the kill, the SIGCONT, the restart.
+    let t = match fault {
+        Fault::Freeze => Instant::now(),
+        _ => start + Duration::from_secs_f64(killed_at),
+    };
     let mut last_failure: Option<Duration> = None;
     let mut answered_since = None;
     while t.elapsed() < Duration::from_secs_f64(cfg.recover_timeout_s) {
@@ -333,7 +359,7 @@ async fn under_load(
     // What clients saw, per path.
     let all = std::mem::take(&mut *timeline.lock());
     // The first path is the client's edge: it must keep answering.
-    let mut edge_errors = 0;
+    let (mut edge_errors, mut edge_gap) = (0, 0.0);
     for (i, ep) in paths.iter().enumerate() {
         let mut s = Samples::default();
         for (_, _, ok) in all.iter().filter(|(p, at, _)| *p == i && *at >= killed_at) {
@@ -346,6 +372,7 @@ async fn under_load(
         let (gap, errors) = longest_gap(&all, i, killed_at, end);
         if i == 0 && edge_loaded {
             edge_errors = errors;
+            edge_gap = gap;
         }
         sr.add(
             format!("{label}: app requests after the fault"),
@@ -399,7 +426,11 @@ async fn under_load(
         && resurrected == 0
         && refused_visible == 0
         && back.is_some_and(|d| d <= API_BACK_WITHIN)
-        && edge_errors == 0;
+        && if fault.edge_unaffected() {
+            edge_errors == 0
+        } else {
+            edge_gap <= API_BACK_WITHIN.as_secs_f64()
+        };
     for (k, v) in [
         (
             "API answering again after (s)",
@@ -422,7 +453,15 @@ async fn under_load(
         (
             "expectation",
             json!(format!(
-                "the edge answered throughout, the API again within {} s, no acknowledged write lost, no refused write visible: {}",
+                "{}, the API again within {} s, no acknowledged write lost, no refused write visible: {}",
+                if fault.edge_unaffected() {
+                    "the edge answered throughout".to_owned()
+                } else {
+                    format!(
+                        "the edge answered again within {} s",
+                        API_BACK_WITHIN.as_secs()
+                    )
+                },
                 API_BACK_WITHIN.as_secs(),
                 if met { "met" } else { "NOT met" }
             )),

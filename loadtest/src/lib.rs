@@ -13,6 +13,7 @@ pub mod report;
 pub mod run;
 pub mod scenario;
 pub mod scenarios;
+pub mod soak;
 pub mod stats;
 pub mod topology;
 pub mod wan;

@@ -256,7 +256,7 @@ pub fn scenario(dir: &Path, s: &ScenarioReport) -> Vec<String> {
     if !rss.is_empty()
         && matches!(
             s.name.as_str(),
-            "slow_reader" | "websockets" | "agents" | "failover"
+            "slow_reader" | "websockets" | "agents" | "failover" | "soak"
         )
     {
         let name = format!("{}-rss.png", s.name);

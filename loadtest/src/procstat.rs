@@ -221,6 +221,11 @@ impl Monitor {
         self.state.lock().procs.insert(name.into(), pid);
     }
 
+    /// The processes watched now, by name.
+    pub fn procs(&self) -> BTreeMap<String, u32> {
+        self.state.lock().procs.clone()
+    }
+
     /// Stops watching `name`.
     pub fn remove(&self, name: &str) {
         self.state.lock().procs.remove(name);

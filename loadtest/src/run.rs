@@ -312,6 +312,12 @@ pub async fn run(
         scenarios::mesh
     );
     scenario!(
+        "soak",
+        "a fixed request rate for a long time: RSS, open files and p99 over time",
+        s.soak,
+        crate::soak::run
+    );
+    scenario!(
         "chaos",
         "faults under load, with writes under fire: what clients saw and what was kept",
         s.chaos,

@@ -180,6 +180,8 @@ pub struct Scenarios {
     pub mesh: Option<Mesh>,
     /// 10: faults under load, with writes under fire.
     pub chaos: Option<Chaos>,
+    /// 11: a fixed request rate for a long time: does anything grow?
+    pub soak: Option<Soak>,
 }
 
 /// Scenario 1.
@@ -339,12 +341,24 @@ pub struct Failover {
     pub reattach_timeout_s: f64,
 }
 
+/// Scenario 11.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Soak {
+    /// Requests per second through the client's devmesh path.
+    pub rate_per_s: f64,
+    /// How long, seconds.
+    pub duration_s: f64,
+}
+
 /// Scenario 10.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Chaos {
     /// The faults, in order: `postgres` (SIGKILL the embedded PostgreSQL),
-    /// `freeze` (SIGSTOP the primary for `freeze_s`).
+    /// `freeze` (SIGSTOP the primary for `freeze_s`), `primary` (SIGKILL
+    /// and restart the primary), `agent` (SIGKILL and restart the agent of
+    /// the edge path's workspace).
     pub faults: Vec<String>,
     /// Load before each fault, seconds.
     pub before_s: f64,
@@ -518,6 +532,11 @@ impl Scenario {
         if let Some(x) = &mut s.mesh {
             x.steady_requests = x.steady_requests.min(100);
             x.requests = x.requests.min(100);
+        }
+        if let Some(x) = &mut s.soak {
+            // CI's soak: one minute.
+            x.duration_s = x.duration_s.min(60.0);
+            x.rate_per_s = x.rate_per_s.min(100.0);
         }
         if let Some(x) = &mut s.chaos {
             x.before_s = x.before_s.min(1.0);

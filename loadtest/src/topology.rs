@@ -80,6 +80,9 @@ pub struct AgentNode {
     pub workspace: String,
     /// The process.
     pub proc: Process,
+    /// How it was started, to start it again (chaos): the primary URL it
+    /// was given, its token, and the launch.
+    pub relaunch: (String, String, Launch),
 }
 
 /// An HTTP path to the app: a base URL and whether it needs the session token.
@@ -107,6 +110,8 @@ pub struct Deployment {
     pub key: PathBuf,
     /// The primary, when this run started it.
     pub primary: Option<Process>,
+    /// How the primary was started, when this run started it.
+    pub primary_launch: Option<Launch>,
     /// The primary's URL.
     pub url: String,
     /// The primary's socket address.
@@ -190,6 +195,8 @@ fn link_between(scenario: &Scenario, a: &str, b: &str) -> LinkSpec {
 /// How the run reaches the primary's API.
 struct PrimaryAccess {
     proc: Option<Process>,
+    /// How it was started, to start it again (chaos).
+    launch: Option<Launch>,
     url: String,
     token: String,
     http: reqwest::Client,
@@ -300,6 +307,7 @@ impl Deployment {
         }
         Ok(PrimaryAccess {
             proc: None,
+            launch: None,
             url: e.url.trim_end_matches('/').to_owned(),
             token: e.api_key.clone(),
             http: b.build()?,
@@ -357,7 +365,7 @@ impl Deployment {
             "--tls-key".to_owned(),
             files.key.display().to_string(),
         ]);
-        let server = ServerProcess::launch(launch, Duration::from_secs(120)).await?;
+        let server = ServerProcess::launch(launch.clone(), Duration::from_secs(120)).await?;
         let http = reqwest::Client::builder()
             .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(
                 &files.ca_pem,
@@ -380,6 +388,7 @@ impl Deployment {
             .to_owned();
         Ok(PrimaryAccess {
             proc: Some(server.process),
+            launch: Some(launch),
             url,
             token,
             http,
@@ -399,6 +408,7 @@ impl Deployment {
     ) -> anyhow::Result<Self> {
         let PrimaryAccess {
             proc,
+            launch: primary_launch,
             url,
             token,
             http,
@@ -435,6 +445,7 @@ impl Deployment {
             cert: files.cert,
             key: files.key,
             primary: proc,
+            primary_launch,
             url,
             primary_addr,
             primary_relay: relay,
@@ -668,7 +679,7 @@ impl Deployment {
                     // loopback every relay is equally near).
                     ("DEVMESH_RELAY_REGION", r.name.clone()),
                 ]);
-                let agent = AgentProcess::launch(&primary_url, agent_token, launch)?;
+                let agent = AgentProcess::launch(&primary_url, agent_token, launch.clone())?;
                 self.monitor.add(
                     format!("agent {}/{i}", r.name),
                     agent.process.pid().unwrap_or(0),
@@ -677,6 +688,7 @@ impl Deployment {
                     region: r.name.clone(),
                     workspace: ws,
                     proc: agent.process,
+                    relaunch: (primary_url, agent_token.to_owned(), launch),
                 });
             }
         }
@@ -817,6 +829,48 @@ impl Deployment {
             p.kill().await;
         }
         self.monitor.remove(&format!("edge {region}"));
+    }
+
+    /// SIGKILLs the primary (as a crash would) and starts it again the
+    /// same way, on the same data directory and ports; returns once it
+    /// listens again.
+    pub async fn restart_primary(&mut self) -> anyhow::Result<()> {
+        let mut launch = self
+            .primary_launch
+            .clone()
+            .context("this run did not start the primary")?;
+        if let Some(mut p) = self.primary.take() {
+            p.kill().await;
+        }
+        launch.log = launch.log.with_file_name("primary-restarted.log");
+        let server = ServerProcess::launch(launch, Duration::from_secs(120)).await?;
+        self.monitor
+            .add("primary", server.process.pid().unwrap_or(0));
+        self.primary = Some(server.process);
+        Ok(())
+    }
+
+    /// SIGKILLs agent `i` and starts it again the same way.
+    pub async fn restart_agent(&mut self, i: usize) -> anyhow::Result<()> {
+        let region = self.agents[i].region.clone();
+        let nth = self.agents[..i]
+            .iter()
+            .filter(|a| a.region == region)
+            .count();
+        let node = &mut self.agents[i];
+        node.proc.kill().await;
+        let (url, token, launch) = &node.relaunch;
+        let mut launch = launch.clone();
+        launch.log = launch
+            .log
+            .with_file_name(format!("agent-{}-restarted.log", node.workspace));
+        let agent = AgentProcess::launch(url, token, launch)?;
+        self.monitor.add(
+            format!("agent {region}/{nth}"),
+            agent.process.pid().unwrap_or(0),
+        );
+        node.proc = agent.process;
+        Ok(())
     }
 
     /// POST to the API with the run's token.

@@ -298,8 +298,13 @@ impl Terraform {
                 () = cancel.cancelled(), if !interrupted => {
                     interrupted = true;
                     deadline = Some(tokio::time::Instant::now() + INTERRUPT_GRACE);
+                    // To the whole group, as Ctrl-C in a terminal does:
+                    // a script terraform runs (local-exec) stops with it
+                    // instead of holding terraform's output open until it
+                    // ends by itself (providers ignore SIGINT and are
+                    // stopped by terraform).
                     if let Some(pid) = child.id() {
-                        let _ = nix::sys::signal::kill(
+                        let _ = nix::sys::signal::killpg(
                             nix::unistd::Pid::from_raw(pid as i32),
                             nix::sys::signal::Signal::SIGINT,
                         );
