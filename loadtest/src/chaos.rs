@@ -316,7 +316,6 @@ async fn under_load(
         Fault::Freeze => Instant::now(),
         _ => start + Duration::from_secs_f64(killed_at),
     };
-    let mut last_failure: Option<Duration> = None;
     let mut answered_since = None;
     while t.elapsed() < Duration::from_secs_f64(cfg.recover_timeout_s) {
         let answered = ctx
@@ -335,19 +334,13 @@ async fn under_load(
                 break;
             }
         } else {
-            last_failure = Some(t.elapsed());
             answered_since = None;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // Back: the first answer after the last failure (none: never failed).
-    let back = answered_since.map(|s| {
-        if last_failure.is_some() {
-            s
-        } else {
-            Duration::ZERO
-        }
-    });
+    // Back for good: the first answer after the last failure, counted from
+    // the fault's end (a restart's own time included).
+    let back = answered_since;
     tokio::time::sleep(Duration::from_secs_f64(cfg.after_s)).await;
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
