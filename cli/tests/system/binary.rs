@@ -88,20 +88,7 @@ async fn embedded_database_keeps_everything_across_restarts_and_crashes() {
 
     let server = ServerProcess::start(&["--data-dir", data_arg], &[], cfg).await;
     let url = server.url.clone();
-    let out = ok(&cli(
-        cfg,
-        &[
-            "login",
-            &url,
-            "--username",
-            "admin",
-            "--email",
-            "admin@example.com",
-            "--password",
-            "admin-password",
-        ],
-    )
-    .await);
+    let out = crate::support::first_login(cfg, &url).await;
     assert!(out.contains("Signed in"), "{out}");
     let session = cfg.join("session.json");
     use std::os::unix::fs::PermissionsExt;

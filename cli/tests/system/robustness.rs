@@ -352,22 +352,9 @@ async fn embedded_primary(
     data: &std::path::Path,
     cfg: &std::path::Path,
 ) -> crate::support::ServerProcess {
-    use crate::support::{ServerProcess, cli, ok};
+    use crate::support::{ServerProcess, first_login};
     let server = ServerProcess::start(&["--data-dir", data.to_str().unwrap()], &[], cfg).await;
-    ok(&cli(
-        cfg,
-        &[
-            "login",
-            &server.url,
-            "--username",
-            "admin",
-            "--email",
-            "admin@example.com",
-            "--password",
-            "admin-password",
-        ],
-    )
-    .await);
+    first_login(cfg, &server.url).await;
     server
 }
 

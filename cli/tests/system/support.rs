@@ -53,6 +53,25 @@ pub(crate) fn ok(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `devmesh login` as the deployment's first user (`admin`,
+/// `admin-password`), which creates it: the command's output.
+pub(crate) async fn first_login(config: &Path, url: &str) -> String {
+    ok(&cli(
+        config,
+        &[
+            "login",
+            url,
+            "--username",
+            "admin",
+            "--email",
+            "admin@example.com",
+            "--password",
+            "admin-password",
+        ],
+    )
+    .await)
+}
+
 pub(crate) fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
