@@ -343,11 +343,11 @@ async fn under_load(
     let back = answered_since;
     tokio::time::sleep(Duration::from_secs_f64(cfg.after_s)).await;
     stop.store(true, Ordering::Relaxed);
+    let end = start.elapsed().as_secs_f64();
     for t in tasks {
         let _ = t.await;
     }
     let writes = writer.await?;
-    let end = start.elapsed().as_secs_f64();
 
     // What clients saw, per path.
     let all = std::mem::take(&mut *timeline.lock());

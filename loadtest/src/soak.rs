@@ -75,8 +75,13 @@ pub async fn run(
     // The load: one request per tick; a tick that finds every slot busy
     // counts as an error (the rate was not held).
     let driver = {
-        let (stop, results, client, ep) =
-            (stop.clone(), results.clone(), client.clone(), ep.clone());
+        let (stop, results, client, ep, gate) = (
+            stop.clone(),
+            results.clone(),
+            client.clone(),
+            ep.clone(),
+            gate.clone(),
+        );
         let every = Duration::from_secs_f64(1.0 / cfg.rate_per_s.max(1.0));
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
@@ -125,10 +130,11 @@ pub async fn run(
     }
     stop.store(true, Ordering::Relaxed);
     let _ = driver.await;
-    // Let the requests in flight finish.
+    // Every request in flight ends (answered or timed out after 10 s)
+    // and gives its slot back.
     let _ = tokio::time::timeout(
         Duration::from_secs(15),
-        gate_drained(&results, start.elapsed().as_secs_f64()),
+        gate.acquire_many(MAX_IN_FLIGHT as u32),
     )
     .await;
     let elapsed = start.elapsed();
@@ -218,18 +224,4 @@ pub async fn run(
     );
     anyhow::ensure!(met, "the soak's expectation was not met");
     Ok(())
-}
-
-/// Waits until no result has arrived for half a second (the last requests
-/// answered or timed out).
-async fn gate_drained(results: &parking_lot::Mutex<Vec<(f64, Option<f64>)>>, _since: f64) {
-    let mut last = results.lock().len();
-    loop {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let now = results.lock().len();
-        if now == last {
-            return;
-        }
-        last = now;
-    }
 }

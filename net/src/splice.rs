@@ -34,6 +34,7 @@ pub async fn quic_to_quic(recv: &mut RecvStream, send: &mut SendStream) -> std::
     while let Some(n) = recv.read_chunks(&mut chunks).await? {
         moved += chunks[..n].iter().map(|c| c.len() as u64).sum::<u64>();
         send.write_all_chunks(&mut chunks[..n]).await?;
+        chunks[..n].fill(Bytes::new());
     }
     send.finish()?;
     Ok(moved)
@@ -97,14 +98,23 @@ impl Buf for Pending<'_> {
             c.advance(step);
             cnt -= step;
             if c.is_empty() {
+                // An empty slice still holds its receive buffer: let it go.
+                *c = Bytes::new();
                 self.at += 1;
             }
         }
     }
 }
 
+/// Reads this small or smaller are copied out, so the read buffer stays
+/// this connection's own instead of being pinned by QUIC until acknowledged.
+const COPY_BELOW: usize = 4 * 1024;
+
 /// Copies a socket's reader into `send` until the reader ends, then
-/// finishes `send`. Each read's bytes go to QUIC without another copy.
+/// finishes `send`. Large reads go to QUIC without another copy; small ones
+/// (interactive traffic) are copied so each does not pin a whole buffer.
+/// The buffer doubles while reads fill it and shrinks back when they are
+/// small, so an idle connection that once carried a download holds 8 KiB.
 pub async fn socket_to_quic<R>(r: &mut R, send: &mut SendStream) -> std::io::Result<u64>
 where
     R: AsyncRead + Unpin,
@@ -113,17 +123,27 @@ where
     let mut size = FIRST_READ;
     let mut buf = BytesMut::new();
     loop {
-        buf.reserve(size);
+        if buf.capacity() < size {
+            buf = BytesMut::with_capacity(size);
+        }
         let n = r.read_buf(&mut buf).await?;
         if n == 0 {
             send.finish()?;
             return Ok(moved);
         }
+        moved += n as u64;
+        if n < COPY_BELOW {
+            send.write_chunk(Bytes::copy_from_slice(&buf[..n])).await?;
+            buf.clear();
+        } else {
+            send.write_chunk(buf.split().freeze()).await?;
+        }
         if n >= size {
             size = (size * 2).min(MAX_READ);
+        } else if n < size / 4 && size > FIRST_READ {
+            size = FIRST_READ;
+            buf = BytesMut::new();
         }
-        moved += n as u64;
-        send.write_chunk(buf.split().freeze()).await?;
     }
 }
 
@@ -161,6 +181,9 @@ where
             return Ok(moved);
         }
         w.write_all(&buf[..n]).await?;
+        // A TLS writer may keep what it encrypted until flushed; the next
+        // read may not come for a long time (an idle WebSocket).
+        w.flush().await?;
         moved += n as u64;
         let size = buf.len();
         if n == size && size < ADAPTIVE_MAX {
@@ -235,5 +258,27 @@ mod tests {
         client_peer.read_to_end(&mut answer).await.unwrap();
         assert_eq!(answer, b"small answer");
         assert_eq!(splice.await.unwrap().unwrap(), (300_000, 12));
+    }
+
+    #[tokio::test]
+    async fn adaptive_copies_flush_what_a_buffering_writer_holds() {
+        // A writer that keeps bytes until flushed, as TLS may: a small
+        // message must still arrive while the connection stays open.
+        let (client, mut client_peer) = tokio::io::duplex(1 << 16);
+        let (app, mut app_peer) = tokio::io::duplex(1 << 16);
+        let _splice = tokio::spawn(bidirectional_adaptive(
+            client,
+            tokio::io::BufWriter::new(app),
+        ));
+        client_peer.write_all(b"hello").await.unwrap();
+        let mut got = [0u8; 5];
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            app_peer.read_exact(&mut got),
+        )
+        .await
+        .expect("the message arrives without the connection closing")
+        .unwrap();
+        assert_eq!(&got, b"hello");
     }
 }

@@ -298,8 +298,20 @@ impl EmbeddedPostgres {
             let _ = guardian.kill();
             let _ = guardian.wait();
         }
+        // The old postmaster's backends can outlive it for a moment, still
+        // attached to its shared memory; none may run beside a new one.
+        // They share its process group: end the group, and wait until it
+        // is gone before the stale lock file may be removed.
         if let Some(mut child) = self.child.take() {
-            let _ = child.try_wait();
+            let group = Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::killpg(group, Signal::SIGKILL);
+            let _ = child.wait();
+            for _ in 0..100 {
+                if nix::sys::signal::killpg(group, None).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
         }
         let r = &self.restart;
         clear_stale_pid(&r.cluster)?;
