@@ -10,6 +10,7 @@ mod api_users;
 mod apps;
 mod attacks;
 mod binary;
+mod corpus;
 mod edges;
 mod jobs;
 mod mesh;
