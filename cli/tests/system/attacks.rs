@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::mesh::Mesh;
-use crate::support::{app_client, app_client_with_jar, create_edge, eventually};
+use crate::support::{app_client, app_client_with_jar, create_edge, eventually, quic_client};
 
 /// A browser-like client: loopback DNS, a cookie jar, no redirects followed.
 fn browser() -> (reqwest::Client, Arc<reqwest::cookie::Jar>) {
@@ -892,35 +892,6 @@ async fn a_mesh_certificate_alone_reaches_no_agent_and_dies_with_its_edge() {
 
 /// A QUIC client config trusting the mesh CA in `ca_pem`, speaking `alpn`,
 /// with a client certificate when given.
-fn quic_client(
-    ca_pem: &str,
-    alpn: &[u8],
-    cert: Option<(
-        Vec<rustls::pki_types::CertificateDer<'static>>,
-        rustls::pki_types::PrivateKeyDer<'static>,
-    )>,
-) -> quinn::ClientConfig {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots);
-    let mut tls = match cert {
-        Some((chain, key)) => builder.with_client_auth_cert(chain, key).unwrap(),
-        None => builder.with_no_client_auth(),
-    };
-    tls.alpn_protocols = vec![alpn.to_vec()];
-    quinn::ClientConfig::new(Arc::new(
-        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
-    ))
-}
-
 #[tokio::test]
 async fn an_attach_ticket_works_once_and_only_at_the_relay_it_names() {
     use devmesh_shared::tunnel::{self, Control, io as tio};

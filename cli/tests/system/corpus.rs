@@ -1,6 +1,8 @@
 //! The malformed-input corpus (`cli/tests/corpus/http.txt`) against a real
 //! `devmesh server`: every case gets a 4xx or a closed connection, never a
 //! success, a server error, a hang or a panic, and nothing changes state.
+//! Its `QUIC` cases go to the primary's relay as an agent's control stream:
+//! each ends that connection, and the relay goes on serving.
 
 use std::time::Duration;
 
@@ -161,7 +163,7 @@ async fn every_malformed_input_of_the_corpus_is_refused_and_changes_nothing() {
     let cases: Vec<(usize, Vec<u8>)> = corpus
         .lines()
         .enumerate()
-        .filter(|(_, l)| !l.is_empty() && !l.starts_with('#'))
+        .filter(|(_, l)| !l.is_empty() && !l.starts_with('#') && !l.starts_with("QUIC "))
         .map(|(n, l)| {
             let bytes = match l.strip_prefix("API ") {
                 Some(api) => {
@@ -223,4 +225,61 @@ async fn every_malformed_input_of_the_corpus_is_refused_and_changes_nothing() {
     })
     .await;
     assert!(refused >= 100, "only {refused} refusals counted");
+}
+
+#[tokio::test]
+async fn garbage_on_a_relays_control_stream_ends_that_connection_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, owner, _db) = primary_on_db(dir.path()).await;
+    let (_, regions) = owner.get("/regions").await;
+    let primary = &regions["regions"][0];
+    let relay: std::net::SocketAddr = primary["relay_address"]
+        .as_str()
+        .expect("the primary's relay address")
+        .parse()
+        .unwrap();
+    let server_name = devmesh_shared::names::relay_server_name(primary["name"].as_str().unwrap());
+    let config = crate::support::quic_client(
+        regions["mesh_ca_pem"].as_str().unwrap(),
+        devmesh_shared::tunnel::ALPN,
+        None,
+    );
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let corpus = include_str!("../corpus/http.txt");
+    let cases: Vec<(usize, Vec<u8>)> = corpus
+        .lines()
+        .enumerate()
+        .filter_map(|(n, l)| Some((n + 1, decode(l.strip_prefix("QUIC ")?))))
+        .collect();
+    assert!(cases.len() >= 20, "{} QUIC cases", cases.len());
+    for (line, bytes) in cases {
+        let conn = endpoint
+            .connect_with(config.clone(), relay, &server_name)
+            .unwrap()
+            .await
+            .unwrap_or_else(|e| panic!("http.txt:{line}: the relay refused a handshake: {e}"));
+        let (mut send, _recv) = conn.open_bi().await.unwrap();
+        let _ = send.write_all(&bytes).await;
+        let _ = send.finish();
+        // Refused: the relay closes the connection (no attach happened).
+        tokio::time::timeout(CLOSE_WITHIN, conn.closed())
+            .await
+            .unwrap_or_else(|_| panic!("http.txt:{line}: the connection stayed open"));
+    }
+    // The relay and the server live on.
+    let conn = endpoint
+        .connect_with(config, relay, &server_name)
+        .unwrap()
+        .await
+        .expect("the relay still accepts connections");
+    conn.close(0u32.into(), b"done");
+    assert_eq!(
+        reqwest::get(format!("{}/healthz", server.url))
+            .await
+            .unwrap()
+            .status(),
+        reqwest::StatusCode::OK
+    );
+    let log = std::fs::read_to_string(server.log()).unwrap();
+    assert!(!log.contains("panicked"), "{log}");
 }
