@@ -39,7 +39,8 @@ pub(crate) async fn run(
     // Every tunnel is served in a task of its own; one left behind by a
     // move may still be closing when the agent shuts down.
     let tunnels = TaskTracker::new();
-    keep_attached(&client, manifest, &timing, &cancel, &tunnels).await;
+    let probes = Arc::new(tunnel::Probes::default());
+    keep_attached(&client, manifest, &timing, &cancel, &tunnels, &probes).await;
     tunnels.close();
     tunnels.wait().await;
 }
@@ -50,6 +51,7 @@ async fn keep_attached(
     timing: &Timing,
     cancel: &CancellationToken,
     tunnels: &TaskTracker,
+    probes: &Arc<tunnel::Probes>,
 ) {
     let mut backoff = Backoff::default();
     // The relay whose tunnel was just lost: not worth probing first again.
@@ -64,13 +66,22 @@ async fn keep_attached(
                 }
             }
         };
-        match attach_nearest(client, &manifest, lost.take().as_ref(), timing, cancel).await {
+        match attach_nearest(
+            client,
+            &manifest,
+            lost.take().as_ref(),
+            timing,
+            cancel,
+            probes,
+        )
+        .await
+        {
             Round::Cancelled => return,
             Round::Failed => {}
             Round::Attached(first) => {
                 let since = Instant::now();
                 let (end, last) =
-                    stay_attached(client, manifest, *first, timing, cancel, tunnels).await;
+                    stay_attached(client, manifest, *first, timing, cancel, tunnels, probes).await;
                 lost = Some(last);
                 let attached_for = since.elapsed();
                 // Anything else is a lost tunnel, which `stay_attached` (knowing
@@ -120,6 +131,7 @@ async fn attach_nearest(
     lost: Option<&RelayInfo>,
     timing: &Timing,
     cancel: &CancellationToken,
+    probes: &Arc<tunnel::Probes>,
 ) -> Round {
     let config = match tunnel::client_config(&manifest.mesh_ca_pem) {
         Ok(c) => c,
@@ -138,7 +150,7 @@ async fn attach_nearest(
         .cloned()
         .partition(|r| Some(r) != lost || manifest.relays.len() == 1);
     let mut measured = tokio::select! {
-        m = tunnel::measure(&others, &config, timing) => m,
+        m = tunnel::measure(&others, &config, timing, probes) => m,
         () = cancel.cancelled() => return Round::Cancelled,
     };
     nearest::prefer_region(&mut measured, client.region());
@@ -250,6 +262,7 @@ async fn stay_attached(
     timing: &Timing,
     cancel: &CancellationToken,
     tunnels: &TaskTracker,
+    probes: &Arc<tunnel::Probes>,
 ) -> (End, RelayInfo) {
     let agent_id: Arc<str> = manifest.agent_id.to_string().into();
     let mut known = Known {
@@ -274,7 +287,7 @@ async fn stay_attached(
             }
             nearer = async {
                 tokio::time::sleep(timing.recheck_interval).await;
-                recheck(client, &mut known, &mut chooser, timing).await
+                recheck(client, &mut known, &mut chooser, timing, probes).await
             } => nearer,
         };
         let Some(next) = nearer else { continue };
@@ -309,6 +322,7 @@ async fn recheck(
     known: &mut Known,
     chooser: &mut RelayChooser,
     timing: &Timing,
+    probes: &Arc<tunnel::Probes>,
 ) -> Option<Attachment> {
     match tokio::time::timeout(RECHECK_MANIFEST_TIMEOUT, client.manifest()).await {
         Ok(Ok(m)) => {
@@ -329,7 +343,7 @@ async fn recheck(
     if !relays.contains(chooser.current()) {
         relays.push(chooser.current().clone());
     }
-    let mut measured = tunnel::measure(&relays, &config, timing).await;
+    let mut measured = tunnel::measure(&relays, &config, timing, probes).await;
     nearest::prefer_region(&mut measured, client.region());
     let (to, from_rtt) = match chooser.observe(&measured) {
         Decision::Stay { nearer_rounds } => {

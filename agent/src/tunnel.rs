@@ -167,6 +167,35 @@ fn endpoint_for(remote: SocketAddr) -> std::io::Result<Endpoint> {
     )
 }
 
+/// Endpoints for RTT probes, one per address family, kept for the agent's
+/// life. A quinn endpoint allocates a receive buffer of about 3 MB; once
+/// glibc has freed one that large it keeps later ones in the heap (its
+/// mmap threshold rises to match), so a fresh endpoint per probe grew an
+/// idle agent's RSS by about a megabyte per probe, three probes every
+/// re-check, until it settled some 50 MB higher.
+#[derive(Debug, Default)]
+pub(crate) struct Probes {
+    v4: parking_lot::Mutex<Option<Endpoint>>,
+    v6: parking_lot::Mutex<Option<Endpoint>>,
+}
+
+impl Probes {
+    /// The probe endpoint for `remote`'s address family, made on first use.
+    fn endpoint(&self, remote: SocketAddr) -> std::io::Result<Endpoint> {
+        let mut slot = if remote.is_ipv6() {
+            self.v6.lock()
+        } else {
+            self.v4.lock()
+        };
+        if let Some(e) = slot.as_ref() {
+            return Ok(e.clone());
+        }
+        let e = endpoint_for(remote)?;
+        *slot = Some(e.clone());
+        Ok(e)
+    }
+}
+
 /// An attached tunnel, ready to serve.
 #[derive(Debug)]
 pub(crate) struct Attached {
@@ -268,13 +297,15 @@ pub(crate) async fn measure(
     relays: &[RelayInfo],
     config: &quinn::ClientConfig,
     timing: &Timing,
+    endpoints: &Arc<Probes>,
 ) -> Vec<Measurement> {
     let mut probes = JoinSet::new();
     for (i, relay) in relays.iter().enumerate() {
-        let (relay, config, timing) = (relay.clone(), config.clone(), *timing);
+        let (relay, config, timing, endpoints) =
+            (relay.clone(), config.clone(), *timing, endpoints.clone());
         probes.spawn(
             async move {
-                let rtt = probe(&relay, &config, &timing).await;
+                let rtt = probe(&relay, &config, &timing, &endpoints).await;
                 if let Err(e) = &rtt {
                     tracing::debug!(
                         region = %relay.region,
@@ -305,7 +336,7 @@ pub(crate) async fn measure(
 }
 
 /// The fastest of [`PROBES_PER_RELAY`] QUIC handshakes with `relay`'s first
-/// address, on one fresh endpoint. A handshake is one round trip plus the
+/// address, on the agent's probe endpoint. A handshake is one round trip plus the
 /// relay's TLS work, which is what each user connection's first byte pays
 /// too. The connections close at once with [`close::PROBE`] and never carry
 /// a ticket. Stops at the first failure; errs only if no handshake completed.
@@ -313,13 +344,14 @@ pub(crate) async fn probe(
     relay: &RelayInfo,
     config: &quinn::ClientConfig,
     timing: &Timing,
+    endpoints: &Probes,
 ) -> Result<Duration, TunnelError> {
     let addr = resolve(relay, timing.probe_timeout)
         .await?
         .into_iter()
         .next()
         .ok_or_else(|| TunnelError::NoAddress(relay.address.clone()))?;
-    let endpoint = endpoint_for(addr).map_err(TunnelError::Endpoint)?;
+    let endpoint = endpoints.endpoint(addr).map_err(TunnelError::Endpoint)?;
     let mut best: Option<Duration> = None;
     let mut failure = None;
     for _ in 0..PROBES_PER_RELAY {

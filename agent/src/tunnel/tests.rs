@@ -279,9 +279,14 @@ async fn a_move_closes_the_old_tunnel_with_the_moved_code() {
 async fn a_probe_is_a_bare_handshake_closed_with_the_probe_code() {
     let relay = TestRelay::start(RelayOptions::default()).await;
     let config = client_config(&relay.ca.pem).unwrap();
-    let rtt = probe(&relay.info(), &config, &Timing::default())
-        .await
-        .unwrap();
+    let rtt = probe(
+        &relay.info(),
+        &config,
+        &Timing::default(),
+        &Probes::default(),
+    )
+    .await
+    .unwrap();
     assert!(rtt < Duration::from_secs(1), "{rtt:?}");
     eventually("the relay to see three probes", || relay.probes() == 3).await;
     assert!(relay.tickets().is_empty(), "a probe never sends a ticket");
@@ -297,7 +302,9 @@ async fn a_probe_through_a_delay_measures_the_round_trip() {
         address: far.addr.to_string(),
         ..relay.info()
     };
-    let rtt = probe(&far_info, &config, &Timing::default()).await.unwrap();
+    let rtt = probe(&far_info, &config, &Timing::default(), &Probes::default())
+        .await
+        .unwrap();
     // Both directions wait: at least two delays per round trip.
     assert!(rtt >= 2 * delay, "{rtt:?}");
     eventually("the relay to see three probes", || relay.probes() == 3).await;
@@ -332,7 +339,7 @@ async fn measure_keeps_the_order_and_marks_relays_that_do_not_answer() {
     };
     let config = client_config(&ca.pem).unwrap();
     let started = Instant::now();
-    let measured = measure(&relays, &config, &timing).await;
+    let measured = measure(&relays, &config, &timing, &Arc::default()).await;
     // In parallel, and one failure ends a relay's probes: about one timeout.
     assert!(
         started.elapsed() < Duration::from_secs(2),
@@ -444,4 +451,19 @@ async fn the_relay_may_hold_many_more_streams_than_it_was_first_granted() {
         let got = read_all(&mut recv).await;
         assert_eq!(got[..8], 0u64.to_be_bytes());
     }
+}
+
+#[tokio::test]
+async fn probes_share_one_endpoint_per_address_family() {
+    let relay = TestRelay::start(RelayOptions::default()).await;
+    let config = client_config(&relay.ca.pem).unwrap();
+    let probes = Probes::default();
+    for _ in 0..3 {
+        probe(&relay.info(), &config, &Timing::default(), &probes)
+            .await
+            .unwrap();
+    }
+    let v4: SocketAddr = (Ipv4Addr::LOCALHOST, 1).into();
+    let first = probes.endpoint(v4).unwrap().local_addr().unwrap();
+    assert_eq!(probes.endpoint(v4).unwrap().local_addr().unwrap(), first);
 }
