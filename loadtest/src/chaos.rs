@@ -24,7 +24,7 @@ use crate::load;
 use crate::report::ScenarioReport;
 use crate::run::Ctx;
 use crate::scenario::{self, Protocol};
-use crate::stats::Samples;
+use crate::stats::{Samples, round};
 
 /// Clients per loaded path.
 const CLIENTS_PER_PATH: usize = 4;
@@ -200,10 +200,6 @@ fn longest_gap(timeline: &[(usize, f64, bool)], path: usize, from: f64, end: f64
         }
     }
     (gap.max(end - last_ok), errors)
-}
-
-fn round(x: f64) -> f64 {
-    (x * 100.0).round() / 100.0
 }
 
 /// One fault under load; whether its expectation held.

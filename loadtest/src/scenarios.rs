@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use crate::report::ScenarioReport;
 use crate::run::Ctx;
 use crate::scenario::{self, Protocol};
-use crate::stats::Samples;
+use crate::stats::{Samples, round};
 use crate::topology::Endpoint;
 use crate::wan::{LinkSpec, TcpRelay};
 use crate::{baselines, load};
@@ -351,10 +351,6 @@ pub async fn websockets(
     }
     sr.notes.push("RSS per connection: (peak RSS while all were open − RSS before) ÷ connections, per devmesh process.".into());
     Ok(())
-}
-
-fn round(x: f64) -> f64 {
-    (x * 100.0).round() / 100.0
 }
 
 // === 4: agents ===

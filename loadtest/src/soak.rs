@@ -21,7 +21,7 @@ use crate::procstat;
 use crate::report::ScenarioReport;
 use crate::run::Ctx;
 use crate::scenario::{self, Protocol};
-use crate::stats::{Samples, percentile};
+use crate::stats::{Samples, percentile, round};
 
 /// Requests in flight at most (the rate is what is fixed).
 const MAX_IN_FLIGHT: usize = 64;
@@ -47,10 +47,6 @@ fn slope(points: &[(f64, f64)]) -> f64 {
         (a + (x - mx) * (y - my), b + (x - mx) * (x - mx))
     });
     if den == 0.0 { 0.0 } else { num / den }
-}
-
-fn round(x: f64) -> f64 {
-    (x * 100.0).round() / 100.0
 }
 
 /// One process over the run: `(seconds, RSS MiB, open files)`.

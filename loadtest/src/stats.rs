@@ -17,6 +17,11 @@ pub fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
     Some(sorted[rank.clamp(1, sorted.len()) - 1])
 }
 
+/// `x` to two decimals, for figures in the report.
+pub fn round(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
 /// What one case (one target under one load) measured.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Summary {
