@@ -9,6 +9,7 @@ pub mod error;
 pub mod extract;
 mod login;
 mod meta;
+pub mod openapi;
 pub(crate) mod provisioners;
 mod ssh;
 mod templates;
@@ -23,7 +24,7 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderName, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::get;
 use sqlx::PgPool;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -248,143 +249,16 @@ pub async fn apply_events(state: AppState) {
 /// The whole HTTP application.
 pub fn router(state: AppState) -> Router {
     let x_request_id = HeaderName::from_static("x-request-id");
-    let api = Router::new()
-        .route("/buildinfo", get(meta::buildinfo))
-        .route("/buildinfo/agent/{os}/{arch}", get(meta::agent_binary))
-        .route("/regions", get(edges::regions))
-        .route("/audit", get(meta::audit))
+    let (api, document) = api_routes().finish();
+    let document = Arc::new(document);
+    let api = api
         .route(
-            "/users/first",
-            get(users::has_first_user).post(users::create_first_user),
+            "/openapi.json",
+            get(move || {
+                let document = document.clone();
+                async move { axum::Json(document) }
+            }),
         )
-        .route("/users/login", post(users::login))
-        .route("/users/logout", post(users::logout))
-        .route("/users/me", get(users::me))
-        .route(
-            "/users/me/preferences",
-            get(users::preferences).put(users::set_preferences),
-        )
-        .route(
-            "/users/me/keys",
-            get(users::list_keys).post(users::create_key),
-        )
-        .route(
-            "/users/me/keys/{id}",
-            get(users::get_key).delete(users::delete_key),
-        )
-        .route("/users", get(users::list_users).post(users::create_user))
-        .route(
-            "/users/{user}",
-            get(users::get_user).delete(users::delete_user),
-        )
-        .route("/users/{user}/status/{status}", put(users::set_status))
-        .route("/users/{user}/roles", put(users::set_roles))
-        .route(
-            "/users/{user}/workspaces/{name}",
-            get(workspaces::get_by_name),
-        )
-        .route("/templates", get(templates::list).post(templates::create))
-        .route(
-            "/templates/{template}",
-            get(templates::get).delete(templates::delete),
-        )
-        .route(
-            "/templates/{template}/versions",
-            get(templates::versions).post(templates::create_version),
-        )
-        .route(
-            "/templates/{template}/versions/{number}/promote",
-            post(templates::promote),
-        )
-        .route(
-            "/templates/{template}/versions/{number}/archive",
-            post(templates::archive),
-        )
-        .route(
-            "/templates/{template}/versions/{number}/unarchive",
-            post(templates::unarchive),
-        )
-        .route(
-            "/templates/{template}/versions/{number}/files",
-            get(templates::files),
-        )
-        .route(
-            "/workspaces",
-            get(workspaces::list).post(workspaces::create),
-        )
-        .route("/workspaces/watch", get(workspaces::watch))
-        .route("/workspaces/{id}", get(workspaces::get))
-        .route("/jobs/{id}/logs", get(workspaces::job_logs))
-        .route(
-            "/workspaces/{id}/builds",
-            get(workspaces::builds).post(workspaces::build),
-        )
-        .route(
-            "/workspaces/{id}/builds/cancel",
-            post(workspaces::cancel_build),
-        )
-        .route(
-            "/provisioner-keys",
-            get(provisioners::list_keys).post(provisioners::create_key),
-        )
-        .route(
-            "/provisioner-keys/{name}",
-            axum::routing::delete(provisioners::delete_key),
-        )
-        .route("/provisioner-daemons", get(provisioners::list_daemons))
-        .route("/provisionerd/register", post(provisioners::register))
-        .route(
-            "/provisionerd/daemons/{daemon}/acquire",
-            post(provisioners::acquire),
-        )
-        .route(
-            "/provisionerd/daemons/{daemon}/jobs/{job}/heartbeat",
-            post(provisioners::heartbeat),
-        )
-        .route(
-            "/provisionerd/daemons/{daemon}/jobs/{job}/logs",
-            post(provisioners::append_logs),
-        )
-        .route(
-            "/provisionerd/daemons/{daemon}/jobs/{job}/state",
-            put(provisioners::save_state),
-        )
-        .route(
-            "/provisionerd/daemons/{daemon}/jobs/{job}/complete",
-            post(provisioners::complete),
-        )
-        .route("/edges", get(edges::list).post(edges::create))
-        .route(
-            "/edges/{edge}",
-            get(edges::get).patch(edges::update).delete(edges::delete),
-        )
-        .route("/edges/{edge}/token", post(edges::regenerate_token))
-        .route("/edges/me/register", post(edges::register))
-        .route("/edges/me/deregister", post(edges::deregister))
-        .route("/edges/me/events", get(edges::events))
-        .route("/edges/me/app-access", post(apps::edge_app_access))
-        .route("/edges/me/app-connect", post(apps::edge_app_connect))
-        .route("/edges/me/shell-access", post(ssh::edge_shell_access))
-        .route("/edges/me/shell-ended", post(ssh::edge_shell_ended))
-        .route("/workspaceagents/me/manifest", get(agents::manifest))
-        .route(
-            "/workspaceagents/me/attach-ticket",
-            post(agents::attach_ticket),
-        )
-        .route("/workspaceagents/me/lifecycle", post(agents::lifecycle))
-        .route("/workspaceagents/me/logs", post(agents::post_logs))
-        .route("/workspaceagents/me/app-health", post(agents::app_health))
-        .route("/workspaceagents/me/metadata", post(agents::metadata))
-        .route("/workspaceagents/{id}/logs", get(agents::get_logs))
-        .route("/workspaceagents/{id}/ssh", post(ssh::ssh))
-        .route("/workspaceagents/{id}/pty", get(ssh::terminal))
-        .route("/workspaceagents/{id}/probe", post(ssh::probe))
-        .route("/workspaceagents/{id}/udp", post(ssh::udp))
-        .route(
-            "/workspaces/{id}/port-shares",
-            get(workspaces::list_port_shares).post(workspaces::set_port_share),
-        )
-        .route("/applications/auth-redirect", get(apps::auth_redirect))
         .fallback(api_not_found);
 
     Router::new()
@@ -429,6 +303,437 @@ pub fn router(state: AppState) -> Router {
                 .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES)),
         )
         .with_state(state)
+}
+
+/// Every `/api/v2` route with its description: the router and the OpenAPI
+/// document (`GET /api/v2/openapi.json`, `docs/openapi.json`) both come
+/// from here.
+pub fn api_routes() -> openapi::ApiRoutes {
+    use devmesh_shared::api as a;
+    use devmesh_shared::provisionerd as p;
+    openapi::ApiRoutes::new()
+        // Meta
+        .get("/buildinfo", "The server's version", meta::buildinfo)
+        .returns::<a::BuildInfo>(200, "The version.")
+        .get(
+            "/buildinfo/agent/{os}/{arch}",
+            "The agent binary for an OS and architecture",
+            meta::agent_binary,
+        )
+        .raw(200, "application/octet-stream", "The binary.")
+        .get(
+            "/regions",
+            "Regions and their latency-check URLs",
+            edges::regions,
+        )
+        .returns::<a::RegionsResponse>(200, "The regions.")
+        .get(
+            "/audit",
+            "The audit log, newest first (owners)",
+            meta::audit,
+        )
+        .returns::<a::AuditResponse>(200, "A page of entries.")
+        // Users and sessions
+        .get(
+            "/users/first",
+            "Whether the first user exists",
+            users::has_first_user,
+        )
+        .returns::<a::FirstUserStatus>(200, "Whether set-up is done.")
+        .post(
+            "/users/first",
+            "Creates the first user, an owner",
+            users::create_first_user,
+        )
+        .returns::<a::User>(201, "The user.")
+        .post("/users/login", "Signs in with a password", users::login)
+        .returns::<a::LoginResponse>(201, "A session token (also set as a cookie).")
+        .post("/users/logout", "Ends the caller's session", users::logout)
+        .returns::<a::Message>(200, "Signed out.")
+        .get("/users/me", "The signed-in user", users::me)
+        .returns::<a::User>(200, "The user.")
+        .get(
+            "/users/me/preferences",
+            "The caller's preferences",
+            users::preferences,
+        )
+        .returns::<a::Preferences>(200, "The preferences.")
+        .put(
+            "/users/me/preferences",
+            "Sets the caller's preferences",
+            users::set_preferences,
+        )
+        .returns::<a::Preferences>(200, "The preferences now.")
+        .get("/users/me/keys", "The caller's API keys", users::list_keys)
+        .returns::<a::KeysResponse>(200, "The keys (never their secrets).")
+        .post("/users/me/keys", "Creates an API key", users::create_key)
+        .returns::<a::CreateKeyResponse>(201, "The key, with its secret shown once.")
+        .get(
+            "/users/me/keys/{id}",
+            "One of the caller's API keys",
+            users::get_key,
+        )
+        .returns::<a::ApiKey>(200, "The key.")
+        .delete(
+            "/users/me/keys/{id}",
+            "Deletes one of the caller's API keys",
+            users::delete_key,
+        )
+        .empty(204, "Deleted.")
+        .get("/users", "All users (owners)", users::list_users)
+        .returns::<a::UsersResponse>(200, "The users.")
+        .post("/users", "Creates a user (owners)", users::create_user)
+        .returns::<a::User>(201, "The user.")
+        .get(
+            "/users/{user}",
+            "A user, by id or username",
+            users::get_user,
+        )
+        .returns::<a::User>(200, "The user.")
+        .delete(
+            "/users/{user}",
+            "Deletes a user (owners)",
+            users::delete_user,
+        )
+        .empty(204, "Deleted.")
+        .put(
+            "/users/{user}/status/{status}",
+            "Suspends or reactivates a user (owners)",
+            users::set_status,
+        )
+        .returns::<a::User>(200, "The user now.")
+        .put(
+            "/users/{user}/roles",
+            "Sets a user's roles (owners)",
+            users::set_roles,
+        )
+        .returns::<a::User>(200, "The user now.")
+        .get(
+            "/users/{user}/workspaces/{name}",
+            "A workspace by its owner and name",
+            workspaces::get_by_name,
+        )
+        .returns::<a::Workspace>(200, "The workspace.")
+        // Templates
+        .get("/templates", "All templates", templates::list)
+        .returns::<a::TemplatesResponse>(200, "The templates.")
+        .post(
+            "/templates",
+            "Creates a template (owners)",
+            templates::create,
+        )
+        .returns::<a::Template>(201, "The template.")
+        .get(
+            "/templates/{template}",
+            "A template, by id or name",
+            templates::get,
+        )
+        .returns::<a::Template>(200, "The template.")
+        .delete(
+            "/templates/{template}",
+            "Deletes a template (owners)",
+            templates::delete,
+        )
+        .empty(204, "Deleted.")
+        .get(
+            "/templates/{template}/versions",
+            "A template's versions",
+            templates::versions,
+        )
+        .returns::<a::TemplateVersionsResponse>(200, "The versions.")
+        .post(
+            "/templates/{template}/versions",
+            "Adds a version to a template (owners)",
+            templates::create_version,
+        )
+        .returns::<a::Template>(201, "The template, with the version.")
+        .post(
+            "/templates/{template}/versions/{number}/promote",
+            "Makes a version the active one (owners)",
+            templates::promote,
+        )
+        .returns::<a::Template>(200, "The template now.")
+        .post(
+            "/templates/{template}/versions/{number}/archive",
+            "Archives a version (owners)",
+            templates::archive,
+        )
+        .returns::<a::TemplateVersion>(200, "The version now.")
+        .post(
+            "/templates/{template}/versions/{number}/unarchive",
+            "Brings an archived version back (owners)",
+            templates::unarchive,
+        )
+        .returns::<a::TemplateVersion>(200, "The version now.")
+        .get(
+            "/templates/{template}/versions/{number}/files",
+            "A version's Terraform files, as a tar archive (owners)",
+            templates::files,
+        )
+        .raw(200, "application/x-tar", "The archive.")
+        // Workspaces
+        .get(
+            "/workspaces",
+            "Workspaces (the caller's, or an owner's pick)",
+            workspaces::list,
+        )
+        .returns::<a::WorkspacesResponse>(200, "The workspaces.")
+        .post(
+            "/workspaces",
+            "Creates a workspace and starts its first build",
+            workspaces::create,
+        )
+        .returns::<a::WorkspaceBuildResponse>(201, "The workspace.")
+        .get(
+            "/workspaces/watch",
+            "Changes to the caller's workspaces, as server-sent events",
+            workspaces::watch,
+        )
+        .raw(200, "text/event-stream", "One event per change.")
+        .get("/workspaces/{id}", "A workspace", workspaces::get)
+        .returns::<a::Workspace>(200, "The workspace.")
+        .get(
+            "/jobs/{id}/logs",
+            "A provisioner job's status and log",
+            workspaces::job_logs,
+        )
+        .returns::<a::JobLogsResponse>(200, "The job's log since `after`.")
+        .get(
+            "/workspaces/{id}/builds",
+            "A workspace's builds, newest first",
+            workspaces::builds,
+        )
+        .returns::<Vec<a::WorkspaceBuild>>(200, "The builds.")
+        .post(
+            "/workspaces/{id}/builds",
+            "Starts, stops or deletes a workspace",
+            workspaces::build,
+        )
+        .returns::<a::WorkspaceBuildResponse>(201, "The workspace, with the build queued.")
+        .post(
+            "/workspaces/{id}/builds/cancel",
+            "Cancels a workspace's running build",
+            workspaces::cancel_build,
+        )
+        .returns::<a::Workspace>(200, "The workspace now.")
+        .get(
+            "/workspaces/{id}/port-shares",
+            "A workspace's shared ports",
+            workspaces::list_port_shares,
+        )
+        .returns::<a::PortSharesResponse>(200, "The shares.")
+        .post(
+            "/workspaces/{id}/port-shares",
+            "Shares a port of a workspace, or changes its share",
+            workspaces::set_port_share,
+        )
+        .returns::<a::PortShare>(200, "The share now.")
+        // Provisioners
+        .get(
+            "/provisioner-keys",
+            "Provisioner keys (owners)",
+            provisioners::list_keys,
+        )
+        .returns::<p::ProvisionerKeysResponse>(200, "The keys.")
+        .post(
+            "/provisioner-keys",
+            "Creates a provisioner key (owners)",
+            provisioners::create_key,
+        )
+        .returns::<p::CreateProvisionerKeyResponse>(201, "The key, with its secret shown once.")
+        .delete(
+            "/provisioner-keys/{name}",
+            "Deletes a provisioner key (owners)",
+            provisioners::delete_key,
+        )
+        .empty(204, "Deleted.")
+        .get(
+            "/provisioner-daemons",
+            "Connected provisioner daemons (owners)",
+            provisioners::list_daemons,
+        )
+        .returns::<p::ProvisionerDaemonsResponse>(200, "The daemons.")
+        .post(
+            "/provisionerd/register",
+            "Registers a provisioner daemon",
+            provisioners::register,
+        )
+        .returns::<p::RegisterDaemonResponse>(200, "The daemon's id.")
+        .post(
+            "/provisionerd/daemons/{daemon}/acquire",
+            "Waits for a job for the daemon",
+            provisioners::acquire,
+        )
+        .returns::<p::JobSpec>(200, "A job.")
+        .empty(204, "No job came in time; ask again.")
+        .post(
+            "/provisionerd/daemons/{daemon}/jobs/{job}/heartbeat",
+            "Says a job still runs",
+            provisioners::heartbeat,
+        )
+        .returns::<p::HeartbeatResponse>(200, "Whether to go on.")
+        .post(
+            "/provisionerd/daemons/{daemon}/jobs/{job}/logs",
+            "Appends to a job's log",
+            provisioners::append_logs,
+        )
+        .empty(204, "Appended.")
+        .put(
+            "/provisionerd/daemons/{daemon}/jobs/{job}/state",
+            "Saves a build's Terraform state",
+            provisioners::save_state,
+        )
+        .empty(204, "Saved.")
+        .post(
+            "/provisionerd/daemons/{daemon}/jobs/{job}/complete",
+            "Finishes a job",
+            provisioners::complete,
+        )
+        .returns::<p::CompleteResponse>(200, "Recorded.")
+        // Edges
+        .get("/edges", "Edges (owners)", edges::list)
+        .returns::<a::EdgesResponse>(200, "The edges.")
+        .post("/edges", "Creates an edge (owners)", edges::create)
+        .returns::<a::CreateEdgeResponse>(201, "The edge, with its token shown once.")
+        .get(
+            "/edges/{edge}",
+            "An edge, by id or name (owners)",
+            edges::get,
+        )
+        .returns::<a::Edge>(200, "The edge.")
+        .patch("/edges/{edge}", "Changes an edge (owners)", edges::update)
+        .returns::<a::Edge>(200, "The edge now.")
+        .delete("/edges/{edge}", "Deletes an edge (owners)", edges::delete)
+        .empty(204, "Deleted.")
+        .post(
+            "/edges/{edge}/token",
+            "Replaces an edge's token (owners)",
+            edges::regenerate_token,
+        )
+        .returns::<a::CreateEdgeResponse>(200, "The edge, with its new token shown once.")
+        .post(
+            "/edges/me/register",
+            "An edge registers its relay and hosts",
+            edges::register,
+        )
+        .returns::<a::EdgeRegisterResponse>(200, "What the edge needs to serve.")
+        .post("/edges/me/deregister", "An edge leaves", edges::deregister)
+        .empty(204, "Gone.")
+        .get(
+            "/edges/me/events",
+            "Events for an edge, as JSON lines",
+            edges::events,
+        )
+        .raw(200, "application/x-ndjson", "One event per line.")
+        .post(
+            "/edges/me/app-access",
+            "An edge asks who may open an app",
+            apps::edge_app_access,
+        )
+        .returns::<a::EdgeAppAccess>(200, "The route and an app token.")
+        .post(
+            "/edges/me/app-connect",
+            "An edge redeems a sign-in grant",
+            apps::edge_app_connect,
+        )
+        .returns::<a::EdgeAppAccess>(200, "The route and an app token.")
+        .post(
+            "/edges/me/shell-access",
+            "An edge asks to open a shell",
+            ssh::edge_shell_access,
+        )
+        .returns::<a::EdgeShellAccess>(200, "Where to open it.")
+        .post(
+            "/edges/me/shell-ended",
+            "An edge reports a shell's end",
+            ssh::edge_shell_ended,
+        )
+        .empty(204, "Recorded.")
+        // Agents
+        .get(
+            "/workspaceagents/me/manifest",
+            "The agent's manifest",
+            agents::manifest,
+        )
+        .returns::<a::AgentManifest>(200, "What the agent runs and where it attaches.")
+        .post(
+            "/workspaceagents/me/attach-ticket",
+            "A ticket to attach to a relay",
+            agents::attach_ticket,
+        )
+        .returns::<a::AttachTicketResponse>(200, "The ticket.")
+        .post(
+            "/workspaceagents/me/lifecycle",
+            "The agent's lifecycle state",
+            agents::lifecycle,
+        )
+        .empty(204, "Recorded.")
+        .post(
+            "/workspaceagents/me/logs",
+            "Appends startup script output",
+            agents::post_logs,
+        )
+        .returns::<a::AgentLogsAccepted>(200, "How much was kept.")
+        .post(
+            "/workspaceagents/me/app-health",
+            "Apps' health",
+            agents::app_health,
+        )
+        .empty(204, "Recorded.")
+        .post(
+            "/workspaceagents/me/metadata",
+            "Metadata values",
+            agents::metadata,
+        )
+        .empty(204, "Recorded.")
+        .get(
+            "/workspaceagents/{id}/logs",
+            "An agent's startup script output",
+            agents::get_logs,
+        )
+        .returns::<a::AgentLogsResponse>(200, "The log since `after`.")
+        .post(
+            "/workspaceagents/{id}/ssh",
+            "Opens an SSH stream to the agent (full duplex body)",
+            ssh::ssh,
+        )
+        .raw(
+            200,
+            "application/octet-stream",
+            "The agent's side of the stream.",
+        )
+        .returns::<a::Error>(502, "The agent is not connected, or refused the stream.")
+        .get(
+            "/workspaceagents/{id}/pty",
+            "A terminal, over a WebSocket",
+            ssh::terminal,
+        )
+        .empty(101, "Switching to the WebSocket.")
+        .returns::<a::Error>(502, "The agent is not connected, or refused the stream.")
+        .post(
+            "/workspaceagents/{id}/probe",
+            "Opens a stream to a port on the agent's machine (full duplex body)",
+            ssh::probe,
+        )
+        .raw(
+            200,
+            "application/octet-stream",
+            "The port's side of the stream.",
+        )
+        .returns::<a::Error>(502, "The agent is not connected, or refused the stream.")
+        .post(
+            "/workspaceagents/{id}/udp",
+            "Relays UDP datagrams to a port on the agent's machine (full duplex body)",
+            ssh::udp,
+        )
+        .raw(200, "application/octet-stream", "The datagrams, framed.")
+        .returns::<a::Error>(502, "The agent is not connected, or refused the stream.")
+        .get(
+            "/applications/auth-redirect",
+            "Signs a browser in to an app host and sends it back",
+            apps::auth_redirect,
+        )
+        .empty(303, "To the app host, with a one-time grant.")
 }
 
 async fn api_not_found() -> ApiError {

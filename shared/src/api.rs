@@ -11,7 +11,7 @@ use uuid::Uuid;
 // === Errors ===
 
 /// Every non-2xx response body.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct Error {
     /// One sentence for a person.
     pub message: String,
@@ -29,7 +29,7 @@ pub struct Error {
 }
 
 /// One field's problem.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct Validation {
     /// The request field, dotted for nested ones (`agents.0.name`).
     pub field: String,
@@ -40,7 +40,7 @@ pub struct Validation {
 // === Users and sessions ===
 
 /// A user's role.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq, Hash)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     /// May do everything: manage users, templates, edges, read the audit log.
@@ -60,7 +60,7 @@ impl Role {
 }
 
 /// A user as the API shows it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct User {
     /// Stable id.
     pub id: Uuid,
@@ -77,7 +77,7 @@ pub struct User {
 }
 
 /// Whether a user may sign in.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum UserStatus {
     /// May sign in and use keys.
@@ -87,7 +87,7 @@ pub enum UserStatus {
 }
 
 /// `POST /api/v2/users/first`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateFirstUserRequest {
     /// Unique; must contain `@` (not at either end), no whitespace, at
@@ -101,14 +101,14 @@ pub struct CreateFirstUserRequest {
 }
 
 /// `GET /api/v2/users/first`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct FirstUserStatus {
     /// Whether the deployment already has its first user.
     pub has_first_user: bool,
 }
 
 /// `POST /api/v2/users`: an owner creates a user.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateUserRequest {
     /// As for [`CreateFirstUserRequest::email`].
@@ -123,7 +123,7 @@ pub struct CreateUserRequest {
 }
 
 /// `POST /api/v2/users/login`. `email` may also hold a username.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoginRequest {
     /// Email address or username.
@@ -133,14 +133,14 @@ pub struct LoginRequest {
 }
 
 /// The answer to a login: a new session.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct LoginResponse {
     /// An `id-secret` key with scope `all`.
     pub session_token: String,
 }
 
 /// `GET /api/v2/users`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct UsersResponse {
     /// Every user that is not deleted.
     pub users: Vec<User>,
@@ -149,7 +149,9 @@ pub struct UsersResponse {
 // === API keys ===
 
 /// What a key may be used for.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[derive(
+    Debug, Clone, Copy, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq, Default,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum KeyScope {
     /// The whole API.
@@ -170,7 +172,7 @@ impl KeyScope {
 }
 
 /// `POST /api/v2/users/me/keys`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateKeyRequest {
     /// A label to recognise the key by.
@@ -185,7 +187,7 @@ pub struct CreateKeyRequest {
 }
 
 /// A created key, shown once.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct CreateKeyResponse {
     /// The whole `id-secret` key.
     pub key: String,
@@ -195,7 +197,7 @@ pub struct CreateKeyResponse {
 }
 
 /// A key as listed (never its secret).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct ApiKey {
     /// The public id, the part before the `-`.
     pub id: String,
@@ -214,7 +216,7 @@ pub struct ApiKey {
 }
 
 /// `GET /api/v2/users/me/keys`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct KeysResponse {
     /// The caller's keys.
     pub keys: Vec<ApiKey>,
@@ -225,7 +227,9 @@ pub struct KeysResponse {
 pub use crate::signing::SharingLevel;
 
 /// The kind of a template version.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[derive(
+    Debug, Clone, Copy, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq, Default,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum TemplateKind {
     /// Bring your own machine: agents and apps declared in JSON, started by
@@ -239,7 +243,7 @@ pub enum TemplateKind {
 }
 
 /// An external template's declaration.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ExternalDefinition {
     /// At least one agent.
@@ -247,7 +251,7 @@ pub struct ExternalDefinition {
 }
 
 /// One agent of an external template.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct AgentSpec {
     /// Hostname-safe, unique in the workspace.
@@ -272,7 +276,7 @@ pub struct AgentSpec {
 
 /// One value an agent measures: `script`'s first line of output, every
 /// `interval_seconds`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct MetadataSpec {
     /// Its name (1 to 64 characters), unique per agent.
@@ -299,7 +303,7 @@ pub const MAX_AGENT_METADATA: usize = 16;
 pub const MAX_METADATA_VALUE: usize = 1024;
 
 /// A metadata value as last reported.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct AgentMetadata {
     /// Its name.
     pub key: String,
@@ -314,7 +318,7 @@ pub struct AgentMetadata {
 }
 
 /// `POST /api/v2/workspaceagents/me/metadata`: values that changed.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AgentMetadataRequest {
     /// The changed values.
@@ -322,7 +326,7 @@ pub struct AgentMetadataRequest {
 }
 
 /// A web app served by an agent.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct AppSpec {
     /// Hostname-safe, unique per agent.
@@ -352,7 +356,7 @@ fn yes() -> bool {
 }
 
 /// How an agent checks an app's health.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct HealthcheckSpec {
     /// URL the agent polls; any 2xx or 3xx is healthy.
@@ -373,7 +377,9 @@ fn default_threshold() -> u32 {
 }
 
 /// When a script runs.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[derive(
+    Debug, Clone, Copy, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq, Default,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum ScriptTrigger {
     /// When the agent starts.
@@ -384,7 +390,7 @@ pub enum ScriptTrigger {
 }
 
 /// A startup or stop script.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ScriptSpec {
     /// Shown in logs.
@@ -404,7 +410,7 @@ fn default_script_timeout() -> u32 {
 }
 
 /// `POST /api/v2/templates`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateTemplateRequest {
     /// Hostname-safe unique name.
@@ -432,7 +438,7 @@ pub struct CreateTemplateRequest {
 pub const MAX_TEMPLATE_ARCHIVE: usize = 512 * 1024;
 
 /// `POST /api/v2/templates/{name}/versions`: a new active version.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateTemplateVersionRequest {
     /// Defaults to `external`.
@@ -453,7 +459,7 @@ pub struct CreateTemplateVersionRequest {
 }
 
 /// A template.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]
 pub struct Template {
     /// Stable id.
     pub id: Uuid,
@@ -470,7 +476,7 @@ pub struct Template {
 }
 
 /// One version of a template.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq)]
 pub struct TemplateVersion {
     /// Stable id.
     pub id: Uuid,
@@ -504,7 +510,7 @@ pub struct TemplateVersion {
 }
 
 /// How a Terraform template version's import went.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct VersionImport {
     /// The provisioner job (its log: `GET /api/v2/jobs/{id}/logs`).
     pub job_id: Uuid,
@@ -515,14 +521,14 @@ pub struct VersionImport {
 }
 
 /// `GET /api/v2/templates`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct TemplatesResponse {
     /// Every template.
     pub templates: Vec<Template>,
 }
 
 /// `GET /api/v2/templates/{name}/versions`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct TemplateVersionsResponse {
     /// Newest first.
     pub versions: Vec<TemplateVersion>,
@@ -531,7 +537,7 @@ pub struct TemplateVersionsResponse {
 // === Workspaces ===
 
 /// What a build does to a workspace.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Transition {
     /// Bring the workspace up (new agents, new tokens).
@@ -554,7 +560,7 @@ impl Transition {
 }
 
 /// `POST /api/v2/workspaces`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateWorkspaceRequest {
     /// Hostname-safe, unique per owner.
@@ -570,7 +576,7 @@ pub struct CreateWorkspaceRequest {
 }
 
 /// `POST /api/v2/workspaces/{id}/builds`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateBuildRequest {
     /// What to do.
@@ -586,7 +592,7 @@ pub struct CreateBuildRequest {
 }
 
 /// A workspace.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct Workspace {
     /// Stable id.
     pub id: Uuid,
@@ -615,7 +621,7 @@ pub struct Workspace {
 
 /// `GET /api/v2/jobs/{id}/logs?after=N`: a provisioner job's state and
 /// its log lines after line `N` (0: from the start).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct JobLogsResponse {
     /// `pending`, `running`, `succeeded`, `failed`, `canceling`, `canceled`.
     pub status: String,
@@ -630,7 +636,7 @@ pub struct JobLogsResponse {
 }
 
 /// One line of a job's log.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct JobLogLine {
     /// Increasing: pass the last one seen as `after`.
     pub id: i64,
@@ -649,7 +655,7 @@ pub fn from_stored<T: serde::de::DeserializeOwned>(stored: &str) -> Option<T> {
 }
 
 /// A build's progress.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum BuildStatus {
     /// Recorded, waiting for a provisioner daemon (Terraform templates; a
@@ -666,7 +672,7 @@ pub enum BuildStatus {
 }
 
 /// Whether an agent's tunnel is up, from its heartbeats.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum AgentStatus {
     /// It has never attached.
@@ -691,7 +697,7 @@ impl std::fmt::Display for AgentStatus {
 }
 
 /// A resource a workspace's Terraform state holds.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct WorkspaceResource {
     /// Its full address (`terraform_data.agent[0]`).
     pub address: String,
@@ -709,7 +715,7 @@ pub struct WorkspaceResource {
 }
 
 /// A build of a workspace.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct WorkspaceBuild {
     /// Stable id.
     pub id: Uuid,
@@ -739,7 +745,7 @@ pub struct WorkspaceBuild {
 }
 
 /// An agent of a workspace.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct WorkspaceAgent {
     /// Stable id.
     pub id: Uuid,
@@ -767,7 +773,7 @@ pub struct WorkspaceAgent {
 }
 
 /// A web app of an agent.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct WorkspaceApp {
     /// Stable id.
     pub id: Uuid,
@@ -789,7 +795,7 @@ pub struct WorkspaceApp {
 }
 
 /// An agent token, returned once by a start build.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct AgentToken {
     /// The agent's id.
     pub agent_id: Uuid,
@@ -800,7 +806,7 @@ pub struct AgentToken {
 }
 
 /// Answer to creating a workspace or a build.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct WorkspaceBuildResponse {
     /// The workspace after the build.
     pub workspace: Workspace,
@@ -809,7 +815,7 @@ pub struct WorkspaceBuildResponse {
 }
 
 /// `GET /api/v2/workspaces`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct WorkspacesResponse {
     /// The caller's workspaces (an owner's `?owner=all`: everyone's).
     pub workspaces: Vec<Workspace>,
@@ -818,7 +824,7 @@ pub struct WorkspacesResponse {
 // === Edges and regions ===
 
 /// `POST /api/v2/edges`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateEdgeRequest {
     /// Region name: hostname-safe, not `primary`.
@@ -845,7 +851,7 @@ pub struct CreateEdgeRequest {
 
 /// `PATCH /api/v2/edges/{edge}`: each field given replaces the current
 /// one; an empty string clears an optional address.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateEdgeRequest {
     /// New region name.
@@ -869,7 +875,7 @@ pub struct UpdateEdgeRequest {
 }
 
 /// Whether an edge (or the primary's region) is up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum EdgeStatus {
     /// A replica heartbeated recently and the primary reaches it.
@@ -895,7 +901,7 @@ impl std::fmt::Display for EdgeStatus {
 }
 
 /// An edge (one region's proxy, possibly several replicas).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct Edge {
     /// Stable id; the first part of its token.
     pub id: Uuid,
@@ -924,7 +930,7 @@ pub struct Edge {
 }
 
 /// A created edge with its token, shown once.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct CreateEdgeResponse {
     /// The edge.
     pub edge: Edge,
@@ -933,14 +939,14 @@ pub struct CreateEdgeResponse {
 }
 
 /// `GET /api/v2/edges`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct EdgesResponse {
     /// Every edge.
     pub edges: Vec<Edge>,
 }
 
 /// A region: the primary's own, or an edge's.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct Region {
     /// The edge id (nil for the primary).
     pub id: Uuid,
@@ -962,7 +968,7 @@ pub struct Region {
 }
 
 /// `GET /api/v2/regions`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct RegionsResponse {
     /// The primary first, then edges by name.
     pub regions: Vec<Region>,
@@ -975,7 +981,7 @@ pub struct RegionsResponse {
 // === Meta ===
 
 /// `GET /api/v2/buildinfo`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct BuildInfo {
     /// Semantic version.
     pub version: String,
@@ -984,7 +990,7 @@ pub struct BuildInfo {
 }
 
 /// One audit log entry.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct AuditEntry {
     /// Increasing id.
     pub id: i64,
@@ -1009,7 +1015,7 @@ pub struct AuditEntry {
 }
 
 /// `GET /api/v2/audit`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct AuditResponse {
     /// Newest first.
     pub entries: Vec<AuditEntry>,
@@ -1021,7 +1027,7 @@ pub struct AuditResponse {
 pub const AGENT_TOKEN_HEADER: &str = "Devmesh-Agent-Token";
 
 /// `GET /api/v2/workspaceagents/me/manifest`: what an agent needs to run.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct AgentManifest {
     /// The agent's id.
     pub agent_id: Uuid,
@@ -1051,7 +1057,7 @@ pub struct AgentManifest {
 }
 
 /// An app as the agent sees it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct ManifestApp {
     /// The app's name in its hostname, unique per agent.
     pub slug: String,
@@ -1062,7 +1068,7 @@ pub struct ManifestApp {
 }
 
 /// A relay an agent can attach to.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct RelayInfo {
     /// Region name (`primary` or an edge's).
     pub region: String,
@@ -1074,7 +1080,7 @@ pub struct RelayInfo {
 
 /// `POST /api/v2/workspaceagents/me/attach-ticket`: a ticket for one attach
 /// to one relay.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct AttachTicketRequest {
     /// The address of the relay the agent is about to attach to, as the
     /// manifest lists it; the ticket is valid there only.
@@ -1082,7 +1088,7 @@ pub struct AttachTicketRequest {
 }
 
 /// The answer to [`AttachTicketRequest`].
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct AttachTicketResponse {
     /// Ed25519-signed ticket to present on the control stream.
     pub ticket: String,
@@ -1091,7 +1097,7 @@ pub struct AttachTicketResponse {
 }
 
 /// An agent's lifecycle state.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum LifecycleState {
     /// Not started yet.
@@ -1138,7 +1144,7 @@ impl LifecycleState {
 }
 
 /// `POST /api/v2/workspaceagents/me/lifecycle`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LifecycleRequest {
     /// The new state.
@@ -1146,7 +1152,7 @@ pub struct LifecycleRequest {
 }
 
 /// One line (or chunk) of script output.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct AgentLogEntry {
     /// The script's name (or `agent`).
@@ -1163,7 +1169,7 @@ fn info() -> String {
 }
 
 /// `POST /api/v2/workspaceagents/me/logs`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AgentLogsRequest {
     /// A batch, oldest first.
@@ -1171,7 +1177,7 @@ pub struct AgentLogsRequest {
 }
 
 /// Answer to a log batch.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct AgentLogsAccepted {
     /// Entries stored.
     pub accepted: usize,
@@ -1180,7 +1186,7 @@ pub struct AgentLogsAccepted {
 }
 
 /// A stored log entry, as users read it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct AgentLog {
     /// Increasing id; pass the last as `?after=` to follow.
     pub id: i64,
@@ -1195,7 +1201,7 @@ pub struct AgentLog {
 }
 
 /// `GET /api/v2/workspaceagents/{id}/logs?after=N`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct AgentLogsResponse {
     /// Entries after `after`, oldest first.
     pub logs: Vec<AgentLog>,
@@ -1206,7 +1212,7 @@ pub struct AgentLogsResponse {
 }
 
 /// An app's health as users see it.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum AppHealthState {
     /// The app has no health check.
@@ -1221,7 +1227,7 @@ pub enum AppHealthState {
 
 /// An app's health as the agent reports it (never `disabled`: that is the
 /// template's to say).
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum AppHealth {
     /// No check result yet.
@@ -1233,7 +1239,7 @@ pub enum AppHealth {
 }
 
 /// `POST /api/v2/workspaceagents/me/app-health`: changed apps only.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AppHealthRequest {
     /// Slug → health.
@@ -1241,7 +1247,7 @@ pub struct AppHealthRequest {
 }
 
 /// A port shared beyond the workspace owner (dev URLs).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct PortShare {
     /// The agent serving the port.
@@ -1253,7 +1259,7 @@ pub struct PortShare {
 }
 
 /// `GET /api/v2/workspaces/{id}/port-shares`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct PortSharesResponse {
     /// Current shares.
     pub shares: Vec<PortShare>,
@@ -1266,7 +1272,7 @@ pub const EDGE_TOKEN_HEADER: &str = "Devmesh-Edge-Token";
 
 /// `POST /api/v2/edges/me/register`: an edge replica announces itself (and
 /// heartbeats by registering again).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EdgeRegisterRequest {
     /// Stable for the life of the replica process.
@@ -1294,7 +1300,7 @@ pub struct EdgeRegisterRequest {
 }
 
 /// What a registered edge replica needs.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct EdgeRegisterResponse {
     /// The edge's id.
     pub edge_id: Uuid,
@@ -1316,7 +1322,7 @@ pub struct EdgeRegisterResponse {
 }
 
 /// `POST /api/v2/edges/me/deregister`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EdgeDeregisterRequest {
     /// The replica leaving.
@@ -1324,7 +1330,7 @@ pub struct EdgeDeregisterRequest {
 }
 
 /// `GET /healthz-report` on an edge.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct EdgeHealthReport {
     /// The edge's name, once a registration has succeeded.
     pub edge_name: Option<String>,
@@ -1341,7 +1347,7 @@ pub struct EdgeHealthReport {
 }
 
 /// Where an agent is attached (`None`: nowhere).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct AgentLocation {
     /// The agent.
     pub agent_id: Uuid,
@@ -1351,7 +1357,7 @@ pub struct AgentLocation {
 
 /// What a revocation cuts off: every app token about the subject issued at
 /// or before [`Revocation::at_ms`].
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq, Hash)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum RevokedSubject {
     /// A user signed out, was suspended or deleted.
@@ -1372,7 +1378,7 @@ pub enum RevokedSubject {
 }
 
 /// A revocation and when it happened.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 pub struct Revocation {
     /// What is revoked.
     pub subject: RevokedSubject,
@@ -1395,7 +1401,7 @@ impl Revocation {
 /// One line of `GET /api/v2/edges/me/events` (newline-delimited JSON). The
 /// stream starts with a [`EdgeEvent::Snapshot`]; after a reconnect the edge
 /// replaces its state with the new snapshot, since it cannot trust the gap.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum EdgeEvent {
     /// Everything an edge caches, as of now.
@@ -1431,7 +1437,7 @@ pub enum EdgeEvent {
 /// edge's (all its replicas share the name). A relay refuses a peer whose
 /// certificate names no listed relay, or was issued before the peer's
 /// `certs_valid_from` (its edge's token was regenerated since).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct MeshPeer {
     /// The TLS name on its mesh certificates.
     pub server_name: String,
@@ -1441,7 +1447,7 @@ pub struct MeshPeer {
 
 /// `POST /api/v2/edges/me/app-access`: may the holder of `key` (or anyone,
 /// without one) open the app at `host`?
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EdgeAppAccessRequest {
     /// The app host, with the port if not the scheme's default.
@@ -1455,7 +1461,7 @@ pub struct EdgeAppAccessRequest {
 
 /// A yes to [`EdgeAppAccessRequest`]: a signed app token and where to find
 /// the agent.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct EdgeAppAccess {
     /// The signed token, for the browser's cookie and local verification.
     pub token: String,
@@ -1468,7 +1474,7 @@ pub struct EdgeAppAccess {
 
 /// `POST /api/v2/edges/me/app-connect`: redeem the sealed one-time grant a
 /// browser brought back from the auth redirect, for an app token.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EdgeAppConnectRequest {
     /// The sealed one-time grant from the URL.
@@ -1481,7 +1487,7 @@ pub struct EdgeAppConnectRequest {
 
 /// The query of `GET /api/v2/workspaceagents/{id}/pty` (a terminal's
 /// WebSocket), on the primary and on edges.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TerminalQuery {
     /// The terminal: reconnecting with the same id gets the same shell.
@@ -1519,7 +1525,7 @@ impl TerminalQuery {
 }
 
 /// The query of `POST /api/v2/workspaceagents/{id}/probe`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProbeQuery {
     /// Bytes the agent sends back (at most
@@ -1541,7 +1547,7 @@ impl ProbeQuery {
 }
 
 /// The query of `POST /api/v2/workspaceagents/{id}/udp`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UdpQuery {
     /// The UDP port in the workspace.
@@ -1559,7 +1565,7 @@ impl UdpQuery {
 }
 
 /// `PUT /api/v2/users/{user}/roles`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SetRolesRequest {
     /// The user's roles from now on (`member` is implied).
@@ -1568,7 +1574,7 @@ pub struct SetRolesRequest {
 
 /// `GET`/`PUT /api/v2/users/me/preferences`: what the dashboard remembers
 /// for a user.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Preferences {
     /// The region app links go through; `None` for the nearest healthy one.
@@ -1578,7 +1584,7 @@ pub struct Preferences {
 
 /// `POST /api/v2/edges/me/shell-access`: may the holder of `key` open a
 /// shell (SSH or a terminal) to `agent_id` through this edge?
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EdgeShellAccessRequest {
     /// The agent.
@@ -1593,7 +1599,9 @@ pub struct EdgeShellAccessRequest {
 }
 
 /// What a shell session carries, as the audit log names it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum ShellKind {
     /// An SSH connection.
@@ -1633,7 +1641,7 @@ impl ShellKind {
 
 /// A yes to [`EdgeShellAccessRequest`]: the session, recorded in the audit
 /// log, and what the edge needs to open and police it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct EdgeShellAccess {
     /// The session, as the audit log names it; the edge reports its end.
     pub session_id: Uuid,
@@ -1650,7 +1658,7 @@ pub struct EdgeShellAccess {
 }
 
 /// `POST /api/v2/edges/me/shell-ended`: a session this edge carried ended.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EdgeShellEnded {
     /// The session, from [`EdgeShellAccess`].
@@ -1694,4 +1702,48 @@ mod tests {
         );
         assert_eq!(from_stored::<BuildStatus>("exploded"), None);
     }
+}
+
+// === Query strings ===
+
+/// `?after=N`: log lines after the one numbered `N`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct AfterQuery {
+    /// The last line already read (0 or absent: from the start).
+    #[serde(default)]
+    pub after: i64,
+}
+
+/// `GET /audit`'s query.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct AuditQuery {
+    /// At most this many entries (1–1000; default 100).
+    pub limit: Option<i64>,
+    /// Only entries older than this id (the last one of the previous page).
+    pub before: Option<i64>,
+    /// Only entries of this action (`login`, `create`, …).
+    pub action: Option<String>,
+}
+
+/// `GET /workspaces`' query.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct WorkspacesQuery {
+    /// Whose: `me` (the default), a username, or `all` (owners).
+    pub owner: Option<String>,
+}
+
+/// `GET /applications/auth-redirect`'s query.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct AuthRedirectQuery {
+    /// The app URL to return to (required).
+    pub redirect_uri: Option<String>,
+    /// The app host's sign-in flow id, 16–64 letters and digits (required).
+    pub state: Option<String>,
+}
+
+/// A short answer with nothing else to say.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct Message {
+    /// For a person.
+    pub message: String,
 }

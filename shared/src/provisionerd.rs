@@ -123,7 +123,7 @@ mod b64 {
 }
 
 /// `POST /api/v2/provisioner-keys`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateProvisionerKeyRequest {
     /// Unique, hostname-safe.
@@ -135,7 +135,7 @@ pub struct CreateProvisionerKeyRequest {
 }
 
 /// A provisioner key (never its secret).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ProvisionerKey {
     /// Its id.
     pub id: Uuid,
@@ -148,7 +148,7 @@ pub struct ProvisionerKey {
 }
 
 /// The answer to creating a key: the secret, shown this once.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct CreateProvisionerKeyResponse {
     /// The key.
     pub key: ProvisionerKey,
@@ -157,14 +157,14 @@ pub struct CreateProvisionerKeyResponse {
 }
 
 /// `GET /api/v2/provisioner-keys`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ProvisionerKeysResponse {
     /// Every key, by name.
     pub keys: Vec<ProvisionerKey>,
 }
 
 /// A provisioner daemon as owners see it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ProvisionerDaemon {
     /// Its id (new each time a daemon starts).
     pub id: Uuid,
@@ -187,14 +187,14 @@ pub struct ProvisionerDaemon {
 }
 
 /// `GET /api/v2/provisioner-daemons`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ProvisionerDaemonsResponse {
     /// Daemons seen in the last day, most recently seen first.
     pub daemons: Vec<ProvisionerDaemon>,
 }
 
 /// `POST /api/v2/provisionerd/register`: an external daemon starting.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterDaemonRequest {
     /// Its name (defaults to the host name).
@@ -207,7 +207,7 @@ pub struct RegisterDaemonRequest {
 }
 
 /// The answer to a registration.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct RegisterDaemonResponse {
     /// Its id, for the calls that follow.
     pub id: Uuid,
@@ -218,7 +218,7 @@ pub struct RegisterDaemonResponse {
 }
 
 /// What a job is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobKind {
     /// Validate a pushed template version and record its parameters.
@@ -228,7 +228,7 @@ pub enum JobKind {
 }
 
 /// Everything a daemon needs to run a job.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct JobSpec {
     /// The job.
     pub id: Uuid,
@@ -238,11 +238,13 @@ pub struct JobSpec {
     pub what: String,
     /// The template directory (a tar archive).
     #[serde(with = "b64")]
+    #[schemars(with = "String")]
     pub archive: Vec<u8>,
     /// The environment of Terraform and the devmesh provider.
     pub env: BTreeMap<String, String>,
     /// The workspace's last Terraform state (builds).
     #[serde(with = "b64::option", default)]
+    #[schemars(with = "Option<String>")]
     pub state: Option<Vec<u8>>,
     /// Run `terraform destroy` rather than `apply` (delete builds).
     #[serde(default)]
@@ -254,7 +256,7 @@ pub struct JobSpec {
 }
 
 /// What a heartbeat learns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Beat {
     /// Keep going.
@@ -268,14 +270,14 @@ pub enum Beat {
 }
 
 /// The answer to a heartbeat.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct HeartbeatResponse {
     /// What to do.
     pub beat: Beat,
 }
 
 /// Which stream a log line belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum LogStream {
     /// devmesh's own steps.
@@ -298,7 +300,7 @@ impl LogStream {
 }
 
 /// One line a daemon logs.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct LogLine {
     /// Its stream.
     pub stream: LogStream,
@@ -307,7 +309,7 @@ pub struct LogLine {
 }
 
 /// `POST /api/v2/provisionerd/jobs/{id}/logs`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AppendLogsRequest {
     /// At most [`MAX_LOG_BATCH`] lines, in order.
@@ -315,7 +317,7 @@ pub struct AppendLogsRequest {
 }
 
 /// How a job ended, as its daemon reports it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "status", rename_all = "snake_case")]
 pub enum Outcome {
     /// It did what it had to.
@@ -330,7 +332,7 @@ pub enum Outcome {
 }
 
 /// A resource a template version declares, as its import planned it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct TemplateResource {
     /// Its address without an index (`terraform_data.home`,
     /// `module.disk.docker_volume.home`).
@@ -345,7 +347,7 @@ pub struct TemplateResource {
 }
 
 /// `POST /api/v2/provisionerd/jobs/{id}/complete`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Completion {
     /// How it ended.
@@ -375,7 +377,7 @@ impl Completion {
 pub const MAX_TEMPLATE_RESOURCES: usize = 1000;
 
 /// The answer to a completion.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct CompleteResponse {
     /// False when the job was no longer this daemon's: its result was
     /// dropped.

@@ -22,7 +22,9 @@ use thiserror::Error;
 use uuid::Uuid;
 
 /// Who may open an app.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[derive(
+    Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum SharingLevel {
     /// Only the workspace owner.
@@ -132,7 +134,7 @@ impl Claims for AttachTicket {
 }
 
 /// What an app token opens.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum AppTarget {
     /// A declared app, by its slug.
@@ -149,7 +151,7 @@ pub enum AppTarget {
 /// Lets a browser reach one app of one workspace through an edge.
 ///
 /// Unknown fields are refused, for the reason given on [`AttachTicket`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AppToken {
     /// The user it was minted for; `None` for anonymous access to a public
@@ -322,7 +324,7 @@ impl std::fmt::Debug for SigningKey {
 }
 
 /// A public key as published to verifiers.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct PublicKey {
     /// The key id tokens name in their header.
     pub kid: String,

@@ -519,7 +519,7 @@ async fn the_audit_log_records_who_did_what() {
     assert_error(
         &owner.get("/audit?limit=lots").await,
         StatusCode::BAD_REQUEST,
-        "integer",
+        "limit: invalid digit",
     );
     let dev = p.member(&owner, "dev").await;
     assert_eq!(dev.get("/audit").await.0, StatusCode::FORBIDDEN);

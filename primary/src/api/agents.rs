@@ -1,8 +1,6 @@
 //! The agent-facing API (`/api/v2/workspaceagents/me/...`, authenticated by
 //! the agent token) and the user-facing agent log reader.
 
-use std::collections::HashMap;
-
 use axum::Json;
 use axum::extract::{FromRequestParts, State};
 use axum::http::StatusCode;
@@ -317,15 +315,10 @@ pub(super) async fn get_logs(
     State(state): State<AppState>,
     auth: Authed,
     ApiPath(id): ApiPath<String>,
-    ApiQuery(q): ApiQuery<HashMap<String, String>>,
+    ApiQuery(q): ApiQuery<devmesh_shared::api::AfterQuery>,
 ) -> ApiResult<Json<AgentLogsResponse>> {
     let id = Uuid::parse_str(&id).map_err(|_| ApiError::not_found("No such agent."))?;
-    let after: i64 = match q.get("after") {
-        Some(a) => a
-            .parse()
-            .map_err(|_| ApiError::bad_request("after must be an integer"))?,
-        None => 0,
-    };
+    let after = q.after;
     let row: Option<(Uuid, bool, String)> = sqlx::query_as(
         "SELECT w.owner_id, g.logs_overflowed, g.lifecycle_state FROM workspace_agents g JOIN workspaces w ON w.id = g.workspace_id WHERE g.id = $1",
     )

@@ -13,7 +13,6 @@
 //! one host and to the state cookie the host set; the host redeems it for
 //! an Ed25519 app token cookie valid on that host alone.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -654,15 +653,17 @@ pub(super) async fn path_app(
 /// `GET /api/v2/applications/auth-redirect?redirect_uri=...`
 pub(super) async fn auth_redirect(
     State(state): State<AppState>,
-    ApiQuery(q): ApiQuery<HashMap<String, String>>,
+    ApiQuery(q): ApiQuery<devmesh_shared::api::AuthRedirectQuery>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let bad = |m: &str| super::error::ApiError::bad_request(m.to_owned());
     let target = q
-        .get("redirect_uri")
+        .redirect_uri
+        .as_ref()
         .ok_or_else(|| bad("redirect_uri is required"))?;
     let flow = q
-        .get("state")
+        .state
+        .as_ref()
         .filter(|s| (16..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric()))
         .ok_or_else(|| bad("state is required: open the app again"))?;
     let url = url::Url::parse(target).map_err(|_| bad("redirect_uri is not a URL"))?;

@@ -25,11 +25,55 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
+        if !json_content_type(req.headers()) {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "Send the body as JSON (Content-Type: application/json).",
+            ));
+        }
+        let bytes = match axum::body::Bytes::from_request(req, state).await {
+            Ok(b) => b,
+            Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "The request body is too large.",
+                )
+                .detail(r.body_text()));
+            }
+            Err(r) => {
+                return Err(ApiError::bad_request("The request body could not be read.")
+                    .detail(r.body_text()));
+            }
+        };
+        // Every body is an object: serde would also take a struct from an
+        // array of its fields in order (`[null, null]`), which no client
+        // means to send.
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(ApiError::bad_request("The request body is not valid.")
+                .detail("expected a JSON object"));
+        }
+        match axum::Json::<T>::from_bytes(&bytes) {
             Ok(axum::Json(v)) => Ok(Self(v)),
             Err(rejection) => Err(json_rejection(rejection)),
         }
     }
+}
+
+/// Whether the request says its body is JSON (`application/json`, or a
+/// `+json` type), as axum's own `Json` requires.
+fn json_content_type(headers: &axum::http::HeaderMap) -> bool {
+    let Some(value) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = value.split(';').next().unwrap_or_default().trim();
+    let Some((kind, subtype)) = essence.split_once('/') else {
+        return false;
+    };
+    let subtype = subtype.to_ascii_lowercase();
+    kind.eq_ignore_ascii_case("application") && (subtype == "json" || subtype.ends_with("+json"))
 }
 
 fn json_rejection(r: JsonRejection) -> ApiError {
@@ -209,6 +253,24 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiQuer
             Ok(axum::extract::Query(v)) => Ok(Self(v)),
             Err(r) => {
                 Err(ApiError::bad_request("The query string is not valid.").detail(r.body_text()))
+            }
+        }
+    }
+}
+
+/// A WebSocket upgrade; a request that is not one gets a JSON error, like
+/// every other refusal of the API.
+#[derive(Debug)]
+pub struct ApiWebSocket(pub axum::extract::WebSocketUpgrade);
+
+impl<S: Send + Sync> FromRequestParts<S> for ApiWebSocket {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::WebSocketUpgrade::from_request_parts(parts, state).await {
+            Ok(ws) => Ok(Self(ws)),
+            Err(r) => {
+                Err(ApiError::new(r.status(), "Open this as a WebSocket.").detail(r.body_text()))
             }
         }
     }

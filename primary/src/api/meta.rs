@@ -1,7 +1,5 @@
 //! Build info, health, metrics, the audit log and the root page.
 
-use std::collections::HashMap;
-
 use axum::Json;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
@@ -26,7 +24,7 @@ pub(super) async fn buildinfo(State(state): State<AppState>) -> Json<BuildInfo> 
 /// platform (the one binary is server, CLI and agent). Public: it holds no
 /// secret, and a workspace has no credential yet when it fetches it.
 pub(super) async fn agent_binary(
-    axum::extract::Path((os, arch)): axum::extract::Path<(String, String)>,
+    super::extract::ApiPath((os, arch)): super::extract::ApiPath<(String, String)>,
 ) -> ApiResult<axum::response::Response> {
     let here = devmesh_provisioner::terraform::platform();
     if format!("{os}_{arch}") != here {
@@ -128,26 +126,17 @@ struct AuditRow {
 pub(super) async fn audit(
     State(state): State<AppState>,
     auth: Authed,
-    ApiQuery(q): ApiQuery<HashMap<String, String>>,
+    ApiQuery(q): ApiQuery<devmesh_shared::api::AuditQuery>,
 ) -> ApiResult<Json<AuditResponse>> {
     auth.require_owner()?;
-    let parse = |k: &str, default: i64| -> ApiResult<i64> {
-        q.get(k)
-            .map(|v| {
-                v.parse::<i64>()
-                    .map_err(|_| ApiError::bad_request(format!("{k} must be an integer")))
-            })
-            .transpose()
-            .map(|v| v.unwrap_or(default))
-    };
-    let limit = parse("limit", 100)?.clamp(1, 1000);
-    let before = parse("before", i64::MAX)?;
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let before = q.before.unwrap_or(i64::MAX);
     let rows: Vec<AuditRow> = sqlx::query_as(
         "SELECT id, time, user_id, username, ip, action, resource_type, resource_id, resource_name, details
          FROM audit_log WHERE id < $1 AND ($2::text IS NULL OR action = $2) ORDER BY id DESC LIMIT $3",
     )
     .bind(before)
-    .bind(q.get("action"))
+    .bind(q.action)
     .bind(limit)
     .fetch_all(&state.db)
     .await?;

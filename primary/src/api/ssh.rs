@@ -306,7 +306,7 @@ pub(super) async fn terminal(
     headers: HeaderMap,
     ApiPath(agent): ApiPath<Uuid>,
     super::extract::ApiQuery(query): super::extract::ApiQuery<TerminalQuery>,
-    ws: axum::extract::WebSocketUpgrade,
+    super::extract::ApiWebSocket(ws): super::extract::ApiWebSocket,
 ) -> ApiResult<Response> {
     if !keyed(&headers) && !websocket_same_origin(&headers, &state.config.access_url) {
         return Err(ApiError::forbidden(
@@ -400,7 +400,7 @@ pub(super) async fn edge_shell_ended(
     State(state): State<AppState>,
     edge: EdgeAuth,
     ApiJson(req): ApiJson<EdgeShellEnded>,
-) -> StatusCode {
+) -> ApiResult<StatusCode> {
     if record_end(
         &state,
         req.session_id,
@@ -409,9 +409,10 @@ pub(super) async fn edge_shell_ended(
     )
     .await
     {
-        StatusCode::NO_CONTENT
+        Ok(StatusCode::NO_CONTENT)
     } else {
-        // Not a session this edge began, or one already ended.
-        StatusCode::NOT_FOUND
+        Err(ApiError::not_found(
+            "No open shell session of this edge has that id.",
+        ))
     }
 }

@@ -341,7 +341,12 @@ pub(super) async fn logout(
         header::SET_COOKIE,
         session_cookie("", 0, state.config.secure_cookies()),
     );
-    Ok((headers, Json(serde_json::json!({"message": "Signed out."}))))
+    Ok((
+        headers,
+        Json(devmesh_shared::api::Message {
+            message: "Signed out.".into(),
+        }),
+    ))
 }
 
 // === Users ===

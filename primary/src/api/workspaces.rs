@@ -587,9 +587,9 @@ pub(super) async fn create(
 pub(super) async fn list(
     State(state): State<AppState>,
     auth: Authed,
-    ApiQuery(q): ApiQuery<HashMap<String, String>>,
+    ApiQuery(q): ApiQuery<devmesh_shared::api::WorkspacesQuery>,
 ) -> ApiResult<Json<WorkspacesResponse>> {
-    let owner = q.get("owner").map(String::as_str).unwrap_or("me");
+    let owner = q.owner.as_deref().unwrap_or("me");
     let rows: Vec<WorkspaceRow> = match owner {
         "me" => {
             sqlx::query_as(&format!(
@@ -653,19 +653,13 @@ pub(super) async fn builds(
     Ok(Json(rows.into_iter().map(WorkspaceBuild::from).collect()))
 }
 
-#[derive(Debug, serde::Deserialize)]
-pub(super) struct LogsQuery {
-    #[serde(default)]
-    after: i64,
-}
-
 /// A provisioner job's status and log: a build's to whoever may see its
 /// workspace, a template import's to owners.
 pub(super) async fn job_logs(
     State(state): State<AppState>,
     auth: Authed,
     ApiPath(id): ApiPath<String>,
-    super::extract::ApiQuery(q): super::extract::ApiQuery<LogsQuery>,
+    super::extract::ApiQuery(q): super::extract::ApiQuery<devmesh_shared::api::AfterQuery>,
 ) -> ApiResult<Json<devmesh_shared::api::JobLogsResponse>> {
     let not_found = || ApiError::not_found("No such job.");
     let id = parse_uuid(&id).ok_or_else(not_found)?;
