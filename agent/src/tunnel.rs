@@ -486,13 +486,13 @@ async fn handle_stream(mut send: SendStream, mut recv: RecvStream, header_timeou
     let header = match tokio::time::timeout(header_timeout, wire::read_header(&mut recv)).await {
         Ok(Ok(header)) => header,
         Ok(Err(e)) => {
-            tracing::debug!(error = %e, "bad stream header; resetting the stream");
+            tracing::warn!(error = %e, "a malformed stream header from the relay; resetting the stream");
             let _ = send.reset(stream_code::BAD_HEADER);
             let _ = recv.stop(stream_code::BAD_HEADER);
             return;
         }
         Err(_) => {
-            tracing::debug!("no stream header in time; resetting the stream");
+            tracing::warn!("no stream header from the relay in time; resetting the stream");
             let _ = send.reset(stream_code::BAD_HEADER);
             let _ = recv.stop(stream_code::BAD_HEADER);
             return;

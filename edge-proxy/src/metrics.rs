@@ -1,7 +1,5 @@
 //! The edge's Prometheus metrics (`GET /metrics`).
 
-use std::sync::atomic::Ordering;
-
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -105,29 +103,7 @@ impl Metrics {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode_registry(&mut out, &self.registry);
         if let Some(r) = relay {
-            let load = |v: &std::sync::atomic::AtomicU64| v.load(Ordering::Relaxed);
-            out.push_str(&format!(
-                "# HELP devmesh_edge_agents_attached Agents attached to this relay.\n\
-                 # TYPE devmesh_edge_agents_attached gauge\n\
-                 devmesh_edge_agents_attached {}\n\
-                 # HELP devmesh_edge_streams Streams opened, by path: to a local agent, over the mesh out, from the mesh in.\n\
-                 # TYPE devmesh_edge_streams counter\n\
-                 devmesh_edge_streams_total{{path=\"local\"}} {}\n\
-                 devmesh_edge_streams_total{{path=\"mesh_out\"}} {}\n\
-                 devmesh_edge_streams_total{{path=\"mesh_in\"}} {}\n\
-                 # HELP devmesh_edge_mesh_bytes Bytes spliced for mesh peers.\n\
-                 # TYPE devmesh_edge_mesh_bytes counter\n\
-                 devmesh_edge_mesh_bytes_total {}\n\
-                 # HELP devmesh_edge_attach_refused Attach tickets refused.\n\
-                 # TYPE devmesh_edge_attach_refused counter\n\
-                 devmesh_edge_attach_refused_total {}\n",
-                r.attached.load(Ordering::Relaxed),
-                load(&r.streams_local),
-                load(&r.mesh_streams_out),
-                load(&r.mesh_streams_in),
-                load(&r.mesh_bytes),
-                load(&r.attach_refused),
-            ));
+            out.push_str(&r.openmetrics("devmesh_edge"));
         }
         out.push_str("# EOF\n");
         out

@@ -282,6 +282,10 @@ pub struct RelayStats {
     pub attach_refused: AtomicU64,
     /// Mesh streams refused for want of a valid grant.
     pub mesh_denied: AtomicU64,
+    /// Malformed input ended: an agent connection whose control stream did
+    /// not open with an attach ticket (garbage, a truncated frame, silence),
+    /// or a mesh stream whose header did not parse or arrive in time.
+    pub malformed: AtomicU64,
     /// Mesh connections refused or closed: the peer is not (or no longer)
     /// a listed relay.
     pub mesh_peers_refused: AtomicU64,
@@ -289,6 +293,45 @@ pub struct RelayStats {
     pub refused_per_ip: AtomicU64,
     /// Agents attached right now.
     pub attached: AtomicI64,
+}
+
+impl RelayStats {
+    /// The counters in the OpenMetrics text format, each name starting
+    /// with `prefix` (`devmesh_edge`, `devmesh_relay`), for the owner to
+    /// append to its own exposition (before its `# EOF`).
+    pub fn openmetrics(&self, prefix: &str) -> String {
+        let load = |v: &AtomicU64| v.load(Ordering::Relaxed);
+        format!(
+            "# HELP {prefix}_agents_attached Agents attached to this relay.\n\
+             # TYPE {prefix}_agents_attached gauge\n\
+             {prefix}_agents_attached {}\n\
+             # HELP {prefix}_streams Streams opened, by path: to a local agent, over the mesh out, from the mesh in.\n\
+             # TYPE {prefix}_streams counter\n\
+             {prefix}_streams_total{{path=\"local\"}} {}\n\
+             {prefix}_streams_total{{path=\"mesh_out\"}} {}\n\
+             {prefix}_streams_total{{path=\"mesh_in\"}} {}\n\
+             # HELP {prefix}_mesh_bytes Bytes spliced for mesh peers.\n\
+             # TYPE {prefix}_mesh_bytes counter\n\
+             {prefix}_mesh_bytes_total {}\n\
+             # HELP {prefix}_attach_refused Attach tickets refused.\n\
+             # TYPE {prefix}_attach_refused counter\n\
+             {prefix}_attach_refused_total {}\n\
+             # HELP {prefix}_mesh_denied Mesh streams refused for want of a valid grant.\n\
+             # TYPE {prefix}_mesh_denied counter\n\
+             {prefix}_mesh_denied_total {}\n\
+             # HELP {prefix}_malformed Connections and streams ended for malformed input (a control stream without an attach ticket, a mesh stream header that does not parse).\n\
+             # TYPE {prefix}_malformed counter\n\
+             {prefix}_malformed_total {}\n",
+            self.attached.load(Ordering::Relaxed),
+            load(&self.streams_local),
+            load(&self.mesh_streams_out),
+            load(&self.mesh_streams_in),
+            load(&self.mesh_bytes),
+            load(&self.attach_refused),
+            load(&self.mesh_denied),
+            load(&self.malformed),
+        )
+    }
 }
 
 /// Everything a relay is started with.
@@ -818,8 +861,23 @@ impl Relay {
         mut send: SendStream,
         mut recv: RecvStream,
     ) -> anyhow::Result<()> {
-        let header =
-            tokio::time::timeout(HANDSHAKE_TIMEOUT, tio::read_mesh_header(&mut recv)).await??;
+        let header = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tio::read_mesh_header(&mut recv))
+            .await
+        {
+            Ok(Ok(header)) => header,
+            failed => {
+                self.inner.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                let why = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "none arrived in time".to_owned(),
+                };
+                tracing::warn!(stream.id = %send.id(), error = %why, "reset a mesh stream with a malformed header");
+                let code = quinn::VarInt::from_u32(tunnel::stream_code::BAD_HEADER);
+                let _ = send.reset(code);
+                let _ = recv.stop(code);
+                return Ok(());
+            }
+        };
         self.inner
             .stats
             .mesh_streams_in
@@ -880,12 +938,20 @@ impl Relay {
         let (mut send, recv) = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.accept_bi()).await??;
         let mut control = tio::ControlReader::new(recv);
         let mut session = RelaySession::new();
-        let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, control.next()).await??;
-        let ticket_text = match session.receive(first, tokio::time::Instant::now()) {
+        let first = match tokio::time::timeout(HANDSHAKE_TIMEOUT, control.next()).await {
+            Ok(Ok(first)) => session.receive(first, tokio::time::Instant::now()),
+            Ok(Err(e)) => Err(SessionError::from(e)),
+            Err(_) => Err(SessionError::Protocol("no attach ticket in time".into())),
+        };
+        let ticket_text = match first {
             Ok(RelayEvent::Ticket(ticket)) => ticket,
             other => {
+                // Garbage, a truncated frame, or nothing in time: counted,
+                // logged, and only this connection ends.
+                self.inner.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(client.addr = %conn.remote_address(), outcome = ?other, "closed a relay connection that did not open with an attach ticket");
                 conn.close(close::EXPECTED_ATTACH.into(), b"expected attach");
-                anyhow::bail!("the agent did not open with its ticket: {other:?}");
+                return Ok(());
             }
         };
         let ticket: AttachTicket = match self.admit(&ticket_text, chrono::Utc::now().timestamp()) {

@@ -12,70 +12,14 @@ use tokio::net::TcpStream;
 
 use crate::provisioning::primary_on_db;
 
+#[path = "../corpus/decode.rs"]
+mod decode;
+use decode::{cases, decode};
+
 /// How long a complete request may take to be answered before the client
 /// half-closes, and how long the server may then take to close.
 const ANSWER_WITHIN: Duration = Duration::from_secs(3);
 const CLOSE_WITHIN: Duration = Duration::from_secs(15);
-
-/// Decodes a corpus line: `\r \n \0 \\ \xHH`, and `{C*N}` repeating `C`
-/// (itself decoded) `N` times. A `{` is a repetition only when `*N}` comes
-/// before the next `{`; JSON braces stay literal.
-fn decode(line: &str) -> Vec<u8> {
-    let b = line.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'\\' if i + 1 < b.len() => {
-                match b[i + 1] {
-                    b'r' => out.push(b'\r'),
-                    b'n' => out.push(b'\n'),
-                    b'0' => out.push(0),
-                    b't' => out.push(b'\t'),
-                    b'\\' => out.push(b'\\'),
-                    b'x' if i + 3 < b.len() => {
-                        let hex = std::str::from_utf8(&b[i + 2..i + 4]).unwrap();
-                        out.push(u8::from_str_radix(hex, 16).unwrap());
-                        i += 2;
-                    }
-                    other => out.extend_from_slice(&[b'\\', other]),
-                }
-                i += 2;
-            }
-            b'{' => {
-                let rest = &line[i + 1..];
-                let next_open = rest.find('{');
-                let repeat = rest.find('*').and_then(|star| {
-                    let digits: String = rest[star + 1..]
-                        .chars()
-                        .take_while(char::is_ascii_digit)
-                        .collect();
-                    let close = star + 1 + digits.len();
-                    (!digits.is_empty() && rest[close..].starts_with('}'))
-                        .then(|| (star, digits.parse::<usize>().unwrap(), close))
-                });
-                match repeat {
-                    Some((star, n, close)) if next_open.is_none_or(|o| o > close) => {
-                        let unit = decode(&rest[..star]);
-                        for _ in 0..n {
-                            out.extend_from_slice(&unit);
-                        }
-                        i += 1 + close + 1;
-                    }
-                    _ => {
-                        out.push(b'{');
-                        i += 1;
-                    }
-                }
-            }
-            c => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    out
-}
 
 /// What the server did with one case.
 #[derive(Debug)]
@@ -159,11 +103,14 @@ async fn every_malformed_input_of_the_corpus_is_refused_and_changes_nothing() {
     let (server, owner, _db) = primary_on_db(dir.path()).await;
     let token = owner.token.clone().unwrap();
     let addr = server.url.trim_start_matches("http://").to_owned();
-    let corpus = include_str!("../corpus/http.txt");
-    let cases: Vec<(usize, Vec<u8>)> = corpus
+    let cases: Vec<(usize, Vec<u8>)> = decode::CORPUS
         .lines()
         .enumerate()
-        .filter(|(_, l)| !l.is_empty() && !l.starts_with('#') && !l.starts_with("QUIC "))
+        .filter(|(_, l)| {
+            !l.is_empty()
+                && !l.starts_with('#')
+                && !decode::STREAM_PREFIXES.iter().any(|p| l.starts_with(p))
+        })
         .map(|(n, l)| {
             let bytes = match l.strip_prefix("API ") {
                 Some(api) => {
@@ -237,21 +184,16 @@ async fn garbage_on_a_relays_control_stream_ends_that_connection_only() {
         None,
     );
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    let corpus = include_str!("../corpus/http.txt");
-    let cases: Vec<(usize, Vec<u8>)> = corpus
-        .lines()
-        .enumerate()
-        .filter_map(|(n, l)| Some((n + 1, decode(l.strip_prefix("QUIC ")?))))
-        .collect();
+    let cases = cases("QUIC ");
     assert!(cases.len() >= 20, "{} QUIC cases", cases.len());
-    for (line, bytes) in cases {
+    for (line, bytes) in &cases {
         let conn = endpoint
             .connect_with(config.clone(), relay, &server_name)
             .unwrap()
             .await
             .unwrap_or_else(|e| panic!("http.txt:{line}: the relay refused a handshake: {e}"));
         let (mut send, _recv) = conn.open_bi().await.unwrap();
-        let _ = send.write_all(&bytes).await;
+        let _ = send.write_all(bytes).await;
         let _ = send.finish();
         // Refused: the relay closes the connection (no attach happened).
         tokio::time::timeout(CLOSE_WITHIN, conn.closed())
@@ -265,6 +207,134 @@ async fn garbage_on_a_relays_control_stream_ends_that_connection_only() {
         .await
         .expect("the relay still accepts connections");
     conn.close(0u32.into(), b"done");
+    // Each was counted: as malformed, or (a well-formed attach frame with a
+    // worthless ticket) as a refused attach.
+    let counted = crate::support::metric(&server.url, "devmesh_relay_malformed_total").await
+        + crate::support::metric(&server.url, "devmesh_relay_attach_refused_total").await;
+    assert_eq!(counted, cases.len() as u64);
+    still_serving(&server).await;
+}
+
+#[tokio::test]
+async fn garbage_on_a_mesh_stream_ends_that_stream_only() {
+    use devmesh_shared::tunnel::{self, MeshHeader, StreamHeader, io as tio};
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let dir = tempfile::tempdir().unwrap();
+    let (server, owner, _db) = primary_on_db(dir.path()).await;
+    // A registered edge's relay: it holds a genuine mesh certificate, so
+    // the primary's relay takes its mesh connection and reads its streams.
+    let (status, edge) = owner
+        .post(
+            "/edges",
+            serde_json::json!({"name": "rogue", "access_url": "https://edge.example.com", "relay_hosts": ["127.0.0.1"]}),
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::CREATED, "{edge}");
+    let (key, csr) = crate::support::csr();
+    let (status, reg) = crate::support::register(
+        &server.url,
+        edge["edge_token"].as_str().unwrap(),
+        uuid::Uuid::new_v4(),
+        "127.0.0.1:40009",
+        serde_json::json!({ "csr_pem": csr }),
+    )
+    .await;
+    assert_eq!(status, reqwest::StatusCode::OK, "{reg}");
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(reg["mesh_cert_pem"].as_str().unwrap().as_bytes())
+            .collect::<Result<_, _>>()
+            .unwrap();
+    let config = crate::support::quic_client(
+        reg["mesh_ca_pem"].as_str().unwrap(),
+        tunnel::MESH_ALPN,
+        Some((chain, PrivateKeyDer::Pkcs8(key.serialize_der().into()))),
+    );
+    let (_, regions) = owner.get("/regions").await;
+    let primary = &regions["regions"][0];
+    let relay: std::net::SocketAddr = primary["relay_address"].as_str().unwrap().parse().unwrap();
+    let server_name = devmesh_shared::names::relay_server_name(primary["name"].as_str().unwrap());
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+
+    // The relay lists the new peer once the registration's event reaches
+    // it: until then it closes the link. A well-formed stream without a
+    // grant tells when (the relay answers it DENIED).
+    let denied_header = MeshHeader {
+        agent_id: uuid::Uuid::nil(),
+        grant: String::new(),
+        inner: StreamHeader::Tcp { port: 22 },
+    };
+    let mut probes = 0;
+    let conn = loop {
+        probes += 1;
+        assert!(
+            probes < 100,
+            "the relay never took the registered edge's mesh link"
+        );
+        let conn = endpoint
+            .connect_with(config.clone(), relay, &server_name)
+            .unwrap()
+            .await
+            .unwrap();
+        let answered = async {
+            let (mut send, mut recv) = conn.open_bi().await.ok()?;
+            tio::write_mesh_header(&mut send, &denied_header)
+                .await
+                .ok()?;
+            let mut status = [0u8; 1];
+            recv.read_exact(&mut status).await.ok()?;
+            Some(status[0])
+        };
+        match tokio::time::timeout(ANSWER_WITHIN, answered).await {
+            Ok(Some(status)) => {
+                assert_eq!(status, tunnel::status::DENIED);
+                break conn;
+            }
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    let denied_before =
+        crate::support::metric(&server.url, "devmesh_relay_mesh_denied_total").await;
+    assert!(denied_before >= 1);
+
+    let cases = cases("MESH ");
+    assert!(cases.len() >= 20, "{} MESH cases", cases.len());
+    for (line, bytes) in &cases {
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        // The relay may reset a long case before all of it is written.
+        let _ = send.write_all(bytes).await;
+        let _ = send.finish();
+        let answer = tokio::time::timeout(CLOSE_WITHIN, recv.read_to_end(16))
+            .await
+            .unwrap_or_else(|_| panic!("http.txt:{line}: the stream stayed open"));
+        // Reset, or refused with its status byte: never OK, never data.
+        if let Ok(answer) = answer {
+            assert!(
+                answer.is_empty() || answer == [tunnel::status::DENIED],
+                "http.txt:{line}: answered {answer:?}"
+            );
+        }
+        assert!(
+            conn.close_reason().is_none(),
+            "http.txt:{line}: the mesh link was closed: {:?}",
+            conn.close_reason()
+        );
+    }
+    let malformed = crate::support::metric(&server.url, "devmesh_relay_malformed_total").await;
+    let denied = crate::support::metric(&server.url, "devmesh_relay_mesh_denied_total").await;
+    assert_eq!(malformed + denied - denied_before, cases.len() as u64);
+    assert!(
+        malformed >= cases.len() as u64 - 2,
+        "only {malformed} counted as malformed"
+    );
+    // The link still carries a well-formed stream.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    tio::write_mesh_header(&mut send, &denied_header)
+        .await
+        .unwrap();
+    let mut status = [0u8; 1];
+    recv.read_exact(&mut status).await.unwrap();
+    assert_eq!(status[0], tunnel::status::DENIED);
     still_serving(&server).await;
 }
 

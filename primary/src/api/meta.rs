@@ -104,7 +104,13 @@ pub(super) async fn metrics(State(state): State<AppState>) -> impl IntoResponse 
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        state.metrics.encode(),
+        {
+            // The relay's counters go before the registry's closing `# EOF`.
+            let mut text = state.metrics.encode();
+            let end = text.rfind("# EOF").unwrap_or(text.len());
+            text.insert_str(end, &state.relay.stats().openmetrics("devmesh_relay"));
+            text
+        },
     )
 }
 
