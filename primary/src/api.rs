@@ -249,17 +249,7 @@ pub async fn apply_events(state: AppState) {
 /// The whole HTTP application.
 pub fn router(state: AppState) -> Router {
     let x_request_id = HeaderName::from_static("x-request-id");
-    let (api, document) = api_routes().finish();
-    let document = Arc::new(document);
-    let api = api
-        .route(
-            "/openapi.json",
-            get(move || {
-                let document = document.clone();
-                async move { axum::Json(document) }
-            }),
-        )
-        .fallback(api_not_found);
+    let api = api_routes().finish().0.fallback(api_not_found);
 
     Router::new()
         .nest("/api/v2", api)
@@ -583,6 +573,7 @@ pub fn api_routes() -> openapi::ApiRoutes {
             "Saves a build's Terraform state",
             provisioners::save_state,
         )
+        .json_document_body("The workspace's Terraform state, as Terraform writes it.")
         .empty(204, "Saved.")
         .post(
             "/provisionerd/daemons/{daemon}/jobs/{job}/complete",
@@ -703,6 +694,7 @@ pub fn api_routes() -> openapi::ApiRoutes {
             "The agent's side of the stream.",
         )
         .returns::<a::Error>(502, "The agent is not connected, or refused the stream.")
+        .credential(openapi::Credential::UserKey)
         .get(
             "/workspaceagents/{id}/pty",
             "A terminal, over a WebSocket",
@@ -721,6 +713,7 @@ pub fn api_routes() -> openapi::ApiRoutes {
             "The port's side of the stream.",
         )
         .returns::<a::Error>(502, "The agent is not connected, or refused the stream.")
+        .credential(openapi::Credential::UserKey)
         .post(
             "/workspaceagents/{id}/udp",
             "Relays UDP datagrams to a port on the agent's machine (full duplex body)",
@@ -728,12 +721,19 @@ pub fn api_routes() -> openapi::ApiRoutes {
         )
         .raw(200, "application/octet-stream", "The datagrams, framed.")
         .returns::<a::Error>(502, "The agent is not connected, or refused the stream.")
+        .credential(openapi::Credential::UserKey)
         .get(
             "/applications/auth-redirect",
             "Signs a browser in to an app host and sends it back",
             apps::auth_redirect,
         )
-        .empty(303, "To the app host, with a one-time grant.")
+        .empty(303, "To the app host with a one-time grant, or to sign in first.")
+        .credential(openapi::Credential::UserOptional)
+        .raw(403, "text/html", "This user may not open that app (a page for the browser).")
+        .raw(404, "text/html", "No such app (a page for the browser).")
+        .raw(503, "text/html", "The app's workspace is stopped, or access cannot be decided now (a page for the browser).")
+        .get("/openapi.json", "This document", meta::openapi)
+        .returns::<serde_json::Value>(200, "The OpenAPI document of /api/v2.")
 }
 
 async fn api_not_found() -> ApiError {

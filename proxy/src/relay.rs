@@ -865,6 +865,11 @@ impl Relay {
             .await
         {
             Ok(Ok(header)) => header,
+            Ok(Err(e)) if !is_malformed(&e) => {
+                // The peer reset the stream or the link went: not its input.
+                tracing::debug!(error = %e, "a mesh stream ended before its header");
+                return Ok(());
+            }
             failed => {
                 self.inner.stats.malformed.fetch_add(1, Ordering::Relaxed);
                 let why = match failed {
@@ -940,6 +945,11 @@ impl Relay {
         let mut session = RelaySession::new();
         let first = match tokio::time::timeout(HANDSHAKE_TIMEOUT, control.next()).await {
             Ok(Ok(first)) => session.receive(first, tokio::time::Instant::now()),
+            Ok(Err(e)) if !is_malformed(&e) => {
+                // The agent went away mid-handshake (a restart, a flap):
+                // not malformed input.
+                anyhow::bail!("the connection ended before its attach: {e}");
+            }
             Ok(Err(e)) => Err(SessionError::from(e)),
             Err(_) => Err(SessionError::Protocol("no attach ticket in time".into())),
         };
@@ -1037,6 +1047,16 @@ impl Relay {
         }
         result
     }
+}
+
+/// Whether a failed read of a header or control frame was the peer's
+/// input (garbage, or a stream finished mid-frame) rather than the stream
+/// or connection going away.
+fn is_malformed(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+    )
 }
 
 /// Opens a stream on an agent's tunnel and reads its status byte.

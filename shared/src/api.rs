@@ -1735,10 +1735,10 @@ pub struct WorkspacesQuery {
 /// `GET /applications/auth-redirect`'s query.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct AuthRedirectQuery {
-    /// The app URL to return to (required).
-    pub redirect_uri: Option<String>,
-    /// The app host's sign-in flow id, 16–64 letters and digits (required).
-    pub state: Option<String>,
+    /// The app URL to return to.
+    pub redirect_uri: String,
+    /// The app host's sign-in flow id, 16–64 letters and digits.
+    pub state: String,
 }
 
 /// A short answer with nothing else to say.

@@ -28,7 +28,15 @@ fi
 
 work=$(mktemp -d); chmod 755 "$work"
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+logs=$root/target/api-fuzz
+mkdir -p "$logs"
+# The server's log is kept beside the fuzzer's reports for a failed run.
+cleanup() {
+  for p in ${pids[@]+"${pids[@]}"}; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  cp "$work"/server.* "$logs"/ 2>/dev/null || true
+  rm -rf "$work"
+}
 trap cleanup EXIT
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
@@ -38,7 +46,8 @@ pids+=($!)
 for _ in $(seq 300); do grep -q "Started HTTP listener" "$work/server.out" 2>/dev/null && break; sleep 0.1; done
 grep -q "Started HTTP listener" "$work/server.out" || { cat "$work/server.err"; exit 1; }
 url="http://127.0.0.1:$port"
-eval "$(python3 "$here/seed.py" "$url")"
+seeded=$(python3 "$here/seed.py" "$url")
+eval "$seeded"
 export DEVMESH_TOKEN DEVMESH_AGENT_TOKEN DEVMESH_EDGE_TOKEN DEVMESH_PROVISIONER_KEY
 
 cat >"$work/schemathesis.toml" <<TOML
@@ -88,7 +97,7 @@ status=0
   --exclude-path /users/logout --exclude-path /workspaces/watch --exclude-path /edges/me/events \
   --checks all --exclude-checks positive_data_acceptance \
   --max-time "$seconds" "${seed_args[@]}" --workers 1 --request-timeout 15 \
-  --report junit,har --report-dir "$root/target/api-fuzz") || status=$?
+  --report junit,har --report-dir "$logs") || status=$?
 if grep -n "panicked" "$work/server.err" "$work/server.out"; then
   echo "api fuzz: the primary panicked"; status=1
 fi

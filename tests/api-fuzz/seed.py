@@ -5,6 +5,7 @@ re-key (run.sh names only the second in its dictionaries). Prints ids and
 credentials as shell assignments for run.sh."""
 
 import json
+import shlex
 import sys
 import urllib.request
 
@@ -58,4 +59,4 @@ values = {
     "EDGE_ID": us["edge"]["id"],
 }
 for k, v in values.items():
-    print(f"{k}='{v}'")
+    print(f"{k}={shlex.quote(str(v))}")

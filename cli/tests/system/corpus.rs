@@ -295,6 +295,8 @@ async fn garbage_on_a_mesh_stream_ends_that_stream_only() {
     };
     let denied_before =
         crate::support::metric(&server.url, "devmesh_relay_mesh_denied_total").await;
+    let malformed_before =
+        crate::support::metric(&server.url, "devmesh_relay_malformed_total").await;
     assert!(denied_before >= 1);
 
     let cases = cases("MESH ");
@@ -322,7 +324,8 @@ async fn garbage_on_a_mesh_stream_ends_that_stream_only() {
     }
     let malformed = crate::support::metric(&server.url, "devmesh_relay_malformed_total").await;
     let denied = crate::support::metric(&server.url, "devmesh_relay_mesh_denied_total").await;
-    assert_eq!(malformed + denied - denied_before, cases.len() as u64);
+    let (malformed, denied) = (malformed - malformed_before, denied - denied_before);
+    assert_eq!(malformed + denied, cases.len() as u64);
     assert!(
         malformed >= cases.len() as u64 - 2,
         "only {malformed} counted as malformed"

@@ -657,13 +657,8 @@ pub(super) async fn auth_redirect(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let bad = |m: &str| super::error::ApiError::bad_request(m.to_owned());
-    let target = q
-        .redirect_uri
-        .as_ref()
-        .ok_or_else(|| bad("redirect_uri is required"))?;
-    let flow = q
-        .state
-        .as_ref()
+    let target = &q.redirect_uri;
+    let flow = Some(&q.state)
         .filter(|s| (16..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric()))
         .ok_or_else(|| bad("state is required: open the app again"))?;
     let url = url::Url::parse(target).map_err(|_| bad("redirect_uri is not a URL"))?;

@@ -3,7 +3,6 @@
 
 use std::net::SocketAddr;
 
-use axum::extract::rejection::JsonRejection;
 use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
@@ -54,7 +53,10 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
         }
         match axum::Json::<T>::from_bytes(&bytes) {
             Ok(axum::Json(v)) => Ok(Self(v)),
-            Err(rejection) => Err(json_rejection(rejection)),
+            // Syntax, types, missing or unknown fields (the content type
+            // and size were checked above).
+            Err(rejection) => Err(ApiError::bad_request("The request body is not valid.")
+                .detail(rejection.body_text())),
         }
     }
 }
@@ -74,22 +76,6 @@ fn json_content_type(headers: &axum::http::HeaderMap) -> bool {
     };
     let subtype = subtype.to_ascii_lowercase();
     kind.eq_ignore_ascii_case("application") && (subtype == "json" || subtype.ends_with("+json"))
-}
-
-fn json_rejection(r: JsonRejection) -> ApiError {
-    let detail = r.body_text();
-    match r.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "The request body is too large.",
-        )
-        .detail(detail),
-        StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "Send the body as JSON (Content-Type: application/json).",
-        ),
-        _ => ApiError::bad_request("The request body is not valid.").detail(detail),
-    }
 }
 
 /// Where a request's token came from.

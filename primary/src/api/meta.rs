@@ -128,6 +128,15 @@ struct AuditRow {
     details: serde_json::Value,
 }
 
+/// `GET /api/v2/openapi.json`: the document describing the API, built
+/// from the routing table on first use and served as built.
+pub(super) async fn openapi() -> impl IntoResponse {
+    static DOCUMENT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let body = DOCUMENT
+        .get_or_init(|| serde_json::to_string(&super::api_routes().finish().1).unwrap_or_default());
+    ([(header::CONTENT_TYPE, "application/json")], body.as_str())
+}
+
 /// `GET /api/v2/audit?limit=N&before=ID&action=A`: newest first.
 pub(super) async fn audit(
     State(state): State<AppState>,

@@ -28,6 +28,12 @@ pub enum Credential {
     /// A user's API key or session: the `Devmesh-Session-Token` header, a
     /// bearer token, or the session cookie.
     User,
+    /// A user's key as a program sends it (the header or a bearer token):
+    /// routes that open streams to a workspace refuse the ambient cookie.
+    UserKey,
+    /// A user's session if there is one (the cookie or a header); without
+    /// one the route still answers (a browser is sent to sign in).
+    UserOptional,
     /// An edge's token (`Devmesh-Edge-Token`).
     Edge,
     /// A workspace agent's token (`Devmesh-Agent-Token`).
@@ -42,6 +48,13 @@ impl Credential {
             Credential::User => {
                 json!([{"session_header": []}, {"bearer": []}, {"session_cookie": []}])
             }
+            Credential::UserKey => json!([{"session_header": []}, {"bearer": []}]),
+            Credential::UserOptional => json!([
+                {"session_cookie": []},
+                {"session_header": []},
+                {"bearer": []},
+                {}
+            ]),
             Credential::Edge => json!([{"edge_token": []}]),
             Credential::Agent => json!([{"agent_token": []}]),
             Credential::Provisioner => json!([{"provisioner_key": []}]),
@@ -324,6 +337,23 @@ impl ApiRoutes {
         self
     }
 
+    /// The last route takes `credential` rather than what its extractors
+    /// say (a handler that checks further, or reads the session itself).
+    pub fn credential(mut self, credential: Credential) -> Self {
+        self.last_op().credential = Some(credential);
+        self
+    }
+
+    /// The last route's raw body is a JSON document of its own kind (a
+    /// Terraform state), not bytes.
+    pub fn json_document_body(mut self, description: &'static str) -> Self {
+        self.last_op().body = Some((
+            "application/json",
+            json!({"type": "object", "description": description}),
+        ));
+        self
+    }
+
     /// The last route answers `status` with no body.
     pub fn empty(mut self, status: u16, description: &'static str) -> Self {
         self.last_op()
@@ -525,6 +555,23 @@ mod tests {
         assert!(
             doc["components"]["schemas"]["Workspace"]["properties"]["latest_build"].is_object()
         );
+    }
+
+    #[test]
+    fn operation_ids_are_unique() {
+        let doc = document();
+        let mut ids: Vec<&str> = doc["paths"]
+            .as_object()
+            .unwrap()
+            .values()
+            .flat_map(|item| item.as_object().unwrap().values())
+            .map(|op| op["operationId"].as_str().unwrap())
+            .collect();
+        let all = ids.len();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), all, "two routes share a handler name");
+        assert!(all >= 75, "{all} operations");
     }
 
     #[test]
