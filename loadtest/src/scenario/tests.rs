@@ -2,6 +2,20 @@ use super::*;
 
 const FULL: &str = include_str!("../../scenarios/full.toml");
 const EDGES: &str = include_str!("../../scenarios/edges.toml");
+const DATAPLANE: &str = include_str!("../../scenarios/dataplane.toml");
+
+#[test]
+fn the_shipped_dataplane_scenario_reaches_a_workspace_attached_to_the_clients_edge() {
+    let s = Scenario::parse(DATAPLANE).unwrap();
+    assert!(!s.wan.enabled);
+    // Agent 0 (the one every data-plane case reaches) is the first agent
+    // of the first region with agents: it must be the client's region,
+    // with an edge, so the path is one hop.
+    let first = s.topology.regions.iter().find(|r| r.agents > 0).unwrap();
+    assert_eq!(first.name, s.topology.client_region);
+    assert_eq!(first.edges, 1);
+    assert!(s.scenarios.small.is_some() && s.scenarios.bulk.is_some());
+}
 
 #[test]
 fn the_shipped_edges_scenario_measures_the_edge_path_without_wan() {
