@@ -1,6 +1,6 @@
 //! Scenario 10: faults under load. While clients load an app through the
-//! client's edge and through the primary, and a writer keeps creating and
-//! deleting API keys, a fault strikes; the report says what clients saw
+//! client's edge and through the primary, and writers keep creating and
+//! deleting API keys, workspaces and port shares, a fault strikes; the report says what clients saw
 //! (errors, the longest gap between two answers per path), how long the
 //! API took to answer again, and whether any write was lost or half-done:
 //! every write the API acknowledged must be there afterwards (or gone, for
@@ -95,7 +95,7 @@ impl Fault {
 /// What happened to one write.
 #[derive(Debug, Default)]
 struct Writes {
-    /// Keys whose creation the API acknowledged: (id, name).
+    /// Things whose creation the API acknowledged: (id, name).
     created: Vec<(String, String)>,
     /// Ids whose deletion the API acknowledged.
     deleted: HashSet<String>,
@@ -110,64 +110,187 @@ struct Writes {
     unknown_deletes: HashSet<String>,
 }
 
-/// Creates keys and deletes every other one until `stop`.
-async fn write_keys(
-    ctx_url: String,
+/// The kinds of thing the writers create and delete under fire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// API keys of the run's user.
+    Key,
+    /// Workspaces of the run's template (bring-your-own: a create and a
+    /// delete are each one transaction).
+    Workspace,
+    /// Port shares of one workspace made for the purpose (a share revokes
+    /// its workspace's app tokens, so never the loaded workspaces').
+    PortShare,
+}
+
+impl Kind {
+    const ALL: [Kind; 3] = [Kind::Key, Kind::Workspace, Kind::PortShare];
+
+    fn label(self) -> &'static str {
+        match self {
+            Kind::Key => "keys",
+            Kind::Workspace => "workspaces",
+            Kind::PortShare => "port shares",
+        }
+    }
+}
+
+/// How one write went.
+enum Answer {
+    /// Acknowledged, with the id of what was created (when it said).
+    Done(Option<String>),
+    /// Refused with an error status.
+    Refused,
+    /// No answer (the connection failed): either outcome is allowed.
+    Lost,
+}
+
+/// The API the writers use.
+struct WriteApi {
+    url: String,
     token: String,
     http: reqwest::Client,
-    stop: Arc<AtomicBool>,
-) -> Writes {
+    /// The run's template, for workspaces.
+    template: String,
+    /// The workspace whose ports are shared.
+    shares_of: String,
+}
+
+impl WriteApi {
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<serde_json::Value, Answer> {
+        match req
+            .header("Devmesh-Session-Token", &self.token)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+        {
+            Ok(r) if r.status().is_success() => Ok(r.json().await.unwrap_or_default()),
+            Ok(_) => Err(Answer::Refused),
+            Err(_) => Err(Answer::Lost),
+        }
+    }
+
+    fn api(&self, path: &str) -> String {
+        format!("{}/api/v2{path}", self.url)
+    }
+
+    /// The `n`th thing of `kind`, named `name`; its id.
+    async fn create(&self, kind: Kind, name: &str, n: u64) -> Answer {
+        let (path, body, id_at): (String, serde_json::Value, &[&str]) = match kind {
+            Kind::Key => (
+                "/users/me/keys".into(),
+                json!({ "name": name, "lifetime_seconds": 3600 }),
+                &["id"],
+            ),
+            Kind::Workspace => (
+                "/workspaces".into(),
+                json!({ "name": name, "template": self.template }),
+                &["workspace", "id"],
+            ),
+            Kind::PortShare => (
+                format!("/workspaces/{}/port-shares", self.shares_of),
+                json!({ "agent_name": "main", "port": share_port(n), "sharing_level": "authenticated" }),
+                &["port"],
+            ),
+        };
+        match self.send(self.http.post(self.api(&path)).json(&body)).await {
+            Ok(v) => {
+                let id = id_at.iter().fold(&v, |v, k| &v[*k]);
+                Answer::Done(
+                    id.as_str()
+                        .map(str::to_owned)
+                        .or_else(|| id.as_u64().map(|p| p.to_string())),
+                )
+            }
+            Err(a) => a,
+        }
+    }
+
+    /// Deletes what `id` names.
+    async fn delete(&self, kind: Kind, id: &str) -> Answer {
+        let req = match kind {
+            Kind::Key => self.http.delete(self.api(&format!("/users/me/keys/{id}"))),
+            Kind::Workspace => self
+                .http
+                .post(self.api(&format!("/workspaces/{id}/builds")))
+                .json(&json!({ "transition": "delete" })),
+            Kind::PortShare => self
+                .http
+                .post(self.api(&format!("/workspaces/{}/port-shares", self.shares_of)))
+                .json(&json!({ "agent_name": "main", "port": id.parse::<u16>().unwrap_or(0), "sharing_level": "owner" })),
+        };
+        match self.send(req).await {
+            Ok(_) => Answer::Done(None),
+            Err(a) => a,
+        }
+    }
+
+    /// What exists of `kind` now: (id, name).
+    async fn list(&self, kind: Kind) -> anyhow::Result<HashSet<(String, String)>> {
+        let (path, field) = match kind {
+            Kind::Key => ("/users/me/keys".to_owned(), "keys"),
+            Kind::Workspace => ("/workspaces".to_owned(), "workspaces"),
+            Kind::PortShare => (format!("/workspaces/{}/port-shares", self.shares_of), "shares"),
+        };
+        let v = match self.send(self.http.get(self.api(&path))).await {
+            Ok(v) => v,
+            Err(_) => anyhow::bail!("listing {} failed", kind.label()),
+        };
+        Ok(v[field]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|x| match kind {
+                Kind::PortShare => {
+                    let port = x["port"].as_u64()?.to_string();
+                    Some((port.clone(), port))
+                }
+                _ => Some((x["id"].as_str()?.to_owned(), x["name"].as_str()?.to_owned())),
+            })
+            .collect())
+    }
+}
+
+/// The port of the `n`th share.
+fn share_port(n: u64) -> u64 {
+    20_000 + n % 40_000
+}
+
+/// Creates things of `kind` and deletes every other one until `stop`.
+async fn write(api: Arc<WriteApi>, kind: Kind, stop: Arc<AtomicBool>) -> Writes {
     let mut w = Writes::default();
-    let api = |p: &str| format!("{ctx_url}/api/v2{p}");
     let mut n = 0u64;
     while !stop.load(Ordering::Relaxed) {
         n += 1;
-        let name = format!("chaos-{n}");
-        let sent = http
-            .post(api("/users/me/keys"))
-            .header("Devmesh-Session-Token", &token)
-            .timeout(Duration::from_secs(10))
-            .json(&json!({ "name": name, "lifetime_seconds": 3600 }))
-            .send()
-            .await;
-        let id = match sent {
-            Ok(r) if r.status().is_success() => match r.json::<serde_json::Value>().await {
-                Ok(v) => v["id"].as_str().map(str::to_owned),
-                Err(_) => None,
-            },
-            Ok(_) => {
+        let name = match kind {
+            Kind::Key => format!("chaos-{n}"),
+            Kind::Workspace => format!("chaos-w{n}"),
+            Kind::PortShare => share_port(n).to_string(),
+        };
+        let id = match api.create(kind, &name, n).await {
+            Answer::Done(Some(id)) => id,
+            Answer::Refused => {
                 w.refused_creates.push(name);
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
-            Err(_) => {
+            Answer::Done(None) | Answer::Lost => {
                 w.unknown += 1;
                 w.unknown_names.insert(name);
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
-        let Some(id) = id else {
-            w.unknown += 1;
-            w.unknown_names.insert(name);
-            continue;
-        };
         w.created.push((id.clone(), name));
         if n.is_multiple_of(2) {
-            let sent = http
-                .delete(api(&format!("/users/me/keys/{id}")))
-                .header("Devmesh-Session-Token", &token)
-                .timeout(Duration::from_secs(10))
-                .send()
-                .await;
-            match sent {
-                Ok(r) if r.status().is_success() => {
+            match api.delete(kind, &id).await {
+                Answer::Done(_) => {
                     w.deleted.insert(id);
                 }
-                Ok(_) => {
+                Answer::Refused => {
                     w.refused_deletes.insert(id);
                 }
-                Err(_) => {
+                Answer::Lost => {
                     w.unknown += 1;
                     w.unknown_deletes.insert(id);
                 }
@@ -175,6 +298,35 @@ async fn write_keys(
         }
     }
     w
+}
+
+/// Checks what exists against what the writer was told:
+/// (acknowledged writes lost, refused writes visible).
+fn check(writes: &Writes, present: &HashSet<(String, String)>) -> (usize, usize) {
+    let ids: HashSet<&str> = present.iter().map(|(id, _)| id.as_str()).collect();
+    let names: HashSet<&str> = present.iter().map(|(_, n)| n.as_str()).collect();
+    let lost = writes
+        .created
+        .iter()
+        .filter(|(id, _)| !writes.deleted.contains(id) && !writes.unknown_deletes.contains(id))
+        .filter(|(id, _)| !ids.contains(id.as_str()))
+        .count();
+    let resurrected = writes
+        .deleted
+        .iter()
+        .filter(|id| ids.contains(id.as_str()))
+        .count();
+    let refused_visible = writes
+        .refused_creates
+        .iter()
+        .filter(|n| names.contains(n.as_str()))
+        .count()
+        + writes
+            .refused_deletes
+            .iter()
+            .filter(|id| !ids.contains(id.as_str()))
+            .count();
+    (lost + resurrected, refused_visible)
 }
 
 /// Answers per path: (seconds since start, answered).
@@ -267,12 +419,30 @@ async fn under_load(
             }));
         }
     }
-    let writer = tokio::spawn(write_keys(
-        ctx.dep.url.clone(),
-        ctx.dep.token.clone(),
-        ctx.dep.http.clone(),
-        stop.clone(),
-    ));
+    // A workspace of its own for the port shares (a share revokes its
+    // workspace's app tokens; the loaded workspaces must keep theirs).
+    let shares_name = format!("chaos-s{}", start.elapsed().as_nanos() % 1_000_000);
+    let shares_of = ctx
+        .dep
+        .api_post(
+            "/workspaces",
+            json!({ "name": shares_name, "template": ctx.dep.run_id }),
+        )
+        .await?["workspace"]["id"]
+        .as_str()
+        .context("the port shares' workspace")?
+        .to_owned();
+    let write_api = Arc::new(WriteApi {
+        url: ctx.dep.url.clone(),
+        token: ctx.dep.token.clone(),
+        http: ctx.dep.http.clone(),
+        template: ctx.dep.run_id.clone(),
+        shares_of,
+    });
+    let writers: Vec<_> = Kind::ALL
+        .into_iter()
+        .map(|kind| tokio::spawn(write(write_api.clone(), kind, stop.clone())))
+        .collect();
     ctx.progress
         .set_message(format!("chaos: load for {} s, then {label}", cfg.before_s));
     tokio::time::sleep(Duration::from_secs_f64(cfg.before_s)).await;
@@ -343,7 +513,10 @@ async fn under_load(
     for t in tasks {
         let _ = t.await;
     }
-    let writes = writer.await?;
+    let mut writes = Vec::new();
+    for w in writers {
+        writes.push(w.await?);
+    }
 
     // What clients saw, per path.
     let all = std::mem::take(&mut *timeline.lock());
@@ -379,40 +552,22 @@ async fn under_load(
         );
     }
 
-    // What the database kept.
-    let listed = ctx.dep.api_get("/users/me/keys").await?;
-    let present: HashSet<(String, String)> = listed["keys"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|k| Some((k["id"].as_str()?.to_owned(), k["name"].as_str()?.to_owned())))
-        .collect();
-    let ids: HashSet<&str> = present.iter().map(|(id, _)| id.as_str()).collect();
-    let names: HashSet<&str> = present.iter().map(|(_, n)| n.as_str()).collect();
-    let lost = writes
-        .created
-        .iter()
-        .filter(|(id, _)| !writes.deleted.contains(id) && !writes.unknown_deletes.contains(id))
-        .filter(|(id, _)| !ids.contains(id.as_str()))
-        .count();
-    let resurrected = writes
-        .deleted
-        .iter()
-        .filter(|id| ids.contains(id.as_str()))
-        .count();
-    let refused_visible = writes
-        .refused_creates
-        .iter()
-        .filter(|n| names.contains(n.as_str()))
-        .count()
-        + writes
-            .refused_deletes
-            .iter()
-            .filter(|id| !ids.contains(id.as_str()))
-            .count();
+    // What the database kept, per kind.
+    let (mut lost, mut refused_visible) = (0, 0);
+    let mut per_kind = Vec::new();
+    for (kind, w) in Kind::ALL.into_iter().zip(&writes) {
+        let present = write_api.list(kind).await?;
+        let (l, r) = check(w, &present);
+        lost += l;
+        refused_visible += r;
+        per_kind.push(format!(
+            "{} {}",
+            w.created.len() + w.deleted.len(),
+            kind.label()
+        ));
+    }
     let api_back = back.map(|d| d.as_secs_f64());
     let met = lost == 0
-        && resurrected == 0
         && refused_visible == 0
         && back.is_some_and(|d| d <= API_BACK_WITHIN)
         && if fault.edge_unaffected() {
@@ -427,17 +582,28 @@ async fn under_load(
         ),
         (
             "writes acknowledged",
-            json!(writes.created.len() + writes.deleted.len()),
+            json!(
+                writes
+                    .iter()
+                    .map(|w| w.created.len() + w.deleted.len())
+                    .sum::<usize>()
+            ),
         ),
+        ("writes acknowledged by kind", json!(per_kind.join(", "))),
         (
             "writes refused",
-            json!(writes.refused_creates.len() + writes.refused_deletes.len()),
+            json!(
+                writes
+                    .iter()
+                    .map(|w| w.refused_creates.len() + w.refused_deletes.len())
+                    .sum::<usize>()
+            ),
         ),
         (
             "writes with no answer (either outcome allowed)",
-            json!(writes.unknown),
+            json!(writes.iter().map(|w| w.unknown).sum::<usize>()),
         ),
-        ("acknowledged writes lost", json!(lost + resurrected)),
+        ("acknowledged writes lost", json!(lost)),
         ("refused writes visible", json!(refused_visible)),
         (
             "expectation",
@@ -458,15 +624,47 @@ async fn under_load(
     ] {
         sr.extra.insert(format!("{label}: {k}"), v);
     }
-    // Leave no chaos keys behind for later scenarios.
-    for (id, _) in present.iter().filter(|(_, n)| n.starts_with("chaos-")) {
-        let _ = ctx
-            .dep
-            .http
-            .delete(format!("{}/api/v2/users/me/keys/{id}", ctx.dep.url))
-            .header("Devmesh-Session-Token", &ctx.dep.token)
-            .send()
-            .await;
+    // Leave nothing of the writers' behind for later scenarios: chaos keys,
+    // chaos workspaces (the port shares' one among them).
+    for kind in [Kind::Key, Kind::Workspace] {
+        for (id, name) in write_api.list(kind).await.unwrap_or_default() {
+            if name.starts_with("chaos-") {
+                let _ = write_api.delete(kind, &id).await;
+            }
+        }
     }
     Ok(met)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn present(ids: &[&str]) -> HashSet<(String, String)> {
+        ids.iter()
+            .map(|id| (id.to_string(), format!("name-{id}")))
+            .collect()
+    }
+
+    #[test]
+    fn what_the_api_acknowledged_must_be_there_and_what_it_refused_must_not() {
+        let mut w = Writes::default();
+        for id in ["a", "b", "c"] {
+            w.created.push((id.into(), format!("name-{id}")));
+        }
+        w.deleted.insert("b".into());
+        w.refused_creates.push("name-x".into());
+        // a and c kept, b gone, x never made: all as told.
+        assert_eq!(check(&w, &present(&["a", "c"])), (0, 0));
+        // c lost, b back from the dead.
+        assert_eq!(check(&w, &present(&["a", "b"])), (2, 0));
+        // A refused create visible.
+        assert_eq!(check(&w, &present(&["a", "c", "x"])), (0, 1));
+        // A deletion with no answer may have happened or not.
+        w.unknown_deletes.insert("c".into());
+        assert_eq!(check(&w, &present(&["a"])), (0, 0));
+        // A refused deletion must leave the thing there.
+        w.refused_deletes.insert("a".into());
+        assert_eq!(check(&w, &present(&["c"])), (1, 1));
+    }
 }

@@ -13,6 +13,8 @@
 #   FUZZ_SECONDS=900 FUZZ_SEED=random tests/api-fuzz/run.sh   # a long run
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=../lib.sh
+. "$here/../lib.sh"
 root=$(cd "$here/../.." && pwd)
 bin=${DEVMESH_BIN:-$root/target/debug/devmesh}
 seconds=${FUZZ_SECONDS:-60}
@@ -39,12 +41,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+port=$(free_port)
 "$bin" server --data-dir "$work/data" --http-address "127.0.0.1:$port" --relay-address 127.0.0.1:0 \
   >"$work/server.out" 2>"$work/server.err" &
 pids+=($!)
-for _ in $(seq 300); do grep -q "Started HTTP listener" "$work/server.out" 2>/dev/null && break; sleep 0.1; done
-grep -q "Started HTTP listener" "$work/server.out" || { cat "$work/server.err"; exit 1; }
+wait_listening "$work/server.out" "$work/server.err" || exit 1
 url="http://127.0.0.1:$port"
 seeded=$(python3 "$here/seed.py" "$url")
 eval "$seeded"

@@ -7,6 +7,8 @@
 #   bash tests/browser/dashboard-bench.sh target/release/devmesh [N]
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=../lib.sh
+. "$here/../lib.sh"
 bin=$(realpath "${1:-target/release/devmesh}")
 n=${2:-500}
 [ -d "$here/node_modules/playwright-core" ] || (cd "$here" && npm ci --no-audit --no-fund >/dev/null)
@@ -14,11 +16,11 @@ work=$(mktemp -d); chmod 755 "$work"
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+port=$(free_port)
 "$bin" server --data-dir "$work/data" --http-address "127.0.0.1:$port" --relay-address 127.0.0.1:0 \
   >"$work/server.out" 2>"$work/server.err" &
 pids+=($!)
-for _ in $(seq 300); do grep -q "Started HTTP listener" "$work/server.out" 2>/dev/null && break; sleep 0.1; done
+wait_listening "$work/server.out" "$work/server.err" || exit 1
 url="http://127.0.0.1:$port"
 export DEVMESH_CONFIG_DIR="$work/cfg"
 "$bin" login "$url" --username bench --email bench@example.com --password bench-password >/dev/null

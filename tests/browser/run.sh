@@ -7,6 +7,8 @@
 # binary (cargo build --bin devmesh). Fails, never skips, when one is missing.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=../lib.sh
+. "$here/../lib.sh"
 root=$(cd "$here/../.." && pwd)
 bin=${DEVMESH_BIN:-$root/target/debug/devmesh}
 for need in "$bin" "$(command -v chromium || true)" "$(command -v node || true)"; do
@@ -19,13 +21,12 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-app_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+port=$(free_port)
+app_port=$(free_port)
 "$bin" server --data-dir "$work/data" --http-address "127.0.0.1:$port" --relay-address 127.0.0.1:0 \
   --tls-self-signed >"$work/server.out" 2>"$work/server.err" &
 pids+=($!)
-for _ in $(seq 300); do grep -q "Started HTTP listener" "$work/server.out" 2>/dev/null && break; sleep 0.1; done
-grep -q "Started HTTP listener" "$work/server.out" || { cat "$work/server.err"; exit 1; }
+wait_listening "$work/server.out" "$work/server.err" || exit 1
 
 export DEVMESH_CONFIG_DIR="$work/cfg" DEVMESH_CA_CERT="$work/data/tls/ca.pem"
 url="https://127.0.0.1:$port"
@@ -48,7 +49,7 @@ node "$here/app-sign-in.js" \
 
 # The same through an edge: its app domain, its own cookies, one sign-in at
 # the primary, and the request crossing the mesh to the agent's relay.
-edge_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+edge_port=$(free_port)
 edge_token=$("$bin" edges create eu --access-url "https://eu.localhost:$edge_port" \
   --wildcard-hostname "*.eu.apps.localhost:$edge_port" --relay-host 127.0.0.1 2>&1 \
   | grep -oE '[0-9a-f-]{36}:[A-Za-z0-9]{32}')
@@ -66,8 +67,8 @@ node "$here/app-sign-in.js" \
 
 # The dashboard on a fresh deployment of its own (no users yet), over plain
 # HTTP as the README's quick start runs it: the whole user journey.
-dash_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-web_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+dash_port=$(free_port)
+web_port=$(free_port)
 mkdir -p "$work/dash" "$work/dash-site"
 echo "<h1>Hello from the dashboard workspace</h1>" >"$work/dash-site/index.html"
 (cd "$work/dash-site" && exec python3 -m http.server "$web_port" --bind 127.0.0.1 >/dev/null 2>&1) &
@@ -75,8 +76,7 @@ pids+=($!)
 env -u DEVMESH_CA_CERT "$bin" server --data-dir "$work/dash/data" --http-address "127.0.0.1:$dash_port" \
   --relay-address 127.0.0.1:0 >"$work/dash.out" 2>"$work/dash.err" &
 pids+=($!)
-for _ in $(seq 300); do grep -q "Started HTTP listener" "$work/dash.out" 2>/dev/null && break; sleep 0.1; done
-grep -q "Started HTTP listener" "$work/dash.out" || { cat "$work/dash.err"; exit 1; }
+wait_listening "$work/dash.out" "$work/dash.err" || exit 1
 shots=${DASHBOARD_SCREENSHOTS:-$work/shots}
 mkdir -p "$shots"
 (cd "$here" && env -u DEVMESH_CA_CERT node dashboard.js "http://127.0.0.1:$dash_port" "$work" "$web_port" "$shots" "$bin") \
