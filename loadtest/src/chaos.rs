@@ -38,7 +38,7 @@ pub async fn run(
     sr: &mut ScenarioReport,
 ) -> anyhow::Result<()> {
     let mut unmet = Vec::new();
-    for fault in &cfg.faults {
+    for (round, fault) in cfg.faults.iter().enumerate() {
         let fault = match fault.as_str() {
             "postgres" => Fault::Postgres,
             "freeze" => Fault::Freeze,
@@ -49,7 +49,7 @@ pub async fn run(
                 continue;
             }
         };
-        if !under_load(ctx, cfg, sr, fault).await? {
+        if !under_load(ctx, cfg, sr, (round, fault)).await? {
             unmet.push(fault.label(cfg));
         }
     }
@@ -230,7 +230,10 @@ impl WriteApi {
         let (path, field) = match kind {
             Kind::Key => ("/users/me/keys".to_owned(), "keys"),
             Kind::Workspace => ("/workspaces".to_owned(), "workspaces"),
-            Kind::PortShare => (format!("/workspaces/{}/port-shares", self.shares_of), "shares"),
+            Kind::PortShare => (
+                format!("/workspaces/{}/port-shares", self.shares_of),
+                "shares",
+            ),
         };
         let v = match self.send(self.http.get(self.api(&path))).await {
             Ok(v) => v,
@@ -257,14 +260,16 @@ fn share_port(n: u64) -> u64 {
 }
 
 /// Creates things of `kind` and deletes every other one until `stop`.
-async fn write(api: Arc<WriteApi>, kind: Kind, stop: Arc<AtomicBool>) -> Writes {
+/// Names carry the fault's `round`, so nothing a round leaves behind can
+/// be mistaken for (or conflict with) the next round's writes.
+async fn write(api: Arc<WriteApi>, kind: Kind, round: usize, stop: Arc<AtomicBool>) -> Writes {
     let mut w = Writes::default();
     let mut n = 0u64;
     while !stop.load(Ordering::Relaxed) {
         n += 1;
         let name = match kind {
-            Kind::Key => format!("chaos-{n}"),
-            Kind::Workspace => format!("chaos-w{n}"),
+            Kind::Key => format!("chaos-{round}-{n}"),
+            Kind::Workspace => format!("chaos-w{round}-{n}"),
             Kind::PortShare => share_port(n).to_string(),
         };
         let id = match api.create(kind, &name, n).await {
@@ -359,7 +364,7 @@ async fn under_load(
     ctx: &mut Ctx,
     cfg: &scenario::Chaos,
     sr: &mut ScenarioReport,
-    fault: Fault,
+    (pass, fault): (usize, Fault),
 ) -> anyhow::Result<bool> {
     let label = fault.label(cfg);
     let pid_file = ctx.dep.dir.path().join("data/postgres/postmaster.pid");
@@ -421,7 +426,7 @@ async fn under_load(
     }
     // A workspace of its own for the port shares (a share revokes its
     // workspace's app tokens; the loaded workspaces must keep theirs).
-    let shares_name = format!("chaos-s{}", start.elapsed().as_nanos() % 1_000_000);
+    let shares_name = format!("chaos-s{pass}");
     let shares_of = ctx
         .dep
         .api_post(
@@ -441,7 +446,7 @@ async fn under_load(
     });
     let writers: Vec<_> = Kind::ALL
         .into_iter()
-        .map(|kind| tokio::spawn(write(write_api.clone(), kind, stop.clone())))
+        .map(|kind| tokio::spawn(write(write_api.clone(), kind, pass, stop.clone())))
         .collect();
     ctx.progress
         .set_message(format!("chaos: load for {} s, then {label}", cfg.before_s));
