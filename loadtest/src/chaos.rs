@@ -305,9 +305,10 @@ async fn write(api: Arc<WriteApi>, kind: Kind, round: usize, stop: Arc<AtomicBoo
     w
 }
 
-/// Checks what exists against what the writer was told:
-/// (acknowledged writes lost, refused writes visible).
-fn check(writes: &Writes, present: &HashSet<(String, String)>) -> (usize, usize) {
+/// Checks what exists against what the writer was told: the ids of
+/// acknowledged writes lost (created and gone, or deleted and back), and
+/// the names or ids of refused writes visible.
+fn check(writes: &Writes, present: &HashSet<(String, String)>) -> (Vec<String>, Vec<String>) {
     let ids: HashSet<&str> = present.iter().map(|(id, _)| id.as_str()).collect();
     let names: HashSet<&str> = present.iter().map(|(_, n)| n.as_str()).collect();
     let lost = writes
@@ -315,23 +316,26 @@ fn check(writes: &Writes, present: &HashSet<(String, String)>) -> (usize, usize)
         .iter()
         .filter(|(id, _)| !writes.deleted.contains(id) && !writes.unknown_deletes.contains(id))
         .filter(|(id, _)| !ids.contains(id.as_str()))
-        .count();
+        .map(|(id, _)| id.clone());
     let resurrected = writes
         .deleted
         .iter()
         .filter(|id| ids.contains(id.as_str()))
-        .count();
-    let refused_visible = writes
+        .cloned();
+    let refused_created = writes
         .refused_creates
         .iter()
         .filter(|n| names.contains(n.as_str()))
-        .count()
-        + writes
-            .refused_deletes
-            .iter()
-            .filter(|id| !ids.contains(id.as_str()))
-            .count();
-    (lost + resurrected, refused_visible)
+        .cloned();
+    let refused_deleted = writes
+        .refused_deletes
+        .iter()
+        .filter(|id| !ids.contains(id.as_str()))
+        .cloned();
+    (
+        lost.chain(resurrected).collect(),
+        refused_created.chain(refused_deleted).collect(),
+    )
 }
 
 /// Answers per path: (seconds since start, answered).
@@ -563,8 +567,14 @@ async fn under_load(
     for (kind, w) in Kind::ALL.into_iter().zip(&writes) {
         let present = write_api.list(kind).await?;
         let (l, r) = check(w, &present);
-        lost += l;
-        refused_visible += r;
+        lost += l.len();
+        refused_visible += r.len();
+        if !l.is_empty() || !r.is_empty() {
+            sr.notes.push(format!(
+                "{label}: {}: acknowledged but lost {l:?}; refused but visible {r:?}",
+                kind.label()
+            ));
+        }
         per_kind.push(format!(
             "{} {}",
             w.created.len() + w.deleted.len(),
@@ -651,6 +661,11 @@ mod tests {
             .collect()
     }
 
+    fn counts(w: &Writes, ids: &[&str]) -> (usize, usize) {
+        let (lost, visible) = check(w, &present(ids));
+        (lost.len(), visible.len())
+    }
+
     #[test]
     fn what_the_api_acknowledged_must_be_there_and_what_it_refused_must_not() {
         let mut w = Writes::default();
@@ -660,16 +675,16 @@ mod tests {
         w.deleted.insert("b".into());
         w.refused_creates.push("name-x".into());
         // a and c kept, b gone, x never made: all as told.
-        assert_eq!(check(&w, &present(&["a", "c"])), (0, 0));
+        assert_eq!(counts(&w, &["a", "c"]), (0, 0));
         // c lost, b back from the dead.
-        assert_eq!(check(&w, &present(&["a", "b"])), (2, 0));
+        assert_eq!(counts(&w, &["a", "b"]), (2, 0));
         // A refused create visible.
-        assert_eq!(check(&w, &present(&["a", "c", "x"])), (0, 1));
+        assert_eq!(counts(&w, &["a", "c", "x"]), (0, 1));
         // A deletion with no answer may have happened or not.
         w.unknown_deletes.insert("c".into());
-        assert_eq!(check(&w, &present(&["a"])), (0, 0));
+        assert_eq!(counts(&w, &["a"]), (0, 0));
         // A refused deletion must leave the thing there.
         w.refused_deletes.insert("a".into());
-        assert_eq!(check(&w, &present(&["c"])), (1, 1));
+        assert_eq!(counts(&w, &["c"]), (1, 1));
     }
 }
