@@ -15,3 +15,15 @@ wait_listening() {
   cat "$2" >&2
   return 1
 }
+
+# start_primary BIN WORK: starts `BIN server` on a free loopback port with
+# its data and logs in WORK, adds its pid to the caller's `pids`, waits
+# until it listens, and sets `port` and `url`.
+start_primary() {
+  port=$(free_port)
+  "$1" server --data-dir "$2/data" --http-address "127.0.0.1:$port" --relay-address 127.0.0.1:0 \
+    >"$2/server.out" 2>"$2/server.err" &
+  pids+=($!)
+  wait_listening "$2/server.out" "$2/server.err" || return 1
+  url="http://127.0.0.1:$port"
+}

@@ -41,12 +41,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-port=$(free_port)
-"$bin" server --data-dir "$work/data" --http-address "127.0.0.1:$port" --relay-address 127.0.0.1:0 \
-  >"$work/server.out" 2>"$work/server.err" &
-pids+=($!)
-wait_listening "$work/server.out" "$work/server.err" || exit 1
-url="http://127.0.0.1:$port"
+start_primary "$bin" "$work" || exit 1
 seeded=$(python3 "$here/seed.py" "$url")
 eval "$seeded"
 export DEVMESH_TOKEN DEVMESH_AGENT_TOKEN DEVMESH_EDGE_TOKEN DEVMESH_PROVISIONER_KEY

@@ -16,12 +16,7 @@ work=$(mktemp -d); chmod 755 "$work"
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
-port=$(free_port)
-"$bin" server --data-dir "$work/data" --http-address "127.0.0.1:$port" --relay-address 127.0.0.1:0 \
-  >"$work/server.out" 2>"$work/server.err" &
-pids+=($!)
-wait_listening "$work/server.out" "$work/server.err" || exit 1
-url="http://127.0.0.1:$port"
+start_primary "$bin" "$work" || exit 1
 export DEVMESH_CONFIG_DIR="$work/cfg"
 "$bin" login "$url" --username bench --email bench@example.com --password bench-password >/dev/null
 printf '{"agents":[{"name":"main","apps":[{"slug":"web","port":8000}]}]}' >"$work/t.json"
