@@ -694,7 +694,6 @@ pub fn api_routes() -> openapi::ApiRoutes {
             "The agent's side of the stream.",
         )
         .returns::<a::Error>(502, "The agent is not connected, or refused the stream.")
-        .credential(openapi::Credential::UserKey)
         .get(
             "/workspaceagents/{id}/pty",
             "A terminal, over a WebSocket",
@@ -713,7 +712,6 @@ pub fn api_routes() -> openapi::ApiRoutes {
             "The port's side of the stream.",
         )
         .returns::<a::Error>(502, "The agent is not connected, or refused the stream.")
-        .credential(openapi::Credential::UserKey)
         .post(
             "/workspaceagents/{id}/udp",
             "Relays UDP datagrams to a port on the agent's machine (full duplex body)",
@@ -721,7 +719,6 @@ pub fn api_routes() -> openapi::ApiRoutes {
         )
         .raw(200, "application/octet-stream", "The datagrams, framed.")
         .returns::<a::Error>(502, "The agent is not connected, or refused the stream.")
-        .credential(openapi::Credential::UserKey)
         .get(
             "/applications/auth-redirect",
             "Signs a browser in to an app host and sends it back",

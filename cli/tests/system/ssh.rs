@@ -224,23 +224,30 @@ async fn ssh_runs_a_command_in_the_workspace_with_its_output_input_and_exit_stat
             .await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
     }
-    let resp = reqwest::Client::new()
-        .post(format!(
-            "{}/api/v2/workspaceagents/{agent_id}/ssh",
-            server.url
-        ))
-        .header(
-            "Cookie",
-            // The session cookie (`devmesh_session_token` over plain HTTP).
-            format!("devmesh_session_token={}", owner.token.clone().unwrap()),
-        )
-        .header("Origin", &server.url)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
-    let why = resp.text().await.unwrap();
-    assert!(why.contains("Devmesh-Session-Token header"), "{why}");
+    // The session cookie opens none of the raw-stream routes, even from the
+    // dashboard's own origin: the key must come in a header.
+    for route in ["ssh", "probe?download=1", "udp?port=53"] {
+        let resp = reqwest::Client::new()
+            .post(format!(
+                "{}/api/v2/workspaceagents/{agent_id}/{route}",
+                server.url
+            ))
+            .header(
+                "Cookie",
+                // The session cookie (`devmesh_session_token` over plain HTTP).
+                format!("devmesh_session_token={}", owner.token.clone().unwrap()),
+            )
+            .header("Origin", &server.url)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{route}");
+        let why = resp.text().await.unwrap();
+        assert!(
+            why.contains("Devmesh-Session-Token header"),
+            "{route}: {why}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -122,6 +122,47 @@ pub fn request_token_with_source(parts: &Parts, https: bool) -> Option<(String, 
         .map(|t| (t, TokenSource::Cookie))
 }
 
+/// The authenticated caller, with a key of scope `all` sent the way a
+/// program sends one: the session header or `Authorization: Bearer`, never
+/// the session cookie. Routes that open raw streams to a workspace take it,
+/// so another site cannot ride a signed-in browser into a shell or a port.
+#[derive(Debug, Clone)]
+pub struct KeyAuthed(pub Principal);
+
+impl FromRequestParts<AppState> for KeyAuthed {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        if !program_key(&parts.headers) {
+            return Err(ApiError::unauthorized(
+                "Send your key in the Devmesh-Session-Token header to open a shell.",
+            )
+            .detail("a session cookie cannot open one: other sites could use it"));
+        }
+        // A header key is what `Authed` reads first, so the cookie (if any
+        // rides along) plays no part.
+        Authed::from_request_parts(parts, state)
+            .await
+            .map(|Authed(p)| Self(p))
+    }
+}
+
+/// Whether the request carries a key the way a program sends one: the
+/// session header, or `Authorization: Bearer`. (Any other `Authorization`,
+/// such as a browser's cached `Basic` credentials for a proxy in front,
+/// does not count: the cookie is then what authenticates.)
+pub fn program_key(headers: &axum::http::HeaderMap) -> bool {
+    headers.contains_key(SESSION_HEADER)
+        || headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(bearer)
+            .is_some()
+}
+
 /// The authenticated caller, with a key of scope `all`.
 #[derive(Debug, Clone)]
 pub struct Authed(pub Principal);

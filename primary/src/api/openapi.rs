@@ -124,6 +124,12 @@ impl Describe for Authed {
     }
 }
 
+impl Describe for super::extract::KeyAuthed {
+    fn describe(op: &mut Operation, _: &mut SchemaGenerator) {
+        op.credential = Some(Credential::UserKey);
+    }
+}
+
 impl Describe for super::edges::EdgeAuth {
     fn describe(op: &mut Operation, _: &mut SchemaGenerator) {
         op.credential = Some(Credential::Edge);

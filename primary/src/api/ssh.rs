@@ -32,7 +32,7 @@ use uuid::Uuid;
 
 use super::edges::EdgeAuth;
 use super::error::{ApiError, ApiResult};
-use super::extract::{ApiJson, ApiPath, Authed, ClientIp, SESSION_HEADER};
+use super::extract::{ApiJson, ApiPath, Authed, ClientIp, KeyAuthed, program_key};
 use super::{AppState, Audit};
 use crate::auth::Principal;
 
@@ -157,13 +157,12 @@ fn subjects(principal: &Principal, target: &ShellTarget) -> Vec<RevokedSubject> 
 /// `POST /api/v2/workspaceagents/{id}/ssh` on the primary.
 pub(super) async fn ssh(
     State(state): State<AppState>,
-    auth: Authed,
+    auth: KeyAuthed,
     ClientIp(ip): ClientIp,
-    headers: HeaderMap,
     ApiPath(agent): ApiPath<Uuid>,
     body: Body,
 ) -> ApiResult<Response> {
-    let caller = Caller { auth, ip, headers };
+    let caller = Caller { auth, ip };
     stream(&state, caller, agent, body, StreamHeader::Ssh).await
 }
 
@@ -171,15 +170,14 @@ pub(super) async fn ssh(
 /// `devmesh ping` and `speedtest`.
 pub(super) async fn probe(
     State(state): State<AppState>,
-    auth: Authed,
+    auth: KeyAuthed,
     ClientIp(ip): ClientIp,
-    headers: HeaderMap,
     ApiPath(agent): ApiPath<Uuid>,
     super::extract::ApiQuery(q): super::extract::ApiQuery<ProbeQuery>,
     body: Body,
 ) -> ApiResult<Response> {
     let header = q.header().map_err(ApiError::bad_request)?;
-    let caller = Caller { auth, ip, headers };
+    let caller = Caller { auth, ip };
     stream(&state, caller, agent, body, header).await
 }
 
@@ -187,9 +185,8 @@ pub(super) async fn probe(
 /// flow of `devmesh port-forward --udp`.
 pub(super) async fn udp(
     State(state): State<AppState>,
-    auth: Authed,
+    auth: KeyAuthed,
     ClientIp(ip): ClientIp,
-    headers: HeaderMap,
     ApiPath(agent): ApiPath<Uuid>,
     super::extract::ApiQuery(q): super::extract::ApiQuery<UdpQuery>,
     body: Body,
@@ -197,7 +194,7 @@ pub(super) async fn udp(
     if q.port == 0 {
         return Err(ApiError::bad_request("Port 0 is not a port."));
     }
-    let caller = Caller { auth, ip, headers };
+    let caller = Caller { auth, ip };
     stream(
         &state,
         caller,
@@ -210,26 +207,19 @@ pub(super) async fn udp(
 
 /// Who asks for a stream session, and how.
 struct Caller {
-    auth: Authed,
+    auth: KeyAuthed,
     ip: String,
-    headers: HeaderMap,
 }
 
 /// A stream session through the primary: the request body up, the
 /// response body down.
 async fn stream(
     state: &AppState,
-    Caller { auth, ip, headers }: Caller,
+    Caller { auth, ip }: Caller,
     agent: Uuid,
     body: Body,
     header: StreamHeader,
 ) -> ApiResult<Response> {
-    if !keyed(&headers) {
-        return Err(ApiError::unauthorized(
-            "Send your key in the Devmesh-Session-Token header to open a shell.",
-        )
-        .detail("a session cookie cannot open one: other sites could use it"));
-    }
     let kind = ShellKind::of(&header);
     let target = authorize(state, &auth.0, agent).await?;
     let began_ms = chrono::Utc::now().timestamp_millis();
@@ -272,19 +262,6 @@ fn record_end_when_over(state: AppState, session_id: Uuid, session: &Arc<Session
     });
 }
 
-/// Whether the request carries a key the way a program sends one: the
-/// session header, or `Authorization: Bearer`. (Any other `Authorization`,
-/// such as a browser's cached `Basic` credentials for a proxy in front,
-/// does not count: the cookie is then what authenticates.)
-fn keyed(headers: &HeaderMap) -> bool {
-    headers.contains_key(SESSION_HEADER)
-        || headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(super::extract::bearer)
-            .is_some()
-}
-
 /// Whether a WebSocket request authenticated by a cookie comes from a page
 /// on `access_url`'s own origin: a browser always says where a WebSocket
 /// comes from, and any other site's page must not reach a shell.
@@ -308,7 +285,7 @@ pub(super) async fn terminal(
     super::extract::ApiQuery(query): super::extract::ApiQuery<TerminalQuery>,
     super::extract::ApiWebSocket(ws): super::extract::ApiWebSocket,
 ) -> ApiResult<Response> {
-    if !keyed(&headers) && !websocket_same_origin(&headers, &state.config.access_url) {
+    if !program_key(&headers) && !websocket_same_origin(&headers, &state.config.access_url) {
         return Err(ApiError::forbidden(
             "Only the dashboard's own pages may open a terminal with the session cookie.",
         )
