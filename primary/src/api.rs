@@ -137,6 +137,9 @@ impl AppState {
 /// The primary's keys and relay, created at start.
 #[derive(Debug)]
 pub struct Parts {
+    /// Counts pooled connections closed for being left inside a
+    /// transaction ([`crate::db::connect`]); exported with the metrics.
+    pub stale_transactions: prometheus_client::metrics::counter::Counter,
     /// Signs attach tickets, app tokens and stream grants.
     pub signer: Signer,
     /// Seals sign-in grants.
@@ -165,6 +168,7 @@ impl AppState {
     /// State over a connected, migrated database.
     pub fn new(db: PgPool, config: ServerConfig, parts: Parts) -> Self {
         let mut metrics = Metrics::new();
+        metrics.count_stale_transactions(parts.stale_transactions.clone());
         if config.postgres_url.is_none() {
             metrics.watch_embedded_postgres();
         }

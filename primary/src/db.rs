@@ -6,8 +6,9 @@ pub mod embedded;
 
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{Connection, PgPool};
+use sqlx::{Connection, PgConnection, PgPool};
 
 /// The embedded schema migrations (`primary/migrations`).
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -16,14 +17,58 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 const MIGRATION_LOCK: i64 = 0x0064_6576_6d65_7368;
 
 /// Opens a pool. The pool reconnects by itself, so a database restart
-/// costs the requests in flight, not the server.
-pub async fn connect(options: PgConnectOptions) -> Result<PgPool, sqlx::Error> {
+/// costs the requests in flight, not the server. `stale` counts the
+/// connections closed on their way back to the pool because they were
+/// still inside a transaction (see [`leaves_no_transaction`]).
+pub async fn connect(options: PgConnectOptions, stale: Counter) -> Result<PgPool, sqlx::Error> {
     PgPoolOptions::new()
         .max_connections(16)
         .min_connections(1)
         .acquire_timeout(Duration::from_secs(5))
+        .after_release(move |conn, _| {
+            let stale = stale.clone();
+            Box::pin(async move {
+                let clean = leaves_no_transaction(conn).await?;
+                if !clean {
+                    stale.inc();
+                }
+                Ok(clean)
+            })
+        })
         .connect_with(options.application_name("devmesh-primary"))
         .await
+}
+
+/// Whether a connection coming back to the pool is outside any
+/// transaction, so it may be lent again.
+///
+/// sqlx (0.8.6, and 0.9.0 too: transact-rs/sqlx#4393) raises its
+/// transaction depth only after `BEGIN` is answered. A task cancelled in
+/// between (hyper drops a handler whose client went away; a timeout fires)
+/// leaves the session inside a transaction that sqlx does not know of, and
+/// the pool lends it again: the next borrower's writes run inside it, are
+/// acknowledged, and are never committed. Such a connection is closed
+/// instead, which makes the server roll the transaction back.
+///
+/// Inside a transaction begun earlier, the transaction's start time is
+/// older than this statement's; outside one they are the same instant.
+async fn leaves_no_transaction(conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
+    let answer =
+        sqlx::query_scalar::<_, bool>("SELECT transaction_timestamp() = statement_timestamp()")
+            .fetch_one(conn)
+            .await;
+    let stale = match answer {
+        Ok(clean) => !clean,
+        // 25P02: inside a transaction that has already failed.
+        Err(sqlx::Error::Database(d)) if d.code().as_deref() == Some("25P02") => true,
+        Err(e) => return Err(e),
+    };
+    if stale {
+        tracing::warn!(
+            "a database connection came back inside a transaction its task never finished (cancelled during BEGIN); closing it so no later write lands in it"
+        );
+    }
+    Ok(!stale)
 }
 
 /// Applies pending migrations while holding a session advisory lock.

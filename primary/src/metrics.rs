@@ -152,6 +152,16 @@ impl Metrics {
         );
     }
 
+    /// Exports the pool's count of connections closed because a cancelled
+    /// task left them inside a transaction ([`crate::db::connect`]).
+    pub fn count_stale_transactions(&mut self, counter: Counter) {
+        self.registry.register(
+            "db_stale_transactions",
+            "Pooled connections closed because a cancelled task left them inside a transaction",
+            counter,
+        );
+    }
+
     /// Counts one outcome in a result family.
     pub fn count(family: &Family<ResultLabels, Counter>, result: &str) {
         family

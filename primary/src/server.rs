@@ -133,7 +133,8 @@ pub async fn start(mut config: ServerConfig) -> anyhow::Result<RunningServer> {
             (opts, Some(pg))
         }
     };
-    let pool = db::connect(options)
+    let stale_transactions = prometheus_client::metrics::counter::Counter::default();
+    let pool = db::connect(options, stale_transactions.clone())
         .await
         .context("cannot connect to PostgreSQL")?;
     db::migrate(&pool)
@@ -205,6 +206,7 @@ pub async fn start(mut config: ServerConfig) -> anyhow::Result<RunningServer> {
         revocations,
         shutdown: shutdown.clone(),
         vault: vault.clone(),
+        stale_transactions,
     };
     let state = AppState::new(pool.clone(), config, parts);
     let failure = Arc::new(OnceLock::new());

@@ -427,3 +427,58 @@ async fn a_primary_whose_embedded_database_cannot_come_back_exits_non_zero_sayin
         "{log}"
     );
 }
+
+/// A request whose client goes away while its transaction's `BEGIN` is in
+/// flight is cancelled there. sqlx (0.8 and 0.9) then hands the connection
+/// back to the pool still inside that transaction, and every later write
+/// on it is acknowledged and never committed. The primary's pool must not
+/// lend such a connection again.
+#[tokio::test]
+async fn a_request_cancelled_during_begin_does_not_swallow_later_writes() {
+    use futures_util::FutureExt;
+    let db = fresh_database().await;
+    let counter = prometheus_client::metrics::counter::Counter::default();
+    let pool = devmesh_primary::db::connect(db.options(), counter.clone())
+        .await
+        .unwrap();
+    sqlx::query("CREATE TABLE acked (n int)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (mut inserted, mut cancelled) = (0i64, 0);
+    while cancelled < 5 && inserted < 100 {
+        // Poll the BEGIN once: it is sent, its answer (usually) not yet
+        // read; then drop it, as hyper drops a handler whose client
+        // disconnected. (When the answer was already there, the BEGIN
+        // completed and its transaction rolls back as it should.)
+        let conn = pool.acquire().await.unwrap();
+        if sqlx::Transaction::begin(conn, None)
+            .now_or_never()
+            .is_none()
+        {
+            cancelled += 1;
+        }
+        // Wait for the connection to be back (or closed) before writing.
+        while pool.num_idle() < pool.size() as usize {
+            tokio::task::yield_now().await;
+        }
+        sqlx::query("INSERT INTO acked VALUES ($1)")
+            .bind(inserted)
+            .execute(&pool)
+            .await
+            .unwrap();
+        inserted += 1;
+    }
+    assert_eq!(cancelled, 5, "BEGINs cancelled in flight");
+    // Another session sees only what was committed.
+    let mut other = db.connect().await;
+    let committed: i64 = sqlx::query_scalar("SELECT count(*) FROM acked")
+        .fetch_one(&mut other)
+        .await
+        .unwrap();
+    assert_eq!(
+        committed, inserted,
+        "acknowledged inserts were never committed"
+    );
+    assert!(counter.get() > 0, "stale transactions are counted");
+}
