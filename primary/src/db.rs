@@ -52,11 +52,18 @@ pub async fn connect(options: PgConnectOptions, stale: Counter) -> Result<PgPool
 ///
 /// Inside a transaction begun earlier, the transaction's start time is
 /// older than this statement's; outside one they are the same instant.
+/// That holds for a statement sent alone by the simple query protocol
+/// only: by the extended protocol (a prepared query), the implicit
+/// transaction starts at the Parse message and the statement's time is
+/// taken again at Bind and Execute.
 async fn leaves_no_transaction(conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
-    let answer =
-        sqlx::query_scalar::<_, bool>("SELECT transaction_timestamp() = statement_timestamp()")
-            .fetch_one(conn)
-            .await;
+    use sqlx::Row;
+    let answer = sqlx::Executor::fetch_one(
+        conn,
+        sqlx::raw_sql("SELECT transaction_timestamp() = statement_timestamp()"),
+    )
+    .await
+    .and_then(|row| row.try_get::<bool, _>(0));
     let stale = match answer {
         Ok(clean) => !clean,
         // 25P02: inside a transaction that has already failed.
