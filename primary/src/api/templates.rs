@@ -372,14 +372,19 @@ pub(super) struct TemplateRow {
 const TEMPLATE_COLUMNS: &str = "id, name, description, active_version_id, created_at, updated_at";
 
 /// Finds a live template by id or name.
-pub(super) async fn find_template(state: &AppState, template: &str) -> ApiResult<TemplateRow> {
+/// A template by id or name, read on `db` (the pool, or a transaction
+/// reading back what it wrote).
+pub(super) async fn find_template<'e, E: sqlx::PgExecutor<'e>>(
+    db: E,
+    template: &str,
+) -> ApiResult<TemplateRow> {
     let sql = format!(
         "SELECT {TEMPLATE_COLUMNS} FROM templates WHERE NOT deleted AND (id = $1 OR name = $2)"
     );
     let row: Option<TemplateRow> = sqlx::query_as(&sql)
         .bind(parse_uuid(template).unwrap_or_default())
         .bind(template)
-        .fetch_optional(&state.db)
+        .fetch_optional(db)
         .await?;
     row.ok_or_else(|| ApiError::not_found(format!("No template {template:?}.")))
 }
@@ -397,8 +402,8 @@ pub(super) async fn load_version<'e, E: sqlx::PgExecutor<'e>>(
     .await?)
 }
 
-async fn to_api(state: &AppState, row: TemplateRow) -> ApiResult<Template> {
-    let version = load_version(&state.db, row.active_version_id).await?;
+async fn to_api<'e, E: sqlx::PgExecutor<'e>>(db: E, row: TemplateRow) -> ApiResult<Template> {
+    let version = load_version(db, row.active_version_id).await?;
     Ok(Template {
         id: row.id,
         name: row.name,
@@ -468,10 +473,13 @@ pub(super) async fn create(
         .ip(&ip)
         .write(&mut *tx)
         .await;
+    // Read back before the commit: once committed, nothing may answer
+    // that the template was not created.
+    let row = find_template(&mut *tx, &id.to_string()).await?;
+    let template = to_api(&mut *tx, row).await?;
     tx.commit().await?;
     state.provisioner_wake.notify_waiters();
-    let row = find_template(&state, &id.to_string()).await?;
-    Ok((StatusCode::CREATED, Json(to_api(&state, row).await?)))
+    Ok((StatusCode::CREATED, Json(template)))
 }
 
 pub(super) async fn list(
@@ -485,7 +493,7 @@ pub(super) async fn list(
     .await?;
     let mut templates = Vec::with_capacity(rows.len());
     for row in rows {
-        templates.push(to_api(&state, row).await?);
+        templates.push(to_api(&state.db, row).await?);
     }
     Ok(Json(TemplatesResponse { templates }))
 }
@@ -495,8 +503,8 @@ pub(super) async fn get(
     _auth: Authed,
     ApiPath(template): ApiPath<String>,
 ) -> ApiResult<Json<Template>> {
-    let row = find_template(&state, &template).await?;
-    Ok(Json(to_api(&state, row).await?))
+    let row = find_template(&state.db, &template).await?;
+    Ok(Json(to_api(&state.db, row).await?))
 }
 
 pub(super) async fn versions(
@@ -504,7 +512,7 @@ pub(super) async fn versions(
     _auth: Authed,
     ApiPath(template): ApiPath<String>,
 ) -> ApiResult<Json<TemplateVersionsResponse>> {
-    let row = find_template(&state, &template).await?;
+    let row = find_template(&state.db, &template).await?;
     let versions: Vec<VersionRow> = sqlx::query_as(&format!(
         "SELECT {VERSION_COLUMNS} FROM {VERSION_FROM} WHERE v.template_id = $1 ORDER BY v.number DESC"
     ))
@@ -525,7 +533,7 @@ pub(super) async fn create_version(
 ) -> ApiResult<(StatusCode, Json<Template>)> {
     auth.require_owner()?;
     let content = content(req.kind, req.definition, req.archive, req.provisioner_tags)?;
-    let row = find_template(&state, &template).await?;
+    let row = find_template(&state.db, &template).await?;
     let mut tx = state.db.begin().await?;
     // Lock the template so concurrent versions get distinct numbers.
     sqlx::query("SELECT 1 FROM templates WHERE id = $1 FOR UPDATE")
@@ -567,10 +575,11 @@ pub(super) async fn create_version(
         .details(serde_json::json!({"number": number}))
         .write(&mut *tx)
         .await;
+    let row = find_template(&mut *tx, &row.id.to_string()).await?;
+    let template = to_api(&mut *tx, row).await?;
     tx.commit().await?;
     state.provisioner_wake.notify_waiters();
-    let row = find_template(&state, &row.id.to_string()).await?;
-    Ok((StatusCode::CREATED, Json(to_api(&state, row).await?)))
+    Ok((StatusCode::CREATED, Json(template)))
 }
 
 pub(super) async fn delete(
@@ -580,7 +589,7 @@ pub(super) async fn delete(
     ApiPath(template): ApiPath<String>,
 ) -> ApiResult<StatusCode> {
     auth.require_owner()?;
-    let row = find_template(&state, &template).await?;
+    let row = find_template(&state.db, &template).await?;
     let in_use: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM workspaces WHERE template_id = $1 AND NOT deleted",
     )
@@ -637,7 +646,7 @@ pub(super) async fn promote(
     ApiPath((template, number)): ApiPath<(String, i32)>,
 ) -> ApiResult<Json<Template>> {
     auth.require_owner()?;
-    let row = find_template(&state, &template).await?;
+    let row = find_template(&state.db, &template).await?;
     let version = find_version(&state, &row, number).await?;
     if version.archived {
         return Err(ApiError::conflict(format!(
@@ -668,8 +677,8 @@ pub(super) async fn promote(
         .details(serde_json::json!({ "version": number }))
         .write(&state.db)
         .await;
-    let row = find_template(&state, &template).await?;
-    Ok(Json(to_api(&state, row).await?))
+    let row = find_template(&state.db, &template).await?;
+    Ok(Json(to_api(&state.db, row).await?))
 }
 
 /// `POST /templates/{template}/versions/{number}/archive`.
@@ -700,7 +709,7 @@ async fn set_archived(
     archived: bool,
 ) -> ApiResult<Json<TemplateVersion>> {
     auth.require_owner()?;
-    let row = find_template(&state, &template).await?;
+    let row = find_template(&state.db, &template).await?;
     let version = find_version(&state, &row, number).await?;
     // One conditional update: a promotion in between cannot leave the
     // active version archived.
@@ -737,7 +746,7 @@ pub(super) async fn files(
 ) -> ApiResult<axum::response::Response> {
     use axum::response::IntoResponse;
     auth.require_owner()?;
-    let row = find_template(&state, &template).await?;
+    let row = find_template(&state.db, &template).await?;
     let version = find_version(&state, &row, number).await?;
     let archive: Option<Vec<u8>> =
         sqlx::query_scalar("SELECT archive FROM template_versions WHERE id = $1")

@@ -148,10 +148,18 @@ impl From<BuildRow> for WorkspaceBuild {
     }
 }
 
-async fn load(state: &AppState, row: WorkspaceRow) -> ApiResult<Workspace> {
+/// The API's view of a workspace.
+async fn load(db: &sqlx::PgPool, row: WorkspaceRow) -> ApiResult<Workspace> {
+    load_on(&mut *db.acquire().await?, row).await
+}
+
+/// [`load`] on one connection: the transaction that just wrote the
+/// workspace reads it back before committing, so that a committed write is
+/// never answered with an error from reading it afterwards.
+async fn load_on(conn: &mut sqlx::PgConnection, row: WorkspaceRow) -> ApiResult<Workspace> {
     let build: BuildRow = sqlx::query_as(&format!("{BUILDS_SELECT} LIMIT 1"))
         .bind(row.id)
-        .fetch_one(&state.db)
+        .fetch_one(&mut *conn)
         .await?;
     let mut agents = Vec::new();
     if build.transition == "start" {
@@ -162,7 +170,7 @@ async fn load(state: &AppState, row: WorkspaceRow) -> ApiResult<Workspace> {
              WHERE g.build_id = $1 ORDER BY g.name",
         )
         .bind(build.id)
-        .fetch_all(&state.db)
+        .fetch_all(&mut *conn)
         .await?;
         let app_rows: Vec<AppRow> = sqlx::query_as(
             "SELECT a.id, a.agent_id, a.slug, a.display_name, a.url, a.subdomain, a.sharing_level,
@@ -171,7 +179,7 @@ async fn load(state: &AppState, row: WorkspaceRow) -> ApiResult<Workspace> {
              WHERE g.build_id = $1 ORDER BY a.slug",
         )
         .bind(build.id)
-        .fetch_all(&state.db)
+        .fetch_all(&mut *conn)
         .await?;
         let mut apps: HashMap<Uuid, Vec<WorkspaceApp>> = HashMap::new();
         for a in app_rows {
@@ -237,7 +245,7 @@ async fn load(state: &AppState, row: WorkspaceRow) -> ApiResult<Workspace> {
              ORDER BY build_number DESC LIMIT 1",
         )
         .bind(row.id)
-        .fetch_optional(&state.db)
+        .fetch_optional(&mut *conn)
         .await?;
     Ok(Workspace {
         resources: resources.map(|r| r.0).unwrap_or_default(),
@@ -257,7 +265,17 @@ async fn load(state: &AppState, row: WorkspaceRow) -> ApiResult<Workspace> {
 /// Finds a workspace the caller may see. Others' workspaces are "not
 /// found" to members, so names do not leak.
 async fn find_visible(
-    state: &AppState,
+    db: &sqlx::PgPool,
+    auth: &Authed,
+    id: Uuid,
+    include_deleted: bool,
+) -> ApiResult<WorkspaceRow> {
+    find_visible_on(&mut *db.acquire().await?, auth, id, include_deleted).await
+}
+
+/// [`find_visible`] on one connection (a transaction's, as [`load_on`]).
+async fn find_visible_on(
+    db: &mut sqlx::PgConnection,
     auth: &Authed,
     id: Uuid,
     include_deleted: bool,
@@ -270,7 +288,7 @@ async fn find_visible(
     let row: Option<WorkspaceRow> =
         sqlx::query_as(&format!("{WORKSPACE_SELECT} WHERE w.id = $1 {deleted}"))
             .bind(id)
-            .fetch_optional(&state.db)
+            .fetch_optional(db)
             .await?;
     match row {
         Some(r) if r.owner_id == auth.0.user_id || auth.0.is_owner() => Ok(r),
@@ -513,7 +531,7 @@ pub(super) async fn create(
         }
         _ => (auth.0.user_id, auth.0.username.clone()),
     };
-    let template = find_template(&state, &req.template).await?;
+    let template = find_template(&state.db, &req.template).await?;
     let version = load_version(&state.db, template.active_version_id).await?;
     if let Some(why) = version.unusable() {
         return Err(ApiError::conflict(why));
@@ -571,10 +589,12 @@ pub(super) async fn create(
         .details(serde_json::json!({"template": template.name}))
         .write(&mut *tx)
         .await;
+    // Read back before the commit: once committed, nothing may answer
+    // that the workspace was not created.
+    let row = find_visible_on(&mut tx, &auth, id, false).await?;
+    let workspace = load_on(&mut tx, row).await?;
     tx.commit().await?;
     state.provisioner_wake.notify_waiters();
-    let row = find_visible(&state, &auth, id, false).await?;
-    let workspace = load(&state, row).await?;
     Ok((
         StatusCode::CREATED,
         Json(WorkspaceBuildResponse {
@@ -622,7 +642,7 @@ pub(super) async fn list(
     };
     let mut workspaces = Vec::with_capacity(rows.len());
     for row in rows {
-        workspaces.push(load(&state, row).await?);
+        workspaces.push(load(&state.db, row).await?);
     }
     Ok(Json(WorkspacesResponse { workspaces }))
 }
@@ -633,8 +653,8 @@ pub(super) async fn get(
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<Workspace>> {
     let id = parse_uuid(&id).ok_or_else(|| ApiError::not_found("No such workspace."))?;
-    let row = find_visible(&state, &auth, id, false).await?;
-    Ok(Json(load(&state, row).await?))
+    let row = find_visible(&state.db, &auth, id, false).await?;
+    Ok(Json(load(&state.db, row).await?))
 }
 
 /// `GET /api/v2/workspaces/{id}/builds`: the workspace's builds, newest
@@ -645,7 +665,7 @@ pub(super) async fn builds(
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<Vec<WorkspaceBuild>>> {
     let id = parse_uuid(&id).ok_or_else(|| ApiError::not_found("No such workspace."))?;
-    find_visible(&state, &auth, id, false).await?;
+    find_visible(&state.db, &auth, id, false).await?;
     let rows: Vec<BuildRow> = sqlx::query_as(&format!("{BUILDS_SELECT} LIMIT 100"))
         .bind(id)
         .fetch_all(&state.db)
@@ -670,7 +690,7 @@ pub(super) async fn job_logs(
             .await?;
     match workspace {
         Some(workspace) => {
-            find_visible(&state, &auth, workspace, true)
+            find_visible(&state.db, &auth, workspace, true)
                 .await
                 .map_err(|_| not_found())?;
         }
@@ -729,7 +749,7 @@ pub(super) async fn cancel_build(
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<Workspace>> {
     let id = parse_uuid(&id).ok_or_else(|| ApiError::not_found("No such workspace."))?;
-    let row = find_visible(&state, &auth, id, false).await?;
+    let row = find_visible(&state.db, &auth, id, false).await?;
     let latest: Option<(Uuid, Option<Uuid>, String)> = sqlx::query_as(
         "SELECT id, job_id, status FROM workspace_builds WHERE workspace_id = $1
          ORDER BY build_number DESC LIMIT 1",
@@ -759,10 +779,11 @@ pub(super) async fn cancel_build(
         .details(serde_json::json!({"status_before": status}))
         .write(&mut *tx)
         .await;
+    let row = find_visible_on(&mut tx, &auth, id, false).await?;
+    let workspace = load_on(&mut tx, row).await?;
     tx.commit().await?;
     state.provisioner_wake.notify_waiters();
-    let row = find_visible(&state, &auth, id, false).await?;
-    Ok(Json(load(&state, row).await?))
+    Ok(Json(workspace))
 }
 
 pub(super) async fn get_by_name(
@@ -784,8 +805,8 @@ pub(super) async fn get_by_name(
     .fetch_optional(&state.db)
     .await?;
     let id = id.ok_or_else(|| ApiError::not_found("No such workspace."))?;
-    let row = find_visible(&state, &auth, id, false).await?;
-    Ok(Json(load(&state, row).await?))
+    let row = find_visible(&state.db, &auth, id, false).await?;
+    Ok(Json(load(&state.db, row).await?))
 }
 
 pub(super) async fn build(
@@ -796,7 +817,7 @@ pub(super) async fn build(
     ApiJson(req): ApiJson<CreateBuildRequest>,
 ) -> ApiResult<(StatusCode, Json<WorkspaceBuildResponse>)> {
     let id = parse_uuid(&id).ok_or_else(|| ApiError::not_found("No such workspace."))?;
-    let row = find_visible(&state, &auth, id, false).await?;
+    let row = find_visible(&state.db, &auth, id, false).await?;
     let mut tx = state.db.begin().await?;
     // One build at a time per workspace.
     sqlx::query("SELECT 1 FROM workspaces WHERE id = $1 FOR UPDATE")
@@ -841,7 +862,7 @@ pub(super) async fn build(
             return Err(ApiError::conflict("The workspace is already stopped."));
         }
         (_, Transition::Start) => {
-            let template = find_template(&state, &row.template_id.to_string()).await?;
+            let template = find_template(&state.db, &row.template_id.to_string()).await?;
             // A Terraform workspace keeps its version until it is updated;
             // external templates have nothing to keep (each start declares
             // the agents afresh).
@@ -925,11 +946,12 @@ pub(super) async fn build(
         .ip(&ip)
         .write(&mut *tx)
         .await;
+    // Read back before the commit, as `create` does.
+    let row = find_visible_on(&mut tx, &auth, id, true).await?;
+    let workspace = load_on(&mut tx, row).await?;
     tx.commit().await?;
     state.provisioner_wake.notify_waiters();
     state.workspace_changed(id).await;
-    let row = find_visible(&state, &auth, id, true).await?;
-    let workspace = load(&state, row).await?;
     Ok((
         StatusCode::CREATED,
         Json(WorkspaceBuildResponse {
@@ -945,7 +967,7 @@ pub(super) async fn list_port_shares(
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<PortSharesResponse>> {
     let id = parse_uuid(&id).ok_or_else(|| ApiError::not_found("No such workspace."))?;
-    find_visible(&state, &auth, id, false).await?;
+    find_visible(&state.db, &auth, id, false).await?;
     let rows: Vec<(String, i32, String)> =
         sqlx::query_as("SELECT agent_name, port, sharing_level FROM port_shares WHERE workspace_id = $1 ORDER BY agent_name, port")
             .bind(id)
@@ -971,7 +993,7 @@ pub(super) async fn set_port_share(
     ApiJson(req): ApiJson<PortShare>,
 ) -> ApiResult<Json<PortShare>> {
     let id = parse_uuid(&id).ok_or_else(|| ApiError::not_found("No such workspace."))?;
-    let row = find_visible(&state, &auth, id, false).await?;
+    let row = find_visible(&state.db, &auth, id, false).await?;
     let mut v = Validator::default();
     v.check("agent_name", validate_name(&req.agent_name));
     if req.port == 0 {
@@ -1103,7 +1125,7 @@ pub(super) async fn watch(
                 continue;
             }
             for id in changed {
-                let event = match find_visible(&state, &auth, id, true).await {
+                let event = match find_visible(&state.db, &auth, id, true).await {
                     Ok(row) => {
                         let deleted: bool =
                             sqlx::query_scalar("SELECT deleted FROM workspaces WHERE id = $1")
@@ -1116,7 +1138,7 @@ pub(super) async fn watch(
                                 .event("deleted")
                                 .data(serde_json::json!({ "id": id }).to_string())
                         } else {
-                            match load(&state, row).await {
+                            match load(&state.db, row).await {
                                 Ok(ws) => Event::default()
                                     .event("workspace")
                                     .data(serde_json::to_string(&ws).unwrap_or_default()),
