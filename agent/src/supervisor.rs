@@ -56,48 +56,85 @@ async fn keep_attached(
     let mut backoff = Backoff::default();
     // The relay whose tunnel was just lost: not worth probing first again.
     let mut lost: Option<RelayInfo> = None;
+    // What the agent knew when its tunnel was lost: the relays and how
+    // near each measured last.
+    let mut resume: Option<Known> = None;
     loop {
-        let manifest = match manifest.take() {
-            Some(m) => m,
+        // After a loss, the relays measured last go first, nearest first,
+        // without a manifest fetch or a new measurement: both cost round
+        // trips while the workspace is unreachable. Only if none of them
+        // takes the agent does it start over.
+        let quick = match (resume.take(), lost.as_ref()) {
+            (Some(known), Some(gone)) => {
+                match attach_known(client, &known, gone, timing, cancel).await {
+                    Round::Attached(first, _) => Some((known, first)),
+                    Round::Cancelled => return,
+                    Round::Failed => None,
+                }
+            }
+            _ => None,
+        };
+        let (known, first) = match quick {
+            Some(attached) => attached,
             None => {
-                match client::retry("fetching the manifest", cancel, || client.manifest()).await {
+                let manifest = match manifest.take() {
                     Some(m) => m,
-                    None => return,
+                    None => {
+                        match client::retry("fetching the manifest", cancel, || client.manifest())
+                            .await
+                        {
+                            Some(m) => m,
+                            None => return,
+                        }
+                    }
+                };
+                match attach_nearest(
+                    client,
+                    &manifest,
+                    lost.take().as_ref(),
+                    timing,
+                    cancel,
+                    probes,
+                )
+                .await
+                {
+                    Round::Cancelled => return,
+                    Round::Failed => {
+                        if !backoff.wait(cancel).await {
+                            return;
+                        }
+                        continue;
+                    }
+                    Round::Attached(first, measured) => (
+                        Known {
+                            agent_id: manifest.agent_id.to_string().into(),
+                            relays: manifest.relays,
+                            mesh_ca_pem: manifest.mesh_ca_pem,
+                            measured,
+                        },
+                        first,
+                    ),
                 }
             }
         };
-        match attach_nearest(
-            client,
-            &manifest,
-            lost.take().as_ref(),
-            timing,
-            cancel,
-            probes,
-        )
-        .await
-        {
-            Round::Cancelled => return,
-            Round::Failed => {}
-            Round::Attached(first) => {
-                let since = Instant::now();
-                let (end, last) =
-                    stay_attached(client, manifest, *first, timing, cancel, tunnels, probes).await;
-                lost = Some(last);
-                let attached_for = since.elapsed();
-                // Anything else is a lost tunnel, which `stay_attached` (knowing
-                // the relay) has logged.
-                if end == End::Shutdown {
-                    tracing::info!("tunnel closed for shutdown");
-                    return;
-                }
-                // A connection that lasted was healthy: find the next-nearest
-                // relay now. One that died young may be a relay that accepts
-                // and drops, so that keeps backing off.
-                if attached_for >= Backoff::RESET_AFTER {
-                    backoff.reset();
-                    continue;
-                }
-            }
+        let since = Instant::now();
+        let (end, last, known) =
+            stay_attached(client, known, *first, timing, cancel, tunnels, probes).await;
+        lost = Some(last);
+        resume = Some(known);
+        let attached_for = since.elapsed();
+        // Anything else is a lost tunnel, which `stay_attached` (knowing
+        // the relay) has logged.
+        if end == End::Shutdown {
+            tracing::info!("tunnel closed for shutdown");
+            return;
+        }
+        // A connection that lasted was healthy: find the next-nearest
+        // relay now. One that died young may be a relay that accepts and
+        // drops, so that keeps backing off.
+        if attached_for >= Backoff::RESET_AFTER {
+            backoff.reset();
+            continue;
         }
         if !backoff.wait(cancel).await {
             return;
@@ -116,7 +153,8 @@ struct Attachment {
 
 /// The result of one pass over the candidate relays.
 enum Round {
-    Attached(Box<Attachment>),
+    /// Attached, with the round's measurements.
+    Attached(Box<Attachment>, Vec<Measurement>),
     Failed,
     Cancelled,
 }
@@ -159,24 +197,62 @@ async fn attach_nearest(
             .into_iter()
             .map(|relay| Measurement { relay, rtt: None }),
     );
-    for candidate in nearest::order_candidates(measured) {
+    attach_in_order(client, measured, &config, timing, cancel).await
+}
+
+/// Tries `measured`'s relays nearest first, each with a fresh ticket.
+async fn attach_in_order(
+    client: &ApiClient,
+    measured: Vec<Measurement>,
+    config: &quinn::ClientConfig,
+    timing: &Timing,
+    cancel: &CancellationToken,
+) -> Round {
+    for candidate in nearest::order_candidates(measured.clone()) {
         let attached = tokio::select! {
-            a = attach_one(client, &candidate.relay, &config, timing) => a,
+            a = attach_one(client, &candidate.relay, config, timing) => a,
             () = cancel.cancelled() => return Round::Cancelled,
         };
         match attached {
             Ok(tunnel) => {
-                return Round::Attached(Box::new(Attachment {
+                let attachment = Attachment {
                     tunnel,
                     relay: candidate.relay,
                     rtt: candidate.rtt,
-                }));
+                };
+                return Round::Attached(Box::new(attachment), measured);
             }
             Err(Failure::Ticket) => return Round::Failed,
             Err(Failure::Relay) => {}
         }
     }
     Round::Failed
+}
+
+/// After a loss: the relays of the last measurement but `gone`, nearest
+/// first, with no new measurement and no manifest fetch.
+async fn attach_known(
+    client: &ApiClient,
+    known: &Known,
+    gone: &RelayInfo,
+    timing: &Timing,
+    cancel: &CancellationToken,
+) -> Round {
+    let Ok(config) = tunnel::client_config(&known.mesh_ca_pem) else {
+        return Round::Failed;
+    };
+    let mut measured: Vec<Measurement> = known
+        .measured
+        .iter()
+        .filter(|m| m.relay != *gone)
+        .cloned()
+        .collect();
+    if measured.is_empty() {
+        return Round::Failed;
+    }
+    nearest::prefer_region(&mut measured, client.region());
+    tracing::info!(rtts = %Rtts(&measured), "re-attaching by the last measurement");
+    attach_in_order(client, measured, &config, timing, cancel).await
 }
 
 /// Why [`attach_one`] failed; both are logged already.
@@ -257,18 +333,14 @@ fn spawn_serving(
 /// lost or `cancel` fires, with the relay it was served by.
 async fn stay_attached(
     client: &ApiClient,
-    manifest: AgentManifest,
+    mut known: Known,
     first: Attachment,
     timing: &Timing,
     cancel: &CancellationToken,
     tunnels: &TaskTracker,
     probes: &Arc<tunnel::Probes>,
-) -> (End, RelayInfo) {
-    let agent_id: Arc<str> = manifest.agent_id.to_string().into();
-    let mut known = Known {
-        relays: manifest.relays,
-        mesh_ca_pem: manifest.mesh_ca_pem,
-    };
+) -> (End, RelayInfo, Known) {
+    let agent_id = known.agent_id.clone();
     let mut chooser = RelayChooser::new(first.relay.clone());
     let mut current = spawn_serving(first, &agent_id, timing, cancel, tunnels);
     loop {
@@ -283,7 +355,7 @@ async fn stay_attached(
                         "tunnel lost; re-measuring the relays"
                     );
                 }
-                return (end, current.relay.clone());
+                return (end, current.relay.clone(), known);
             }
             nearer = async {
                 tokio::time::sleep(timing.recheck_interval).await;
@@ -309,8 +381,11 @@ fn ended(joined: Result<End, tokio::task::JoinError>) -> End {
 
 /// What the agent knows of the relays while attached.
 struct Known {
+    agent_id: Arc<str>,
     relays: Vec<RelayInfo>,
     mesh_ca_pem: String,
+    /// The last round of measurements (at attach, then each re-check).
+    measured: Vec<Measurement>,
 }
 
 /// One re-check: refresh the relay list if the primary answers, measure
@@ -345,6 +420,7 @@ async fn recheck(
     }
     let mut measured = tunnel::measure(&relays, &config, timing, probes).await;
     nearest::prefer_region(&mut measured, client.region());
+    known.measured.clone_from(&measured);
     let (to, from_rtt) = match chooser.observe(&measured) {
         Decision::Stay { nearer_rounds } => {
             tracing::debug!(

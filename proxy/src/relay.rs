@@ -44,6 +44,10 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const MESH_DIAL_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a relay found dead is not dialed again.
 const DEAD_FOR: Duration = Duration::from_secs(3);
+/// How long opening a stream waits for an agent whose relay died (or that
+/// left this relay) to be located again: re-attaching elsewhere takes an
+/// agent about three seconds, and a request held that long beats a 502.
+const REROUTE_WAIT: Duration = Duration::from_secs(5);
 /// How many verified mesh grants a relay remembers.
 const GRANTS_KEPT: usize = 16_384;
 
@@ -229,17 +233,33 @@ fn peer_certificate(conn: &Connection) -> Option<(Vec<String>, i64)> {
 }
 
 /// Where agents attached to other relays are, as the primary last said.
-#[derive(Debug, Clone, Default)]
-pub struct Locations(Arc<RwLock<HashMap<Uuid, RelayInfo>>>);
+#[derive(Debug, Clone)]
+pub struct Locations {
+    map: Arc<RwLock<HashMap<Uuid, RelayInfo>>>,
+    /// Ticks on every change (and on every attach or detach at the relay
+    /// that owns this), for requests waiting for an agent to move.
+    moved: Arc<tokio::sync::watch::Sender<()>>,
+}
+
+impl Default for Locations {
+    fn default() -> Self {
+        Self {
+            map: Arc::default(),
+            moved: Arc::new(tokio::sync::watch::Sender::new(())),
+        }
+    }
+}
 
 impl Locations {
     /// Records where `agent` is now (`None`: nowhere).
     pub fn set(&self, location: AgentLocation) {
-        let mut map = self.0.write();
+        let mut map = self.map.write();
         match location.relay {
             Some(r) => map.insert(location.agent_id, r),
             None => map.remove(&location.agent_id),
         };
+        drop(map);
+        self.touch();
     }
 
     /// Replaces everything (a snapshot after a reconnect).
@@ -248,22 +268,33 @@ impl Locations {
             .into_iter()
             .filter_map(|l| Some((l.agent_id, l.relay?)))
             .collect();
-        *self.0.write() = fresh;
+        *self.map.write() = fresh;
+        self.touch();
     }
 
     /// The home relay of `agent`, if known.
     pub fn get(&self, agent: Uuid) -> Option<RelayInfo> {
-        self.0.read().get(&agent).cloned()
+        self.map.read().get(&agent).cloned()
     }
 
     /// How many agents are located.
     pub fn len(&self) -> usize {
-        self.0.read().len()
+        self.map.read().len()
     }
 
     /// Whether no agent is located.
     pub fn is_empty(&self) -> bool {
-        self.0.read().is_empty()
+        self.map.read().is_empty()
+    }
+
+    /// Wakes whoever waits in [`Locations::watch`].
+    fn touch(&self) {
+        self.moved.send_modify(|()| ());
+    }
+
+    /// A receiver that sees every change after this call.
+    fn watch(&self) -> tokio::sync::watch::Receiver<()> {
+        self.moved.subscribe()
     }
 }
 
@@ -291,6 +322,8 @@ pub struct RelayStats {
     pub mesh_peers_refused: AtomicU64,
     /// Connections refused because their IP had too many open.
     pub refused_per_ip: AtomicU64,
+    /// Opens that waited for their agent to move and tried again.
+    pub rerouted: AtomicU64,
     /// Agents attached right now.
     pub attached: AtomicI64,
 }
@@ -321,7 +354,10 @@ impl RelayStats {
              {prefix}_mesh_denied_total {}\n\
              # HELP {prefix}_malformed Connections and streams ended for malformed input (a control stream without an attach ticket, a mesh stream header that does not parse).\n\
              # TYPE {prefix}_malformed counter\n\
-             {prefix}_malformed_total {}\n",
+             {prefix}_malformed_total {}\n\
+             # HELP {prefix}_rerouted Opens that waited for their agent to be located again (its relay died or it left this one) and tried there.\n\
+             # TYPE {prefix}_rerouted counter\n\
+             {prefix}_rerouted_total {}\n",
             self.attached.load(Ordering::Relaxed),
             load(&self.streams_local),
             load(&self.mesh_streams_out),
@@ -330,6 +366,7 @@ impl RelayStats {
             load(&self.attach_refused),
             load(&self.mesh_denied),
             load(&self.malformed),
+            load(&self.rerouted),
         )
     }
 }
@@ -569,7 +606,49 @@ impl Relay {
     /// otherwise over the mesh to its home relay, which opens it only with
     /// `grant` (an app token or a stream grant for this agent and stream;
     /// without one, this relay signs a grant if it can).
+    ///
+    /// An agent whose relay just died (or that just left this one) is
+    /// re-attaching elsewhere: rather than fail at once, the open waits up
+    /// to [`REROUTE_WAIT`] for the agent's location to change and tries
+    /// once more there. An agent with no location at all fails at once.
     pub async fn open(
+        &self,
+        agent: Uuid,
+        header: &StreamHeader,
+        grant: Option<&str>,
+    ) -> Result<(SendStream, RecvStream), OpenError> {
+        let mut moves = self.inner.locations.watch();
+        let first = self.open_once(agent, header, grant).await;
+        let Err(OpenError::Lost | OpenError::NotConnected) = &first else {
+            return first;
+        };
+        let Some(from) = self.whereabouts(agent) else {
+            return first;
+        };
+        // A change since the first try may already be the move.
+        if !moves.has_changed().unwrap_or(false) {
+            let deadline = tokio::time::Instant::now() + REROUTE_WAIT;
+            while self.whereabouts(agent).as_ref() == Some(&from) {
+                match tokio::time::timeout_at(deadline, moves.changed()).await {
+                    Ok(Ok(())) => {}
+                    _ => return first,
+                }
+            }
+        }
+        self.inner.stats.rerouted.fetch_add(1, Ordering::Relaxed);
+        self.open_once(agent, header, grant).await
+    }
+
+    /// Where `agent` is served from: this relay's address when attached
+    /// here, its home relay's otherwise, `None` when nowhere known.
+    fn whereabouts(&self, agent: Uuid) -> Option<String> {
+        if self.inner.agents.lock().contains_key(&agent) {
+            return Some(self.inner.advertised.address.clone());
+        }
+        self.inner.locations.get(agent).map(|r| r.address)
+    }
+
+    async fn open_once(
         &self,
         agent: Uuid,
         header: &StreamHeader,
@@ -1005,6 +1084,7 @@ impl Relay {
                 self.inner.stats.attached.fetch_add(1, Ordering::Relaxed);
             }
         }
+        self.inner.locations.touch();
         let _ = self.inner.events.send(AttachEvent::Attached {
             agent,
             workspace: ticket.workspace_id,
@@ -1041,6 +1121,7 @@ impl Relay {
             }
         };
         if removed {
+            self.inner.locations.touch();
             self.inner.stats.attached.fetch_sub(1, Ordering::Relaxed);
             let _ = self.inner.events.send(AttachEvent::Detached { agent });
             tracing::info!(agent.id = %agent, "agent detached");

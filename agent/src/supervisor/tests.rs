@@ -134,6 +134,32 @@ async fn when_the_relay_shuts_down_the_agent_reattaches_to_the_next_nearest_at_o
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_loss_the_agent_goes_to_the_relay_measured_next_nearest_without_asking_or_measuring_again()
+ {
+    let (ca, near, mut other) = two_relays().await;
+    let primary = FakePrimary::start(Behaviour::new(manifest(
+        &ca,
+        vec![relay_at("near", near.addr), relay_at("other", other.addr)],
+    )))
+    .await;
+    let agent = Supervised::start(&primary, timing());
+    let mut near = near;
+    let _first = near.next_attached().await;
+    let probed = other.probes();
+    assert!(probed >= 1, "both relays were measured at first");
+
+    drop(near);
+    let rc = other.next_attached().await;
+    // The last measurement said where to go: no manifest fetched again and
+    // no relay probed again on the way (each would cost round trips while
+    // the workspace is unreachable).
+    primary.recorded(|r| assert_eq!(r.manifest_calls, 1));
+    assert_eq!(other.probes(), probed);
+    echo_through(&rc).await;
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn moves_make_before_break_only_after_three_rounds_of_a_clearly_nearer_relay() {
     let (ca, mut a, mut b) = two_relays().await;
     let a_path = DelayForwarder::start(a.addr, Duration::ZERO).await;

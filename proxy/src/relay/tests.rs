@@ -300,16 +300,87 @@ async fn a_stream_for_an_agent_attached_elsewhere_crosses_the_mesh() {
     assert_eq!(a.relay.stats().mesh_streams_out.load(Ordering::Relaxed), 3);
     assert_eq!(b.relay.stats().mesh_streams_in.load(Ordering::Relaxed), 3);
 
-    // A home relay never forwards again: a location pointing back is refused.
+    // A home relay never forwards again: a location pointing back is refused
+    // (once the wait for the stranger to be located elsewhere ends: here,
+    // when the primary says it is nowhere).
     let stranger = Uuid::new_v4();
     locations.set(AgentLocation {
         agent_id: stranger,
         relay: Some(b.relay.advertised().clone()),
     });
-    assert_eq!(
-        echo_through(&a.relay, stranger, &grant(&signer, stranger), b"x").await,
-        Err(OpenError::NotConnected)
+    let nowhere = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        locations.set(AgentLocation {
+            agent_id: stranger,
+            relay: None,
+        });
+    };
+    let stranger_grant = grant(&signer, stranger);
+    let (answer, ()) = tokio::join!(
+        echo_through(&a.relay, stranger, &stranger_grant, b"x"),
+        nowhere
     );
+    assert_eq!(answer, Err(OpenError::NotConnected));
+}
+
+#[tokio::test]
+async fn a_stream_for_an_agent_whose_relay_died_waits_for_it_to_attach_elsewhere() {
+    devmesh_net::runtime::install_crypto_provider();
+    let (ca, signer) = (Ca::new("mesh"), SigningKey::generate("k"));
+    let locations = Locations::default();
+    let a = start_relay(&ca, "eu", &signer, locations.clone());
+    let dead = start_relay(&ca, "us", &signer, Locations::default());
+    let mut c = start_relay(&ca, "ap", &signer, Locations::default());
+    let dead_home = dead.relay.advertised().clone();
+    drop(dead);
+    // `a` already knows the agent's relay is gone (its link went silent).
+    a.relay
+        .inner
+        .dead
+        .lock()
+        .insert(dead_home.address.clone(), tokio::time::Instant::now());
+    let agent_ticket = ticket_for(&c);
+    let agent = agent_ticket.agent_id;
+    locations.set(AgentLocation {
+        agent_id: agent,
+        relay: Some(dead_home),
+    });
+
+    // The agent re-attaches elsewhere while a request waits for it.
+    let started = tokio::time::Instant::now();
+    let moves = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (conn, send, recv) = attach(&ca, &c, signer.sign(&agent_ticket)).await.unwrap();
+        let serving = conn.clone();
+        tokio::spawn(async move {
+            let _control = (send, recv);
+            while let Ok((mut s, mut r)) = serving.accept_bi().await {
+                tokio::spawn(async move {
+                    tio::read_header(&mut r).await.unwrap();
+                    s.write_all(&[tunnel::status::OK]).await.unwrap();
+                    let _ = tokio::io::copy(&mut r, &mut s).await;
+                    let _ = s.finish();
+                });
+            }
+        });
+        assert!(matches!(
+            c.events.recv().await,
+            Some(AttachEvent::Attached { .. })
+        ));
+        locations.set(AgentLocation {
+            agent_id: agent,
+            relay: Some(c.relay.advertised().clone()),
+        });
+        conn
+    };
+    let agent_grant = grant(&signer, agent);
+    let (answer, _conn) = tokio::join!(
+        echo_through(&a.relay, agent, &agent_grant, b"still there"),
+        moves
+    );
+    assert_eq!(answer.unwrap(), b"still there");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_eq!(a.relay.stats().rerouted.load(Ordering::Relaxed), 1);
 }
 
 #[tokio::test]
