@@ -324,6 +324,9 @@ pub struct RelayStats {
     pub refused_per_ip: AtomicU64,
     /// Opens that waited for their agent to move and tried again.
     pub rerouted: AtomicU64,
+    /// Streams an agent attached here reset because it could not read
+    /// their header (it logs them; this is where they are counted).
+    pub agent_refused_headers: AtomicU64,
     /// Agents attached right now.
     pub attached: AtomicI64,
 }
@@ -357,7 +360,10 @@ impl RelayStats {
              {prefix}_malformed_total {}\n\
              # HELP {prefix}_rerouted Opens that waited for their agent to be located again (its relay died or it left this one) and tried there.\n\
              # TYPE {prefix}_rerouted counter\n\
-             {prefix}_rerouted_total {}\n",
+             {prefix}_rerouted_total {}\n\
+             # HELP {prefix}_agent_refused_headers Streams an agent reset because it could not read their header.\n\
+             # TYPE {prefix}_agent_refused_headers counter\n\
+             {prefix}_agent_refused_headers_total {}\n",
             self.attached.load(Ordering::Relaxed),
             load(&self.streams_local),
             load(&self.mesh_streams_out),
@@ -367,6 +373,7 @@ impl RelayStats {
             load(&self.mesh_denied),
             load(&self.malformed),
             load(&self.rerouted),
+            load(&self.agent_refused_headers),
         )
     }
 }
@@ -660,7 +667,7 @@ impl Relay {
                 .stats
                 .streams_local
                 .fetch_add(1, Ordering::Relaxed);
-            return open_on(&conn, header).await;
+            return open_on(&conn, header, &self.inner.stats).await;
         }
         let Some(home) = self.inner.locations.get(agent) else {
             return Err(OpenError::NotConnected);
@@ -981,7 +988,7 @@ impl Relay {
             .get(&header.agent_id)
             .map(|a| a.conn.clone());
         let opened = match local {
-            Some(agent) => open_on(&agent, &header.inner).await,
+            Some(agent) => open_on(&agent, &header.inner, &self.inner.stats).await,
             None => Err(OpenError::NotConnected),
         };
         let (agent_send, agent_recv) = match opened {
@@ -1144,16 +1151,31 @@ fn is_malformed(e: &std::io::Error) -> bool {
 async fn open_on(
     conn: &Connection,
     header: &StreamHeader,
+    stats: &RelayStats,
 ) -> Result<(SendStream, RecvStream), OpenError> {
     let (mut send, mut recv) = conn.open_bi().await.map_err(|_| OpenError::Lost)?;
     tio::write_header(&mut send, header)
         .await
         .map_err(|_| OpenError::Lost)?;
     let mut status = [0u8; 1];
-    recv.read_exact(&mut status)
-        .await
-        .map_err(|_| OpenError::Lost)?;
-    status_result(status[0]).map(|()| (send, recv))
+    match recv.read_exact(&mut status).await {
+        Ok(()) => status_result(status[0]).map(|()| (send, recv)),
+        // The agent could not read the header: a relay and an agent of
+        // versions that do not agree, or a relay sending garbage. Nothing
+        // to wait for; counted where operators look, as the agent has no
+        // metrics of its own.
+        Err(quinn::ReadExactError::ReadError(quinn::ReadError::Reset(code)))
+            if code == quinn::VarInt::from_u32(stream_code::BAD_HEADER) =>
+        {
+            stats.agent_refused_headers.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                agent.conn = %conn.remote_address(),
+                "the agent refused a stream header as malformed; are the relay and the agent of compatible versions?"
+            );
+            Err(OpenError::Unsupported)
+        }
+        Err(_) => Err(OpenError::Lost),
+    }
 }
 
 fn status_result(status: u8) -> Result<(), OpenError> {

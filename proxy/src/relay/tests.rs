@@ -740,3 +740,38 @@ async fn strangers_get_one_stream_and_each_ip_a_bounded_number_of_connections() 
         1
     );
 }
+
+#[tokio::test]
+async fn an_agent_that_cannot_read_a_header_is_counted_and_the_open_fails_at_once() {
+    devmesh_net::runtime::install_crypto_provider();
+    let (ca, signer) = (Ca::new("mesh"), SigningKey::generate("k"));
+    let relay = start_relay(&ca, "eu", &signer, Locations::default());
+    // An agent that resets every stream as the real one does a header it
+    // cannot parse.
+    let ticket = ticket_for(&relay);
+    let agent = ticket.agent_id;
+    let (conn, send, recv) = attach(&ca, &relay, signer.sign(&ticket)).await.unwrap();
+    let serving = conn.clone();
+    tokio::spawn(async move {
+        let _control = (send, recv);
+        while let Ok((mut s, mut r)) = serving.accept_bi().await {
+            let _ = s.reset(stream_code::BAD_HEADER.into());
+            let _ = r.stop(stream_code::BAD_HEADER.into());
+        }
+    });
+    let started = tokio::time::Instant::now();
+    let opened = relay
+        .relay
+        .open(agent, &StreamHeader::Tcp { port: 1 }, None)
+        .await;
+    assert_eq!(opened.err(), Some(OpenError::Unsupported));
+    // Nothing to wait for: the agent is right here and answered.
+    assert!(started.elapsed() < REROUTE_WAIT);
+    let stats = relay.relay.stats();
+    assert_eq!(stats.agent_refused_headers.load(Ordering::Relaxed), 1);
+    assert!(
+        stats
+            .openmetrics("devmesh_edge")
+            .contains("devmesh_edge_agent_refused_headers_total 1\n")
+    );
+}
