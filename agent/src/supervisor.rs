@@ -26,6 +26,10 @@ use devmesh_net::backoff::Backoff;
 /// measures the relays it already knows.
 const RECHECK_MANIFEST_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A tunnel that served this long before it was lost is re-attached at
+/// once, without the back-off kept for relays that accept and drop.
+const LASTED: Duration = Duration::from_secs(5);
+
 /// Runs until `cancel` fires, then closes the connection (code 0,
 /// "shutdown") and returns. `manifest` saves the first fetch when the
 /// caller already has one; later rounds fetch their own, since relays and
@@ -134,6 +138,12 @@ async fn keep_attached(
         // drops, so that keeps backing off.
         if attached_for >= Backoff::RESET_AFTER {
             backoff.reset();
+            continue;
+        }
+        // One that served for a while was no relay that accepts and drops:
+        // the workspace is unreachable until the agent re-attaches, so it
+        // goes at once (such a relay would cost one attach per LASTED).
+        if attached_for >= LASTED {
             continue;
         }
         if !backoff.wait(cancel).await {

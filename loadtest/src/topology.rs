@@ -255,7 +255,9 @@ fn launch(bin: &Path, out: &Path, name: &str) -> anyhow::Result<Launch> {
         args: Vec::new(),
         env: Vec::new(),
         log,
-        log_filter: "warn".into(),
+        // `DEVMESH_LOADTEST_LOG` sets the processes' log filter (as
+        // `DEVMESH_LOG` does one's), to diagnose a run.
+        log_filter: std::env::var("DEVMESH_LOADTEST_LOG").unwrap_or_else(|_| "warn".into()),
     })
 }
 
@@ -740,10 +742,7 @@ impl Deployment {
     }
 
     /// Whether agent `i`'s app answers through the primary.
-    pub async fn app_ok(&self, i: usize) -> bool {
-        let Ok(client) = app_client(&self.ca_pem, Protocol::Http1) else {
-            return false;
-        };
+    pub async fn app_ok(&self, client: &reqwest::Client, i: usize) -> bool {
         let url = format!(
             "https://{}:{}/blob/16",
             self.app_host(i, None),
@@ -760,11 +759,14 @@ impl Deployment {
         )
     }
 
-    /// Polls until agent `i`'s app answers through the primary.
+    /// Polls until agent `i`'s app answers through the primary, on one
+    /// client whose connections are kept: a fresh TLS connection per poll
+    /// would add its handshake's round trips to the time measured.
     pub async fn wait_attached(&self, i: usize, timeout: Duration) -> anyhow::Result<Duration> {
         let start = Instant::now();
+        let client = app_client(&self.ca_pem, Protocol::Http1)?;
         loop {
-            if self.app_ok(i).await {
+            if self.app_ok(&client, i).await {
                 return Ok(start.elapsed());
             }
             if start.elapsed() > timeout {
