@@ -362,7 +362,7 @@ async fn stay_attached(
                         region = %current.relay.region,
                         address = %current.relay.address,
                         %reason,
-                        "tunnel lost; re-measuring the relays"
+                        "tunnel lost; re-attaching"
                     );
                 }
                 return (end, current.relay.clone(), known);
