@@ -8,8 +8,11 @@
 //!
 //! Faults: `postgres` (SIGKILL the embedded PostgreSQL's postmaster),
 //! `freeze` (SIGSTOP the primary for `freeze_s`, then SIGCONT), `primary`
-//! (SIGKILL the primary and start it again) and `agent` (SIGKILL the agent
-//! of the edge path's workspace and start it again).
+//! (SIGKILL the primary and start it again), `agent` (SIGKILL the agent
+//! of the edge path's workspace and start it again) and `edge` (SIGKILL
+//! another region's edge while the primary path loads that region's
+//! workspace, whose agent must re-attach elsewhere; the edge is started
+//! again afterwards, for the scenarios that follow).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -44,6 +47,7 @@ pub async fn run(
             "freeze" => Fault::Freeze,
             "primary" => Fault::Primary,
             "agent" => Fault::Agent,
+            "edge" => Fault::Edge,
             other => {
                 sr.notes.push(format!("unknown fault {other:?}: skipped"));
                 continue;
@@ -62,7 +66,7 @@ pub async fn run(
 }
 
 /// A fault to inject.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fault {
     /// SIGKILL the embedded PostgreSQL's postmaster.
     Postgres,
@@ -72,6 +76,9 @@ enum Fault {
     Primary,
     /// SIGKILL the workspace agent behind the edge path and start it again.
     Agent,
+    /// SIGKILL an edge other than the client's (its agent re-attaches
+    /// elsewhere; the primary path loads that agent); started again after.
+    Edge,
 }
 
 impl Fault {
@@ -81,6 +88,7 @@ impl Fault {
             Self::Freeze => format!("primary frozen {} s", cfg.freeze_s),
             Self::Primary => "primary killed and restarted".into(),
             Self::Agent => "edge's workspace agent killed and restarted".into(),
+            Self::Edge => "another region's edge killed".into(),
         }
     }
 
@@ -399,8 +407,32 @@ async fn under_load(
             "{label}: no edge with a workspace of its own in {region}: only the primary path is loaded"
         )),
     }
-    let mut p = ctx.dep.via_primary(0, false);
-    p.name = "devmesh (primary)".into();
+    // `edge`: the victim is another region's edge with a workspace of its
+    // own; the primary path loads that workspace, whose agent must
+    // re-attach elsewhere.
+    let victim = if fault == Fault::Edge {
+        let found = ctx.dep.edges.iter().enumerate().find_map(|(k, e)| {
+            let agent = ctx.dep.agents.iter().position(|a| a.region == e.region)?;
+            (e.region != region && e.proc.is_some()).then_some((k, agent))
+        });
+        if found.is_none() {
+            sr.notes.push(format!(
+                "{label}: no edge outside {region} with a workspace of its own; skipped"
+            ));
+            return Ok(true);
+        }
+        found
+    } else {
+        None
+    };
+    let mut p = ctx.dep.via_primary(victim.map_or(0, |(_, a)| a), false);
+    p.name = match victim {
+        Some((k, _)) => format!(
+            "devmesh (primary, the workspace of the {} edge)",
+            ctx.dep.edges[k].region
+        ),
+        None => "devmesh (primary)".into(),
+    };
     paths.push(p);
     let edge_loaded = paths.len() == 2;
     let client = ctx.client(Protocol::Http1)?;
@@ -481,6 +513,10 @@ async fn under_load(
             let agent = local_agent.context("no workspace agent in the client's region")?;
             ctx.dep.restart_agent(agent).await?;
         }
+        Fault::Edge => {
+            let (k, _) = victim.context("no victim edge")?;
+            ctx.dep.kill_edge(k).await;
+        }
     }
     // The API's view: an authenticated read that queries the database,
     // every 100 ms, until it answers after its last failure.
@@ -526,11 +562,15 @@ async fn under_load(
     for w in writers {
         writes.push(w.await?);
     }
+    // The killed edge comes back for the scenarios after this one.
+    if let Some((k, _)) = victim {
+        ctx.dep.restart_edge(k).await?;
+    }
 
     // What clients saw, per path.
     let all = std::mem::take(&mut *timeline.lock());
     // The first path is the client's edge: it must keep answering.
-    let (mut edge_errors, mut edge_gap) = (0, 0.0);
+    let (mut edge_errors, mut edge_gap, mut primary_gap) = (0, 0.0, 0.0);
     for (i, ep) in paths.iter().enumerate() {
         let mut s = Samples::default();
         for (_, _, ok) in all.iter().filter(|(p, at, _)| *p == i && *at >= killed_at) {
@@ -544,6 +584,8 @@ async fn under_load(
         if i == 0 && edge_loaded {
             edge_errors = errors;
             edge_gap = gap;
+        } else {
+            primary_gap = gap;
         }
         sr.add(
             format!("{label}: app requests after the fault"),
@@ -589,7 +631,8 @@ async fn under_load(
             edge_errors == 0
         } else {
             edge_gap <= API_BACK_WITHIN.as_secs_f64()
-        };
+        }
+        && (fault != Fault::Edge || primary_gap <= API_BACK_WITHIN.as_secs_f64());
     for (k, v) in [
         (
             "API answering again after (s)",
@@ -624,7 +667,12 @@ async fn under_load(
             "expectation",
             json!(format!(
                 "{}, the API again within {} s, no acknowledged write lost, no refused write visible: {}",
-                if fault.edge_unaffected() {
+                if fault == Fault::Edge {
+                    format!(
+                        "the client's edge answered throughout, the killed edge's workspace again through the primary within {} s",
+                        API_BACK_WITHIN.as_secs()
+                    )
+                } else if fault.edge_unaffected() {
                     "the edge answered throughout".to_owned()
                 } else {
                     format!(

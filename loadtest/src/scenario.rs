@@ -358,7 +358,8 @@ pub struct Chaos {
     /// The faults, in order: `postgres` (SIGKILL the embedded PostgreSQL),
     /// `freeze` (SIGSTOP the primary for `freeze_s`), `primary` (SIGKILL
     /// and restart the primary), `agent` (SIGKILL and restart the agent of
-    /// the edge path's workspace).
+    /// the edge path's workspace), `edge` (SIGKILL an edge other than the
+    /// client's, whose agent must re-attach elsewhere; started again after).
     pub faults: Vec<String>,
     /// Load before each fault, seconds.
     pub before_s: f64,

@@ -69,6 +69,8 @@ pub struct EdgeNode {
     pub app_host_suffix: Option<String>,
     /// Why the edge path is unavailable, when it is.
     pub unavailable: Option<String>,
+    /// How it was started, to start it again (chaos).
+    pub relaunch: Launch,
 }
 
 /// One `devmesh agent`.
@@ -597,7 +599,7 @@ impl Deployment {
                 self.ca_pem.display().to_string(),
             ])
             .envs([("DEVMESH_EDGE_TOKEN", edge_token)]);
-        let edge = EdgeProcess::launch(launch, Duration::from_secs(30)).await?;
+        let edge = EdgeProcess::launch(launch.clone(), Duration::from_secs(30)).await?;
         self.monitor
             .add(format!("edge {region}"), edge.process.pid().unwrap_or(0));
         self.edges.push(EdgeNode {
@@ -606,6 +608,7 @@ impl Deployment {
             proc: Some(edge.process),
             app_host_suffix: None,
             unavailable: None,
+            relaunch: launch,
         });
         Ok(())
     }
@@ -831,6 +834,24 @@ impl Deployment {
             p.kill().await;
         }
         self.monitor.remove(&format!("edge {region}"));
+    }
+
+    /// Starts edge `e` again the way it was started (after
+    /// [`Deployment::kill_edge`]); returns once it listens.
+    pub async fn restart_edge(&mut self, e: usize) -> anyhow::Result<()> {
+        self.kill_edge(e).await;
+        let node = &mut self.edges[e];
+        let mut launch = node.relaunch.clone();
+        launch.log = launch
+            .log
+            .with_file_name(format!("edge-{}-restarted.log", node.region));
+        let edge = EdgeProcess::launch(launch, Duration::from_secs(30)).await?;
+        self.monitor.add(
+            format!("edge {}", node.region),
+            edge.process.pid().unwrap_or(0),
+        );
+        node.proc = Some(edge.process);
+        Ok(())
     }
 
     /// SIGKILLs the primary (as a crash would) and starts it again the
