@@ -239,8 +239,12 @@ async fn attach_in_order(
     Round::Failed
 }
 
-/// After a loss: the relays of the last measurement but `gone`, nearest
-/// first, with no new measurement and no manifest fetch.
+/// After a loss: the relay the last measurement ranked nearest after
+/// `gone` (among those that answered it), with no new measurement and no
+/// manifest fetch, given [`Timing::probe_timeout`] to take the agent. The
+/// measurement may be minutes old and that relay may have died too (a
+/// whole region going down): then the caller starts over, measuring every
+/// relay at once.
 async fn attach_known(
     client: &ApiClient,
     known: &Known,
@@ -254,15 +258,38 @@ async fn attach_known(
     let mut measured: Vec<Measurement> = known
         .measured
         .iter()
-        .filter(|m| m.relay != *gone)
+        .filter(|m| m.relay != *gone && m.rtt.is_some())
         .cloned()
         .collect();
-    if measured.is_empty() {
-        return Round::Failed;
-    }
     nearest::prefer_region(&mut measured, client.region());
-    tracing::info!(rtts = %Rtts(&measured), "re-attaching by the last measurement");
-    attach_in_order(client, measured, &config, timing, cancel).await
+    let Some(next) = nearest::order_candidates(measured).into_iter().next() else {
+        return Round::Failed;
+    };
+    tracing::info!(
+        region = %next.relay.region,
+        address = %next.relay.address,
+        rtt_ms = rtt_ms(next.rtt),
+        "re-attaching to the relay measured next nearest"
+    );
+    let attached = tokio::select! {
+        a = tokio::time::timeout(timing.probe_timeout, attach_one(client, &next.relay, &config, timing)) => a,
+        () = cancel.cancelled() => return Round::Cancelled,
+    };
+    match attached {
+        Ok(Ok(tunnel)) => {
+            let attachment = Attachment {
+                tunnel,
+                relay: next.relay,
+                rtt: next.rtt,
+            };
+            Round::Attached(Box::new(attachment), Vec::new())
+        }
+        Ok(Err(_)) => Round::Failed,
+        Err(_) => {
+            tracing::warn!(region = %next.relay.region, "no attach in time; measuring every relay");
+            Round::Failed
+        }
+    }
 }
 
 /// Why [`attach_one`] failed; both are logged already.

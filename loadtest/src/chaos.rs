@@ -558,14 +558,21 @@ async fn under_load(
     for t in tasks {
         let _ = t.await;
     }
-    let mut writes = Vec::new();
+    let mut joined = Vec::new();
     for w in writers {
-        writes.push(w.await?);
+        joined.push(w.await);
     }
-    // The killed edge comes back for the scenarios after this one.
+    // The killed edge comes back for the scenarios after this one (its
+    // region's agent stays where it went until its re-checks move it
+    // back, minutes later).
     if let Some((k, _)) = victim {
         ctx.dep.restart_edge(k).await?;
+        sr.notes.push(format!(
+            "{label}: the {} edge was started again; its region's agent stays on the relay it moved to until its re-checks move it back",
+            ctx.dep.edges[k].region
+        ));
     }
+    let writes = joined.into_iter().collect::<Result<Vec<_>, _>>()?;
 
     // What clients saw, per path.
     let all = std::mem::take(&mut *timeline.lock());

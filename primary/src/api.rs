@@ -839,7 +839,22 @@ impl Audit {
     /// Writes the record. Failures are logged, not returned: the action
     /// itself already happened.
     pub async fn write<'e, E: sqlx::PgExecutor<'e>>(self, db: E) {
-        let result = sqlx::query(
+        let action = self.action;
+        if let Err(e) = self.insert(db).await {
+            tracing::warn!(error = %e, action, "could not write the audit log");
+        }
+    }
+
+    /// Writes the record inside the transaction of the action it records,
+    /// failing with it: a failed insert aborts the transaction, and
+    /// PostgreSQL would answer the later `COMMIT` with a silent rollback,
+    /// so the action would be acknowledged and lost.
+    pub async fn write_in(self, tx: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+        self.insert(tx).await
+    }
+
+    async fn insert<'e, E: sqlx::PgExecutor<'e>>(self, db: E) -> Result<(), sqlx::Error> {
+        sqlx::query(
             "INSERT INTO audit_log (user_id, username, ip, action, resource_type, resource_id, resource_name, details)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
@@ -852,10 +867,8 @@ impl Audit {
         .bind(&self.resource_name)
         .bind(&self.details)
         .execute(db)
-        .await;
-        if let Err(e) = result {
-            tracing::warn!(error = %e, action = self.action, "could not write the audit log");
-        }
+        .await
+        .map(|_| ())
     }
 }
 

@@ -48,6 +48,9 @@ const DEAD_FOR: Duration = Duration::from_secs(3);
 /// left this relay) to be located again: re-attaching elsewhere takes an
 /// agent about three seconds, and a request held that long beats a 502.
 const REROUTE_WAIT: Duration = Duration::from_secs(5);
+/// Agents remembered as waited for in vain (see [`Relay::open`]); past
+/// this many, the memory starts over.
+const STALLED_KEPT: usize = 4096;
 /// How many verified mesh grants a relay remembers.
 const GRANTS_KEPT: usize = 16_384;
 
@@ -235,46 +238,87 @@ fn peer_certificate(conn: &Connection) -> Option<(Vec<String>, i64)> {
 /// Where agents attached to other relays are, as the primary last said.
 #[derive(Debug, Clone)]
 pub struct Locations {
-    map: Arc<RwLock<HashMap<Uuid, RelayInfo>>>,
+    map: Arc<RwLock<HashMap<Uuid, Located>>>,
+    /// Numbers each change of an agent's location, so that a relay can
+    /// tell "moved" (even back to the same address) from "told again".
+    seq: Arc<AtomicU64>,
     /// Ticks on every change (and on every attach or detach at the relay
     /// that owns this), for requests waiting for an agent to move.
     moved: Arc<tokio::sync::watch::Sender<()>>,
+}
+
+/// One agent's home relay and the number of that location.
+#[derive(Debug, Clone)]
+struct Located {
+    relay: RelayInfo,
+    seq: u64,
 }
 
 impl Default for Locations {
     fn default() -> Self {
         Self {
             map: Arc::default(),
+            seq: Arc::default(),
             moved: Arc::new(tokio::sync::watch::Sender::new(())),
         }
     }
 }
 
 impl Locations {
-    /// Records where `agent` is now (`None`: nowhere).
+    /// Records where `agent` is now (`None`: nowhere). Being told what is
+    /// already known (an edge repeats the primary's answer with every
+    /// decision) changes nothing.
     pub fn set(&self, location: AgentLocation) {
         let mut map = self.map.write();
-        match location.relay {
-            Some(r) => map.insert(location.agent_id, r),
-            None => map.remove(&location.agent_id),
+        let changed = match location.relay {
+            Some(relay) => {
+                if map
+                    .get(&location.agent_id)
+                    .is_some_and(|l| l.relay == relay)
+                {
+                    false
+                } else {
+                    let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+                    map.insert(location.agent_id, Located { relay, seq });
+                    true
+                }
+            }
+            None => map.remove(&location.agent_id).is_some(),
         };
         drop(map);
-        self.touch();
+        if changed {
+            self.touch();
+        }
     }
 
-    /// Replaces everything (a snapshot after a reconnect).
+    /// Replaces everything (a snapshot after a reconnect); an agent whose
+    /// relay is unchanged keeps its number.
     pub fn replace(&self, all: Vec<AgentLocation>) {
+        let mut map = self.map.write();
         let fresh = all
             .into_iter()
-            .filter_map(|l| Some((l.agent_id, l.relay?)))
+            .filter_map(|l| {
+                let relay = l.relay?;
+                let seq = match map.get(&l.agent_id) {
+                    Some(old) if old.relay == relay => old.seq,
+                    _ => self.seq.fetch_add(1, Ordering::Relaxed),
+                };
+                Some((l.agent_id, Located { relay, seq }))
+            })
             .collect();
-        *self.map.write() = fresh;
+        *map = fresh;
+        drop(map);
         self.touch();
     }
 
     /// The home relay of `agent`, if known.
     pub fn get(&self, agent: Uuid) -> Option<RelayInfo> {
-        self.map.read().get(&agent).cloned()
+        self.map.read().get(&agent).map(|l| l.relay.clone())
+    }
+
+    /// The number of `agent`'s current location, if it has one.
+    fn seq(&self, agent: Uuid) -> Option<u64> {
+        self.map.read().get(&agent).map(|l| l.seq)
     }
 
     /// How many agents are located.
@@ -296,6 +340,17 @@ impl Locations {
     fn watch(&self) -> tokio::sync::watch::Receiver<()> {
         self.moved.subscribe()
     }
+}
+
+/// Where a relay would send a stream for an agent; it changes whenever the
+/// agent attaches anywhere anew.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Whereabouts {
+    /// Attached here, over the connection with this id.
+    Here(usize),
+    /// At another relay, by the location with this number.
+    There(u64),
+    Nowhere,
 }
 
 /// Counters a relay keeps; the owner exports them with its metrics.
@@ -439,6 +494,9 @@ struct Inner {
     /// [`DEAD_FOR`] instead of each waiting out a dial, while the agents
     /// re-attach elsewhere and the primary says where.
     dead: Mutex<HashMap<String, tokio::time::Instant>>,
+    /// Agents whose last wait for a move ended with them where they were:
+    /// opens for them fail at once until they are somewhere else.
+    stalled: Mutex<HashMap<Uuid, Whereabouts>>,
     endpoint: quinn::Endpoint,
     mesh_client: RwLock<quinn::ClientConfig>,
     roots: Arc<rustls::RootCertStore>,
@@ -497,6 +555,7 @@ impl Relay {
                 grants: Mutex::default(),
                 links: Mutex::default(),
                 dead: Mutex::default(),
+                stalled: Mutex::default(),
                 endpoint: endpoint.clone(),
                 mesh_client: RwLock::new(mesh_client),
                 roots,
@@ -616,29 +675,40 @@ impl Relay {
     ///
     /// An agent whose relay just died (or that just left this one) is
     /// re-attaching elsewhere: rather than fail at once, the open waits up
-    /// to [`REROUTE_WAIT`] for the agent's location to change and tries
-    /// once more there. An agent with no location at all fails at once.
+    /// to [`REROUTE_WAIT`] for the agent to attach anywhere anew and tries
+    /// once more there. An agent with no location at all fails at once, and
+    /// so does one already waited for in vain at the same place (a stopped
+    /// workspace whose dead relay's record still stands).
     pub async fn open(
         &self,
         agent: Uuid,
         header: &StreamHeader,
         grant: Option<&str>,
     ) -> Result<(SendStream, RecvStream), OpenError> {
-        let mut moves = self.inner.locations.watch();
+        let from = self.whereabouts(agent);
         let first = self.open_once(agent, header, grant).await;
         let Err(OpenError::Lost | OpenError::NotConnected) = &first else {
             return first;
         };
-        let Some(from) = self.whereabouts(agent) else {
+        // Nowhere known, or already waited for at this same place in vain
+        // (an agent that will not come back while its dead relay's record
+        // stands): fail at once.
+        if from == Whereabouts::Nowhere || self.inner.stalled.lock().get(&agent) == Some(&from) {
             return first;
-        };
-        // A change since the first try may already be the move.
-        if !moves.has_changed().unwrap_or(false) {
-            let deadline = tokio::time::Instant::now() + REROUTE_WAIT;
-            while self.whereabouts(agent).as_ref() == Some(&from) {
-                match tokio::time::timeout_at(deadline, moves.changed()).await {
-                    Ok(Ok(())) => {}
-                    _ => return first,
+        }
+        // Subscribed before the check below, so no change is missed.
+        let mut moves = self.inner.locations.watch();
+        let deadline = tokio::time::Instant::now() + REROUTE_WAIT;
+        while self.whereabouts(agent) == from {
+            match tokio::time::timeout_at(deadline, moves.changed()).await {
+                Ok(Ok(())) => {}
+                _ => {
+                    let mut stalled = self.inner.stalled.lock();
+                    if stalled.len() >= STALLED_KEPT {
+                        stalled.clear();
+                    }
+                    stalled.insert(agent, from);
+                    return first;
                 }
             }
         }
@@ -646,13 +716,15 @@ impl Relay {
         self.open_once(agent, header, grant).await
     }
 
-    /// Where `agent` is served from: this relay's address when attached
-    /// here, its home relay's otherwise, `None` when nowhere known.
-    fn whereabouts(&self, agent: Uuid) -> Option<String> {
-        if self.inner.agents.lock().contains_key(&agent) {
-            return Some(self.inner.advertised.address.clone());
+    /// Where a stream for `agent` would go now.
+    fn whereabouts(&self, agent: Uuid) -> Whereabouts {
+        if let Some(a) = self.inner.agents.lock().get(&agent) {
+            return Whereabouts::Here(a.conn.stable_id());
         }
-        self.inner.locations.get(agent).map(|r| r.address)
+        self.inner
+            .locations
+            .seq(agent)
+            .map_or(Whereabouts::Nowhere, Whereabouts::There)
     }
 
     async fn open_once(
@@ -1160,17 +1232,18 @@ async fn open_on(
     let mut status = [0u8; 1];
     match recv.read_exact(&mut status).await {
         Ok(()) => status_result(status[0]).map(|()| (send, recv)),
-        // The agent could not read the header: a relay and an agent of
-        // versions that do not agree, or a relay sending garbage. Nothing
-        // to wait for; counted where operators look, as the agent has no
-        // metrics of its own.
+        // The agent could not read the header (or it did not arrive within
+        // the agent's header timeout): a relay and an agent of versions
+        // that do not agree, a relay sending garbage, or a path slow beyond
+        // reason. Nothing to wait for; counted where operators look, as the
+        // agent has no metrics of its own.
         Err(quinn::ReadExactError::ReadError(quinn::ReadError::Reset(code)))
             if code == quinn::VarInt::from_u32(stream_code::BAD_HEADER) =>
         {
             stats.agent_refused_headers.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 agent.conn = %conn.remote_address(),
-                "the agent refused a stream header as malformed; are the relay and the agent of compatible versions?"
+                "the agent refused a stream header as malformed or late; are the relay and the agent of compatible versions?"
             );
             Err(OpenError::Unsupported)
         }

@@ -247,6 +247,26 @@ async fn ssh_runs_a_command_in_the_workspace_with_its_output_input_and_exit_stat
             why.contains("Devmesh-Session-Token header"),
             "{route}: {why}"
         );
+        // Nor with a session header that is not text beside it (read as
+        // no header, it would leave the cookie to authenticate).
+        let resp = reqwest::Client::new()
+            .post(format!(
+                "{}/api/v2/workspaceagents/{agent_id}/{route}",
+                server.url
+            ))
+            .header(
+                "Cookie",
+                format!("devmesh_session_token={}", owner.token.clone().unwrap()),
+            )
+            .header(
+                "Devmesh-Session-Token",
+                reqwest::header::HeaderValue::from_bytes(b"\xe9").unwrap(),
+            )
+            .header("Origin", &server.url)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{route}");
     }
 }
 

@@ -136,7 +136,11 @@ impl FromRequestParts<AppState> for KeyAuthed {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        if !program_key(&parts.headers) {
+        let from_header = matches!(
+            request_token_with_source(parts, state.config.secure_cookies()),
+            Some((_, TokenSource::Header))
+        );
+        if !from_header {
             return Err(ApiError::unauthorized(
                 "Send your key in the Devmesh-Session-Token header to open a shell.",
             )
@@ -154,8 +158,14 @@ impl FromRequestParts<AppState> for KeyAuthed {
 /// session header, or `Authorization: Bearer`. (Any other `Authorization`,
 /// such as a browser's cached `Basic` credentials for a proxy in front,
 /// does not count: the cookie is then what authenticates.)
+///
+/// It reads the headers exactly as [`Authed`] does: a session header that
+/// is present but not readable text does not count, since `Authed` would
+/// then fall back to the cookie.
 pub fn program_key(headers: &axum::http::HeaderMap) -> bool {
-    headers.contains_key(SESSION_HEADER)
+    headers
+        .get(SESSION_HEADER)
+        .is_some_and(|v| v.to_str().is_ok())
         || headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())

@@ -371,9 +371,8 @@ pub(super) struct TemplateRow {
 
 const TEMPLATE_COLUMNS: &str = "id, name, description, active_version_id, created_at, updated_at";
 
-/// Finds a live template by id or name.
-/// A template by id or name, read on `db` (the pool, or a transaction
-/// reading back what it wrote).
+/// Finds a live template by id or name, on `db` (the pool, or a
+/// transaction reading back what it wrote).
 pub(super) async fn find_template<'e, E: sqlx::PgExecutor<'e>>(
     db: E,
     template: &str,
@@ -471,8 +470,8 @@ pub(super) async fn create(
         .resource(id, &req.name)
         .by(&auth.0)
         .ip(&ip)
-        .write(&mut *tx)
-        .await;
+        .write_in(&mut tx)
+        .await?;
     // Read back before the commit: once committed, nothing may answer
     // that the template was not created.
     let row = find_template(&mut *tx, &id.to_string()).await?;
@@ -573,8 +572,8 @@ pub(super) async fn create_version(
         .by(&auth.0)
         .ip(&ip)
         .details(serde_json::json!({"number": number}))
-        .write(&mut *tx)
-        .await;
+        .write_in(&mut tx)
+        .await?;
     let row = find_template(&mut *tx, &row.id.to_string()).await?;
     let template = to_api(&mut *tx, row).await?;
     tx.commit().await?;

@@ -181,8 +181,8 @@ pub(super) async fn create_first_user(
         .by_user(row.id, &row.username)
         .ip(&ip)
         .details(serde_json::json!({"first_user": true}))
-        .write(&mut *tx)
-        .await;
+        .write_in(&mut tx)
+        .await?;
     tx.commit().await?;
     tracing::info!(user = %row.username, "first user created");
     Ok((StatusCode::CREATED, Json(row.into())))
@@ -535,8 +535,8 @@ pub(super) async fn delete_user(
         .resource(row.id, &row.username)
         .by(&auth.0)
         .ip(&ip)
-        .write(&mut *tx)
-        .await;
+        .write_in(&mut tx)
+        .await?;
     tx.commit().await?;
     state.keys.forget_all();
     state.access_changed();

@@ -587,8 +587,8 @@ pub(super) async fn create(
         .by(&auth.0)
         .ip(&ip)
         .details(serde_json::json!({"template": template.name}))
-        .write(&mut *tx)
-        .await;
+        .write_in(&mut tx)
+        .await?;
     // Read back before the commit: once committed, nothing may answer
     // that the workspace was not created.
     let row = find_visible_on(&mut tx, &auth, id, false).await?;
@@ -777,8 +777,8 @@ pub(super) async fn cancel_build(
         .by(&auth.0)
         .ip(&ip)
         .details(serde_json::json!({"status_before": status}))
-        .write(&mut *tx)
-        .await;
+        .write_in(&mut tx)
+        .await?;
     let row = find_visible_on(&mut tx, &auth, id, false).await?;
     let workspace = load_on(&mut tx, row).await?;
     tx.commit().await?;
@@ -944,8 +944,8 @@ pub(super) async fn build(
         .resource(id, format!("{}/{}", row.owner_name, row.name))
         .by(&auth.0)
         .ip(&ip)
-        .write(&mut *tx)
-        .await;
+        .write_in(&mut tx)
+        .await?;
     // Read back before the commit, as `create` does.
     let row = find_visible_on(&mut tx, &auth, id, true).await?;
     let workspace = load_on(&mut tx, row).await?;

@@ -205,7 +205,12 @@ async fn attach(
 async fn echo_agent(ca: &Ca, relay: &TestRelay, signer: &SigningKey) -> (Uuid, Connection) {
     let ticket = ticket_for(relay);
     let agent = ticket.agent_id;
-    let (conn, send, recv) = attach(ca, relay, signer.sign(&ticket)).await.unwrap();
+    (agent, echo_with(ca, relay, signer.sign(&ticket)).await)
+}
+
+/// [`echo_agent`] with a given signed ticket; the agent's connection.
+async fn echo_with(ca: &Ca, relay: &TestRelay, ticket: String) -> Connection {
+    let (conn, send, recv) = attach(ca, relay, ticket).await.unwrap();
     let serving = conn.clone();
     tokio::spawn(async move {
         let _control = (send, recv);
@@ -218,7 +223,7 @@ async fn echo_agent(ca: &Ca, relay: &TestRelay, signer: &SigningKey) -> (Uuid, C
             });
         }
     });
-    (agent, conn)
+    conn
 }
 
 #[tokio::test]
@@ -350,19 +355,7 @@ async fn a_stream_for_an_agent_whose_relay_died_waits_for_it_to_attach_elsewhere
     let started = tokio::time::Instant::now();
     let moves = async {
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let (conn, send, recv) = attach(&ca, &c, signer.sign(&agent_ticket)).await.unwrap();
-        let serving = conn.clone();
-        tokio::spawn(async move {
-            let _control = (send, recv);
-            while let Ok((mut s, mut r)) = serving.accept_bi().await {
-                tokio::spawn(async move {
-                    tio::read_header(&mut r).await.unwrap();
-                    s.write_all(&[tunnel::status::OK]).await.unwrap();
-                    let _ = tokio::io::copy(&mut r, &mut s).await;
-                    let _ = s.finish();
-                });
-            }
-        });
+        let conn = echo_with(&ca, &c, signer.sign(&agent_ticket)).await;
         assert!(matches!(
             c.events.recv().await,
             Some(AttachEvent::Attached { .. })
@@ -739,6 +732,47 @@ async fn strangers_get_one_stream_and_each_ip_a_bounded_number_of_connections() 
         relay.relay.stats().refused_per_ip.load(Ordering::Relaxed),
         1
     );
+}
+
+#[tokio::test]
+async fn an_agent_that_does_not_come_back_is_waited_for_once_then_fails_at_once() {
+    devmesh_net::runtime::install_crypto_provider();
+    let (ca, signer) = (Ca::new("mesh"), SigningKey::generate("k"));
+    let locations = Locations::default();
+    let a = start_relay(&ca, "eu", &signer, locations.clone());
+    let dead = start_relay(&ca, "us", &signer, Locations::default());
+    let dead_home = dead.relay.advertised().clone();
+    drop(dead);
+    a.relay
+        .inner
+        .dead
+        .lock()
+        .insert(dead_home.address.clone(), tokio::time::Instant::now());
+    let agent = Uuid::new_v4();
+    locations.set(AgentLocation {
+        agent_id: agent,
+        relay: Some(dead_home.clone()),
+    });
+    let g = grant(&signer, agent);
+    let started = tokio::time::Instant::now();
+    assert_eq!(
+        echo_through(&a.relay, agent, &g, b"x").await,
+        Err(OpenError::Lost)
+    );
+    assert!(started.elapsed() >= REROUTE_WAIT);
+    // Told the same again (an edge repeats the primary's answers): still
+    // the same place, so the next open does not wait again.
+    locations.set(AgentLocation {
+        agent_id: agent,
+        relay: Some(dead_home),
+    });
+    let started = tokio::time::Instant::now();
+    assert_eq!(
+        echo_through(&a.relay, agent, &g, b"x").await,
+        Err(OpenError::Lost)
+    );
+    assert!(started.elapsed() < REROUTE_WAIT);
+    assert_eq!(a.relay.stats().rerouted.load(Ordering::Relaxed), 0);
 }
 
 #[tokio::test]
