@@ -383,7 +383,15 @@ impl UdpRelay {
                         loop {
                             let n = tokio::select! {
                                 _ = stop2.cancelled() => break,
-                                r = back.recv(&mut buf) => match r { Ok(n) => n, Err(_) => break },
+                                r = back.recv(&mut buf) => match r {
+                                    Ok(n) => n,
+                                    // An ICMP "port unreachable" for an
+                                    // earlier datagram: the target died (a
+                                    // relay killed). It may come back on
+                                    // the same port; keep the flow.
+                                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => continue,
+                                    Err(_) => break,
+                                },
                             };
                             c2.bytes_down.fetch_add(n as u64, Ordering::Relaxed);
                             let (roll, jroll) = {

@@ -180,3 +180,41 @@ async fn udp_relay_round_trips_datagrams_in_order() {
     assert_eq!(relay.counters.snapshot().connections, 1);
     stop.cancel();
 }
+
+#[tokio::test]
+async fn a_udp_flow_survives_its_target_dying_and_coming_back_on_the_same_port() {
+    let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let target = server.local_addr().unwrap();
+    drop(server);
+    let stop = CancellationToken::new();
+    let front =
+        UdpRelay::start_by_source(target, LinkSpec::rtt(ms(0)), HashMap::new(), stop.clone())
+            .await
+            .unwrap();
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client.connect(front.addr).await.unwrap();
+    // Nothing listens: the flow's socket gets "port unreachable".
+    client.send(b"into the void").await.unwrap();
+    let mut b = [0u8; 64];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), client.recv(&mut b))
+            .await
+            .is_err()
+    );
+    // The target is back on its port: the same flow carries both ways.
+    let server = UdpSocket::bind(target).await.unwrap();
+    tokio::spawn(async move {
+        let mut b = [0u8; 64];
+        while let Ok((n, from)) = server.recv_from(&mut b).await {
+            let _ = server.send_to(&b[..n], from).await;
+        }
+    });
+    client.send(b"back").await.unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(5), client.recv(&mut b))
+        .await
+        .expect("an answer through the old flow")
+        .unwrap();
+    assert_eq!(&b[..n], b"back");
+    assert_eq!(front.counters.snapshot().connections, 1);
+    stop.cancel();
+}
