@@ -226,21 +226,22 @@ async fn ssh_runs_a_command_in_the_workspace_with_its_output_input_and_exit_stat
     }
     // The session cookie opens none of the raw-stream routes, even from the
     // dashboard's own origin: the key must come in a header.
-    for route in ["ssh", "probe?download=1", "udp?port=53"] {
-        let resp = reqwest::Client::new()
+    // The session cookie (`devmesh_session_token` over plain HTTP) from the
+    // dashboard's own origin.
+    let with_cookie = |route: &str| {
+        reqwest::Client::new()
             .post(format!(
                 "{}/api/v2/workspaceagents/{agent_id}/{route}",
                 server.url
             ))
             .header(
                 "Cookie",
-                // The session cookie (`devmesh_session_token` over plain HTTP).
                 format!("devmesh_session_token={}", owner.token.clone().unwrap()),
             )
             .header("Origin", &server.url)
-            .send()
-            .await
-            .unwrap();
+    };
+    for route in ["ssh", "probe?download=1", "udp?port=53"] {
+        let resp = with_cookie(route).send().await.unwrap();
         assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{route}");
         let why = resp.text().await.unwrap();
         assert!(
@@ -249,20 +250,11 @@ async fn ssh_runs_a_command_in_the_workspace_with_its_output_input_and_exit_stat
         );
         // Nor with a session header that is not text beside it (read as
         // no header, it would leave the cookie to authenticate).
-        let resp = reqwest::Client::new()
-            .post(format!(
-                "{}/api/v2/workspaceagents/{agent_id}/{route}",
-                server.url
-            ))
-            .header(
-                "Cookie",
-                format!("devmesh_session_token={}", owner.token.clone().unwrap()),
-            )
+        let resp = with_cookie(route)
             .header(
                 "Devmesh-Session-Token",
                 reqwest::header::HeaderValue::from_bytes(b"\xe9").unwrap(),
             )
-            .header("Origin", &server.url)
             .send()
             .await
             .unwrap();

@@ -328,22 +328,29 @@ async fn a_stream_for_an_agent_attached_elsewhere_crosses_the_mesh() {
     assert_eq!(answer, Err(OpenError::NotConnected));
 }
 
+/// A relay that was started and is gone, which `knower` already takes for
+/// dead (as when its mesh link went silent).
+fn dead_relay(ca: &Ca, signer: &SigningKey, knower: &TestRelay) -> RelayInfo {
+    let dead = start_relay(ca, "us", signer, Locations::default());
+    let home = dead.relay.advertised().clone();
+    drop(dead);
+    knower
+        .relay
+        .inner
+        .dead
+        .lock()
+        .insert(home.address.clone(), tokio::time::Instant::now());
+    home
+}
+
 #[tokio::test]
 async fn a_stream_for_an_agent_whose_relay_died_waits_for_it_to_attach_elsewhere() {
     devmesh_net::runtime::install_crypto_provider();
     let (ca, signer) = (Ca::new("mesh"), SigningKey::generate("k"));
     let locations = Locations::default();
     let a = start_relay(&ca, "eu", &signer, locations.clone());
-    let dead = start_relay(&ca, "us", &signer, Locations::default());
     let mut c = start_relay(&ca, "ap", &signer, Locations::default());
-    let dead_home = dead.relay.advertised().clone();
-    drop(dead);
-    // `a` already knows the agent's relay is gone (its link went silent).
-    a.relay
-        .inner
-        .dead
-        .lock()
-        .insert(dead_home.address.clone(), tokio::time::Instant::now());
+    let dead_home = dead_relay(&ca, &signer, &a);
     let agent_ticket = ticket_for(&c);
     let agent = agent_ticket.agent_id;
     locations.set(AgentLocation {
@@ -740,14 +747,7 @@ async fn an_agent_that_does_not_come_back_is_waited_for_once_then_fails_at_once(
     let (ca, signer) = (Ca::new("mesh"), SigningKey::generate("k"));
     let locations = Locations::default();
     let a = start_relay(&ca, "eu", &signer, locations.clone());
-    let dead = start_relay(&ca, "us", &signer, Locations::default());
-    let dead_home = dead.relay.advertised().clone();
-    drop(dead);
-    a.relay
-        .inner
-        .dead
-        .lock()
-        .insert(dead_home.address.clone(), tokio::time::Instant::now());
+    let dead_home = dead_relay(&ca, &signer, &a);
     let agent = Uuid::new_v4();
     locations.set(AgentLocation {
         agent_id: agent,
