@@ -316,6 +316,14 @@ impl Locations {
         self.map.read().get(&agent).map(|l| l.relay.clone())
     }
 
+    /// `agent`'s home relay and the number of that location, if known.
+    fn located(&self, agent: Uuid) -> Option<(RelayInfo, u64)> {
+        self.map
+            .read()
+            .get(&agent)
+            .map(|l| (l.relay.clone(), l.seq))
+    }
+
     /// The number of `agent`'s current location, if it has one.
     fn seq(&self, agent: Uuid) -> Option<u64> {
         self.map.read().get(&agent).map(|l| l.seq)
@@ -685,8 +693,7 @@ impl Relay {
         header: &StreamHeader,
         grant: Option<&str>,
     ) -> Result<(SendStream, RecvStream), OpenError> {
-        let from = self.whereabouts(agent);
-        let first = self.open_once(agent, header, grant).await;
+        let (from, first) = self.open_once(agent, header, grant).await;
         let Err(OpenError::Lost | OpenError::NotConnected) = &first else {
             return first;
         };
@@ -713,7 +720,7 @@ impl Relay {
             }
         }
         self.inner.stats.rerouted.fetch_add(1, Ordering::Relaxed);
-        self.open_once(agent, header, grant).await
+        self.open_once(agent, header, grant).await.1
     }
 
     /// Where a stream for `agent` would go now.
@@ -727,26 +734,35 @@ impl Relay {
             .map_or(Whereabouts::Nowhere, Whereabouts::There)
     }
 
+    /// One try: where it went (taken from the same lookups, so a move
+    /// during the try is seen as one) and what came of it.
     async fn open_once(
         &self,
         agent: Uuid,
         header: &StreamHeader,
         grant: Option<&str>,
-    ) -> Result<(SendStream, RecvStream), OpenError> {
-        let local = self.inner.agents.lock().get(&agent).map(|a| a.conn.clone());
-        if let Some(conn) = local {
+    ) -> (Whereabouts, Result<(SendStream, RecvStream), OpenError>) {
+        let local = self
+            .inner
+            .agents
+            .lock()
+            .get(&agent)
+            .map(|a| (a.conn.clone(), a.conn.stable_id()));
+        if let Some((conn, id)) = local {
             self.inner
                 .stats
                 .streams_local
                 .fetch_add(1, Ordering::Relaxed);
-            return open_on(&conn, header, &self.inner.stats).await;
+            let opened = open_on(&conn, header, &self.inner.stats).await;
+            return (Whereabouts::Here(id), opened);
         }
-        let Some(home) = self.inner.locations.get(agent) else {
-            return Err(OpenError::NotConnected);
+        let Some((home, seq)) = self.inner.locations.located(agent) else {
+            return (Whereabouts::Nowhere, Err(OpenError::NotConnected));
         };
+        let at = Whereabouts::There(seq);
         if home.address == self.inner.advertised.address {
             // The location is stale: the agent left this relay.
-            return Err(OpenError::NotConnected);
+            return (at, Err(OpenError::NotConnected));
         }
         let grant = match (grant, &self.inner.grant_signer) {
             (Some(g), _) => g.to_owned(),
@@ -762,7 +778,7 @@ impl Relay {
             grant,
             inner: header.clone(),
         };
-        self.open_mesh(&home, &mesh).await
+        (at, self.open_mesh(&home, &mesh).await)
     }
 
     async fn open_mesh(
