@@ -2,7 +2,8 @@
 //!
 //! The QUIC relay agents attach to and the mesh between relays
 //! ([`relay`]), pooled HTTP connections to apps over tunnel streams
-//! ([`upstream`]), the app proxy's phases with a pluggable source of
+//! ([`upstream`]), interactive traffic to a workspace before its bulk
+//! transfers ([`pace`]), the app proxy's phases with a pluggable source of
 //! decisions ([`pipeline`]), the app-request plumbing: error pages, cookie
 //! names, credentials in headers, the sign-in redirect ([`app`]), the store
 //! app tokens are checked against ([`revocations`]), per-client rate limits
@@ -11,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod pace;
 pub mod pipeline;
 pub mod ratelimit;
 pub mod relay;

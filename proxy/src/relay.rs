@@ -390,6 +390,9 @@ pub struct RelayStats {
     /// Streams an agent attached here reset because it could not read
     /// their header (it logs them; this is where they are counted).
     pub agent_refused_headers: AtomicU64,
+    /// Pauses of bulk app transfers so interactive requests to the same
+    /// workspace went first ([`crate::pace`]).
+    pub bulk_pauses: AtomicU64,
     /// Agents attached right now.
     pub attached: AtomicI64,
 }
@@ -426,7 +429,10 @@ impl RelayStats {
              {prefix}_rerouted_total {}\n\
              # HELP {prefix}_agent_refused_headers Streams an agent reset because it could not read their header.\n\
              # TYPE {prefix}_agent_refused_headers counter\n\
-             {prefix}_agent_refused_headers_total {}\n",
+             {prefix}_agent_refused_headers_total {}\n\
+             # HELP {prefix}_bulk_pauses Pauses of bulk app transfers so interactive requests to the same workspace went first.\n\
+             # TYPE {prefix}_bulk_pauses counter\n\
+             {prefix}_bulk_pauses_total {}\n",
             self.attached.load(Ordering::Relaxed),
             load(&self.streams_local),
             load(&self.mesh_streams_out),
@@ -437,6 +443,7 @@ impl RelayStats {
             load(&self.malformed),
             load(&self.rerouted),
             load(&self.agent_refused_headers),
+            load(&self.bulk_pauses),
         )
     }
 }

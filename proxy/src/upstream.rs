@@ -27,6 +27,7 @@ use uuid::Uuid;
 
 use devmesh_shared::tunnel::StreamHeader;
 
+use crate::pace::{Lane, Lanes, Paced};
 use crate::relay::{OpenError, Relay};
 
 /// How long opening a stream to the app (and the TLS handshake) may take.
@@ -66,6 +67,9 @@ type Idle = (Instant, SendRequest<Body>);
 #[derive(Debug, Default)]
 pub struct Pool {
     idle: Mutex<HashMap<Key, Vec<Idle>>>,
+    /// Each workspace's interactive traffic, which its bulk transfers
+    /// make way for.
+    lanes: Lanes,
 }
 
 impl Pool {
@@ -99,7 +103,8 @@ impl Pool {
                 }
             }
         }
-        let mut sender = connect(relay, key, grant, fresh).await?;
+        let lane = self.lanes.lane(key.agent);
+        let mut sender = connect(relay, key, grant, lane, fresh).await?;
         let resp = sender
             .send_request(req)
             .await
@@ -148,6 +153,7 @@ async fn connect(
     relay: &Relay,
     key: Key,
     grant: Option<&str>,
+    lane: Arc<Lane>,
     upgrades: bool,
 ) -> Result<SendRequest<Body>, SendError> {
     // A stuck agent must not hang the request: opening includes its answer.
@@ -158,7 +164,7 @@ async fn connect(
     .await
     .map_err(|_| SendError::App("the workspace agent did not answer in time".into()))?;
     let (send, recv) = opened.map_err(SendError::Open)?;
-    let stream = tokio::io::join(recv, send);
+    let stream = Paced::new(tokio::io::join(recv, send), lane, relay.stats());
     if key.https {
         let tls = tokio_rustls::TlsConnector::from(insecure_tls())
             .connect(

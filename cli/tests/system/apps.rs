@@ -445,6 +445,71 @@ async fn large_transfers_websockets_and_sse_stream_through_the_tunnel() {
     }
 }
 
+/// A download does not keep its own workspace's requests waiting for a
+/// core: while small requests to the same workspace flow, the proxy paces
+/// the download (its pauses are counted), every request is answered, and
+/// the download still arrives whole.
+#[tokio::test]
+async fn a_download_makes_way_for_requests_to_its_workspace_and_arrives_whole() {
+    let w = World::start().await;
+    let base = format!("http://127.0.0.1:{}", w.port);
+    let paused = || crate::support::metric(&base, "devmesh_relay_bulk_pauses_total");
+    let before = paused().await;
+    let token = w.alice.token.clone().unwrap();
+    let host = format!("echo--dev--alice.apps.localhost:{}", w.port);
+    let size: u64 = 256 * 1024 * 1024;
+    let mut download = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "curl -sS --fail --connect-to ::127.0.0.1:{} -H 'Devmesh-Session-Token: {token}' http://{host}/bytes/{size} | sha256sum",
+            w.port
+        ))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Requests to the same workspace until the download is done.
+    let mut answered = 0;
+    while download.try_wait().unwrap().is_none() {
+        let r = w.get(Some(&w.alice), "echo--dev--alice", "/echo").await;
+        assert_eq!(r.status(), StatusCode::OK);
+        answered += 1;
+    }
+    let out = download.wait_with_output().await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        got.split_whitespace().next().unwrap_or_default(),
+        pattern_sha256(size)
+    );
+    assert!(
+        answered > 10,
+        "only {answered} requests beside the download"
+    );
+    let pauses = paused().await - before;
+    assert!(
+        pauses > 0,
+        "the download was never paced beside {answered} requests"
+    );
+    // Alone, a download is never paced.
+    let before = paused().await;
+    let out = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "curl -sS --fail --connect-to ::127.0.0.1:{} -H 'Devmesh-Session-Token: {token}' http://{host}/bytes/{size} -o /dev/null",
+            w.port
+        ))
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(paused().await, before, "a download alone was paced");
+}
+
 #[tokio::test]
 async fn browsers_sign_in_through_the_auth_redirect_and_get_app_cookies() {
     let w = World::start().await;

@@ -1,0 +1,209 @@
+use super::*;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const STEP: Duration = Duration::from_micros(100);
+/// What a download moves per step at full speed: 640 MB/s.
+const CHUNK: usize = 64 * 1024;
+
+/// Runs a download on `bulk_lane` for `span`, `chunk` bytes per step when
+/// admitted, beside interactive requests (1.4 KiB every millisecond) on
+/// `busy_lane` when given, and returns how many bytes the download moved.
+fn download(
+    bulk_lane: &Arc<Lane>,
+    busy_lane: Option<&Arc<Lane>>,
+    span: Duration,
+    chunk: usize,
+) -> u64 {
+    let t0 = Instant::now();
+    let mut bulk = Pacer::new(bulk_lane.clone(), t0);
+    let mut small = busy_lane.map(|l| Pacer::new(l.clone(), t0));
+    let mut moved = 0;
+    let mut now = t0;
+    while now < t0 + span {
+        if let Some(small) = &mut small
+            && (now - t0).as_micros().is_multiple_of(1000)
+        {
+            assert!(small.admit(now).is_ok(), "interactive bytes never wait");
+            small.moved(1400, now);
+        }
+        if bulk.admit(now).is_ok() {
+            bulk.moved(chunk, now);
+            moved += chunk as u64;
+        }
+        now += STEP;
+    }
+    moved
+}
+
+#[test]
+fn a_download_moves_at_a_quarter_of_its_speed_beside_its_own_workspaces_requests() {
+    let lanes = Lanes::default();
+    let span = Duration::from_millis(400);
+    // Small reads, and reads that drain a whole stream window at once (a
+    // pause alone would let the window fill and the next read take it).
+    for chunk in [CHUNK, 8 << 20] {
+        // A lane of its own: the simulated clock runs ahead of the real one.
+        let a = lanes.lane(Uuid::new_v4());
+        let alone = download(&a, None, span, chunk);
+        let beside = download(&a, Some(&a), span, chunk);
+        let share = beside as f64 / alone as f64;
+        assert!(
+            (0.2..0.35).contains(&share),
+            "beside interactive requests the download should move about a quarter \
+             ({chunk} B reads): {share:.2}"
+        );
+    }
+}
+
+#[test]
+fn another_workspaces_requests_never_slow_a_download() {
+    let lanes = Lanes::default();
+    let (a, b) = (lanes.lane(Uuid::new_v4()), lanes.lane(Uuid::new_v4()));
+    let span = Duration::from_millis(200);
+    assert_eq!(
+        download(&a, Some(&b), span, CHUNK),
+        download(&a, None, span, CHUNK)
+    );
+}
+
+#[test]
+fn a_download_runs_at_full_speed_again_once_the_requests_stop() {
+    let lane = Arc::new(Lane::new(Instant::now()));
+    let t0 = Instant::now();
+    let mut bulk = Pacer::new(lane.clone(), t0);
+    let mut now = t0;
+    // Bulk after its first window.
+    while now < t0 + 2 * WINDOW {
+        bulk.admit(now).unwrap();
+        bulk.moved(CHUNK, now);
+        now += STEP;
+    }
+    assert!(bulk.bulk());
+    // One interactive request, then none.
+    lane.touch(now);
+    let mut held = 0;
+    let quiet = now + RECENT;
+    while now < quiet + BURST + WINDOW {
+        if bulk.admit(now).is_ok() {
+            bulk.moved(CHUNK, now);
+        } else {
+            held += 1;
+        }
+        now += STEP;
+    }
+    assert!(
+        held > 0,
+        "the download made way while the request was recent"
+    );
+    // From here on, every step moves.
+    for _ in 0..1000 {
+        assert!(bulk.admit(now).is_ok());
+        bulk.moved(CHUNK, now);
+        now += STEP;
+    }
+}
+
+#[test]
+fn back_to_back_small_requests_on_one_connection_stay_interactive() {
+    let lane = Arc::new(Lane::new(Instant::now()));
+    let t0 = Instant::now();
+    // 1.4 KiB every 170 µs: one keep-alive connection at c=1 on loopback.
+    let mut small = Pacer::new(lane.clone(), t0);
+    let mut now = t0;
+    while now < t0 + Duration::from_secs(2) {
+        assert!(small.admit(now).is_ok());
+        small.moved(1400, now);
+        assert!(!small.bulk());
+        now += Duration::from_micros(170);
+    }
+}
+
+#[test]
+fn a_pooled_connection_that_carried_a_download_is_not_held_back_when_reused() {
+    let lane = Arc::new(Lane::new(Instant::now()));
+    let t0 = Instant::now();
+    let mut conn = Pacer::new(lane.clone(), t0);
+    let mut now = t0;
+    while now < t0 + 2 * WINDOW {
+        conn.admit(now).unwrap();
+        conn.moved(CHUNK, now);
+        now += STEP;
+    }
+    assert!(conn.bulk());
+    // Idle in the pool, then a small request while the workspace is busy.
+    now += Duration::from_secs(1);
+    lane.touch(now);
+    assert!(conn.admit(now).is_ok());
+    conn.moved(1400, now);
+    assert!(!conn.bulk());
+}
+
+#[test]
+fn lanes_are_shared_per_workspace_and_forgotten_when_unused() {
+    let lanes = Lanes::default();
+    let agent = Uuid::new_v4();
+    let a = lanes.lane(agent);
+    assert!(Arc::ptr_eq(&a, &lanes.lane(agent)));
+    drop(a);
+    // Many short-lived workspaces: the map is swept as it grows.
+    for _ in 0..1000 {
+        drop(lanes.lane(Uuid::new_v4()));
+    }
+    assert!(lanes.len() < 200, "{} lanes kept", lanes.len());
+}
+
+/// The connection wrapper holds a download's reads back while requests to
+/// its workspace flow, with real (virtual-time) timers.
+#[tokio::test(start_paused = true)]
+async fn a_paced_connection_waits_out_its_pauses() {
+    let lanes = Lanes::default();
+    let lane = lanes.lane(Uuid::new_v4());
+    let stats = Arc::new(RelayStats::default());
+
+    let read_for = |lane: Arc<Lane>, span: Duration| {
+        let stats = stats.clone();
+        async move {
+            let (mut app, conn) = tokio::io::duplex(1 << 20);
+            tokio::spawn(async move {
+                let chunk = vec![7u8; CHUNK];
+                while app.write_all(&chunk).await.is_ok() {}
+            });
+            let mut conn = Paced::new(conn, lane, stats);
+            let mut buf = vec![0u8; CHUNK];
+            let (t0, mut got) = (Instant::now(), 0u64);
+            while t0.elapsed() < span {
+                got += conn.read(&mut buf).await.unwrap() as u64;
+                // What moving a chunk costs.
+                tokio::time::sleep(STEP).await;
+            }
+            got
+        }
+    };
+    let span = Duration::from_millis(200);
+    let alone = read_for(lane.clone(), span).await;
+    assert_eq!(stats.bulk_pauses.load(Ordering::Relaxed), 0);
+
+    let requests = {
+        let lane = lane.clone();
+        let stats = stats.clone();
+        tokio::spawn(async move {
+            let (mut client, conn) = tokio::io::duplex(1 << 16);
+            let mut conn = Paced::new(conn, lane, stats);
+            loop {
+                conn.write_all(&[1u8; 1400]).await.unwrap();
+                let mut b = [0u8; 1400];
+                client.read_exact(&mut b).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+    };
+    let beside = read_for(lane, span).await;
+    requests.abort();
+    let share = beside as f64 / alone as f64;
+    assert!(
+        (0.15..0.45).contains(&share),
+        "the download should move about a quarter beside requests: {share:.2}"
+    );
+    assert!(stats.bulk_pauses.load(Ordering::Relaxed) > 0);
+}
