@@ -119,9 +119,7 @@ fn devmesh_binary(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     use devmesh_loadtest::scenario::Scenario;
     use devmesh_loadtest::topology::{Existing, Options};
-    let text = std::fs::read_to_string(&args.scenario)
-        .with_context(|| format!("cannot read {}", args.scenario.display()))?;
-    let scenario = match Scenario::parse(&text) {
+    let scenario = match Scenario::load(&args.scenario) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("{}: {e:#}", args.scenario.display());

@@ -86,10 +86,12 @@ fn raise_nofile() {
     }
 }
 
-/// Runs the scenario file end to end and writes the report into `out`.
-/// Returns the path of `report.md` and the names of failed scenarios.
+/// Runs the scenario file end to end and writes the report into `out`:
+/// each included file first, on a deployment of its own, then the file
+/// itself. Returns the path of `report.md` and the names of failed
+/// scenarios.
 pub async fn run(
-    scenario: Scenario,
+    mut scenario: Scenario,
     opts: Options,
     only: Option<Vec<String>>,
     quick: bool,
@@ -105,11 +107,6 @@ pub async fn run(
         indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
             .expect("valid template"),
     );
-    let stop = CancellationToken::new();
-    // Serves until the run ends (dropped with it).
-    let upstream = devmesh_tests::upstream::Upstream::try_start().await?;
-    let app_port = upstream.port();
-
     let mut report = Report {
         name: scenario.name.clone(),
         quick,
@@ -125,8 +122,86 @@ pub async fn run(
     if let Ok(k) = std::fs::read_to_string("/proc/sys/kernel/osrelease") {
         report.machine.insert("kernel".into(), k.trim().to_owned());
     }
+    let only = only.as_deref();
+    for part in std::mem::take(&mut scenario.parts) {
+        let name = part.name.clone();
+        if !any_wanted(&part, only) {
+            continue;
+        }
+        let part_opts = Options {
+            out: opts.out.join(&name),
+            ..opts.clone()
+        };
+        std::fs::create_dir_all(&part_opts.out)?;
+        let mut sub = Report::default();
+        measure(part, &part_opts, only, &progress, &mut sub)
+            .await
+            .with_context(|| format!("the included scenario file {name:?}"))?;
+        merge_part(&mut report, &name, sub);
+    }
+    measure(scenario, &opts, only, &progress, &mut report).await?;
 
-    let dep = Deployment::start(&scenario, &opts, app_port, &progress)
+    progress.set_message("writing the report");
+    let mut plots = Vec::new();
+    for s in &report.scenarios {
+        plots.extend(plot::scenario(&opts.out, s));
+    }
+    report.total_s = started.elapsed().as_secs_f64();
+    crate::report::write(&opts.out, &report, &plots)?;
+    progress.finish_and_clear();
+    let failed = report
+        .scenarios
+        .iter()
+        .filter(|s| s.status != "ok")
+        .map(|s| s.name.clone())
+        .collect();
+    Ok((opts.out.join("report.md"), failed))
+}
+
+/// Whether `only` (none: every one) names a scenario `s` configures.
+fn any_wanted(s: &Scenario, only: Option<&[String]>) -> bool {
+    let configured = serde_json::to_value(&s.scenarios).unwrap_or_default();
+    configured.as_object().is_some_and(|m| {
+        m.iter()
+            .any(|(k, v)| !v.is_null() && only.is_none_or(|o| o.iter().any(|x| x == k)))
+    })
+}
+
+/// Adds an included file's results to the run's report, each name
+/// prefixed with the file's.
+fn merge_part(report: &mut Report, part: &str, sub: Report) {
+    for (k, v) in sub.baselines {
+        report.baselines.insert(format!("{part}: {k}"), v);
+    }
+    for (k, v) in sub.edges {
+        report.edges.insert(format!("{part}: {k}"), v);
+    }
+    report
+        .notes
+        .extend(sub.notes.into_iter().map(|n| format!("{part}: {n}")));
+    report.wan.extend(sub.wan);
+    for mut s in sub.scenarios {
+        s.name = format!("{part}.{}", s.name);
+        s.title = format!("{} (the {part} deployment)", s.title);
+        report.scenarios.push(s);
+    }
+}
+
+/// Starts `scenario`'s deployment and baselines, runs each of its
+/// scenarios `only` names into `report`, and stops everything it started.
+async fn measure(
+    scenario: Scenario,
+    opts: &Options,
+    only: Option<&[String]>,
+    progress: &indicatif::ProgressBar,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let stop = CancellationToken::new();
+    // Serves until the measurement ends (dropped with it).
+    let upstream = devmesh_tests::upstream::Upstream::try_start().await?;
+    let app_port = upstream.port();
+
+    let dep = Deployment::start(&scenario, opts, app_port, progress)
         .await
         .context("starting the deployment")?;
     for e in &dep.edges {
@@ -234,7 +309,7 @@ pub async fn run(
         stop: stop.clone(),
     };
 
-    let wanted = |n: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == n));
+    let wanted = |n: &str| only.is_none_or(|o| o.iter().any(|x| x == n));
     let s = ctx.scenario.scenarios.clone();
     macro_rules! scenario {
         ($name:literal, $title:literal, $cfg:expr, $f:path) => {
@@ -354,21 +429,7 @@ pub async fn run(
     {
         report.notes.push("Agents outside the primary's region reach the primary's API through their WAN link. QUIC to an edge's relay (from its agents, and over the mesh from other relays and the primary) goes through a UDP front with the matching link; the primary's own relay has no front (agents attach to their region's edge while it answers).".into());
     }
-    progress.set_message("writing the report");
-    let mut plots = Vec::new();
-    for s in &report.scenarios {
-        plots.extend(plot::scenario(&opts.out, s));
-    }
-    report.total_s = started.elapsed().as_secs_f64();
-    crate::report::write(&opts.out, &report, &plots)?;
-    progress.finish_and_clear();
     stop.cancel();
     drop(keep_alive);
-    let failed = report
-        .scenarios
-        .iter()
-        .filter(|s| s.status != "ok")
-        .map(|s| s.name.clone())
-        .collect();
-    Ok((opts.out.join("report.md"), failed))
+    Ok(())
 }

@@ -14,6 +14,15 @@ use serde::{Deserialize, Serialize};
 pub struct Scenario {
     /// A name for the report.
     pub name: String,
+    /// Scenario files (paths relative to this one) measured first, each on
+    /// a deployment of its own, and reported in this run's report with
+    /// their scenarios named `<their name>.<scenario>`: one run, one
+    /// report, several topologies.
+    #[serde(default)]
+    pub include: Vec<std::path::PathBuf>,
+    /// The included files, parsed (by [`Scenario::load`]).
+    #[serde(skip)]
+    pub parts: Vec<Scenario>,
     /// The deployment's shape.
     pub topology: Topology,
     /// The emulated wide-area links between regions.
@@ -401,6 +410,34 @@ impl std::fmt::Display for Invalid {
 impl std::error::Error for Invalid {}
 
 impl Scenario {
+    /// Reads and parses the scenario file at `path` and the files it
+    /// includes (which may not include others in turn).
+    pub fn load(path: &std::path::Path) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let read = |p: &std::path::Path| {
+            std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))
+        };
+        let mut s = Self::parse(&read(path)?)?;
+        let dir = path.parent().unwrap_or(std::path::Path::new("."));
+        for inc in &s.include {
+            let p = dir.join(inc);
+            let part = Self::parse(&read(&p)?).with_context(|| format!("{}", p.display()))?;
+            anyhow::ensure!(
+                part.include.is_empty(),
+                "{}: an included scenario file may not include others",
+                p.display()
+            );
+            anyhow::ensure!(
+                part.name != s.name && s.parts.iter().all(|q| q.name != part.name),
+                "{}: its name {:?} is taken in this run",
+                p.display(),
+                part.name
+            );
+            s.parts.push(part);
+        }
+        Ok(s)
+    }
+
     /// Parses a scenario file's text.
     pub fn parse(text: &str) -> anyhow::Result<Self> {
         let s: Scenario = toml::from_str(text)?;
@@ -487,6 +524,10 @@ impl Scenario {
     /// The same scenario at tiny sizes: every part runs, in well under two
     /// minutes, to keep the tool from rotting (numbers are not meaningful).
     pub fn quick(mut self) -> Self {
+        self.parts = std::mem::take(&mut self.parts)
+            .into_iter()
+            .map(Self::quick)
+            .collect();
         for r in &mut self.topology.regions {
             r.agents = r.agents.min(1);
         }

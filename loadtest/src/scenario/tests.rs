@@ -38,6 +38,43 @@ fn the_shipped_full_scenario_parses_and_validates() {
 }
 
 #[test]
+fn the_full_scenario_includes_the_one_hop_data_plane_and_quick_shrinks_it_too() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+    let s = Scenario::load(&dir.join("full.toml")).unwrap();
+    assert_eq!(s.parts.len(), 1);
+    assert_eq!(s.parts[0], Scenario::parse(DATAPLANE).unwrap());
+    let q = s.quick();
+    assert_eq!(q.parts[0].scenarios.bulk.as_ref().unwrap().size_mib, 16);
+}
+
+#[test]
+fn an_included_file_may_not_include_others_nor_reuse_a_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let body = |name: &str, include: &str| {
+        DATAPLANE.replacen(
+            "name = \"dataplane\"",
+            &format!("name = \"{name}\"\ninclude = [{include}]"),
+            1,
+        )
+    };
+    write("leaf.toml", &body("leaf", ""));
+    write("middle.toml", &body("middle", "\"leaf.toml\""));
+    let top = write("top.toml", &body("top", "\"middle.toml\""));
+    let err = format!("{:#}", Scenario::load(&top).unwrap_err());
+    assert!(err.contains("may not include others"), "{err}");
+    let same = write("same.toml", &body("leaf", "\"leaf.toml\""));
+    let err = format!("{:#}", Scenario::load(&same).unwrap_err());
+    assert!(err.contains("is taken"), "{err}");
+    let ok = write("ok.toml", &body("ok", "\"leaf.toml\""));
+    assert_eq!(Scenario::load(&ok).unwrap().parts[0].name, "leaf");
+}
+
+#[test]
 fn rtt_is_symmetric_with_intra_region_and_fallback() {
     let s = Scenario::parse(FULL).unwrap();
     let ms = |a, b| s.wan.rtt(a, b).as_secs_f64() * 1000.0;
