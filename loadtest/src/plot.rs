@@ -255,7 +255,8 @@ pub fn scenario(dir: &Path, s: &ScenarioReport) -> Vec<String> {
         .collect();
     if !rss.is_empty()
         && matches!(
-            s.name.as_str(),
+            // An included file's scenarios are named `<part>.<name>`.
+            s.name.rsplit('.').next().unwrap_or_default(),
             "slow_reader" | "websockets" | "agents" | "failover" | "soak"
         )
     {

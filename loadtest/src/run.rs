@@ -123,23 +123,46 @@ pub async fn run(
         report.machine.insert("kernel".into(), k.trim().to_owned());
     }
     let only = only.as_deref();
-    for part in std::mem::take(&mut scenario.parts) {
-        let name = part.name.clone();
-        if !any_wanted(&part, only) {
-            continue;
+    let parts = std::mem::take(&mut scenario.parts);
+    if opts.existing.is_some() && !parts.is_empty() {
+        // Each part registers edges of its own; against a deployment that
+        // outlives the run they would collide with the main file's.
+        report.notes.push(format!(
+            "Included scenario files not run against an existing deployment (--url): {}",
+            parts
+                .iter()
+                .map(|p| p.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    } else {
+        for part in parts {
+            let name = part.name.clone();
+            if !any_wanted(&part, only, Some(&name)) {
+                continue;
+            }
+            let part_opts = Options {
+                out: opts.out.join(&name),
+                ..opts.clone()
+            };
+            std::fs::create_dir_all(&part_opts.out)?;
+            let mut sub = Report::default();
+            let result = measure(part, &part_opts, only, Some(&name), &progress, &mut sub).await;
+            merge_part(&mut report, &name, sub);
+            // A part that cannot start is a failed scenario of the run;
+            // the rest still runs.
+            if let Err(e) = result {
+                let mut sr = ScenarioReport::new(&name, "an included scenario file");
+                sr.status = format!("failed: {e:#}");
+                report.scenarios.push(sr);
+            }
         }
-        let part_opts = Options {
-            out: opts.out.join(&name),
-            ..opts.clone()
-        };
-        std::fs::create_dir_all(&part_opts.out)?;
-        let mut sub = Report::default();
-        measure(part, &part_opts, only, &progress, &mut sub)
-            .await
-            .with_context(|| format!("the included scenario file {name:?}"))?;
-        merge_part(&mut report, &name, sub);
     }
-    measure(scenario, &opts, only, &progress, &mut report).await?;
+    let main = if any_wanted(&scenario, only, None) {
+        measure(scenario, &opts, only, None, &progress, &mut report).await
+    } else {
+        Ok(())
+    };
 
     progress.set_message("writing the report");
     let mut plots = Vec::new();
@@ -149,6 +172,8 @@ pub async fn run(
     report.total_s = started.elapsed().as_secs_f64();
     crate::report::write(&opts.out, &report, &plots)?;
     progress.finish_and_clear();
+    // The parts' results are written even when the main deployment failed.
+    main?;
     let failed = report
         .scenarios
         .iter()
@@ -158,13 +183,25 @@ pub async fn run(
     Ok((opts.out.join("report.md"), failed))
 }
 
-/// Whether `only` (none: every one) names a scenario `s` configures.
-fn any_wanted(s: &Scenario, only: Option<&[String]>) -> bool {
-    let configured = serde_json::to_value(&s.scenarios).unwrap_or_default();
-    configured.as_object().is_some_and(|m| {
-        m.iter()
-            .any(|(k, v)| !v.is_null() && only.is_none_or(|o| o.iter().any(|x| x == k)))
+/// Whether `only` (none: every one) names scenario `name`, plainly (in
+/// every file) or as `<part>.<name>` (in the included file `part`).
+fn wanted(only: Option<&[String]>, part: Option<&str>, name: &str) -> bool {
+    only.is_none_or(|o| {
+        o.iter().any(|x| {
+            x == name
+                || part.is_some_and(|p| {
+                    x.strip_prefix(p).and_then(|r| r.strip_prefix('.')) == Some(name)
+                })
+        })
     })
+}
+
+/// Whether `only` names a scenario `s` configures.
+fn any_wanted(s: &Scenario, only: Option<&[String]>, part: Option<&str>) -> bool {
+    let configured = serde_json::to_value(&s.scenarios).unwrap_or_default();
+    configured
+        .as_object()
+        .is_some_and(|m| m.iter().any(|(k, v)| !v.is_null() && wanted(only, part, k)))
 }
 
 /// Adds an included file's results to the run's report, each name
@@ -179,7 +216,12 @@ fn merge_part(report: &mut Report, part: &str, sub: Report) {
     report
         .notes
         .extend(sub.notes.into_iter().map(|n| format!("{part}: {n}")));
-    report.wan.extend(sub.wan);
+    report.wan.extend(sub.wan.into_iter().map(|mut w| {
+        if let Some(o) = w.as_object_mut() {
+            o.insert("deployment".into(), part.into());
+        }
+        w
+    }));
     for mut s in sub.scenarios {
         s.name = format!("{part}.{}", s.name);
         s.title = format!("{} (the {part} deployment)", s.title);
@@ -189,10 +231,12 @@ fn merge_part(report: &mut Report, part: &str, sub: Report) {
 
 /// Starts `scenario`'s deployment and baselines, runs each of its
 /// scenarios `only` names into `report`, and stops everything it started.
+/// `part`: the included file's name, when it is one.
 async fn measure(
     scenario: Scenario,
     opts: &Options,
     only: Option<&[String]>,
+    part: Option<&str>,
     progress: &indicatif::ProgressBar,
     report: &mut Report,
 ) -> anyhow::Result<()> {
@@ -309,14 +353,15 @@ async fn measure(
         stop: stop.clone(),
     };
 
-    let wanted = |n: &str| only.is_none_or(|o| o.iter().any(|x| x == n));
+    let wanted = |n: &str| wanted(only, part, n);
+    let shown = |n: &str| part.map_or_else(|| n.to_owned(), |p| format!("{p}.{n}"));
     let s = ctx.scenario.scenarios.clone();
     macro_rules! scenario {
         ($name:literal, $title:literal, $cfg:expr, $f:path) => {
             if let Some(cfg) = &$cfg
                 && wanted($name)
             {
-                progress.set_message(format!("scenario {}", $name));
+                progress.set_message(format!("scenario {}", shown($name)));
                 let mut sr = ScenarioReport::new($name, $title);
                 let window = ctx.dep.monitor.window();
                 let t = Instant::now();
@@ -330,7 +375,7 @@ async fn measure(
                 sr.processes = ctx.dep.monitor.usage(&window);
                 progress.println(format!(
                     "{:>12}: {} ({:.1} s)",
-                    $name,
+                    shown($name),
                     sr.status,
                     t.elapsed().as_secs_f64()
                 ));
@@ -432,4 +477,33 @@ async fn measure(
     stop.cancel();
     drop(keep_alive);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_names_a_scenario_everywhere_or_in_one_included_file() {
+        let only = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let small = only(&["small"]);
+        assert!(wanted(Some(&small), None, "small"));
+        assert!(wanted(Some(&small), Some("dataplane"), "small"));
+        let part = only(&["dataplane.small"]);
+        assert!(wanted(Some(&part), Some("dataplane"), "small"));
+        assert!(!wanted(Some(&part), None, "small"));
+        assert!(!wanted(Some(&part), Some("other"), "small"));
+        assert!(!wanted(Some(&part), Some("dataplane"), "bulk"));
+        assert!(!wanted(
+            Some(&only(&["dataplanesmall"])),
+            Some("dataplane"),
+            "small"
+        ));
+        assert!(wanted(None, Some("dataplane"), "bulk"));
+
+        let dp = Scenario::parse(include_str!("../scenarios/dataplane.toml")).unwrap();
+        assert!(any_wanted(&dp, Some(&part), Some("dataplane")));
+        assert!(!any_wanted(&dp, Some(&part), None));
+        assert!(!any_wanted(&dp, Some(&only(&["chaos"])), Some("dataplane")));
+    }
 }

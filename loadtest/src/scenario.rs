@@ -423,6 +423,12 @@ impl Scenario {
             let p = dir.join(inc);
             let part = Self::parse(&read(&p)?).with_context(|| format!("{}", p.display()))?;
             anyhow::ensure!(
+                devmesh_shared::names::validate_name(&part.name).is_ok(),
+                "{}: an included file's name {:?} must be a plain name (its results go in a folder of that name)",
+                p.display(),
+                part.name
+            );
+            anyhow::ensure!(
                 part.include.is_empty(),
                 "{}: an included scenario file may not include others",
                 p.display()

@@ -1,4 +1,4 @@
-//! Interactive traffic before bulk, per workspace.
+//! Interactive traffic before bulk, per app of a workspace.
 //!
 //! Every app connection to one workspace crosses the same proxy, the same
 //! agent and the same cores. A download that keeps them busy makes each
@@ -9,15 +9,19 @@
 //! byte is.
 //!
 //! So a connection moving bulk (over [`BULK_ENTER`] bytes/s in its last
-//! [`WINDOW`]) while an interactive connection to the same workspace has
-//! moved bytes in the last [`RECENT`] is paced to [`SHARE`] of the speed
-//! it had unpaced. Its reads and writes wait, so the whole chain behind it
+//! [`WINDOW`]) while an interactive connection to the same app (the same
+//! port of the same workspace agent) has moved bytes in the last
+//! [`RECENT`] is paced to [`SHARE`] of the speed it had unpaced. Its reads and writes wait, so the whole chain behind it
 //! (QUIC flow control, the agent, the app, the client) slows with it and
 //! the cores go to the interactive requests. Pacing counts bytes, not
 //! time: a pause of the reads alone would let the agent fill the stream's
 //! 8 MiB window meanwhile, and the next read would drain it at once. When the interactive traffic stops, it runs at full speed
-//! again within [`RECENT`]. Another workspace's traffic never slows it:
-//! fairness between workspaces is the operating system's scheduler's.
+//! again within [`RECENT`] (a paced connection asks again at least that
+//! often). Another app's or workspace's traffic never slows it: fairness
+//! between them is the operating system's scheduler's. Lanes are per app,
+//! not per workspace, because an app's port may be shared: a stranger
+//! using a public port can pace downloads from that port (whose capacity
+//! they share anyway), never from the owner's other ports.
 //!
 //! [`Pacer`] is the state machine (it takes `now`, it never reads the
 //! clock); [`Paced`] drives it for a connection's reads and writes.
@@ -56,8 +60,8 @@ pub const BURST: Duration = Duration::from_millis(4);
 
 // === Workspaces ===
 
-/// One workspace's app traffic at this proxy: when an interactive
-/// connection to it last moved bytes.
+/// One app's traffic at this proxy (a port of a workspace agent): when an
+/// interactive connection to it last moved bytes.
 #[derive(Debug)]
 pub struct Lane {
     /// What the timestamps count from.
@@ -98,24 +102,25 @@ impl Lane {
     }
 }
 
-/// The lanes of the workspaces this proxy carries traffic for, each kept
-/// while a connection to it is open.
+/// The lanes of the apps (a workspace agent's port) this proxy carries
+/// traffic for, each kept while a connection to it is open.
 #[derive(Debug, Default)]
 pub struct Lanes {
-    by_agent: Mutex<HashMap<Uuid, Weak<Lane>>>,
+    by_app: Mutex<HashMap<(Uuid, u16), Weak<Lane>>>,
     /// Entries at which the map is next swept of lanes nobody holds.
     sweep_at: AtomicU64,
 }
 
 impl Lanes {
-    /// The lane of `agent`'s workspace, shared with its other connections.
-    pub fn lane(&self, agent: Uuid) -> Arc<Lane> {
-        let mut map = self.by_agent.lock();
-        if let Some(lane) = map.get(&agent).and_then(Weak::upgrade) {
+    /// The lane of the app on `port` of `agent`'s workspace, shared with
+    /// its other connections.
+    pub fn lane(&self, agent: Uuid, port: u16) -> Arc<Lane> {
+        let mut map = self.by_app.lock();
+        if let Some(lane) = map.get(&(agent, port)).and_then(Weak::upgrade) {
             return lane;
         }
         let lane = Arc::new(Lane::new(Instant::now()));
-        map.insert(agent, Arc::downgrade(&lane));
+        map.insert((agent, port), Arc::downgrade(&lane));
         // Amortised: sweep when the map has doubled since the last sweep.
         if map.len() as u64 >= self.sweep_at.load(Ordering::Relaxed) {
             map.retain(|_, l| l.strong_count() > 0);
@@ -127,7 +132,7 @@ impl Lanes {
 
     /// Lanes in the map (for tests).
     pub fn len(&self) -> usize {
-        self.by_agent.lock().len()
+        self.by_app.lock().len()
     }
 
     /// Whether the map is empty (for tests).
@@ -159,6 +164,11 @@ pub struct Pacer {
     refilled: Instant,
     /// The last mark this connection left on its lane.
     touched: u64,
+    /// Whether it has moved any bytes yet (its first window starts there,
+    /// not at the handshake).
+    started: bool,
+    /// When it last moved bytes or was held back.
+    active: Instant,
 }
 
 impl Pacer {
@@ -175,6 +185,8 @@ impl Pacer {
             credit: 0.0,
             refilled: now,
             touched: 0,
+            started: false,
+            active: now,
         }
     }
 
@@ -187,8 +199,8 @@ impl Pacer {
     /// again.
     pub fn admit(&mut self, now: Instant) -> Result<(), Instant> {
         // A connection idle for a while (a pooled one, reused) is judged
-        // afresh by what it moves next.
-        if self.bulk && now.saturating_duration_since(self.window_start) > 4 * WINDOW {
+        // afresh by what it moves next. Held back is not idle.
+        if self.bulk && now.saturating_duration_since(self.active) > 4 * WINDOW {
             self.bulk = false;
             self.window_start = now;
             self.window_bytes = 0;
@@ -212,11 +224,24 @@ impl Pacer {
         if self.credit > 0.0 {
             return Ok(());
         }
-        Err(now + Duration::from_secs_f64(-self.credit / rate) + Duration::from_micros(1))
+        self.active = now;
+        // Asked again within RECENT at the latest, so the connection runs
+        // at full speed soon after the interactive traffic stops instead
+        // of waiting out its whole debt.
+        let owed = Duration::from_secs_f64(-self.credit / rate) + Duration::from_micros(1);
+        Err(now + owed.min(RECENT))
     }
 
     /// `n` bytes moved at `now`.
     pub fn moved(&mut self, n: usize, now: Instant) {
+        if n == 0 {
+            return;
+        }
+        if !self.started {
+            self.started = true;
+            self.window_start = now;
+        }
+        self.active = now;
         if self.pacing {
             self.credit -= n as f64;
         }
@@ -229,14 +254,16 @@ impl Pacer {
             } else {
                 rate >= BULK_ENTER
             };
+            // One slow window (the app thinking, the client reading
+            // slowly) halves the estimate at most.
             if self.bulk && !self.paced_in_window {
-                self.full_rate = rate.max(BULK_ENTER);
+                self.full_rate = rate.max(self.full_rate / 2.0).max(BULK_ENTER);
             }
             self.window_start = now;
             self.window_bytes = 0;
             self.paced_in_window = self.pacing;
         }
-        if !self.bulk && n > 0 {
+        if !self.bulk {
             self.touched = self.lane.touch(now);
         }
     }
@@ -250,12 +277,23 @@ impl Pacer {
 // === The connection ===
 
 /// A connection whose reads and writes follow its [`Pacer`]. Flushes and
-/// shutdowns are never held back.
+/// shutdowns are passed straight through (though a TLS stream above this
+/// one writes what it flushes, and those writes are paced). Reads and
+/// writes wait on pauses of their own, so the two halves may be driven
+/// by different tasks.
 pub struct Paced<IO> {
     io: IO,
     pacer: Pacer,
-    pause: Option<Pin<Box<Sleep>>>,
+    read_pause: Option<Pin<Box<Sleep>>>,
+    write_pause: Option<Pin<Box<Sleep>>>,
     stats: Arc<RelayStats>,
+}
+
+/// Which half of a connection waits.
+#[derive(Clone, Copy)]
+enum Half {
+    Read,
+    Write,
 }
 
 impl<IO> Paced<IO> {
@@ -264,22 +302,27 @@ impl<IO> Paced<IO> {
         Self {
             io,
             pacer: Pacer::new(lane, Instant::now()),
-            pause: None,
+            read_pause: None,
+            write_pause: None,
             stats,
         }
     }
 
-    fn gate(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+    fn gate(&mut self, cx: &mut Context<'_>, half: Half) -> Poll<()> {
+        let slot = match half {
+            Half::Read => &mut self.read_pause,
+            Half::Write => &mut self.write_pause,
+        };
         loop {
-            if let Some(pause) = &mut self.pause {
+            if let Some(pause) = slot {
                 ready!(pause.as_mut().poll(cx));
-                self.pause = None;
+                *slot = None;
             }
             match self.pacer.admit(Instant::now()) {
                 Ok(()) => return Poll::Ready(()),
                 Err(resume) => {
                     self.stats.bulk_pauses.fetch_add(1, Ordering::Relaxed);
-                    self.pause = Some(Box::pin(tokio::time::sleep_until(resume)));
+                    *slot = Some(Box::pin(tokio::time::sleep_until(resume)));
                 }
             }
         }
@@ -293,7 +336,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Paced<IO> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        ready!(this.gate(cx));
+        ready!(this.gate(cx, Half::Read));
         let before = buf.filled().len();
         let r = ready!(Pin::new(&mut this.io).poll_read(cx, buf));
         if r.is_ok() {
@@ -311,7 +354,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Paced<IO> {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        ready!(this.gate(cx));
+        ready!(this.gate(cx, Half::Write));
         let r = ready!(Pin::new(&mut this.io).poll_write(cx, data));
         if let Ok(n) = r {
             this.pacer.moved(n, Instant::now());
@@ -325,7 +368,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Paced<IO> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        ready!(this.gate(cx));
+        ready!(this.gate(cx, Half::Write));
         let r = ready!(Pin::new(&mut this.io).poll_write_vectored(cx, bufs));
         if let Ok(n) = r {
             this.pacer.moved(n, Instant::now());

@@ -103,7 +103,7 @@ impl Pool {
                 }
             }
         }
-        let lane = self.lanes.lane(key.agent);
+        let lane = self.lanes.lane(key.agent, key.port);
         let mut sender = connect(relay, key, grant, lane, fresh).await?;
         let resp = sender
             .send_request(req)

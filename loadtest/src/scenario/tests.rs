@@ -70,6 +70,13 @@ fn an_included_file_may_not_include_others_nor_reuse_a_name() {
     let same = write("same.toml", &body("leaf", "\"leaf.toml\""));
     let err = format!("{:#}", Scenario::load(&same).unwrap_err());
     assert!(err.contains("is taken"), "{err}");
+    write(
+        "bad-name.toml",
+        &DATAPLANE.replacen("name = \"dataplane\"", "name = \"../x\"", 1),
+    );
+    let escape = write("escape.toml", &body("escape", "\"bad-name.toml\""));
+    let err = format!("{:#}", Scenario::load(&escape).unwrap_err());
+    assert!(err.contains("plain name"), "{err}");
     let ok = write("ok.toml", &body("ok", "\"leaf.toml\""));
     assert_eq!(Scenario::load(&ok).unwrap().parts[0].name, "leaf");
 }

@@ -44,7 +44,7 @@ fn a_download_moves_at_a_quarter_of_its_speed_beside_its_own_workspaces_requests
     // pause alone would let the window fill and the next read take it).
     for chunk in [CHUNK, 8 << 20] {
         // A lane of its own: the simulated clock runs ahead of the real one.
-        let a = lanes.lane(Uuid::new_v4());
+        let a = lanes.lane(Uuid::new_v4(), 8080);
         let alone = download(&a, None, span, chunk);
         let beside = download(&a, Some(&a), span, chunk);
         let share = beside as f64 / alone as f64;
@@ -59,7 +59,10 @@ fn a_download_moves_at_a_quarter_of_its_speed_beside_its_own_workspaces_requests
 #[test]
 fn another_workspaces_requests_never_slow_a_download() {
     let lanes = Lanes::default();
-    let (a, b) = (lanes.lane(Uuid::new_v4()), lanes.lane(Uuid::new_v4()));
+    let (a, b) = (
+        lanes.lane(Uuid::new_v4(), 8080),
+        lanes.lane(Uuid::new_v4(), 8080),
+    );
     let span = Duration::from_millis(200);
     assert_eq!(
         download(&a, Some(&b), span, CHUNK),
@@ -105,6 +108,76 @@ fn a_download_runs_at_full_speed_again_once_the_requests_stop() {
 }
 
 #[test]
+fn another_app_of_the_same_workspace_never_slows_a_download() {
+    let lanes = Lanes::default();
+    let agent = Uuid::new_v4();
+    let (app, other) = (lanes.lane(agent, 8080), lanes.lane(agent, 3000));
+    let span = Duration::from_millis(200);
+    assert_eq!(
+        download(&app, Some(&other), span, CHUNK),
+        download(&app, None, span, CHUNK)
+    );
+}
+
+#[test]
+fn a_paced_download_stays_bulk_and_is_asked_again_within_recent() {
+    // A slow bulk connection (30 MB/s) whose reads take 400 KiB at once,
+    // as hyper's do: each read owes far more than RECENT at its paced
+    // rate. It must never be let off as idle (and turn interactive,
+    // pacing others), and never wait more than RECENT at a time.
+    let lane = Arc::new(Lane::new(Instant::now()));
+    let t0 = Instant::now();
+    let mut conn = Pacer::new(lane.clone(), t0);
+    let mut now = t0;
+    while now < t0 + 3 * WINDOW {
+        conn.admit(now).unwrap();
+        conn.moved(3_000, now);
+        now += STEP;
+    }
+    assert!(conn.bulk());
+    let mut held = 0;
+    while now < t0 + Duration::from_secs(2) {
+        lane.touch(now);
+        match conn.admit(now) {
+            Ok(()) => {
+                conn.moved(400 * 1024, now);
+                assert!(conn.bulk(), "a paced download turned interactive");
+            }
+            Err(resume) => {
+                held += 1;
+                assert!(resume - now <= RECENT, "held {:?} at once", resume - now);
+            }
+        }
+        now += Duration::from_millis(1);
+    }
+    assert!(held > 100);
+}
+
+#[test]
+fn parallel_downloads_alone_do_not_pace_each_other() {
+    // Eight downloads of one app at 30 MB/s each, nothing interactive:
+    // past their first windows (when each is still judged interactive),
+    // none is held back.
+    let lane = Arc::new(Lane::new(Instant::now()));
+    let t0 = Instant::now();
+    let mut conns: Vec<_> = (0..8).map(|_| Pacer::new(lane.clone(), t0)).collect();
+    let mut now = t0;
+    let mut held_late = 0;
+    while now < t0 + Duration::from_millis(500) {
+        for c in &mut conns {
+            match c.admit(now) {
+                Ok(()) => c.moved(3_000, now),
+                Err(_) if now > t0 + WINDOW + RECENT + BURST => held_late += 1,
+                Err(_) => {}
+            }
+        }
+        now += STEP;
+    }
+    assert!(conns.iter().all(Pacer::bulk));
+    assert_eq!(held_late, 0);
+}
+
+#[test]
 fn back_to_back_small_requests_on_one_connection_stay_interactive() {
     let lane = Arc::new(Lane::new(Instant::now()));
     let t0 = Instant::now();
@@ -143,12 +216,12 @@ fn a_pooled_connection_that_carried_a_download_is_not_held_back_when_reused() {
 fn lanes_are_shared_per_workspace_and_forgotten_when_unused() {
     let lanes = Lanes::default();
     let agent = Uuid::new_v4();
-    let a = lanes.lane(agent);
-    assert!(Arc::ptr_eq(&a, &lanes.lane(agent)));
+    let a = lanes.lane(agent, 8080);
+    assert!(Arc::ptr_eq(&a, &lanes.lane(agent, 8080)));
     drop(a);
     // Many short-lived workspaces: the map is swept as it grows.
     for _ in 0..1000 {
-        drop(lanes.lane(Uuid::new_v4()));
+        drop(lanes.lane(Uuid::new_v4(), 8080));
     }
     assert!(lanes.len() < 200, "{} lanes kept", lanes.len());
 }
@@ -158,7 +231,7 @@ fn lanes_are_shared_per_workspace_and_forgotten_when_unused() {
 #[tokio::test(start_paused = true)]
 async fn a_paced_connection_waits_out_its_pauses() {
     let lanes = Lanes::default();
-    let lane = lanes.lane(Uuid::new_v4());
+    let lane = lanes.lane(Uuid::new_v4(), 8080);
     let stats = Arc::new(RelayStats::default());
 
     let read_for = |lane: Arc<Lane>, span: Duration| {
