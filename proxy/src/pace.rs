@@ -329,6 +329,22 @@ impl<IO> Paced<IO> {
     }
 }
 
+impl<IO: AsyncWrite + Unpin> Paced<IO> {
+    /// A write (`write`) once the pacer admits it, its bytes counted.
+    fn paced_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        write: impl FnOnce(Pin<&mut IO>, &mut Context<'_>) -> Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        ready!(self.gate(cx, Half::Write));
+        let r = ready!(write(Pin::new(&mut self.io), cx));
+        if let Ok(n) = r {
+            self.pacer.moved(n, Instant::now());
+        }
+        Poll::Ready(r)
+    }
+}
+
 impl<IO: AsyncRead + Unpin> AsyncRead for Paced<IO> {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -353,13 +369,8 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Paced<IO> {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        ready!(this.gate(cx, Half::Write));
-        let r = ready!(Pin::new(&mut this.io).poll_write(cx, data));
-        if let Ok(n) = r {
-            this.pacer.moved(n, Instant::now());
-        }
-        Poll::Ready(r)
+        self.get_mut()
+            .paced_write(cx, |io, cx| io.poll_write(cx, data))
     }
 
     fn poll_write_vectored(
@@ -367,13 +378,8 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Paced<IO> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        ready!(this.gate(cx, Half::Write));
-        let r = ready!(Pin::new(&mut this.io).poll_write_vectored(cx, bufs));
-        if let Ok(n) = r {
-            this.pacer.moved(n, Instant::now());
-        }
-        Poll::Ready(r)
+        self.get_mut()
+            .paced_write(cx, |io, cx| io.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {

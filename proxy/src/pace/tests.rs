@@ -36,6 +36,21 @@ fn download(
     moved
 }
 
+/// A connection on `lane` made bulk by moving `chunk` bytes every step for
+/// `span`, and the time it got there.
+fn bulk_after(lane: &Arc<Lane>, chunk: usize, span: Duration) -> (Pacer, Instant) {
+    let t0 = Instant::now();
+    let mut conn = Pacer::new(lane.clone(), t0);
+    let mut now = t0;
+    while now < t0 + span {
+        conn.admit(now).unwrap();
+        conn.moved(chunk, now);
+        now += STEP;
+    }
+    assert!(conn.bulk());
+    (conn, now)
+}
+
 #[test]
 fn a_download_moves_at_a_quarter_of_its_speed_beside_its_own_workspaces_requests() {
     let lanes = Lanes::default();
@@ -57,32 +72,21 @@ fn a_download_moves_at_a_quarter_of_its_speed_beside_its_own_workspaces_requests
 }
 
 #[test]
-fn another_workspaces_requests_never_slow_a_download() {
+fn another_apps_or_another_workspaces_requests_never_slow_a_download() {
     let lanes = Lanes::default();
-    let (a, b) = (
-        lanes.lane(Uuid::new_v4(), 8080),
-        lanes.lane(Uuid::new_v4(), 8080),
-    );
+    let agent = Uuid::new_v4();
+    let app = lanes.lane(agent, 8080);
     let span = Duration::from_millis(200);
-    assert_eq!(
-        download(&a, Some(&b), span, CHUNK),
-        download(&a, None, span, CHUNK)
-    );
+    let alone = download(&app, None, span, CHUNK);
+    for other in [lanes.lane(agent, 3000), lanes.lane(Uuid::new_v4(), 8080)] {
+        assert_eq!(download(&app, Some(&other), span, CHUNK), alone);
+    }
 }
 
 #[test]
 fn a_download_runs_at_full_speed_again_once_the_requests_stop() {
     let lane = Arc::new(Lane::new(Instant::now()));
-    let t0 = Instant::now();
-    let mut bulk = Pacer::new(lane.clone(), t0);
-    let mut now = t0;
-    // Bulk after its first window.
-    while now < t0 + 2 * WINDOW {
-        bulk.admit(now).unwrap();
-        bulk.moved(CHUNK, now);
-        now += STEP;
-    }
-    assert!(bulk.bulk());
+    let (mut bulk, mut now) = bulk_after(&lane, CHUNK, 2 * WINDOW);
     // One interactive request, then none.
     lane.touch(now);
     let mut held = 0;
@@ -108,35 +112,16 @@ fn a_download_runs_at_full_speed_again_once_the_requests_stop() {
 }
 
 #[test]
-fn another_app_of_the_same_workspace_never_slows_a_download() {
-    let lanes = Lanes::default();
-    let agent = Uuid::new_v4();
-    let (app, other) = (lanes.lane(agent, 8080), lanes.lane(agent, 3000));
-    let span = Duration::from_millis(200);
-    assert_eq!(
-        download(&app, Some(&other), span, CHUNK),
-        download(&app, None, span, CHUNK)
-    );
-}
-
-#[test]
 fn a_paced_download_stays_bulk_and_is_asked_again_within_recent() {
     // A slow bulk connection (30 MB/s) whose reads take 400 KiB at once,
     // as hyper's do: each read owes far more than RECENT at its paced
     // rate. It must never be let off as idle (and turn interactive,
     // pacing others), and never wait more than RECENT at a time.
     let lane = Arc::new(Lane::new(Instant::now()));
-    let t0 = Instant::now();
-    let mut conn = Pacer::new(lane.clone(), t0);
-    let mut now = t0;
-    while now < t0 + 3 * WINDOW {
-        conn.admit(now).unwrap();
-        conn.moved(3_000, now);
-        now += STEP;
-    }
-    assert!(conn.bulk());
+    let (mut conn, mut now) = bulk_after(&lane, 3_000, 3 * WINDOW);
+    let until = now + Duration::from_secs(2);
     let mut held = 0;
-    while now < t0 + Duration::from_secs(2) {
+    while now < until {
         lane.touch(now);
         match conn.admit(now) {
             Ok(()) => {
@@ -195,15 +180,7 @@ fn back_to_back_small_requests_on_one_connection_stay_interactive() {
 #[test]
 fn a_pooled_connection_that_carried_a_download_is_not_held_back_when_reused() {
     let lane = Arc::new(Lane::new(Instant::now()));
-    let t0 = Instant::now();
-    let mut conn = Pacer::new(lane.clone(), t0);
-    let mut now = t0;
-    while now < t0 + 2 * WINDOW {
-        conn.admit(now).unwrap();
-        conn.moved(CHUNK, now);
-        now += STEP;
-    }
-    assert!(conn.bulk());
+    let (mut conn, mut now) = bulk_after(&lane, CHUNK, 2 * WINDOW);
     // Idle in the pool, then a small request while the workspace is busy.
     now += Duration::from_secs(1);
     lane.touch(now);
