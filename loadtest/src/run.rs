@@ -124,6 +124,20 @@ pub async fn run(
     }
     let only = only.as_deref();
     let parts = std::mem::take(&mut scenario.parts);
+    if let Some(o) = only {
+        let known = |x: &String| {
+            let one = |s: &Scenario, part: Option<&str>| {
+                any_wanted(s, Some(std::slice::from_ref(x)), part)
+            };
+            one(&scenario, None) || parts.iter().any(|p| one(p, Some(&p.name)))
+        };
+        let unknown: Vec<_> = o.iter().filter(|x| !known(x)).cloned().collect();
+        anyhow::ensure!(
+            unknown.is_empty(),
+            "--only names no scenario of this file or its includes: {}",
+            unknown.join(", ")
+        );
+    }
     if opts.existing.is_some() && !parts.is_empty() {
         // Each part registers edges of its own; against a deployment that
         // outlives the run they would collide with the main file's.
@@ -502,6 +516,7 @@ mod tests {
         assert!(wanted(None, Some("dataplane"), "bulk"));
 
         let dp = Scenario::parse(include_str!("../scenarios/dataplane.toml")).unwrap();
+        assert!(any_wanted(&dp, Some(&small), Some("dataplane")));
         assert!(any_wanted(&dp, Some(&part), Some("dataplane")));
         assert!(!any_wanted(&dp, Some(&part), None));
         assert!(!any_wanted(&dp, Some(&only(&["chaos"])), Some("dataplane")));
