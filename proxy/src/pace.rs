@@ -254,6 +254,9 @@ impl Pacer {
             } else {
                 rate >= BULK_ENTER
             };
+            if !self.bulk {
+                self.pacing = false;
+            }
             // One slow window (the app thinking, the client reading
             // slowly) halves the estimate at most.
             if self.bulk && !self.paced_in_window {
@@ -317,6 +320,11 @@ impl<IO> Paced<IO> {
             if let Some(pause) = slot {
                 ready!(pause.as_mut().poll(cx));
                 *slot = None;
+            }
+            // Interactive connections (nearly all) go through without
+            // reading the clock.
+            if !self.pacer.bulk() {
+                return Poll::Ready(());
             }
             match self.pacer.admit(Instant::now()) {
                 Ok(()) => return Poll::Ready(()),
