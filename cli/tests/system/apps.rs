@@ -445,37 +445,30 @@ async fn large_transfers_websockets_and_sse_stream_through_the_tunnel() {
     }
 }
 
-/// curl downloading `size` pattern bytes from `label` as `token`, piped to
-/// sha256sum; its stdout is the digest.
-fn curl_download(w: &World, label: &str, token: &str, size: u64) -> tokio::process::Child {
-    tokio::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "curl -sS --fail --connect-to ::127.0.0.1:{port} -H 'Devmesh-Session-Token: {token}' http://{label}.apps.localhost:{port}/bytes/{size} | sha256sum",
-            port = w.port
-        ))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
-/// Runs `download` to its end while `request` is sent again and again;
-/// checks the bytes arrived whole and every request was answered 200, and
-/// returns how many pauses the primary's pacing counted meanwhile.
-async fn pauses_beside<F, Fut>(
-    w: &World,
-    mut download: tokio::process::Child,
-    size: u64,
-    request: F,
-) -> u64
+/// Alice downloads 256 MiB of pattern bytes from `label` with curl while
+/// `request` is sent again and again; checks the bytes arrived whole and
+/// every request was answered 200, and returns how many pauses the
+/// primary's pacing counted meanwhile.
+async fn pauses_beside<F, Fut>(w: &World, label: &str, request: F) -> u64
 where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = reqwest::Response>,
 {
+    let size: u64 = 256 * 1024 * 1024;
     let base = format!("http://127.0.0.1:{}", w.port);
     let paused = || crate::support::metric(&base, "devmesh_relay_bulk_pauses_total");
     let before = paused().await;
+    let mut download = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "curl -sS --fail --connect-to ::127.0.0.1:{port} -H 'Devmesh-Session-Token: {token}' http://{label}.apps.localhost:{port}/bytes/{size} | sha256sum",
+            port = w.port,
+            token = w.alice.token.as_deref().unwrap(),
+        ))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let mut answered = 0;
     while download.try_wait().unwrap().is_none() {
         assert_eq!(request().await.status(), StatusCode::OK);
@@ -507,57 +500,28 @@ where
 #[tokio::test]
 async fn a_download_makes_way_for_requests_to_its_workspace_and_arrives_whole() {
     let w = World::start().await;
-    let token = w.alice.token.clone().unwrap();
-    let size: u64 = 256 * 1024 * 1024;
     let own = || w.get(Some(&w.alice), "echo--dev--alice", "/echo");
-    let pauses = pauses_beside(
-        &w,
-        curl_download(&w, "echo--dev--alice", &token, size),
-        size,
-        own,
-    )
-    .await;
+    let pauses = pauses_beside(&w, "echo--dev--alice", own).await;
     assert!(pauses > 0, "the download was never paced beside requests");
 
-    // Alone, a download is never paced.
-    let alone = pauses_beside(
-        &w,
-        curl_download(&w, "echo--dev--alice", &token, size),
-        size,
-        || async {
-            // A proxy page, not an app request: no app traffic at all.
-            reqwest::get(format!("http://127.0.0.1:{}/healthz", w.port))
-                .await
-                .unwrap()
-        },
-    )
-    .await;
+    // Alone, a download is never paced: a proxy page, not an app request,
+    // is all that runs beside it.
+    let health = || reqwest::get(format!("http://127.0.0.1:{}/healthz", w.port));
+    let alone = pauses_beside(&w, "echo--dev--alice", || async { health().await.unwrap() }).await;
     assert_eq!(alone, 0, "a download alone was paced");
 
     // A stranger hammering the public app: it shares the port (and its
     // capacity) with `echo`, so a download from `echo` makes way; a dev URL
     // on another port of the same workspace is never slowed by it.
     let stranger = || w.get(None, "pub--dev--alice", "/echo");
-    let same_port = pauses_beside(
-        &w,
-        curl_download(&w, "echo--dev--alice", &token, size),
-        size,
-        stranger,
-    )
-    .await;
+    let same_port = pauses_beside(&w, "echo--dev--alice", stranger).await;
     assert!(
         same_port > 0,
         "a download from the public app's port was never paced"
     );
     let other = Upstream::start().await;
-    let other_port = format!("{}--main--dev--alice", other.port());
-    let other_port = pauses_beside(
-        &w,
-        curl_download(&w, &other_port, &token, size),
-        size,
-        stranger,
-    )
-    .await;
+    let other_label = format!("{}--main--dev--alice", other.port());
+    let other_port = pauses_beside(&w, &other_label, stranger).await;
     assert_eq!(
         other_port, 0,
         "a stranger on a public port paced the owner's other port"
