@@ -11,17 +11,20 @@
 //! So a connection moving bulk (over [`BULK_ENTER`] bytes/s in its last
 //! [`WINDOW`]) while an interactive connection to the same app (the same
 //! port of the same workspace agent) has moved bytes in the last
-//! [`RECENT`] is paced to [`SHARE`] of the speed it had unpaced. Its reads and writes wait, so the whole chain behind it
-//! (QUIC flow control, the agent, the app, the client) slows with it and
-//! the cores go to the interactive requests. Pacing counts bytes, not
-//! time: a pause of the reads alone would let the agent fill the stream's
-//! 8 MiB window meanwhile, and the next read would drain it at once. When the interactive traffic stops, it runs at full speed
-//! again within [`RECENT`] (a paced connection asks again at least that
-//! often). Another app's or workspace's traffic never slows it: fairness
-//! between them is the operating system's scheduler's. Lanes are per app,
-//! not per workspace, because an app's port may be shared: a stranger
-//! using a public port can pace downloads from that port (whose capacity
-//! they share anyway), never from the owner's other ports.
+//! [`RECENT`] is paced to [`SHARE`] of the speed it had unpaced. Its reads
+//! and writes wait, so the whole chain behind it (QUIC flow control, the
+//! agent, the app, the client) slows with it and the cores go to the
+//! interactive requests. Pacing counts bytes, not time: a pause of the
+//! reads alone would let the agent fill the stream's 8 MiB window
+//! meanwhile, and the next read would drain it at once. When the
+//! interactive traffic stops, it runs at full speed again within
+//! [`RECENT`] (a paced connection asks again at least that often).
+//!
+//! Another app's or workspace's traffic never slows it: fairness between
+//! them is the operating system's scheduler's. Lanes are per app, not per
+//! workspace, because an app's port may be shared: a stranger using a
+//! public port can pace downloads from that port (whose capacity they
+//! share anyway), never from the owner's other ports.
 //!
 //! [`Pacer`] is the state machine (it takes `now`, it never reads the
 //! clock); [`Paced`] drives it for a connection's reads and writes.
@@ -49,16 +52,18 @@ pub const WINDOW: Duration = Duration::from_millis(10);
 pub const BULK_ENTER: f64 = 24.0 * 1024.0 * 1024.0;
 /// A bulk connection below this rate over a window is interactive again.
 pub const BULK_LEAVE: f64 = 2.0 * 1024.0 * 1024.0;
-/// Interactive bytes this recent make a workspace busy.
+/// Interactive bytes this recent make an app's lane busy.
 pub const RECENT: Duration = Duration::from_millis(10);
-/// While its workspace is busy, a bulk connection moves at this share of
+/// While its lane is busy, a bulk connection moves at this share of
 /// the speed it had unpaced.
 pub const SHARE: f64 = 0.25;
+/// A lane marked this recently is not marked again (well under [`RECENT`]).
+const TOUCH_EVERY: Duration = Duration::from_millis(1);
 /// How far ahead a paced connection may move at once, in time at its paced
 /// rate: above the timer's millisecond, so a late wake-up is not lost rate.
 pub const BURST: Duration = Duration::from_millis(4);
 
-// === Workspaces ===
+// === Lanes ===
 
 /// One app's traffic at this proxy (a port of a workspace agent): when an
 /// interactive connection to it last moved bytes.
@@ -83,11 +88,17 @@ impl Lane {
         u64::try_from(now.saturating_duration_since(self.born).as_micros()).unwrap_or(u64::MAX)
     }
 
-    /// Interactive bytes moved at `now`; returns the mark left.
-    fn touch(&self, now: Instant) -> u64 {
+    /// Interactive bytes moved at `now`; returns the mark left, or `None`
+    /// when the lane was marked less than [`TOUCH_EVERY`] ago (a read of a
+    /// shared line instead of a write on every interactive read and write).
+    fn touch(&self, now: Instant) -> Option<u64> {
         let mark = self.micros(now).saturating_add(1);
+        let at = self.interactive_at.load(Ordering::Relaxed);
+        if at != 0 && mark.saturating_sub(at) < TOUCH_EVERY.as_micros() as u64 {
+            return None;
+        }
         self.interactive_at.fetch_max(mark, Ordering::Relaxed);
-        mark
+        Some(mark)
     }
 
     /// Whether interactive bytes moved within [`RECENT`] of `now`, other
@@ -105,39 +116,37 @@ impl Lane {
 /// The lanes of the apps (a workspace agent's port) this proxy carries
 /// traffic for, each kept while a connection to it is open.
 #[derive(Debug, Default)]
-pub struct Lanes {
-    by_app: Mutex<HashMap<(Uuid, u16), Weak<Lane>>>,
+pub struct Lanes(Mutex<LaneMap>);
+
+#[derive(Debug, Default)]
+struct LaneMap {
+    by_app: HashMap<(Uuid, u16), Weak<Lane>>,
     /// Entries at which the map is next swept of lanes nobody holds.
-    sweep_at: AtomicU64,
+    sweep_at: usize,
 }
 
 impl Lanes {
     /// The lane of the app on `port` of `agent`'s workspace, shared with
     /// its other connections.
     pub fn lane(&self, agent: Uuid, port: u16) -> Arc<Lane> {
-        let mut map = self.by_app.lock();
-        if let Some(lane) = map.get(&(agent, port)).and_then(Weak::upgrade) {
+        let mut lanes = self.0.lock();
+        if let Some(lane) = lanes.by_app.get(&(agent, port)).and_then(Weak::upgrade) {
             return lane;
         }
         let lane = Arc::new(Lane::new(Instant::now()));
-        map.insert((agent, port), Arc::downgrade(&lane));
+        lanes.by_app.insert((agent, port), Arc::downgrade(&lane));
         // Amortised: sweep when the map has doubled since the last sweep.
-        if map.len() as u64 >= self.sweep_at.load(Ordering::Relaxed) {
-            map.retain(|_, l| l.strong_count() > 0);
-            self.sweep_at
-                .store((map.len() as u64 * 2).max(64), Ordering::Relaxed);
+        if lanes.by_app.len() >= lanes.sweep_at {
+            lanes.by_app.retain(|_, l| l.strong_count() > 0);
+            lanes.sweep_at = (lanes.by_app.len() * 2).max(64);
         }
         lane
     }
 
-    /// Lanes in the map (for tests).
-    pub fn len(&self) -> usize {
-        self.by_app.lock().len()
-    }
-
-    /// Whether the map is empty (for tests).
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+    /// Lanes in the map.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.0.lock().by_app.len()
     }
 }
 
@@ -154,7 +163,7 @@ pub struct Pacer {
     bulk: bool,
     /// Bytes/s over the last window it moved without being paced.
     full_rate: f64,
-    /// Whether it is being paced (bulk, and its workspace busy).
+    /// Whether it is being paced (bulk, and its lane busy).
     pacing: bool,
     /// Whether it was paced at any time in the current window.
     paced_in_window: bool,
@@ -266,8 +275,10 @@ impl Pacer {
             self.window_bytes = 0;
             self.paced_in_window = self.pacing;
         }
-        if !self.bulk {
-            self.touched = self.lane.touch(now);
+        if !self.bulk
+            && let Some(mark) = self.lane.touch(now)
+        {
+            self.touched = mark;
         }
     }
 

@@ -391,7 +391,7 @@ pub struct RelayStats {
     /// their header (it logs them; this is where they are counted).
     pub agent_refused_headers: AtomicU64,
     /// Pauses of bulk app transfers so interactive requests to the same
-    /// workspace went first ([`crate::pace`]).
+    /// app went first ([`crate::pace`]).
     pub bulk_pauses: AtomicU64,
     /// Agents attached right now.
     pub attached: AtomicI64,
@@ -430,7 +430,7 @@ impl RelayStats {
              # HELP {prefix}_agent_refused_headers Streams an agent reset because it could not read their header.\n\
              # TYPE {prefix}_agent_refused_headers counter\n\
              {prefix}_agent_refused_headers_total {}\n\
-             # HELP {prefix}_bulk_pauses Pauses of bulk app transfers so interactive requests to the same workspace went first.\n\
+             # HELP {prefix}_bulk_pauses Pauses of bulk app transfers so interactive requests to the same app went first.\n\
              # TYPE {prefix}_bulk_pauses counter\n\
              {prefix}_bulk_pauses_total {}\n",
             self.attached.load(Ordering::Relaxed),

@@ -67,8 +67,8 @@ type Idle = (Instant, SendRequest<Body>);
 #[derive(Debug, Default)]
 pub struct Pool {
     idle: Mutex<HashMap<Key, Vec<Idle>>>,
-    /// Each workspace's interactive traffic, which its bulk transfers
-    /// make way for.
+    /// Each app's interactive traffic, which its bulk transfers make
+    /// way for.
     lanes: Lanes,
 }
 
