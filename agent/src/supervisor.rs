@@ -63,6 +63,9 @@ async fn keep_attached(
     // What the agent knew when its tunnel was lost: the relays and how
     // near each measured last.
     let mut resume: Option<Known> = None;
+    // Whether a tunnel has been lost: every attach after one may be to a
+    // relay farther than the lost one, and re-checks come sooner.
+    let mut after_loss = false;
     loop {
         // After a loss, the relays measured last go first, nearest first,
         // without a manifest fetch or a new measurement: both cost round
@@ -122,9 +125,13 @@ async fn keep_attached(
             }
         };
         let since = Instant::now();
-        let (end, last, known) =
-            stay_attached(client, known, *first, timing, cancel, tunnels, probes).await;
+        let displaced = after_loss || first.runner_up;
+        let (end, last, known) = stay_attached(
+            client, known, *first, displaced, timing, cancel, tunnels, probes,
+        )
+        .await;
         lost = Some(last);
+        after_loss = true;
         resume = Some(known);
         let attached_for = since.elapsed();
         // Anything else is a lost tunnel, which `stay_attached` (knowing
@@ -159,6 +166,8 @@ struct Attachment {
     tunnel: Attached,
     relay: RelayInfo,
     rtt: Option<Duration>,
+    /// A relay measured nearer did not take the agent.
+    runner_up: bool,
 }
 
 /// The result of one pass over the candidate relays.
@@ -218,7 +227,10 @@ async fn attach_in_order(
     timing: &Timing,
     cancel: &CancellationToken,
 ) -> Round {
-    for candidate in nearest::order_candidates(measured.clone()) {
+    for (i, candidate) in nearest::order_candidates(measured.clone())
+        .into_iter()
+        .enumerate()
+    {
         let attached = tokio::select! {
             a = attach_one(client, &candidate.relay, config, timing) => a,
             () = cancel.cancelled() => return Round::Cancelled,
@@ -229,6 +241,7 @@ async fn attach_in_order(
                     tunnel,
                     relay: candidate.relay,
                     rtt: candidate.rtt,
+                    runner_up: i > 0,
                 };
                 return Round::Attached(Box::new(attachment), measured);
             }
@@ -281,6 +294,7 @@ async fn attach_known(
                 tunnel,
                 relay: next.relay,
                 rtt: next.rtt,
+                runner_up: true,
             };
             Round::Attached(Box::new(attachment), Vec::new())
         }
@@ -346,7 +360,9 @@ fn spawn_serving(
     cancel: &CancellationToken,
     tunnels: &TaskTracker,
 ) -> Serving {
-    let Attachment { tunnel, relay, rtt } = attachment;
+    let Attachment {
+        tunnel, relay, rtt, ..
+    } = attachment;
     tracing::info!(
         region = %relay.region,
         address = %relay.address,
@@ -368,10 +384,20 @@ fn spawn_serving(
 /// Serves `first` and whatever the agent moves to, re-measuring every
 /// [`Timing::recheck_interval`]. Returns when the tunnel being served is
 /// lost or `cancel` fires, with the relay it was served by.
+///
+/// `displaced`: `first` was attached after a loss (by a measurement that
+/// may be stale or taken while the nearest relay was down) or after a
+/// nearer relay refused it, so the agent may now sit far from its users. Until it moves, re-checks then start at
+/// [`Timing::failback_interval`] and double up to the usual interval,
+/// back at the start whenever a round finds a relay clearly nearer: a
+/// relay that comes back gets its agents back within a few such rounds,
+/// and a long outage costs only a few extra measurements.
+#[allow(clippy::too_many_arguments)]
 async fn stay_attached(
     client: &ApiClient,
     mut known: Known,
     first: Attachment,
+    displaced: bool,
     timing: &Timing,
     cancel: &CancellationToken,
     tunnels: &TaskTracker,
@@ -380,8 +406,13 @@ async fn stay_attached(
     let agent_id = known.agent_id.clone();
     let mut chooser = RelayChooser::new(first.relay.clone());
     let mut current = spawn_serving(first, &agent_id, timing, cancel, tunnels);
+    let mut failback =
+        displaced.then(|| Backoff::new(timing.failback_interval, timing.recheck_interval));
     loop {
-        let nearer = tokio::select! {
+        let wait = failback
+            .as_mut()
+            .map_or(timing.recheck_interval, Backoff::next_delay);
+        let rechecked = tokio::select! {
             end = &mut current.task => {
                 let end = ended(end);
                 if let End::Lost(reason) = &end {
@@ -394,12 +425,21 @@ async fn stay_attached(
                 }
                 return (end, current.relay.clone(), known);
             }
-            nearer = async {
-                tokio::time::sleep(timing.recheck_interval).await;
+            rechecked = async {
+                tokio::time::sleep(wait).await;
                 recheck(client, &mut known, &mut chooser, timing, probes).await
-            } => nearer,
+            } => rechecked,
         };
-        let Some(next) = nearer else { continue };
+        let next = match rechecked {
+            Rechecked::Stay { nearer_rounds } => {
+                if let (Some(failback), 1..) = (failback.as_mut(), nearer_rounds) {
+                    failback.reset();
+                }
+                continue;
+            }
+            Rechecked::Move(next) => *next,
+        };
+        failback = None;
         // Make before break: the new tunnel serves before the old one closes.
         let next = spawn_serving(next, &agent_id, timing, cancel, tunnels);
         current.moved.cancel();
@@ -425,17 +465,25 @@ struct Known {
     measured: Vec<Measurement>,
 }
 
+/// What a re-check found.
+enum Rechecked {
+    /// Stay where the agent is; `nearer_rounds` rounds in a row (this one
+    /// included) found another relay clearly nearer.
+    Stay { nearer_rounds: u32 },
+    /// Attached to a nearer relay; the caller closes the old tunnel.
+    Move(Box<Attachment>),
+}
+
 /// One re-check: refresh the relay list if the primary answers, measure
 /// every relay (and the current one, listed or not), and if the chooser
-/// says move, attach to the nearer relay. `Some` is that new tunnel; the
-/// caller closes the old one.
+/// says move, attach to the nearer relay.
 async fn recheck(
     client: &ApiClient,
     known: &mut Known,
     chooser: &mut RelayChooser,
     timing: &Timing,
     probes: &Arc<tunnel::Probes>,
-) -> Option<Attachment> {
+) -> Rechecked {
     match tokio::time::timeout(RECHECK_MANIFEST_TIMEOUT, client.manifest()).await {
         Ok(Ok(m)) => {
             known.relays = m.relays;
@@ -448,7 +496,7 @@ async fn recheck(
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(error = %e, "re-check: the manifest's mesh CA is unusable");
-            return None;
+            return Rechecked::Stay { nearer_rounds: 0 };
         }
     };
     let mut relays = known.relays.clone();
@@ -466,7 +514,7 @@ async fn recheck(
                 rtts = %Rtts(&measured),
                 "re-checked the relays"
             );
-            return None;
+            return Rechecked::Stay { nearer_rounds };
         }
         Decision::Move { to, from_rtt } => (to, from_rtt),
     };
@@ -483,15 +531,16 @@ async fn recheck(
     match attach_one(client, &to.relay, &config, timing).await {
         Ok(tunnel) => {
             chooser.moved_to(to.relay.clone());
-            Some(Attachment {
+            Rechecked::Move(Box::new(Attachment {
                 tunnel,
                 relay: to.relay,
                 rtt: to.rtt,
-            })
+                runner_up: false,
+            }))
         }
         Err(_) => {
             tracing::warn!(region = %from.region, "staying on the current relay");
-            None
+            Rechecked::Stay { nearer_rounds: 0 }
         }
     }
 }

@@ -596,11 +596,13 @@ pub(crate) fn header_bytes(h: &devmesh_shared::tunnel::StreamHeader) -> Vec<u8> 
 /// A UDP forwarder in front of `target` that holds every datagram, in both
 /// directions, for an adjustable delay: a relay behind it looks that far
 /// away (the round trip grows by twice the delay). Each client address gets
-/// its own upstream socket, as behind a NAT.
+/// its own upstream socket, as behind a NAT. A cut path drops every
+/// datagram: the relay behind it looks dead.
 pub(crate) struct DelayForwarder {
     /// Where clients send to.
     pub(crate) addr: SocketAddr,
-    delay: Arc<Mutex<Duration>>,
+    /// `None` while the path is cut.
+    delay: Arc<Mutex<Option<Duration>>>,
     _task: AbortOnDrop<()>,
 }
 
@@ -611,7 +613,7 @@ impl DelayForwarder {
     pub(crate) async fn start(target: SocketAddr, delay: Duration) -> Self {
         let front = Arc::new(UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap());
         let addr = front.local_addr().unwrap();
-        let delay = Arc::new(Mutex::new(delay));
+        let delay = Arc::new(Mutex::new(Some(delay)));
         let task = tokio::spawn(forward(front, target, delay.clone()));
         Self {
             addr,
@@ -621,15 +623,21 @@ impl DelayForwarder {
     }
 
     /// Delays datagrams that arrive from now on by `delay`, each way.
+    /// (This also mends a cut path.)
     pub(crate) fn set_delay(&self, delay: Duration) {
-        *self.delay.lock() = delay;
+        *self.delay.lock() = Some(delay);
+    }
+
+    /// Drops every datagram from now on, both ways, until `set_delay`.
+    pub(crate) fn cut(&self) {
+        *self.delay.lock() = None;
     }
 }
 
 /// Reads from clients on `front`; each client's datagrams go to `target`
 /// from its own upstream socket, and the answers come back through `front`.
 /// Every task lives in one `JoinSet`, so aborting this task stops them all.
-async fn forward(front: Arc<UdpSocket>, target: SocketAddr, delay: Arc<Mutex<Duration>>) {
+async fn forward(front: Arc<UdpSocket>, target: SocketAddr, delay: Arc<Mutex<Option<Duration>>>) {
     let mut tasks = JoinSet::new();
     let (back_tx, back_rx) = mpsc::unbounded_channel();
     tasks.spawn(deliver(front.clone(), back_rx));
@@ -640,7 +648,8 @@ async fn forward(front: Arc<UdpSocket>, target: SocketAddr, delay: Arc<Mutex<Dur
         let Ok((n, client)) = front.recv_from(&mut buf).await else {
             continue;
         };
-        let due = Instant::now() + *delay.lock();
+        let Some(held) = *delay.lock() else { continue };
+        let due = Instant::now() + held;
         let upstream = match upstreams.entry(client) {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(e) => {
@@ -659,7 +668,7 @@ async fn forward(front: Arc<UdpSocket>, target: SocketAddr, delay: Arc<Mutex<Dur
 async fn answers(
     upstream: Arc<UdpSocket>,
     client: SocketAddr,
-    delay: Arc<Mutex<Duration>>,
+    delay: Arc<Mutex<Option<Duration>>>,
     back: mpsc::UnboundedSender<Delayed>,
 ) {
     let mut buf = vec![0u8; 65_536];
@@ -667,7 +676,8 @@ async fn answers(
         let Ok((n, _)) = upstream.recv_from(&mut buf).await else {
             continue;
         };
-        let due = Instant::now() + *delay.lock();
+        let Some(held) = *delay.lock() else { continue };
+        let due = Instant::now() + held;
         if back.send((due, buf[..n].to_vec(), client)).is_err() {
             return;
         }

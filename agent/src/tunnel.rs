@@ -72,6 +72,11 @@ pub(crate) struct Timing {
     /// How often an attached agent measures every relay again, to move when
     /// another is clearly nearer.
     pub(crate) recheck_interval: Duration,
+    /// After a failover, the first re-check's nominal wait: re-checks then
+    /// come this soon (jittered, doubling up to `recheck_interval` while no
+    /// relay is clearly nearer), so an agent pushed to a far relay goes
+    /// back to a near one within a few of these once it answers again.
+    pub(crate) failback_interval: Duration,
 }
 
 impl Timing {
@@ -93,6 +98,7 @@ impl Default for Timing {
             header_timeout: Duration::from_secs(10),
             probe_timeout: Duration::from_secs(2),
             recheck_interval: Duration::from_secs(3 * 60),
+            failback_interval: Duration::from_secs(10),
         }
     }
 }

@@ -211,3 +211,50 @@ async fn moves_make_before_break_only_after_three_rounds_of_a_clearly_nearer_rel
     echo_through(&rc_b).await;
     agent.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_failover_the_agent_goes_back_to_the_near_relay_once_it_answers_again() {
+    let (ca, mut near, mut far) = two_relays().await;
+    let near_path = DelayForwarder::start(near.addr, Duration::ZERO).await;
+    let far_path = DelayForwarder::start(far.addr, FAR).await;
+    let relays = vec![
+        relay_at("near", near_path.addr),
+        relay_at("far", far_path.addr),
+    ];
+    let primary = FakePrimary::start(Behaviour::new(manifest(&ca, relays))).await;
+    // The usual re-check interval is far longer than the test: only the
+    // re-checks after a failover can bring the agent back.
+    let agent = Supervised::start(
+        &primary,
+        Timing {
+            failback_interval: Duration::from_millis(300),
+            ..timing()
+        },
+    );
+    let first = near.next_attached().await;
+    assert_eq!(first.ticket, "ticket-1");
+    // Serving, so what follows is a loss, not a failed attach.
+    echo_through(&first).await;
+
+    // The near relay goes silent: the agent fails over to the far one.
+    near_path.cut();
+    let on_far = far.next_attached().await;
+    assert_eq!(on_far.ticket, "ticket-2");
+    let far_closed = tokio::spawn({
+        let conn = on_far.conn.clone();
+        async move { conn.closed().await }
+    });
+    echo_through(&on_far).await;
+
+    // The near relay answers again: the agent goes back, make before break.
+    near_path.set_delay(Duration::ZERO);
+    let back = near.next_attached().await;
+    assert_eq!(back.ticket, "ticket-3");
+    echo_through(&back).await;
+    let closed = within("the far tunnel to close", far_closed).await.unwrap();
+    assert!(
+        matches!(&closed, ConnectionError::ApplicationClosed(c) if c.error_code == close::MOVED),
+        "{closed:?}"
+    );
+    agent.stop().await;
+}
