@@ -32,8 +32,12 @@ use crate::relay::{OpenError, Relay};
 
 /// How long opening a stream to the app (and the TLS handshake) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
-/// Idle connections kept per key.
-const MAX_IDLE_PER_KEY: usize = 32;
+/// Idle connections kept per key: as many as a busy app keeps in flight,
+/// like nginx's `keepalive 128` in the load tool's baselines. With fewer
+/// than the requests in flight, every dip in concurrency closes the excess
+/// and the next rise opens them again: at 64 concurrent requests a limit
+/// of 32 cost a new stream and app connection every ~60 requests.
+const MAX_IDLE_PER_KEY: usize = 128;
 /// An idle connection older than this is closed rather than reused.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -62,7 +66,7 @@ pub enum SendError {
 /// An idle connection and since when.
 type Idle = (Instant, SendRequest<Body>);
 
-/// Idle HTTP/1.1 connections to apps, by [`Key`]: at most 32 per key, none
+/// Idle HTTP/1.1 connections to apps, by [`Key`]: at most 128 per key, none
 /// reused after 60 s idle. One per primary or edge, shared by its requests.
 #[derive(Debug, Default)]
 pub struct Pool {
