@@ -387,11 +387,12 @@ fn spawn_serving(
 ///
 /// `displaced`: `first` was attached after a loss (by a measurement that
 /// may be stale or taken while the nearest relay was down) or after a
-/// nearer relay refused it, so the agent may now sit far from its users. Until it moves, re-checks then start at
-/// [`Timing::failback_interval`] and double up to the usual interval,
-/// back at the start whenever a round finds a relay clearly nearer: a
-/// relay that comes back gets its agents back within a few such rounds,
-/// and a long outage costs only a few extra measurements.
+/// nearer relay refused it, so the agent may now sit far from its users.
+/// Until it moves, re-checks then start at [`Timing::failback_interval`]
+/// and double up to the usual interval, back at the start whenever a
+/// round finds a relay clearly nearer: a relay that comes back gets its
+/// agents back within a few such rounds, and a long outage costs only a
+/// few extra measurements.
 #[allow(clippy::too_many_arguments)]
 async fn stay_attached(
     client: &ApiClient,
