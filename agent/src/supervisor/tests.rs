@@ -258,3 +258,39 @@ async fn after_a_failover_the_agent_goes_back_to_the_near_relay_once_it_answers_
     );
     agent.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_a_nearer_relay_turned_away_goes_back_to_it_once_it_accepts() {
+    let ca = Arc::new(TestCa::new("test mesh CA"));
+    let mut near = TestRelay::start_in(
+        ca.clone(),
+        RelayOptions {
+            refuse_first: 1,
+            ..RelayOptions::default()
+        },
+    )
+    .await;
+    let mut far = TestRelay::start_in(ca.clone(), RelayOptions::default()).await;
+    let far_path = DelayForwarder::start(far.addr, FAR).await;
+    let relays = vec![relay_at("near", near.addr), relay_at("far", far_path.addr)];
+    let primary = FakePrimary::start(Behaviour::new(manifest(&ca, relays))).await;
+    let agent = Supervised::start(
+        &primary,
+        Timing {
+            failback_interval: Duration::from_millis(300),
+            ..timing()
+        },
+    );
+
+    // The near relay turns the first attach away; the agent takes the far one.
+    let on_far = far.next_attached().await;
+    assert_eq!(near.tickets(), ["ticket-1"]);
+    assert_eq!(on_far.ticket, "ticket-2");
+    echo_through(&on_far).await;
+
+    // Well before the usual re-check, it is back on the near relay.
+    let back = near.next_attached().await;
+    assert_eq!(back.ticket, "ticket-3");
+    echo_through(&back).await;
+    agent.stop().await;
+}
