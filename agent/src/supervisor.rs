@@ -26,6 +26,10 @@ use devmesh_net::backoff::Backoff;
 /// measures the relays it already knows.
 const RECHECK_MANIFEST_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Handshakes per relay in a displaced agent's re-check (see
+/// [`stay_attached`]).
+const FAILBACK_HANDSHAKES: u32 = 1;
+
 /// A tunnel that served this long before it was lost is re-attached at
 /// once, without the back-off kept for relays that accept and drop.
 const LASTED: Duration = Duration::from_secs(5);
@@ -207,7 +211,7 @@ async fn attach_nearest(
         .cloned()
         .partition(|r| Some(r) != lost || manifest.relays.len() == 1);
     let mut measured = tokio::select! {
-        m = tunnel::measure(&others, &config, timing, probes) => m,
+        m = tunnel::measure(&others, &config, timing, probes, tunnel::PROBES_PER_RELAY) => m,
         () = cancel.cancelled() => return Round::Cancelled,
     };
     nearest::prefer_region(&mut measured, client.region());
@@ -413,6 +417,14 @@ async fn stay_attached(
         let wait = failback
             .as_mut()
             .map_or(timing.recheck_interval, Backoff::next_delay);
+        // A displaced agent's re-checks come often, and after a large
+        // failover all at once: one handshake per relay instead of three
+        // (the chooser's three rounds in a row filter out a slow one).
+        let handshakes = if failback.is_some() {
+            FAILBACK_HANDSHAKES
+        } else {
+            tunnel::PROBES_PER_RELAY
+        };
         let rechecked = tokio::select! {
             end = &mut current.task => {
                 let end = ended(end);
@@ -428,7 +440,7 @@ async fn stay_attached(
             }
             rechecked = async {
                 tokio::time::sleep(wait).await;
-                recheck(client, &mut known, &mut chooser, timing, probes).await
+                recheck(client, &mut known, &mut chooser, timing, probes, handshakes).await
             } => rechecked,
         };
         let next = match rechecked {
@@ -484,6 +496,7 @@ async fn recheck(
     chooser: &mut RelayChooser,
     timing: &Timing,
     probes: &Arc<tunnel::Probes>,
+    handshakes: u32,
 ) -> Rechecked {
     match tokio::time::timeout(RECHECK_MANIFEST_TIMEOUT, client.manifest()).await {
         Ok(Ok(m)) => {
@@ -504,7 +517,7 @@ async fn recheck(
     if !relays.contains(chooser.current()) {
         relays.push(chooser.current().clone());
     }
-    let mut measured = tunnel::measure(&relays, &config, timing, probes).await;
+    let mut measured = tunnel::measure(&relays, &config, timing, probes, handshakes).await;
     nearest::prefer_region(&mut measured, client.region());
     known.measured.clone_from(&measured);
     let (to, from_rtt) = match chooser.observe(&measured) {

@@ -30,7 +30,7 @@ const LOCAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// Handshakes per relay in one measurement; the fastest counts, so one
 /// packet delayed by a busy scheduler does not make a relay look far.
-const PROBES_PER_RELAY: u32 = 3;
+pub(crate) const PROBES_PER_RELAY: u32 = 3;
 
 /// The QUIC application close codes the agent uses:
 /// [`devmesh_shared::tunnel::close`] as varints.
@@ -296,14 +296,16 @@ async fn attach_addr(
 
 // === Measuring ===
 
-/// Measures the round-trip time to every relay at once, each bounded by
-/// [`Timing::probe_timeout`] per handshake. The result is in `relays`'
-/// order; a relay that no probe got through to has no RTT.
+/// Measures the round-trip time to every relay at once, the fastest of
+/// `handshakes` each ([`PROBES_PER_RELAY`] unless the caller has a reason
+/// to spend less), each bounded by [`Timing::probe_timeout`]. The result
+/// is in `relays`' order; a relay that no probe got through to has no RTT.
 pub(crate) async fn measure(
     relays: &[RelayInfo],
     config: &quinn::ClientConfig,
     timing: &Timing,
     endpoints: &Arc<Probes>,
+    handshakes: u32,
 ) -> Vec<Measurement> {
     let mut probes = JoinSet::new();
     for (i, relay) in relays.iter().enumerate() {
@@ -311,7 +313,7 @@ pub(crate) async fn measure(
             (relay.clone(), config.clone(), *timing, endpoints.clone());
         probes.spawn(
             async move {
-                let rtt = probe(&relay, &config, &timing, &endpoints).await;
+                let rtt = probe(&relay, &config, &timing, &endpoints, handshakes).await;
                 if let Err(e) = &rtt {
                     tracing::debug!(
                         region = %relay.region,
@@ -341,8 +343,8 @@ pub(crate) async fn measure(
         .collect()
 }
 
-/// The fastest of [`PROBES_PER_RELAY`] QUIC handshakes with `relay`'s first
-/// address, on the agent's probe endpoint. A handshake is one round trip plus the
+/// The fastest of `handshakes` QUIC handshakes (at least one) with
+/// `relay`'s first address, on the agent's probe endpoint. A handshake is one round trip plus the
 /// relay's TLS work, which is what each user connection's first byte pays
 /// too. The connections close at once with [`close::PROBE`] and never carry
 /// a ticket. Stops at the first failure; errs only if no handshake completed.
@@ -351,6 +353,7 @@ pub(crate) async fn probe(
     config: &quinn::ClientConfig,
     timing: &Timing,
     endpoints: &Probes,
+    handshakes: u32,
 ) -> Result<Duration, TunnelError> {
     let addr = resolve(relay, timing.probe_timeout)
         .await?
@@ -360,7 +363,7 @@ pub(crate) async fn probe(
     let endpoint = endpoints.endpoint(addr).map_err(TunnelError::Endpoint)?;
     let mut best: Option<Duration> = None;
     let mut failure = None;
-    for _ in 0..PROBES_PER_RELAY {
+    for _ in 0..handshakes.max(1) {
         let started = Instant::now();
         let handshake = async {
             let connecting = endpoint.connect_with(config.clone(), addr, &relay.server_name)?;
@@ -389,7 +392,7 @@ pub(crate) async fn probe(
     match (best, failure) {
         (Some(rtt), _) => Ok(rtt),
         (None, Some(e)) => Err(e),
-        // PROBES_PER_RELAY > 0, so a loop without a success has a failure.
+        // At least one handshake, so a loop without a success has a failure.
         (None, None) => Err(TunnelError::Timeout("probing the relay")),
     }
 }

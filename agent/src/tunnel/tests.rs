@@ -284,6 +284,7 @@ async fn a_probe_is_a_bare_handshake_closed_with_the_probe_code() {
         &config,
         &Timing::default(),
         &Probes::default(),
+        PROBES_PER_RELAY,
     )
     .await
     .unwrap();
@@ -302,9 +303,15 @@ async fn a_probe_through_a_delay_measures_the_round_trip() {
         address: far.addr.to_string(),
         ..relay.info()
     };
-    let rtt = probe(&far_info, &config, &Timing::default(), &Probes::default())
-        .await
-        .unwrap();
+    let rtt = probe(
+        &far_info,
+        &config,
+        &Timing::default(),
+        &Probes::default(),
+        PROBES_PER_RELAY,
+    )
+    .await
+    .unwrap();
     // Both directions wait: at least two delays per round trip.
     assert!(rtt >= 2 * delay, "{rtt:?}");
     eventually("the relay to see three probes", || relay.probes() == 3).await;
@@ -339,7 +346,7 @@ async fn measure_keeps_the_order_and_marks_relays_that_do_not_answer() {
     };
     let config = client_config(&ca.pem).unwrap();
     let started = Instant::now();
-    let measured = measure(&relays, &config, &timing, &Arc::default()).await;
+    let measured = measure(&relays, &config, &timing, &Arc::default(), PROBES_PER_RELAY).await;
     // In parallel, and one failure ends a relay's probes: about one timeout.
     assert!(
         started.elapsed() < Duration::from_secs(2),
@@ -459,9 +466,15 @@ async fn probes_share_one_endpoint_per_address_family() {
     let config = client_config(&relay.ca.pem).unwrap();
     let probes = Probes::default();
     for _ in 0..3 {
-        probe(&relay.info(), &config, &Timing::default(), &probes)
-            .await
-            .unwrap();
+        probe(
+            &relay.info(),
+            &config,
+            &Timing::default(),
+            &probes,
+            PROBES_PER_RELAY,
+        )
+        .await
+        .unwrap();
     }
     let v4: SocketAddr = (Ipv4Addr::LOCALHOST, 1).into();
     let first = probes.endpoint(v4).unwrap().local_addr().unwrap();
