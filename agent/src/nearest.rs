@@ -8,9 +8,14 @@
 //! distances (every move costs its users their open connections): another
 //! relay must be nearer by both [`GAIN_PERCENT`] and [`MIN_GAIN`] for
 //! [`ROUNDS`] consecutive measurement rounds.
+//!
+//! [`Failback`] paces the re-checks of an agent that may sit far from its
+//! users after a failover, so that it goes back soon once a nearer relay
+//! answers again.
 
 use std::time::Duration;
 
+use devmesh_net::backoff::Backoff;
 use devmesh_shared::api::RelayInfo;
 
 /// Another relay is clearly nearer only if its RTT is at least this many
@@ -143,6 +148,68 @@ impl RelayChooser {
     pub(crate) fn moved_to(&mut self, relay: RelayInfo) {
         self.current = relay;
         self.nearer_rounds = 0;
+    }
+}
+
+/// Handshakes per relay in a failback re-check that is looking for a
+/// nearer relay: after a large failover every displaced agent re-checks
+/// at once, and one handshake per relay keeps that burst small. The
+/// rounds that confirm a nearer relay make the usual number.
+pub(crate) const FAILBACK_HANDSHAKES: u32 = 1;
+
+/// The re-check schedule of a *displaced* agent: one attached after its
+/// relay was lost (by a measurement that may be stale, or taken while the
+/// nearest relay was down) or after a nearer relay turned it away.
+///
+/// The first wait is `first` (jittered to half of it at the least); the
+/// waits double while no relay is clearly nearer, and keep their length
+/// while one is, until [`ROUNDS`] rounds move the agent. Once the waits
+/// reach `usual`, the schedule ends and the agent re-checks as any other.
+/// A move that fails stops the waits from keeping their length, so a
+/// relay that answers probes but refuses attaches costs a few re-checks,
+/// not one every few seconds for ever.
+#[derive(Debug)]
+pub(crate) struct Failback {
+    waits: Backoff,
+    /// The last round found a relay clearly nearer.
+    nearer: bool,
+    /// A move to a nearer relay failed during this schedule.
+    move_failed: bool,
+}
+
+impl Failback {
+    pub(crate) fn new(first: Duration, usual: Duration) -> Self {
+        debug_assert!(!first.is_zero(), "a zero failback wait would spin");
+        Self {
+            waits: Backoff::new(first, usual),
+            nearer: false,
+            move_failed: false,
+        }
+    }
+
+    /// The wait before the next re-check and the handshakes per relay it
+    /// makes; `None` once the schedule has run its course.
+    pub(crate) fn next(&mut self, usual_handshakes: u32) -> Option<(Duration, u32)> {
+        if self.nearer && !self.move_failed {
+            return Some((self.waits.again(), usual_handshakes));
+        }
+        if self.waits.at_cap() {
+            return None;
+        }
+        Some((self.waits.next_delay(), FAILBACK_HANDSHAKES))
+    }
+
+    /// A re-check found `nearer_rounds` rounds in a row with a relay
+    /// clearly nearer (see [`Decision::Stay`]).
+    pub(crate) fn observed(&mut self, nearer_rounds: u32) {
+        self.nearer = nearer_rounds > 0;
+    }
+
+    /// A re-check decided to move but the nearer relay did not take the
+    /// agent.
+    pub(crate) fn move_failed(&mut self) {
+        self.nearer = false;
+        self.move_failed = true;
     }
 }
 

@@ -1,11 +1,13 @@
 //! Keeps the agent attached to the nearest relay: fetch the manifest,
 //! measure the round-trip time to every relay it lists, attach to the
 //! nearest that accepts a fresh ticket, and serve. While attached, measure
-//! again every [`Timing::recheck_interval`] and move, make-before-break,
-//! when [`RelayChooser`] says another relay is clearly nearer. When the
-//! connection is lost, start over at once with a fresh manifest; back off
-//! only when no relay accepts (or connections keep dying young). Survives
-//! primary restarts and network loss on its own.
+//! again every [`Timing::recheck_interval`] (sooner, by [`Failback`], after
+//! a failover or when a nearer relay turned the agent away) and move,
+//! make-before-break, when [`RelayChooser`] says another relay is clearly
+//! nearer. When the connection is lost, go at once to the relay measured
+//! next nearest, or start over with a fresh manifest; back off only when
+//! no relay accepts (or connections keep dying young). Survives primary
+//! restarts and network loss on its own.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,17 +20,13 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::client::{self, ApiClient, log_api_error};
-use crate::nearest::{self, Decision, Measurement, RelayChooser};
+use crate::nearest::{self, Decision, Failback, Measurement, RelayChooser};
 use crate::tunnel::{self, Attached, End, Timing};
 use devmesh_net::backoff::Backoff;
 
 /// Time a re-check may spend fetching the manifest; past it, the re-check
 /// measures the relays it already knows.
 const RECHECK_MANIFEST_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Handshakes per relay in a displaced agent's re-check (see
-/// [`stay_attached`]).
-const FAILBACK_HANDSHAKES: u32 = 1;
 
 /// A tunnel that served this long before it was lost is re-attached at
 /// once, without the back-off kept for relays that accept and drop.
@@ -122,6 +120,7 @@ async fn keep_attached(
                             relays: manifest.relays,
                             mesh_ca_pem: manifest.mesh_ca_pem,
                             measured,
+                            fetched_at: Instant::now(),
                         },
                         first,
                     ),
@@ -391,12 +390,10 @@ fn spawn_serving(
 ///
 /// `displaced`: `first` was attached after a loss (by a measurement that
 /// may be stale or taken while the nearest relay was down) or after a
-/// nearer relay refused it, so the agent may now sit far from its users.
-/// Until it moves, re-checks then start at [`Timing::failback_interval`]
-/// and double up to the usual interval, back at the start whenever a
-/// round finds a relay clearly nearer: a relay that comes back gets its
-/// agents back within a few such rounds, and a long outage costs only a
-/// few extra measurements.
+/// nearer relay refused it, so the agent may now sit far from its users:
+/// re-checks then follow [`Failback`], from [`Timing::failback_interval`],
+/// and so they do again after a move made while displaced (it may have
+/// been to the second nearest while the nearest is still down).
 #[allow(clippy::too_many_arguments)]
 async fn stay_attached(
     client: &ApiClient,
@@ -411,20 +408,22 @@ async fn stay_attached(
     let agent_id = known.agent_id.clone();
     let mut chooser = RelayChooser::new(first.relay.clone());
     let mut current = spawn_serving(first, &agent_id, timing, cancel, tunnels);
-    let mut failback =
-        displaced.then(|| Backoff::new(timing.failback_interval, timing.recheck_interval));
+    let new_failback = || Failback::new(timing.failback_interval, timing.recheck_interval);
+    let mut failback = displaced.then(new_failback);
     loop {
-        let wait = failback
+        let scheduled = failback
             .as_mut()
-            .map_or(timing.recheck_interval, Backoff::next_delay);
-        // A displaced agent's re-checks come often, and after a large
-        // failover all at once: one handshake per relay instead of three
-        // (the chooser's three rounds in a row filter out a slow one).
-        let handshakes = if failback.is_some() {
-            FAILBACK_HANDSHAKES
-        } else {
-            tunnel::PROBES_PER_RELAY
-        };
+            .and_then(|f| f.next(tunnel::PROBES_PER_RELAY));
+        if scheduled.is_none() {
+            failback = None;
+        }
+        let (wait, handshakes) =
+            scheduled.unwrap_or((timing.recheck_interval, tunnel::PROBES_PER_RELAY));
+        // A displaced agent's re-checks come often: the manifest fetched
+        // at attach (or at the last usual re-check) serves them, so a
+        // large failover does not send every agent to the primary every
+        // few seconds.
+        let fetch = failback.is_none() || known.fetched_at.elapsed() >= timing.recheck_interval;
         let rechecked = tokio::select! {
             end = &mut current.task => {
                 let end = ended(end);
@@ -440,19 +439,27 @@ async fn stay_attached(
             }
             rechecked = async {
                 tokio::time::sleep(wait).await;
-                recheck(client, &mut known, &mut chooser, timing, probes, handshakes).await
+                recheck(client, &mut known, &mut chooser, timing, probes, handshakes, fetch).await
             } => rechecked,
         };
         let next = match rechecked {
             Rechecked::Stay { nearer_rounds } => {
-                if let (Some(failback), 1..) = (failback.as_mut(), nearer_rounds) {
-                    failback.reset();
+                if let Some(f) = failback.as_mut() {
+                    f.observed(nearer_rounds);
+                }
+                continue;
+            }
+            Rechecked::MoveFailed => {
+                if let Some(f) = failback.as_mut() {
+                    f.move_failed();
                 }
                 continue;
             }
             Rechecked::Move(next) => *next,
         };
-        failback = None;
+        if failback.is_some() {
+            failback = Some(new_failback());
+        }
         // Make before break: the new tunnel serves before the old one closes.
         let next = spawn_serving(next, &agent_id, timing, cancel, tunnels);
         current.moved.cancel();
@@ -476,6 +483,8 @@ struct Known {
     mesh_ca_pem: String,
     /// The last round of measurements (at attach, then each re-check).
     measured: Vec<Measurement>,
+    /// When `relays` and `mesh_ca_pem` came from the primary.
+    fetched_at: Instant,
 }
 
 /// What a re-check found.
@@ -483,13 +492,17 @@ enum Rechecked {
     /// Stay where the agent is; `nearer_rounds` rounds in a row (this one
     /// included) found another relay clearly nearer.
     Stay { nearer_rounds: u32 },
+    /// A relay was nearer long enough, but did not take the agent.
+    MoveFailed,
     /// Attached to a nearer relay; the caller closes the old tunnel.
     Move(Box<Attachment>),
 }
 
-/// One re-check: refresh the relay list if the primary answers, measure
-/// every relay (and the current one, listed or not), and if the chooser
-/// says move, attach to the nearer relay.
+/// One re-check: refresh the relay list if `fetch` and the primary
+/// answers, measure every relay (and the current one, listed or not) with
+/// `handshakes` each, and if the chooser says move, attach to the nearer
+/// relay.
+#[allow(clippy::too_many_arguments)]
 async fn recheck(
     client: &ApiClient,
     known: &mut Known,
@@ -497,14 +510,20 @@ async fn recheck(
     timing: &Timing,
     probes: &Arc<tunnel::Probes>,
     handshakes: u32,
+    fetch: bool,
 ) -> Rechecked {
-    match tokio::time::timeout(RECHECK_MANIFEST_TIMEOUT, client.manifest()).await {
-        Ok(Ok(m)) => {
-            known.relays = m.relays;
-            known.mesh_ca_pem = m.mesh_ca_pem;
+    if fetch {
+        match tokio::time::timeout(RECHECK_MANIFEST_TIMEOUT, client.manifest()).await {
+            Ok(Ok(m)) => {
+                known.relays = m.relays;
+                known.mesh_ca_pem = m.mesh_ca_pem;
+                known.fetched_at = Instant::now();
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "re-check: no fresh manifest; using the last");
+            }
+            Err(_) => tracing::debug!("re-check: no fresh manifest in time; using the last"),
         }
-        Ok(Err(e)) => tracing::debug!(error = %e, "re-check: no fresh manifest; using the last"),
-        Err(_) => tracing::debug!("re-check: no fresh manifest in time; using the last"),
     }
     let config = match tunnel::client_config(&known.mesh_ca_pem) {
         Ok(c) => c,
@@ -554,7 +573,7 @@ async fn recheck(
         }
         Err(_) => {
             tracing::warn!(region = %from.region, "staying on the current relay");
-            Rechecked::Stay { nearer_rounds: 0 }
+            Rechecked::MoveFailed
         }
     }
 }

@@ -72,10 +72,9 @@ pub(crate) struct Timing {
     /// How often an attached agent measures every relay again, to move when
     /// another is clearly nearer.
     pub(crate) recheck_interval: Duration,
-    /// After a failover, the first re-check's nominal wait: re-checks then
-    /// come this soon (jittered, doubling up to `recheck_interval` while no
-    /// relay is clearly nearer), so an agent pushed to a far relay goes
-    /// back to a near one within a few of these once it answers again.
+    /// The first re-check's nominal wait for an agent attached after a
+    /// failover or after a nearer relay turned it away; the schedule is
+    /// [`crate::nearest::Failback`].
     pub(crate) failback_interval: Duration,
 }
 

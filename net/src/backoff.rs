@@ -17,6 +17,8 @@ pub struct Backoff {
     cap: Duration,
     /// The nominal delay of the next wait.
     next: Duration,
+    /// The nominal delay of the last wait (the first's before any).
+    last: Duration,
 }
 
 impl Default for Backoff {
@@ -36,10 +38,12 @@ impl Backoff {
 
     /// A backoff starting at `base` and doubling up to `cap`.
     pub fn new(base: Duration, cap: Duration) -> Self {
+        let first = base.min(cap);
         Self {
             base,
             cap,
-            next: base.min(cap),
+            next: first,
+            last: first,
         }
     }
 
@@ -53,17 +57,26 @@ impl Backoff {
     /// the nominal delay.
     pub fn next_delay(&mut self) -> Duration {
         let nominal = self.next;
+        self.last = nominal;
         self.next = nominal.saturating_mul(2).min(self.cap);
-        let lo = nominal / 2;
-        if nominal <= lo {
-            return nominal;
-        }
-        rand::thread_rng().gen_range(lo..=nominal)
+        jittered(nominal)
+    }
+
+    /// Another delay under the last nominal delay, without advancing: for
+    /// a retry loop that found a reason to keep its pace.
+    pub fn again(&self) -> Duration {
+        jittered(self.last)
+    }
+
+    /// Whether the nominal delay has grown to the cap.
+    pub fn at_cap(&self) -> bool {
+        self.next >= self.cap
     }
 
     /// Starts over at the base delay.
     pub fn reset(&mut self) {
         self.next = self.base.min(self.cap);
+        self.last = self.next;
     }
 
     /// Resets if a connection stayed attached for [`Backoff::RESET_AFTER`].
@@ -81,6 +94,15 @@ impl Backoff {
             () = cancel.cancelled() => false,
         }
     }
+}
+
+/// A delay in `[nominal / 2, nominal]`.
+fn jittered(nominal: Duration) -> Duration {
+    let lo = nominal / 2;
+    if nominal <= lo {
+        return nominal;
+    }
+    rand::thread_rng().gen_range(lo..=nominal)
 }
 
 #[cfg(test)]
@@ -132,6 +154,20 @@ mod tests {
             }
         }
         assert!(seen_below_nominal, "delays are jittered");
+    }
+
+    #[test]
+    fn again_keeps_the_pace_and_the_cap_is_reported() {
+        let mut b = Backoff::new(ms(100), ms(400));
+        b.next_delay();
+        b.next_delay();
+        for _ in 0..50 {
+            let d = b.again();
+            assert!(d >= ms(100) && d <= ms(200), "{d:?}");
+        }
+        assert_eq!(b.nominal(), ms(400), "again does not advance");
+        assert!(b.at_cap());
+        assert!(!Backoff::new(ms(100), ms(400)).at_cap());
     }
 
     #[test]

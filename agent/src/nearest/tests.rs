@@ -207,3 +207,74 @@ fn a_failed_move_needs_three_fresh_rounds() {
         Decision::Stay { nearer_rounds: 1 }
     );
 }
+
+// === Failback ===
+
+const FIRST: Duration = Duration::from_secs(10);
+const USUAL: Duration = Duration::from_secs(180);
+
+fn within(d: Duration, nominal: Duration) -> bool {
+    d >= nominal / 2 && d <= nominal
+}
+
+#[test]
+fn failback_waits_double_while_nothing_is_nearer_then_end() {
+    let mut f = Failback::new(FIRST, USUAL);
+    let mut nominal = FIRST;
+    let mut rounds = 0;
+    while let Some((wait, handshakes)) = f.next(3) {
+        assert!(within(wait, nominal), "{wait:?} under {nominal:?}");
+        assert_eq!(
+            handshakes, FAILBACK_HANDSHAKES,
+            "looking costs one handshake"
+        );
+        f.observed(0);
+        nominal = (nominal * 2).min(USUAL);
+        rounds += 1;
+    }
+    // 10, 20, 40, 80, 160 s: a few extra rounds, then the usual schedule.
+    assert_eq!(rounds, 5);
+}
+
+#[test]
+fn a_nearer_relay_keeps_the_pace_and_its_rounds_measure_in_full() {
+    let mut f = Failback::new(FIRST, USUAL);
+    for _ in 0..3 {
+        f.next(3).unwrap();
+        f.observed(0);
+    }
+    // The fourth wait is under 80 s; a nearer relay keeps that pace.
+    f.next(3).unwrap();
+    for n in 1..=5 {
+        f.observed(n);
+        let (wait, handshakes) = f.next(3).unwrap();
+        assert!(within(wait, Duration::from_secs(80)), "{wait:?}");
+        assert_eq!(handshakes, 3, "confirming rounds measure as usual");
+    }
+    // Nothing nearer any more: doubling again.
+    f.observed(0);
+    let (wait, _) = f.next(3).unwrap();
+    assert!(within(wait, Duration::from_secs(160)), "{wait:?}");
+}
+
+#[test]
+fn a_relay_that_refuses_the_move_does_not_keep_the_pace() {
+    let mut f = Failback::new(FIRST, USUAL);
+    f.next(3).unwrap();
+    f.move_failed();
+    // A relay that answers probes but refuses attaches looks nearer round
+    // after round; the waits grow anyway, and the schedule ends.
+    let mut rounds = 0;
+    while let Some((_, handshakes)) = f.next(3) {
+        assert_eq!(handshakes, FAILBACK_HANDSHAKES);
+        f.observed(1 + rounds % 3);
+        rounds += 1;
+        assert!(rounds < 10, "the schedule must end");
+    }
+}
+
+#[test]
+fn a_usual_interval_below_the_first_failback_wait_ends_the_schedule_at_once() {
+    let mut f = Failback::new(FIRST, Duration::from_secs(1));
+    assert!(f.next(3).is_none());
+}
