@@ -66,11 +66,25 @@ pub enum SendError {
 /// An idle connection and since when.
 type Idle = (Instant, SendRequest<Body>);
 
+/// The idle connections of every app.
+#[derive(Debug, Default)]
+struct IdleConns {
+    by_key: HashMap<Key, Vec<Idle>>,
+    /// When every app's list was last swept of expired and closed
+    /// connections (a list is also swept whenever a connection returns to
+    /// it).
+    swept_at: Option<Instant>,
+}
+
 /// Idle HTTP/1.1 connections to apps, by [`Key`]: at most 128 per key, none
-/// reused after 60 s idle. One per primary or edge, shared by its requests.
+/// reused after 60 s idle, and none kept much longer: returning any
+/// connection sweeps every app's list once a minute, so an app that went
+/// quiet does not hold its connections (streams to its agent, sockets in
+/// the workspace) until it closes them itself. One per primary or edge,
+/// shared by its requests.
 #[derive(Debug, Default)]
 pub struct Pool {
-    idle: Mutex<HashMap<Key, Vec<Idle>>>,
+    idle: Mutex<IdleConns>,
     /// Each app's interactive traffic, which its bulk transfers make
     /// way for.
     lanes: Lanes,
@@ -121,7 +135,7 @@ impl Pool {
 
     fn take(&self, key: Key) -> Option<SendRequest<Body>> {
         let mut idle = self.idle.lock();
-        let list = idle.get_mut(&key)?;
+        let list = idle.by_key.get_mut(&key)?;
         while let Some((since, sender)) = list.pop() {
             if since.elapsed() < IDLE_TIMEOUT && sender.is_ready() && !sender.is_closed() {
                 return Some(sender);
@@ -137,19 +151,36 @@ impl Pool {
             if sender.ready().await.is_err() {
                 return;
             }
-            let Some(pool) = pool.upgrade() else { return };
-            let mut idle = pool.idle.lock();
-            let list = idle.entry(key).or_default();
-            list.retain(|(since, s)| since.elapsed() < IDLE_TIMEOUT && !s.is_closed());
-            if list.len() < MAX_IDLE_PER_KEY {
-                list.push((Instant::now(), sender));
+            if let Some(pool) = pool.upgrade() {
+                pool.put_back(key, sender);
             }
         });
     }
 
+    fn put_back(&self, key: Key, sender: SendRequest<Body>) {
+        let alive = |(since, s): &Idle| since.elapsed() < IDLE_TIMEOUT && !s.is_closed();
+        let mut idle = self.idle.lock();
+        let now = Instant::now();
+        if idle
+            .swept_at
+            .is_none_or(|at| now.duration_since(at) >= IDLE_TIMEOUT)
+        {
+            idle.by_key.retain(|_, list| {
+                list.retain(alive);
+                !list.is_empty()
+            });
+            idle.swept_at = Some(now);
+        }
+        let list = idle.by_key.entry(key).or_default();
+        list.retain(alive);
+        if list.len() < MAX_IDLE_PER_KEY {
+            list.push((now, sender));
+        }
+    }
+
     /// Idle connections right now (for tests and metrics).
     pub fn idle_count(&self) -> usize {
-        self.idle.lock().values().map(Vec::len).sum()
+        self.idle.lock().by_key.values().map(Vec::len).sum()
     }
 }
 
@@ -270,3 +301,6 @@ impl rustls::client::danger::ServerCertVerifier for LoopbackApp {
         self.0.signature_verification_algorithms.supported_schemes()
     }
 }
+
+#[cfg(test)]
+mod tests;
