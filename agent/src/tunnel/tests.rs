@@ -275,19 +275,24 @@ async fn a_move_closes_the_old_tunnel_with_the_moved_code() {
 
 // === Measuring ===
 
-#[tokio::test]
-async fn a_probe_is_a_bare_handshake_closed_with_the_probe_code() {
-    let relay = TestRelay::start(RelayOptions::default()).await;
-    let config = client_config(&relay.ca.pem).unwrap();
-    let rtt = probe(
-        &relay.info(),
+/// One probe of `relay` as a measurement makes it, with the default timers.
+async fn probe_as_usual(relay: &RelayInfo, ca: &TestCa) -> Duration {
+    let config = client_config(&ca.pem).unwrap();
+    probe(
+        relay,
         &config,
         &Timing::default(),
         &Probes::default(),
         PROBES_PER_RELAY,
     )
     .await
-    .unwrap();
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_probe_is_a_bare_handshake_closed_with_the_probe_code() {
+    let relay = TestRelay::start(RelayOptions::default()).await;
+    let rtt = probe_as_usual(&relay.info(), &relay.ca).await;
     assert!(rtt < Duration::from_secs(1), "{rtt:?}");
     eventually("the relay to see three probes", || relay.probes() == 3).await;
     assert!(relay.tickets().is_empty(), "a probe never sends a ticket");
@@ -298,20 +303,11 @@ async fn a_probe_through_a_delay_measures_the_round_trip() {
     let relay = TestRelay::start(RelayOptions::default()).await;
     let delay = Duration::from_millis(25);
     let far = DelayForwarder::start(relay.addr, delay).await;
-    let config = client_config(&relay.ca.pem).unwrap();
     let far_info = RelayInfo {
         address: far.addr.to_string(),
         ..relay.info()
     };
-    let rtt = probe(
-        &far_info,
-        &config,
-        &Timing::default(),
-        &Probes::default(),
-        PROBES_PER_RELAY,
-    )
-    .await
-    .unwrap();
+    let rtt = probe_as_usual(&far_info, &relay.ca).await;
     // Both directions wait: at least two delays per round trip.
     assert!(rtt >= 2 * delay, "{rtt:?}");
     eventually("the relay to see three probes", || relay.probes() == 3).await;
