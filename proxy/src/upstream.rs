@@ -158,9 +158,9 @@ impl Pool {
     }
 
     fn put_back(&self, key: Key, sender: SendRequest<Body>) {
-        let alive = |(since, s): &Idle| since.elapsed() < IDLE_TIMEOUT && !s.is_closed();
-        let mut idle = self.idle.lock();
         let now = Instant::now();
+        let alive = |(since, s): &Idle| now.duration_since(*since) < IDLE_TIMEOUT && !s.is_closed();
+        let mut idle = self.idle.lock();
         if idle
             .swept_at
             .is_none_or(|at| now.duration_since(at) >= IDLE_TIMEOUT)
@@ -171,8 +171,14 @@ impl Pool {
             });
             idle.swept_at = Some(now);
         }
+        // Every request returns a connection here, under the pool's one
+        // lock: the list is swept only when full (`take` skips expired and
+        // closed connections, and the sweep above clears them within a
+        // minute), not scanned on every return.
         let list = idle.by_key.entry(key).or_default();
-        list.retain(alive);
+        if list.len() >= MAX_IDLE_PER_KEY {
+            list.retain(alive);
+        }
         if list.len() < MAX_IDLE_PER_KEY {
             list.push((now, sender));
         }

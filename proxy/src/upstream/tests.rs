@@ -56,3 +56,18 @@ async fn an_app_keeps_at_most_its_share_of_idle_connections() {
     }
     assert_eq!(pool.idle_count(), MAX_IDLE_PER_KEY);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_full_list_of_closed_connections_makes_room_for_a_live_one() {
+    let pool = Pool::default();
+    for _ in 0..MAX_IDLE_PER_KEY {
+        // The other end goes at once: the app closed every connection.
+        let (sender, _pipe) = connection().await;
+        pool.put_back(key(8080), sender);
+    }
+    // Let the connections' tasks see the pipes close.
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let (sender, _pipe) = connection().await;
+    pool.put_back(key(8080), sender);
+    assert_eq!(pool.idle_count(), 1, "only the live connection stays");
+}
