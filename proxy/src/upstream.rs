@@ -71,8 +71,8 @@ type Idle = (Instant, SendRequest<Body>);
 struct IdleConns {
     by_key: HashMap<Key, Vec<Idle>>,
     /// When every app's list was last swept of expired and closed
-    /// connections (a list is also swept whenever a connection returns to
-    /// it).
+    /// connections (a full list is also swept when a connection returns
+    /// to it).
     swept_at: Option<Instant>,
 }
 
